@@ -1,0 +1,186 @@
+"""Any update rule as a drop-in `torch.optim.Optimizer`, and the named built-ins.
+
+    opt = SymbolicOptimizer(model.parameters(), "g * exp(sign(g) * sign(m))", lr=1e-3)
+
+The rule gives delta; each step moves w <- w - lr * delta. Only the moment
+buffers the rule reads are kept (PowerSign one per parameter, Adam two), and
+a step works on all of a group's tensors at once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .rules import Node, operands_read, parse, state_buffers, to_text
+from .rules.elementwise import step_one
+from .rules.evaluate import Scratch, StepContext, apply_update, operand_uses, step_numbers, update_moments
+from .rules.tree import is_random
+
+# TensorFlow's PowerSign / AddSign with a sign decay f(t) in {ld, cd, rd}:
+# base^(f(t) * sign(g) * sign(m)) * g with base e, and (alpha + f(t) * sign(g) * sign(m)) * g with alpha 1.
+BUILTINS: dict[str, str] = {
+    "sgd": "g",
+    # The rule language's m is bias-corrected; SGD-momentum's buffer is that
+    # times (1 - 0.9^t) / 0.1, a factor the learning-rate sweep absorbs.
+    "momentum": "m",
+    "adam": "adam",
+    "rmsprop": "rmsprop",
+    "powersign": "g * exp(sign(g) * sign(m))",
+    "addsign": "(1 + sign(g) * sign(m)) * g",
+    **{f"powersign-{d}": f"g * exp({d} * sign(g) * sign(m))" for d in ("ld", "cd", "rd")},
+    **{f"addsign-{d}": f"(1 + {d} * sign(g) * sign(m)) * g" for d in ("ld", "cd", "rd")},
+}
+
+
+def resolve_rule(rule: str | Node) -> Node:
+    """A rule tree from a tree, a built-in name, or rule text."""
+    if isinstance(rule, str):
+        return parse(BUILTINS.get(rule.strip().lower(), rule))
+    return rule
+
+
+class SymbolicOptimizer(torch.optim.Optimizer):
+    """Train with an update rule written in nos's rule language.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer.
+        rule: rule text (`"g * exp(sign(g) * sign(m))"`), a built-in name
+            (`"powersign"`), or a parsed tree.
+        lr: learning rate; w <- w - lr * delta.
+        total_steps: the horizon T of the schedules `ld`, `cd`, `rd`; required
+            when the rule reads one of them.
+        foreach: work on all tensors of a group at once (default). False runs
+            the same ops one tensor at a time.
+        compile: fuse the step with `torch.compile` (pays for large models;
+            the first step compiles for tens of seconds).
+        seed: seeds the optimizer's own generator for `eps`, `eps_t` and
+            `drop`; its state travels in `state_dict`, so a resumed run draws
+            the same noise it would have drawn.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        rule: str | Node,
+        lr: float = 1e-3,
+        *,
+        total_steps: int | None = None,
+        foreach: bool = True,
+        compile: bool = False,
+        seed: int | None = None,
+    ):
+        if not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+        self.rule = resolve_rule(rule)
+        self.rule_text = to_text(self.rule)
+        self._reads = operands_read(self.rule)
+        self._buffers = state_buffers(self.rule)
+        self._uses = operand_uses(self.rule)
+        self._random = is_random(self.rule)
+        self._seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+        self._generators: dict[str, torch.Generator] = {}
+        # CPU temporaries live from step to step: fresh ones cost more in page
+        # faults than the ops that fill them (CUDA's caching allocator does this itself).
+        self._scratch = Scratch()
+        super().__init__(params, dict(lr=lr, total_steps=total_steps, foreach=foreach))
+        for group in self.param_groups:   # fail now, not at the first step
+            step_numbers(1, group["total_steps"], self._reads)
+        # compile=True traces the plain per-tensor step for the whole bucket
+        # into one graph: each parameter's moments, rule and update become one kernel.
+        self._compiled = torch.compile(self._step_each) if compile else None
+
+    def __repr__(self) -> str:
+        return f"SymbolicOptimizer({self.rule_text!r}, lr={self.defaults['lr']})"
+
+    # -- state ---------------------------------------------------------------
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if not self._random:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self._seed)
+            self._generators[key] = gen
+        return self._generators[key]
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            for buf in self._buffers:
+                state[buf] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["rule"] = self.rule_text
+        sd["generators"] = {dev: gen.get_state() for dev, gen in self._generators.items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        rule = state_dict.pop("rule", None)
+        if rule is not None and rule != self.rule_text:
+            raise ValueError(f"state_dict was saved for rule {rule!r}, this optimizer runs {self.rule_text!r}")
+        generators = state_dict.pop("generators", {})
+        super().load_state_dict(state_dict)
+        for dev, gen_state in generators.items():
+            gen = self._generator(torch.device(dev))
+            if gen is not None:
+                gen.set_state(gen_state.cpu())
+
+    # -- the step ------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SymbolicOptimizer does not support sparse gradients; "
+                                       "use dense gradients (e.g. nn.Embedding(sparse=False))")
+                state = self._init_state(p)
+                state["step"] += 1
+                buckets[(p.device, p.dtype, state["step"])].append(p)
+            for (device, _, step), params in buckets.items():
+                numbers = step_numbers(step, group["total_steps"], self._reads)
+                generator = self._generator(device)
+                if self._compiled is not None:
+                    self._compiled(params, self._buffers_of(params), _as_tensors(numbers),
+                                   torch.tensor(group["lr"]), generator)
+                elif not group["foreach"]:
+                    self._step_each(params, self._buffers_of(params), numbers, group["lr"], generator)
+                else:
+                    self._foreach(params, numbers, group["lr"], generator)
+        return loss
+
+    def _foreach(self, params: list[Tensor], numbers, lr, generator) -> None:
+        grads = [p.grad for p in params]
+        buffers = {buf: [self.state[p][buf] for p in params] for buf in self._buffers}
+        update_moments(buffers, grads)
+        scratch = self._scratch if params[0].device.type == "cpu" else None
+        apply_update(self.rule, StepContext(params, grads, buffers, numbers, generator, self._uses, scratch), lr)
+
+    def _buffers_of(self, params: list[Tensor]) -> list[dict[str, Tensor]]:
+        return [{buf: self.state[p][buf] for buf in self._buffers} for p in params]
+
+    def _step_each(self, params, buffers, numbers, lr, generator) -> None:
+        for p, bufs in zip(params, buffers):
+            step_one(self.rule, p, p.grad, bufs, numbers, lr, generator)
+
+
+def _as_tensors(numbers: dict[str, float]) -> dict[str, Tensor]:
+    # Tensors, not floats: a compiled step would otherwise recompile as they change.
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in numbers.items()}
+

@@ -1,0 +1,146 @@
+"""A rule evaluated on one tensor with plain torch ops: the language's semantics, readable.
+
+Used where plain ops are what is wanted: `compile=True` (inductor fuses the
+whole step into one kernel per tensor) and `foreach=False`. The foreach path
+in `evaluate.py` must agree with this one; the tests hold them to it.
+
+Per-step numbers arrive as floats or 0-dim tensors (a compiled step takes
+them as tensors, so a new step does not recompile).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .tree import Binary, Const, Node, Operand, Unary
+from .vocabulary import BETA1, BETA2, BETA3, DIV_EPS, WEIGHT_SCALES
+
+Number = float | Tensor
+
+
+def unary_op(op: str, x: Tensor, param: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+    if op == "neg":
+        return -x
+    if op == "exp":
+        return torch.exp(x)
+    if op == "log":
+        return torch.log(torch.abs(x))
+    if op == "sqrt":
+        return torch.sqrt(torch.abs(x))
+    if op == "sign":
+        return torch.sign(x)
+    if op == "clip":
+        return torch.clamp(x, -param, param)
+    if op == "drop":
+        keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) >= param
+        return x * keep / (1.0 - param)
+    raise ValueError(f"unknown unary op {op!r}")
+
+
+def binary_op(op: str, x: Tensor, y: Tensor) -> Tensor:
+    if op == "add":
+        return x + y
+    if op == "sub":
+        return x - y
+    if op == "mul":
+        return x * y
+    if op == "div":
+        return x / (y + DIV_EPS)
+    if op == "pow":
+        return torch.pow(x, y)
+    raise ValueError(f"unknown binary op {op!r}")
+
+
+def update_moments_one(buffers: Mapping[str, Tensor], g: Tensor) -> None:
+    if "exp_avg" in buffers:
+        buffers["exp_avg"].lerp_(g, 1.0 - BETA1)
+    if "exp_avg_sq" in buffers:
+        buffers["exp_avg_sq"].mul_(BETA2).addcmul_(g, g, value=1.0 - BETA2)
+    if "exp_avg_cube" in buffers:
+        buffers["exp_avg_cube"].mul_(BETA3).add_(g * g * g, alpha=1.0 - BETA3)
+
+
+def delta_one(
+    node: Node,
+    p: Tensor,
+    g: Tensor,
+    buffers: Mapping[str, Tensor],
+    numbers: Mapping[str, Number],
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The rule's delta for one parameter; scalar rules give a 0-dim tensor."""
+    cache: dict[str, Tensor] = {}
+
+    def operand(name: str) -> Tensor:
+        if name not in cache:
+            cache[name] = _operand(name, p, g, buffers, numbers, generator)
+        return cache[name]
+
+    def value(n: Node) -> Tensor:
+        if isinstance(n, Operand):
+            return operand(n.name)
+        if isinstance(n, Const):
+            return torch.tensor(n.value, dtype=p.dtype, device=p.device)
+        if isinstance(n, Unary):
+            x = value(n.child)
+            if n.op == "drop" and x.dim() == 0 and p.dim() > 0:
+                x = x.expand_as(p)   # a dropped number is dropped per element
+            return unary_op(n.op, x, n.param, generator)
+        assert isinstance(n, Binary)
+        return binary_op(n.op, value(n.left), value(n.right))
+
+    return value(node)
+
+
+def _number(x: Number, like: Tensor) -> Tensor:
+    return torch.as_tensor(x, dtype=like.dtype, device=like.device)
+
+
+def _operand(name: str, p: Tensor, g: Tensor, buffers, numbers, generator) -> Tensor:
+    if name == "g":
+        return g
+    if name == "g^2":
+        return g * g
+    if name == "g^3":
+        return g * g * g
+    if name == "m":
+        return buffers["exp_avg"] / numbers["bc1"]
+    if name == "v":
+        return buffers["exp_avg_sq"] / numbers["bc2"]
+    if name == "gamma":
+        return buffers["exp_avg_cube"] / numbers["bc3"]
+    if name == "sign(g)":
+        return torch.sign(g)
+    if name == "sign(m)":
+        return torch.sign(buffers["exp_avg"])
+    if name in ("1", "2"):
+        return _number(float(name), p)
+    if name in ("ld", "cd", "rd"):
+        return _number(numbers[name], p)
+    if name in ("eps", "eps_t"):
+        std = 0.1 if name == "eps" else numbers["eps_t"]
+        return torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * std
+    if name in WEIGHT_SCALES:
+        return p * WEIGHT_SCALES[name]
+    if name in ("adam", "rmsprop"):
+        denom = torch.sqrt(buffers["exp_avg_sq"]) / torch.sqrt(_number(numbers["bc2"], p)) + DIV_EPS
+        top = buffers["exp_avg"] / numbers["bc1"] if name == "adam" else g
+        return top / denom
+    raise KeyError(name)
+
+
+def step_one(
+    node: Node,
+    p: Tensor,
+    g: Tensor,
+    buffers: Mapping[str, Tensor],
+    numbers: Mapping[str, Number],
+    lr: Number,
+    generator: torch.Generator | None = None,
+) -> None:
+    """One optimizer step for one parameter: moments, then w <- w - lr * delta."""
+    update_moments_one(buffers, g)
+    p.sub_(lr * delta_one(node, p, g, buffers, numbers, generator))

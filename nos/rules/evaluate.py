@@ -1,0 +1,398 @@
+"""Evaluate a rule on all of a bucket's tensors at once, with `torch._foreach_*` ops.
+
+A value is either one Python float per step (constants, decay schedules) or a
+list of tensors, one per parameter: a step costs one kernel launch per op per
+tensor and no Python loop per element. Temporaries that nothing else holds
+are updated in place; on a CPU the others are copied into buffers kept from
+step to step (`Scratch`), because a fresh 50 MB tensor costs more in page
+faults than the op that fills it.
+
+The operand context computes only the operands a rule reads, once per step,
+and moment buffers exist only for rules that read them. `elementwise.py`
+holds the same semantics one tensor at a time; the tests hold the two equal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .tree import Binary, Const, Node, Operand, Unary, is_scalar, walk
+from .vocabulary import (
+    BETA1, BETA2, BETA3, CD_PERIODS, DIV_EPS, NOISE_DECAY, NOISE_STD, RD_PERIODS, WEIGHT_SCALES,
+)
+
+_SCHEDULES = frozenset({"ld", "cd", "rd"})
+_MOMENTS = {"m": ("exp_avg", "bc1"), "v": ("exp_avg_sq", "bc2"), "gamma": ("exp_avg_cube", "bc3")}
+# Unary ops too costly per element to run on a value that takes only three values.
+_TABULATED = frozenset({"exp", "log", "sqrt"})
+
+
+@dataclass
+class Tensors:
+    """A per-parameter list of tensors; `owned` means ops may overwrite it."""
+
+    items: list[Tensor]
+    owned: bool
+
+
+Value = float | Tensors
+
+
+def step_numbers(step: int, total_steps: int | None, reads: frozenset[str] = frozenset()) -> dict[str, float]:
+    """The per-step numbers a rule may read: bias corrections, schedules, noise scale.
+
+    `step` counts from 1 (as Adam's bias correction does); the schedules see
+    t = step - 1 of `total_steps`, as TensorFlow's sign decays do.
+    """
+    numbers = {
+        "bc1": 1.0 - BETA1 ** step,
+        "bc2": 1.0 - BETA2 ** step,
+        "bc3": 1.0 - BETA3 ** step,
+        "eps_t": NOISE_STD * step ** (-NOISE_DECAY / 2),
+    }
+    schedules = reads & _SCHEDULES
+    if schedules and total_steps is None:
+        raise ValueError(f"the rule reads {', '.join(sorted(schedules))}: pass total_steps=T, the run's length in steps")
+    if schedules:
+        frac = min(step - 1, total_steps) / total_steps
+        numbers["ld"] = 1.0 - frac
+        numbers["cd"] = 0.5 * (1.0 + math.cos(2.0 * math.pi * CD_PERIODS * frac))
+        numbers["rd"] = 0.5 * (1.0 + math.cos(math.pi * ((RD_PERIODS * frac) % 1.0)))
+    return numbers
+
+
+class Scratch:
+    """Temporaries kept from one step to the next, handed out by shape."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[list[Tensor]]] = defaultdict(list)
+        self._lent: list[tuple[tuple, list[Tensor]]] = []
+
+    def take(self, like: Sequence[Tensor]) -> list[Tensor]:
+        """Tensors shaped like `like`; their contents are garbage."""
+        key = (like[0].dtype, like[0].device, tuple(t.shape for t in like))
+        out = self._free[key].pop() if self._free[key] else [torch.empty_like(t) for t in like]
+        self._lent.append((key, out))
+        return out
+
+    def take_flat(self, numel: int, like: Tensor) -> Tensor:
+        key = (like.dtype, like.device, ((numel,),))
+        out = self._free[key].pop() if self._free[key] else [like.new_empty(numel)]
+        self._lent.append((key, out))
+        return out[0]
+
+    def release(self) -> None:
+        for key, out in self._lent:
+            self._free[key].append(out)
+        self._lent.clear()
+
+
+@dataclass
+class StepContext:
+    """What one step of one bucket of same-device, same-dtype tensors sees.
+
+    `buffers` maps moment buffer names (exp_avg, exp_avg_sq, exp_avg_cube) to
+    their per-parameter tensors, already updated for this step; `numbers`
+    comes from `step_numbers`. Without `scratch`, temporaries are new tensors.
+    """
+
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    buffers: dict[str, list[Tensor]]
+    numbers: dict[str, float]
+    generator: torch.Generator | None = None
+    uses: Counter = field(default_factory=Counter)
+    scratch: Scratch | None = None
+    _cache: dict[str, Value] = field(default_factory=dict)
+
+    def operand(self, name: str) -> Value:
+        if name in self._cache:
+            return self._cache[name]
+        value = self._compute(name)
+        if self.uses[name] > 1 and isinstance(value, Tensors):
+            value.owned = False
+            self._cache[name] = value
+        return value
+
+    def apply(self, x: Tensors, name: str, *args) -> Tensors:
+        """torch._foreach_<name>_(x, *args) on x, or on a copy when others hold x."""
+        if x.owned:
+            getattr(torch, f"_foreach_{name}_")(x.items, *args)
+            return x
+        if self.scratch is None:
+            return Tensors(getattr(torch, f"_foreach_{name}")(x.items, *args), owned=True)
+        out = self.scratch.take(x.items)
+        torch._foreach_copy_(out, x.items)
+        getattr(torch, f"_foreach_{name}_")(out, *args)
+        return Tensors(out, owned=True)
+
+    def random(self, kind: str, arg: float) -> list[Tensor]:
+        """One draw for all tensors (one kernel), split into views shaped like the parameters.
+
+        kind "normal": Gaussian noise of standard deviation `arg`; "keep": a
+        dropout keep-mask for drop probability `arg`, scaled by 1 / (1 - arg).
+        """
+        numels = [p.numel() for p in self.params]
+        first = self.params[0]
+        flat = (self.scratch.take_flat(sum(numels), first) if self.scratch is not None
+                else first.new_empty(sum(numels)))
+        if kind == "normal":
+            torch.randn(flat.shape, generator=self.generator, out=flat).mul_(arg)
+        else:
+            torch.rand(flat.shape, generator=self.generator, out=flat)
+            flat.copy_(flat >= arg).div_(1.0 - arg)
+        return [piece.view_as(p) for piece, p in zip(flat.split(numels), self.params)]
+
+    def adam_denominator(self) -> Tensors:
+        """sqrt(v_hat) + eps in the order of operations torch.optim.Adam uses."""
+        denom = self.apply(Tensors(self.buffers["exp_avg_sq"], owned=False), "sqrt")
+        torch._foreach_div_(denom.items, math.sqrt(self.numbers["bc2"]))
+        torch._foreach_add_(denom.items, DIV_EPS)
+        return denom
+
+    def _compute(self, name: str) -> Value:
+        g = Tensors(list(self.grads), owned=False)
+        if name == "g":
+            return g
+        if name in ("1", "2"):
+            return float(name)
+        if name in _SCHEDULES:
+            return self.numbers[name]
+        if name == "g^2":
+            return self.apply(g, "mul", g.items)
+        if name == "g^3":
+            cube = self.apply(g, "mul", g.items)
+            torch._foreach_mul_(cube.items, g.items)
+            return cube
+        if name in _MOMENTS:
+            buf, bc = _MOMENTS[name]
+            return self.apply(Tensors(self.buffers[buf], owned=False), "div", self.numbers[bc])
+        if name == "sign(g)":
+            return self.apply(g, "sign")
+        if name == "sign(m)":   # bias correction is positive: the raw buffer has the same sign
+            return self.apply(Tensors(self.buffers["exp_avg"], owned=False), "sign")
+        if name == "eps":
+            return Tensors(self.random("normal", NOISE_STD), owned=True)
+        if name == "eps_t":
+            return Tensors(self.random("normal", self.numbers["eps_t"]), owned=True)
+        if name in WEIGHT_SCALES:
+            return self.apply(Tensors(list(self.params), owned=False), "mul", WEIGHT_SCALES[name])
+        if name == "adam":   # m_hat / denom as m / (denom * bc1)
+            denom = self.adam_denominator()
+            torch._foreach_mul_(denom.items, self.numbers["bc1"])
+            torch._foreach_reciprocal_(denom.items)
+            torch._foreach_mul_(denom.items, self.buffers["exp_avg"])
+            return denom
+        if name == "rmsprop":
+            denom = self.adam_denominator()
+            torch._foreach_reciprocal_(denom.items)
+            torch._foreach_mul_(denom.items, g.items)
+            return denom
+        raise KeyError(name)
+
+
+# -- ops on values ---------------------------------------------------------------
+
+def _unary(op: str, x: Tensors, param: float | None, ctx: StepContext) -> Tensors:
+    if op == "drop":
+        mask = Tensors(ctx.random("keep", param), owned=True)
+        return _binary_lists("mul", mask, x, ctx)
+    if op == "clip":
+        out = ctx.apply(x, "clamp_min", -param)
+        torch._foreach_clamp_max_(out.items, param)
+        return out
+    if op in ("log", "sqrt"):   # of |x|
+        out = ctx.apply(x, "abs")
+        getattr(torch, f"_foreach_{op}_")(out.items)
+        return out
+    return ctx.apply(x, op)   # neg, exp, sign
+
+
+def _binary_lists(op: str, x: Tensors, y: Tensors, ctx: StepContext) -> Tensors:
+    if op == "div":
+        y = ctx.apply(y, "add", DIV_EPS)
+    if y.owned and not x.owned and op in ("add", "mul"):
+        return ctx.apply(y, op, x.items)
+    return ctx.apply(x, op, y.items)
+
+
+def _binary_list_scalar(op: str, x: Tensors, s: float, ctx: StepContext) -> Tensors:
+    return ctx.apply(x, op, s + DIV_EPS if op == "div" else s)
+
+
+def _binary_scalar_list(op: str, s: float, y: Tensors, ctx: StepContext) -> Tensors:
+    if op in ("add", "mul"):
+        return _binary_list_scalar(op, y, s, ctx)
+    if op == "pow":
+        return Tensors(torch._foreach_pow(s, y.items), owned=True)
+    if op == "sub":   # s - y = (-y) + s
+        out = ctx.apply(y, "neg")
+        torch._foreach_add_(out.items, s)
+        return out
+    out = ctx.apply(y, "add", DIV_EPS)   # div: s / (y + eps)
+    torch._foreach_reciprocal_(out.items)
+    torch._foreach_mul_(out.items, s)
+    return out
+
+
+def _is_ternary(node: Node) -> bool:
+    """True when every element of the node's value is -1, 0 or 1 (products of signs)."""
+    if isinstance(node, Operand):
+        return node.name in ("sign(g)", "sign(m)")
+    if isinstance(node, Unary):
+        return node.op == "sign" or (node.op == "neg" and _is_ternary(node.child))
+    if isinstance(node, Binary):
+        return node.op == "mul" and _is_ternary(node.left) and _is_ternary(node.right)
+    return False
+
+
+def _scaled_ternary(node: Node) -> tuple[Node | None, Node] | None:
+    """(k, s) when node = k * s with k one number per step (None for 1) and s ternary."""
+    if _is_ternary(node):
+        return None, node
+    if isinstance(node, Binary) and node.op == "mul":
+        for k, s in ((node.left, node.right), (node.right, node.left)):
+            if is_scalar(k) and _is_ternary(s):
+                return k, s
+    return None
+
+
+class _Evaluator:
+    def __init__(self, ctx: StepContext):
+        self.ctx = ctx
+        self.scalar_ctx = StepContext([], [], {}, ctx.numbers)
+
+    def on_numbers(self, op: str, *xs: float, param: float | None = None) -> float:
+        # The op on 0-dim float64 tensors, so numbers follow torch's semantics (inf, nan) exactly.
+        ts = [Tensors([torch.tensor(x, dtype=torch.float64)], owned=True) for x in xs]
+        out = _unary(op, ts[0], param, self.scalar_ctx) if len(ts) == 1 else _binary_lists(op, *ts, self.scalar_ctx)
+        return out.items[0].item()
+
+    def tabulated(self, node: Unary) -> Value | None:
+        """f(k * s) for s in {-1, 0, 1} as c0 + c1 * s + c2 * s * s: three cheap passes, not one exp.
+
+        PowerSign's exp(sign(g) * sign(m)) costs as much as the rest of its
+        step together; this is where its eager step gets ahead of Adam's.
+        """
+        split = _scaled_ternary(node.child)
+        if split is None:
+            return None
+        k_node, s_node = split
+        k = 1.0 if k_node is None else self.value(k_node)
+        f_minus, f_zero, f_plus = (self.on_numbers(node.op, x, param=node.param) for x in (-k, 0.0, k))
+        c1, c2 = (f_plus - f_minus) / 2, (f_plus + f_minus) / 2 - f_zero
+        if not all(map(math.isfinite, (f_zero, c1, c2))):
+            return None
+        s = self.value(s_node)
+        out = self.ctx.apply(Tensors(s.items, owned=False), "mul", c1)
+        torch._foreach_add_(out.items, f_zero)
+        torch._foreach_addcmul_(out.items, s.items, s.items, c2)
+        return out
+
+    def value(self, node: Node) -> Value:
+        if isinstance(node, Operand):
+            return self.ctx.operand(node.name)
+        if isinstance(node, Const):
+            return node.value
+        if isinstance(node, Unary):
+            if node.op in _TABULATED and not is_scalar(node):
+                out = self.tabulated(node)
+                if out is not None:
+                    return out
+            x = self.value(node.child)
+            if isinstance(x, float):
+                if node.op != "drop":
+                    return self.on_numbers(node.op, x, param=node.param)
+                x = self.broadcast(x)   # a dropped number is dropped per element
+            return _unary(node.op, x, node.param, self.ctx)
+        x, y = self.value(node.left), self.value(node.right)
+        if isinstance(x, float) and isinstance(y, float):
+            return self.on_numbers(node.op, x, y)
+        if isinstance(y, float):
+            return _binary_list_scalar(node.op, x, y, self.ctx)
+        if isinstance(x, float):
+            return _binary_scalar_list(node.op, x, y, self.ctx)
+        return _binary_lists(node.op, x, y, self.ctx)
+
+    def broadcast(self, s: float) -> Tensors:
+        return Tensors([torch.full_like(p, s) for p in self.ctx.params], owned=True)
+
+
+def operand_uses(tree: Node) -> Counter:
+    return Counter(n.name for n in walk(tree) if isinstance(n, Operand))
+
+
+def compute_update(tree: Node, ctx: StepContext) -> Value:
+    """The rule's delta for every tensor of the bucket (w <- w - lr * delta)."""
+    if not ctx.uses:
+        ctx.uses = operand_uses(tree)
+    return _Evaluator(ctx).value(tree)
+
+
+def update_moments(buffers: dict[str, list[Tensor]], grads: Sequence[Tensor]) -> None:
+    """Advance the moment buffers a rule keeps by one step (torch.optim.Adam's ops for m and v)."""
+    grads = list(grads)
+    if "exp_avg" in buffers:
+        torch._foreach_lerp_(buffers["exp_avg"], grads, 1.0 - BETA1)
+    if "exp_avg_sq" in buffers:
+        torch._foreach_mul_(buffers["exp_avg_sq"], BETA2)
+        torch._foreach_addcmul_(buffers["exp_avg_sq"], grads, grads, 1.0 - BETA2)
+    if "exp_avg_cube" in buffers:
+        square = torch._foreach_mul(grads, grads)
+        torch._foreach_mul_(buffers["exp_avg_cube"], BETA3)
+        torch._foreach_addcmul_(buffers["exp_avg_cube"], square, grads, 1.0 - BETA3)
+
+
+def apply_update(tree: Node, ctx: StepContext, lr: float) -> None:
+    """params <- params - lr * delta, with the root's last op fused into the update.
+
+    Scalar factors of the root fold into the step size, and a root product or
+    quotient becomes one addcmul/addcdiv: one or two passes over the
+    parameters saved, and for `adam` the exact ops of torch.optim.Adam.
+    """
+    if not ctx.uses:
+        ctx.uses = operand_uses(tree)
+    params = list(ctx.params)
+    evaluator = _Evaluator(ctx)
+    alpha, node = -lr, tree
+    while True:
+        if isinstance(node, Unary) and node.op == "neg":
+            alpha, node = -alpha, node.child
+        elif isinstance(node, Binary) and node.op == "mul" and is_scalar(node.left):
+            alpha, node = alpha * evaluator.value(node.left), node.right
+        elif isinstance(node, Binary) and node.op in ("mul", "div") and is_scalar(node.right):
+            s = evaluator.value(node.right)
+            alpha, node = (alpha * s if node.op == "mul" else alpha / (s + DIV_EPS)), node.left
+        else:
+            break
+    if node == Operand("adam"):
+        torch._foreach_addcdiv_(params, ctx.buffers["exp_avg"], ctx.adam_denominator().items,
+                                alpha / ctx.numbers["bc1"])
+    elif node == Operand("m"):
+        torch._foreach_add_(params, ctx.buffers["exp_avg"], alpha=alpha / ctx.numbers["bc1"])
+    elif isinstance(node, Binary) and node.op in ("mul", "div") and not is_scalar(node.left):
+        x, y = evaluator.value(node.left), evaluator.value(node.right)
+        if node.op == "mul":
+            torch._foreach_addcmul_(params, x.items, y.items, alpha)
+        else:
+            torch._foreach_addcdiv_(params, x.items, ctx.apply(y, "add", DIV_EPS).items, alpha)
+    else:
+        delta = evaluator.value(node)
+        if isinstance(delta, float):
+            torch._foreach_add_(params, alpha * delta)
+        else:
+            torch._foreach_add_(params, delta.items, alpha=alpha)
+    if ctx.scratch is not None:
+        ctx.scratch.release()
+
+
+__all__ = [
+    "Scratch", "StepContext", "Tensors", "apply_update", "compute_update", "operand_uses", "step_numbers",
+    "update_moments",
+]
