@@ -126,7 +126,7 @@ def _operand(name: str, p: Tensor, g: Tensor, buffers, numbers, generator) -> Te
     if name in WEIGHT_SCALES:
         return p * WEIGHT_SCALES[name]
     if name in ("adam", "rmsprop"):
-        denom = torch.sqrt(buffers["exp_avg_sq"]) / torch.sqrt(_number(numbers["bc2"], p)) + DIV_EPS
+        denom = torch.sqrt(buffers["exp_avg_sq"]) / numbers["bc2"] ** 0.5 + DIV_EPS
         top = buffers["exp_avg"] / numbers["bc1"] if name == "adam" else g
         return top / denom
     raise KeyError(name)
@@ -143,4 +143,8 @@ def step_one(
 ) -> None:
     """One optimizer step for one parameter: moments, then w <- w - lr * delta."""
     update_moments_one(buffers, g)
+    if node == Operand("adam"):   # torch.optim.Adam's own order of operations, to the last bit
+        denom = torch.sqrt(buffers["exp_avg_sq"]) / numbers["bc2"] ** 0.5 + DIV_EPS
+        p.addcdiv_(buffers["exp_avg"], denom, value=-lr / numbers["bc1"])
+        return
     p.sub_(lr * delta_one(node, p, g, buffers, numbers, generator))

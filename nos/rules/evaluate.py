@@ -122,6 +122,7 @@ class StepContext:
 
     def apply(self, x: Tensors, name: str, *args) -> Tensors:
         """torch._foreach_<name>_(x, *args) on x, or on a copy when others hold x."""
+        args = tuple(_fit(a, x.items[0].dtype) if isinstance(a, float) else a for a in args)
         if x.owned:
             getattr(torch, f"_foreach_{name}_")(x.items, *args)
             return x
@@ -199,6 +200,13 @@ class StepContext:
 
 # -- ops on values ---------------------------------------------------------------
 
+def _fit(x: float, dtype: torch.dtype) -> float:
+    """A number as the tensors' dtype holds it: torch refuses a Python float it would overflow."""
+    if dtype.is_floating_point and math.isfinite(x) and abs(x) > torch.finfo(dtype).max:
+        return math.copysign(math.inf, x)
+    return x
+
+
 def _unary(op: str, x: Tensors, param: float | None, ctx: StepContext) -> Tensors:
     if op == "drop":
         mask = Tensors(ctx.random("keep", param), owned=True)
@@ -233,12 +241,10 @@ def _binary_scalar_list(op: str, s: float, y: Tensors, ctx: StepContext) -> Tens
         return Tensors(torch._foreach_pow(s, y.items), owned=True)
     if op == "sub":   # s - y = (-y) + s
         out = ctx.apply(y, "neg")
-        torch._foreach_add_(out.items, s)
-        return out
+        return ctx.apply(out, "add", s)
     out = ctx.apply(y, "add", DIV_EPS)   # div: s / (y + eps)
     torch._foreach_reciprocal_(out.items)
-    torch._foreach_mul_(out.items, s)
-    return out
+    return ctx.apply(out, "mul", s)
 
 
 def _is_ternary(node: Node) -> bool:
@@ -267,10 +273,12 @@ class _Evaluator:
     def __init__(self, ctx: StepContext):
         self.ctx = ctx
         self.scalar_ctx = StepContext([], [], {}, ctx.numbers)
+        self.dtype = ctx.params[0].dtype if ctx.params else torch.float64
 
     def on_numbers(self, op: str, *xs: float, param: float | None = None) -> float:
-        # The op on 0-dim float64 tensors, so numbers follow torch's semantics (inf, nan) exactly.
-        ts = [Tensors([torch.tensor(x, dtype=torch.float64)], owned=True) for x in xs]
+        # The op on 0-dim tensors of the parameters' dtype: numbers follow torch's semantics
+        # (inf, nan, rounding) exactly as the same op on the parameters would.
+        ts = [Tensors([torch.tensor(x, dtype=self.dtype)], owned=True) for x in xs]
         out = _unary(op, ts[0], param, self.scalar_ctx) if len(ts) == 1 else _binary_lists(op, *ts, self.scalar_ctx)
         return out.items[0].item()
 
@@ -291,8 +299,8 @@ class _Evaluator:
             return None
         s = self.value(s_node)
         out = self.ctx.apply(Tensors(s.items, owned=False), "mul", c1)
-        torch._foreach_add_(out.items, f_zero)
-        torch._foreach_addcmul_(out.items, s.items, s.items, c2)
+        out = self.ctx.apply(out, "add", f_zero)
+        torch._foreach_addcmul_(out.items, s.items, s.items, _fit(c2, self.dtype))
         return out
 
     def value(self, node: Node) -> Value:
@@ -371,6 +379,7 @@ def apply_update(tree: Node, ctx: StepContext, lr: float) -> None:
             alpha, node = (alpha * s if node.op == "mul" else alpha / (s + DIV_EPS)), node.left
         else:
             break
+    alpha = _fit(alpha, params[0].dtype)
     if node == Operand("adam"):
         torch._foreach_addcdiv_(params, ctx.buffers["exp_avg"], ctx.adam_denominator().items,
                                 alpha / ctx.numbers["bc1"])
@@ -385,7 +394,7 @@ def apply_update(tree: Node, ctx: StepContext, lr: float) -> None:
     else:
         delta = evaluator.value(node)
         if isinstance(delta, float):
-            torch._foreach_add_(params, alpha * delta)
+            torch._foreach_add_(params, _fit(alpha * delta, params[0].dtype))
         else:
             torch._foreach_add_(params, delta.items, alpha=alpha)
     if ctx.scratch is not None:

@@ -1,0 +1,1 @@
+"""The `nos` command line: thin click commands over the nos library."""

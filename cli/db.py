@@ -1,0 +1,65 @@
+"""`nos db ...`: create, upgrade and inspect the database schema."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from nos.store import URL_ENV_VAR, Store, StoreError, open_store, resolve_url, schema_state, shown, upgrade
+
+from .errors import UsageProblem
+
+# Shared by every command that touches the database.
+db_option = click.option(
+    "--db", "db_url", envvar=URL_ENV_VAR, default=None, metavar="URL",
+    help=f"Database URL: sqlite:///PATH or postgresql://USER@HOST/DB [env {URL_ENV_VAR}; default sqlite:///nos.db].")
+
+
+def open_store_or_exit(db_url: str | None) -> Store:
+    """The up-to-date store at `db_url`, or a one-line error and exit 2."""
+    try:
+        return open_store(db_url)
+    except StoreError as exc:
+        raise UsageProblem(str(exc)) from None
+
+
+def _store_errors_to_usage(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except StoreError as exc:
+            raise UsageProblem(str(exc)) from None
+    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
+    return wrapped
+
+
+@click.group("db")
+def db_group() -> None:
+    """Create, upgrade and inspect nos's database."""
+
+
+@db_group.command("upgrade")
+@db_option
+@_store_errors_to_usage
+def upgrade_command(db_url: str | None) -> None:
+    """Create the schema, or bring it up to this nos's version."""
+    url = resolve_url(db_url)
+    state = upgrade(url)
+    click.echo(f"{shown(url)}: {state.describe()}")
+
+
+@db_group.command("current")
+@db_option
+@_store_errors_to_usage
+def current_command(db_url: str | None) -> None:
+    """Show the database's schema revision and whether it needs `nos db upgrade`.
+
+    Exits 1 when the database is not up to date.
+    """
+    url = resolve_url(db_url)
+    state = schema_state(url)
+    click.echo(f"{shown(url)}: {state.describe()}")
+    if not state.up_to_date:
+        raise SystemExit(1)

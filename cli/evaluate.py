@@ -1,0 +1,98 @@
+"""`nos eval RULE --task digits`: one rule through the paper's protocol, with its sweep and reward."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from nos.tasks import TASKS, DataUnavailable, EvaluationResult, TrialRecord, UnknownTask, evaluate_rule, get_task
+
+from .errors import UsageProblem
+from .rules import parse_or_exit
+
+
+def _learning_rates(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        rates = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers such as 1e-3,1e-2, got {value!r}") from None
+    if not rates or any(not rate > 0 for rate in rates):
+        raise click.BadParameter("learning rates must be positive numbers")
+    return rates
+
+
+@click.command("eval")
+@click.argument("rule")
+@click.option("--task", "task_name", default="digits", show_default=True,
+              help=f"child task: {', '.join(TASKS)}")
+@click.option("--seed", default=0, show_default=True, help="initial weights, data order and the rule's noise")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="folder with the data set's files "
+              "(default $NOS_DATA_DIR; Fashion-MNIST also /usr/share/datasets/fashion-mnist)")
+@click.option("--train-size", type=click.IntRange(min=1), help="subsample the training split to N examples")
+@click.option("--lrs", callback=_learning_rates, help="learning-rate grid, comma-separated [1e-5,...,1e1]")
+@click.option("--epochs", type=click.IntRange(min=1), help="epochs of the final run at the best rate [5]")
+@click.option("--sweep-epochs", type=click.IntRange(min=1), help="epochs of each sweep trial [1]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="training batch size [the task's]")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (one is fastest per process "
+              "when several evaluate at once)")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON instead of tables")
+def eval_command(rule: str, task_name: str, seed: int, device: str, data_dir: str | None, train_size: int | None,
+                 lrs: tuple[float, ...] | None, epochs: int | None, sweep_epochs: int | None,
+                 batch_size: int | None, threads: int | None, as_json: bool) -> None:
+    """Train the task's child with RULE at each learning rate, then 5 epochs at the best one.
+
+    RULE is rule text such as "g * exp(sign(g) * sign(m))" or a built-in name
+    (sgd, momentum, adam, rmsprop, powersign, addsign, ...). The reward is the
+    final validation accuracy; test accuracy is shown beside it, never used.
+    """
+    tree = parse_or_exit(rule)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        task = get_task(task_name, device=device, data_dir=data_dir, train_size=train_size, lrs=lrs,
+                        epochs=epochs, sweep_epochs=sweep_epochs, batch_size=batch_size)
+    except (UnknownTask, DataUnavailable, ValueError) as exc:
+        raise UsageProblem(str(exc)) from None
+
+    console = Console(stderr=as_json)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        bar = progress.add_task(f"{task.name}: sweep", total=len(task.lrs) + 1)
+
+        def advance(record: TrialRecord, stage: str) -> None:
+            progress.update(bar, advance=1, description=f"{task.name}: {stage} lr={record.lr:g}")
+
+        result = evaluate_rule(tree, task, seed, on_trial=advance)
+
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        _print_result(console, result)
+
+
+def _print_result(console: Console, result: EvaluationResult) -> None:
+    table = Table(title=f"{result.rule} on {result.task} (seed {result.seed}, {result.device})")
+    for column in ("run", "lr", "epochs", "val acc", "train loss", "seconds"):
+        table.add_column(column, justify="right" if column != "run" else "left")
+    runs = [("sweep", t) for t in result.trials] + ([("final", result.final)] if result.final else [])
+    for stage, trial in runs:
+        loss = "diverged" if trial.diverged else f"{trial.train_loss:.4f}"
+        style = "bold" if stage == "final" or trial.lr == result.best_lr else None
+        table.add_row(stage, f"{trial.lr:g}", str(trial.epochs), f"{trial.val_acc:.4f}", loss,
+                      f"{trial.wall_seconds:.2f}", style=style)
+    console.print(table)
+    if result.best_lr is None:
+        console.print("diverged at every learning rate: reward 0")
+        return
+    console.print(f"reward (final validation accuracy) [bold]{result.reward:.4f}[/bold]   "
+                  f"test accuracy {result.test_acc:.4f}   best lr {result.best_lr:g}   "
+                  f"{'diverged   ' if result.diverged else ''}{result.wall_seconds:.1f} s")

@@ -1,0 +1,35 @@
+"""Entry point of the `nos` command."""
+
+from __future__ import annotations
+
+import click
+
+from .db import db_group
+from .demo import demo_command
+from .evaluate import eval_command
+from .rules import rule_group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nos")
+def cli() -> None:
+    """nos: Neural Optimizer Search.
+
+    Learns update rules by reinforcement learning; any rule is a
+    torch.optim.Optimizer (nos.optim.SymbolicOptimizer).
+    """
+
+
+cli.add_command(rule_group)
+cli.add_command(demo_command)
+# Subcommands of later modules register here, one line each.
+cli.add_command(eval_command)
+cli.add_command(db_group)
+
+
+def main() -> None:
+    cli(prog_name="nos")
+
+
+if __name__ == "__main__":
+    main()

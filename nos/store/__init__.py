@@ -1,0 +1,31 @@
+"""nos's database: models, engine setup, schema versions, and the functions that read and write it.
+
+    store = open_store()                    # $NOS_DB_URL or sqlite:///nos.db, checked to be up to date
+    with store.transaction() as session:    # one write transaction
+        attempt = claim(session, evaluation_id, "host:pid", timedelta(minutes=5))
+"""
+
+from .checkpoints import latest_checkpoint, save_checkpoint
+from .engine import DEFAULT_URL, URL_ENV_VAR, Store, StoreError, create_engine, resolve_url, shown
+from .evaluations import (
+    EvaluationResult, NewEvaluation, StaleSweep, TrialResult, batch_evaluations, claim, commit_result,
+    enqueue_batch, fail, find_cached, get_evaluation, heartbeat, requeue_stale, trials_of, unfinished_ids,
+)
+from .models import (
+    EVALUATION_STATUSES, RUN_STATUSES, SCORED_STATUSES, Base, Checkpoint, Evaluation, LrTrial, Rule, Run, utcnow,
+)
+from .queries import LeaderboardRow, RunProgress, leaderboard, list_runs, run_progress
+from .rules import RuleRecord, find_rule, get_or_create_rule, get_or_create_rules
+from .runs import create_run, get_run, set_run_status
+from .schema import SchemaState, check_schema, open_store, schema_state, upgrade
+
+__all__ = [
+    "DEFAULT_URL", "EVALUATION_STATUSES", "RUN_STATUSES", "SCORED_STATUSES", "URL_ENV_VAR", "Base", "Checkpoint",
+    "Evaluation", "EvaluationResult", "LeaderboardRow", "LrTrial", "NewEvaluation", "Rule", "RuleRecord", "Run",
+    "RunProgress", "SchemaState", "StaleSweep", "Store", "StoreError", "TrialResult", "batch_evaluations",
+    "check_schema", "claim", "commit_result", "create_engine", "create_run", "enqueue_batch", "fail", "find_cached",
+    "find_rule", "get_evaluation", "get_or_create_rule", "get_or_create_rules", "get_run", "heartbeat",
+    "latest_checkpoint", "leaderboard", "list_runs", "open_store", "requeue_stale", "resolve_url", "run_progress",
+    "save_checkpoint", "schema_state", "set_run_status", "shown", "trials_of", "unfinished_ids", "upgrade",
+    "utcnow",
+]

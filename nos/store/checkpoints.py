@@ -1,0 +1,28 @@
+"""Checkpoints: the searcher's state after each step, JSON and raw bytes only."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .models import Checkpoint, utcnow
+
+
+def save_checkpoint(session: Session, run_id: int, step: int, state: dict[str, Any], rng_state: dict[str, Any],
+                    blob: bytes | None = None, *, now: datetime | None = None) -> int:
+    """Store the state after `step`; a second save of the same step fails (IntegrityError)."""
+    checkpoint = Checkpoint(run_id=run_id, step=step, state=state, rng_state=rng_state, blob=blob,
+                            created_at=now or utcnow())
+    session.add(checkpoint)
+    session.flush()
+    return checkpoint.id
+
+
+def latest_checkpoint(session: Session, run_id: int) -> Checkpoint | None:
+    """The checkpoint with the highest step of a run, or None before the first."""
+    return session.execute(
+        select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.step.desc()).limit(1)
+    ).scalar_one_or_none()

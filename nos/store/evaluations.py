@@ -1,0 +1,248 @@
+"""An evaluation's life: queued -> claimed (running) -> done / diverged / failed.
+
+Workers coordinate only through these functions. Each change of hands is one
+conditional UPDATE whose WHERE clause states who may make it, and whose row
+count says whether it happened:
+
+- `claim` takes a queued row, or a running row whose heartbeat went stale,
+  and bumps `attempts`; the new attempt number is the worker's ticket.
+- `heartbeat`, `commit_result` and `fail` act only while the row is still
+  running under that ticket. A superseded worker is refused and writes nothing.
+
+Each function works inside the caller's transaction (`Store.transaction()`),
+so a worker's call is one short transaction and the driver can insert a batch
+of rules and evaluations atomically. `now` defaults to this machine's UTC
+clock; it is a parameter so that callers (and tests) can decide time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from .models import Evaluation, LrTrial, utcnow
+
+evaluations = Evaluation.__table__
+lr_trials = LrTrial.__table__
+
+
+@dataclass(frozen=True)
+class NewEvaluation:
+    """An evaluation to enqueue; with `cached_from`, a copy of that scored evaluation's result."""
+
+    rule_id: int
+    task: str
+    task_key: str
+    cached_from: int | None = None
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One learning rate of the sweep."""
+
+    lr: float
+    val_acc: float | None
+    train_loss: float | None
+    diverged: bool
+    wall_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What a worker reports for an evaluation it holds."""
+
+    reward: float
+    test_acc: float | None
+    best_lr: float | None
+    wall_seconds: float
+    trials: Sequence[TrialResult] = field(default_factory=tuple)
+    # Every learning rate diverged (reward 0): stored as status 'diverged'.
+    diverged: bool = False
+
+
+@dataclass(frozen=True)
+class StaleSweep:
+    """What `requeue_stale` did: rows put back in the queue, rows given up on."""
+
+    requeued: list[int]
+    abandoned: list[int]
+
+
+def enqueue_batch(session: Session, run_id: int, batch: int, entries: Sequence[NewEvaluation], *,
+                  now: datetime | None = None) -> list[int]:
+    """Insert a batch of evaluations (queued, or cached copies); returns their ids in order.
+
+    They take the run's next seq numbers. Call it inside the transaction that
+    also stores the batch's rules, so a crash leaves all of it or none.
+    """
+    if not entries:
+        return []
+    now = now or utcnow()
+    next_seq = session.execute(
+        select(func.coalesce(func.max(evaluations.c.seq), -1) + 1).where(evaluations.c.run_id == run_id)
+    ).scalar_one()
+    sources = _cached_sources(session, [e.cached_from for e in entries if e.cached_from is not None])
+    rows = []
+    for offset, entry in enumerate(entries):
+        row = dict(run_id=run_id, rule_id=entry.rule_id, batch=batch, seq=next_seq + offset, task=entry.task,
+                   task_key=entry.task_key, status="queued", attempts=0, created_at=now, cached_from=None,
+                   best_lr=None, reward=None, test_acc=None, finished_at=None)
+        if entry.cached_from is not None:
+            source = sources[entry.cached_from]
+            row.update(status="cached", cached_from=source.id, best_lr=source.best_lr, reward=source.reward,
+                       test_acc=source.test_acc, finished_at=now)
+        rows.append(row)
+    session.execute(insert(evaluations), rows)
+    seqs = [row["seq"] for row in rows]
+    ids = dict(session.execute(
+        select(evaluations.c.seq, evaluations.c.id)
+        .where(evaluations.c.run_id == run_id, evaluations.c.seq >= seqs[0], evaluations.c.seq <= seqs[-1])
+    ).all())
+    return [ids[seq] for seq in seqs]
+
+
+def _cached_sources(session: Session, ids: list[int]) -> dict[int, Evaluation]:
+    if not ids:
+        return {}
+    found = {e.id: e for e in session.execute(select(Evaluation).where(Evaluation.id.in_(set(ids)))).scalars()}
+    for source_id in ids:
+        source = found.get(source_id)
+        if source is None or source.reward is None:
+            raise ValueError(f"evaluation {source_id} has no result to reuse")
+    return found
+
+
+def claim(session: Session, evaluation_id: int, worker: str, stale_after: timedelta, *,
+          max_attempts: int | None = None, now: datetime | None = None) -> int | None:
+    """Take an evaluation to run; returns the new attempt number, or None if not ours to take.
+
+    Takes it when queued, or when running but its heartbeat is older than
+    `stale_after` (its worker is presumed dead). With `max_attempts`, a row
+    that has used them all is left alone.
+    """
+    now = now or utcnow()
+    takeable = or_(
+        evaluations.c.status == "queued",
+        and_(evaluations.c.status == "running", evaluations.c.heartbeat_at < now - stale_after),
+    )
+    condition = and_(evaluations.c.id == evaluation_id, takeable)
+    if max_attempts is not None:
+        condition = and_(condition, evaluations.c.attempts < max_attempts)
+    attempt = session.execute(
+        update(evaluations).where(condition)
+        .values(status="running", attempts=evaluations.c.attempts + 1, worker=worker,
+                claimed_at=now, heartbeat_at=now, error=None)
+        .returning(evaluations.c.attempts)
+    ).scalar_one_or_none()
+    return attempt
+
+
+def _held(evaluation_id: int, attempt: int):
+    """The WHERE clause that says: this attempt still holds the claim."""
+    return and_(evaluations.c.id == evaluation_id, evaluations.c.status == "running",
+                evaluations.c.attempts == attempt)
+
+
+def heartbeat(session: Session, evaluation_id: int, attempt: int, *, now: datetime | None = None) -> bool:
+    """Say the worker holding `attempt` is alive; False means the claim is lost: stop working."""
+    result = session.execute(update(evaluations).where(_held(evaluation_id, attempt))
+                             .values(heartbeat_at=now or utcnow()))
+    return result.rowcount == 1
+
+
+def commit_result(session: Session, evaluation_id: int, attempt: int, result: EvaluationResult, *,
+                  now: datetime | None = None) -> bool:
+    """Store the result and its learning-rate trials, if `attempt` still holds the claim.
+
+    Returns False, having written nothing, when it does not (the row was
+    retaken, finished, or requeued): a late or duplicate result never counts.
+    """
+    updated = session.execute(
+        update(evaluations).where(_held(evaluation_id, attempt))
+        .values(status="diverged" if result.diverged else "done", reward=result.reward,
+                test_acc=result.test_acc, best_lr=result.best_lr, wall_seconds=result.wall_seconds,
+                finished_at=now or utcnow(), error=None)
+    )
+    if updated.rowcount != 1:
+        return False
+    if result.trials:
+        session.execute(insert(lr_trials), [
+            dict(evaluation_id=evaluation_id, lr=t.lr, val_acc=t.val_acc, train_loss=t.train_loss,
+                 diverged=t.diverged, wall_seconds=t.wall_seconds) for t in result.trials])
+    return True
+
+
+def fail(session: Session, evaluation_id: int, attempt: int, error: str, *, now: datetime | None = None) -> bool:
+    """Mark the evaluation failed with `error`, if `attempt` still holds the claim."""
+    result = session.execute(update(evaluations).where(_held(evaluation_id, attempt))
+                             .values(status="failed", error=error, finished_at=now or utcnow()))
+    return result.rowcount == 1
+
+
+def requeue_stale(session: Session, run_id: int, stale_after: timedelta, max_attempts: int, *,
+                  now: datetime | None = None) -> StaleSweep:
+    """Put a run's stale running evaluations back in the queue, or fail those out of attempts.
+
+    For the driver after a worker died or the broker lost messages: it
+    re-dispatches the requeued ids. The dead worker's attempt can no longer
+    heartbeat or commit.
+    """
+    now = now or utcnow()
+    stale = and_(evaluations.c.run_id == run_id, evaluations.c.status == "running",
+                 evaluations.c.heartbeat_at < now - stale_after)
+    abandoned = session.execute(
+        update(evaluations).where(stale, evaluations.c.attempts >= max_attempts)
+        .values(status="failed", finished_at=now,
+                error=f"gave up after {max_attempts} attempts: the worker's heartbeat went stale")
+        .returning(evaluations.c.id)
+    ).scalars().all()
+    requeued = session.execute(
+        update(evaluations).where(stale).values(status="queued", worker=None).returning(evaluations.c.id)
+    ).scalars().all()
+    return StaleSweep(requeued=sorted(requeued), abandoned=sorted(abandoned))
+
+
+def get_evaluation(session: Session, evaluation_id: int) -> Evaluation | None:
+    return session.get(Evaluation, evaluation_id)
+
+
+def batch_evaluations(session: Session, run_id: int, batch: int) -> list[Evaluation]:
+    """A batch's evaluations in seq order: the driver reads rewards from here."""
+    return list(session.execute(
+        select(Evaluation).where(Evaluation.run_id == run_id, Evaluation.batch == batch).order_by(Evaluation.seq)
+    ).scalars())
+
+
+def unfinished_ids(session: Session, run_id: int) -> list[int]:
+    """Ids of a run's evaluations still queued or running: what a resume re-dispatches."""
+    return list(session.execute(
+        select(Evaluation.id).where(Evaluation.run_id == run_id, Evaluation.status.in_(("queued", "running")))
+        .order_by(Evaluation.id)
+    ).scalars())
+
+
+def find_cached(session: Session, rule_id: int, task_key: str) -> Evaluation | None:
+    """An earlier scored evaluation of this rule under the same task configuration (the first one)."""
+    return session.execute(
+        select(Evaluation).where(Evaluation.rule_id == rule_id, Evaluation.task_key == task_key,
+                                 Evaluation.status.in_(("done", "diverged")))
+        .order_by(Evaluation.id).limit(1)
+    ).scalar_one_or_none()
+
+
+def trials_of(session: Session, evaluation_id: int) -> list[LrTrial]:
+    """An evaluation's learning-rate trials, by learning rate."""
+    return list(session.execute(
+        select(LrTrial).where(LrTrial.evaluation_id == evaluation_id).order_by(LrTrial.lr)
+    ).scalars())
+
+
+__all__ = [
+    "EvaluationResult", "NewEvaluation", "StaleSweep", "TrialResult", "batch_evaluations",
+    "claim", "commit_result", "enqueue_batch", "fail", "find_cached", "get_evaluation", "heartbeat",
+    "requeue_stale", "trials_of", "unfinished_ids",
+]

@@ -1,0 +1,152 @@
+"""Schema versions: Alembic, driven from code so it works from any directory.
+
+Only `upgrade` writes. `schema_state` and `check_schema` only read, and on
+SQLite they read through a read-only connection, so opening a database that is
+behind or ahead leaves it byte for byte as it was.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import DBAPIError
+
+from .engine import Store, StoreError, create_engine, first_line, resolve_url, shown, sqlite_path
+
+UPGRADE_HINT = "run `nos db upgrade`"
+
+
+def migrations_dir() -> Path:
+    """The installed migrations package (nos.migrations), wherever nos lives."""
+    import nos.migrations
+
+    return Path(nos.migrations.__file__).resolve().parent
+
+
+def alembic_config(url: URL, script_location: Path | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(script_location or migrations_dir()))
+    # ConfigParser interpolation would choke on a '%' in a password.
+    config.set_main_option("sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%"))
+    return config
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """Where a database stands against the migrations nos ships."""
+
+    current: str | None  # None: no nos schema at all
+    head: str
+    known: bool  # is `current` one of our revisions (False: written by a newer nos)
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.current == self.head
+
+    def describe(self) -> str:
+        if self.up_to_date:
+            return f"at revision {self.current} (up to date)"
+        if self.current is None:
+            return f"has no nos schema; {UPGRADE_HINT}"
+        if self.known:
+            return f"is at revision {self.current}, behind this nos (head {self.head}); {UPGRADE_HINT}"
+        return (f"is at revision {self.current}, which this nos does not know (head {self.head}): "
+                "it was written by a newer nos; upgrade nos")
+
+
+def schema_state(url: URL, script_location: Path | None = None) -> SchemaState:
+    """Read the database's revision without writing anything."""
+    script = ScriptDirectory.from_config(alembic_config(url, script_location))
+    head = script.get_current_head()
+    assert head is not None, "the migrations have no head revision"
+    current = _read_revision(url)
+    known = current is None or _is_known(script, current)
+    return SchemaState(current=current, head=head, known=known)
+
+
+def _is_known(script: ScriptDirectory, revision: str) -> bool:
+    try:
+        return script.get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+def _read_revision(url: URL) -> str | None:
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        raise StoreError(f"no database at {path}; create it with `nos db upgrade`")
+    engine = _read_only_engine(url, path)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    except DBAPIError as exc:
+        raise StoreError(f"cannot open database {shown(url)}: {first_line(exc.orig)}") from None
+    finally:
+        engine.dispose()
+
+
+def _read_only_engine(url: URL, path: Path | None) -> Engine:
+    if path is None:
+        return create_engine(url)
+    return sa.create_engine("sqlite://", creator=lambda: _query_only_sqlite(path))
+
+
+def _query_only_sqlite(path: Path) -> sqlite3.Connection:
+    # query_only: SQLite itself refuses any write on this connection. (Not
+    # mode=ro: that leaves -wal and -shm files behind on a WAL database.)
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA query_only = ON")
+    return connection
+
+
+def check_schema(url: URL, script_location: Path | None = None) -> SchemaState:
+    """The schema state, or a StoreError saying what to do when not up to date."""
+    state = schema_state(url, script_location)
+    if not state.up_to_date:
+        raise StoreError(f"database {shown(url)} {state.describe()}")
+    return state
+
+
+def upgrade(url: URL, revision: str = "head") -> SchemaState:
+    """Create or upgrade the schema (the only function here that writes)."""
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        if not path.parent.is_dir():
+            raise StoreError(f"cannot create database {path}: folder {path.parent} does not exist")
+    else:
+        before = schema_state(url)
+        if not before.known:
+            raise StoreError(f"database {shown(url)} {before.describe()}")
+    engine = create_engine(url)
+    config = alembic_config(url)
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+    except DBAPIError as exc:
+        raise StoreError(f"cannot upgrade {shown(url)}: {first_line(exc.orig)}") from None
+    except CommandError as exc:
+        raise StoreError(f"cannot upgrade {shown(url)}: {first_line(exc)}") from None
+    finally:
+        engine.dispose()
+    return schema_state(url)
+
+
+def open_store(url: str | URL | None = None) -> Store:
+    """Open an existing, up-to-date database; see `resolve_url` for the URL.
+
+    Refuses (StoreError) a database that is missing, unreachable, behind or
+    ahead of this nos, without writing to it.
+    """
+    resolved = url if isinstance(url, URL) else resolve_url(url)
+    check_schema(resolved)
+    return Store(create_engine(resolved))

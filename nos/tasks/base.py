@@ -1,0 +1,92 @@
+"""A child task: the data, the child network and the knobs of the evaluation protocol."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .objectives import Objective
+
+# The paper's learning-rate sweep: 1e-5, 1e-4, ..., 1e1.
+PAPER_LRS: tuple[float, ...] = tuple(10.0 ** k for k in range(-5, 2))
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train, validation (carved from the training set) and held-out test tensors, on one device."""
+
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train_x), "val": len(self.val_x), "test": len(self.test_x)}
+
+
+@dataclass
+class Task:
+    """Everything `evaluate_rule` needs to turn a rule into a reward.
+
+    `options` are the arguments that built the task (`get_task(name, **options)`);
+    with the protocol's knobs they make `config_key()`, so two tasks with the
+    same key give the same reward for the same rule and seed.
+    """
+
+    name: str
+    splits: Splits
+    make_child: Callable[[], nn.Module]
+    objective: Objective
+    batch_size: int
+    lrs: tuple[float, ...] = PAPER_LRS
+    sweep_epochs: int = 1
+    epochs: int = 5
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    channels_last: bool = False   # image children run faster on CPU in NHWC
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.lrs or any(not (lr > 0) for lr in self.lrs):
+            raise ValueError(f"learning rates must be positive, got {self.lrs}")
+        if self.batch_size < 1 or self.sweep_epochs < 1 or self.epochs < 1:
+            raise ValueError("batch_size, sweep_epochs and epochs must be at least 1")
+        if self.batch_size > len(self.splits.train_x):
+            raise ValueError(f"batch_size {self.batch_size} exceeds the {len(self.splits.train_x)} training examples")
+        self.lrs = tuple(float(lr) for lr in self.lrs)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        # The last partial batch is dropped: every step sees a full batch, and
+        # with a fresh permutation each epoch no example is left out for good.
+        return len(self.splits.train_x) // self.batch_size
+
+    def new_child(self) -> nn.Module:
+        """A child on the task's device, initialised from torch's global generator."""
+        child = self.make_child().to(self.device)
+        return child.to(memory_format=torch.channels_last) if self.channels_last else child
+
+    def to_dict(self) -> dict[str, Any]:
+        """The task's identity as plain JSON data (device excluded: it does not change the protocol)."""
+        return {
+            "name": self.name,
+            "options": dict(sorted(self.options.items())),
+            "objective": self.objective.name,
+            "batch_size": self.batch_size,
+            "lrs": list(self.lrs),
+            "sweep_epochs": self.sweep_epochs,
+            "epochs": self.epochs,
+            "sizes": self.splits.sizes,
+        }
+
+    def config_key(self) -> str:
+        """A stable short hash of `to_dict()`: equal keys, same protocol on the same data."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,87 @@
+"""What a child minimizes while training, and the score in [0, 1] it is judged by.
+
+The score is what the protocol calls validation accuracy: real accuracy for
+the classification tasks, and a bounded transform of the loss, 1 / (1 + loss),
+for the synthetic ones (1 at the optimum, towards 0 as the loss grows), so
+every task's reward lies in [0, 1] and bigger is better.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Validation runs in chunks this large: few Python round trips, bounded memory.
+SCORE_CHUNK = 2048
+
+
+class Objective:
+    name: str
+
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def score_sum(self, out: Tensor, y: Tensor) -> Tensor:
+        """The per-example score (or loss) summed over a chunk, as a tensor (no sync)."""
+        raise NotImplementedError
+
+    def finish(self, total: float, n: int) -> float:
+        """The score from the summed chunk values over n examples."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def score(self, model: nn.Module, x: Tensor, y: Tensor) -> float:
+        was_training = model.training
+        model.eval()   # batch norm uses its running statistics, as at test time
+        try:
+            total = sum((self.score_sum(model(x[i:i + SCORE_CHUNK]), y[i:i + SCORE_CHUNK])
+                         for i in range(0, len(x), SCORE_CHUNK)), torch.zeros((), device=x.device))
+            return self.finish(float(total), len(x))   # the one host sync of a validation
+        finally:
+            model.train(was_training)
+
+
+class Accuracy(Objective):
+    """Classification: cross-entropy while training, accuracy as the score."""
+
+    name = "accuracy"
+
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(out, y)
+
+    def score_sum(self, out: Tensor, y: Tensor) -> Tensor:
+        return (out.argmax(1) == y).sum()
+
+    def finish(self, total: float, n: int) -> float:
+        return total / n
+
+
+class InverseLoss(Objective):
+    """Loss-based tasks: score = 1 / (1 + mean loss); a non-finite loss scores 0."""
+
+    def finish(self, total: float, n: int) -> float:
+        mean = total / n
+        return 1.0 / (1.0 + mean) if mean == mean and mean != float("inf") else 0.0
+
+
+class MeanSquaredError(InverseLoss):
+    name = "mse"
+
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        return F.mse_loss(out, y)
+
+    def score_sum(self, out: Tensor, y: Tensor) -> Tensor:
+        return F.mse_loss(out, y, reduction="sum")
+
+
+class ModelValue(InverseLoss):
+    """The child's output is the loss itself (Rosenbrock): the batch is ignored."""
+
+    name = "value"
+
+    def loss(self, out: Tensor, y: Tensor) -> Tensor:
+        return out
+
+    def score_sum(self, out: Tensor, y: Tensor) -> Tensor:
+        return out * len(y)   # the same value for every example: the mean is f(w)

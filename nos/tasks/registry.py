@@ -1,0 +1,168 @@
+"""The built-in tasks by name: `get_task("digits")`, `get_task("fashion-mnist", train_size=10000)`.
+
+Options every task takes: device, train_size (subsample the training split),
+batch_size, lrs, sweep_epochs, epochs, split_seed. Image tasks also take
+data_dir, download (False: fail at once when the files are missing) and
+val_size; the bundled and synthetic tasks accept data_dir and ignore it, so
+one command line serves every task. Data is read from disk once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import os
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from . import children, data
+from .base import PAPER_LRS, Splits, Task
+from .objectives import Accuracy, MeanSquaredError, ModelValue
+
+
+class UnknownTask(ValueError):
+    """No task of that name."""
+
+
+def _split(x: Tensor, y: Tensor, val_size: int, train_size: int | None, split_seed: int) -> tuple[Tensor, ...]:
+    """Validation from the end of a seeded shuffle, training from the start (subsampled to train_size)."""
+    if not 0 < val_size < len(x):
+        raise ValueError(f"val_size must be between 1 and {len(x) - 1}, got {val_size}")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(split_seed))
+    available = len(x) - val_size
+    if train_size is not None and not 0 < train_size <= available:
+        raise ValueError(f"train_size must be between 1 and {available}, got {train_size}")
+    train = order[:train_size or available]
+    val = order[available:]
+    return x[train], y[train], x[val], y[val]
+
+
+def _splits(arrays: tuple[Tensor, ...], device: torch.device, channels_last: bool = False) -> Splits:
+    def place(t: Tensor) -> Tensor:
+        t = t.to(device)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t.contiguous()
+    return Splits(*(place(t) for t in arrays))
+
+
+def _device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device here")
+    return device
+
+
+# Reading and decompressing files is the slow part of building a task: once per process.
+_fashion_mnist = functools.lru_cache(maxsize=2)(data.load_fashion_mnist)
+_cifar10 = functools.lru_cache(maxsize=2)(data.load_cifar10)
+_digits = functools.lru_cache(maxsize=1)(data.load_digits_arrays)
+
+
+# -- the tasks -----------------------------------------------------------------
+def digits(*, device: torch.device, data_dir=None, train_size: int | None = None, val_size: int = 300, test_size: int = 297,
+           hidden: int = 64, split_seed: int = 0, **protocol: Any) -> Task:
+    """scikit-learn's 1,797 bundled 8x8 digits: 1,200 train, 300 validation, 297 test; an MLP child.
+
+    Calibrated (batch 16, 64 hidden units: 75 steps an epoch) so a full
+    evaluation takes about a second on one CPU thread, while SGD, Adam,
+    PowerSign and random rules still end at different rewards.
+    """
+    x, y = _digits()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(split_seed))
+    test, rest = order[:test_size], order[test_size:]
+    arrays = _split(x[rest], y[rest], val_size, train_size, split_seed) + (x[test], y[test])
+    protocol.setdefault("batch_size", 16)
+    return Task("digits", _splits(arrays, device), lambda: children.digits_mlp(hidden), Accuracy(),
+                device=device, **protocol)
+
+
+def _image_task(name: str, load: Callable[..., tuple[Tensor, ...]], *, device: torch.device,
+                data_dir: str | os.PathLike | None, download: bool, train_size: int | None, val_size: int,
+                split_seed: int, **protocol: Any) -> Task:
+    train_x, train_y, test_x, test_y = load(str(data_dir) if data_dir is not None else None, download)
+    arrays = _split(train_x, train_y, val_size, train_size, split_seed) + (test_x, test_y)
+    channels, side = train_x.shape[1], train_x.shape[2]
+    # channels_last halves the CPU step of the conv child (oneDNN's NHWC kernels); on CUDA cuDNN picks its own.
+    channels_last = device.type == "cpu"
+    protocol.setdefault("batch_size", 128)
+    return Task(name, _splits(arrays, device, channels_last), lambda: children.paper_convnet(channels, side),
+                Accuracy(), device=device, channels_last=channels_last, **protocol)
+
+
+def fashion_mnist(*, device: torch.device, data_dir=None, download: bool = True, train_size: int | None = None,
+                  val_size: int = 5000, split_seed: int = 0, **protocol: Any) -> Task:
+    """Fashion-MNIST: 55,000 train (or train_size), 5,000 validation, the 10,000 test images; the paper's child."""
+    return _image_task("fashion-mnist", _fashion_mnist, device=device, data_dir=data_dir, download=download,
+                       train_size=train_size, val_size=val_size, split_seed=split_seed, **protocol)
+
+
+def cifar10(*, device: torch.device, data_dir=None, download: bool = True, train_size: int | None = None,
+            val_size: int = 5000, split_seed: int = 0, **protocol: Any) -> Task:
+    """CIFAR-10: 45,000 train (or train_size), 5,000 validation, the 10,000 test images; the paper's child."""
+    return _image_task("cifar10", _cifar10, device=device, data_dir=data_dir, download=download,
+                       train_size=train_size, val_size=val_size, split_seed=split_seed, **protocol)
+
+
+def quadratic(*, device: torch.device, data_dir=None, train_size: int | None = None, dim: int = 20,
+              condition: float = 100.0, noise: float = 0.1, split_seed: int = 0, **protocol: Any) -> Task:
+    """Noisy linear regression, so a convex quadratic loss; score 1 / (1 + validation MSE).
+
+    Feature scales run from 1 to sqrt(condition): the loss's Hessian has that
+    condition number, which separates adaptive rules from plain SGD.
+    """
+    gen = torch.Generator().manual_seed(split_seed)
+    n = (train_size or 2048) + 1024
+    x = torch.randn(n, dim, generator=gen) * torch.logspace(0, 0.5 * math.log10(condition), dim)
+    y = x @ torch.randn(dim, generator=gen) + noise * torch.randn(n, generator=gen)
+    arrays = _split(x[:-512], y[:-512], 512, train_size, split_seed) + (x[-512:], y[-512:])
+    protocol.setdefault("batch_size", 64)
+    return Task("quadratic", _splits(arrays, device), lambda: children.LinearRegression(dim), MeanSquaredError(),
+                device=device, **protocol)
+
+
+def rosenbrock(*, device: torch.device, data_dir=None, train_size: int | None = None, dim: int = 2, split_seed: int = 0,
+               **protocol: Any) -> Task:
+    """The Rosenbrock function from (-1.2, 1); score 1 / (1 + f(w)). An epoch is train_size steps (default 100).
+
+    There is no data: the examples are placeholders that only set the number
+    of steps, and every step sees the exact function (no noise).
+    """
+    steps = train_size or 100
+    placeholder = (torch.zeros(steps, 1), torch.zeros(steps), torch.zeros(1, 1), torch.zeros(1),
+                   torch.zeros(1, 1), torch.zeros(1))
+    protocol.setdefault("batch_size", 1)
+    return Task("rosenbrock", _splits(placeholder, device), lambda: children.Rosenbrock(dim), ModelValue(),
+                device=device, **protocol)
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "digits": digits,
+    "fashion-mnist": fashion_mnist,
+    "cifar10": cifar10,
+    "quadratic": quadratic,
+    "rosenbrock": rosenbrock,
+}
+
+
+def get_task(name: str, *, device: str | torch.device = "cpu", lrs=None, **options: Any) -> Task:
+    """The task `name` built with `options` (see the module doc); UnknownTask lists the names."""
+    key = name.strip().lower().replace("_", "-")
+    if key not in TASKS:
+        raise UnknownTask(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    options = {k: v for k, v in options.items() if v is not None}
+    if lrs is not None:
+        options["lrs"] = tuple(float(lr) for lr in lrs)
+    builder = TASKS[key]
+    task = builder(device=_device(device), **options)
+    # Record the defaults too, so the config key changes if a default does.
+    bound = inspect.signature(builder).bind(device=task.device, **options)
+    bound.apply_defaults()
+    full = {**bound.arguments.pop("protocol", {}), **bound.arguments}
+    task.options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in full.items()
+                    if k not in ("device", "data_dir", "download")}
+    return task
+
+
+__all__ = ["PAPER_LRS", "TASKS", "UnknownTask", "get_task"]

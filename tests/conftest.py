@@ -1,0 +1,84 @@
+"""Shared test helpers. Tests use real services; see `unavailable`."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# The test models are tiny: one thread is faster than two fighting over two cores.
+torch.set_num_threads(1)
+
+# .ci/run sets this: there a missing PostgreSQL, Redis or data file is a failure, not a skip.
+REQUIRE_SERVICES = os.environ.get("NOS_REQUIRE_SERVICES") == "1"
+
+
+def unavailable(what: str, reason: str) -> None:
+    """Skip the test outside CI when `what` cannot be reached; fail it under CI."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{what} is required (NOS_REQUIRE_SERVICES=1) but {reason}", pytrace=False)
+    pytest.skip(f"{what} not available: {reason}")
+
+
+# --- Storage (nos.store): one fresh database per test, on SQLite and on PostgreSQL ---
+
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+# An existing PostgreSQL database the tests may create and drop schemas in.
+PG_ADMIN_URL = os.environ.get("NOS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_admin():
+    import psycopg
+
+    try:
+        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        unavailable("PostgreSQL", f"{PG_ADMIN_URL} does not answer: {str(exc).strip().splitlines()[0]}")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """URL of an empty PostgreSQL schema of its own (via search_path), dropped afterwards."""
+    admin = _pg_admin()
+    schema = f"nos_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        admin.execute("SET lock_timeout = '20s'")
+        admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    """URL of a SQLite file that does not exist yet."""
+    return f"sqlite:///{tmp_path / 'nos.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request) -> str:
+    """An empty database (no schema), once on SQLite and once on PostgreSQL."""
+    return request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "pg_url"}[request.param])
+
+
+@pytest.fixture
+def migrated_url(db_url) -> str:
+    """`db_url` after `nos db upgrade`."""
+    from nos.store import resolve_url, upgrade
+
+    upgrade(resolve_url(db_url))
+    return db_url
+
+
+@pytest.fixture
+def store(migrated_url):
+    """An open Store on a freshly migrated database."""
+    from nos.store import open_store
+
+    opened = open_store(migrated_url)
+    yield opened
+    opened.dispose()

@@ -1,0 +1,211 @@
+"""SymbolicOptimizer: a real torch.optim.Optimizer."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+from nos.optim import BUILTINS, SymbolicOptimizer
+from nos.rules import RuleSyntaxError
+
+from rule_strategies import trees
+
+PAPER_RULES = [
+    "g * exp(sign(g) * sign(m))",
+    "(1 + sign(g) * sign(m)) * g",
+    "clip(m, 1e-4) * exp(v)",
+    "drop(m, 0.3) * exp(1e-3*w)",
+    "adam * exp(sign(g) * sign(m))",
+    "g - clip(g^2, 1e-4)",
+]
+
+
+def small_convnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10),
+    )
+
+
+DATA = torch.Generator().manual_seed(1)
+X = torch.randn(32, 1, 8, 8, generator=DATA)
+Y = torch.randint(0, 10, (32,), generator=DATA)
+
+
+def loss_of(model: torch.nn.Module) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(model(X), Y)
+
+
+def train(model, opt, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_of(model)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize(
+    ("rule", "reference"),
+    [
+        ("g", lambda ps: torch.optim.SGD(ps, lr=0.05)),
+        ("adam", lambda ps: torch.optim.Adam(ps, lr=0.05)),
+    ],
+)
+@pytest.mark.parametrize("foreach", [True, False])
+def test_reproduces_torch_sgd_and_adam(rule, reference, foreach):
+    ours, theirs = small_convnet(), small_convnet()
+    train(theirs, reference(theirs.parameters()), 100)
+    train(ours, SymbolicOptimizer(ours.parameters(), rule, lr=0.05, foreach=foreach), 100)
+    a, b = flat(ours), flat(theirs)
+    assert ((a - b).abs().max() / b.abs().max()).item() < 1e-6
+
+
+def test_state_only_for_what_the_rule_reads():
+    model = small_convnet()
+    n = len(list(model.parameters()))
+    for rule, buffers in [("sgd", set()), ("powersign", {"exp_avg"}), ("adam", {"exp_avg", "exp_avg_sq"}),
+                          ("gamma * g", {"exp_avg_cube"}), ("rmsprop", {"exp_avg_sq"})]:
+        opt = SymbolicOptimizer(model.parameters(), rule, lr=0.0)
+        train(model, opt, 1)
+        assert len(opt.state) == n
+        for state in opt.state.values():
+            assert set(state) - {"step"} == buffers
+
+
+@pytest.mark.parametrize("rule", ["powersign", "adam", "drop(m, 0.3) * exp(1e-3*w) + eps_t", "addsign-cd"])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_resume_from_state_dict_follows_the_same_trajectory(rule, foreach):
+    straight = small_convnet()
+    opt = SymbolicOptimizer(straight.parameters(), rule, lr=0.01, total_steps=40, seed=5, foreach=foreach)
+    train(straight, opt, 40)
+
+    first = small_convnet()
+    opt1 = SymbolicOptimizer(first.parameters(), rule, lr=0.01, total_steps=40, seed=5, foreach=foreach)
+    train(first, opt1, 20)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)   # no pickle needed
+
+    resumed = small_convnet()
+    resumed.load_state_dict(saved["model"])
+    opt2 = SymbolicOptimizer(resumed.parameters(), rule, lr=0.01, total_steps=40, seed=999, foreach=foreach)
+    opt2.load_state_dict(saved["opt"])
+    train(resumed, opt2, 20)
+    assert torch.equal(flat(resumed), flat(straight))
+
+
+def test_state_dict_of_another_rule_is_refused():
+    model = small_convnet()
+    opt = SymbolicOptimizer(model.parameters(), "powersign", lr=0.01)
+    train(model, opt, 2)
+    other = SymbolicOptimizer(model.parameters(), "addsign", lr=0.01)
+    with pytest.raises(ValueError, match="saved for rule"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_param_groups_closure_and_zero_grad():
+    model = small_convnet()
+    conv, rest = list(model[0].parameters()), [p for m in list(model)[1:] for p in m.parameters()]
+    opt = SymbolicOptimizer([{"params": conv, "lr": 0.0}, {"params": rest}], "powersign", lr=0.05)
+    conv_before = [p.detach().clone() for p in conv]
+    rest_before = [p.detach().clone() for p in rest]
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and torch.isfinite(loss)
+    assert all(torch.equal(a, b) for a, b in zip(conv, conv_before))   # lr 0 group did not move
+    assert any(not torch.equal(a, b) for a, b in zip(rest, rest_before))
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_parameters_without_gradients_are_left_alone():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = SymbolicOptimizer([a, b], "adam", lr=0.1)
+    (a * 2).sum().backward()
+    opt.step()
+    assert not torch.equal(a, torch.ones(3)) and torch.equal(b.detach(), torch.ones(3))
+    assert b not in opt.state
+
+
+def test_sparse_gradients_are_refused():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = SymbolicOptimizer(emb.parameters(), "powersign", lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_schedules_need_a_horizon():
+    with pytest.raises(ValueError, match="total_steps"):
+        SymbolicOptimizer(small_convnet().parameters(), "powersign-ld", lr=0.1)
+    SymbolicOptimizer(small_convnet().parameters(), "powersign-ld", lr=0.1, total_steps=100)
+
+
+def test_bad_arguments():
+    with pytest.raises(RuleSyntaxError):
+        SymbolicOptimizer(small_convnet().parameters(), "g * exp(", lr=0.1)
+    with pytest.raises(ValueError, match="learning rate"):
+        SymbolicOptimizer(small_convnet().parameters(), "g", lr=-1.0)
+
+
+def test_overflowing_rule_gives_non_finite_weights_not_an_error():
+    model = small_convnet()
+    opt = SymbolicOptimizer(model.parameters(), "exp(exp(100 * g))", lr=1.0)
+    train(model, opt, 3)
+    assert not torch.isfinite(flat(model)).all()
+    opt = SymbolicOptimizer(small_convnet().parameters(), "exp(exp(exp(2))) * 1e30", lr=10.0)
+    train(small_convnet(), opt, 1)   # a number too big for float32 is inf, not a crash
+
+
+@pytest.mark.parametrize("rule", PAPER_RULES + sorted(BUILTINS))
+def test_paper_rules_and_builtins_train(rule):
+    best = min(
+        train(model := small_convnet(), SymbolicOptimizer(model.parameters(), rule, lr=lr, total_steps=30, seed=0), 30)[-1]
+        for lr in (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    )
+    assert best < loss_of(small_convnet()).item() - 0.05
+
+
+@given(tree=trees(max_leaves=8, deterministic=True))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_foreach_step_equals_per_tensor_step(tree):
+    """The fused foreach update (root peeling, addcmul/addcdiv, scratch reuse) against plain ops."""
+    results = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+        opt = SymbolicOptimizer(params, tree, lr=0.01, total_steps=10, foreach=foreach)
+        for step in range(3):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step * 10 + i))
+            opt.step()
+        results.append(torch.cat([p.detach().flatten() for p in params]))
+    fast, plain = results
+    finite = torch.isfinite(fast) & torch.isfinite(plain)
+    torch.testing.assert_close(fast[finite], plain[finite], rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_step_matches_eager():
+    eager, compiled = small_convnet(), small_convnet()
+    train(eager, SymbolicOptimizer(eager.parameters(), "powersign-ld", lr=0.01, total_steps=6), 6)
+    opt = SymbolicOptimizer(compiled.parameters(), "powersign-ld", lr=0.01, total_steps=6, compile=True)
+    train(compiled, opt, 6)
+    torch.testing.assert_close(flat(compiled), flat(eager), rtol=1e-5, atol=1e-6)

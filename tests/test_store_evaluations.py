@@ -1,0 +1,223 @@
+"""An evaluation's life in the store: enqueue, claim, heartbeat, commit, fail, requeue; runs, rules, checkpoints."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from store_helpers import LRS, RULES, new_run_with_batch, result
+
+from nos.rules import parse
+from nos.store import (
+    EvaluationResult, NewEvaluation, RuleRecord, batch_evaluations, claim, commit_result, create_run,
+    enqueue_batch, fail, find_cached, find_rule, get_evaluation, get_or_create_rules, get_run, heartbeat,
+    latest_checkpoint, requeue_stale, save_checkpoint, set_run_status, trials_of, unfinished_ids, utcnow,
+)
+
+STALE = timedelta(minutes=5)
+
+
+def row(store, evaluation_id):
+    with store.reading() as session:
+        return get_evaluation(session, evaluation_id)
+
+
+def test_a_batch_is_queued_in_seq_order(store):
+    run_id, ids = new_run_with_batch(store)
+    with store.transaction() as session:
+        more = enqueue_batch(session, run_id, 1, [NewEvaluation(get_evaluation(session, ids[0]).rule_id, "digits", "k1")])
+    with store.reading() as session:
+        first = batch_evaluations(session, run_id, 0)
+        second = batch_evaluations(session, run_id, 1)
+    assert [e.id for e in first] == ids
+    assert [e.seq for e in first] == list(range(len(RULES)))
+    assert [(e.seq, e.id) for e in second] == [(len(RULES), more[0])]
+    assert {e.status for e in first} == {"queued"} and {e.attempts for e in first} == {0}
+
+
+def test_a_full_life_claim_heartbeat_commit(store):
+    _, ids = new_run_with_batch(store)
+    with store.transaction() as session:
+        attempt = claim(session, ids[0], "host:1", STALE)
+    assert attempt == 1
+    with store.transaction() as session:
+        assert heartbeat(session, ids[0], attempt)
+        assert commit_result(session, ids[0], attempt, result(0.91))
+    e = row(store, ids[0])
+    assert (e.status, e.reward, e.test_acc, e.best_lr, e.attempts, e.worker) == ("done", 0.91, 0.89, 1e-3, 1, "host:1")
+    assert e.finished_at >= e.claimed_at
+    with store.reading() as session:
+        assert [t.lr for t in trials_of(session, ids[0])] == LRS
+
+
+def test_a_claimed_evaluation_cannot_be_claimed_again_while_fresh(store):
+    _, ids = new_run_with_batch(store)
+    with store.transaction() as session:
+        assert claim(session, ids[0], "a", STALE) == 1
+    with store.transaction() as session:
+        assert claim(session, ids[0], "b", STALE) is None
+    assert row(store, ids[0]).worker == "a"
+
+
+def test_a_stale_claim_is_retaken_and_the_old_attempt_is_refused(store):
+    _, ids = new_run_with_batch(store)
+    t0 = utcnow()
+    with store.transaction() as session:
+        assert claim(session, ids[0], "dead", STALE, now=t0) == 1
+    with store.transaction() as session:  # just before the heartbeat goes stale
+        assert claim(session, ids[0], "b", STALE, now=t0 + STALE) is None
+    with store.transaction() as session:
+        assert claim(session, ids[0], "b", STALE, now=t0 + STALE + timedelta(seconds=1)) == 2
+    before = row(store, ids[0])
+    with store.transaction() as session:
+        assert not heartbeat(session, ids[0], 1)
+        assert not commit_result(session, ids[0], 1, result(0.99))
+        assert not fail(session, ids[0], 1, "boom")
+    after = row(store, ids[0])
+    assert (after.status, after.worker, after.reward, after.heartbeat_at) == ("running", "b", None, before.heartbeat_at)
+    with store.reading() as session:
+        assert trials_of(session, ids[0]) == []
+    with store.transaction() as session:
+        assert commit_result(session, ids[0], 2, result(0.5))
+    assert row(store, ids[0]).reward == 0.5
+
+
+def test_a_result_counts_once(store):
+    _, ids = new_run_with_batch(store)
+    with store.transaction() as session:
+        attempt = claim(session, ids[0], "a", STALE)
+        assert commit_result(session, ids[0], attempt, result(0.7))
+    with store.transaction() as session:
+        assert not commit_result(session, ids[0], attempt, result(0.8, tag=1))
+        assert claim(session, ids[0], "b", timedelta(0)) is None  # finished rows are never retaken
+    assert row(store, ids[0]).reward == 0.7
+    with store.reading() as session:
+        assert len(trials_of(session, ids[0])) == len(LRS)
+
+
+def test_a_diverged_result_and_a_failure(store):
+    _, ids = new_run_with_batch(store)
+    with store.transaction() as session:
+        a = claim(session, ids[0], "w", STALE)
+        b = claim(session, ids[1], "w", STALE)
+        assert commit_result(session, ids[0], a, result(0.0, diverged=True))
+        assert fail(session, ids[1], b, "RuntimeError: out of memory")
+    assert row(store, ids[0]).status == "diverged"
+    failed = row(store, ids[1])
+    assert (failed.status, failed.error, failed.reward) == ("failed", "RuntimeError: out of memory", None)
+
+
+def test_the_same_learning_rate_cannot_be_stored_twice(store):
+    _, ids = new_run_with_batch(store)
+    doubled = result(0.5)
+    doubled = EvaluationResult(**{**doubled.__dict__, "trials": [*doubled.trials, doubled.trials[0]]})
+    with store.transaction() as session:
+        attempt = claim(session, ids[0], "w", STALE)
+    with pytest.raises(sa.exc.IntegrityError):
+        with store.transaction() as session:
+            commit_result(session, ids[0], attempt, doubled)
+    assert row(store, ids[0]).status == "running"  # the whole commit rolled back
+
+
+def test_seq_is_unique_within_a_run(store):
+    run_id, ids = new_run_with_batch(store)
+    e = row(store, ids[0])
+    with pytest.raises(sa.exc.IntegrityError):
+        with store.transaction() as session:
+            session.execute(sa.insert(type(e).__table__).values(
+                run_id=run_id, rule_id=e.rule_id, batch=9, seq=e.seq, task="digits", task_key="k", status="queued",
+                attempts=0, created_at=utcnow()))
+
+
+def test_max_attempts_stops_retaking(store):
+    _, ids = new_run_with_batch(store)
+    t = utcnow()
+    for attempt in (1, 2):
+        with store.transaction() as session:
+            assert claim(session, ids[0], "w", STALE, max_attempts=2, now=t) == attempt
+        t += STALE * 2
+    with store.transaction() as session:
+        assert claim(session, ids[0], "w", STALE, max_attempts=2, now=t) is None
+
+
+def test_requeue_stale_requeues_or_gives_up(store):
+    run_id, ids = new_run_with_batch(store)
+    t0 = utcnow()
+    with store.transaction() as session:
+        claim(session, ids[0], "dead", STALE, now=t0)            # attempt 1, stale later
+        claim(session, ids[1], "dead", STALE, now=t0)
+        claim(session, ids[1], "dead", STALE, now=t0 + 2 * STALE)  # attempt 2
+        claim(session, ids[2], "alive", STALE, now=t0 + 3 * STALE)  # fresh
+    with store.transaction() as session:
+        sweep = requeue_stale(session, run_id, STALE, max_attempts=2, now=t0 + 3 * STALE + timedelta(seconds=1))
+    assert (sweep.requeued, sweep.abandoned) == ([ids[0]], [ids[1]])
+    assert (row(store, ids[0]).status, row(store, ids[0]).worker) == ("queued", None)
+    assert row(store, ids[1]).status == "failed" and "gave up after 2 attempts" in row(store, ids[1]).error
+    assert row(store, ids[2]).status == "running"
+    with store.transaction() as session:
+        assert not heartbeat(session, ids[0], 1)  # the dead worker's ticket is void
+        assert claim(session, ids[0], "new", STALE) == 2
+        assert unfinished_ids(session, run_id) == sorted([ids[0], ids[2], *ids[3:]])
+
+
+def test_cached_evaluations_copy_a_scored_result(store):
+    run_id, ids = new_run_with_batch(store)
+    with store.transaction() as session:
+        attempt = claim(session, ids[2], "w", STALE)
+        commit_result(session, ids[2], attempt, result(0.93))
+    with store.transaction() as session:
+        rule_id = get_evaluation(session, ids[2]).rule_id
+        assert find_cached(session, rule_id, "k1").id == ids[2]
+        assert find_cached(session, rule_id, "other-task-config") is None
+        source = find_cached(session, rule_id, "k1")
+        [copy] = enqueue_batch(session, run_id, 1, [NewEvaluation(rule_id, "digits", "k1", cached_from=source.id)])
+    e = row(store, copy)
+    assert (e.status, e.reward, e.test_acc, e.cached_from) == ("cached", 0.93, 0.91, ids[2])
+    with pytest.raises(ValueError, match="has no result"):
+        with store.transaction() as session:
+            enqueue_batch(session, run_id, 2, [NewEvaluation(rule_id, "digits", "k1", cached_from=ids[3])])
+
+
+def test_rules_are_stored_once_by_canonical_text(store):
+    trees = [parse("g*exp(sign(g)*sign(m))"), parse("g * exp(sign(g) * sign(m))"), parse("adam")]
+    with store.transaction() as session:
+        first = get_or_create_rules(session, [RuleRecord.from_tree(t) for t in trees])
+    with store.transaction() as session:
+        again = get_or_create_rules(session, [RuleRecord.from_tree(trees[2], fingerprint="f1")])
+        stored = find_rule(session, "g * exp(sign(g) * sign(m))")
+    assert first[0] == first[1] != first[2] and again == [first[2]]
+    assert (stored.depth, stored.tokens[:2], len(stored.hash)) == (2, [0, 0], 16)
+
+
+def test_run_status_moves_and_finishes(store):
+    with store.transaction() as session:
+        run_id = create_run(session, "search", "digits", {"budget": 100})
+        set_run_status(session, run_id, "stopped")
+    with store.reading() as session:
+        run = get_run(session, run_id)
+        assert run.status == "stopped" and run.finished_at is not None
+    with store.transaction() as session:
+        set_run_status(session, run_id, "running")  # resumed
+        with pytest.raises(ValueError, match="unknown run status"):
+            set_run_status(session, run_id, "paused")
+        with pytest.raises(LookupError):
+            set_run_status(session, run_id + 1, "failed")
+    with store.reading() as session:
+        run = get_run(session, run_id)
+        assert run.status == "running" and run.finished_at is None
+
+
+def test_checkpoints_keep_json_and_bytes_and_the_latest_wins(store):
+    with store.transaction() as session:
+        run_id = create_run(session, "search", "digits", {})
+        assert latest_checkpoint(session, run_id) is None
+        save_checkpoint(session, run_id, 1, {"baseline": 0.5}, {"python": [3, [1, 2], None]})
+        save_checkpoint(session, run_id, 2, {"baseline": 0.6}, {"python": [3, [4, 5], None]}, blob=b"\x00\xffweights")
+    with store.reading() as session:
+        latest = latest_checkpoint(session, run_id)
+    assert (latest.step, latest.state, latest.rng_state, latest.blob) == (
+        2, {"baseline": 0.6}, {"python": [3, [4, 5], None]}, b"\x00\xffweights")
+    with pytest.raises(sa.exc.IntegrityError):
+        with store.transaction() as session:
+            save_checkpoint(session, run_id, 2, {}, {})
