@@ -1,0 +1,71 @@
+"""The Searcher interface: propose rules, observe their rewards, save and restore state."""
+
+from __future__ import annotations
+
+import io
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from nos.rules import Node, from_tokens, to_text
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One sampled rule: its controller tokens and the tree they decode to."""
+
+    tokens: tuple[int, ...]
+    tree: Node
+
+    @property
+    def text(self) -> str:
+        return to_text(self.tree)
+
+
+class Searcher(ABC):
+    """What the driver needs of a search strategy.
+
+    `observe` gets the tokens of proposals together with their rewards, not
+    the proposal objects: after a crash the driver rebuilds them from the
+    database and a searcher restored from its checkpoint must learn the same.
+    """
+
+    name: str
+
+    def __init__(self, depth: int, seed: int):
+        if depth not in (1, 2, 3):
+            raise ValueError(f"depth must be 1, 2 or 3, got {depth}")
+        self.depth = depth
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @abstractmethod
+    def propose(self, n: int) -> list[Proposal]: ...
+
+    @abstractmethod
+    def observe(self, tokens: Sequence[Sequence[int]], rewards: Sequence[float]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "depth": self.depth, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name or state.get("depth") != self.depth:
+            raise ValueError(f"checkpoint is of searcher {state.get('name')!r} depth {state.get('depth')}, "
+                             f"not {self.name!r} depth {self.depth}")
+        self.generator.set_state(state["generator"])
+
+    def _proposals(self, token_rows: torch.Tensor) -> list[Proposal]:
+        rows = [tuple(int(t) for t in row) for row in token_rows]
+        return [Proposal(row, from_tokens(row, self.depth)) for row in rows]
+
+
+def state_to_bytes(state: dict[str, Any]) -> bytes:
+    """A searcher state as bytes that `state_from_bytes` reads back without unpickling code."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def state_from_bytes(data: bytes) -> dict[str, Any]:
+    return torch.load(io.BytesIO(data), weights_only=True)
