@@ -7,7 +7,9 @@ import click
 from .db import db_group
 from .demo import demo_command
 from .evaluate import eval_command
+from .results import leaderboard_command, runs_command, show_command, status_command
 from .rules import rule_group
+from .search import enqueue_command, resume_command, stop_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,6 +27,9 @@ cli.add_command(demo_command)
 # Subcommands of later modules register here, one line each.
 cli.add_command(eval_command)
 cli.add_command(db_group)
+for command in (enqueue_command, resume_command, stop_command, runs_command, status_command,
+                leaderboard_command, show_command):
+    cli.add_command(command)
 
 
 def main() -> None:

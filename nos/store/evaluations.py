@@ -206,6 +206,26 @@ def requeue_stale(session: Session, run_id: int, stale_after: timedelta, max_att
     return StaleSweep(requeued=sorted(requeued), abandoned=sorted(abandoned))
 
 
+def release_claims(session: Session, run_id: int, workers: Sequence[str], *, refund: bool = False) -> list[int]:
+    """Put back in the queue the run's evaluations that these workers hold; returns their ids.
+
+    For workers known to be gone: a local worker process that died, or all of
+    them when the driver stops cleanly. With `refund` the attempt is not
+    counted against max_attempts (a clean stop is no failure of the rule's).
+    """
+    if not workers:
+        return []
+    values = dict(status="queued", worker=None)
+    if refund:
+        values["attempts"] = evaluations.c.attempts - 1
+    return sorted(session.execute(
+        update(evaluations)
+        .where(evaluations.c.run_id == run_id, evaluations.c.status == "running",
+               evaluations.c.worker.in_(list(workers)))
+        .values(**values).returning(evaluations.c.id)
+    ).scalars().all())
+
+
 def get_evaluation(session: Session, evaluation_id: int) -> Evaluation | None:
     return session.get(Evaluation, evaluation_id)
 
@@ -244,5 +264,5 @@ def trials_of(session: Session, evaluation_id: int) -> list[LrTrial]:
 __all__ = [
     "EvaluationResult", "NewEvaluation", "StaleSweep", "TrialResult", "batch_evaluations",
     "claim", "commit_result", "enqueue_batch", "fail", "find_cached", "get_evaluation", "heartbeat",
-    "requeue_stale", "trials_of", "unfinished_ids",
+    "release_claims", "requeue_stale", "trials_of", "unfinished_ids",
 ]

@@ -1,0 +1,155 @@
+"""`nos runs`, `nos status`, `nos leaderboard`, `nos show`: read what searches found."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import asdict
+
+import click
+from rich.table import Table
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from nos.optim import resolve_rule
+from nos.rules import RuleSyntaxError, to_text
+from nos.store import get_run, leaderboard, list_runs, run_progress, trials_of, utcnow
+from nos.store.models import Evaluation, Rule
+
+from .console import console
+from .db import db_option, open_store_or_exit
+from .errors import UsageProblem
+
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
+    return str(value)
+
+
+def print_leaderboard(session: Session, top: int, run_id: int | None = None, task: str | None = None,
+                      fmt: str = "table") -> None:
+    rows = leaderboard(session, top, run_id=run_id, task=task)
+    if fmt == "json":
+        click.echo(json.dumps([asdict(r) for r in rows], indent=2))
+        return
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        fields = list(asdict(rows[0])) if rows else ["place", "rule_id", "rule", "reward"]
+        writer.writerow(fields)
+        for r in rows:
+            writer.writerow([asdict(r)[f] for f in fields])
+        return
+    table = Table(title="leaderboard" + (f" of run {run_id}" if run_id else "") + (f" on {task}" if task else ""))
+    for column in ("#", "rule id", "rule", "reward", "test acc", "best lr", "evals", "run", "task"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(str(r.place), str(r.rule_id), r.rule, _fmt(r.reward), _fmt(r.test_acc), _fmt(r.best_lr),
+                      str(r.evaluations), str(r.run_id), r.task)
+    console.print(table)
+
+
+@click.command("leaderboard")
+@click.option("--run", "run_id", type=int, help="Only this run.")
+@click.option("--task", help="Only this task.")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@db_option
+def leaderboard_command(run_id, task, top, fmt, db_url) -> None:
+    """The best rules by reward: over all runs, one run, or one task."""
+    store = open_store_or_exit(db_url)
+    with store.reading() as session:
+        if run_id is not None and get_run(session, run_id) is None:
+            raise UsageProblem(f"no run {run_id}; `nos runs` lists them")
+        print_leaderboard(session, top, run_id, task, fmt)
+
+
+@click.command("runs")
+@db_option
+def runs_command(db_url) -> None:
+    """List the runs with their progress."""
+    store = open_store_or_exit(db_url)
+    table = Table(title="runs")
+    for column in ("id", "name", "task", "searcher", "status", "evaluations", "best reward", "created"):
+        table.add_column(column)
+    with store.reading() as session:
+        for run in list_runs(session):
+            progress = run_progress(session, run.id)
+            table.add_row(str(run.id), run.name, run.task, str(run.config.get("searcher", "-")), run.status,
+                          f"{progress.finished}/{run.config.get('budget', '?')}", _fmt(progress.best_reward),
+                          run.created_at.strftime("%Y-%m-%d %H:%M"))
+    console.print(table)
+
+
+@click.command("status")
+@click.argument("run_id", type=int, required=False)
+@db_option
+def status_command(run_id, db_url) -> None:
+    """A run's counts by status and its evaluations in flight (default: the latest run)."""
+    store = open_store_or_exit(db_url)
+    with store.reading() as session:
+        if run_id is None:
+            runs = list_runs(session)
+            if not runs:
+                raise UsageProblem("no runs yet; start one with `nos enqueue`")
+            run_id = runs[-1].id
+        progress = run_progress(session, run_id)
+        if progress is None:
+            raise UsageProblem(f"no run {run_id}; `nos runs` lists them")
+        run = get_run(session, run_id)
+        console.print(f"run {run_id} ({progress.name}, {progress.task}): {progress.status}, "
+                      f"{progress.finished}/{run.config.get('budget', '?')} evaluations finished, "
+                      f"best reward {_fmt(progress.best_reward)}")
+        console.print("  " + ", ".join(f"{status} {n}" for status, n in progress.counts.items()))
+        in_flight = session.execute(
+            select(Evaluation, Rule.text).join(Rule, Rule.id == Evaluation.rule_id)
+            .where(Evaluation.run_id == run_id, Evaluation.status == "running").order_by(Evaluation.seq)).all()
+        if in_flight:
+            table = Table(title="in flight")
+            for column in ("evaluation", "seq", "rule", "worker", "attempt", "heartbeat age"):
+                table.add_column(column)
+            now = utcnow()
+            for e, text in in_flight:
+                age = "-" if e.heartbeat_at is None else f"{(now - e.heartbeat_at).total_seconds():.0f} s"
+                table.add_row(str(e.id), str(e.seq), text, e.worker or "-", str(e.attempts), age)
+            console.print(table)
+
+
+@click.command("show")
+@click.argument("rule")
+@db_option
+def show_command(rule, db_url) -> None:
+    """A rule's evaluations and learning-rate sweeps; RULE is a rule id or rule text."""
+    store = open_store_or_exit(db_url)
+    with store.reading() as session:
+        if rule.strip().isdigit():
+            found = session.get(Rule, int(rule))
+        else:
+            try:
+                text = to_text(resolve_rule(rule))
+            except RuleSyntaxError as exc:
+                raise UsageProblem(f"bad rule\n{exc}") from None
+            found = session.execute(select(Rule).where(Rule.text == text)).scalar_one_or_none()
+        if found is None:
+            raise UsageProblem(f"rule {rule!r} has not been evaluated in this database")
+        console.print(f"rule {found.id}: {found.text}   (depth {_fmt(found.depth)}, hash {found.hash})")
+        evaluations = session.execute(
+            select(Evaluation).where(Evaluation.rule_id == found.id).order_by(Evaluation.id)).scalars().all()
+        for e in evaluations:
+            console.print(f"\nevaluation {e.id}: run {e.run_id}, seq {e.seq}, {e.task}, {e.status}, "
+                          f"reward {_fmt(e.reward)}, test acc {_fmt(e.test_acc)}, best lr {_fmt(e.best_lr)}"
+                          + (f", cached from {e.cached_from}" if e.cached_from else "")
+                          + (f"\n  error: {e.error.strip().splitlines()[-1]}" if e.error else ""))
+            trials = trials_of(session, e.id)
+            if trials:
+                table = Table()
+                for column in ("lr", "val acc", "train loss", "diverged", "seconds"):
+                    table.add_column(column)
+                for t in trials:
+                    table.add_row(_fmt(t.lr), _fmt(t.val_acc), _fmt(t.train_loss), "yes" if t.diverged else "",
+                                  _fmt(t.wall_seconds, 2))
+                console.print(table)

@@ -1,0 +1,153 @@
+"""`nos enqueue`, `nos resume`, `nos stop`: start, continue and stop searches."""
+
+from __future__ import annotations
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from nos.config import ConfigError, SearchConfig
+from nos.driver import Driver, Progress as DriverProgress
+from nos.executors import LocalExecutor
+from nos.store import Store, StoreError, create_run, get_run, set_run_status, shown
+from nos.store.schema import schema_state, upgrade
+from nos.store.engine import resolve_url
+from nos.tasks import DataUnavailable, UnknownTask
+from nos.work import task_for
+
+from .console import console
+from .db import db_option, open_store_or_exit
+from .errors import UsageProblem
+from .results import print_leaderboard
+
+
+
+def _store_for_writing(db_url: str | None) -> Store:
+    """The store; a database with no nos schema yet (a new SQLite file) is created first."""
+    try:
+        url = resolve_url(db_url)
+        try:
+            fresh = schema_state(url).current is None
+        except StoreError as exc:
+            fresh = "no database at" in str(exc)
+            if not fresh:
+                raise
+        if fresh:
+            upgrade(url)
+            console.print(f"created database {shown(url)}")
+    except StoreError as exc:
+        raise UsageProblem(str(exc)) from None
+    return open_store_or_exit(db_url)
+
+
+def _check_task(config: SearchConfig) -> None:
+    """Load the task's data now, so a bad task fails before anything is written."""
+    try:
+        task_for(config, "cpu")
+    except (UnknownTask, DataUnavailable, ValueError, TypeError) as exc:
+        raise UsageProblem(str(exc)) from None
+
+
+def _drive(store: Store, run_id: int, config: SearchConfig) -> None:
+    columns = (TextColumn("run {task.fields[run]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("best reward {task.fields[best]}"), TimeElapsedColumn())
+    executor = None
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("search", total=config.budget, run=run_id, best="-")
+
+        def show(p: DriverProgress) -> None:
+            bar.update(task, completed=p.finished, best="-" if p.best_reward is None else f"{p.best_reward:.4f}")
+
+        try:
+            executor = LocalExecutor(store.url.render_as_string(hide_password=False), config.workers, config.device)
+            status = Driver(store, run_id, config, executor, on_progress=show).run()
+        except KeyboardInterrupt:   # before the driver took over: nothing is in flight
+            if executor is not None:
+                executor.close()
+            with store.transaction() as session:
+                set_run_status(session, run_id, "stopped")
+            status = "stopped"
+    if status == "stopped":
+        console.print(f"run {run_id} stopped; continue it with:  nos resume {run_id}")
+        return
+    if executor is not None:
+        executor.close()
+    console.print(f"run {run_id} completed")
+    with store.reading() as session:
+        print_leaderboard(session, top=10, run_id=run_id, fmt="table")
+
+
+@click.command("enqueue")
+@click.option("--task", help="Child task: digits (default), fashion-mnist, cifar10, quadratic, rosenbrock.")
+@click.option("--searcher", type=click.Choice(["ppo", "reinforce", "random"]), help="Search strategy [ppo].")
+@click.option("--budget", type=int, help="Evaluations in the run [200].")
+@click.option("--batch-size", type=int, help="Rules proposed per controller step [20].")
+@click.option("--depth", type=click.IntRange(1, 3), help="Rule depth: 1, 2 or 3 [2].")
+@click.option("--seed", type=int, help="Seeds the searcher and the children's initial weights [0].")
+@click.option("--workers", type=int, help="Local worker processes [number of cores].")
+@click.option("--device", help="Where children train: cpu, cuda, cuda:N [cpu].")
+@click.option("--name", help="A label for the run.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with the task's data files.")
+@click.option("--train-size", type=int, help="Subsample the training set to N examples.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML file with any of these keys (flags given on the command line win).")
+@db_option
+def enqueue_command(config_file, db_url, data_dir, train_size, **flags) -> None:
+    """Start a search and drive it in the foreground until its budget is spent.
+
+    Prints the RUN_ID first. Ctrl-C stops the run cleanly; `nos resume RUN_ID`
+    continues it.
+    """
+    try:
+        config = SearchConfig.load(config_file, **flags)
+        if data_dir is not None or train_size is not None:
+            options = dict(config.task_options)
+            options.update({k: v for k, v in (("data_dir", data_dir), ("train_size", train_size)) if v is not None})
+            config = SearchConfig.from_dict({**config.to_dict(), "task_options": options})
+    except ConfigError as exc:
+        raise UsageProblem(str(exc)) from None
+    _check_task(config)
+    store = _store_for_writing(db_url)
+    with store.transaction() as session:
+        run_id = create_run(session, config.label, config.task, config.to_dict())
+    console.print(f"RUN_ID {run_id}  ({config.label}: {config.searcher} on {config.task}, budget {config.budget}, "
+                  f"{config.workers} worker{'s' if config.workers != 1 else ''}, db {shown(store.url)})")
+    _drive(store, run_id, config)
+
+
+@click.command("resume")
+@click.argument("run_id", type=int)
+@db_option
+def resume_command(run_id: int, db_url: str | None) -> None:
+    """Continue a stopped (or crashed) run to its budget from its last checkpoint."""
+    store = open_store_or_exit(db_url)
+    with store.reading() as session:
+        run = get_run(session, run_id)
+        if run is None:
+            raise UsageProblem(f"no run {run_id} in {shown(store.url)}; `nos runs` lists them")
+        if run.status == "completed":
+            raise UsageProblem(f"run {run_id} is already completed; start a new one with `nos enqueue`")
+        try:
+            config = SearchConfig.from_dict(run.config)
+        except ConfigError as exc:
+            raise UsageProblem(f"run {run_id} has a config this nos cannot read: {exc}") from None
+    _check_task(config)
+    with store.transaction() as session:
+        set_run_status(session, run_id, "running")
+    console.print(f"resuming run {run_id} ({config.label})")
+    _drive(store, run_id, config)
+
+
+@click.command("stop")
+@click.argument("run_id", type=int)
+@db_option
+def stop_command(run_id: int, db_url: str | None) -> None:
+    """Ask a running search to stop; its driver stops cleanly within a second."""
+    store = open_store_or_exit(db_url)
+    with store.transaction() as session:
+        run = get_run(session, run_id)
+        if run is None:
+            raise UsageProblem(f"no run {run_id} in {shown(store.url)}; `nos runs` lists them")
+        if run.status != "running":
+            raise UsageProblem(f"run {run_id} is {run.status}, not running")
+        set_run_status(session, run_id, "stopping")
+    console.print(f"run {run_id}: stop requested")

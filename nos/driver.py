@@ -1,0 +1,166 @@
+"""The search loop of one run:
+
+    propose a batch -> store its rules, queued evaluations and a checkpoint in one
+    transaction -> dispatch the ids -> wait, reading rewards from the database ->
+    observe -> next batch, until the budget is spent.
+
+Checkpoint k is written with batch k: the searcher's state after proposing it
+(its generator included) and the batch's sampled token sequences. A driver
+that dies anywhere resumes from the latest checkpoint: if its batch is in the
+database it waits for that batch and observes it, exactly as the dead driver
+would have; if not (the final checkpoint) there is nothing left to do.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
+
+from sqlalchemy import func, select
+
+from .config import SearchConfig
+from .executors import Executor
+from .search import Searcher, make_searcher, state_from_bytes, state_to_bytes
+from .store import (
+    NewEvaluation, RuleRecord, Store, batch_evaluations, enqueue_batch, get_or_create_rules, get_run,
+    latest_checkpoint, requeue_stale, save_checkpoint, set_run_status,
+)
+from .store.evaluations import release_claims
+from .store.models import Evaluation
+from .work import task_for, task_key
+
+FINISHED = ("done", "diverged", "failed", "cached")
+POLL_SECONDS = 0.2
+
+
+@dataclass
+class Progress:
+    """What the driver tells its caller after each change: for progress bars."""
+
+    run_id: int
+    finished: int
+    budget: int
+    best_reward: float | None
+    batch: int
+
+
+class StopRequested(Exception):
+    """`nos stop` asked this run to stop."""
+
+
+class Driver:
+    def __init__(self, store: Store, run_id: int, config: SearchConfig, executor: Executor,
+                 on_progress: Callable[[Progress], None] | None = None):
+        self.store = store
+        self.run_id = run_id
+        self.config = config
+        self.executor = executor
+        self.on_progress = on_progress or (lambda progress: None)
+        # The driver only needs the task's configuration key; it loads the data on the CPU.
+        self.task = task_for(config, "cpu")
+        self.task_key = task_key(self.task, config.seed)
+        self.searcher: Searcher = make_searcher(config.searcher, config.depth, config.seed, **config.controller)
+        self.best: float | None = None
+
+    # -- the loop ----------------------------------------------------------------
+    def run(self) -> str:
+        """Drive the run to its budget; returns the run's final status (completed or stopped).
+
+        Ctrl-C (KeyboardInterrupt) and `nos stop` both leave a stopped, consistent run.
+        """
+        step, tokens = self._restore()
+        try:
+            while True:
+                batch = self._batch(step)
+                if not batch:
+                    if self._count() >= self.config.budget:
+                        break
+                    tokens = self._propose(step)
+                else:   # resumed in the middle of this batch
+                    self.executor.dispatch([e.id for e in batch if e.status == "queued"])
+                rewards = self._wait(step)
+                self.searcher.observe(tokens, rewards)
+                step += 1
+        except (KeyboardInterrupt, StopRequested):
+            self._stop()
+            return "stopped"
+        with self.store.transaction() as session:
+            save_checkpoint(session, self.run_id, step, {"batch": step, "tokens": []}, self._rng_state(),
+                            state_to_bytes(self.searcher.state_dict()))
+            set_run_status(session, self.run_id, "completed")
+        return "completed"
+
+    def _restore(self) -> tuple[int, list[list[int]]]:
+        with self.store.reading() as session:
+            checkpoint = latest_checkpoint(session, self.run_id)
+            if checkpoint is None:
+                return 0, []
+            self.searcher.load_state_dict(state_from_bytes(checkpoint.blob))
+            self.best = session.execute(
+                select(func.max(Evaluation.reward)).where(Evaluation.run_id == self.run_id)).scalar_one()
+            return checkpoint.step, checkpoint.state["tokens"]
+
+    def _propose(self, step: int) -> list[list[int]]:
+        n = min(self.config.batch_size, self.config.budget - self._count())
+        proposals = self.searcher.propose(n)
+        tokens = [list(p.tokens) for p in proposals]
+        with self.store.transaction() as session:
+            rule_ids = get_or_create_rules(session, [RuleRecord.from_tree(p.tree) for p in proposals])
+            ids = enqueue_batch(session, self.run_id, step,
+                                [NewEvaluation(rule_id, self.task.name, self.task_key) for rule_id in rule_ids])
+            save_checkpoint(session, self.run_id, step, {"batch": step, "tokens": tokens}, self._rng_state(),
+                            state_to_bytes(self.searcher.state_dict()))
+        self.executor.dispatch(ids)
+        return tokens
+
+    def _wait(self, step: int) -> list[float]:
+        """Block until batch `step` is finished; its rewards in seq order (0 for failures)."""
+        stale_after = timedelta(seconds=self.config.stale_after)
+        last = None
+        while True:
+            with self.store.transaction() as session:
+                if get_run(session, self.run_id).status == "stopping":
+                    raise StopRequested()
+                redo = release_claims(session, self.run_id, self.executor.dead_workers())
+                sweep = requeue_stale(session, self.run_id, stale_after, self.config.max_attempts)
+            self.executor.dispatch(redo + sweep.requeued)
+            with self.store.reading() as session:
+                batch = batch_evaluations(session, self.run_id, step)
+                finished = self._count(session, FINISHED)
+            rewards = [e.reward for e in batch if e.reward is not None]
+            if rewards:
+                self.best = max(rewards + ([self.best] if self.best is not None else []))
+            if finished != last:
+                last = finished
+                self.on_progress(Progress(self.run_id, finished, self.config.budget, self.best, step))
+            if all(e.status in FINISHED for e in batch):
+                return [e.reward if e.reward is not None else 0.0 for e in batch]
+            time.sleep(POLL_SECONDS)
+
+    def _stop(self) -> None:
+        """Leave a consistent run: no claim held by our own (now stopped) workers."""
+        names = getattr(self.executor, "worker_names", [])
+        self.executor.close()
+        with self.store.transaction() as session:
+            release_claims(session, self.run_id, names, refund=True)
+            set_run_status(session, self.run_id, "stopped")
+
+    # -- reading the run ---------------------------------------------------------
+    def _batch(self, step: int) -> list[Evaluation]:
+        with self.store.reading() as session:
+            return batch_evaluations(session, self.run_id, step)
+
+    def _count(self, session=None, statuses: tuple[str, ...] | None = None) -> int:
+        query = select(func.count()).select_from(Evaluation).where(Evaluation.run_id == self.run_id)
+        if statuses:
+            query = query.where(Evaluation.status.in_(statuses))
+        if session is not None:
+            return session.execute(query).scalar_one()
+        with self.store.reading() as session:
+            return session.execute(query).scalar_one()
+
+    def _rng_state(self) -> dict:
+        # The searcher's generator also travels inside the blob; here it is readable from SQL.
+        return {"searcher_generator": self.searcher.generator.get_state().numpy().tobytes().hex()}

@@ -1,0 +1,98 @@
+"""Where evaluations run: a pool of local worker processes (Celery comes behind the same interface).
+
+An executor only carries evaluation ids; every result travels through the
+database, so the driver does not care who trained what.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue as queue_module
+import signal
+import socket
+from typing import Iterable, Protocol
+
+
+class Executor(Protocol):
+    def dispatch(self, evaluation_ids: Iterable[int]) -> None: ...
+
+    def dead_workers(self) -> list[str]:
+        """Names of workers known to have died since the last call (their claims can be released)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None) -> None:
+    # Ctrl-C reaches the whole process group: the driver decides what stops, not each worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    from .store import open_store
+    from .work import run_evaluation, worker_name
+
+    torch.set_num_threads(1)   # one thread per process is fastest on a small machine (DESIGN.md)
+    store = open_store(db_url)
+    name = worker_name()
+    while True:
+        evaluation_id = ids.get()
+        if evaluation_id is None:
+            return
+        run_evaluation(store, evaluation_id, worker=name, device=device)
+
+
+class LocalExecutor:
+    """N worker processes on this machine, fed evaluation ids through a queue."""
+
+    def __init__(self, db_url: str, workers: int, device: str | None = None):
+        self._context = multiprocessing.get_context("spawn")   # no forked torch or database state
+        self._ids: multiprocessing.Queue = self._context.Queue()
+        self._args = (db_url, self._ids, device)
+        self._processes = [self._start() for _ in range(workers)]
+
+    def _start(self) -> multiprocessing.Process:
+        process = self._context.Process(target=_worker_main, args=self._args, daemon=True, name="nos-worker")
+        process.start()
+        return process
+
+    @property
+    def worker_names(self) -> list[str]:
+        host = socket.gethostname()
+        return [f"{host}:{p.pid}" for p in self._processes]
+
+    def dispatch(self, evaluation_ids: Iterable[int]) -> None:
+        for evaluation_id in evaluation_ids:
+            self._ids.put(evaluation_id)
+
+    def dead_workers(self) -> list[str]:
+        """Replace workers that died (killed, out of memory) and name the dead ones."""
+        host, dead = socket.gethostname(), []
+        for i, process in enumerate(self._processes):
+            if not process.is_alive():
+                dead.append(f"{host}:{process.pid}")
+                process.join(timeout=0)
+                self._processes[i] = self._start()
+        return dead
+
+    def close(self, wait: bool = False) -> None:
+        """Stop the workers: after their current evaluation (wait) or now."""
+        if wait:
+            for _ in self._processes:
+                self._ids.put(None)
+            for process in self._processes:
+                process.join()
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self._processes:
+            process.join(timeout=10)
+        self._drain()
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                self._ids.get_nowait()
+        except (queue_module.Empty, OSError, ValueError):
+            pass
+        self._ids.close()
+        self._ids.join_thread()

@@ -1,0 +1,128 @@
+"""Evaluate one evaluation id: the one function every worker runs, local process or Celery.
+
+1. claim it (one conditional UPDATE); if the claim fails, someone else has it;
+2. train, heartbeating from a side thread; a lost claim stops the training;
+3. commit the result only if this attempt still holds the claim.
+
+Tasks (their data) are built once per process and reused across evaluations.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import traceback
+from datetime import timedelta
+from typing import Any
+
+from .config import SearchConfig
+from .store import (
+    EvaluationResult as StoredResult, Store, TrialResult, claim, commit_result, fail, get_evaluation, get_run,
+    heartbeat,
+)
+from .store.models import Rule
+from .tasks import Task, evaluate_rule, get_task
+
+_TASKS: dict[str, Task] = {}
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def task_for(config: SearchConfig, device: str | None = None) -> Task:
+    """The run's task on `device` (default: the run's), built once per process."""
+    device = device or config.device
+    key = repr((config.task, sorted(config.task_options.items()), device))
+    if key not in _TASKS:
+        _TASKS[key] = get_task(config.task, device=device, **config.task_options)
+    return _TASKS[key]
+
+
+def task_key(task: Task, seed: int) -> str:
+    """What makes two evaluations of one rule interchangeable: the task's configuration and the seed."""
+    return f"{task.config_key()}-s{seed}"
+
+
+class ClaimLost(Exception):
+    """Another attempt took the evaluation (this worker's heartbeat was too late)."""
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, store: Store, evaluation_id: int, attempt: int, every: float):
+        super().__init__(daemon=True, name=f"heartbeat-{evaluation_id}")
+        self.store, self.evaluation_id, self.attempt, self.every = store, evaluation_id, attempt, every
+        self.stopped = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            try:
+                with self.store.transaction() as session:
+                    alive = heartbeat(session, self.evaluation_id, self.attempt)
+            except Exception:   # a busy or briefly unreachable database: try again next beat
+                continue
+            if not alive:
+                self.lost = True
+                return
+
+
+def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = None,
+                   device: str | None = None) -> str:
+    """Claim, train and commit one evaluation. Returns what happened:
+
+    "done" / "diverged" (committed), "failed" (the evaluation raised; stored),
+    "skipped" (not ours to take), "lost" (our claim was taken over; nothing written).
+    """
+    worker = worker or worker_name()
+    with store.transaction() as session:
+        evaluation = get_evaluation(session, evaluation_id)
+        if evaluation is None:
+            return "skipped"
+        config = SearchConfig.from_dict(get_run(session, evaluation.run_id).config)
+        rule_text = session.get(Rule, evaluation.rule_id).text
+        expected_key = evaluation.task_key
+        attempt = claim(session, evaluation_id, worker, timedelta(seconds=config.stale_after),
+                        max_attempts=config.max_attempts)
+    if attempt is None:
+        return "skipped"
+
+    beat = _Heartbeat(store, evaluation_id, attempt, config.heartbeat_every)
+    beat.start()
+    try:
+        task = task_for(config, device)
+        if task_key(task, config.seed) != expected_key:
+            raise RuntimeError(f"this worker's {config.task} task differs from the driver's "
+                               f"(key {task_key(task, config.seed)} != {expected_key}): check its data and options")
+
+        def check_claim(*_: Any) -> None:
+            if beat.lost:
+                raise ClaimLost()
+
+        result = evaluate_rule(rule_text, task, seed=config.seed, on_trial=check_claim)
+    except ClaimLost:
+        return "lost"
+    except Exception as exc:  # the evaluation's error is stored; the worker lives on
+        with store.transaction() as session:
+            fail(session, evaluation_id, attempt, _short_traceback(exc))
+        return "failed"
+    finally:
+        beat.stopped.set()
+        beat.join()
+
+    stored = StoredResult(
+        reward=result.reward, test_acc=result.test_acc, best_lr=result.best_lr, wall_seconds=result.wall_seconds,
+        diverged=result.diverged,
+        trials=[TrialResult(t.lr, t.val_acc, t.train_loss, t.diverged, t.wall_seconds) for t in result.trials],
+    )
+    with store.transaction() as session:
+        committed = commit_result(session, evaluation_id, attempt, stored)
+    if not committed:
+        return "lost"
+    return "diverged" if result.diverged else "done"
+
+
+def _short_traceback(exc: BaseException, limit: int = 2000) -> str:
+    text = "".join(traceback.format_exception(exc, limit=-4))
+    return text if len(text) <= limit else "..." + text[-limit:]

@@ -1,0 +1,203 @@
+"""The search loop end to end with real worker processes, killed drivers and resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from nos.config import SearchConfig
+from nos.driver import Driver
+from nos.executors import LocalExecutor
+from nos.search import make_searcher, state_from_bytes
+from nos.store import create_run, latest_checkpoint, open_store, resolve_url, upgrade
+from nos.store.models import Checkpoint, Evaluation, Rule, Run
+
+# A few tenths of a second per evaluation: long enough to kill a driver mid-batch.
+TINY = dict(task="digits", budget=12, batch_size=4, depth=1, workers=2, seed=3, stale_after=3.0,
+            heartbeat_every=1.0, task_options={"train_size": 300, "lrs": [0.01, 0.1], "epochs": 1})
+TINY_TOML = """
+task = "digits"
+budget = 12
+batch_size = 4
+depth = 1
+workers = 2
+seed = 3
+stale_after = 3.0
+heartbeat_every = 1.0
+
+[task_options]
+train_size = 300
+lrs = [0.01, 0.1]
+epochs = 1
+"""
+
+
+def nos(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nos.cli.main", *args], capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def start_nos(*args: str) -> subprocess.Popen:
+    # Its own process group, so a test can kill the driver together with its workers.
+    return subprocess.Popen([sys.executable, "-m", "nos.cli.main", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def run_rows(url: str, run_id: int) -> list[Evaluation]:
+    store = open_store(url)
+    with store.reading() as session:
+        rows = session.execute(select(Evaluation).where(Evaluation.run_id == run_id).order_by(Evaluation.seq)).scalars().all()
+    store.dispose()
+    return rows
+
+
+def rule_sequence(url: str, run_id: int) -> list[tuple[int, str, float]]:
+    store = open_store(url)
+    with store.reading() as session:
+        rows = session.execute(select(Evaluation.seq, Rule.text, Evaluation.reward).join(Rule)
+                               .where(Evaluation.run_id == run_id).order_by(Evaluation.seq)).all()
+    store.dispose()
+    return [tuple(r) for r in rows]
+
+
+def wait_for(predicate, timeout: float = 120, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def finished_count(url: str, run_id: int) -> int:
+    return sum(e.status in ("done", "diverged", "failed", "cached") for e in run_rows(url, run_id))
+
+
+@pytest.fixture
+def tiny_toml(tmp_path) -> str:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_TOML)
+    return str(path)
+
+
+def assert_complete(url: str, run_id: int, budget: int) -> None:
+    rows = run_rows(url, run_id)
+    assert [e.seq for e in rows] == list(range(budget))   # exactly budget, contiguous, no duplicates
+    assert all(e.status in ("done", "diverged") and e.reward is not None for e in rows)
+    store = open_store(url)
+    with store.reading() as session:
+        assert session.get(Run, run_id).status == "completed"
+    store.dispose()
+
+
+def test_driver_runs_a_search_to_its_budget(db_url):
+    upgrade(resolve_url(db_url))
+    store = open_store(db_url)
+    config = SearchConfig(**TINY)
+    with store.transaction() as session:
+        run_id = create_run(session, "t", config.task, config.to_dict())
+    executor = LocalExecutor(db_url, workers=2)
+    seen = []
+    try:
+        status = Driver(store, run_id, config, executor, on_progress=seen.append).run()
+    finally:
+        executor.close()
+    assert status == "completed"
+    assert_complete(db_url, run_id, 12)
+    assert seen[-1].finished == 12 and seen[-1].best_reward == max(e.reward for e in run_rows(db_url, run_id))
+    with store.reading() as session:
+        steps = session.execute(select(Checkpoint.step).where(Checkpoint.run_id == run_id)
+                                .order_by(Checkpoint.step)).scalars().all()
+        workers = {e.worker for e in run_rows(db_url, run_id)}
+    assert steps == [0, 1, 2, 3]   # one per batch, and the final one
+    assert len(workers) == 2       # both processes trained
+    store.dispose()
+
+
+def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml):
+    url = f"sqlite:///{tmp_path / 'killed.db'}"
+    reference = f"sqlite:///{tmp_path / 'straight.db'}"
+    assert nos("enqueue", "--config", tiny_toml, "--db", reference).returncode == 0
+
+    driver = start_nos("enqueue", "--config", tiny_toml, "--db", url)
+    wait_for(lambda: Path(url[len("sqlite:///"):]).exists() and _has_run(url))
+    finished = wait_for(lambda: finished_count(url, 1) >= 5 and finished_count(url, 1))
+    os.killpg(driver.pid, signal.SIGKILL)   # the driver and its workers, mid-run
+    driver.wait()
+    assert 0 < finished < 12
+    rows = run_rows(url, 1)
+    assert len(rows) < 12 or any(e.status in ("queued", "running") for e in rows)
+
+    store = open_store(url)
+    with store.reading() as session:
+        checkpoint = latest_checkpoint(session, 1)
+        saved_state, saved_step = state_from_bytes(checkpoint.blob), checkpoint.step
+    store.dispose()
+    restored = make_searcher("ppo", depth=1, seed=3)
+    restored.load_state_dict(saved_state)
+    assert same_state(restored.state_dict(), saved_state)   # the checkpoint restores completely
+    assert saved_step == max(e.batch for e in rows)
+
+    resumed = nos("resume", "1", "--db", url)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_complete(url, 1, 12)
+    # A crash changes nothing: the resumed run sampled and scored what the uninterrupted one did.
+    assert rule_sequence(url, 1) == rule_sequence(reference, 1)
+
+
+def _has_run(url: str) -> bool:
+    try:
+        store = open_store(url)
+    except Exception:
+        return False
+    try:
+        with store.reading() as session:
+            return session.get(Run, 1) is not None
+    finally:
+        store.dispose()
+
+
+def same_state(a, b) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("how", ["nos stop", "ctrl-c"])
+def test_stopping_leaves_a_consistent_run_that_resumes(tmp_path, tiny_toml, how):
+    url = f"sqlite:///{tmp_path / 'stopped.db'}"
+    driver = start_nos("enqueue", "--config", tiny_toml, "--db", url, "--budget", "40")
+    wait_for(lambda: _has_run(url) and finished_count(url, 1) >= 3)
+    if how == "nos stop":
+        stop = nos("stop", "1", "--db", url)
+        assert stop.returncode == 0, stop.stderr
+    else:
+        os.killpg(driver.pid, signal.SIGINT)   # what Ctrl-C in a terminal sends
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 0, out
+    assert "nos resume 1" in out
+    rows = run_rows(url, 1)
+    assert len(rows) < 40
+    assert not any(e.status == "running" for e in rows)   # no claim left behind
+    store = open_store(url)
+    with store.reading() as session:
+        assert session.get(Run, 1).status == "stopped"
+    store.dispose()
+
+    resumed = nos("resume", "1", "--db", url)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_complete(url, 1, 40)
