@@ -1,0 +1,124 @@
+"""The search CLI end to end on temporary SQLite files, error cases included."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from nos.cli.main import cli
+
+from test_driver import TINY_TOML
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A database holding one completed run (id 1) of the tiny search, and its enqueue output."""
+    folder = tmp_path_factory.mktemp("searched")
+    config = folder / "tiny.toml"
+    config.write_text(TINY_TOML)
+    db = folder / "nos.db"
+    result = invoke("enqueue", "--config", str(config), "--db", f"sqlite:///{db}", "--name", "tiny")
+    assert result.exit_code == 0, result.output
+    return db, result.output, config
+
+
+def test_enqueue_prints_the_run_id_progress_and_top_rules(searched):
+    db, output, _ = searched
+    assert output.splitlines()[0] == f"created database sqlite:///{db}"
+    assert "RUN_ID 1" in output
+    assert "12/12" in output
+    assert "run 1 completed" in output and "leaderboard of run 1" in output
+
+
+def test_runs_status_leaderboard_show(searched):
+    db, _, _ = searched
+    url = f"sqlite:///{db}"
+    runs = invoke("runs", "--db", url)
+    assert runs.exit_code == 0 and "tiny" in runs.output and "completed" in runs.output and "12/12" in runs.output
+
+    status = invoke("status", "1", "--db", url)
+    assert status.exit_code == 0 and "completed, 12/12 evaluations finished" in status.output
+    assert invoke("status", "--db", url).output == status.output   # the latest run by default
+
+    as_json = json.loads(invoke("leaderboard", "--run", "1", "--format", "json", "--db", url).output)
+    rewards = [row["reward"] for row in as_json]
+    assert rewards == sorted(rewards, reverse=True) and len(as_json) <= 20
+    assert [row["place"] for row in as_json] == list(range(1, len(as_json) + 1))
+    as_csv = list(csv.DictReader(io.StringIO(invoke("leaderboard", "--format", "csv", "--top", "3",
+                                                     "--db", url).output)))
+    assert [row["rule"] for row in as_csv] == [row["rule"] for row in as_json[:3]]
+    table = invoke("leaderboard", "--task", "digits", "--db", url)
+    assert table.exit_code == 0 and as_json[0]["rule"] in table.output
+
+    best = as_json[0]
+    by_id = invoke("show", str(best["rule_id"]), "--db", url)
+    assert by_id.exit_code == 0 and best["rule"] in by_id.output and "val acc" in by_id.output
+    by_text = invoke("show", best["rule"], "--db", url)
+    assert by_text.output == by_id.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("resume", "99"), "no run 99"),
+        (("resume", "1"), "already completed"),
+        (("stop", "99"), "no run 99"),
+        (("stop", "1"), "is completed, not running"),
+        (("status", "99"), "no run 99"),
+        (("leaderboard", "--run", "99"), "no run 99"),
+        (("show", "424242"), "has not been evaluated"),
+        (("show", "g * exp("), "bad rule"),
+        (("enqueue", "--budget", "0"), "budget must be"),
+        (("enqueue", "--task", "nope"), "unknown task 'nope'"),
+        (("enqueue", "--depth", "4"), "4 is not in the range"),
+        (("enqueue", "--searcher", "annealing"), "'annealing' is not one of"),
+        (("enqueue", "--workers", "-1"), "workers must be"),
+    ],
+)
+def test_bad_input_exits_2_and_changes_nothing(searched, args, message):
+    db, _, _ = searched
+    before = digest(db)
+    result = invoke(*args, "--db", f"sqlite:///{db}")
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert digest(db) == before
+
+
+def test_bad_config_files(tmp_path):
+    db = tmp_path / "new.db"
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("budget = [")
+    unknown_key = tmp_path / "unknown.toml"
+    unknown_key.write_text("budgett = 3\n")
+    bad_controller = tmp_path / "controller.toml"
+    bad_controller.write_text("[controller]\nlearning_rate = 1\n")
+    for path, message in [(bad_toml, "not valid TOML"), (unknown_key, "unknown config keys budgett"),
+                          (tmp_path / "missing.toml", "No such file"),
+                          (bad_controller, "unknown controller keys learning_rate")]:
+        result = invoke("enqueue", "--config", str(path), "--db", f"sqlite:///{db}")
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not db.exists()   # nothing written, not even an empty database
+
+
+def test_bad_database_urls(tmp_path):
+    for url, message in [("nosuch://x", "nosuch"), ("postgresql://nos@127.0.0.1:1/nos", "cannot"),
+                         (f"sqlite:///{tmp_path}/no/such/folder/x.db", "no database at")]:
+        result = invoke("runs", "--db", url)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    result = invoke("enqueue", "--db", f"sqlite:///{tmp_path}/no/such/folder/x.db")
+    assert result.exit_code == 2 and "does not exist" in result.output
