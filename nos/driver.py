@@ -24,7 +24,7 @@ from .config import SearchConfig
 from .executors import Executor
 from .search import Searcher, make_searcher, state_from_bytes, state_to_bytes
 from .store import (
-    NewEvaluation, RuleRecord, Store, batch_evaluations, enqueue_batch, get_or_create_rules, get_run,
+    NewEvaluation, RuleRecord, Store, batch_evaluations, enqueue_batch, find_cached, get_or_create_rules, get_run,
     latest_checkpoint, requeue_stale, save_checkpoint, set_run_status,
 )
 from .store.evaluations import release_claims
@@ -63,6 +63,9 @@ class Driver:
         self.task_key = task_key(self.task, config.seed)
         self.searcher: Searcher = make_searcher(config.searcher, config.depth, config.seed, **config.controller)
         self.best: float | None = None
+        # Repeats of a rule within the open batch, held back until the first is scored
+        # (then a worker copies its result): evaluation id -> the first one's id.
+        self.held: dict[int, int] = {}
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> str:
@@ -108,11 +111,25 @@ class Driver:
         tokens = [list(p.tokens) for p in proposals]
         with self.store.transaction() as session:
             rule_ids = get_or_create_rules(session, [RuleRecord.from_tree(p.tree) for p in proposals])
-            ids = enqueue_batch(session, self.run_id, step,
-                                [NewEvaluation(rule_id, self.task.name, self.task_key) for rule_id in rule_ids])
+            entries = []
+            for rule_id in rule_ids:   # a rule scored before under this task key is not trained again
+                source = find_cached(session, rule_id, self.task_key)
+                entries.append(NewEvaluation(rule_id, self.task.name, self.task_key,
+                                             cached_from=source.id if source else None))
+            ids = enqueue_batch(session, self.run_id, step, entries)
             save_checkpoint(session, self.run_id, step, {"batch": step, "tokens": tokens}, self._rng_state(),
                             state_to_bytes(self.searcher.state_dict()))
-        self.executor.dispatch(ids)
+        first: dict[int, int] = {}
+        dispatch = []
+        for evaluation_id, rule_id, entry in zip(ids, rule_ids, entries):
+            if entry.cached_from is not None:
+                continue
+            if rule_id in first:
+                self.held[evaluation_id] = first[rule_id]
+            else:
+                first[rule_id] = evaluation_id
+                dispatch.append(evaluation_id)
+        self.executor.dispatch(dispatch)
         return tokens
 
     def _wait(self, step: int) -> list[float]:
@@ -129,6 +146,11 @@ class Driver:
             with self.store.reading() as session:
                 batch = batch_evaluations(session, self.run_id, step)
                 finished = self._count(session, FINISHED)
+            status = {e.id: e.status for e in batch}
+            ready = [i for i, original in self.held.items() if status.get(original) in FINISHED]
+            for i in ready:
+                del self.held[i]
+            self.executor.dispatch(ready)
             rewards = [e.reward for e in batch if e.reward is not None]
             if rewards:
                 self.best = max(rewards + ([self.best] if self.best is not None else []))

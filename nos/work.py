@@ -18,9 +18,10 @@ from typing import Any
 
 from .config import SearchConfig
 from .store import (
-    EvaluationResult as StoredResult, Store, TrialResult, claim, commit_result, fail, get_evaluation, get_run,
-    heartbeat,
+    EvaluationResult as StoredResult, Store, TrialResult, claim, commit_result, fail, find_cached, get_evaluation,
+    get_run, heartbeat,
 )
+from .store.evaluations import commit_cached
 from .store.models import Rule
 from .tasks import Task, evaluate_rule, get_task
 
@@ -72,8 +73,10 @@ def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = Non
                    device: str | None = None) -> str:
     """Claim, train and commit one evaluation. Returns what happened:
 
-    "done" / "diverged" (committed), "failed" (the evaluation raised; stored),
-    "skipped" (not ours to take), "lost" (our claim was taken over; nothing written).
+    "done" / "diverged" (committed), "cached" (the rule was already scored under
+    the same task key: its result is copied, nothing trained), "failed" (the
+    evaluation raised; stored), "skipped" (not ours to take), "lost" (our claim
+    was taken over; nothing written).
     """
     worker = worker or worker_name()
     with store.transaction() as session:
@@ -85,8 +88,11 @@ def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = Non
         expected_key = evaluation.task_key
         attempt = claim(session, evaluation_id, worker, timedelta(seconds=config.stale_after),
                         max_attempts=config.max_attempts)
-    if attempt is None:
-        return "skipped"
+        if attempt is None:
+            return "skipped"
+        source = find_cached(session, evaluation.rule_id, expected_key)
+        if source is not None and commit_cached(session, evaluation_id, attempt, source):
+            return "cached"
 
     beat = _Heartbeat(store, evaluation_id, attempt, config.heartbeat_every)
     beat.start()

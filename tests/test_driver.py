@@ -201,3 +201,44 @@ def test_stopping_leaves_a_consistent_run_that_resumes(tmp_path, tiny_toml, how)
     resumed = nos("resume", "1", "--db", url)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_complete(url, 1, 40)
+
+
+def test_a_rule_scored_before_is_not_trained_again(sqlite_url):
+    from nos.rules import parse
+    from nos.store import NewEvaluation, RuleRecord, enqueue_batch, get_or_create_rules
+    from nos.work import run_evaluation, task_for, task_key
+
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**TINY)
+    key = task_key(task_for(config, "cpu"), config.seed)
+    with store.transaction() as session:
+        run_id = create_run(session, "cache", config.task, config.to_dict())
+        rule_id = get_or_create_rules(session, [RuleRecord.from_tree(parse("g * exp(sign(g) * sign(m))"))])[0]
+        first, again = enqueue_batch(session, run_id, 0, [NewEvaluation(rule_id, "digits", key)] * 2)
+    assert run_evaluation(store, first) == "done"
+    assert run_evaluation(store, again) == "cached"   # a repeat within the batch: copied, not trained
+    rows = run_rows(sqlite_url, run_id)
+    assert rows[1].cached_from == rows[0].id and rows[1].reward == rows[0].reward
+    assert rows[1].wall_seconds == 0.0
+    store.dispose()
+
+
+def test_a_second_identical_run_is_served_from_the_cache(sqlite_url):
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "budget": 8})
+    for _ in range(2):
+        with store.transaction() as session:
+            run_id = create_run(session, "same", config.task, config.to_dict())
+        executor = LocalExecutor(sqlite_url, workers=1)
+        try:
+            assert Driver(store, run_id, config, executor).run() == "completed"
+        finally:
+            executor.close()
+    first, second = run_rows(sqlite_url, 1), run_rows(sqlite_url, 2)
+    assert all(e.status == "cached" for e in second)   # same seed, same rules, same task key
+    originals = {e.id: e for e in first}
+    for e in second:
+        assert originals[e.cached_from].rule_id == e.rule_id and originals[e.cached_from].reward == e.reward
+    store.dispose()

@@ -8,7 +8,7 @@
 from .checkpoints import latest_checkpoint, save_checkpoint
 from .engine import DEFAULT_URL, URL_ENV_VAR, Store, StoreError, create_engine, resolve_url, shown
 from .evaluations import (
-    EvaluationResult, NewEvaluation, StaleSweep, TrialResult, batch_evaluations, claim, commit_result,
+    EvaluationResult, NewEvaluation, StaleSweep, TrialResult, batch_evaluations, claim, commit_cached, commit_result,
     enqueue_batch, fail, find_cached, get_evaluation, heartbeat, requeue_stale, trials_of, unfinished_ids,
 )
 from .models import (
@@ -23,7 +23,7 @@ __all__ = [
     "DEFAULT_URL", "EVALUATION_STATUSES", "RUN_STATUSES", "SCORED_STATUSES", "URL_ENV_VAR", "Base", "Checkpoint",
     "Evaluation", "EvaluationResult", "LeaderboardRow", "LrTrial", "NewEvaluation", "Rule", "RuleRecord", "Run",
     "RunProgress", "SchemaState", "StaleSweep", "Store", "StoreError", "TrialResult", "batch_evaluations",
-    "check_schema", "claim", "commit_result", "create_engine", "create_run", "enqueue_batch", "fail", "find_cached",
+    "check_schema", "claim", "commit_cached", "commit_result", "create_engine", "create_run", "enqueue_batch", "fail", "find_cached",
     "find_rule", "get_evaluation", "get_or_create_rule", "get_or_create_rules", "get_run", "heartbeat",
     "latest_checkpoint", "leaderboard", "list_runs", "open_store", "requeue_stale", "resolve_url", "run_progress",
     "save_checkpoint", "schema_state", "set_run_status", "shown", "trials_of", "unfinished_ids", "upgrade",

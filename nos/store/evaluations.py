@@ -176,6 +176,21 @@ def commit_result(session: Session, evaluation_id: int, attempt: int, result: Ev
     return True
 
 
+def commit_cached(session: Session, evaluation_id: int, attempt: int, source: Evaluation, *,
+                  now: datetime | None = None) -> bool:
+    """Finish the evaluation with a copy of `source`'s result (status 'cached'), if `attempt` holds it.
+
+    For a rule already scored under the same task key: its reward is reused,
+    not trained for again, and the copy links to the original.
+    """
+    updated = session.execute(
+        update(evaluations).where(_held(evaluation_id, attempt))
+        .values(status="cached", cached_from=source.id, reward=source.reward, test_acc=source.test_acc,
+                best_lr=source.best_lr, wall_seconds=0.0, finished_at=now or utcnow(), error=None)
+    )
+    return updated.rowcount == 1
+
+
 def fail(session: Session, evaluation_id: int, attempt: int, error: str, *, now: datetime | None = None) -> bool:
     """Mark the evaluation failed with `error`, if `attempt` still holds the claim."""
     result = session.execute(update(evaluations).where(_held(evaluation_id, attempt))
@@ -263,6 +278,6 @@ def trials_of(session: Session, evaluation_id: int) -> list[LrTrial]:
 
 __all__ = [
     "EvaluationResult", "NewEvaluation", "StaleSweep", "TrialResult", "batch_evaluations",
-    "claim", "commit_result", "enqueue_batch", "fail", "find_cached", "get_evaluation", "heartbeat",
+    "claim", "commit_cached", "commit_result", "enqueue_batch", "fail", "find_cached", "get_evaluation", "heartbeat",
     "release_claims", "requeue_stale", "trials_of", "unfinished_ids",
 ]
