@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -26,12 +27,13 @@ def open_store_or_exit(db_url: str | None) -> Store:
 
 
 def _store_errors_to_usage(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A StoreError (bad URL, server down, schema too old or too new) becomes exit 2 with its one line."""
+    @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except StoreError as exc:
             raise UsageProblem(str(exc)) from None
-    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
     return wrapped
 
 

@@ -10,6 +10,7 @@ from .evaluate import eval_command
 from .results import leaderboard_command, runs_command, show_command, status_command
 from .rules import rule_group
 from .search import enqueue_command, resume_command, stop_command
+from .worker import worker_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,7 +29,7 @@ cli.add_command(demo_command)
 cli.add_command(eval_command)
 cli.add_command(db_group)
 for command in (enqueue_command, resume_command, stop_command, runs_command, status_command,
-                leaderboard_command, show_command):
+                leaderboard_command, show_command, worker_command):
     cli.add_command(command)
 
 

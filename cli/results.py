@@ -88,9 +88,20 @@ def runs_command(db_url) -> None:
 @click.command("status")
 @click.argument("run_id", type=int, required=False)
 @db_option
-def status_command(run_id, db_url) -> None:
+@click.option("--broker", "broker_url", envvar="NOS_BROKER_URL", default=None, metavar="URL",
+              help="Also list the Celery workers that answer a ping [env NOS_BROKER_URL].")
+def status_command(run_id, db_url, broker_url) -> None:
     """A run's counts by status and its evaluations in flight (default: the latest run)."""
     store = open_store_or_exit(db_url)
+    if broker_url:
+        from nos.workers.executor import BrokerError, check_broker, live_workers
+
+        try:
+            check_broker(broker_url)
+        except BrokerError as exc:
+            raise UsageProblem(str(exc)) from None
+        names = live_workers(broker_url)
+        console.print(f"{len(names)} live worker{'s' if len(names) != 1 else ''}: {', '.join(names) or '-'}")
     with store.reading() as session:
         if run_id is None:
             runs = list_runs(session)

@@ -6,8 +6,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nos.config import ConfigError, SearchConfig
-from nos.driver import Driver, Progress as DriverProgress
-from nos.executors import LocalExecutor
+from nos.driver import Progress as DriverProgress, drive_run
 from nos.store import Store, StoreError, create_run, get_run, set_run_status, shown
 from nos.store.schema import schema_state, upgrade
 from nos.store.engine import resolve_url
@@ -18,6 +17,7 @@ from .console import console
 from .db import db_option, open_store_or_exit
 from .errors import UsageProblem
 from .results import print_leaderboard
+from .worker import broker_option, check_broker_or_exit
 
 
 
@@ -47,10 +47,9 @@ def _check_task(config: SearchConfig) -> None:
         raise UsageProblem(str(exc)) from None
 
 
-def _drive(store: Store, run_id: int, config: SearchConfig) -> None:
+def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | None = None) -> None:
     columns = (TextColumn("run {task.fields[run]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("best reward {task.fields[best]}"), TimeElapsedColumn())
-    executor = None
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("search", total=config.budget, run=run_id, best="-")
 
@@ -58,19 +57,14 @@ def _drive(store: Store, run_id: int, config: SearchConfig) -> None:
             bar.update(task, completed=p.finished, best="-" if p.best_reward is None else f"{p.best_reward:.4f}")
 
         try:
-            executor = LocalExecutor(store.url.render_as_string(hide_password=False), config.workers, config.device)
-            status = Driver(store, run_id, config, executor, on_progress=show).run()
+            status = drive_run(store, run_id, broker_url, on_progress=show)
         except KeyboardInterrupt:   # before the driver took over: nothing is in flight
-            if executor is not None:
-                executor.close()
             with store.transaction() as session:
                 set_run_status(session, run_id, "stopped")
             status = "stopped"
     if status == "stopped":
         console.print(f"run {run_id} stopped; continue it with:  nos resume {run_id}")
         return
-    if executor is not None:
-        executor.close()
     console.print(f"run {run_id} completed")
     with store.reading() as session:
         print_leaderboard(session, top=10, run_id=run_id, fmt="table")
@@ -90,12 +84,15 @@ def _drive(store: Store, run_id: int, config: SearchConfig) -> None:
 @click.option("--train-size", type=int, help="Subsample the training set to N examples.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML file with any of these keys (flags given on the command line win).")
+@click.option("--detach", is_flag=True, help="Send the driver loop to a worker on the `control` queue and return.")
 @db_option
-def enqueue_command(config_file, db_url, data_dir, train_size, **flags) -> None:
+@broker_option
+def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_size, **flags) -> None:
     """Start a search and drive it in the foreground until its budget is spent.
 
     Prints the RUN_ID first. Ctrl-C stops the run cleanly; `nos resume RUN_ID`
-    continues it.
+    continues it. With --broker, Celery workers (`nos worker`) train the
+    evaluations; with --detach too, a worker on the `control` queue drives it.
     """
     try:
         config = SearchConfig.load(config_file, **flags)
@@ -106,18 +103,39 @@ def enqueue_command(config_file, db_url, data_dir, train_size, **flags) -> None:
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
     _check_task(config)
+    _check_executor(broker_url, detach)
     store = _store_for_writing(db_url)
     with store.transaction() as session:
         run_id = create_run(session, config.label, config.task, config.to_dict())
+    where = f"Celery at {broker_url}" if broker_url else f"{config.workers} local worker{'s' if config.workers != 1 else ''}"
     console.print(f"RUN_ID {run_id}  ({config.label}: {config.searcher} on {config.task}, budget {config.budget}, "
-                  f"{config.workers} worker{'s' if config.workers != 1 else ''}, db {shown(store.url)})")
-    _drive(store, run_id, config)
+                  f"{where}, db {shown(store.url)})")
+    _start(store, run_id, config, broker_url, detach)
+
+
+def _check_executor(broker_url: str | None, detach: bool) -> None:
+    if detach and not broker_url:
+        raise UsageProblem("--detach needs a broker: --broker redis://HOST:6379/0 or NOS_BROKER_URL")
+    if broker_url:
+        check_broker_or_exit(broker_url)
+
+
+def _start(store: Store, run_id: int, config: SearchConfig, broker_url: str | None, detach: bool) -> None:
+    if detach:
+        from nos.workers.executor import send_drive
+
+        send_drive(broker_url, run_id)
+        console.print(f"run {run_id} sent to the control queue; watch it with:  nos status {run_id}")
+        return
+    _drive(store, run_id, config, broker_url)
 
 
 @click.command("resume")
 @click.argument("run_id", type=int)
+@click.option("--detach", is_flag=True, help="Send the driver loop to a worker on the `control` queue and return.")
 @db_option
-def resume_command(run_id: int, db_url: str | None) -> None:
+@broker_option
+def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: str | None) -> None:
     """Continue a stopped (or crashed) run to its budget from its last checkpoint."""
     store = open_store_or_exit(db_url)
     with store.reading() as session:
@@ -131,10 +149,11 @@ def resume_command(run_id: int, db_url: str | None) -> None:
         except ConfigError as exc:
             raise UsageProblem(f"run {run_id} has a config this nos cannot read: {exc}") from None
     _check_task(config)
+    _check_executor(broker_url, detach)
     with store.transaction() as session:
         set_run_status(session, run_id, "running")
     console.print(f"resuming run {run_id} ({config.label})")
-    _drive(store, run_id, config)
+    _start(store, run_id, config, broker_url, detach)
 
 
 @click.command("stop")

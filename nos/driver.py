@@ -66,6 +66,7 @@ class Driver:
         # Repeats of a rule within the open batch, held back until the first is scored
         # (then a worker copies its result): evaluation id -> the first one's id.
         self.held: dict[int, int] = {}
+        self.dispatched_at: dict[int, float] = {}   # evaluation id -> when last sent (monotonic)
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> str:
@@ -82,7 +83,7 @@ class Driver:
                         break
                     tokens = self._propose(step)
                 else:   # resumed in the middle of this batch
-                    self.executor.dispatch([e.id for e in batch if e.status == "queued"])
+                    self._dispatch([e.id for e in batch if e.status == "queued"])
                 rewards = self._wait(step)
                 self.searcher.observe(tokens, rewards)
                 step += 1
@@ -129,8 +130,14 @@ class Driver:
             else:
                 first[rule_id] = evaluation_id
                 dispatch.append(evaluation_id)
-        self.executor.dispatch(dispatch)
+        self._dispatch(dispatch)
         return tokens
+
+    def _dispatch(self, ids: list[int]) -> None:
+        now = time.monotonic()
+        for evaluation_id in ids:
+            self.dispatched_at[evaluation_id] = now
+        self.executor.dispatch(ids)
 
     def _wait(self, step: int) -> list[float]:
         """Block until batch `step` is finished; its rewards in seq order (0 for failures)."""
@@ -142,7 +149,7 @@ class Driver:
                     raise StopRequested()
                 redo = release_claims(session, self.run_id, self.executor.dead_workers())
                 sweep = requeue_stale(session, self.run_id, stale_after, self.config.max_attempts)
-            self.executor.dispatch(redo + sweep.requeued)
+            self._dispatch(redo + sweep.requeued)
             with self.store.reading() as session:
                 batch = batch_evaluations(session, self.run_id, step)
                 finished = self._count(session, FINISHED)
@@ -150,7 +157,12 @@ class Driver:
             ready = [i for i, original in self.held.items() if status.get(original) in FINISHED]
             for i in ready:
                 del self.held[i]
-            self.executor.dispatch(ready)
+            # An id can be lost on its way (a worker killed between taking it and claiming
+            # it, a broker that lost its queue): still queued long after dispatch, send it again.
+            now = time.monotonic()
+            lost = [e.id for e in batch if e.status == "queued" and e.id not in self.held
+                    and now - self.dispatched_at.get(e.id, now) > self.config.stale_after]
+            self._dispatch(ready + lost)
             rewards = [e.reward for e in batch if e.reward is not None]
             if rewards:
                 self.best = max(rewards + ([self.best] if self.best is not None else []))
@@ -186,3 +198,26 @@ class Driver:
     def _rng_state(self) -> dict:
         # The searcher's generator also travels inside the blob; here it is readable from SQL.
         return {"searcher_generator": self.searcher.generator.get_state().numpy().tobytes().hex()}
+
+
+def make_executor(store: Store, config: SearchConfig, broker_url: str | None) -> Executor:
+    """Celery when a broker is given (workers anywhere), else local worker processes."""
+    if broker_url:
+        from nos.workers.executor import CeleryExecutor   # Celery only where it is used
+
+        return CeleryExecutor(broker_url, queue="gpu" if config.device.startswith("cuda") else "cpu")
+    from .executors import LocalExecutor
+
+    return LocalExecutor(store.url.render_as_string(hide_password=False), config.workers, config.device)
+
+
+def drive_run(store: Store, run_id: int, broker_url: str | None = None,
+              on_progress: Callable[[Progress], None] | None = None) -> str:
+    """Drive run `run_id` with the config it was created with; returns its final status."""
+    with store.reading() as session:
+        config = SearchConfig.from_dict(get_run(session, run_id).config)
+    executor = make_executor(store, config, broker_url)
+    try:
+        return Driver(store, run_id, config, executor, on_progress).run()
+    finally:
+        executor.close()

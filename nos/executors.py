@@ -49,6 +49,7 @@ class LocalExecutor:
         self._ids: multiprocessing.Queue = self._context.Queue()
         self._args = (db_url, self._ids, device)
         self._processes = [self._start() for _ in range(workers)]
+        self._closed = False
 
     def _start(self) -> multiprocessing.Process:
         process = self._context.Process(target=_worker_main, args=self._args, daemon=True, name="nos-worker")
@@ -76,6 +77,9 @@ class LocalExecutor:
 
     def close(self, wait: bool = False) -> None:
         """Stop the workers: after their current evaluation (wait) or now."""
+        if self._closed:
+            return
+        self._closed = True
         if wait:
             for _ in self._processes:
                 self._ids.put(None)

@@ -1,0 +1,61 @@
+"""`nos worker`: a Celery worker that trains evaluations from the broker's queues."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import click
+
+from nos.store import URL_ENV_VAR, StoreError, open_store, resolve_url
+
+from .errors import UsageProblem
+
+broker_option = click.option(
+    "--broker", "broker_url", envvar="NOS_BROKER_URL", default=None, metavar="URL",
+    help="Celery broker, redis://HOST:6379/0 [env NOS_BROKER_URL]; without one, workers are local processes.")
+
+
+def check_broker_or_exit(broker_url: str) -> None:
+    from nos.workers.executor import BrokerError, check_broker
+
+    try:
+        check_broker(broker_url)
+    except BrokerError as exc:
+        raise UsageProblem(str(exc)) from None
+
+
+@click.command("worker")
+@click.option("--queues", default="cpu", show_default=True,
+              help="Comma-separated queues to take work from: cpu, gpu, control.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Evaluations trained at once (worker processes).")
+@click.option("--device", default=None, help="Where children train: cpu, cuda, cuda:N [the run's device].")
+@click.option("--name", default=None, help="Worker name [nos-QUEUES@HOST].")
+@click.option("--db", "db_url", envvar=URL_ENV_VAR, default=None, metavar="URL",
+              help=f"The database the runs live in [env {URL_ENV_VAR}; default sqlite:///nos.db].")
+@broker_option
+def worker_command(queues, concurrency, device, name, db_url, broker_url) -> None:
+    """Start a Celery worker (runs until stopped with Ctrl-C or SIGTERM)."""
+    from nos.workers.app import DEVICE_ENV_VAR, QUEUES, app
+
+    if not broker_url:
+        raise UsageProblem("nos worker needs a broker: --broker redis://HOST:6379/0 or NOS_BROKER_URL")
+    wanted = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = set(wanted) - set(QUEUES)
+    if unknown or not wanted:
+        raise UsageProblem(f"unknown queue {', '.join(sorted(unknown)) or '(none)'}; queues: {', '.join(QUEUES)}")
+    check_broker_or_exit(broker_url)
+    try:
+        url = resolve_url(db_url)
+        open_store(url).dispose()   # up to date and reachable, or a clear error now
+    except StoreError as exc:
+        raise UsageProblem(str(exc)) from None
+    # The worker's processes read these when a task first needs the store or the device.
+    os.environ[URL_ENV_VAR] = url.render_as_string(hide_password=False)
+    if device:
+        os.environ[DEVICE_ENV_VAR] = device
+    app.conf.broker_url = broker_url
+    hostname = name or f"nos-{'-'.join(wanted)}@{socket.gethostname()}"
+    app.worker_main(["worker", "--loglevel=INFO", "-Q", ",".join(wanted), "-c", str(concurrency),
+                     "-n", hostname, "--without-gossip", "--without-mingle"])

@@ -1,0 +1,77 @@
+"""The Celery app of nos workers, and its two thin tasks.
+
+    nos worker --broker redis://HOST:6379/0 --db postgresql://... [--queues cpu|gpu|control]
+
+Messages carry only ids, as JSON; every result lands in the database. Tasks
+are acknowledged late and rejected (so redelivered) when their worker process
+dies; claims in the database keep a redelivered or duplicate message from
+training the same evaluation twice. Flower works with this app:
+`celery -A nos.workers.app flower --broker=URL`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from celery.signals import worker_process_init
+from kombu import Queue
+
+BROKER_ENV_VAR = "NOS_BROKER_URL"
+DEVICE_ENV_VAR = "NOS_WORKER_DEVICE"
+QUEUES = ("cpu", "gpu", "control")
+
+# Redis redelivers a message not acknowledged within this many seconds. It must
+# exceed the longest evaluation (CIFAR-10's full protocol on a slow CPU is well
+# under an hour); a redelivery of a live evaluation is refused by its claim anyway.
+VISIBILITY_TIMEOUT = 6 * 3600
+
+app = Celery("nos", broker=os.environ.get(BROKER_ENV_VAR))
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],          # nothing from the broker is unpickled
+    result_serializer="json",
+    task_ignore_result=True,          # results live in the database
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,     # a worker takes one evaluation at a time
+    task_queues=[Queue(name) for name in QUEUES],
+    task_default_queue="cpu",
+    broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+
+_store = None
+
+
+@worker_process_init.connect
+def _one_thread(**_) -> None:
+    import torch
+
+    torch.set_num_threads(1)   # one thread per worker process is fastest on CPUs (DESIGN.md)
+
+
+def _open_store():
+    global _store
+    if _store is None:
+        from nos.store import open_store
+
+        _store = open_store()   # NOS_DB_URL, set by `nos worker --db`
+    return _store
+
+
+@app.task(name="nos.evaluate")
+def evaluate(evaluation_id: int) -> str:
+    """Evaluate one evaluation id: the same function the local executor runs."""
+    from nos.work import run_evaluation
+
+    return run_evaluation(_open_store(), int(evaluation_id), device=os.environ.get(DEVICE_ENV_VAR) or None)
+
+
+@app.task(name="nos.drive")
+def drive(run_id: int) -> str:
+    """Drive a run's search loop (`nos enqueue --detach`), dispatching its evaluations through Celery."""
+    from nos.driver import drive_run
+
+    return drive_run(_open_store(), int(run_id), broker_url=app.conf.broker_url)

@@ -1,0 +1,57 @@
+"""Dispatch evaluation ids through Celery: the executor the driver uses when a broker is configured."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from kombu.exceptions import OperationalError
+
+from .app import app
+
+
+class BrokerError(Exception):
+    """The broker URL is wrong or the broker does not answer."""
+
+
+def check_broker(broker_url: str) -> None:
+    """Connect once, so a wrong URL or a broker that is down fails now, in one line."""
+    if not broker_url.startswith(("redis://", "rediss://")):
+        raise BrokerError(f"broker URL must be redis://HOST:PORT/DB, got {broker_url!r}")
+    try:
+        with app.connection_for_write(broker_url) as connection:
+            connection.ensure_connection(max_retries=1, timeout=3)
+    except (OperationalError, OSError) as exc:
+        raise BrokerError(f"cannot reach the broker at {broker_url}: {exc}") from None
+
+
+class CeleryExecutor:
+    """Sends each evaluation id to a Celery queue (`cpu` or `gpu`); workers anywhere take them."""
+
+    def __init__(self, broker_url: str, queue: str = "cpu"):
+        check_broker(broker_url)
+        app.conf.broker_url = broker_url
+        self.queue = queue
+
+    def dispatch(self, evaluation_ids: Iterable[int]) -> None:
+        for evaluation_id in evaluation_ids:
+            app.send_task("nos.evaluate", args=[int(evaluation_id)], queue=self.queue)
+
+    def dead_workers(self) -> list[str]:
+        return []   # remote workers are reaped by their stale heartbeats instead
+
+    def close(self) -> None:
+        pass
+
+
+def send_drive(broker_url: str, run_id: int) -> None:
+    """Queue a run's driver loop on the `control` queue (`--detach`)."""
+    check_broker(broker_url)
+    app.conf.broker_url = broker_url
+    app.send_task("nos.drive", args=[int(run_id)], queue="control")
+
+
+def live_workers(broker_url: str, timeout: float = 1.0) -> list[str]:
+    """Names of the workers that answer a ping."""
+    app.conf.broker_url = broker_url
+    replies = app.control.ping(timeout=timeout) or []
+    return sorted(name for reply in replies for name in reply)
