@@ -1,0 +1,219 @@
+"""Distributed runs: real Redis, real `nos worker` processes, killed workers, a flushed broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from nos.store import open_store, resolve_url, upgrade
+from nos.store.models import Evaluation, Run
+
+from conftest import unavailable
+from test_driver import assert_complete, finished_count, nos, run_rows, start_nos, wait_for
+
+REDIS = "redis://127.0.0.1:6379"
+# Evaluations of a second or two: long enough to kill a worker in the middle of one.
+SLOW_TOML = """
+task = "digits"
+budget = 10
+batch_size = 5
+depth = 1
+seed = 5
+stale_after = 4.0
+heartbeat_every = 1.0
+
+[task_options]
+train_size = 1200
+lrs = [0.001, 0.01, 0.1]
+epochs = 3
+"""
+
+
+@pytest.fixture
+def broker():
+    """A Redis database of the test's own, empty, flushed again afterwards."""
+    import redis
+
+    client = redis.Redis.from_url(f"{REDIS}/0", socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unavailable("Redis", f"{REDIS} does not answer: {exc}")
+    index = 1 + uuid.uuid4().int % 15
+    db = redis.Redis.from_url(f"{REDIS}/{index}")
+    db.flushdb()
+    yield f"{REDIS}/{index}"
+    db.flushdb()
+
+
+@pytest.fixture
+def slow_toml(tmp_path) -> str:
+    path = tmp_path / "slow.toml"
+    path.write_text(SLOW_TOML)
+    return str(path)
+
+
+class Workers:
+    """`nos worker` processes, each in its own process group so a test can kill one whole."""
+
+    def __init__(self, db_url: str, broker_url: str):
+        self.db_url, self.broker_url, self.processes = db_url, broker_url, {}
+
+    def start(self, name: str, queues: str = "cpu") -> subprocess.Popen:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nos.cli.main", "worker", "--db", self.db_url, "--broker", self.broker_url,
+             "--queues", queues, "--concurrency", "1", "--name", f"{name}@test"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    def kill(self, name: str) -> None:
+        os.killpg(self.processes[name].pid, signal.SIGKILL)
+        self.processes[name].wait()
+
+    def pids(self, name: str) -> set[int]:
+        """Every process in the worker's group: the Celery master and its pool children."""
+        group = self.processes[name].pid
+        pids = set()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as stat:
+                        fields = stat.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[2]) == group:   # the process group id
+                    pids.add(int(entry))
+        return pids
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.fixture
+def workers(db_url, broker):
+    upgrade(resolve_url(db_url))
+    pool = Workers(db_url, broker)
+    yield pool
+    pool.stop_all()
+
+
+def test_a_search_with_two_workers_completes(db_url, broker, workers, slow_toml):
+    workers.start("w1")
+    workers.start("w2")
+    result = nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Celery at" in result.stdout
+    assert_complete(db_url, 1, 10)
+    assert len({e.worker for e in run_rows(db_url, 1)}) == 2   # both trained
+
+
+def test_a_worker_killed_mid_evaluation_is_redone_by_the_other(db_url, broker, workers, slow_toml):
+    workers.start("w1")
+    workers.start("w2")
+    driver = start_nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker)
+    try:
+        host_pids = workers.pids("w1")
+
+        def w1_running():
+            for e in run_rows(db_url, 1):
+                if e.status == "running" and int(e.worker.rsplit(":", 1)[1]) in host_pids:
+                    return e.id
+            host_pids.update(workers.pids("w1"))
+            return None
+
+        victim = wait_for(w1_running)
+        workers.kill("w1")
+        out, _ = driver.communicate(timeout=300)
+        assert driver.returncode == 0, out
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert_complete(db_url, 1, 10)
+    redone = next(e for e in run_rows(db_url, 1) if e.id == victim)
+    assert redone.attempts == 2 and redone.status in ("done", "diverged")
+    assert int(redone.worker.rsplit(":", 1)[1]) not in host_pids   # finished by the other worker
+    store = open_store(db_url)
+    with store.reading() as session:   # each learning rate stored once, nothing counted twice
+        from sqlalchemy import func, select
+
+        from nos.store.models import LrTrial
+        per_eval = session.execute(select(func.count()).select_from(LrTrial)
+                                   .where(LrTrial.evaluation_id == victim)).scalar_one()
+    store.dispose()
+    assert per_eval == 3 or redone.status == "diverged"
+
+
+def test_a_flushed_broker_loses_nothing(db_url, broker, workers, slow_toml):
+    import redis
+
+    workers.start("w1")
+    driver = start_nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker)
+    try:
+        wait_for(lambda: finished_count(db_url, 1) >= 1)
+        redis.Redis.from_url(broker).flushdb()   # every queued and unacknowledged message is gone
+        out, _ = driver.communicate(timeout=300)
+        assert driver.returncode == 0, out
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert_complete(db_url, 1, 10)
+
+
+def test_a_killed_driver_is_resumed(db_url, broker, workers, slow_toml):
+    workers.start("w1")
+    driver = start_nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker)
+    wait_for(lambda: finished_count(db_url, 1) >= 2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert finished_count(db_url, 1) < 10
+    resumed = nos("resume", "1", "--db", db_url, "--broker", broker)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_complete(db_url, 1, 10)
+
+
+def test_detached_runs_are_driven_by_a_control_worker(db_url, broker, workers, slow_toml):
+    workers.start("w1")
+    workers.start("driver", queues="control")
+    started = time.monotonic()
+    result = nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker, "--detach")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sent to the control queue" in result.stdout
+    assert time.monotonic() - started < 60   # returned without waiting for the run
+
+    def completed():
+        store = open_store(db_url)
+        with store.reading() as session:
+            status = session.get(Run, 1).status
+        store.dispose()
+        return status == "completed"
+
+    wait_for(completed, timeout=300, every=0.5)
+    assert_complete(db_url, 1, 10)
+    status = nos("status", "1", "--db", db_url, "--broker", broker)
+    assert "live workers" in status.stdout and "w1@test" in status.stdout and "driver@test" in status.stdout
+
+
+def test_bad_broker_or_database_exits_2_and_writes_nothing(tmp_path, broker, slow_toml):
+    db = tmp_path / "never.db"
+    for args, message in [
+        (("enqueue", "--config", slow_toml, "--broker", "redis://127.0.0.1:1/0"), "cannot reach the broker"),
+        (("enqueue", "--config", slow_toml, "--broker", "amqp://x"), "must be redis://"),
+        (("enqueue", "--config", slow_toml, "--detach"), "--detach needs a broker"),
+        (("worker", "--broker", "redis://127.0.0.1:1/0"), "cannot reach the broker"),
+        (("worker",), "needs a broker"),
+    ]:
+        result = nos(*args, "--db", f"sqlite:///{db}")
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert not db.exists()
+    down = nos("worker", "--broker", broker, "--db", "postgresql://nos@127.0.0.1:1/nos")
+    assert down.returncode == 2 and "cannot" in down.stderr and len(down.stderr.strip().splitlines()) == 1
