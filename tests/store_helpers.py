@@ -114,3 +114,11 @@ def claim_then_commit_late(url, evaluation_id, now, claimed, go):
         committed = commit_result(session, evaluation_id, attempt, result(0.99, tag=1))
     store.dispose()
     return attempt, beat, committed
+
+
+def upgrade_together(url, barrier):
+    """`nos db upgrade` at the same moment as the other processes; returns the revision reached."""
+    from nos.store import resolve_url, upgrade
+
+    barrier.wait()
+    return upgrade(resolve_url(url)).current

@@ -103,3 +103,9 @@ def test_a_superseded_attempts_late_commit_is_refused_and_changes_nothing(store,
         assert session.execute(sa.select(sa.func.count()).select_from(LrTrial)).scalar_one() == len(LRS)
     assert after == before
     assert {t.train_loss for t in trials} == {3.0}  # the retaking worker's sweep (tag 2), not the late one's
+
+
+def test_concurrent_upgrades_of_a_new_database_all_succeed(db_url, pool, manager):
+    barrier = manager.Barrier(WORKERS)
+    futures = [pool.submit(store_helpers.upgrade_together, db_url, barrier) for _ in range(WORKERS)]
+    assert {f.result(TIMEOUT_S) for f in futures} == {"0001"}

@@ -20,32 +20,41 @@ down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# One row per rule: its best scored evaluation over all runs. Ties go to the
-# earliest evaluation, so the answer never depends on the query plan.
+# One row per rule: its best scored evaluation over all runs, ties to the
+# earliest. Written so that "ORDER BY reward DESC, evaluation_id LIMIT n" walks
+# the reward index from the top and stops after n rules (milliseconds on
+# 100,000 evaluations); reading the whole view checks every evaluation.
 LEADERBOARD_VIEW = """
 CREATE VIEW leaderboard AS
-SELECT best.rule_id, r.text AS rule, r.depth, best.reward, e.test_acc, e.best_lr,
-       e.id AS evaluation_id, e.run_id, e.task, best.evaluations
-FROM (SELECT rule_id, MAX(reward) AS reward, COUNT(*) AS evaluations
-      FROM evaluations WHERE reward IS NOT NULL GROUP BY rule_id) AS best
-JOIN rules AS r ON r.id = best.rule_id
-JOIN evaluations AS e ON e.id = (SELECT MIN(tie.id) FROM evaluations AS tie
-                                 WHERE tie.rule_id = best.rule_id AND tie.reward = best.reward)
+SELECT e.rule_id,
+       (SELECT r.text FROM rules AS r WHERE r.id = e.rule_id) AS rule,
+       (SELECT r.depth FROM rules AS r WHERE r.id = e.rule_id) AS depth,
+       e.reward, e.test_acc, e.best_lr, e.id AS evaluation_id, e.run_id, e.task,
+       (SELECT COUNT(*) FROM evaluations AS c
+        WHERE c.rule_id = e.rule_id AND c.reward IS NOT NULL) AS evaluations
+FROM evaluations AS e
+WHERE e.reward IS NOT NULL
+  AND e.id = (SELECT b.id FROM evaluations AS b
+              WHERE b.rule_id = e.rule_id AND b.reward IS NOT NULL
+              ORDER BY b.reward DESC, b.id LIMIT 1)
 """
 
-# One row per run: how many of its evaluations stand in each status.
+# One row per run: how many of its evaluations stand in each status. Counts
+# come from the (run_id, status) index, the best reward from (run_id, reward).
 RUN_PROGRESS_VIEW = """
 CREATE VIEW run_progress AS
 SELECT runs.id AS run_id, runs.name, runs.status, runs.task,
-       COUNT(e.id) AS total,
-       SUM(CASE WHEN e.status = 'queued' THEN 1 ELSE 0 END) AS queued,
-       SUM(CASE WHEN e.status = 'running' THEN 1 ELSE 0 END) AS running,
-       SUM(CASE WHEN e.status = 'done' THEN 1 ELSE 0 END) AS done,
-       SUM(CASE WHEN e.status = 'diverged' THEN 1 ELSE 0 END) AS diverged,
-       SUM(CASE WHEN e.status = 'failed' THEN 1 ELSE 0 END) AS failed,
-       SUM(CASE WHEN e.status = 'cached' THEN 1 ELSE 0 END) AS cached,
-       MAX(e.reward) AS best_reward
-FROM runs LEFT JOIN evaluations AS e ON e.run_id = runs.id
+       COALESCE(SUM(c.n), 0) AS total,
+       COALESCE(SUM(CASE WHEN c.status = 'queued' THEN c.n END), 0) AS queued,
+       COALESCE(SUM(CASE WHEN c.status = 'running' THEN c.n END), 0) AS running,
+       COALESCE(SUM(CASE WHEN c.status = 'done' THEN c.n END), 0) AS done,
+       COALESCE(SUM(CASE WHEN c.status = 'diverged' THEN c.n END), 0) AS diverged,
+       COALESCE(SUM(CASE WHEN c.status = 'failed' THEN c.n END), 0) AS failed,
+       COALESCE(SUM(CASE WHEN c.status = 'cached' THEN c.n END), 0) AS cached,
+       (SELECT MAX(e.reward) FROM evaluations AS e WHERE e.run_id = runs.id) AS best_reward
+FROM runs
+LEFT JOIN (SELECT run_id, status, COUNT(*) AS n FROM evaluations GROUP BY run_id, status) AS c
+       ON c.run_id = runs.id
 GROUP BY runs.id, runs.name, runs.status, runs.task
 """
 
@@ -122,7 +131,9 @@ def upgrade() -> None:
     op.create_index('ix_evaluations_rule_id_reward', 'evaluations', ['rule_id', 'reward'], unique=False)
     op.create_index('ix_evaluations_run_id_batch', 'evaluations', ['run_id', 'batch'], unique=False)
     op.create_index('ix_evaluations_run_id_status', 'evaluations', ['run_id', 'status'], unique=False)
-    op.create_index('ix_evaluations_task_rule_id_reward', 'evaluations', ['task', 'rule_id', 'reward'], unique=False)
+    op.create_index('ix_evaluations_reward', 'evaluations', ['reward'], unique=False)
+    op.create_index('ix_evaluations_run_id_reward', 'evaluations', ['run_id', 'reward'], unique=False)
+    op.create_index('ix_evaluations_task_reward', 'evaluations', ['task', 'reward'], unique=False)
 
     op.create_table('lr_trials',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -144,7 +155,9 @@ def downgrade() -> None:
     op.execute("DROP VIEW run_progress")
     op.execute("DROP VIEW leaderboard")
     op.drop_table('lr_trials')
-    op.drop_index('ix_evaluations_task_rule_id_reward', table_name='evaluations')
+    op.drop_index('ix_evaluations_task_reward', table_name='evaluations')
+    op.drop_index('ix_evaluations_run_id_reward', table_name='evaluations')
+    op.drop_index('ix_evaluations_reward', table_name='evaluations')
     op.drop_index('ix_evaluations_run_id_status', table_name='evaluations')
     op.drop_index('ix_evaluations_run_id_batch', table_name='evaluations')
     op.drop_index('ix_evaluations_rule_id_reward', table_name='evaluations')

@@ -16,7 +16,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 DEFAULT_URL = "sqlite:///nos.db"
@@ -98,15 +98,6 @@ def _sqlite_engine(url: URL) -> Engine:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
-
-
-def check_connection(engine: Engine) -> None:
-    """Connect once, turning a refused or failed connection into a StoreError."""
-    try:
-        with engine.connect() as connection:
-            connection.exec_driver_sql("SELECT 1")
-    except DBAPIError as exc:
-        raise StoreError(f"cannot open database {shown(engine.url)}: {first_line(exc.orig)}") from None
 
 
 def first_line(exc: BaseException | None) -> str:

@@ -118,10 +118,12 @@ class Evaluation(Base):
         # Run progress: counts by status within a run, read from the index alone.
         Index("ix_evaluations_run_id_status", "run_id", "status"),
         Index("ix_evaluations_run_id_batch", "run_id", "batch"),
-        # Leaderboard: best reward per rule; also the cache lookup by rule.
+        # Leaderboard: scored evaluations in reward order, overall, per run, per task ...
+        Index("ix_evaluations_reward", "reward"),
+        Index("ix_evaluations_run_id_reward", "run_id", "reward"),
+        Index("ix_evaluations_task_reward", "task", "reward"),
+        # ... and each rule's best evaluation; also the cache lookup by rule.
         Index("ix_evaluations_rule_id_reward", "rule_id", "reward"),
-        # Leaderboard per task.
-        Index("ix_evaluations_task_rule_id_reward", "task", "rule_id", "reward"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from .models import EVALUATION_STATUSES, Evaluation, Rule, Run
 
@@ -39,50 +39,42 @@ def leaderboard(session: Session, top: int = 20, *, run_id: int | None = None,
     Order: reward descending, then the earliest evaluation that reached it,
     so ties always come out the same way.
 
-    How: scored evaluations are read in that order, and the first one seen of
-    each rule is its best. Reading stops once `top` rules are found; the slice
-    read doubles until then, so the usual query touches a few hundred index
-    entries instead of grouping every evaluation.
+    How: walk scored evaluations down the reward index, keeping each one that
+    is its rule's best (a correlated lookup on the (rule_id, reward) index),
+    and stop after `top`. It reads a few rows per place instead of grouping
+    every evaluation; the `leaderboard` view is the same query without filters.
     """
     if top < 1:
         return []
-    filters = [Evaluation.reward.is_not(None)]
-    if run_id is not None:
-        filters.append(Evaluation.run_id == run_id)
-    if task is not None:
-        filters.append(Evaluation.task == task)
-    ordered = (select(Evaluation.id, Evaluation.rule_id).where(*filters)
-               .order_by(Evaluation.reward.desc(), Evaluation.id))
-    limit = top * 8
-    while True:
-        rows = session.execute(ordered.limit(limit)).all()
-        best: dict[int, int] = {}  # rule id -> evaluation id, in leaderboard order
-        for evaluation_id, rule_id in rows:
-            best.setdefault(rule_id, evaluation_id)
-            if len(best) == top:
-                break
-        if len(best) == top or len(rows) < limit:
-            break
-        limit *= 4
-    return _leaderboard_rows(session, best, filters)
-
-
-def _leaderboard_rows(session: Session, best: dict[int, int], filters: list) -> list[LeaderboardRow]:
-    if not best:
-        return []
+    best_of_rule = aliased(Evaluation)
+    filters = _scored_within(Evaluation, run_id, task)
+    best_id = (select(best_of_rule.id)
+               .where(best_of_rule.rule_id == Evaluation.rule_id, *_scored_within(best_of_rule, run_id, task))
+               .order_by(best_of_rule.reward.desc(), best_of_rule.id).limit(1).scalar_subquery())
+    # The rule's columns come from scalar subqueries, not a join, so the
+    # planner keeps walking the reward index (the same shape as the view).
+    rows = session.execute(
+        select(Evaluation.rule_id, _rule_column(Rule.text), _rule_column(Rule.depth), Evaluation.reward,
+               Evaluation.test_acc, Evaluation.best_lr, Evaluation.id, Evaluation.run_id, Evaluation.task)
+        .where(*filters, Evaluation.id == best_id)
+        .order_by(Evaluation.reward.desc(), Evaluation.id).limit(top)).all()
     counts = dict(session.execute(
-        select(Evaluation.rule_id, func.count()).where(Evaluation.rule_id.in_(best), *filters)
-        .group_by(Evaluation.rule_id)).all())
-    details = {e.id: (e, rule) for e, rule in session.execute(
-        select(Evaluation, Rule).join(Rule, Rule.id == Evaluation.rule_id)
-        .where(Evaluation.id.in_(best.values())))}
-    rows = []
-    for place, (rule_id, evaluation_id) in enumerate(best.items(), start=1):
-        e, rule = details[evaluation_id]
-        rows.append(LeaderboardRow(
-            place=place, rule_id=rule_id, rule=rule.text, depth=rule.depth, reward=e.reward, test_acc=e.test_acc,
-            best_lr=e.best_lr, evaluation_id=e.id, run_id=e.run_id, task=e.task, evaluations=counts[rule_id]))
-    return rows
+        select(Evaluation.rule_id, func.count()).where(Evaluation.rule_id.in_([r[0] for r in rows]), *filters)
+        .group_by(Evaluation.rule_id)).all()) if rows else {}
+    return [LeaderboardRow(place, *row, evaluations=counts[row[0]]) for place, row in enumerate(rows, start=1)]
+
+
+def _rule_column(column):
+    return select(column).where(Rule.id == Evaluation.rule_id).scalar_subquery()
+
+
+def _scored_within(table, run_id: int | None, task: str | None) -> list:
+    filters = [table.reward.is_not(None)]
+    if run_id is not None:
+        filters.append(table.run_id == run_id)
+    if task is not None:
+        filters.append(table.task == task)
+    return filters
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from sqlalchemy.exc import DBAPIError
 from .engine import Store, StoreError, create_engine, first_line, resolve_url, shown, sqlite_path
 
 UPGRADE_HINT = "run `nos db upgrade`"
+# PostgreSQL advisory lock held while upgrading (any constant; "nos" in ASCII).
+UPGRADE_LOCK_KEY = 0x6E6F73
 
 
 def migrations_dir() -> Path:
@@ -130,6 +132,9 @@ def upgrade(url: URL, revision: str = "head") -> SchemaState:
     config = alembic_config(url)
     try:
         with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Two `nos db upgrade` at once: the second waits, then finds nothing to do.
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK_KEY})")
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
     except DBAPIError as exc:

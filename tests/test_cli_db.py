@@ -1,0 +1,84 @@
+"""`nos db upgrade` and `nos db current`, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from nos.cli.main import cli
+from nos.store import create_engine, resolve_url
+
+NOS = str(Path(sys.executable).with_name("nos"))
+
+
+def nos(*args, env=None):
+    return CliRunner().invoke(cli, list(args), env=env)
+
+
+def test_upgrade_from_any_directory_creates_the_default_database(tmp_path, monkeypatch):
+    """A real `nos` process, in a folder with no alembic.ini: sqlite:///nos.db lands there."""
+    env = {k: v for k, v in os.environ.items() if k != "NOS_DB_URL"}
+    done = subprocess.run([NOS, "db", "upgrade"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "sqlite:///nos.db: at revision 0001 (up to date)\n"
+    assert (tmp_path / "nos.db").is_file()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOS_DB_URL", raising=False)
+    current = nos("db", "current")
+    assert (current.exit_code, current.output) == (0, "sqlite:///nos.db: at revision 0001 (up to date)\n")
+
+
+def test_upgrade_then_current_via_the_environment(db_url):
+    result = nos("db", "upgrade", env={"NOS_DB_URL": db_url})
+    assert result.exit_code == 0, result.output
+    assert "at revision 0001 (up to date)" in result.output
+    again = nos("db", "upgrade", "--db", db_url)
+    assert again.exit_code == 0 and "up to date" in again.output
+    current = nos("db", "current", "--db", db_url)
+    assert current.exit_code == 0 and "at revision 0001 (up to date)" in current.output
+
+
+def test_current_on_a_database_without_schema_names_the_upgrade_command(db_url):
+    url = resolve_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        Path(url.database).touch()
+    result = nos("db", "current", "--db", db_url)
+    assert result.exit_code == 1
+    assert "has no nos schema; run `nos db upgrade`" in result.output
+
+
+def test_a_database_from_a_newer_nos_is_refused(migrated_url):
+    engine = create_engine(resolve_url(migrated_url))
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE alembic_version SET version_num = 'beef0002'"))
+    engine.dispose()
+    current = nos("db", "current", "--db", migrated_url)
+    assert current.exit_code == 1 and "written by a newer nos" in current.output
+    upgrade = nos("db", "upgrade", "--db", migrated_url)
+    assert upgrade.exit_code == 2
+    assert upgrade.output.startswith("Error: database ") and "newer nos" in upgrade.output
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def test_a_missing_sqlite_file_is_a_one_line_error(tmp_path):
+    line = one_line_error(nos("db", "current", "--db", f"sqlite:///{tmp_path}/none.db"))
+    assert "no database at" in line and "nos db upgrade" in line
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_bad_urls_and_dead_servers_are_one_line_errors():
+    assert "bad database URL" in one_line_error(nos("db", "upgrade", "--db", "nonsense"))
+    assert "unsupported database 'mysql'" in one_line_error(nos("db", "current", "--db", "mysql://u@h/db"))
+    line = one_line_error(nos("db", "upgrade", "--db", "postgresql://u@127.0.0.1:1/db"))
+    assert "cannot open database postgresql+psycopg://u@127.0.0.1:1/db" in line
