@@ -29,6 +29,7 @@ class PolicyGradientConfig:
     clip: float = 0.2             # PPO: ratio clipped to [1 - clip, 1 + clip]
     epochs: int = 4               # PPO: gradient steps per observed batch
     max_grad_norm: float = 1.0    # gradient clipping of each controller step
+    normalize_advantage: bool = True  # divide advantages by the batch's reward spread
 
 
 class PolicyGradientSearcher(Searcher):
@@ -54,6 +55,10 @@ class PolicyGradientSearcher(Searcher):
         mean = reward.mean().item()
         baseline = mean if self.baseline is None else self.baseline
         advantage = reward - baseline
+        if self.config.normalize_advantage and len(tokens) > 1:
+            # Rewards of a batch often differ by little (most rules are bad); scaling
+            # the advantages to unit spread keeps the step size independent of that.
+            advantage = advantage / (reward.std() + 1e-8)
         with torch.no_grad():
             old_log_prob, _ = self.controller.log_prob_and_entropy(seqs)
         for _ in range(self._steps()):
