@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import click
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -54,8 +55,6 @@ def eval_command(rule: str, task_name: str, seed: int, device: str, data_dir: st
     """
     tree = parse_or_exit(rule)
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
     try:
         task = get_task(task_name, device=device, data_dir=data_dir, train_size=train_size, lrs=lrs,

@@ -50,7 +50,7 @@ def _splits(arrays: tuple[Tensor, ...], device: torch.device, channels_last: boo
 def _device(device: str | torch.device) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device here")
+        raise ValueError(f"device '{device}' asked for, but torch sees no CUDA device here")
     return device
 
 

@@ -1,0 +1,63 @@
+"""`nos eval`: a table and a reward for good input, exit status 2 and one clear line for bad input."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from nos.cli.main import cli
+
+FAST = ["--lrs", "1e-2,1e-1", "--epochs", "1", "--train-size", "200"]
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, ["eval", *args])
+
+
+def test_eval_prints_the_sweep_and_the_reward():
+    result = run("powersign", "--task", "digits", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "reward" in result.output and "sweep" in result.output and "final" in result.output
+
+
+def test_eval_json_is_the_evaluation_result():
+    result = run("sgd", "--json", "--seed", "2", *FAST)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["rule"] == "g" and data["seed"] == 2 and [t["lr"] for t in data["trials"]] == [1e-2, 1e-1]
+
+
+def test_bad_rule_exits_2():
+    result = run("g * (", *FAST)
+    assert result.exit_code == 2 and "bad rule" in result.output
+
+
+def test_unknown_task_exits_2_and_lists_tasks():
+    result = run("sgd", "--task", "mnist")
+    assert result.exit_code == 2 and "unknown task" in result.output and "fashion-mnist" in result.output
+
+
+def test_missing_cifar10_exits_2_and_says_where_files_go(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    result = run("sgd", "--task", "cifar10", "--data-dir", str(tmp_path))
+    assert result.exit_code == 2 and "cifar-10-batches-py" in result.output and "--data-dir" in result.output
+
+
+def test_bad_learning_rates_exit_2():
+    assert run("sgd", "--lrs", "1e-2,abc").exit_code == 2
+    assert run("sgd", "--lrs", "0").exit_code == 2
+
+
+def test_unavailable_device_exits_2():
+    import torch
+
+    if torch.cuda.is_available():
+        return   # the machine has the device: nothing to refuse
+    result = run("sgd", "--device", "cuda", *FAST)
+    assert result.exit_code == 2 and "CUDA" in result.output

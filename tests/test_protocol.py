@@ -1,0 +1,111 @@
+"""The paper's protocol: sweep, best rate, final run; deterministic; honest about divergence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nos.tasks import EvaluationResult, evaluate_rule, get_task
+
+SMALL = dict(lrs=[1e-2, 1e-1, 1.0], epochs=2, train_size=400)
+
+
+def _without_times(result: EvaluationResult) -> dict:
+    data = result.to_dict()
+    data.pop("wall_seconds")
+    for trial in data["trials"] + [data["final"]]:
+        if trial:
+            trial.pop("wall_seconds")
+    return data
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return get_task("digits", **SMALL)
+
+
+def test_end_to_end_on_digits(digits):
+    seen = []
+    result = evaluate_rule("powersign", digits, seed=0, on_trial=lambda record, stage: seen.append(stage))
+    assert seen == ["sweep"] * 3 + ["final"]
+    assert [t.lr for t in result.trials] == [1e-2, 1e-1, 1.0]
+    best = max(result.trials, key=lambda t: t.val_acc)
+    assert result.best_lr == best.lr and not result.diverged
+    assert result.reward == result.final.val_acc and result.final.epochs == 2 and result.final.lr == result.best_lr
+    assert 0.5 < result.reward <= 1 and 0.5 < result.test_acc <= 1   # it learns something
+    assert result.rule == "g * exp(sign(g) * sign(m))" and result.task == "digits"
+    assert result.final.steps == 2 * digits.steps_per_epoch
+    # Plain JSON data, for the database and Celery.
+    again = EvaluationResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert again == result
+
+
+def test_same_rule_and_seed_give_the_same_result(digits):
+    for rule in ("adam", "drop(m, 0.3) * exp(1e-3*w)"):   # the second draws noise from the optimizer's generator
+        first, second = evaluate_rule(rule, digits, seed=3), evaluate_rule(rule, digits, seed=3)
+        assert _without_times(first) == _without_times(second)
+    assert evaluate_rule("adam", digits, seed=4).trials != first.trials
+
+
+def test_continuing_the_best_sweep_trial_equals_a_fresh_final_run(digits):
+    for rule in ("momentum", "drop(g, 0.1)", "powersign-ld"):   # plain, random, and a schedule (never reused)
+        reused, fresh = evaluate_rule(rule, digits, 1), evaluate_rule(rule, digits, 1, reuse_sweep=False)
+        assert _without_times(reused) == _without_times(fresh)
+
+
+def test_evaluation_leaves_global_state_alone(digits):
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
+    evaluate_rule("sgd", digits, seed=0)
+    assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads
+
+
+def test_a_rule_that_blows_up_finishes_as_diverged():
+    # exp(exp(g)) overflows to inf at the first step on the quadratic's large gradients.
+    task = get_task("quadratic", lrs=[1e-3, 1e-1])
+    result = evaluate_rule("exp(exp(g))", task, seed=0)
+    assert result.diverged and result.reward == 0 and result.test_acc == 0 and result.best_lr is None
+    assert result.final is None
+    for trial in result.trials:
+        assert trial.diverged and trial.val_acc == 0 and trial.train_loss is None
+        assert trial.steps <= 1   # stopped at once, not after the epoch
+    json.dumps(result.to_dict())
+
+
+def test_exp_exp_g_on_digits_finishes_without_an_exception(digits):
+    result = evaluate_rule("exp(exp(g))", digits, seed=0)
+    assert 0 <= result.reward <= 1
+
+
+def test_diverging_at_some_rates_only_zeroes_those_trials():
+    task = get_task("quadratic", lrs=[1e-3, 10.0], epochs=1)
+    result = evaluate_rule("sgd", task, seed=0)
+    low, high = result.trials
+    assert not low.diverged and low.val_acc > 0
+    assert high.diverged and high.val_acc == 0 and high.steps < task.steps_per_epoch
+    assert result.best_lr == 1e-3 and not result.diverged
+
+
+def test_non_finite_weights_diverge_even_when_no_loss_did():
+    # log(g - g) = log(0) = -inf: the first step makes every weight infinite.
+    result = evaluate_rule("log(g - g)", get_task("digits", **SMALL), seed=0)
+    assert result.diverged and all(t.diverged for t in result.trials) and result.reward == 0
+
+
+def test_loss_based_tasks_score_in_the_unit_interval():
+    for name in ("quadratic", "rosenbrock"):
+        result = evaluate_rule("adam", get_task(name, lrs=[1e-2, 1e-1], epochs=2), seed=0)
+        assert 0 < result.reward <= 1 and not result.diverged
+
+
+def test_schedules_get_the_run_length():
+    result = evaluate_rule("addsign-cd", get_task("rosenbrock", lrs=[1e-3], epochs=2), seed=0)
+    assert result.final.steps == 2 * 100
+
+
+def test_a_bad_rule_raises_before_training(digits):
+    from nos.rules import RuleSyntaxError
+
+    with pytest.raises(RuleSyntaxError):
+        evaluate_rule("g +", digits)

@@ -1,0 +1,127 @@
+"""Tasks load their data into tensors, split it honestly, and say clearly when files are missing."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from nos.tasks import TASKS, DataUnavailable, UnknownTask, get_task
+from nos.tasks.data import DEBIAN_FASHION_MNIST
+
+from conftest import unavailable
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def tiny_fashion(tmp_path):
+    """A Fashion-MNIST folder in torchvision's FashionMNIST/raw layout: 60 train and 20 test images."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 60), ("t10k", 20)):
+        _write_idx(raw / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(raw / f"{stem}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return tmp_path
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(UnknownTask) as info:
+        get_task("mnist")
+    for name in TASKS:
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["digits", "quadratic", "rosenbrock"])
+def test_bundled_and_synthetic_tasks_load(name):
+    task = get_task(name)
+    s = task.splits
+    assert len(s.train_x) == len(s.train_y) and len(s.val_x) == len(s.val_y) and len(s.test_x) == len(s.test_y)
+    assert task.steps_per_epoch >= 1 and task.lrs == tuple(10.0 ** k for k in range(-5, 2))
+    assert (task.sweep_epochs, task.epochs) == (1, 5)
+    child = task.new_child()
+    out = child(s.train_x[: task.batch_size])
+    assert torch.isfinite(task.objective.loss(out, s.train_y[: task.batch_size]))
+
+
+def test_digits_splits_partition_the_data_and_subsample():
+    from sklearn.datasets import load_digits
+
+    task = get_task("digits")
+    assert task.splits.sizes == {"train": 1200, "val": 300, "test": 297}
+    everything = torch.cat([task.splits.train_x, task.splits.val_x, task.splits.test_x])
+    full = torch.tensor(load_digits().data, dtype=torch.float32) / 16
+    assert len(everything) == len(full) and torch.allclose(everything.sum(0), full.sum(0))   # each image once
+    small = get_task("digits", train_size=100)
+    assert small.splits.sizes["train"] == 100 and torch.equal(small.splits.val_x, task.splits.val_x)
+
+
+def test_config_key_is_stable_and_tracks_options():
+    assert get_task("digits").config_key() == get_task("digits").config_key()
+    assert get_task("digits").config_key() != get_task("digits", lrs=[0.1]).config_key()
+    assert get_task("digits").config_key() != get_task("digits", train_size=600).config_key()
+    assert get_task("digits").to_dict()["options"]["hidden"] == 64   # defaults are part of the identity
+
+
+def test_bad_options_are_value_errors():
+    with pytest.raises(ValueError):
+        get_task("digits", train_size=5000)
+    with pytest.raises(ValueError):
+        get_task("digits", lrs=[0.1, -1])
+
+
+def test_fashion_mnist_from_a_torchvision_style_folder(tiny_fashion):
+    task = get_task("fashion-mnist", data_dir=tiny_fashion, val_size=10, batch_size=8)
+    assert task.splits.sizes == {"train": 50, "val": 10, "test": 20}
+    x = task.splits.train_x
+    assert x.shape[1:] == (1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert task.new_child()(x[:8]).shape == (8, 10)
+
+
+def test_fashion_mnist_from_the_debian_package():
+    if not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        unavailable("Fashion-MNIST (Debian package dataset-fashion-mnist)", f"{DEBIAN_FASHION_MNIST} is empty")
+    task = get_task("fashion-mnist", train_size=1000)
+    assert task.splits.sizes == {"train": 1000, "val": 5000, "test": 10000}
+    assert task.splits.test_x.shape == (10000, 1, 28, 28)
+    assert set(task.splits.test_y.tolist()) == set(range(10))
+    assert task.splits.train_x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cifar10_from_a_folder_of_python_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": list(range(4))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    task = get_task("cifar10", data_dir=tmp_path, val_size=4, batch_size=4, download=False)
+    assert task.splits.sizes == {"train": 16, "val": 4, "test": 4}
+    assert task.new_child()(task.splits.train_x[:4]).shape == (4, 10)
+
+
+def test_cifar10_missing_says_where_to_put_the_files(tmp_path):
+    with pytest.raises(DataUnavailable) as info:
+        get_task("cifar10", data_dir=tmp_path / "empty", download=False)
+    message = str(info.value)
+    assert "cifar-10-batches-py" in message and "--data-dir" in message and str(tmp_path / "empty") in message
+
+
+def test_a_failed_download_is_the_same_clear_error(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DataUnavailable, match="could not be downloaded.*network unreachable"):
+        get_task("cifar10", data_dir=tmp_path)
