@@ -1,19 +1,42 @@
-"""Entry point of the `nos` command."""
+"""Entry point of the `nos` command.
+
+Subcommands load on use: `nos stop` or `nos runs` does not wait for torch to import.
+"""
 
 from __future__ import annotations
 
+from importlib import import_module
+
 import click
 
-from .db import db_group
-from .demo import demo_command
-from .evaluate import eval_command
-from .results import leaderboard_command, runs_command, show_command, status_command
-from .rules import rule_group
-from .search import enqueue_command, resume_command, stop_command
-from .worker import worker_command
+COMMANDS = {
+    "demo": ".demo:demo_command",
+    "rule": ".rules:rule_group",
+    "eval": ".evaluate:eval_command",
+    "db": ".db:db_group",
+    "enqueue": ".search:enqueue_command",
+    "resume": ".search:resume_command",
+    "stop": ".search:stop_command",
+    "runs": ".results:runs_command",
+    "status": ".results:status_command",
+    "leaderboard": ".results:leaderboard_command",
+    "show": ".results:show_command",
+    "worker": ".worker:worker_command",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name].split(":")
+        return getattr(import_module(module, __package__), attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nos")
 def cli() -> None:
     """nos: Neural Optimizer Search.
@@ -21,16 +44,6 @@ def cli() -> None:
     Learns update rules by reinforcement learning; any rule is a
     torch.optim.Optimizer (nos.optim.SymbolicOptimizer).
     """
-
-
-cli.add_command(rule_group)
-cli.add_command(demo_command)
-# Subcommands of later modules register here, one line each.
-cli.add_command(eval_command)
-cli.add_command(db_group)
-for command in (enqueue_command, resume_command, stop_command, runs_command, status_command,
-                leaderboard_command, show_command, worker_command):
-    cli.add_command(command)
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from nos.optim import resolve_rule
 from nos.rules import RuleSyntaxError, to_text
+from nos.rules.builtins import resolve_rule
 from nos.store import get_run, leaderboard, list_runs, run_progress, trials_of, utcnow
 from nos.store.models import Evaluation, Rule
 

@@ -6,12 +6,9 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nos.config import ConfigError, SearchConfig
-from nos.driver import Progress as DriverProgress, drive_run
 from nos.store import Store, StoreError, create_run, get_run, set_run_status, shown
 from nos.store.schema import schema_state, upgrade
 from nos.store.engine import resolve_url
-from nos.tasks import DataUnavailable, UnknownTask
-from nos.work import task_for
 
 from .console import console
 from .db import db_option, open_store_or_exit
@@ -41,6 +38,9 @@ def _store_for_writing(db_url: str | None) -> Store:
 
 def _check_task(config: SearchConfig) -> None:
     """Load the task's data now, so a bad task fails before anything is written."""
+    from nos.tasks import DataUnavailable, UnknownTask
+    from nos.work import task_for
+
     try:
         task_for(config, "cpu")
     except (UnknownTask, DataUnavailable, ValueError, TypeError) as exc:
@@ -48,6 +48,8 @@ def _check_task(config: SearchConfig) -> None:
 
 
 def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | None = None) -> None:
+    from nos.driver import Progress as DriverProgress, drive_run
+
     columns = (TextColumn("run {task.fields[run]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("best reward {task.fields[best]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
@@ -102,8 +104,8 @@ def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_siz
             config = SearchConfig.from_dict({**config.to_dict(), "task_options": options})
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
-    _check_task(config)
     _check_executor(broker_url, detach)
+    _check_task(config)
     store = _store_for_writing(db_url)
     with store.transaction() as session:
         run_id = create_run(session, config.label, config.task, config.to_dict())
@@ -148,8 +150,8 @@ def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: st
             config = SearchConfig.from_dict(run.config)
         except ConfigError as exc:
             raise UsageProblem(f"run {run_id} has a config this nos cannot read: {exc}") from None
-    _check_task(config)
     _check_executor(broker_url, detach)
+    _check_task(config)
     with store.transaction() as session:
         set_run_status(session, run_id, "running")
     console.print(f"resuming run {run_id} ({config.label})")

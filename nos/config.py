@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .search import SEARCHERS, PolicyGradientConfig
+from .search.settings import SEARCHERS, PolicyGradientConfig
 
 
 class ConfigError(ValueError):

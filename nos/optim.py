@@ -15,33 +15,11 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from .rules import Node, operands_read, parse, state_buffers, to_text
+from .rules import Node, operands_read, state_buffers, to_text
+from .rules.builtins import BUILTINS, resolve_rule  # noqa: F401  (BUILTINS: part of nos.optim's API)
 from .rules.elementwise import step_one
 from .rules.evaluate import Scratch, StepContext, apply_update, operand_uses, step_numbers, update_moments
 from .rules.tree import is_random
-
-# TensorFlow's PowerSign / AddSign with a sign decay f(t) in {ld, cd, rd}:
-# base^(f(t) * sign(g) * sign(m)) * g with base e, and (alpha + f(t) * sign(g) * sign(m)) * g with alpha 1.
-BUILTINS: dict[str, str] = {
-    "sgd": "g",
-    # The rule language's m is bias-corrected; SGD-momentum's buffer is that
-    # times (1 - 0.9^t) / 0.1, a factor the learning-rate sweep absorbs.
-    "momentum": "m",
-    "adam": "adam",
-    "rmsprop": "rmsprop",
-    "powersign": "g * exp(sign(g) * sign(m))",
-    "addsign": "(1 + sign(g) * sign(m)) * g",
-    **{f"powersign-{d}": f"g * exp({d} * sign(g) * sign(m))" for d in ("ld", "cd", "rd")},
-    **{f"addsign-{d}": f"(1 + {d} * sign(g) * sign(m)) * g" for d in ("ld", "cd", "rd")},
-}
-
-
-def resolve_rule(rule: str | Node) -> Node:
-    """A rule tree from a tree, a built-in name, or rule text."""
-    if isinstance(rule, str):
-        return parse(BUILTINS.get(rule.strip().lower(), rule))
-    return rule
-
 
 class SymbolicOptimizer(torch.optim.Optimizer):
     """Train with an update rule written in nos's rule language.

@@ -1,4 +1,7 @@
-"""Distributed runs: real Redis, real `nos worker` processes, killed workers, a flushed broker."""
+"""Distributed runs: real Redis, real `nos worker` processes, killed workers, a flushed broker.
+
+The two central cases run on SQLite and PostgreSQL; the others on one each, to keep the suite short.
+"""
 
 from __future__ import annotations
 
@@ -153,6 +156,7 @@ def test_a_worker_killed_mid_evaluation_is_redone_by_the_other(db_url, broker, w
     assert per_eval == 3 or redone.status == "diverged"
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_flushed_broker_loses_nothing(db_url, broker, workers, slow_toml):
     import redis
 
@@ -169,6 +173,7 @@ def test_a_flushed_broker_loses_nothing(db_url, broker, workers, slow_toml):
     assert_complete(db_url, 1, 10)
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_killed_driver_is_resumed(db_url, broker, workers, slow_toml):
     workers.start("w1")
     driver = start_nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker)
@@ -181,6 +186,7 @@ def test_a_killed_driver_is_resumed(db_url, broker, workers, slow_toml):
     assert_complete(db_url, 1, 10)
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_detached_runs_are_driven_by_a_control_worker(db_url, broker, workers, slow_toml):
     workers.start("w1")
     workers.start("driver", queues="control")

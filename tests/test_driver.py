@@ -180,7 +180,7 @@ def same_state(a, b) -> bool:
 @pytest.mark.parametrize("how", ["nos stop", "ctrl-c"])
 def test_stopping_leaves_a_consistent_run_that_resumes(tmp_path, tiny_toml, how):
     url = f"sqlite:///{tmp_path / 'stopped.db'}"
-    driver = start_nos("enqueue", "--config", tiny_toml, "--db", url, "--budget", "40")
+    driver = start_nos("enqueue", "--config", tiny_toml, "--db", url, "--budget", "16")
     wait_for(lambda: _has_run(url) and finished_count(url, 1) >= 3)
     if how == "nos stop":
         stop = nos("stop", "1", "--db", url)
@@ -191,7 +191,7 @@ def test_stopping_leaves_a_consistent_run_that_resumes(tmp_path, tiny_toml, how)
     assert driver.returncode == 0, out
     assert "nos resume 1" in out
     rows = run_rows(url, 1)
-    assert len(rows) < 40
+    assert len(rows) < 16
     assert not any(e.status == "running" for e in rows)   # no claim left behind
     store = open_store(url)
     with store.reading() as session:
@@ -200,7 +200,7 @@ def test_stopping_leaves_a_consistent_run_that_resumes(tmp_path, tiny_toml, how)
 
     resumed = nos("resume", "1", "--db", url)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert_complete(url, 1, 40)
+    assert_complete(url, 1, 16)
 
 
 def test_a_rule_scored_before_is_not_trained_again(sqlite_url):

@@ -1,23 +1,45 @@
-"""Search strategies behind one Searcher interface, and the LSTM controller."""
+"""Search strategies behind one Searcher interface, and the LSTM controller.
+
+The torch-backed parts load on first use, so reading a config (`nos stop`,
+`nos runs`, a bad flag) does not pay for importing torch.
+"""
 
 from __future__ import annotations
 
-from .base import Proposal, Searcher, state_from_bytes, state_to_bytes
-from .policy_gradient import PolicyGradientConfig, PolicyGradientSearcher, ReinforceSearcher
-from .random_search import RandomSearcher
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-SEARCHERS = {"ppo": PolicyGradientSearcher, "reinforce": ReinforceSearcher, "random": RandomSearcher}
+from .settings import SEARCHERS, PolicyGradientConfig
+
+_LAZY = {
+    "Proposal": ".base", "Searcher": ".base", "state_from_bytes": ".base", "state_to_bytes": ".base",
+    "PolicyGradientSearcher": ".policy_gradient", "ReinforceSearcher": ".policy_gradient",
+    "RandomSearcher": ".random_search",
+}
+
+if TYPE_CHECKING:
+    from .base import Proposal, Searcher, state_from_bytes, state_to_bytes
+    from .policy_gradient import PolicyGradientSearcher, ReinforceSearcher
+    from .random_search import RandomSearcher
 
 
-def make_searcher(name: str, depth: int = 2, seed: int = 0, **hyperparameters) -> Searcher:
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_searcher(name: str, depth: int = 2, seed: int = 0, **hyperparameters) -> "Searcher":
     """A searcher by name; hyperparameters are PolicyGradientConfig fields (ppo, reinforce)."""
     if name not in SEARCHERS:
         raise ValueError(f"unknown searcher {name!r}; choose from {', '.join(SEARCHERS)}")
     if name == "random":
         if hyperparameters:
             raise ValueError(f"random search takes no hyperparameters, got {', '.join(hyperparameters)}")
+        from .random_search import RandomSearcher
         return RandomSearcher(depth, seed)
-    return SEARCHERS[name](depth, seed, **hyperparameters)
+    from .policy_gradient import PolicyGradientSearcher, ReinforceSearcher
+    return {"ppo": PolicyGradientSearcher, "reinforce": ReinforceSearcher}[name](depth, seed, **hyperparameters)
 
 
 __all__ = [

@@ -9,6 +9,8 @@ can cause (a bad URL, a server that is down, a missing file) becomes a
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,6 +74,20 @@ def create_engine(url: URL) -> Engine:
         raise StoreError(f"no driver for {shown(url)}") from None
 
 
+def _set_wal(cursor) -> None:
+    # Switching a new file to WAL needs a moment alone with it and, unlike other
+    # statements, does not wait out the busy timeout: retry it while others do the same.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_engine(url: URL) -> Engine:
     engine = sa.create_engine(url)
 
@@ -84,7 +100,7 @@ def _sqlite_engine(url: URL) -> Engine:
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys = ON")
         if sqlite_path(url) is not None:
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _set_wal(cursor)
             # WAL with synchronous=NORMAL is durable across process crashes.
             cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
