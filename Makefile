@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/nos demo
+	$(BIN)/nos enqueue
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -56,8 +56,8 @@ def main() -> None:
     if fresh:
         upgrade(url)
     rows = []
-    for name in args.searchers:
-        for seed in args.seeds:
+    for seed in args.seeds:   # every searcher at one seed first: a partial run still compares them
+        for name in args.searchers:
             config = SearchConfig(task=args.task, searcher=name, budget=args.budget, seed=seed,
                                   name=f"bench-{args.task}-{name}-s{seed}-b{args.budget}")
             start = time.perf_counter()
