@@ -180,8 +180,9 @@ def same_state(a, b) -> bool:
 @pytest.mark.parametrize("how", ["nos stop", "ctrl-c"])
 def test_stopping_leaves_a_consistent_run_that_resumes(tmp_path, tiny_toml, how):
     url = f"sqlite:///{tmp_path / 'stopped.db'}"
-    driver = start_nos("enqueue", "--config", tiny_toml, "--db", url, "--budget", "16")
-    wait_for(lambda: _has_run(url) and finished_count(url, 1) >= 3)
+    # Four times the data makes each evaluation long enough that the stop lands mid-run.
+    driver = start_nos("enqueue", "--config", tiny_toml, "--db", url, "--budget", "16", "--train-size", "1200")
+    wait_for(lambda: _has_run(url) and finished_count(url, 1) >= 2)
     if how == "nos stop":
         stop = nos("stop", "1", "--db", url)
         assert stop.returncode == 0, stop.stderr
