@@ -96,6 +96,7 @@ def main() -> None:
     task_for(CONFIG, "cpu")   # build the task once, outside the timings
 
     seed = iter(range(1, 1000))
+    timed(store, 4, next(seed), lambda ids: [run_evaluation(store, i) for i in ids])   # warm, like the workers
     reference = timed(store, args.n, next(seed), lambda ids: [run_evaluation(store, i) for i in ids]) / args.n
     rows = [("in-process run_evaluation (reference)", 1, reference)]
     for k in (1, 2):
