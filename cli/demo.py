@@ -9,15 +9,8 @@ from rich.table import Table
 
 from nos.optim import BUILTINS, SymbolicOptimizer
 from nos.rules import min_depth, parse, state_buffers, to_text
+from nos.rules.builtins import PAPER_EXAMPLES
 
-PAPER_RULES = (
-    "g * exp(sign(g) * sign(m))",
-    "(1 + sign(g) * sign(m)) * g",
-    "clip(m, 1e-4) * exp(v)",
-    "drop(m, 0.3) * exp(1e-3*w)",
-    "adam * exp(sign(g) * sign(m))",
-    "g - clip(g^2, 1e-4)",
-)
 
 
 def _digits() -> tuple[torch.Tensor, ...]:
@@ -53,7 +46,7 @@ def demo_command() -> None:
     table = Table(title="Rules parse to canonical trees")
     for column in ("rule", "canonical", "depth", "state buffers"):
         table.add_column(column)
-    for text in PAPER_RULES:
+    for text in PAPER_EXAMPLES:
         tree = parse(text)
         table.add_row(text, to_text(tree), str(min_depth(tree)), ", ".join(state_buffers(tree)) or "-")
     console.print(table)

@@ -19,6 +19,8 @@ from nos.search import make_searcher, state_from_bytes
 from nos.store import create_run, latest_checkpoint, open_store, resolve_url, upgrade
 from nos.store.models import Checkpoint, Evaluation, Rule, Run
 
+from test_search import same_state
+
 # A few tenths of a second per evaluation: long enough to kill a driver mid-batch.
 TINY = dict(task="digits", budget=12, batch_size=4, depth=1, workers=2, seed=3, stale_after=3.0,
             heartbeat_every=1.0, task_options={"train_size": 300, "lrs": [0.01, 0.1], "epochs": 1})
@@ -163,18 +165,6 @@ def _has_run(url: str) -> bool:
             return session.get(Run, 1) is not None
     finally:
         store.dispose()
-
-
-def same_state(a, b) -> bool:
-    import torch
-
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 @pytest.mark.parametrize("how", ["nos stop", "ctrl-c"])

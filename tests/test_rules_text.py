@@ -12,17 +12,11 @@ from nos.rules import (
 )
 from nos.rules.tree import BINARY_OPS
 from nos.rules.vocabulary import BINARY, OPERANDS, UNARY
+from nos.rules.builtins import PAPER_EXAMPLES
 
 from rule_strategies import trees
 
-PAPER_RULES = [
-    "g * exp(sign(g) * sign(m))",
-    "(1 + sign(g) * sign(m)) * g",
-    "clip(m, 1e-4) * exp(v)",
-    "drop(m, 0.3) * exp(1e-3*w)",
-    "adam * exp(sign(g) * sign(m))",
-    "g - clip(g^2, 1e-4)",
-]
+PAPER_RULES = list(PAPER_EXAMPLES)
 
 
 @pytest.mark.parametrize("name", OPERANDS)

@@ -21,6 +21,17 @@ BUILTINS: dict[str, str] = {
 }
 
 
+# Rules from the paper and DESIGN.md that must parse and train (the demo and the tests use them).
+PAPER_EXAMPLES: tuple[str, ...] = (
+    "g * exp(sign(g) * sign(m))",
+    "(1 + sign(g) * sign(m)) * g",
+    "clip(m, 1e-4) * exp(v)",
+    "drop(m, 0.3) * exp(1e-3*w)",
+    "adam * exp(sign(g) * sign(m))",
+    "g - clip(g^2, 1e-4)",
+)
+
+
 def resolve_rule(rule: str | Node) -> Node:
     """A rule tree from a tree, a built-in name, or rule text."""
     if isinstance(rule, str):
