@@ -12,7 +12,6 @@ from nos.rules import min_depth, parse, state_buffers, to_text
 from nos.rules.builtins import PAPER_EXAMPLES
 
 
-
 def _digits() -> tuple[torch.Tensor, ...]:
     from sklearn.datasets import load_digits
 
