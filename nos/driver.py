@@ -90,6 +90,9 @@ class Driver:
         except (KeyboardInterrupt, StopRequested):
             self._stop()
             return "stopped"
+        except Exception as exc:   # mark the run failed (resumable), then let the caller see why
+            self._fail(exc)
+            raise
         with self.store.transaction() as session:
             save_checkpoint(session, self.run_id, step, {"batch": step, "tokens": []}, self._rng_state(),
                             state_to_bytes(self.searcher.state_dict()))
@@ -180,6 +183,14 @@ class Driver:
         with self.store.transaction() as session:
             release_claims(session, self.run_id, names, refund=True)
             set_run_status(session, self.run_id, "stopped")
+
+    def _fail(self, exc: Exception) -> None:
+        self.executor.close()
+        try:
+            with self.store.transaction() as session:
+                set_run_status(session, self.run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        except Exception:   # the database itself may be what failed; the run stays resumable
+            pass
 
     # -- reading the run ---------------------------------------------------------
     def _batch(self, step: int) -> list[Evaluation]:
