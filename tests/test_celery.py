@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 
 import pytest
 
@@ -60,6 +61,22 @@ def slow_toml(tmp_path) -> str:
     path = tmp_path / "slow.toml"
     path.write_text(SLOW_TOML)
     return str(path)
+
+
+@contextmanager
+def driving(*args: str):
+    """A `nos` driver process for the block; killed at the end if it is still running."""
+    driver = start_nos(*args)
+    try:
+        yield driver
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+
+def expect_success(driver: subprocess.Popen) -> None:
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0, out
 
 
 class Workers:
@@ -123,8 +140,7 @@ def test_a_search_with_two_workers_completes(db_url, broker, workers, slow_toml)
 def test_a_worker_killed_mid_evaluation_is_redone_by_the_other(db_url, broker, workers, slow_toml):
     workers.start("w1")
     workers.start("w2")
-    driver = start_nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker)
-    try:
+    with driving("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker) as driver:
         host_pids = workers.pids("w1")
 
         def w1_running():
@@ -136,11 +152,7 @@ def test_a_worker_killed_mid_evaluation_is_redone_by_the_other(db_url, broker, w
 
         victim = wait_for(w1_running)
         workers.kill("w1")
-        out, _ = driver.communicate(timeout=300)
-        assert driver.returncode == 0, out
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+        expect_success(driver)
     assert_complete(db_url, 1, 10)
     redone = next(e for e in run_rows(db_url, 1) if e.id == victim)
     assert redone.attempts == 2 and redone.status in ("done", "diverged")
@@ -161,15 +173,10 @@ def test_a_flushed_broker_loses_nothing(db_url, broker, workers, slow_toml):
     import redis
 
     workers.start("w1")
-    driver = start_nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker)
-    try:
+    with driving("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker) as driver:
         wait_for(lambda: finished_count(db_url, 1) >= 1)
         redis.Redis.from_url(broker).flushdb()   # every queued and unacknowledged message is gone
-        out, _ = driver.communicate(timeout=300)
-        assert driver.returncode == 0, out
-    finally:
-        if driver.poll() is None:
-            driver.kill()
+        expect_success(driver)
     assert_complete(db_url, 1, 10)
 
 
