@@ -116,6 +116,11 @@ def status_command(run_id, db_url, broker_url) -> None:
                       f"{progress.finished}/{run.config.get('budget', '?')} evaluations finished, "
                       f"best reward {_fmt(progress.best_reward)}")
         console.print("  " + ", ".join(f"{status} {n}" for status, n in progress.counts.items()))
+        if progress.finished:
+            console.print(f"  cache hit rate {progress.cache_hit_rate:.1%} "
+                          f"({progress.counts['cached'] - progress.equivalent} same rule, "
+                          f"{progress.equivalent} same behaviour), "
+                          f"rejected before training {progress.rejection_rate:.1%}")
         in_flight = session.execute(
             select(Evaluation, Rule.text).join(Rule, Rule.id == Evaluation.rule_id)
             .where(Evaluation.run_id == run_id, Evaluation.status == "running").order_by(Evaluation.seq)).all()

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .search.settings import SEARCHERS, PolicyGradientConfig
+from .search.settings import SEARCHER_SETTINGS, SEARCHERS
 
 
 class ConfigError(ValueError):
@@ -26,7 +26,7 @@ def default_workers() -> int:
 @dataclass(frozen=True)
 class SearchConfig:
     task: str = "digits"                   # child task: digits, fashion-mnist, cifar10, quadratic, rosenbrock
-    searcher: str = "ppo"                  # ppo, reinforce or random
+    searcher: str = "ppo"                  # ppo, reinforce, random or evolution
     budget: int = 200                      # evaluations in the run, cached ones included
     batch_size: int = 20                   # rules proposed per controller step
     depth: int = 2                         # rule depth: 1, 2 or 3 (5, 13, 29 tokens)
@@ -35,10 +35,11 @@ class SearchConfig:
     device: str = "cpu"                    # where children train: cpu, cuda, cuda:1
     name: str = ""                         # a label for `nos runs`; defaults to TASK-SEARCHER
     task_options: dict[str, Any] = field(default_factory=dict)   # data_dir, train_size, lrs, epochs, ...
-    controller: dict[str, Any] = field(default_factory=dict)     # PolicyGradientConfig overrides
+    controller: dict[str, Any] = field(default_factory=dict)     # the searcher's settings (search/settings.py)
     stale_after: float = 120.0             # seconds without a heartbeat before a claim is retaken
     max_attempts: int = 3                  # claims of one evaluation before it is failed
     heartbeat_every: float = 10.0          # seconds between a worker's heartbeats
+    probe: bool = True                     # fingerprint rules and reject hopeless ones before training
 
     def __post_init__(self) -> None:
         problems = []
@@ -53,15 +54,26 @@ class SearchConfig:
         for key in ("stale_after", "heartbeat_every"):
             if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) <= 0:
                 problems.append(f"{key} must be a positive number of seconds, got {getattr(self, key)!r}")
+        if not isinstance(self.probe, bool):
+            problems.append(f"probe must be true or false, got {self.probe!r}")
         if isinstance(self.heartbeat_every, (int, float)) and isinstance(self.stale_after, (int, float)) \
                 and self.heartbeat_every * 2 > self.stale_after:
             problems.append("heartbeat_every must be at most half of stale_after, or live workers look dead")
-        known = {f.name for f in fields(PolicyGradientConfig)}
-        unknown = set(self.controller) - known
-        if unknown:
-            problems.append(f"unknown controller keys {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-        if self.controller and self.searcher == "random":
-            problems.append("random search takes no controller settings")
+        settings = SEARCHER_SETTINGS.get(self.searcher)
+        if settings is None:
+            if self.controller and self.searcher in SEARCHER_SETTINGS:
+                problems.append(f"{self.searcher} search takes no controller settings")
+        else:
+            known = {f.name for f in fields(settings)}
+            unknown = set(self.controller) - known
+            if unknown:
+                problems.append(f"unknown controller keys {', '.join(sorted(unknown))}; "
+                                f"{self.searcher} knows: {', '.join(sorted(known))}")
+            else:
+                try:
+                    settings(**self.controller)
+                except (TypeError, ValueError) as exc:
+                    problems.append(f"controller: {exc}")
         if problems:
             raise ConfigError("; ".join(problems))
 

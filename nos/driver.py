@@ -23,15 +23,17 @@ from sqlalchemy import func, select
 from .config import SearchConfig
 from .executors import Executor
 from .search import Searcher, make_searcher, state_from_bytes, state_to_bytes
+from .rules.fingerprint import Verdict, probe
 from .store import (
-    NewEvaluation, RuleRecord, Store, batch_evaluations, enqueue_batch, find_cached, get_or_create_rules, get_run,
+    NewEvaluation, RuleRecord, Store, batch_evaluations, enqueue_batch, equivalence_reason, find_cached,
+    find_equivalent, get_or_create_rules, get_run,
     latest_checkpoint, requeue_stale, save_checkpoint, set_run_status,
 )
 from .store.evaluations import release_claims
 from .store.models import Evaluation
 from .work import task_for, task_key
 
-FINISHED = ("done", "diverged", "failed", "cached")
+FINISHED = ("done", "diverged", "failed", "cached", "rejected")
 POLL_SECONDS = 0.2
 
 
@@ -113,28 +115,43 @@ class Driver:
         n = min(self.config.batch_size, self.config.budget - self._count())
         proposals = self.searcher.propose(n)
         tokens = [list(p.tokens) for p in proposals]
+        verdicts = [probe(p.tree) if self.config.probe else None for p in proposals]
         with self.store.transaction() as session:
-            rule_ids = get_or_create_rules(session, [RuleRecord.from_tree(p.tree) for p in proposals])
-            entries = []
-            for rule_id in rule_ids:   # a rule scored before under this task key is not trained again
-                source = find_cached(session, rule_id, self.task_key)
-                entries.append(NewEvaluation(rule_id, self.task.name, self.task_key,
-                                             cached_from=source.id if source else None))
+            rule_ids = get_or_create_rules(session, [
+                RuleRecord.from_tree(p.tree, v.fingerprint if v else None) for p, v in zip(proposals, verdicts)])
+            entries = [self._entry(session, rule_id, verdict) for rule_id, verdict in zip(rule_ids, verdicts)]
             ids = enqueue_batch(session, self.run_id, step, entries)
             save_checkpoint(session, self.run_id, step, {"batch": step, "tokens": tokens}, self._rng_state(),
                             state_to_bytes(self.searcher.state_dict()))
-        first: dict[int, int] = {}
+        # Repeats within the batch (the same rule, or the same behaviour) wait for the first.
+        first: dict[object, int] = {}
         dispatch = []
-        for evaluation_id, rule_id, entry in zip(ids, rule_ids, entries):
-            if entry.cached_from is not None:
+        for evaluation_id, rule_id, entry, verdict in zip(ids, rule_ids, entries, verdicts):
+            if entry.cached_from is not None or entry.rejected:
                 continue
-            if rule_id in first:
-                self.held[evaluation_id] = first[rule_id]
+            key = verdict.fingerprint if verdict else rule_id
+            if key in first:
+                self.held[evaluation_id] = first[key]
             else:
-                first[rule_id] = evaluation_id
+                first[key] = evaluation_id
                 dispatch.append(evaluation_id)
         self._dispatch(dispatch)
         return tokens
+
+    def _entry(self, session, rule_id: int, verdict: Verdict | None) -> NewEvaluation:
+        """How a proposed rule enters the queue: a copy of an earlier result, rejected, or to train."""
+        source = find_cached(session, rule_id, self.task_key)   # the same rule, scored before
+        if source is not None:
+            return NewEvaluation(rule_id, self.task.name, self.task_key, cached_from=source.id)
+        if verdict is None:
+            return NewEvaluation(rule_id, self.task.name, self.task_key)
+        if verdict.rejection:
+            return NewEvaluation(rule_id, self.task.name, self.task_key, rejected=True, reason=verdict.rejection)
+        source = find_equivalent(session, verdict.fingerprint, self.task_key)   # a rule that behaves the same
+        if source is not None:
+            return NewEvaluation(rule_id, self.task.name, self.task_key, cached_from=source.id,
+                                 reason=equivalence_reason(session, source))
+        return NewEvaluation(rule_id, self.task.name, self.task_key)
 
     def _dispatch(self, ids: list[int]) -> None:
         now = time.monotonic()

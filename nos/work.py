@@ -21,7 +21,7 @@ from .store import (
     EvaluationResult as StoredResult, Store, TrialResult, claim, commit_result, fail, find_cached, get_evaluation,
     get_run, heartbeat,
 )
-from .store.evaluations import commit_cached
+from .store.evaluations import commit_cached, equivalence_reason, find_equivalent
 from .store.models import Rule
 from .tasks import Task, evaluate_rule, get_task
 
@@ -90,8 +90,12 @@ def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = Non
                         max_attempts=config.max_attempts)
         if attempt is None:
             return "skipped"
-        source = find_cached(session, evaluation.rule_id, expected_key)
-        if source is not None and commit_cached(session, evaluation_id, attempt, source):
+        # The rule, or one that behaves the same, may have been scored since this was queued.
+        source, reason = find_cached(session, evaluation.rule_id, expected_key), None
+        if source is None and config.probe:
+            source = find_equivalent(session, session.get(Rule, evaluation.rule_id).fingerprint, expected_key)
+            reason = equivalence_reason(session, source) if source is not None else None
+        if source is not None and commit_cached(session, evaluation_id, attempt, source, reason=reason):
             return "cached"
 
     beat = _Heartbeat(store, evaluation_id, attempt, config.heartbeat_every)

@@ -80,7 +80,7 @@ def wait_for(predicate, timeout: float = 120, every: float = 0.05):
 
 
 def finished_count(url: str, run_id: int) -> int:
-    return sum(e.status in ("done", "diverged", "failed", "cached") for e in run_rows(url, run_id))
+    return sum(e.status in ("done", "diverged", "failed", "cached", "rejected") for e in run_rows(url, run_id))
 
 
 @pytest.fixture
@@ -93,11 +93,21 @@ def tiny_toml(tmp_path) -> str:
 def assert_complete(url: str, run_id: int, budget: int) -> None:
     rows = run_rows(url, run_id)
     assert [e.seq for e in rows] == list(range(budget))   # exactly budget, contiguous, no duplicates
-    assert all(e.status in ("done", "diverged") and e.reward is not None for e in rows)
+    assert all(e.status in ("done", "diverged", "rejected", "cached") and e.reward is not None for e in rows)
     store = open_store(url)
     with store.reading() as session:
         assert session.get(Run, run_id).status == "completed"
+        fingerprints = dict(session.execute(select(Rule.id, Rule.fingerprint)).all())
     store.dispose()
+    # Nothing trained twice: neither the same rule nor the same behaviour.
+    trained = [fingerprints[e.rule_id] for e in rows if e.status in ("done", "diverged")]
+    assert len(trained) == len(set(trained))
+    for e in rows:
+        if e.status == "rejected":
+            assert e.reward == 0 and e.reason and e.worker is None
+        if e.status == "cached" and e.reason:   # reused from an equivalent rule
+            source = next(r for r in rows if r.id == e.cached_from)
+            assert fingerprints[source.rule_id] == fingerprints[e.rule_id] and source.rule_id != e.rule_id
 
 
 def test_driver_runs_a_search_to_its_budget(db_url):
@@ -118,18 +128,22 @@ def test_driver_runs_a_search_to_its_budget(db_url):
     with store.reading() as session:
         steps = session.execute(select(Checkpoint.step).where(Checkpoint.run_id == run_id)
                                 .order_by(Checkpoint.step)).scalars().all()
-        workers = {e.worker for e in run_rows(db_url, run_id)}
+        workers = {e.worker for e in run_rows(db_url, run_id) if e.worker}
     assert steps == [0, 1, 2, 3]   # one per batch, and the final one
     assert len(workers) == 2       # both processes trained
     store.dispose()
 
 
-def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml):
+@pytest.mark.parametrize(("searcher", "settings"), [("ppo", {}), ("evolution", {"population": 4, "tournament": 2})])
+def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml, searcher, settings):
     url = f"sqlite:///{tmp_path / 'killed.db'}"
     reference = f"sqlite:///{tmp_path / 'straight.db'}"
-    assert nos("enqueue", "--config", tiny_toml, "--db", reference).returncode == 0
+    if settings:   # evolution: a population of 4, so batches 1 and 2 are children of scored members
+        table = "".join(f"{key} = {value}\n" for key, value in settings.items())
+        Path(tiny_toml).write_text(f"{TINY_TOML}\n[controller]\n{table}")
+    assert nos("enqueue", "--config", tiny_toml, "--searcher", searcher, "--db", reference).returncode == 0
 
-    driver = start_nos("enqueue", "--config", tiny_toml, "--db", url)
+    driver = start_nos("enqueue", "--config", tiny_toml, "--searcher", searcher, "--db", url)
     wait_for(lambda: Path(url[len("sqlite:///"):]).exists() and _has_run(url))
     finished = wait_for(lambda: finished_count(url, 1) >= 5 and finished_count(url, 1))
     os.killpg(driver.pid, signal.SIGKILL)   # the driver and its workers, mid-run
@@ -143,7 +157,7 @@ def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml):
         checkpoint = latest_checkpoint(session, 1)
         saved_state, saved_step = state_from_bytes(checkpoint.blob), checkpoint.step
     store.dispose()
-    restored = make_searcher("ppo", depth=1, seed=3)
+    restored = make_searcher(searcher, depth=1, seed=3, **settings)
     restored.load_state_dict(saved_state)
     assert same_state(restored.state_dict(), saved_state)   # the checkpoint restores completely
     assert saved_step == max(e.batch for e in rows)
@@ -228,8 +242,12 @@ def test_a_second_identical_run_is_served_from_the_cache(sqlite_url):
         finally:
             executor.close()
     first, second = run_rows(sqlite_url, 1), run_rows(sqlite_url, 2)
-    assert all(e.status == "cached" for e in second)   # same seed, same rules, same task key
+    # Same seed, same rules, same task key: nothing trains; rejected rules are rejected again.
+    assert [e.status == "rejected" for e in second] == [e.status == "rejected" for e in first]
+    assert all(e.status in ("cached", "rejected") for e in second)
     originals = {e.id: e for e in first}
     for e in second:
-        assert originals[e.cached_from].rule_id == e.rule_id and originals[e.cached_from].reward == e.reward
+        if e.status == "cached":
+            source = originals[e.cached_from]
+            assert source.reward == e.reward and (source.rule_id == e.rule_id or e.reason)
     store.dispose()

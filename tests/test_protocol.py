@@ -49,10 +49,33 @@ def test_same_rule_and_seed_give_the_same_result(digits):
     assert evaluate_rule("adam", digits, seed=4).trials != first.trials
 
 
-def test_continuing_the_best_sweep_trial_equals_a_fresh_final_run(digits):
+def test_continuing_the_best_sweep_trial_equals_a_fresh_final_run():
+    sequential = get_task("digits", stacked=False, **SMALL)   # bit for bit: the same kernels both ways
     for rule in ("momentum", "drop(g, 0.1)", "powersign-ld"):   # plain, random, and a schedule (never reused)
-        reused, fresh = evaluate_rule(rule, digits, 1), evaluate_rule(rule, digits, 1, reuse_sweep=False)
+        reused, fresh = evaluate_rule(rule, sequential, 1), evaluate_rule(rule, sequential, 1, reuse_sweep=False)
         assert _without_times(reused) == _without_times(fresh)
+
+
+@pytest.mark.parametrize("name, rules", [
+    ("digits", ("sgd", "adam", "powersign", "drop(g, 0.1) * exp(1e-3*w)", "addsign-ld")),
+    ("fashion-mnist", ("adam", "powersign")),   # batch norm's running statistics, stacked
+])
+def test_stacked_children_train_as_the_sequential_ones_do(name, rules):
+    """The stacked sweep (one vmapped network for all rates) against one child at a time, within rounding."""
+    options = dict(SMALL, lrs=[1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    if name == "fashion-mnist":
+        options.update(train_size=256, val_size=256, batch_size=32, epochs=2)
+    stacked, sequential = (get_task(name, stacked=flag, **options) for flag in (True, False))
+    assert stacked.config_key() == sequential.config_key()
+    for rule in rules:
+        a, b = evaluate_rule(rule, stacked, seed=2), evaluate_rule(rule, sequential, seed=2)
+        assert a.best_lr == b.best_lr, rule
+        for x, y in zip(a.trials + [a.final], b.trials + [b.final]):
+            assert (x.lr, x.diverged, x.steps, x.epochs) == (y.lr, y.diverged, y.steps, y.epochs), rule
+            assert abs(x.val_acc - y.val_acc) <= 0.02, rule
+            if x.train_loss is not None:
+                assert x.train_loss == pytest.approx(y.train_loss, rel=2e-3, abs=1e-4), rule
+        assert abs(a.reward - b.reward) <= 0.02 and abs(a.test_acc - b.test_acc) <= 0.02, rule
 
 
 def test_evaluation_leaves_global_state_alone(digits):

@@ -109,6 +109,9 @@ class StepContext:
     generator: torch.Generator | None = None
     uses: Counter = field(default_factory=Counter)
     scratch: Scratch | None = None
+    # Stacked children (dim 0 of every tensor is a child, see nos.tasks.stacked): each
+    # tensor's per-child step sizes, shaped to broadcast; noise is drawn per child.
+    rates: Sequence[Tensor] | None = None
     _cache: dict[str, Value] = field(default_factory=dict)
 
     def operand(self, name: str) -> Value:
@@ -139,7 +142,10 @@ class StepContext:
         kind "normal": Gaussian noise of standard deviation `arg`; "keep": a
         dropout keep-mask for drop probability `arg`, scaled by 1 / (1 - arg).
         """
-        numels = [p.numel() for p in self.params]
+        # Stacked children draw one child's worth and share it: each child then sees the
+        # noise it would have drawn alone, from the same seed.
+        shapes = [p.shape[1:] if self.rates is not None else p.shape for p in self.params]
+        numels = [shape.numel() for shape in shapes]
         first = self.params[0]
         flat = (self.scratch.take_flat(sum(numels), first) if self.scratch is not None
                 else first.new_empty(sum(numels)))
@@ -148,7 +154,10 @@ class StepContext:
         else:
             torch.rand(flat.shape, generator=self.generator, out=flat)
             flat.copy_(flat >= arg).div_(1.0 - arg)
-        return [piece.view_as(p) for piece, p in zip(flat.split(numels), self.params)]
+        pieces = [piece.view(shape) for piece, shape in zip(flat.split(numels), shapes)]
+        if self.rates is not None:
+            return [piece.expand_as(p).clone() for piece, p in zip(pieces, self.params)]
+        return [piece.view_as(p) for piece, p in zip(pieces, self.params)]
 
     def adam_denominator(self) -> Tensors:
         """sqrt(v_hat) + eps in the order of operations torch.optim.Adam uses."""
@@ -380,7 +389,14 @@ def apply_update(tree: Node, ctx: StepContext, lr: float) -> None:
         else:
             break
     alpha = _fit(alpha, params[0].dtype)
-    if node == Operand("adam"):
+    if ctx.rates is not None:   # stacked children: one rate per child, so no fused root
+        delta = evaluator.value(node)
+        for p, rate, d in zip(params, ctx.rates, delta.items if isinstance(delta, Tensors) else params):
+            if isinstance(delta, Tensors):
+                p.addcmul_(d, rate, value=alpha)
+            else:
+                p.add_(rate * _fit(alpha * delta, p.dtype))
+    elif node == Operand("adam"):
         torch._foreach_addcdiv_(params, ctx.buffers["exp_avg"], ctx.adam_denominator().items,
                                 alpha / ctx.numbers["bc1"])
     elif node == Operand("m"):

@@ -1,5 +1,8 @@
 """An evaluation's life: queued -> claimed (running) -> done / diverged / failed.
 
+(Or none of it: an evaluation can be born `cached`, a copy of an equal or
+equivalent rule's result, or `rejected`, refused before training.)
+
 Workers coordinate only through these functions. Each change of hands is one
 conditional UPDATE whose WHERE clause states who may make it, and whose row
 count says whether it happened:
@@ -24,7 +27,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from .models import Evaluation, LrTrial, utcnow
+from .models import Evaluation, LrTrial, Rule, utcnow
 
 evaluations = Evaluation.__table__
 lr_trials = LrTrial.__table__
@@ -32,12 +35,18 @@ lr_trials = LrTrial.__table__
 
 @dataclass(frozen=True)
 class NewEvaluation:
-    """An evaluation to enqueue; with `cached_from`, a copy of that scored evaluation's result."""
+    """An evaluation to enqueue.
+
+    With `cached_from`, a copy of that scored evaluation's result; with
+    `rejected`, finished at once with reward 0. `reason` says why, for both.
+    """
 
     rule_id: int
     task: str
     task_key: str
     cached_from: int | None = None
+    rejected: bool = False
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,11 +99,14 @@ def enqueue_batch(session: Session, run_id: int, batch: int, entries: Sequence[N
     for offset, entry in enumerate(entries):
         row = dict(run_id=run_id, rule_id=entry.rule_id, batch=batch, seq=next_seq + offset, task=entry.task,
                    task_key=entry.task_key, status="queued", attempts=0, created_at=now, cached_from=None,
-                   best_lr=None, reward=None, test_acc=None, finished_at=None)
+                   best_lr=None, reward=None, test_acc=None, wall_seconds=None, finished_at=None,
+                   reason=entry.reason)
         if entry.cached_from is not None:
             source = sources[entry.cached_from]
             row.update(status="cached", cached_from=source.id, best_lr=source.best_lr, reward=source.reward,
                        test_acc=source.test_acc, finished_at=now)
+        elif entry.rejected:
+            row.update(status="rejected", reward=0.0, test_acc=0.0, wall_seconds=0.0, finished_at=now)
         rows.append(row)
     session.execute(insert(evaluations), rows)
     seqs = [row["seq"] for row in rows]
@@ -177,16 +189,18 @@ def commit_result(session: Session, evaluation_id: int, attempt: int, result: Ev
 
 
 def commit_cached(session: Session, evaluation_id: int, attempt: int, source: Evaluation, *,
-                  now: datetime | None = None) -> bool:
+                  reason: str | None = None, now: datetime | None = None) -> bool:
     """Finish the evaluation with a copy of `source`'s result (status 'cached'), if `attempt` holds it.
 
-    For a rule already scored under the same task key: its reward is reused,
-    not trained for again, and the copy links to the original.
+    For a rule already scored under the same task key, or one that behaves
+    the same (`reason` says so): its reward is reused, not trained for
+    again, and the copy links to the original.
     """
     updated = session.execute(
         update(evaluations).where(_held(evaluation_id, attempt))
         .values(status="cached", cached_from=source.id, reward=source.reward, test_acc=source.test_acc,
-                best_lr=source.best_lr, wall_seconds=0.0, finished_at=now or utcnow(), error=None)
+                best_lr=source.best_lr, wall_seconds=0.0, finished_at=now or utcnow(), error=None,
+                reason=reason)
     )
     return updated.rowcount == 1
 
@@ -269,6 +283,24 @@ def find_cached(session: Session, rule_id: int, task_key: str) -> Evaluation | N
     ).scalar_one_or_none()
 
 
+def find_equivalent(session: Session, fingerprint: str | None, task_key: str) -> Evaluation | None:
+    """An earlier trained evaluation, under the same task configuration, of any rule with this fingerprint."""
+    if fingerprint is None:
+        return None
+    return session.execute(
+        select(Evaluation).join(Rule, Rule.id == Evaluation.rule_id)
+        .where(Rule.fingerprint == fingerprint, Evaluation.task_key == task_key,
+               Evaluation.status.in_(("done", "diverged")))
+        .order_by(Evaluation.id).limit(1)
+    ).scalar_one_or_none()
+
+
+def equivalence_reason(session: Session, source: Evaluation) -> str:
+    """The `reason` stored on a copy of an equivalent rule's result."""
+    text = session.get(Rule, source.rule_id).text
+    return f"behaves as {text} (evaluation {source.id}): same fingerprint"
+
+
 def trials_of(session: Session, evaluation_id: int) -> list[LrTrial]:
     """An evaluation's learning-rate trials, by learning rate."""
     return list(session.execute(
@@ -277,7 +309,8 @@ def trials_of(session: Session, evaluation_id: int) -> list[LrTrial]:
 
 
 __all__ = [
-    "EvaluationResult", "NewEvaluation", "StaleSweep", "TrialResult", "batch_evaluations",
-    "claim", "commit_cached", "commit_result", "enqueue_batch", "fail", "find_cached", "get_evaluation", "heartbeat",
+    "EvaluationResult", "NewEvaluation", "StaleSweep", "TrialResult", "batch_evaluations", "claim",
+    "commit_cached", "commit_result", "enqueue_batch", "equivalence_reason", "fail", "find_cached", "find_equivalent",
+    "get_evaluation", "heartbeat",
     "release_claims", "requeue_stale", "trials_of", "unfinished_ids",
 ]

@@ -21,9 +21,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 RUN_STATUSES = ("running", "stopping", "stopped", "completed", "failed")
-EVALUATION_STATUSES = ("queued", "running", "done", "diverged", "failed", "cached")
+EVALUATION_STATUSES = ("queued", "running", "done", "diverged", "failed", "cached", "rejected")
 # Statuses whose reward is final: these count on the leaderboard.
-SCORED_STATUSES = ("done", "diverged", "cached")
+SCORED_STATUSES = ("done", "diverged", "cached", "rejected")
 
 # Deterministic constraint names on both databases, so migrations can name them.
 NAMING_CONVENTION = {
@@ -147,6 +147,8 @@ class Evaluation(Base):
     wall_seconds: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
     cached_from: Mapped[int | None] = mapped_column(ForeignKey("evaluations.id", ondelete="SET NULL"))
+    # Why a rule was rejected without training, or which equivalent rule a fingerprint hit reused.
+    reason: Mapped[str | None] = mapped_column(Text)
 
 
 class LrTrial(Base):
@@ -180,4 +182,99 @@ class Checkpoint(Base):
     state: Mapped[dict[str, Any]] = mapped_column(JSON)
     rng_state: Mapped[dict[str, Any]] = mapped_column(JSON)
     blob: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+# --- Transfer: rules trained on a larger network (`nos transfer`), revision 0003 ---
+
+TRANSFER_STATUSES = ("running", "done", "failed")
+
+
+class TransferRun(Base):
+    """One rule trained on a larger network under one configuration and seed: `nos transfer`'s unit.
+
+    (rule_id, task_key, seed) is unique: a second `nos transfer` of the same
+    rule, configuration and seed reads this row instead of training again, and
+    one that finds it unfinished continues it. `attempts` is the ticket of the
+    process training it: writes are accepted only from the latest attempt.
+    """
+
+    __tablename__ = "transfer_runs"
+    __table_args__ = (
+        UniqueConstraint("rule_id", "task_key", "seed"),
+        CheckConstraint(_one_of("status", TRANSFER_STATUSES), name="status"),
+        CheckConstraint("attempts >= 0", name="attempts"),
+        # A Table 1 reads every rule's runs under one configuration.
+        Index("ix_transfer_runs_task_key_rule_id", "task_key", "rule_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule_id: Mapped[int] = mapped_column(ForeignKey("rules.id", ondelete="RESTRICT"))
+    task: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(String(100))
+    # Hash of `config` (task, model, grid, epochs, batch size, data sizes): results are reused only under it.
+    task_key: Mapped[str] = mapped_column(String(64))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    seed: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str | None] = mapped_column(String(100))
+    best_lr: Mapped[float | None] = mapped_column(Float)
+    final_val: Mapped[float | None] = mapped_column(Float)
+    final_test: Mapped[float | None] = mapped_column(Float)
+    best_val: Mapped[float | None] = mapped_column(Float)
+    best_test: Mapped[float | None] = mapped_column(Float)
+    diverged: Mapped[bool | None] = mapped_column(Boolean)
+    wall_seconds: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class TransferTrial(Base):
+    """One learning rate of a transfer run's sweep, stored as soon as it is trained."""
+
+    __tablename__ = "transfer_trials"
+    __table_args__ = (UniqueConstraint("transfer_id", "lr"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transfer_id: Mapped[int] = mapped_column(ForeignKey("transfer_runs.id", ondelete="CASCADE"))
+    lr: Mapped[float] = mapped_column(Float)
+    val_acc: Mapped[float] = mapped_column(Float)
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    diverged: Mapped[bool] = mapped_column(Boolean)
+    epochs: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int] = mapped_column(Integer)
+    wall_seconds: Mapped[float] = mapped_column(Float)
+
+
+class TransferEpoch(Base):
+    """One epoch of a transfer run's final training: validation and test accuracy after it."""
+
+    __tablename__ = "transfer_epochs"
+    __table_args__ = (UniqueConstraint("transfer_id", "epoch"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transfer_id: Mapped[int] = mapped_column(ForeignKey("transfer_runs.id", ondelete="CASCADE"))
+    epoch: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[float | None] = mapped_column(Float)
+    val_acc: Mapped[float] = mapped_column(Float)
+    test_acc: Mapped[float] = mapped_column(Float)
+    diverged: Mapped[bool] = mapped_column(Boolean)
+    wall_seconds: Mapped[float] = mapped_column(Float)
+
+
+class TransferCheckpoint(Base):
+    """The latest snapshot of an unfinished transfer run's final training (weights, optimizer, data order).
+
+    Written with each epoch's row, in the same transaction; deleted when the
+    run finishes. Read back with torch.load(weights_only=True), never a full unpickle.
+    """
+
+    __tablename__ = "transfer_checkpoints"
+
+    transfer_id: Mapped[int] = mapped_column(ForeignKey("transfer_runs.id", ondelete="CASCADE"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    blob: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)

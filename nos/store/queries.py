@@ -87,6 +87,7 @@ class RunProgress:
     task: str
     counts: dict[str, int]  # every evaluation status, zeros included
     best_reward: float | None
+    equivalent: int = 0     # cached evaluations that reused another rule's result (same fingerprint)
 
     @property
     def total(self) -> int:
@@ -95,6 +96,15 @@ class RunProgress:
     @property
     def finished(self) -> int:
         return self.total - self.counts["queued"] - self.counts["running"]
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Finished evaluations answered from earlier results, same rule or same behaviour."""
+        return self.counts["cached"] / self.finished if self.finished else None
+
+    @property
+    def rejection_rate(self) -> float | None:
+        return self.counts["rejected"] / self.finished if self.finished else None
 
 
 def run_progress(session: Session, run_id: int) -> RunProgress | None:
@@ -108,8 +118,11 @@ def run_progress(session: Session, run_id: int) -> RunProgress | None:
     ).all())
     best_reward = session.execute(
         select(func.max(Evaluation.reward)).where(Evaluation.run_id == run_id)).scalar_one()
+    equivalent = session.execute(
+        select(func.count()).where(Evaluation.run_id == run_id, Evaluation.status == "cached",
+                                   Evaluation.reason.is_not(None))).scalar_one() if counts["cached"] else 0
     return RunProgress(run_id=run.id, name=run.name, status=run.status, task=run.task, counts=counts,
-                       best_reward=best_reward)
+                       best_reward=best_reward, equivalent=equivalent)
 
 
 def list_runs(session: Session) -> list[Run]:

@@ -14,6 +14,8 @@ from .objectives import Objective
 
 # The paper's learning-rate sweep: 1e-5, 1e-4, ..., 1e1.
 PAPER_LRS: tuple[float, ...] = tuple(10.0 ** k for k in range(-5, 2))
+# "full": every rate trains sweep_epochs (the paper); "halving": successive halving over them.
+SWEEPS = ("full", "halving")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,13 @@ class Task:
     epochs: int = 5
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     channels_last: bool = False   # image children run faster on CPU in NHWC
+    # A trial whose loss exceeds this many times its first loss has exploded: it stops,
+    # diverged (0 turns the check off; non-finite losses always stop a trial).
+    explode: float = 10.0
+    sweep: str = "full"
+    # Train the sweep's children as one stacked network (nos.tasks.stacked). None: where
+    # it pays, which is on CUDA and for children without convolutions on the CPU.
+    stacked: bool | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -61,6 +70,10 @@ class Task:
         if self.batch_size > len(self.splits.train_x):
             raise ValueError(f"batch_size {self.batch_size} exceeds the {len(self.splits.train_x)} training examples")
         self.lrs = tuple(float(lr) for lr in self.lrs)
+        if self.sweep not in SWEEPS:
+            raise ValueError(f"sweep must be one of {', '.join(SWEEPS)}, got {self.sweep!r}")
+        if not self.explode >= 0:
+            raise ValueError(f"explode must be 0 (off) or a positive factor, got {self.explode}")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -73,8 +86,24 @@ class Task:
         child = self.make_child().to(self.device)
         return child.to(memory_format=torch.channels_last) if self.channels_last else child
 
+    @property
+    def stacks(self) -> bool:
+        """Whether the sweep trains its children stacked (see `stacked`)."""
+        if self.stacked is not None:
+            return self.stacked
+        if self.device.type == "cuda":
+            return True
+        # On the CPU grouped convolutions are no faster than separate ones, and vmap's are slower.
+        with torch.random.fork_rng(devices=[]):   # building a child draws its initial weights
+            child = self.make_child()
+        return not any(isinstance(m, nn.modules.conv._ConvNd) for m in child.modules())
+
     def to_dict(self) -> dict[str, Any]:
-        """The task's identity as plain JSON data (device excluded: it does not change the protocol)."""
+        """The task's identity as plain JSON data.
+
+        The device and stacking are left out: like a GPU against a CPU, they
+        change rounding, not the protocol.
+        """
         return {
             "name": self.name,
             "options": dict(sorted(self.options.items())),
@@ -83,6 +112,8 @@ class Task:
             "lrs": list(self.lrs),
             "sweep_epochs": self.sweep_epochs,
             "epochs": self.epochs,
+            "explode": self.explode,
+            "sweep": self.sweep,
             "sizes": self.splits.sizes,
         }
 

@@ -26,6 +26,10 @@ class Objective:
         """The per-example score (or loss) summed over a chunk, as a tensor (no sync)."""
         raise NotImplementedError
 
+    def stacked_loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """Each stacked child's training loss: out is [children, *one child's output]; a [children] tensor."""
+        return torch.func.vmap(self.loss, in_dims=(0, None))(out, y)
+
     def finish(self, total: float, n: int) -> float:
         """The score from the summed chunk values over n examples."""
         raise NotImplementedError
@@ -49,6 +53,11 @@ class Accuracy(Objective):
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(out, y)
+
+    def stacked_loss(self, out: Tensor, y: Tensor) -> Tensor:
+        children, batch = out.shape[:2]
+        losses = F.cross_entropy(out.reshape(children * batch, -1), y.repeat(children), reduction="none")
+        return losses.view(children, batch).mean(1)
 
     def score_sum(self, out: Tensor, y: Tensor) -> Tensor:
         return (out.argmax(1) == y).sum()

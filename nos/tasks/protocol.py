@@ -27,7 +27,7 @@ import contextlib
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -98,7 +98,12 @@ class EvaluationResult:
 
 @dataclass
 class _Child:
-    """A child being trained: its network, optimizer and data-order generator, so training can go on later."""
+    """A child being trained: its network, optimizer and data-order generator, so training can go on later.
+
+    Training can stop and go on mid-epoch (the successive-halving sweep scores
+    children after a fraction of one): the epoch's permutation and its
+    losses so far are kept until the epoch ends.
+    """
 
     task: Task
     model: nn.Module
@@ -111,6 +116,10 @@ class _Child:
     train_loss: float | None = None
     diverged: bool = False
     wall_seconds: float = 0.0
+    _data: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _position: int = 0              # steps taken in the current epoch
+    _total: Any = 0.0               # their summed loss
+    _limit: float | None = None     # a loss above this has exploded (set from the first loss)
 
     @classmethod
     def fresh(cls, task: Task, initial: nn.Module, rule: Node, lr: float, total_steps: int, seed: int) -> _Child:
@@ -119,55 +128,104 @@ class _Child:
         return cls(task, model, optimizer, torch.Generator().manual_seed(seed), lr)
 
     def train(self, epochs: int) -> None:
-        """Train `epochs` more epochs (stopping at divergence), then score on validation."""
+        """Train to the end of `epochs` more epochs (stopping at divergence), then score on validation."""
+        self.train_steps(epochs * self.task.steps_per_epoch - self._position)
+        self.validate()
+
+    def train_steps(self, n: int) -> None:
+        """Take `n` more steps, across epoch ends, stopping at divergence; no validation."""
         start = time.perf_counter()
-        for _ in range(epochs):
-            loss = self._epoch()
-            if loss is None or not _all_finite(self.model):
-                self.diverged, self.val_acc, self.train_loss = True, 0.0, None
+        steps_per_epoch = self.task.steps_per_epoch
+        while n > 0 and not self.diverged:
+            if self._position == 0:
+                self._begin_epoch()
+            take = min(n, steps_per_epoch - self._position)
+            if not self._run(take):
+                self._diverge()
                 break
-            self.epochs += 1
-            self.train_loss = loss
-        else:
-            self.val_acc = self.task.objective.score(self.model, self.task.splits.val_x, self.task.splits.val_y)
-            if not math.isfinite(self.val_acc):
-                self.diverged, self.val_acc = True, 0.0
+            n -= take
+            if self._position == steps_per_epoch:
+                self._end_epoch()
         self.wall_seconds += time.perf_counter() - start
 
-    def _epoch(self) -> float | None:
-        """One pass over a fresh permutation; the mean loss, or None at the first non-finite loss."""
-        task, model, optimizer = self.task, self.model, self.optimizer
-        x, y, objective, batch = task.splits.train_x, task.splits.train_y, task.objective, task.batch_size
-        steps = task.steps_per_epoch
+    def validate(self) -> None:
+        start = time.perf_counter()
+        if not self.diverged:
+            self.val_acc = self.task.objective.score(self.model, self.task.splits.val_x, self.task.splits.val_y)
+            if not math.isfinite(self.val_acc):
+                self._diverge()
+        self.wall_seconds += time.perf_counter() - start
+
+    def _diverge(self) -> None:
+        self.diverged, self.val_acc, self.train_loss, self._data = True, 0.0, None, None
+
+    def _begin_epoch(self) -> None:
         # One gather per epoch, then each batch is a contiguous slice (a view: no per-step copy).
-        order = torch.randperm(len(x), generator=self.order).to(task.device)
-        x, y = x[order], y[order]
+        task = self.task
+        order = torch.randperm(len(task.splits.train_x), generator=self.order).to(task.device)
+        self._data = task.splits.train_x[order], task.splits.train_y[order]
+        self._total = 0.0 if task.device.type == "cpu" else torch.zeros((), device=task.device)
+
+    def _end_epoch(self) -> None:
+        total = float(self._total)
+        self._data, self._position = None, 0
+        if not math.isfinite(total) or not _all_finite(self.model):
+            self._diverge()
+            return
+        self.epochs += 1
+        self.train_loss = total / self.task.steps_per_epoch
+
+    def _run(self, n: int) -> bool:
+        """`n` steps of the current epoch; False at the first non-finite or exploded loss."""
+        task, model, optimizer = self.task, self.model, self.optimizer
+        x, y = self._data
+        objective, batch = task.objective, task.batch_size
         params = [p for group in optimizer.param_groups for p in group["params"]]
         on_cpu = task.device.type == "cpu"
-        total = 0.0 if on_cpu else torch.zeros((), device=task.device)
-        for i in range(steps):
+        window = None if on_cpu else torch.zeros((), device=task.device)
+        for i in range(self._position, self._position + n):
             rows = slice(i * batch, (i + 1) * batch)
             loss = objective.loss(model(x[rows]), y[rows])
+            if self._limit is None and task.explode:
+                self._limit = _explosion_limit(float(loss.detach()), task.explode)
             if on_cpu:   # reading a CPU scalar costs nothing: check every step
                 value = loss.item()
-                if not math.isfinite(value):
-                    return None
-                total += value
+                if not math.isfinite(value) or (self._limit is not None and value > self._limit):
+                    return False
+                self._total += value
             else:
-                total += loss.detach()
-                if (i + 1) % CUDA_CHECK_EVERY == 0 and not torch.isfinite(total):
-                    return None
+                window += loss.detach()
+                if (i + 1 - self._position) % CUDA_CHECK_EVERY == 0 and not self._window_ok(window, CUDA_CHECK_EVERY):
+                    return False
+                if (i + 1 - self._position) % CUDA_CHECK_EVERY == 0:
+                    self._total += window
+                    window = torch.zeros((), device=task.device)
             for p in params:   # zero_grad(set_to_none=True) without its per-call profiler bookkeeping
                 p.grad = None
             loss.backward()
             optimizer.step()
             self.steps += 1
-        total = float(total)
-        return total / steps if math.isfinite(total) else None
+        if window is not None:
+            left = n % CUDA_CHECK_EVERY
+            if left and not self._window_ok(window, left):
+                return False
+            self._total += window
+        self._position += n
+        return True
+
+    def _window_ok(self, window: torch.Tensor, steps: int) -> bool:
+        """One host sync for CUDA_CHECK_EVERY steps: every loss finite, their mean below the limit."""
+        limit = math.inf if self._limit is None else self._limit * steps
+        return bool(torch.isfinite(window) & (window <= limit))
 
     def record(self) -> TrialRecord:
         return TrialRecord(self.lr, self.val_acc, self.train_loss, self.diverged, self.wall_seconds,
                            self.epochs, self.steps)
+
+
+def _explosion_limit(first_loss: float, factor: float) -> float | None:
+    """A loss above `factor` times the child's first loss counts as exploded (None: no limit)."""
+    return factor * first_loss if math.isfinite(first_loss) and first_loss > 0 else None
 
 
 def _all_finite(model: nn.Module) -> bool:
@@ -197,6 +255,62 @@ def initial_child(task: Task, seed: int) -> nn.Module:
         return task.new_child()
 
 
+class _SequentialChildren:
+    """The sweep's children one after another: the same interface as StackedChildren."""
+
+    def __init__(self, task: Task, initial: nn.Module, rule: Node, lrs: list[float], total_steps: int, seed: int):
+        self.lrs = list(lrs)
+        self.children = [_Child.fresh(task, initial, rule, lr, total_steps, seed) for lr in lrs]
+        self.running = list(range(len(lrs)))
+
+    def advance(self, steps: int, on_scored: Callable[[int], None] | None = None) -> None:
+        for index in list(self.running):
+            child = self.children[index]
+            child.train_steps(steps)
+            child.validate()
+            if child.diverged:
+                self.running.remove(index)
+            if on_scored:
+                on_scored(index)
+
+    def stop(self, children: list[int]) -> None:
+        self.running = [index for index in self.running if index not in children]
+
+    def extract(self, index: int, make: Callable[..., _Child]) -> _Child:
+        return self.children[index]
+
+    def record(self, index: int) -> TrialRecord:
+        return self.children[index].record()
+
+    @property
+    def val_acc(self) -> list[float]:
+        return [child.val_acc for child in self.children]
+
+
+def _record(children: Any, index: int) -> TrialRecord:
+    if isinstance(children, _SequentialChildren):
+        return children.record(index)
+    return TrialRecord(children.lrs[index], children.val_acc[index], children.train_loss[index],
+                       children.diverged[index], children.wall_seconds[index], children.epochs[index],
+                       children.steps[index])
+
+
+def halving_rounds(rates: int, steps: int) -> list[tuple[int, int]]:
+    """Successive halving's rounds: (steps trained so far, children kept after scoring).
+
+    With 7 rates and an epoch of S steps: all 7 train S/4 steps and the best 4
+    go on, those 4 train to S/2 and the best 2 go on, those 2 train to S and
+    the better one is the sweep's best: 3.75 trials' worth of work instead of 7.
+    """
+    rounds = max(1, math.ceil(math.log2(rates))) if rates > 1 else 1
+    plan, alive = [], rates
+    for r in range(rounds):
+        budget = max(1, steps >> (rounds - 1 - r))
+        alive = math.ceil(alive / 2) if r < rounds - 1 else 1
+        plan.append((budget, alive))
+    return plan
+
+
 OnTrial = Callable[[TrialRecord, str], None]
 
 
@@ -209,6 +323,8 @@ def evaluate_rule(rule: str | Node, task: Task, seed: int = 0, *, on_trial: OnTr
     reuse_sweep: continue the best sweep trial instead of retraining its first
         epochs (same result, less time); False always trains the final child afresh.
     """
+    from .stacked import StackedChildren
+
     tree = resolve_rule(rule)
     start = time.perf_counter()
     sweep_steps = task.sweep_epochs * task.steps_per_epoch
@@ -216,24 +332,36 @@ def evaluate_rule(rule: str | Node, task: Task, seed: int = 0, *, on_trial: OnTr
     reuse = reuse_sweep and task.sweep_epochs <= task.epochs and not (operands_read(tree) & SCHEDULES)
     with _deterministic(task.device):
         initial = initial_child(task, seed)
-        trials: list[TrialRecord] = []
-        best: _Child | None = None
-        for lr in task.lrs:
-            child = _Child.fresh(task, initial, tree, lr, final_steps if reuse else sweep_steps, seed)
-            child.train(task.sweep_epochs)
-            trials.append(child.record())
-            if on_trial:
-                on_trial(trials[-1], "sweep")
-            if not child.diverged and (best is None or child.val_acc > best.val_acc):
-                best = child
+        group = (StackedChildren if task.stacks else _SequentialChildren)(
+            task, initial, tree, list(task.lrs), final_steps if reuse else sweep_steps, seed)
+        scored = (lambda index: on_trial(_record(group, index), "sweep")) if on_trial else None
+        if task.sweep == "full":
+            group.advance(sweep_steps, scored)
+        else:
+            done = 0
+            for budget, keep in halving_rounds(len(task.lrs), sweep_steps):
+                last = budget == sweep_steps
+                group.advance(budget - done, scored if last else None)
+                done = budget
+                ranked = sorted(group.running, key=lambda i: (-group.val_acc[i], i))
+                stopped = ranked[keep:]
+                if scored and not last:
+                    for index in sorted(stopped):
+                        scored(index)
+                group.stop(stopped)
+        trials = [_record(group, index) for index in range(len(task.lrs))]
+        best_index = max((i for i, t in enumerate(trials) if not t.diverged and t.steps == sweep_steps),
+                         key=lambda i: (trials[i].val_acc, -i), default=None)
 
         final, test_acc = None, 0.0
-        if best is not None:
+        if best_index is not None:
+            best_lr = trials[best_index].lr
             if reuse:   # the best sweep trial is the final child's first epochs
-                final, final.wall_seconds = best, 0.0
+                final = group.extract(best_index, _Child)
+                final.wall_seconds = 0.0
                 final.train(task.epochs - task.sweep_epochs)
             else:
-                final = _Child.fresh(task, initial, tree, best.lr, final_steps, seed)
+                final = _Child.fresh(task, initial, tree, best_lr, final_steps, seed)
                 final.train(task.epochs)
             if not final.diverged:
                 test_acc = task.objective.score(final.model, task.splits.test_x, task.splits.test_y)
@@ -242,7 +370,7 @@ def evaluate_rule(rule: str | Node, task: Task, seed: int = 0, *, on_trial: OnTr
 
     return EvaluationResult(
         rule=to_text(tree), task=task.name, task_key=task.config_key(), seed=seed, trials=trials,
-        best_lr=best.lr if best else None,
+        best_lr=trials[best_index].lr if best_index is not None else None,
         reward=final.val_acc if final else 0.0,
         test_acc=test_acc,
         diverged=final is None or final.diverged,

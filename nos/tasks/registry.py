@@ -1,7 +1,8 @@
 """The built-in tasks by name: `get_task("digits")`, `get_task("fashion-mnist", train_size=10000)`.
 
 Options every task takes: device, train_size (subsample the training split),
-batch_size, lrs, sweep_epochs, epochs, split_seed. Image tasks also take
+batch_size, lrs, sweep_epochs, epochs, explode, sweep ("full" or "halving"), stacked
+(True/False: train the sweep stacked; default where it pays), split_seed. Image tasks also take
 data_dir, download (False: fail at once when the files are missing) and
 val_size; the bundled and synthetic tasks accept data_dir and ignore it, so
 one command line serves every task. Data is read from disk once per process.
@@ -161,7 +162,7 @@ def get_task(name: str, *, device: str | torch.device = "cpu", lrs=None, **optio
     bound.apply_defaults()
     full = {**bound.arguments.pop("protocol", {}), **bound.arguments}
     task.options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in full.items()
-                    if k not in ("device", "data_dir", "download")}
+                    if k not in ("device", "data_dir", "download", "stacked")}
     return task
 
 

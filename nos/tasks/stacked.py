@@ -1,0 +1,293 @@
+"""The sweep's children trained as one stacked network.
+
+Every trial of a sweep starts from the same weights and sees the same batches
+in the same order; only the learning rate differs. So K children are K
+copies of the weights stacked along a new first dimension, run by
+`torch.func.vmap` over `functional_call`: one forward, one backward and one
+optimizer step for all of them. Each child's loss is its own mean, and the
+backward of their sum gives each child exactly its own gradient, so a child
+that diverges poisons nobody; it is dropped from the stack at once.
+
+The optimizer is a `SymbolicOptimizer` over the stacked tensors, with one
+rate per child and noise drawn per child from the same seed: child k follows
+the same arithmetic as a child trained alone, up to floating-point rounding
+(a test holds the two paths together). On CUDA this turns seven small
+kernels into one seven times larger; on the CPU it pays for small children
+(the digits MLP), where a step is mostly Python and dispatch overhead, and
+not for convolutions (see Task.stacks).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from ..optim import SymbolicOptimizer
+from ..rules import Node
+from ..rules.evaluate import StepContext, apply_update, update_moments
+from .base import Task
+
+
+class _StackedOptimizer(SymbolicOptimizer):
+    """A SymbolicOptimizer whose tensors are stacks of children, each child with its own rate."""
+
+    def __init__(self, params: list[Tensor], rule: Node, rates: Tensor, total_steps: int, seed: int):
+        super().__init__(params, rule, lr=1.0, total_steps=total_steps, seed=seed)
+        self.rates = rates
+
+    def _foreach(self, params: list[Tensor], numbers, lr, generator) -> None:
+        grads = [p.grad for p in params]
+        buffers = {buf: [self.state[p][buf] for p in params] for buf in self._buffers}
+        update_moments(buffers, grads)
+        rates = [self.rates.view(-1, *[1] * (p.dim() - 1)) for p in params]
+        apply_update(self.rule, StepContext(params, grads, buffers, numbers, generator, self._uses, rates=rates), 1.0)
+
+
+class StackedChildren:
+    """K children from the same initial weights, one learning rate each, trained at once.
+
+    The interface matches a list of protocol children: `advance` trains and
+    scores every running child, `stop` takes children out, `extract` turns
+    one into a plain child that trains on alone.
+    """
+
+    def __init__(self, task: Task, initial: nn.Module, rule: Node, lrs: list[float], total_steps: int, seed: int):
+        self.task, self.initial, self.rule = task, initial, rule
+        self.total_steps, self.seed = total_steps, seed
+        self.lrs = list(lrs)
+        k = len(lrs)
+        params, buffers = stack_module_state([initial] * k)
+        self.params = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
+        self.buffers = {name: b.clone() for name, b in buffers.items()}
+        self.skeleton = copy.deepcopy(initial).to("meta")
+        # vmap costs ~2 ms a step in Python: an MLP gets a hand-stacked forward instead.
+        self.forward = _mlp_forward(self.skeleton) or vmap(self._call, in_dims=(0, 0, None))
+        self.loss = task.objective.stacked_loss
+        self.score_sum = vmap(task.objective.score_sum, in_dims=(0, None))
+        rates = torch.tensor(self.lrs, dtype=next(iter(self.params.values())).dtype, device=task.device)
+        self.optimizer = _StackedOptimizer(list(self.params.values()), rule, rates, total_steps, seed)
+        self.order = torch.Generator().manual_seed(seed)
+        self.running = list(range(k))   # the child (index into lrs) at each position of the stack
+        self.steps = [0] * k
+        self.epochs = [0] * k
+        self.val_acc = [0.0] * k
+        self.train_loss: list[float | None] = [None] * k
+        self.diverged = [False] * k
+        self.wall_seconds = [0.0] * k
+        self._data: tuple[Tensor, Tensor] | None = None
+        self._position = 0
+        self._total: Tensor | None = None
+        self._limit: float | None = None
+
+    def _call(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.skeleton, (params, buffers), (x,))
+
+    # -- training --------------------------------------------------------------
+    def advance(self, steps: int, on_scored: Callable[[int], None] | None = None) -> None:
+        """Train every running child `steps` more steps, then score each on validation."""
+        start = time.perf_counter()
+        steps_per_epoch = self.task.steps_per_epoch
+        while steps > 0 and self.running:
+            if self._position == 0:
+                self._begin_epoch()
+            take = min(steps, steps_per_epoch - self._position)
+            self._run(take)
+            steps -= take
+            if self._position == steps_per_epoch:
+                self._end_epoch()
+        self._validate()
+        self._charge(time.perf_counter() - start)
+        if on_scored:
+            for child in sorted(self.running):
+                on_scored(child)
+
+    def _begin_epoch(self) -> None:
+        task = self.task
+        order = torch.randperm(len(task.splits.train_x), generator=self.order).to(task.device)
+        self._data = task.splits.train_x[order], task.splits.train_y[order]
+        self._total = torch.zeros(len(self.running), device=task.device)
+
+    def _end_epoch(self) -> None:
+        totals = self._total.tolist()
+        self._data, self._position = None, 0
+        finite = _finite_children([*self.params.values(), *self.buffers.values()])
+        bad = [pos for pos, (total, ok) in enumerate(zip(totals, finite)) if not (ok and math.isfinite(total))]
+        for pos, child in enumerate(self.running):
+            if pos not in bad:
+                self.epochs[child] += 1
+                self.train_loss[child] = totals[pos] / self.task.steps_per_epoch
+        self._diverge(bad)
+
+    def _run(self, n: int) -> None:
+        task = self.task
+        x, y = self._data
+        batch = task.batch_size
+        # Reading a CPU tensor costs nothing: check every step; on CUDA every 16, as a lone child does.
+        check_every = 1 if task.device.type == "cpu" else 16
+        window = torch.zeros(len(self.running), device=task.device)
+        for i in range(self._position, self._position + n):
+            rows = slice(i * batch, (i + 1) * batch)
+            losses = self.loss(self.forward(self.params, self.buffers, x[rows]), y[rows])
+            if self._limit is None and task.explode:
+                first = float(losses[0].detach())
+                self._limit = task.explode * first if math.isfinite(first) and first > 0 else None
+            window += losses.detach()
+            taken = i + 1 - self._position
+            check = taken % check_every == 0 or taken == n
+            bad = self._bad(window, (taken - 1) % check_every + 1) if check else []
+            # Children found bad take this step with the rest (their gradients reach nobody
+            # else) and leave the stack after it, uncounted: as a lone child stops before it.
+            for p in self.params.values():
+                p.grad = None
+            losses.sum().backward()
+            self.optimizer.step()
+            for pos, child in enumerate(self.running):
+                if pos not in bad:
+                    self.steps[child] += 1
+            if check:
+                self._total += window
+                window = torch.zeros(len(self.running) - len(bad), device=task.device)
+                if bad:
+                    self._diverge(bad)
+                    if not self.running:
+                        return
+        self._position += n
+
+    def _bad(self, window: Tensor, steps: int) -> list[int]:
+        """Stack positions whose losses in the window were non-finite or exploded (one host sync)."""
+        limit = math.inf if self._limit is None else self._limit * steps
+        ok = torch.isfinite(window) & (window <= limit)
+        return [pos for pos, good in enumerate(ok.tolist()) if not good]
+
+    @torch.no_grad()
+    def _validate(self) -> None:
+        if not self.running:
+            return
+        task = self.task
+        x, y = task.splits.val_x, task.splits.val_y
+        self.skeleton.eval()   # batch norm reads its running statistics
+        try:
+            chunk = 2048
+            total = sum((self.score_sum(self.forward(self.params, self.buffers, x[i:i + chunk]), y[i:i + chunk])
+                         for i in range(0, len(x), chunk)), torch.zeros(len(self.running), device=task.device))
+        finally:
+            self.skeleton.train()
+        scores = [task.objective.finish(t, len(x)) for t in total.tolist()]
+        bad = [pos for pos, s in enumerate(scores) if not math.isfinite(s)]
+        for pos, child in enumerate(self.running):
+            if pos not in bad:
+                self.val_acc[child] = scores[pos]
+        self._diverge(bad)
+
+    def _charge(self, seconds: float) -> None:
+        # Shared work, shared bill: each child trained in the stack is charged an equal part.
+        share = seconds / max(len(self.running), 1)
+        for child in self.running:
+            self.wall_seconds[child] += share
+
+    # -- membership ------------------------------------------------------------
+    def _diverge(self, positions: list[int]) -> None:
+        for pos in positions:
+            child = self.running[pos]
+            self.diverged[child], self.val_acc[child], self.train_loss[child] = True, 0.0, None
+        self._keep([pos for pos in range(len(self.running)) if pos not in positions])
+
+    def stop(self, children: list[int]) -> None:
+        """Take `children` (indices into lrs) out of training; their records stay."""
+        self._keep([pos for pos, child in enumerate(self.running) if child not in children])
+
+    def _keep(self, positions: list[int]) -> None:
+        if len(positions) == len(self.running):
+            return
+        index = torch.tensor(positions, dtype=torch.long, device=self.task.device)
+        old = self.optimizer
+        self.params = {n: p.detach().index_select(0, index).requires_grad_() for n, p in self.params.items()}
+        self.buffers = {n: b.index_select(0, index) for n, b in self.buffers.items()}
+        self.optimizer = _StackedOptimizer(list(self.params.values()), self.rule, old.rates.index_select(0, index),
+                                           self.total_steps, self.seed)
+        for new, previous in zip(self.params.values(), old.param_groups[0]["params"]):
+            state = old.state.get(previous)
+            if state:
+                self.optimizer.state[new] = {k: v.index_select(0, index) if torch.is_tensor(v) else v
+                                             for k, v in state.items()}
+        _copy_generators(old, self.optimizer)
+        if self._total is not None:
+            self._total = self._total.index_select(0, index)
+        self.running = [self.running[pos] for pos in positions]
+
+    def extract(self, child: int, make: Callable[..., Any]) -> Any:
+        """Child `child` as a plain protocol child (built by `make`), to train on alone.
+
+        Only between epochs: the data order's generator is the one all children share.
+        """
+        if self._position:
+            raise RuntimeError("children can be extracted only between epochs")
+        pos = self.running.index(child)
+        model = copy.deepcopy(self.initial)
+        with torch.no_grad():
+            for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+                source = self.params[name] if name in self.params else self.buffers[name]
+                tensor.copy_(source[pos])
+        optimizer = SymbolicOptimizer(model.parameters(), self.rule, lr=self.lrs[child],
+                                      total_steps=self.total_steps, seed=self.seed)
+        for p, stacked in zip(model.parameters(), self.params.values()):
+            state = self.optimizer.state.get(stacked)
+            if state:
+                optimizer.state[p] = {k: torch.empty_like(p).copy_(v[pos]) if torch.is_tensor(v) else v
+                                      for k, v in state.items()}
+        _copy_generators(self.optimizer, optimizer)
+        order = torch.Generator()
+        order.set_state(self.order.get_state())
+        return make(self.task, model, optimizer, order, self.lrs[child], epochs=self.epochs[child],
+                    steps=self.steps[child], val_acc=self.val_acc[child], train_loss=self.train_loss[child],
+                    wall_seconds=self.wall_seconds[child])
+
+
+# Layers that act elementwise, so they apply to a stack unchanged.
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity)
+
+
+def _mlp_forward(skeleton: nn.Module) -> Callable[..., Tensor] | None:
+    """A forward for K stacked copies of a Sequential of Linear and elementwise layers, as batched matmuls.
+
+    None for any other network: vmap handles those.
+    """
+    if not isinstance(skeleton, nn.Sequential):
+        return None
+    layers: list[tuple[str, nn.Module]] = list(skeleton.named_children())
+    if not all(isinstance(m, (nn.Linear, *_ELEMENTWISE)) for _, m in layers):
+        return None
+
+    def forward(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+        h = x   # [batch, in], shared by every child; [K, batch, features] after the first layer
+        for name, layer in layers:
+            if isinstance(layer, nn.Linear):
+                weight = params[f"{name}.weight"].transpose(1, 2)
+                bias = params.get(f"{name}.bias")
+                h = torch.matmul(h, weight) if bias is None else torch.baddbmm(
+                    bias.unsqueeze(1), h.expand(weight.shape[0], *h.shape) if h.dim() == 2 else h, weight)
+            else:
+                h = layer(h)
+        return h
+
+    return forward
+
+
+def _finite_children(tensors: list[Tensor]) -> list[bool]:
+    """Per stack position: whether every floating value of that child is finite."""
+    floats = [t for t in tensors if t.is_floating_point()]
+    per_tensor = torch.stack([t.flatten(1).isfinite().all(1) for t in floats])
+    return per_tensor.all(0).tolist()
+
+
+def _copy_generators(source: SymbolicOptimizer, target: SymbolicOptimizer) -> None:
+    for device, generator in source._generators.items():
+        copy_ = target._generator(torch.device(device))
+        if copy_ is not None:
+            copy_.set_state(generator.get_state())
