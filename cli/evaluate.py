@@ -41,12 +41,14 @@ def _learning_rates(ctx: click.Context, param: click.Parameter, value: str | Non
 @click.option("--epochs", type=click.IntRange(min=1), help="epochs of the final run at the best rate [5]")
 @click.option("--sweep-epochs", type=click.IntRange(min=1), help="epochs of each sweep trial [1]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="training batch size [the task's]")
+@click.option("--sweep", type=click.Choice(["full", "halving"]),
+              help="every rate for the sweep's epochs (the paper), or successive halving over them [full]")
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (one is fastest per process "
               "when several evaluate at once)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON instead of tables")
 def eval_command(rule: str, task_name: str, seed: int, device: str, data_dir: str | None, train_size: int | None,
                  lrs: tuple[float, ...] | None, epochs: int | None, sweep_epochs: int | None,
-                 batch_size: int | None, threads: int | None, as_json: bool) -> None:
+                 batch_size: int | None, sweep: str | None, threads: int | None, as_json: bool) -> None:
     """Train the task's child with RULE at each learning rate, then 5 epochs at the best one.
 
     RULE is rule text such as "g * exp(sign(g) * sign(m))" or a built-in name
@@ -58,7 +60,7 @@ def eval_command(rule: str, task_name: str, seed: int, device: str, data_dir: st
         torch.set_num_threads(threads)
     try:
         task = get_task(task_name, device=device, data_dir=data_dir, train_size=train_size, lrs=lrs,
-                        epochs=epochs, sweep_epochs=sweep_epochs, batch_size=batch_size)
+                        epochs=epochs, sweep_epochs=sweep_epochs, batch_size=batch_size, sweep=sweep)
     except (UnknownTask, DataUnavailable, ValueError) as exc:
         raise UsageProblem(str(exc)) from None
 
@@ -86,7 +88,7 @@ def _print_result(console: Console, result: EvaluationResult) -> None:
     for stage, trial in runs:
         loss = "diverged" if trial.diverged else f"{trial.train_loss:.4f}"
         style = "bold" if stage == "final" or trial.lr == result.best_lr else None
-        table.add_row(stage, f"{trial.lr:g}", str(trial.epochs), f"{trial.val_acc:.4f}", loss,
+        table.add_row(stage, f"{trial.lr:g}", str(trial.epochs), "-" if trial.val_acc is None else f"{trial.val_acc:.4f}", loss,
                       f"{trial.wall_seconds:.2f}", style=style)
     console.print(table)
     if result.best_lr is None:

@@ -32,8 +32,8 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def print_leaderboard(session: Session, top: int, run_id: int | None = None, task: str | None = None,
-                      fmt: str = "table") -> None:
-    rows = leaderboard(session, top, run_id=run_id, task=task)
+                      fmt: str = "table", group_equivalent: bool = False) -> None:
+    rows = leaderboard(session, top, run_id=run_id, task=task, group_equivalent=group_equivalent)
     if fmt == "json":
         click.echo(json.dumps([asdict(r) for r in rows], indent=2))
         return
@@ -45,11 +45,17 @@ def print_leaderboard(session: Session, top: int, run_id: int | None = None, tas
             writer.writerow([asdict(r)[f] for f in fields])
         return
     table = Table(title="leaderboard" + (f" of run {run_id}" if run_id else "") + (f" on {task}" if task else ""))
-    for column in ("#", "rule id", "rule", "reward", "test acc", "best lr", "evals", "run", "task"):
+    columns = ["#", "rule id", "rule", "reward", "test acc", "best lr", "evals", "run", "task"]
+    if group_equivalent:
+        columns.insert(3, "same behaviour")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for r in rows:
-        table.add_row(str(r.place), str(r.rule_id), r.rule, _fmt(r.reward), _fmt(r.test_acc), _fmt(r.best_lr),
-                      str(r.evaluations), str(r.run_id), r.task)
+        cells = [str(r.place), str(r.rule_id), r.rule, _fmt(r.reward), _fmt(r.test_acc), _fmt(r.best_lr),
+                 str(r.evaluations), str(r.run_id), r.task]
+        if group_equivalent:
+            cells.insert(3, f"{r.equivalent_rules} rules" if r.equivalent_rules > 1 else "-")
+        table.add_row(*cells)
     console.print(table)
 
 
@@ -58,14 +64,16 @@ def print_leaderboard(session: Session, top: int, run_id: int | None = None, tas
 @click.option("--task", help="Only this task.")
 @click.option("--top", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--group-equivalent", is_flag=True,
+              help="One row per behaviour: rules with the same fingerprint count once.")
 @db_option
-def leaderboard_command(run_id, task, top, fmt, db_url) -> None:
+def leaderboard_command(run_id, task, top, fmt, group_equivalent, db_url) -> None:
     """The best rules by reward: over all runs, one run, or one task."""
     store = open_store_or_exit(db_url)
     with store.reading() as session:
         if run_id is not None and get_run(session, run_id) is None:
             raise UsageProblem(f"no run {run_id}; `nos runs` lists them")
-        print_leaderboard(session, top, run_id, task, fmt)
+        print_leaderboard(session, top, run_id, task, fmt, group_equivalent)
 
 
 @click.command("runs")

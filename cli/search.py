@@ -6,6 +6,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nos.config import ConfigError, SearchConfig
+from nos.search.settings import SEARCHERS
 from nos.store import Store, StoreError, create_run, get_run, set_run_status, shown
 from nos.store.schema import schema_state, upgrade
 from nos.store.engine import resolve_url
@@ -74,7 +75,7 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
 
 @click.command("enqueue")
 @click.option("--task", help="Child task: digits (default), fashion-mnist, cifar10, quadratic, rosenbrock.")
-@click.option("--searcher", type=click.Choice(["ppo", "reinforce", "random"]), help="Search strategy [ppo].")
+@click.option("--searcher", type=click.Choice(list(SEARCHERS)), help="Search strategy [ppo].")
 @click.option("--budget", type=int, help="Evaluations in the run [200].")
 @click.option("--batch-size", type=int, help="Rules proposed per controller step [20].")
 @click.option("--depth", type=click.IntRange(1, 3), help="Rule depth: 1, 2 or 3 [2].")
@@ -84,12 +85,16 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
 @click.option("--name", help="A label for the run.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with the task's data files.")
 @click.option("--train-size", type=int, help="Subsample the training set to N examples.")
+@click.option("--sweep", type=click.Choice(["full", "halving"]),
+              help="Learning-rate sweep: every rate for an epoch (the paper) or successive halving [full].")
+@click.option("--probe/--no-probe", default=None,
+              help="Fingerprint rules and reject hopeless ones before training [probe].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML file with any of these keys (flags given on the command line win).")
 @click.option("--detach", is_flag=True, help="Send the driver loop to a worker on the `control` queue and return.")
 @db_option
 @broker_option
-def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_size, **flags) -> None:
+def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_size, sweep, **flags) -> None:
     """Start a search and drive it in the foreground until its budget is spent.
 
     Prints the RUN_ID first. Ctrl-C stops the run cleanly; `nos resume RUN_ID`
@@ -98,9 +103,10 @@ def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_siz
     """
     try:
         config = SearchConfig.load(config_file, **flags)
-        if data_dir is not None or train_size is not None:
-            options = dict(config.task_options)
-            options.update({k: v for k, v in (("data_dir", data_dir), ("train_size", train_size)) if v is not None})
+        given = {k: v for k, v in (("data_dir", data_dir), ("train_size", train_size), ("sweep", sweep))
+                 if v is not None}
+        if given:
+            options = {**config.task_options, **given}
             config = SearchConfig.from_dict({**config.to_dict(), "task_options": options})
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None

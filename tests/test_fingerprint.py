@@ -12,7 +12,7 @@ from nos.rules.builtins import BUILTINS, resolve_rule
 from nos.rules.fingerprint import probe
 from nos.store import (
     NewEvaluation, RuleRecord, claim, commit_result, create_run, enqueue_batch, equivalence_reason, find_equivalent,
-    get_evaluation, get_or_create_rules, run_progress,
+    get_evaluation, get_or_create_rules, leaderboard, run_progress,
 )
 from nos.tasks import evaluate_rule, get_task
 
@@ -108,3 +108,23 @@ def test_an_equivalent_rule_is_found_under_the_same_task_key_only(store):
         progress = run_progress(session, run_id)
         assert progress.counts["rejected"] == 1 and progress.counts["cached"] == 1 and progress.equivalent == 1
         assert progress.cache_hit_rate == pytest.approx(1 / 3) and progress.rejection_rate == pytest.approx(1 / 3)
+
+
+def test_the_leaderboard_can_group_rules_that_behave_the_same(store):
+    texts = ["g", "sign(g) * sign(g) * g", "m", "adam"]
+    rewards = [0.8, 0.9, 0.7, 0.6]
+    with store.transaction() as session:
+        run_id = create_run(session, "r", "digits", {})
+        rule_ids = get_or_create_rules(session, [RuleRecord.from_tree(parse(t), fingerprint(t)) for t in texts])
+        ids = enqueue_batch(session, run_id, 0, [NewEvaluation(r, "digits", "k1") for r in rule_ids])
+        for evaluation_id, reward in zip(ids, rewards):
+            attempt = claim(session, evaluation_id, "w", timedelta(minutes=5))
+            assert commit_result(session, evaluation_id, attempt, result(reward))
+    with store.reading() as session:
+        plain = leaderboard(session, 10)
+        grouped = leaderboard(session, 10, group_equivalent=True)
+        top2 = leaderboard(session, 2, group_equivalent=True)
+    assert [r.rule for r in plain] == ["sign(g) * sign(g) * g", "g", "m", "adam"]
+    assert [(r.place, r.rule, r.equivalent_rules) for r in grouped] == [
+        (1, "sign(g) * sign(g) * g", 2), (2, "m", 1), (3, "adam", 1)]
+    assert [r.rule for r in top2] == ["sign(g) * sign(g) * g", "m"]

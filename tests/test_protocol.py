@@ -132,3 +132,28 @@ def test_a_bad_rule_raises_before_training(digits):
 
     with pytest.raises(RuleSyntaxError):
         evaluate_rule("g +", digits)
+
+
+def test_successive_halving_trains_less_and_keeps_the_clear_winner():
+    options = dict(lrs=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], epochs=2, train_size=400)
+    full, halving = get_task("digits", **options), get_task("digits", sweep="halving", **options)
+    assert full.config_key() != halving.config_key()   # a different protocol: never each other's cache
+    a, b = evaluate_rule("adam", full, seed=0), evaluate_rule("adam", halving, seed=0)
+    assert b.best_lr == a.best_lr and b.reward == pytest.approx(a.reward, abs=1e-9)
+    stopped = [t for t in b.trials if t.val_acc is None]
+    kept = [t for t in b.trials if t.val_acc is not None and not t.diverged]
+    assert stopped and len(kept) == 4   # the better 4 by their training loss go on to the full epoch
+    for t in stopped:
+        assert not t.diverged and t.steps == halving.steps_per_epoch // 4 and t.train_loss > 0
+    assert sum(t.steps for t in b.trials) < sum(t.steps for t in a.trials) - halving.steps_per_epoch
+    assert all(t.steps == halving.steps_per_epoch for t in kept)
+
+
+def test_a_trial_whose_loss_explodes_stops_before_it_overflows():
+    # SGD just past the quadratic's stability limit: the loss grows geometrically, finite for many steps.
+    options = dict(lrs=[1e-3, 0.05], epochs=1, train_size=2048)
+    patient = evaluate_rule("sgd", get_task("quadratic", explode=0, **options), seed=0)
+    prompt = evaluate_rule("sgd", get_task("quadratic", **options), seed=0)
+    assert patient.trials[1].diverged and prompt.trials[1].diverged
+    assert prompt.trials[1].steps < patient.trials[1].steps
+    assert prompt.trials[0].val_acc == pytest.approx(patient.trials[0].val_acc, rel=1e-5)   # a healthy one goes on

@@ -7,7 +7,7 @@ large databases.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
@@ -30,11 +30,16 @@ class LeaderboardRow:
     run_id: int
     task: str
     evaluations: int  # scored evaluations of this rule within the filter
+    # With group_equivalent: how many rules, this one included, share its fingerprint within the filter.
+    equivalent_rules: int = 1
 
 
-def leaderboard(session: Session, top: int = 20, *, run_id: int | None = None,
-                task: str | None = None) -> list[LeaderboardRow]:
+def leaderboard(session: Session, top: int = 20, *, run_id: int | None = None, task: str | None = None,
+                group_equivalent: bool = False) -> list[LeaderboardRow]:
     """The `top` rules by best reward, over all runs, or one run, or one task.
+
+    group_equivalent: one row per behaviour: rules with the same fingerprint
+    (nos.rules.fingerprint) count as one, shown by the best of them.
 
     Order: reward descending, then the earliest evaluation that reached it,
     so ties always come out the same way.
@@ -46,6 +51,8 @@ def leaderboard(session: Session, top: int = 20, *, run_id: int | None = None,
     """
     if top < 1:
         return []
+    if group_equivalent:
+        return _grouped_leaderboard(session, top, run_id, task)
     best_of_rule = aliased(Evaluation)
     filters = _scored_within(Evaluation, run_id, task)
     best_id = (select(best_of_rule.id)
@@ -62,6 +69,29 @@ def leaderboard(session: Session, top: int = 20, *, run_id: int | None = None,
         select(Evaluation.rule_id, func.count()).where(Evaluation.rule_id.in_([r[0] for r in rows]), *filters)
         .group_by(Evaluation.rule_id)).all()) if rows else {}
     return [LeaderboardRow(place, *row, evaluations=counts[row[0]]) for place, row in enumerate(rows, start=1)]
+
+
+def _grouped_leaderboard(session: Session, top: int, run_id: int | None, task: str | None) -> list[LeaderboardRow]:
+    # Read the per-rule board deeper until `top` behaviours show up (or it runs out).
+    depth = top
+    while True:
+        rows = leaderboard(session, depth, run_id=run_id, task=task)
+        fingerprints = dict(session.execute(
+            select(Rule.id, Rule.fingerprint).where(Rule.id.in_([r.rule_id for r in rows]))).all()) if rows else {}
+        firsts: dict[object, LeaderboardRow] = {}
+        for row in rows:
+            firsts.setdefault(fingerprints.get(row.rule_id) or ("rule", row.rule_id), row)
+        if len(firsts) >= top or len(rows) < depth:
+            break
+        depth *= 4
+    chosen = list(firsts.items())[:top]
+    printed = [key for key, _ in chosen if isinstance(key, str)]
+    sizes = dict(session.execute(
+        select(Rule.fingerprint, func.count(func.distinct(Rule.id))).join(Evaluation, Evaluation.rule_id == Rule.id)
+        .where(Rule.fingerprint.in_(printed), *_scored_within(Evaluation, run_id, task))
+        .group_by(Rule.fingerprint)).all()) if printed else {}
+    return [replace(row, place=place, equivalent_rules=sizes.get(key, 1))
+            for place, (key, row) in enumerate(chosen, start=1)]
 
 
 def _rule_column(column):

@@ -53,7 +53,7 @@ class TrialRecord:
     """
 
     lr: float
-    val_acc: float
+    val_acc: float | None           # None: stopped by successive halving before it was scored
     train_loss: float | None
     diverged: bool
     wall_seconds: float
@@ -120,6 +120,7 @@ class _Child:
     _position: int = 0              # steps taken in the current epoch
     _total: Any = 0.0               # their summed loss
     _limit: float | None = None     # a loss above this has exploded (set from the first loss)
+    loss_seen: Any = 0.0            # every training loss so far, summed (halving ranks by it)
 
     @classmethod
     def fresh(cls, task: Task, initial: nn.Module, rule: Node, lr: float, total_steps: int, seed: int) -> _Child:
@@ -193,12 +194,14 @@ class _Child:
                 if not math.isfinite(value) or (self._limit is not None and value > self._limit):
                     return False
                 self._total += value
+                self.loss_seen += value
             else:
                 window += loss.detach()
                 if (i + 1 - self._position) % CUDA_CHECK_EVERY == 0 and not self._window_ok(window, CUDA_CHECK_EVERY):
                     return False
                 if (i + 1 - self._position) % CUDA_CHECK_EVERY == 0:
                     self._total += window
+                    self.loss_seen += window
                     window = torch.zeros((), device=task.device)
             for p in params:   # zero_grad(set_to_none=True) without its per-call profiler bookkeeping
                 p.grad = None
@@ -210,6 +213,7 @@ class _Child:
             if left and not self._window_ok(window, left):
                 return False
             self._total += window
+            self.loss_seen += window
         self._position += n
         return True
 
@@ -263,15 +267,22 @@ class _SequentialChildren:
         self.children = [_Child.fresh(task, initial, rule, lr, total_steps, seed) for lr in lrs]
         self.running = list(range(len(lrs)))
 
-    def advance(self, steps: int, on_scored: Callable[[int], None] | None = None) -> None:
+    def advance(self, steps: int, on_scored: Callable[[int], None] | None = None, validate: bool = True) -> None:
         for index in list(self.running):
             child = self.children[index]
             child.train_steps(steps)
-            child.validate()
+            if validate:
+                child.validate()
             if child.diverged:
                 self.running.remove(index)
             if on_scored:
                 on_scored(index)
+
+    def loss_seen(self, index: int) -> float:
+        return float(self.children[index].loss_seen)
+
+    def steps_of(self, index: int) -> int:
+        return self.children[index].steps
 
     def stop(self, children: list[int]) -> None:
         self.running = [index for index in self.running if index not in children]
@@ -287,28 +298,56 @@ class _SequentialChildren:
         return [child.val_acc for child in self.children]
 
 
-def _record(children: Any, index: int) -> TrialRecord:
+def _record(children: Any, index: int, stopped: dict[int, float]) -> TrialRecord:
+    """Trial `index`'s record; one stopped by halving has no validation score, and its last round's mean loss."""
     if isinstance(children, _SequentialChildren):
-        return children.record(index)
-    return TrialRecord(children.lrs[index], children.val_acc[index], children.train_loss[index],
-                       children.diverged[index], children.wall_seconds[index], children.epochs[index],
-                       children.steps[index])
+        record = children.record(index)
+    else:
+        record = TrialRecord(children.lrs[index], children.val_acc[index], children.train_loss[index],
+                             children.diverged[index], children.wall_seconds[index], children.epochs[index],
+                             children.steps[index])
+    if index in stopped:
+        record.val_acc, record.train_loss = None, stopped[index]
+    return record
 
 
 def halving_rounds(rates: int, steps: int) -> list[tuple[int, int]]:
-    """Successive halving's rounds: (steps trained so far, children kept after scoring).
+    """Successive halving's rounds: (steps trained so far, children kept after the round).
 
-    With 7 rates and an epoch of S steps: all 7 train S/4 steps and the best 4
-    go on, those 4 train to S/2 and the best 2 go on, those 2 train to S and
-    the better one is the sweep's best: 3.75 trials' worth of work instead of 7.
+    With 7 rates and an epoch of S steps: all 7 train S/4 steps, the better
+    half (4) train on to S, and the best of those is the sweep's best:
+    4.75 trials' worth of training instead of 7.
     """
-    rounds = max(1, math.ceil(math.log2(rates))) if rates > 1 else 1
-    plan, alive = [], rates
-    for r in range(rounds):
-        budget = max(1, steps >> (rounds - 1 - r))
-        alive = math.ceil(alive / 2) if r < rounds - 1 else 1
-        plan.append((budget, alive))
-    return plan
+    if rates <= 2 or steps < 4:
+        return [(steps, 1)]
+    return [(steps // 4, math.ceil(rates / 2)), (steps, 1)]
+
+
+def _halve(group: Any, rates: int, sweep_steps: int, stopped: dict[int, float],
+           scored: Callable[[int], None] | None) -> None:
+    """Successive halving: early rounds keep the rates whose training loss fell lowest in that round.
+
+    The loss of the round's own steps, not validation accuracy: near the
+    start of training, when accuracies sit at chance, it ranks rates far more
+    reliably, and it costs no validation pass. The last round, a full sweep
+    trial for the rates left, is scored on validation as the full sweep is.
+    """
+    done, seen = 0, {i: 0.0 for i in range(rates)}
+    for budget, keep in halving_rounds(rates, sweep_steps):
+        if budget == sweep_steps:
+            group.advance(budget - done, scored)
+            return
+        group.advance(budget - done, validate=False)
+        now = {i: group.loss_seen(i) for i in group.running}
+        means = {i: (now[i] - seen[i]) / (budget - done) for i in group.running}
+        ranked = sorted(group.running, key=lambda i: (means[i] if math.isfinite(means[i]) else math.inf, i))
+        for index in ranked[keep:]:
+            stopped[index] = means[index]
+        group.stop(ranked[keep:])
+        if scored:
+            for index in sorted(ranked[keep:]):
+                scored(index)
+        done, seen = budget, now
 
 
 OnTrial = Callable[[TrialRecord, str], None]
@@ -334,23 +373,14 @@ def evaluate_rule(rule: str | Node, task: Task, seed: int = 0, *, on_trial: OnTr
         initial = initial_child(task, seed)
         group = (StackedChildren if task.stacks else _SequentialChildren)(
             task, initial, tree, list(task.lrs), final_steps if reuse else sweep_steps, seed)
-        scored = (lambda index: on_trial(_record(group, index), "sweep")) if on_trial else None
+        stopped: dict[int, float] = {}   # trials halving stopped early -> their last round's mean loss
+        scored = (lambda index: on_trial(_record(group, index, stopped), "sweep")) if on_trial else None
         if task.sweep == "full":
             group.advance(sweep_steps, scored)
         else:
-            done = 0
-            for budget, keep in halving_rounds(len(task.lrs), sweep_steps):
-                last = budget == sweep_steps
-                group.advance(budget - done, scored if last else None)
-                done = budget
-                ranked = sorted(group.running, key=lambda i: (-group.val_acc[i], i))
-                stopped = ranked[keep:]
-                if scored and not last:
-                    for index in sorted(stopped):
-                        scored(index)
-                group.stop(stopped)
-        trials = [_record(group, index) for index in range(len(task.lrs))]
-        best_index = max((i for i, t in enumerate(trials) if not t.diverged and t.steps == sweep_steps),
+            _halve(group, len(task.lrs), sweep_steps, stopped, scored)
+        trials = [_record(group, index, stopped) for index in range(len(task.lrs))]
+        best_index = max((i for i, t in enumerate(trials) if not t.diverged and i not in stopped),
                          key=lambda i: (trials[i].val_acc, -i), default=None)
 
         final, test_acc = None, 0.0

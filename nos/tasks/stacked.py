@@ -83,13 +83,14 @@ class StackedChildren:
         self._data: tuple[Tensor, Tensor] | None = None
         self._position = 0
         self._total: Tensor | None = None
+        self._seen = torch.zeros(k, device=task.device)   # every loss so far, summed, per running child
         self._limit: float | None = None
 
     def _call(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.skeleton, (params, buffers), (x,))
 
     # -- training --------------------------------------------------------------
-    def advance(self, steps: int, on_scored: Callable[[int], None] | None = None) -> None:
+    def advance(self, steps: int, on_scored: Callable[[int], None] | None = None, validate: bool = True) -> None:
         """Train every running child `steps` more steps, then score each on validation."""
         start = time.perf_counter()
         steps_per_epoch = self.task.steps_per_epoch
@@ -101,7 +102,8 @@ class StackedChildren:
             steps -= take
             if self._position == steps_per_epoch:
                 self._end_epoch()
-        self._validate()
+        if validate:
+            self._validate()
         self._charge(time.perf_counter() - start)
         if on_scored:
             for child in sorted(self.running):
@@ -152,6 +154,7 @@ class StackedChildren:
                     self.steps[child] += 1
             if check:
                 self._total += window
+                self._seen += window
                 window = torch.zeros(len(self.running) - len(bad), device=task.device)
                 if bad:
                     self._diverge(bad)
@@ -198,6 +201,9 @@ class StackedChildren:
             self.diverged[child], self.val_acc[child], self.train_loss[child] = True, 0.0, None
         self._keep([pos for pos in range(len(self.running)) if pos not in positions])
 
+    def loss_seen(self, child: int) -> float:
+        return float(self._seen[self.running.index(child)])
+
     def stop(self, children: list[int]) -> None:
         """Take `children` (indices into lrs) out of training; their records stay."""
         self._keep([pos for pos, child in enumerate(self.running) if child not in children])
@@ -219,6 +225,7 @@ class StackedChildren:
         _copy_generators(old, self.optimizer)
         if self._total is not None:
             self._total = self._total.index_select(0, index)
+        self._seen = self._seen.index_select(0, index)
         self.running = [self.running[pos] for pos in positions]
 
     def extract(self, child: int, make: Callable[..., Any]) -> Any:

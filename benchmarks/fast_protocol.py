@@ -1,0 +1,197 @@
+"""The fast protocol against the full one on sampled rules: speed, rank agreement, halving's choices.
+
+    flock /tmp/nos-bench.lock python benchmarks/fast_protocol.py --task digits --rules 100
+    flock /tmp/nos-bench.lock python benchmarks/fast_protocol.py --task fashion-mnist --train-size 10000 \\
+        --rules 50 --reference-rules 3
+
+Rules are sampled as a search samples them (the random searcher, depth 2),
+unique by canonical text. Each rule gets, in one process, one thread:
+
+- full: the paper's protocol as `benchmarks/evaluate.py` runs it: every
+  rate for an epoch, the 5-epoch run at the best; no probe, no explosion
+  stop (a non-finite loss still ends a trial);
+- fast: what a search does with everything on: the probe (rejected rules
+  score 0 without training; a rule behaving as one already scored takes its
+  reward), successive halving over the rates, the loss-explosion stop;
+- halving (with --halving-check): successive halving alone, so that its
+  choice of rate is judged apart from the other shortcuts.
+
+It prints evaluations per hour (CPU time) of fast against full, Spearman's
+rank correlation of their rewards, how often halving's reward is within 0.5
+points of the full sweep's, and, with --reference-rules K, the plain
+reference of benchmarks/evaluate.py on the first K non-rejected rules, so
+that fast / reference = (full / reference on those K) x (fast / full on all).
+Results go to --out as JSON lines as they come (a long run can be read early).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate import reference_evaluate  # noqa: E402  (the plain reference implementation)
+
+from nos.rules import parse, to_text  # noqa: E402
+from nos.rules.fingerprint import probe  # noqa: E402
+from nos.search import make_searcher  # noqa: E402
+from nos.tasks import evaluate_rule, get_task  # noqa: E402
+
+
+def sample_rules(n: int, depth: int, seed: int) -> list[str]:
+    searcher = make_searcher("random", depth, seed)
+    texts: list[str] = []
+    while len(texts) < n:
+        for proposal in searcher.propose(n):
+            text = to_text(proposal.tree)
+            if text not in texts and len(texts) < n:
+                texts.append(text)
+    return texts
+
+
+def stored_rules(url: str, run_id: int, n: int, seed: int) -> list[str]:
+    """n of the distinct rules a stored run sampled, drawn uniformly (seeded)."""
+    import random
+
+    from sqlalchemy import select
+
+    from nos.store import open_store
+    from nos.store.models import Evaluation, Rule
+
+    store = open_store(url)
+    with store.reading() as session:
+        texts = sorted(set(session.execute(
+            select(Rule.text).join(Evaluation, Evaluation.rule_id == Rule.id).where(Evaluation.run_id == run_id)
+        ).scalars()))
+    store.dispose()
+    return random.Random(seed).sample(texts, min(n, len(texts)))
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rho: Pearson's correlation of the ranks, ties given their mean rank."""
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    return cov / (sx * sy) if sx and sy else float("nan")
+
+
+def cpu_seconds(fn):
+    start = time.process_time()
+    value = fn()
+    return value, time.process_time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="digits")
+    parser.add_argument("--train-size", type=int, default=None)
+    parser.add_argument("--rules", type=int, default=100)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="samples the rules; also the evaluation seed")
+    parser.add_argument("--halving-check", action="store_true", help="also evaluate with halving alone")
+    parser.add_argument("--reference-rules", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON lines, one per rule")
+    parser.add_argument("--from-db", default=None, help="sample the rules a stored run sampled (with --run)")
+    parser.add_argument("--run", type=int, default=1)
+    parser.add_argument("--shard", default="0/1", help="I/N: evaluate every N-th rule from the I-th "
+                        "(run shards in parallel processes, then --summary their --out files)")
+    parser.add_argument("--summary", nargs="*", default=None, help="only summarise these JSON-lines files")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.summary is not None:
+        rows = [json.loads(line) for path in args.summary for line in Path(path).read_text().splitlines()]
+        summarise(rows, args.halving_check)
+        return
+
+    options = {"train_size": args.train_size} if args.train_size else {}
+    full_task = get_task(args.task, explode=0, **options)
+    fast_task = get_task(args.task, sweep="halving", **options)
+    halving_task = get_task(args.task, sweep="halving", explode=0, **options)
+    rules = (stored_rules(args.from_db, args.run, args.rules, args.seed) if args.from_db
+             else sample_rules(args.rules, args.depth, args.seed))
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    rules = rules[shard::shards]
+    out = open(args.out, "w") if args.out else None
+    print(f"torch {torch.__version__}, 1 thread; {args.task} {full_task.splits.sizes}; {len(rules)} sampled rules")
+
+    rows, scored = [], {}   # scored: fingerprint -> fast reward (the search's equivalence cache)
+    for i, rule in enumerate(rules):
+        full, full_cpu = cpu_seconds(lambda: evaluate_rule(rule, full_task, args.seed))
+        verdict, probe_cpu = cpu_seconds(lambda: probe(parse(rule)))
+        if verdict.rejection:
+            fast_reward, fast_cpu, how = 0.0, probe_cpu, "rejected"
+        elif verdict.fingerprint in scored:
+            fast_reward, fast_cpu, how = scored[verdict.fingerprint], probe_cpu, "equivalent"
+        else:
+            fast, fast_cpu = cpu_seconds(lambda: evaluate_rule(rule, fast_task, args.seed))
+            fast_reward, fast_cpu, how = fast.reward, fast_cpu + probe_cpu, "trained"
+            scored[verdict.fingerprint] = fast_reward
+        row = dict(rule=rule, full=full.reward, full_lr=full.best_lr, full_cpu=full_cpu, fast=fast_reward,
+                   fast_cpu=fast_cpu, how=how, rejection=verdict.rejection)
+        if args.halving_check:
+            halving = evaluate_rule(rule, halving_task, args.seed)
+            row.update(halving=halving.reward, halving_lr=halving.best_lr)
+        if args.reference_rules and not verdict.rejection and \
+                sum("reference" in r for r in rows) < args.reference_rules:
+            (ref_lr, ref_reward, _), ref_cpu = cpu_seconds(lambda: reference_evaluate(rule, full_task, args.seed))
+            row.update(reference=ref_reward, reference_lr=ref_lr, reference_cpu=ref_cpu)
+        rows.append(row)
+        if out:
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+        print(f"{i + 1:3d} {how:10s} full {full.reward:.4f} ({full_cpu:6.1f} s)  fast {fast_reward:.4f} "
+              f"({fast_cpu:6.1f} s)" + (f"  halving {row['halving']:.4f}" if args.halving_check else "")
+              + f"  {rule}", flush=True)
+    summarise(rows, args.halving_check)
+
+
+def summarise(rows: list[dict], halving_check: bool) -> None:
+    full_cpu = sum(r["full_cpu"] for r in rows)
+    fast_cpu = sum(r["fast_cpu"] for r in rows)
+    print(f"\nevaluations per hour (cpu): fast {3600 * len(rows) / fast_cpu:.0f}, full {3600 * len(rows) / full_cpu:.0f}, "
+          f"ratio {full_cpu / fast_cpu:.2f}x")
+    print(f"rejected {sum(r['how'] == 'rejected' for r in rows)}, equivalent to an earlier rule "
+          f"{sum(r['how'] == 'equivalent' for r in rows)}, trained {sum(r['how'] == 'trained' for r in rows)}")
+    print(f"Spearman rank correlation, fast vs full rewards: {spearman([r['fast'] for r in rows], [r['full'] for r in rows]):.3f}")
+    learned = [r for r in rows if r["full"] > 0.2]
+    if learned:
+        print(f"  on the {len(learned)} rules whose full reward exceeds 0.2: "
+              f"{spearman([r['fast'] for r in learned], [r['full'] for r in learned]):.3f}")
+    rejected_rewards = [r["full"] for r in rows if r["rejection"]]
+    if rejected_rewards:
+        print(f"rejected rules' full rewards: max {max(rejected_rewards):.4f}, mean {sum(rejected_rewards) / len(rejected_rewards):.4f}")
+    if halving_check:
+        close = [abs(r["halving"] - r["full"]) <= 0.005 for r in rows]
+        close_learned = [abs(r["halving"] - r["full"]) <= 0.005 for r in learned]
+        print(f"halving within 0.5 points of the full sweep's reward: {sum(close)}/{len(close)} "
+              f"({sum(close) / len(close):.0%}); on rules above 0.2: {sum(close_learned)}/{len(close_learned)}"
+              f"; same rate chosen: {sum(r['halving_lr'] == r['full_lr'] for r in rows)}/{len(rows)}")
+    with_ref = [r for r in rows if "reference" in r]
+    if with_ref:
+        ref_ratio = sum(r["reference_cpu"] for r in with_ref) / sum(r["full_cpu"] for r in with_ref)
+        print(f"reference on {len(with_ref)} rules: full is {ref_ratio:.2f}x the reference; "
+              f"fast against the reference: {ref_ratio * full_cpu / fast_cpu:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
