@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": ".demo:demo_command",
     "rule": ".rules:rule_group",
     "eval": ".evaluate:eval_command",
+    "transfer": ".transfer:transfer_command",
     "db": ".db:db_group",
     "enqueue": ".search:enqueue_command",
     "resume": ".search:resume_command",
@@ -22,6 +23,9 @@ COMMANDS = {
     "leaderboard": ".results:leaderboard_command",
     "show": ".results:show_command",
     "worker": ".worker:worker_command",
+    "plot": ".reports:plot_command",
+    "report": ".reports:report_command",
+    "export": ".reports:export_command",
 }
 
 

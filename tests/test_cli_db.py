@@ -12,8 +12,18 @@ from click.testing import CliRunner
 
 from nos.cli.main import cli
 from nos.store import create_engine, resolve_url
+from nos.store.schema import migrations_dir
 
 NOS = str(Path(sys.executable).with_name("nos"))
+
+
+def _head() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(migrations_dir())).get_current_head()
+
+
+HEAD = _head()   # the latest migration: a new one does not break these tests
 
 
 def nos(*args, env=None):
@@ -25,22 +35,22 @@ def test_upgrade_from_any_directory_creates_the_default_database(tmp_path, monke
     env = {k: v for k, v in os.environ.items() if k != "NOS_DB_URL"}
     done = subprocess.run([NOS, "db", "upgrade"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "sqlite:///nos.db: at revision 0001 (up to date)\n"
+    assert done.stdout == f"sqlite:///nos.db: at revision {HEAD} (up to date)\n"
     assert (tmp_path / "nos.db").is_file()
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NOS_DB_URL", raising=False)
     current = nos("db", "current")
-    assert (current.exit_code, current.output) == (0, "sqlite:///nos.db: at revision 0001 (up to date)\n")
+    assert (current.exit_code, current.output) == (0, f"sqlite:///nos.db: at revision {HEAD} (up to date)\n")
 
 
 def test_upgrade_then_current_via_the_environment(db_url):
     result = nos("db", "upgrade", env={"NOS_DB_URL": db_url})
     assert result.exit_code == 0, result.output
-    assert "at revision 0001 (up to date)" in result.output
+    assert f"at revision {HEAD} (up to date)" in result.output
     again = nos("db", "upgrade", "--db", db_url)
     assert again.exit_code == 0 and "up to date" in again.output
     current = nos("db", "current", "--db", db_url)
-    assert current.exit_code == 0 and "at revision 0001 (up to date)" in current.output
+    assert current.exit_code == 0 and f"at revision {HEAD} (up to date)" in current.output
 
 
 def test_current_on_a_database_without_schema_names_the_upgrade_command(db_url):

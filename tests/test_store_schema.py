@@ -18,7 +18,8 @@ from nos.store import (
 )
 from nos.store.schema import alembic_config, migrations_dir
 
-TABLES = {"runs", "rules", "evaluations", "lr_trials", "checkpoints", "alembic_version"}
+TABLES = {"runs", "rules", "evaluations", "lr_trials", "checkpoints", "alembic_version",
+          "transfer_runs", "transfer_trials", "transfer_epochs", "transfer_checkpoints"}
 VIEWS = {"leaderboard", "run_progress"}
 
 
@@ -102,7 +103,8 @@ def test_a_database_behind_says_so_names_the_command_and_is_untouched(sqlite_url
     folder = tmp_path
     script = _script_with_a_newer_revision(tmp_path / "later")
     before = _snapshot(folder)
-    with pytest.raises(StoreError, match=r"is at revision 0001, behind this nos \(head 9999\); run `nos db upgrade`"):
+    behind = rf"is at revision {schema_state_head()}, behind this nos \(head 9999\); run `nos db upgrade`"
+    with pytest.raises(StoreError, match=behind):
         check_schema(url, script)
     assert _snapshot(folder) == before
 

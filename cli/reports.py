@@ -1,0 +1,170 @@
+"""`nos plot`, `nos report`, `nos export`: pictures, a run's HTML page, a rule as Python code.
+
+matplotlib is imported only by `nos plot` and `nos report`, torch by none of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from sqlalchemy import select
+
+from nos.rules import RuleSyntaxError, to_text
+from nos.rules.builtins import resolve_rule
+from nos.store import get_run
+from nos.store.history import rule_sweeps, run_evaluations
+from nos.store.models import Rule
+
+from .console import console
+from .db import db_option, open_store_or_exit
+from .errors import UsageProblem
+
+
+def _plots():
+    """nos.plots with matplotlib importable, or exit 2 saying how to install it."""
+    from nos import plots
+
+    if not plots.available():
+        raise UsageProblem(plots.MATPLOTLIB_MISSING)
+    return plots
+
+
+def _find_rule(session, rule: str) -> Rule:
+    """A stored rule by id or by text (or built-in name), as `nos show` takes it."""
+    if rule.strip().isdigit():
+        found = session.get(Rule, int(rule))
+    else:
+        try:
+            text = to_text(resolve_rule(rule))
+        except RuleSyntaxError as exc:
+            raise UsageProblem(f"bad rule\n{exc}") from None
+        found = session.execute(select(Rule).where(Rule.text == text)).scalar_one_or_none()
+    if found is None:
+        raise UsageProblem(f"rule {rule!r} has not been evaluated in this database")
+    return found
+
+
+def _save(plots, fig, output: str) -> None:
+    try:
+        plots.save(fig, output)
+    except OSError as exc:
+        raise UsageProblem(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
+@click.command("plot")
+@click.argument("run_ids", metavar="[RUN_ID]...", nargs=-1, type=int)
+@click.option("--sweep", "sweep_rule", metavar="RULE",
+              help="Plot RULE's learning-rate sweeps (rule id, text or built-in name) instead of run curves.")
+@click.option("--task", help="With --sweep: only evaluations on this task.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), required=True,
+              help="Image file to write (.png; .svg and .pdf work too).")
+@click.option("--window", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Evaluations in the curve's moving mean.")
+@db_option
+def plot_command(run_ids, sweep_rule, task, output, window, db_url) -> None:
+    """Draw reward against evaluation for runs, or a rule's learning-rate sweeps.
+
+    \b
+    nos plot 1 -o curve.png             one run: each evaluation's reward, a moving mean, the best so far
+    nos plot 1 2 -o compare.png         several runs overlaid (PPO against random search, say)
+    nos plot --sweep powersign -o sweep.png [--task digits]
+                                        validation accuracy against learning rate, one line per evaluation
+    """
+    if bool(run_ids) == bool(sweep_rule):
+        raise UsageProblem("give RUN_IDs to plot reward curves, or --sweep RULE to plot a rule's sweeps (not both)")
+    if task and not sweep_rule:
+        raise UsageProblem("--task goes with --sweep")
+    plots = _plots()
+    store = open_store_or_exit(db_url)
+    if sweep_rule:
+        with store.reading() as session:
+            rule = _find_rule(session, sweep_rule)
+            sweeps = rule_sweeps(session, rule.id, task)
+        if not sweeps:
+            on = f" on task {task!r}" if task else ""
+            raise UsageProblem(f"rule {rule.id} ({rule.text}) has no stored learning-rate sweep{on}: "
+                               "its evaluations were cached, failed or not finished")
+        _save(plots, plots.sweep_figure(sweeps, title=f"learning-rate sweeps of {rule.text}"), output)
+        console.print(f"wrote {output}: {len(sweeps)} sweep{'s' if len(sweeps) != 1 else ''} of rule {rule.id}",
+                      markup=False, highlight=False)
+        return
+    curves, count = [], 0
+    with store.reading() as session:
+        for run_id in dict.fromkeys(run_ids):
+            run = get_run(session, run_id)
+            if run is None:
+                raise UsageProblem(f"no run {run_id}; `nos runs` lists them")
+            rows = run_evaluations(session, run_id)
+            count += sum(r.finished for r in rows)
+            curves.append(plots.Curve(f"run {run.id} {run.name} ({run.config.get('searcher', '?')})", rows))
+    title = "reward by evaluation" + (f" of run {run_ids[0]}" if len(curves) == 1 else "")
+    _save(plots, plots.curve_figure(curves, window=window, title=title), output)
+    console.print(f"wrote {output}: {len(curves)} run{'s' if len(curves) != 1 else ''}, {count} finished evaluations",
+                  markup=False, highlight=False)
+
+
+@click.command("report")
+@click.argument("run_id", type=int)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="HTML file to write [nos-run-RUN_ID.html].")
+@click.option("--top", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Rules shown with their sweeps.")
+@click.option("--window", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Evaluations in the curve's moving mean.")
+@db_option
+def report_command(run_id, output, top, window, db_url) -> None:
+    """Write one self-contained HTML page about a run.
+
+    The reward curve, the top rules with their learning-rate sweeps, timings,
+    the cache hit rate, failed evaluations with their errors and the run's
+    configuration; pictures are embedded, nothing is loaded from elsewhere.
+    """
+    from nos.report import write_report
+
+    _plots()
+    store = open_store_or_exit(db_url)
+    output = output or f"nos-run-{run_id}.html"
+    try:
+        path = write_report(store, run_id, output, top=top, window=window)
+    except LookupError:
+        raise UsageProblem(f"no run {run_id}; `nos runs` lists them") from None
+    except OSError as exc:
+        raise UsageProblem(f"cannot write {output}: {exc.strerror or exc}") from None
+    console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)", markup=False, highlight=False)
+
+
+@click.command("export")
+@click.argument("rule")
+@click.option("--lr", type=float, default=1e-3, show_default=True,
+              help="Learning rate written into the snippet (`nos show RULE` lists the rule's sweep).")
+@click.option("--total-steps", type=click.IntRange(min=1),
+              help="The run's length in steps, for rules that read the schedules ld, cd or rd.")
+@click.option("--seed", type=int, help="Seed of the optimizer's own noise, for rules that read eps, eps_t or drop.")
+@click.option("--demo/--no-demo", default=True, show_default=True,
+              help="End the snippet with a quick check that trains a tiny model when run as a script.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="Write the snippet to this file instead of printing it.")
+def export_command(rule, lr, total_steps, seed, demo, output) -> None:
+    """Print a short Python snippet that trains with RULE in any PyTorch loop.
+
+    RULE is rule text or a built-in name (`nos rule builtins`). The snippet
+    needs torch and nos: `make_optimizer(model.parameters())` returns a
+    nos.optim.SymbolicOptimizer for the rule.
+    """
+    from nos.export import export_snippet
+
+    try:
+        source = export_snippet(rule, lr=lr, total_steps=total_steps, seed=seed, demo=demo)
+    except RuleSyntaxError as exc:
+        raise UsageProblem(f"bad rule\n{exc}") from None
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    if output:
+        try:
+            Path(output).write_text(source)
+        except OSError as exc:
+            raise UsageProblem(f"cannot write {output}: {exc.strerror or exc}") from None
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(source, nl=False)

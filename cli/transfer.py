@@ -1,0 +1,194 @@
+"""`nos transfer RULE...`: rules and the standard optimizers on a Wide ResNet, as the paper's Table 1."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from nos.rules import to_text
+from nos.rules.builtins import BUILTINS
+from nos.store import Store, StoreError, shown
+from nos.store.engine import resolve_url
+from nos.store.schema import schema_state, upgrade
+from nos.tasks import DataUnavailable, UnknownTask
+from nos.tasks.transfer import DEFAULT_EPOCHS, DEFAULT_MODEL, TRANSFER_TASKS, transfer_task
+
+from .console import console
+from .db import db_option, open_store_or_exit
+from .errors import UsageProblem
+from .evaluate import _learning_rates
+from .rules import parse_or_exit
+
+# The paper's Table 1 baselines, each tuned by the same sweep as the rules under test.
+BASELINES = ("sgd", "momentum", "adam", "rmsprop")
+COLUMNS = ("final val", "final test", "best val", "best test")
+
+
+def _store_for_writing(db_url: str | None, messages: Console) -> Store:
+    """The store; a database with no nos schema yet (a new SQLite file) is created first."""
+    try:
+        url = resolve_url(db_url)
+        try:
+            fresh = schema_state(url).current is None
+        except StoreError as exc:
+            fresh = "no database at" in str(exc)
+            if not fresh:
+                raise
+        if fresh:
+            upgrade(url)
+            messages.print(f"created database {shown(url)}")
+    except StoreError as exc:
+        raise UsageProblem(str(exc)) from None
+    return open_store_or_exit(db_url)
+
+
+@click.command("transfer")
+@click.argument("rules", nargs=-1, metavar="RULE...")
+@click.option("--task", "task_name", default="fashion-mnist", show_default=True,
+              help=f"image task: {', '.join(TRANSFER_TASKS)}")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Wide ResNet wrn-DEPTH-WIDTH (depth 6n+4: 10, 16, 22, 28, 40, ...)")
+@click.option("--epochs", type=click.IntRange(min=1), default=DEFAULT_EPOCHS, show_default=True,
+              help="epochs of the final run at the best learning rate")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="train each rule with seeds 0..K-1 (initial weights, data order, the rule's noise)")
+@click.option("--baselines/--no-baselines", default=True, show_default=True,
+              help=f"also train {', '.join(BASELINES)}")
+@click.option("--lrs", callback=_learning_rates, help="learning-rate grid, comma-separated [1e-5,...,1e1]")
+@click.option("--train-size", type=click.IntRange(min=1), help="subsample the training split to N examples")
+@click.option("--val-size", type=click.IntRange(min=1), help="validation examples carved from training [5000]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="training batch size [128]")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="folder with the data set's files "
+              "(default $NOS_DATA_DIR; Fashion-MNIST also /usr/share/datasets/fashion-mnist)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
+              show_default=True, help="how to print the results")
+@db_option
+def transfer_command(rules: tuple[str, ...], task_name: str, model: str, epochs: int, seeds: int, baselines: bool,
+                     lrs: tuple[float, ...] | None, train_size: int | None, val_size: int | None,
+                     batch_size: int | None, data_dir: str | None, device: str, threads: int | None, fmt: str,
+                     db_url: str | None) -> None:
+    """Train a Wide ResNet with each RULE and with SGD, Momentum, Adam and RMSProp.
+
+    Every optimizer gets the same learning-rate sweep (1 epoch per rate from
+    the same initial weights), then trains EPOCHS at its best rate; validation
+    and test accuracy are measured after every epoch. The table shows, per
+    optimizer, the final and the best (over epochs) validation and test
+    accuracy, mean ± standard deviation over the seeds. Every trial and epoch
+    is stored in the database as it finishes: running the same command again
+    reads finished results instead of training, and continues unfinished ones.
+    RULE is rule text such as "g * exp(sign(g) * sign(m))" or a built-in name.
+    """
+    names = list(rules) + (list(BASELINES) if baselines else [])
+    if not names:
+        raise UsageProblem("nothing to train: give a RULE, or leave out --no-baselines")
+    trees, labels = [], {}
+    for name in names:
+        tree = parse_or_exit(name)
+        text = to_text(tree)
+        if text not in labels:   # `adam` given and a baseline: trained once
+            trees.append(tree)
+            labels[text] = name if name.strip().lower() in BUILTINS else text
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        task = transfer_task(task_name, model, device=device, lrs=lrs, data_dir=data_dir, train_size=train_size,
+                             val_size=val_size, batch_size=batch_size, epochs=epochs)
+    except (UnknownTask, DataUnavailable, ValueError) as exc:
+        raise UsageProblem(str(exc)) from None
+
+    from nos.transfer import TransferSuperseded, run_transfer, summarize
+
+    messages = Console(stderr=True)
+    store = _store_for_writing(db_url, messages)
+    per_run = len(task.lrs) + task.epochs
+    results, reused = [], 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=messages, transient=True) as progress:
+            bar = progress.add_task("", total=len(trees) * seeds * per_run)
+            for seed in range(seeds):
+                for tree in trees:
+                    label = labels[to_text(tree)]
+                    start = progress.tasks[0].completed
+                    progress.update(bar, description=f"{label} seed {seed}")
+
+                    def trial(record, label=label, seed=seed) -> None:
+                        progress.update(bar, advance=1, description=f"{label} seed {seed}: sweep lr={record.lr:g}")
+
+                    def epoch(record, label=label, seed=seed) -> None:
+                        progress.update(bar, advance=1, description=f"{label} seed {seed}: epoch {record.epoch}")
+
+                    try:
+                        outcome = run_transfer(store, tree, task, seed, on_trial=trial, on_epoch=epoch)
+                    except TransferSuperseded as exc:
+                        raise click.ClickException(str(exc)) from None
+                    reused += outcome.reused
+                    results.append(outcome.result)
+                    progress.update(bar, completed=start + per_run)
+    except KeyboardInterrupt:
+        messages.print("interrupted: what finished is stored; the same command continues from there")
+        raise SystemExit(130) from None
+    finally:
+        store.dispose()
+
+    rows = summarize(results)
+    if reused:
+        messages.print(f"{reused} of {len(results)} results read from {shown(store.url)} (already trained)")
+    if fmt == "json":
+        click.echo(json.dumps({"task": task.to_dict(), "task_key": task.config_key(), "seeds": list(range(seeds)),
+                               "results": [r.to_dict() for r in results],
+                               "summary": [_summary_dict(row, labels) for row in rows]}))
+        return
+    sizes = task.splits.sizes
+    title = (f"{task.options['model']} on {task.name} ({sizes['train']:,} train / {sizes['val']:,} val / "
+             f"{sizes['test']:,} test), {task.epochs} epochs, batch {task.batch_size}, "
+             f"seeds 0-{seeds - 1}, {task.device}: mean ± std over seeds")
+    if fmt == "markdown":
+        click.echo(_markdown(title, rows, labels))
+    else:
+        table = Table(title=title)
+        table.add_column("optimizer")
+        table.add_column("best lr", justify="right")
+        for column in COLUMNS:
+            table.add_column(column, justify="right")
+        table.add_column("seconds (all seeds)", justify="right")
+        for row in rows:
+            table.add_row(*_cells(row, labels))
+        console.print(table)
+
+
+def _cells(row, labels: dict[str, str]) -> list[str]:
+    lrs = ", ".join("-" if lr is None else f"{lr:g}" for lr in row.best_lrs)
+    figures = [s.format() for s in (row.final_val, row.final_test, row.best_val, row.best_test)]
+    label = labels.get(row.rule, row.rule)
+    if row.diverged:
+        label += f" ({row.diverged} diverged)"
+    return [label, lrs, *figures, f"{row.wall_seconds:.0f}"]
+
+
+def _markdown(title: str, rows, labels: dict[str, str]) -> str:
+    head = ["optimizer", "best lr", *COLUMNS, "seconds (all seeds)"]
+    lines = [f"{title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = _cells(row, labels)
+        if labels.get(row.rule, row.rule) not in BUILTINS:
+            cells[0] = f"`{cells[0]}`"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _summary_dict(row, labels: dict[str, str]) -> dict:
+    def stat(s):
+        return {"mean": s.mean, "std": s.std}
+
+    return {"optimizer": labels.get(row.rule, row.rule), "rule": row.rule, "seeds": row.seeds,
+            "best_lrs": row.best_lrs, "final_val": stat(row.final_val), "final_test": stat(row.final_test),
+            "best_val": stat(row.best_val), "best_test": stat(row.best_test), "diverged": row.diverged,
+            "wall_seconds": row.wall_seconds}

@@ -1,0 +1,173 @@
+"""Pictures of searches: reward curves and learning-rate sweeps, drawn with matplotlib.
+
+matplotlib is an optional extra (`pip install 'nos[plot]'`), imported only
+when a figure is drawn. Figures are made with `matplotlib.figure.Figure`
+directly, not pyplot, so nothing here changes the caller's backend and
+nothing needs a display.
+
+    from nos.plots import Curve, curve_figure, save
+    save(curve_figure([Curve("run 1", rows)]), "curve.png")
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from nos.store.history import EvaluationRow, Sweep
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+MATPLOTLIB_MISSING = "nos's plots need matplotlib, which is not installed: pip install 'nos[plot]'"
+
+
+class PlotUnavailable(ImportError):
+    """matplotlib is not installed."""
+
+
+def _figure(**kwargs) -> Figure:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise PlotUnavailable(MATPLOTLIB_MISSING) from exc
+    return Figure(**kwargs)
+
+
+def available() -> bool:
+    """Whether matplotlib can be imported."""
+    try:
+        _figure()
+    except PlotUnavailable:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One run's evaluations to draw as a reward curve."""
+
+    label: str
+    rows: Sequence[EvaluationRow]
+
+
+@dataclass(frozen=True)
+class CurveData:
+    """What a curve draws, in seq order: one entry per finished evaluation."""
+
+    seq: list[int]
+    reward: list[float]       # failed evaluations count 0, as the searcher sees them
+    failed: list[bool]
+    mean: list[float]         # trailing moving mean over `window` evaluations
+    best: list[float]         # best reward so far
+
+
+def curve_data(rows: Sequence[EvaluationRow], window: int = 20) -> CurveData:
+    """The points of a reward curve: finished evaluations by seq (queued and running ones are left out)."""
+    finished = sorted((r for r in rows if r.finished), key=lambda r: r.seq)
+    seq = [r.seq for r in finished]
+    reward = [r.reward if r.reward is not None else 0.0 for r in finished]
+    failed = [r.status == "failed" for r in finished]
+    mean, best, total, top = [], [], 0.0, -math.inf
+    for i, value in enumerate(reward):
+        total += value - (reward[i - window] if i >= window else 0.0)
+        mean.append(total / min(i + 1, window))
+        top = max(top, value)
+        best.append(top)
+    return CurveData(seq, reward, failed, mean, best)
+
+
+def curve_figure(curves: Sequence[Curve], *, window: int = 20, title: str | None = None,
+                 size: tuple[float, float] = (9.0, 5.5)) -> Figure:
+    """Reward against evaluation number: each evaluation a dot, a moving mean, the best so far; runs overlaid.
+
+    Below the axes, one legend names the runs by colour, the other the kinds of mark.
+    """
+    from matplotlib.lines import Line2D
+
+    fig = _figure(figsize=size, dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    runs, any_failed = [], False
+    for i, curve in enumerate(curves):
+        color = f"C{i % 10}"
+        data = curve_data(curve.rows, window)
+        ok = [j for j, f in enumerate(data.failed) if not f]
+        ax.scatter([data.seq[j] for j in ok], [data.reward[j] for j in ok], s=16, color=color, alpha=0.55,
+                   linewidths=0)
+        bad = [j for j, f in enumerate(data.failed) if f]
+        if bad:
+            any_failed = True
+            ax.scatter([data.seq[j] for j in bad], [0.0] * len(bad), s=26, marker="x", color=color, alpha=0.8)
+        ax.plot(data.seq, data.mean, color=color, linewidth=2)
+        ax.step(data.seq, data.best, where="post", color=color, linewidth=1.3, linestyle="--")
+        best = f", best {data.best[-1]:.4f}" if data.best else ", nothing finished"
+        runs.append(Line2D([], [], color=color, linewidth=3, label=f"{curve.label}{best}"))
+    ax.set_xlabel("evaluation (seq)")
+    ax.set_ylabel("reward (final validation accuracy)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    if curves:
+        gray = "0.35"
+        kinds = [Line2D([], [], color=gray, marker="o", markersize=4, linestyle="none", label="an evaluation"),
+                 Line2D([], [], color=gray, linewidth=2, label=f"mean of the last {window}"),
+                 Line2D([], [], color=gray, linewidth=1.3, linestyle="--", label="best so far")]
+        if any_failed:
+            kinds.append(Line2D([], [], color=gray, marker="x", linestyle="none", label="failed (counts 0)"))
+        fig.legend(handles=runs, loc="outside lower left", fontsize="small", frameon=False)
+        fig.legend(handles=kinds, loc="outside lower right", ncols=2, fontsize="small", frameon=False)
+    return fig
+
+
+def sweep_figure(sweeps: Sequence[Sweep], *, labels: Sequence[str] | None = None, title: str | None = None,
+                 size: tuple[float, float] = (7.0, 4.5), legend: bool = True) -> Figure:
+    """Validation accuracy against learning rate (log x), one line per sweep; diverged rates are crosses at 0."""
+    fig = _figure(figsize=size, dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for i, sweep in enumerate(sweeps):
+        color = f"C{i % 10}"
+        label = labels[i] if labels else f"run {sweep.run_id}, seq {sweep.seq} ({sweep.task})"
+        lrs = [p.lr for p in sweep.points]
+        accs = [0.0 if p.diverged or p.val_acc is None else p.val_acc for p in sweep.points]
+        ax.plot(lrs, accs, marker="o", markersize=4, color=color, linewidth=1.5, label=label)
+        diverged = [p.lr for p in sweep.points if p.diverged]
+        if diverged:
+            ax.scatter(diverged, [0.0] * len(diverged), marker="x", s=40, color="black", zorder=3,
+                       label="diverged" if i == 0 else None)
+        if sweep.best_lr is not None and sweep.reward is not None:
+            ax.scatter([sweep.best_lr], [sweep.reward], marker="*", s=110, color=color, edgecolors="black",
+                       linewidths=0.5, zorder=4, label="reward (final run at the best rate)" if i == 0 else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation accuracy (sweep)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(True, which="major", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize="medium")
+    if legend and sweeps:
+        ax.legend(fontsize="small", framealpha=0.85)
+    return fig
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    """Write the figure; the format follows the file's suffix (png, svg, pdf), PNG without one."""
+    path = Path(path)
+    suffix = path.suffix.lower().lstrip(".")
+    fig.savefig(path, format=suffix if suffix in ("png", "svg", "pdf") else "png")
+    return path
+
+
+__all__ = [
+    "MATPLOTLIB_MISSING", "Curve", "CurveData", "PlotUnavailable", "available", "curve_data", "curve_figure",
+    "png_bytes", "save", "sweep_figure",
+]

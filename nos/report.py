@@ -1,0 +1,297 @@
+"""One run as a single static HTML page: curves, top rules and their sweeps, timings, failures, configuration.
+
+    from nos.report import write_report
+    write_report(store, run_id=1, path="report.html")
+
+The page is self-contained: inline CSS, images embedded as base64 PNG data
+URIs, no scripts and no external resources, so it can be mailed or archived
+as one file. Every string from the database (rule texts, run names, errors,
+configuration) is HTML-escaped. Without matplotlib the page has its tables
+and a note in place of the pictures.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from html import escape
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from nos.store import Store
+from nos.store.history import EvaluationRow, Sweep, Timings, run_evaluations, run_timings, sweep_of
+from nos.store.models import Run, utcnow
+from nos.store.queries import LeaderboardRow, RunProgress, leaderboard, run_progress
+
+
+@dataclass(frozen=True)
+class TopRule:
+    row: LeaderboardRow
+    sweep: Sweep | None
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """Everything the page shows, read in one transaction."""
+
+    run: Run
+    progress: RunProgress
+    rows: list[EvaluationRow]
+    timings: Timings
+    top: list[TopRule]
+    generated_at: datetime
+
+    @property
+    def failures(self) -> list[EvaluationRow]:
+        return [r for r in self.rows if r.status == "failed"]
+
+
+def gather(session: Session, run_id: int, top: int = 5) -> RunReport | None:
+    """The report's data for run `run_id`, or None if there is no such run."""
+    run = session.get(Run, run_id)
+    if run is None:
+        return None
+    rows = run_evaluations(session, run_id)
+    best = leaderboard(session, top, run_id=run_id) if top > 0 else []
+    return RunReport(run=run, progress=run_progress(session, run_id), rows=rows, timings=run_timings(run, rows),
+                     top=[TopRule(r, sweep_of(session, r.evaluation_id)) for r in best], generated_at=utcnow())
+
+
+def write_report(store: Store, run_id: int, path: str | Path, *, top: int = 5, window: int = 20,
+                 images: bool = True) -> Path:
+    """Write run `run_id`'s report to `path`; LookupError if there is no such run."""
+    with store.reading() as session:
+        report = gather(session, run_id, top)
+    if report is None:
+        raise LookupError(f"no run {run_id}")
+    path = Path(path)
+    path.write_text(render_html(report, window=window, images=images), encoding="utf-8")
+    return path
+
+
+# --- rendering -------------------------------------------------------------------------------------------
+
+CSS = """
+:root { --fg: #1d2430; --muted: #5c6878; --line: #d9dee6; --bg: #ffffff; --soft: #f4f6f9; --accent: #1f6feb;
+        --bad: #b42318; }
+* { box-sizing: border-box; }
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: var(--fg);
+       background: var(--bg); margin: 0 auto; max-width: 1100px; padding: 24px 28px 60px; }
+h1 { font-size: 26px; margin: 0 0 4px; }
+h2 { font-size: 19px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+h3 { font-size: 15px; margin: 0 0 6px; }
+.sub { color: var(--muted); margin: 0 0 18px; }
+code, pre, .rule { font-family: ui-monospace, "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 13px; }
+.rule { overflow-wrap: anywhere; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(160px, 1fr)); gap: 10px; }
+.card { background: var(--soft); border: 1px solid var(--line); border-radius: 8px; padding: 10px 12px; }
+.card .k { color: var(--muted); font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
+.card .v { font-size: 20px; font-weight: 600; }
+img.plot { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; background: #fff; }
+table { border-collapse: collapse; margin: 6px 0 10px; font-size: 14px; }
+th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: left; vertical-align: top; }
+th { background: var(--soft); font-weight: 600; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.best td { font-weight: 600; }
+.top { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; margin: 14px 0 22px;
+       padding: 12px; border: 1px solid var(--line); border-radius: 8px; }
+.top > div { flex: 1 1 300px; min-width: 0; }
+pre { background: var(--soft); border: 1px solid var(--line); border-radius: 6px; padding: 10px 12px;
+      overflow-x: auto; white-space: pre-wrap; overflow-wrap: anywhere; }
+.note { color: var(--muted); font-style: italic; }
+.bad { color: var(--bad); }
+details summary { cursor: pointer; color: var(--muted); }
+footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
+"""
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if value != 0 and abs(value) < 1e-3:
+        return f"{value:.1e}"
+    return f"{value:.{digits}f}"
+
+
+def _lr(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 3600:
+        return f"{value / 3600:.2f} h"
+    if value >= 120:
+        return f"{value / 60:.1f} min"
+    return f"{value:.2f} s"
+
+
+def _time(value: datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _img(png: bytes, alt: str, width: int | None = None) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    size = f' width="{width}"' if width else ""
+    return f'<img class="plot" alt="{escape(alt)}"{size} src="data:image/png;base64,{data}">'
+
+
+def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozenset(),
+           classes: list[str] | None = None) -> str:
+    """An HTML table; cells are already escaped HTML."""
+    head = "".join(f'<th class="num">{escape(h)}</th>' if i in numeric else f"<th>{escape(h)}</th>"
+                   for i, h in enumerate(headers))
+    body = []
+    for n, row in enumerate(rows):
+        cls = f' class="{classes[n]}"' if classes and classes[n] else ""
+        cells = "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(row))
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _run_label(run: Run) -> str:
+    return f"run {run.id} {run.name} ({run.config.get('searcher', '?')})"
+
+
+def render_html(report: RunReport, *, window: int = 20, images: bool = True) -> str:
+    """The report page as one HTML string."""
+    from nos import plots
+
+    if images and not plots.available():
+        images = False
+        why = escape(plots.MATPLOTLIB_MISSING)
+    else:
+        why = "pictures left out on request"
+    run, progress, timings = report.run, report.progress, report.timings
+    config = run.config or {}
+    best = report.top[0].row if report.top else None
+    budget = config.get("budget")
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>nos report: run {run.id} {escape(run.name)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
+        f"<h1>Run {run.id}: {escape(run.name)}</h1>",
+        f'<p class="sub">{escape(str(config.get("searcher", "?")))} search on <b>{escape(run.task)}</b>, '
+        f"status <b>{escape(run.status)}</b>; created {_time(run.created_at)}"
+        + (f", finished {_time(run.finished_at)}" if run.finished_at else "") + "</p>",
+    ]
+    cards = [
+        ("evaluations", f"{timings.finished}" + (f" / {budget}" if budget else "")),
+        ("best reward", _num(progress.best_reward)),
+        ("cache hit rate", "-" if timings.cache_rate is None else f"{timings.cache_rate:.1%}"),
+        ("failed", str(timings.failed)),
+        ("evaluations / hour", "-" if timings.per_hour is None else f"{timings.per_hour:,.0f}"),
+        ("elapsed", _seconds(timings.elapsed_seconds)),
+    ]
+    parts.append('<div class="cards">' + "".join(
+        f'<div class="card"><div class="k">{escape(k)}</div><div class="v">{escape(v)}</div></div>'
+        for k, v in cards) + "</div>")
+    if best is not None:
+        parts.append(f'<p>Best rule: <code class="rule">{escape(best.rule)}</code> '
+                     f"(reward {_num(best.reward)}, test accuracy {_num(best.test_acc)}, "
+                     f"best learning rate {_lr(best.best_lr)})</p>")
+
+    # The curve.
+    parts.append('<h2 id="curve">Reward by evaluation</h2>')
+    if not any(r.finished for r in report.rows):
+        parts.append('<p class="note">No finished evaluations yet.</p>')
+    elif images:
+        fig = plots.curve_figure([plots.Curve(_run_label(run), report.rows)], window=window)
+        parts.append(_img(plots.png_bytes(fig), f"reward by evaluation of run {run.id}"))
+        parts.append(f'<p class="note">Each dot is an evaluation\'s reward (failed ones: crosses at 0), the solid '
+                     f"line the mean of the last {window}, the dashed line the best so far.</p>")
+    else:
+        parts.append(f'<p class="note">{why}</p>')
+
+    # The top rules and their sweeps.
+    parts.append(f'<h2 id="top">Top {len(report.top)} rules</h2>')
+    if report.top:
+        parts.append(_table(
+            ["#", "rule", "reward", "test acc", "best lr", "evaluations"],
+            [[str(t.row.place), f'<code class="rule">{escape(t.row.rule)}</code>', _num(t.row.reward),
+              _num(t.row.test_acc), _lr(t.row.best_lr), str(t.row.evaluations)] for t in report.top],
+            numeric={0, 2, 3, 4, 5}))
+        for t in report.top:
+            parts.append(_top_rule(t, images))
+    else:
+        parts.append('<p class="note">No scored evaluations yet.</p>')
+
+    # Timings, statuses, failures, configuration.
+    parts.append('<h2 id="timings">Timings</h2>')
+    parts.append(_table(["", ""], [
+        ["evaluations finished", str(timings.finished)],
+        ["trained by a worker (done or diverged)", str(timings.trained)],
+        ["rejected before training", str(timings.rejected)],
+        ["answered from the cache", f"{timings.cached}"
+         + ("" if timings.cache_rate is None else f" ({timings.cache_rate:.1%})")],
+        ["wall seconds per trained evaluation: mean / median / max",
+         f"{_seconds(timings.mean_seconds)} / {_seconds(timings.median_seconds)} / {_seconds(timings.max_seconds)}"],
+        ["training time, summed over workers", _seconds(timings.train_seconds)],
+        ["elapsed, run created to last evaluation finished", _seconds(timings.elapsed_seconds)],
+        ["evaluations per hour (finished / elapsed)", "-" if timings.per_hour is None else f"{timings.per_hour:,.1f}"],
+    ]).replace("<thead><tr><th></th><th></th></tr></thead>", ""))
+    parts.append('<h2 id="status">Evaluations by status</h2>')
+    parts.append(_table(list(progress.counts), [[str(n) for n in progress.counts.values()]],
+                        numeric=set(range(len(progress.counts)))))
+    parts.append(f'<h2 id="failures">Failures ({len(report.failures)})</h2>')
+    parts.append(_failures(report.failures))
+    rejected = [r for r in report.rows if r.status == "rejected"]
+    if rejected:
+        reasons: dict[str, int] = {}
+        for r in rejected:
+            reasons[r.reason or "-"] = reasons.get(r.reason or "-", 0) + 1
+        parts.append(f'<h2 id="rejected">Rejected before training ({len(rejected)})</h2>')
+        parts.append(_table(["reason", "evaluations"], [[escape(reason), str(n)] for reason, n in
+                                                          sorted(reasons.items(), key=lambda item: -item[1])],
+                            numeric={1}))
+    parts.append('<h2 id="config">Configuration</h2>')
+    parts.append(f"<pre>{escape(json.dumps(config, indent=2, sort_keys=True, default=str))}</pre>")
+    if run.error:
+        parts.append(f'<p class="bad">Run error:</p><pre>{escape(run.error)}</pre>')
+    parts.append(f"<footer>nos report of run {run.id}, generated {_time(report.generated_at)}.</footer>")
+    parts += ["</body>", "</html>"]
+    return "\n".join(parts) + "\n"
+
+
+def _top_rule(top: TopRule, images: bool) -> str:
+    from nos import plots
+
+    row, sweep = top.row, top.sweep
+    head = (f'<h3>#{row.place} <code class="rule">{escape(row.rule)}</code></h3>'
+            f'<p class="sub">reward {_num(row.reward)} at lr {_lr(row.best_lr)}, test accuracy {_num(row.test_acc)}, '
+            f"evaluation {row.evaluation_id}</p>")
+    if sweep is None:
+        return f'<div class="top"><div>{head}<p class="note">No learning-rate sweep stored.</p></div></div>'
+    note = "" if sweep.evaluation_id == row.evaluation_id else \
+        f'<p class="note">Sweep of evaluation {sweep.evaluation_id} (run {sweep.run_id}), which this one reused.</p>'
+    table = _table(["lr", "val acc (sweep)", ""], [
+        [_lr(p.lr), "-" if p.val_acc is None else _num(p.val_acc),
+         '<span class="bad">diverged</span>' if p.diverged else ("best" if p.lr == sweep.best_lr else "")]
+        for p in sweep.points], numeric={0, 1},
+        classes=["best" if p.lr == sweep.best_lr else "" for p in sweep.points])
+    picture = ""
+    if images:
+        fig = plots.sweep_figure([sweep], labels=["sweep"], size=(4.6, 3.0), legend=False)
+        picture = f"<div>{_img(plots.png_bytes(fig), f'learning-rate sweep of {row.rule}', width=460)}</div>"
+    return f'<div class="top"><div>{head}{note}{table}</div>{picture}</div>'
+
+
+def _failures(rows: list[EvaluationRow]) -> str:
+    if not rows:
+        return '<p class="note">None.</p>'
+    cells = []
+    for r in rows:
+        error = (r.error or "").strip()
+        last = error.splitlines()[-1] if error else "-"
+        detail = f"<details><summary>{escape(last)}</summary><pre>{escape(error)}</pre></details>" \
+            if error and "\n" in error else escape(last)
+        cells.append([str(r.seq), f'<code class="rule">{escape(r.rule)}</code>', str(r.attempts),
+                      escape(r.worker or "-"), detail])
+    return _table(["seq", "rule", "attempts", "worker", "error"], cells, numeric={0, 2})
+
+
+__all__ = ["RunReport", "TopRule", "gather", "render_html", "write_report"]

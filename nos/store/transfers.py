@@ -1,0 +1,228 @@
+"""Transfer runs (`nos transfer`): a rule on a larger network, stored as it trains.
+
+A transfer run is keyed by (rule, task_key, seed). The process that trains it
+takes it with `open_transfer`, which bumps `attempts`; the new number is its
+ticket, and every later write (`record_trial`, `record_epoch`,
+`finish_transfer`, `fail_transfer`) happens only while the row is unfinished
+under that ticket, so if a second process took the run over, the first one's
+late writes are refused. Each write is one short transaction: a crash loses
+only the trial or epoch in progress.
+
+    with store.transaction() as session:
+        opened = open_transfer(session, rule_id, task="fashion-mnist", model="wrn-16-4", task_key=key,
+                               config=config, seed=0, device="cpu")
+    if opened.done: ...                   # stored result: read it with load_transfer
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from .models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial, utcnow
+
+transfer_runs = TransferRun.__table__
+transfer_trials = TransferTrial.__table__
+transfer_epochs = TransferEpoch.__table__
+transfer_checkpoints = TransferCheckpoint.__table__
+
+
+@dataclass(frozen=True)
+class TransferTrialRow:
+    """One learning rate of the sweep (the fields of nos.tasks.TrialRecord)."""
+
+    lr: float
+    val_acc: float
+    train_loss: float | None
+    diverged: bool
+    wall_seconds: float
+    epochs: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class TransferEpochRow:
+    """One epoch of the final run (the fields of nos.tasks.transfer.EpochRecord)."""
+
+    epoch: int
+    train_loss: float | None
+    val_acc: float
+    test_acc: float
+    diverged: bool
+    wall_seconds: float
+
+
+@dataclass(frozen=True)
+class OpenedTransfer:
+    """What `open_transfer` found: the run's id, and the ticket to train it (None: it is done)."""
+
+    id: int
+    attempt: int | None
+
+    @property
+    def done(self) -> bool:
+        return self.attempt is None
+
+
+@dataclass
+class StoredTransfer:
+    """A transfer run as stored: the row, its sweep and epochs in order, and its snapshot if unfinished."""
+
+    run: TransferRun
+    trials: list[TransferTrialRow] = field(default_factory=list)
+    epochs: list[TransferEpochRow] = field(default_factory=list)
+    checkpoint: bytes | None = None
+    checkpoint_epoch: int | None = None
+
+
+@dataclass(frozen=True)
+class TransferOutcome:
+    """How the run ended, for `finish_transfer`."""
+
+    best_lr: float | None
+    final_val: float
+    final_test: float
+    best_val: float
+    best_test: float
+    diverged: bool
+    wall_seconds: float
+
+
+def open_transfer(session: Session, rule_id: int, *, task: str, model: str, task_key: str, config: dict[str, Any],
+                  seed: int, device: str, now: datetime | None = None) -> OpenedTransfer:
+    """Find or create the run of (rule, task_key, seed); take it unless it is done.
+
+    Safe when several processes open the same run at once (INSERT ... ON
+    CONFLICT DO NOTHING, then one conditional UPDATE): the last to open holds it.
+    """
+    now = now or utcnow()
+    dialect = session.get_bind().dialect.name
+    insert_ = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(TransferRun)
+    session.execute(insert_.on_conflict_do_nothing(index_elements=["rule_id", "task_key", "seed"]), [dict(
+        rule_id=rule_id, task=task, model=model, task_key=task_key, config=config, seed=seed, status="running",
+        attempts=0, device=device, created_at=now, updated_at=now)])
+    key = and_(transfer_runs.c.rule_id == rule_id, transfer_runs.c.task_key == task_key,
+               transfer_runs.c.seed == seed)
+    taken = session.execute(
+        update(transfer_runs).where(key, transfer_runs.c.status != "done")
+        .values(status="running", attempts=transfer_runs.c.attempts + 1, device=device, updated_at=now,
+                error=None)
+        .returning(transfer_runs.c.id, transfer_runs.c.attempts)
+    ).one_or_none()
+    if taken is not None:
+        return OpenedTransfer(taken.id, taken.attempts)
+    return OpenedTransfer(session.execute(select(transfer_runs.c.id).where(key)).scalar_one(), None)
+
+
+def load_transfer(session: Session, transfer_id: int, *, with_checkpoint: bool = True) -> StoredTransfer:
+    """The run, its trials (by lr), its epochs (in order) and, unless asked not to, its snapshot."""
+    run = session.get(TransferRun, transfer_id)
+    if run is None:
+        raise LookupError(f"no transfer run {transfer_id}")
+    trials = [TransferTrialRow(t.lr, t.val_acc, t.train_loss, t.diverged, t.wall_seconds, t.epochs, t.steps)
+              for t in session.execute(select(TransferTrial).where(TransferTrial.transfer_id == transfer_id)
+                                       .order_by(TransferTrial.lr)).scalars()]
+    epochs = [TransferEpochRow(e.epoch, e.train_loss, e.val_acc, e.test_acc, e.diverged, e.wall_seconds)
+              for e in session.execute(select(TransferEpoch).where(TransferEpoch.transfer_id == transfer_id)
+                                       .order_by(TransferEpoch.epoch)).scalars()]
+    stored = StoredTransfer(run, trials, epochs)
+    if with_checkpoint:
+        row = session.execute(select(transfer_checkpoints.c.epoch, transfer_checkpoints.c.blob)
+                              .where(transfer_checkpoints.c.transfer_id == transfer_id)).one_or_none()
+        if row is not None:
+            stored.checkpoint_epoch, stored.checkpoint = row.epoch, bytes(row.blob)
+    return stored
+
+
+def _hold(session: Session, transfer_id: int, attempt: int, now: datetime, **values: Any) -> bool:
+    """Touch the row if `attempt` still holds it (unfinished, latest ticket); False means: stop writing."""
+    result = session.execute(
+        update(transfer_runs)
+        .where(transfer_runs.c.id == transfer_id, transfer_runs.c.attempts == attempt,
+               transfer_runs.c.status == "running")
+        .values(updated_at=now, **values))
+    return result.rowcount == 1
+
+
+def record_trial(session: Session, transfer_id: int, attempt: int, trial: TransferTrialRow, *,
+                 now: datetime | None = None) -> bool:
+    """Store a sweep trial, if `attempt` holds the run; False (nothing written) if it does not."""
+    if not _hold(session, transfer_id, attempt, now or utcnow()):
+        return False
+    session.execute(insert(transfer_trials), [dict(transfer_id=transfer_id, **trial.__dict__)])
+    return True
+
+
+def record_epoch(session: Session, transfer_id: int, attempt: int, epoch: TransferEpochRow, checkpoint: bytes, *,
+                 now: datetime | None = None) -> bool:
+    """Store an epoch of the final run with the snapshot after it (replacing the previous snapshot).
+
+    Epochs after this one left by an earlier attempt (which could only have
+    come from a different run of the same numbers) are removed first.
+    """
+    now = now or utcnow()
+    if not _hold(session, transfer_id, attempt, now):
+        return False
+    session.execute(delete(transfer_epochs).where(transfer_epochs.c.transfer_id == transfer_id,
+                                                  transfer_epochs.c.epoch >= epoch.epoch))
+    session.execute(insert(transfer_epochs), [dict(transfer_id=transfer_id, **epoch.__dict__)])
+    session.execute(delete(transfer_checkpoints).where(transfer_checkpoints.c.transfer_id == transfer_id))
+    session.execute(insert(transfer_checkpoints), [dict(transfer_id=transfer_id, epoch=epoch.epoch, blob=checkpoint,
+                                                        created_at=now)])
+    return True
+
+
+def restart_final(session: Session, transfer_id: int, attempt: int, *, now: datetime | None = None) -> bool:
+    """Forget the final run's epochs and snapshot (it will be trained again from its start)."""
+    if not _hold(session, transfer_id, attempt, now or utcnow()):
+        return False
+    session.execute(delete(transfer_epochs).where(transfer_epochs.c.transfer_id == transfer_id))
+    session.execute(delete(transfer_checkpoints).where(transfer_checkpoints.c.transfer_id == transfer_id))
+    return True
+
+
+def finish_transfer(session: Session, transfer_id: int, attempt: int, outcome: TransferOutcome,
+                    epochs: Sequence[TransferEpochRow], *, now: datetime | None = None) -> bool:
+    """Store the result: the run's figures, the epochs not stored yet; the snapshot is dropped."""
+    now = now or utcnow()
+    if not _hold(session, transfer_id, attempt, now, status="done", finished_at=now, error=None,
+                 **outcome.__dict__):
+        return False
+    stored = session.execute(select(func.max(transfer_epochs.c.epoch))
+                             .where(transfer_epochs.c.transfer_id == transfer_id)).scalar_one() or 0
+    rows = [dict(transfer_id=transfer_id, **e.__dict__) for e in epochs if e.epoch > stored]
+    if rows:
+        session.execute(insert(transfer_epochs), rows)
+    session.execute(delete(transfer_checkpoints).where(transfer_checkpoints.c.transfer_id == transfer_id))
+    return True
+
+
+def fail_transfer(session: Session, transfer_id: int, attempt: int, error: str, *,
+                  now: datetime | None = None) -> bool:
+    """Mark the run failed with `error` (its trials, epochs and snapshot stay: a re-run continues it)."""
+    now = now or utcnow()
+    return _hold(session, transfer_id, attempt, now, status="failed", error=error, finished_at=now)
+
+
+def transfer_runs_of(session: Session, task_key: str, rule_ids: Sequence[int] | None = None,
+                     seeds: Sequence[int] | None = None) -> list[TransferRun]:
+    """The runs under one configuration, optionally only these rules and seeds, by rule then seed."""
+    query = select(TransferRun).where(TransferRun.task_key == task_key)
+    if rule_ids is not None:
+        query = query.where(TransferRun.rule_id.in_(list(rule_ids)))
+    if seeds is not None:
+        query = query.where(TransferRun.seed.in_(list(seeds)))
+    return list(session.execute(query.order_by(TransferRun.rule_id, TransferRun.seed)).scalars())
+
+
+__all__ = [
+    "OpenedTransfer", "StoredTransfer", "TransferEpochRow", "TransferOutcome", "TransferTrialRow",
+    "fail_transfer", "finish_transfer", "load_transfer", "open_transfer", "record_epoch", "record_trial",
+    "restart_final", "transfer_runs_of",
+]

@@ -1,0 +1,257 @@
+"""Transfer: a rule on a larger network (a Wide ResNet), tuned by the same learning-rate sweep.
+
+    task = transfer_task("fashion-mnist", "wrn-16-4", epochs=10)
+    result = train_transfer("powersign", task, seed=0)
+    result.final_val, result.final_test, result.best_val, result.best_test
+
+The protocol is the child's (`nos.tasks.protocol`) with the paper's Table 1
+bookkeeping: each rate of the grid trains a fresh network from the same
+initial weights for one epoch; the best rate (the first of equals) trains for
+`task.epochs`, and after every epoch of that run both validation and test
+accuracy are measured. Final = after the last epoch; best = the highest over
+the run's epochs (validation and test each on their own).
+
+The run can stop and go on: `trials_done` are sweep trials already trained
+(not trained again), and `resume` is a snapshot written after an epoch of the
+final run (`on_epoch` hands out a function that makes one), from which
+training continues exactly where it stopped: the same weights, optimizer
+state, data order and optimizer noise, so the numbers are those of an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..optim import resolve_rule
+from ..rules import Node, operands_read, to_text
+from .base import Task
+from .protocol import SCHEDULES, TrialRecord, _Child, _deterministic, initial_child
+from .registry import get_task
+from .wrn import model_name, parse_model, wide_resnet
+
+# The data sets a Wide ResNet can read (images); the synthetic and digits tasks are for the small child.
+TRANSFER_TASKS = ("fashion-mnist", "cifar10")
+DEFAULT_MODEL = "wrn-16-4"
+DEFAULT_EPOCHS = 10
+
+
+def transfer_task(name: str, model: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu", lrs=None,
+                  **options: Any) -> Task:
+    """An image task whose child is the Wide ResNet `model` (wrn-D-K); options as `get_task`'s.
+
+    The model's name joins the task's options, so it is part of `config_key()`.
+    `epochs` defaults to DEFAULT_EPOCHS (10) rather than the child's 5.
+    """
+    key = name.strip().lower().replace("_", "-")
+    if key not in TRANSFER_TASKS:
+        raise ValueError(f"transfer needs an image task ({', '.join(TRANSFER_TASKS)}), got {name!r}")
+    depth, width = parse_model(model)
+    if options.get("epochs") is None:
+        options["epochs"] = DEFAULT_EPOCHS
+    task = get_task(key, device=device, lrs=lrs, **options)
+    channels = task.splits.train_x.shape[1]
+    task = dataclasses.replace(task, make_child=lambda: wide_resnet(depth, width, channels))
+    task.options = {**task.options, "model": model_name(depth, width)}
+    return task
+
+
+@dataclass
+class EpochRecord:
+    """One epoch of the final run: validation and test accuracy after it (0 when diverged).
+
+    wall_seconds covers the epoch's training and both scorings; for an epoch
+    that continued a sweep trial (epoch 1, usually) the training seconds are
+    the trial's, and only the test scoring is counted here.
+    """
+
+    epoch: int
+    train_loss: float | None
+    val_acc: float
+    test_acc: float
+    diverged: bool
+    wall_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TransferResult:
+    """A rule trained on a larger network: the sweep, the best rate and the final run epoch by epoch."""
+
+    rule: str
+    task: str
+    model: str
+    task_key: str
+    seed: int
+    trials: list[TrialRecord]
+    best_lr: float | None
+    epochs: list[EpochRecord]
+    final_val: float
+    final_test: float
+    best_val: float
+    best_test: float
+    diverged: bool
+    wall_seconds: float
+    device: str = "cpu"
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TransferResult:
+        data = dict(data)
+        data["trials"] = [TrialRecord(**t) for t in data["trials"]]
+        data["epochs"] = [EpochRecord(**e) for e in data["epochs"]]
+        return cls(**data)
+
+    @classmethod
+    def build(cls, rule: str, task: Task, seed: int, trials: list[TrialRecord], best_lr: float | None,
+              epochs: list[EpochRecord], device: str) -> TransferResult:
+        """The result's figures from its sweep and epochs (also how a stored result is read back)."""
+        last = epochs[-1] if epochs else None
+        return cls(
+            rule=rule, task=task.name, model=task.options.get("model", ""), task_key=task.config_key(), seed=seed,
+            trials=trials, best_lr=best_lr, epochs=epochs,
+            final_val=last.val_acc if last else 0.0,
+            final_test=last.test_acc if last else 0.0,
+            best_val=max((e.val_acc for e in epochs), default=0.0),
+            best_test=max((e.test_acc for e in epochs), default=0.0),
+            diverged=last is None or last.diverged,
+            wall_seconds=sum(t.wall_seconds for t in trials) + sum(e.wall_seconds for e in epochs),
+            device=device, config=task.to_dict(),
+        )
+
+
+OnTrial = Callable[[TrialRecord], None]
+# Called after each epoch of the final run with its record and a function that snapshots the run.
+OnEpoch = Callable[[EpochRecord, Callable[[], bytes]], None]
+
+
+def snapshot(child: _Child) -> bytes:
+    """The final run's whole state after an epoch, as bytes `torch.load(weights_only=True)` reads back."""
+    buffer = io.BytesIO()
+    torch.save({
+        "lr": child.lr, "epochs": child.epochs, "steps": child.steps, "val_acc": child.val_acc,
+        "train_loss": child.train_loss, "limit": getattr(child, "_limit", None), "model": child.model.state_dict(),
+        "optimizer": child.optimizer.state_dict(), "order": child.order.get_state(),
+    }, buffer)
+    return buffer.getvalue()
+
+
+def _restore(child: _Child, data: bytes) -> None:
+    state = torch.load(io.BytesIO(data), map_location=child.task.device, weights_only=True)
+    if state["lr"] != child.lr:
+        raise ValueError(f"the snapshot is of a run at lr {state['lr']}, not {child.lr}")
+    child.model.load_state_dict(state["model"])
+    child.optimizer.load_state_dict(state["optimizer"])
+    child.order.set_state(state["order"].cpu())
+    child.epochs, child.steps = int(state["epochs"]), int(state["steps"])
+    child.val_acc, child.train_loss = float(state["val_acc"]), state["train_loss"]
+    if state.get("limit") is not None:   # the explosion limit, set from the run's first loss
+        child._limit = state["limit"]
+
+
+def snapshot_epoch(data: bytes) -> tuple[float, int]:
+    """(lr, epochs trained) of a snapshot."""
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return float(state["lr"]), int(state["epochs"])
+
+
+def train_transfer(rule: str | Node, task: Task, seed: int = 0, *, trials_done: Sequence[TrialRecord] = (),
+                   epochs_done: Sequence[EpochRecord] = (), resume: bytes | None = None,
+                   on_trial: OnTrial | None = None, on_epoch: OnEpoch | None = None) -> TransferResult:
+    """The sweep, then the final run at the best rate, scoring validation and test after every epoch.
+
+    trials_done: sweep trials stored earlier (same rule, task and seed): reused, not retrained.
+    epochs_done, resume: the final run's epochs so far and the snapshot after the last of them
+        (the sweep must be complete then); training continues from there.
+    on_trial / on_epoch: called after each newly trained sweep trial / epoch.
+    """
+    tree = resolve_rule(rule)
+    text = to_text(tree)
+    sweep_steps = task.sweep_epochs * task.steps_per_epoch
+    final_steps = task.epochs * task.steps_per_epoch
+    # As in the protocol: the best 1-epoch trial is the final run's first epoch, unless the rule
+    # reads a schedule over the run's length. With longer sweep trials the final run starts afresh,
+    # so that every one of its epochs is scored.
+    reuse = task.sweep_epochs == 1 and not (operands_read(tree) & SCHEDULES)
+    horizon = final_steps if reuse else sweep_steps
+    stored = {t.lr: t for t in trials_done}
+    epochs = list(epochs_done)
+    with _deterministic(task.device):
+        initial = initial_child(task, seed)
+        trials: list[TrialRecord] = []
+        best: TrialRecord | None = None
+        best_child: _Child | None = None   # the best trial's network, when trained in this call
+        for lr in task.lrs:
+            child = None
+            if lr in stored:
+                record = stored[lr]
+            elif resume is not None:
+                raise ValueError("a snapshot of the final run needs the whole sweep stored; "
+                                 f"lr {lr:g} is missing")
+            else:
+                child = _Child.fresh(task, initial, tree, lr, horizon, seed)
+                child.train(task.sweep_epochs)
+                record = child.record()
+                if on_trial:
+                    on_trial(record)
+            trials.append(record)
+            if not record.diverged and (best is None or record.val_acc > best.val_acc):
+                best, best_child = record, child
+
+        final: _Child | None = None
+        if best is not None:
+            if resume is not None:
+                final = _Child.fresh(task, initial, tree, best.lr, final_steps, seed)
+                _restore(final, resume)
+                if final.epochs != len(epochs):
+                    raise ValueError(f"the snapshot is after epoch {final.epochs}, "
+                                     f"but {len(epochs)} epochs are recorded")
+            elif reuse and best_child is not None and not epochs:
+                final = best_child
+                start = time.perf_counter()
+                record = EpochRecord(1, final.train_loss, final.val_acc, _test(task, final), False,
+                                     time.perf_counter() - start)
+                _epoch_done(record, final, epochs, on_epoch)
+            else:
+                epochs = []
+                final = _Child.fresh(task, initial, tree, best.lr, final_steps, seed)
+            while final.epochs < task.epochs and not (epochs and epochs[-1].diverged):
+                start = time.perf_counter()
+                final.train(1)
+                if final.diverged:
+                    record = EpochRecord(len(epochs) + 1, None, 0.0, 0.0, True, time.perf_counter() - start)
+                else:
+                    record = EpochRecord(final.epochs, final.train_loss, final.val_acc, _test(task, final), False,
+                                         time.perf_counter() - start)
+                _epoch_done(record, final, epochs, on_epoch)
+
+    return TransferResult.build(text, task, seed, trials, best.lr if best else None, epochs, str(task.device))
+
+
+def _test(task: Task, child: _Child) -> float:
+    acc = task.objective.score(child.model, task.splits.test_x, task.splits.test_y)
+    return acc if math.isfinite(acc) else 0.0
+
+
+def _epoch_done(record: EpochRecord, child: _Child, epochs: list[EpochRecord], on_epoch: OnEpoch | None) -> None:
+    epochs.append(record)
+    if on_epoch:
+        on_epoch(record, lambda: snapshot(child))
+
+
+__all__ = [
+    "DEFAULT_EPOCHS", "DEFAULT_MODEL", "TRANSFER_TASKS", "EpochRecord", "TransferResult", "snapshot",
+    "snapshot_epoch", "train_transfer", "transfer_task",
+]

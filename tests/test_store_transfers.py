@@ -1,0 +1,149 @@
+"""Revision 0003 (transfer runs) and its store functions, on real SQLite files and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from nos.rules import parse
+from nos.store import (
+    Base, TransferEpochRow, TransferOutcome, TransferTrialRow, create_engine, finish_transfer, get_or_create_rule,
+    load_transfer, open_transfer, record_epoch, record_trial, resolve_url, restart_final, schema_state,
+    transfer_runs_of, upgrade,
+)
+from nos.store.models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial
+from nos.store.schema import alembic_config
+
+TRANSFER_TABLES = {"transfer_runs", "transfer_trials", "transfer_epochs", "transfer_checkpoints"}
+CONFIG = {"name": "fashion-mnist", "options": {"model": "wrn-16-4"}, "epochs": 10}
+
+
+def _migrate(url, direction: str, revision: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        config = alembic_config(url)
+        config.attributes["connection"] = connection
+        getattr(command, direction)(config, revision)
+    engine.dispose()
+
+
+def _open(session, rule="g * exp(sign(g) * sign(m))", seed=0, key="k1"):
+    rule_id = get_or_create_rule(session, parse(rule))
+    return open_transfer(session, rule_id, task="fashion-mnist", model="wrn-16-4", task_key=key, config=CONFIG,
+                         seed=seed, device="cpu")
+
+
+def test_0003_adds_the_transfer_tables_and_downgrade_to_0002_removes_only_them(migrated_url):
+    url = resolve_url(migrated_url)
+    engine = create_engine(url)
+    assert TRANSFER_TABLES <= set(sa.inspect(engine).get_table_names())
+    with engine.begin() as connection:
+        connection.exec_driver_sql("INSERT INTO runs (name, status, task, config, created_at, updated_at) "
+                                   "VALUES ('r', 'running', 'digits', '{}', '2026-01-01', '2026-01-01')")
+    engine.dispose()
+
+    _migrate(url, "downgrade", "0002")
+    engine = create_engine(url)
+    tables = set(sa.inspect(engine).get_table_names())
+    assert not tables & TRANSFER_TABLES and {"runs", "rules", "evaluations", "lr_trials", "checkpoints"} <= tables
+    with engine.connect() as connection:   # the rest of the database is untouched
+        assert connection.exec_driver_sql("SELECT COUNT(*) FROM runs").scalar_one() == 1
+    engine.dispose()
+    assert schema_state(url).current == "0002"
+
+    assert upgrade(url).up_to_date
+    engine = create_engine(url)
+    assert TRANSFER_TABLES <= set(sa.inspect(engine).get_table_names())
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+    engine.dispose()
+
+
+def test_a_run_is_unique_per_rule_configuration_and_seed(store):
+    with store.transaction() as session:
+        first = _open(session)
+        assert _open(session).id == first.id                      # the same run, taken again
+        assert _open(session, seed=1).id != first.id
+        assert _open(session, key="k2").id != first.id
+        assert _open(session, rule="adam").id != first.id
+    with pytest.raises(sa.exc.IntegrityError):
+        with store.transaction() as session:
+            run = session.get(TransferRun, first.id)
+            session.add(TransferRun(rule_id=run.rule_id, task=run.task, model=run.model, task_key=run.task_key,
+                                    config={}, seed=run.seed, status="running", attempts=0,
+                                    created_at=run.created_at, updated_at=run.updated_at))
+
+
+def test_each_open_is_a_new_attempt_and_only_the_latest_may_write(store):
+    with store.transaction() as session:
+        one = _open(session)
+        two = _open(session)
+    assert (one.attempt, two.attempt) == (1, 2) and not one.done
+    trial = TransferTrialRow(0.1, 0.8, 0.5, False, 2.0, 1, 100)
+    with store.transaction() as session:
+        assert record_trial(session, one.id, 1, trial) is False
+        assert record_trial(session, two.id, 2, trial) is True
+    with store.transaction() as session:
+        with pytest.raises(sa.exc.IntegrityError):   # an lr is stored once per run
+            record_trial(session, two.id, 2, trial)
+
+
+def test_epochs_and_the_snapshot_are_stored_together_then_the_result_drops_the_snapshot(store):
+    blob = os.urandom(1 << 20)   # binary, 1 MiB: survives the round trip byte for byte
+    with store.transaction() as session:
+        opened = _open(session)
+        record_trial(session, opened.id, opened.attempt, TransferTrialRow(0.1, 0.8, 0.5, False, 2.0, 1, 100))
+    epochs = [TransferEpochRow(e, 1.0 / e, 0.8 + e / 100, 0.79 + e / 100, False, 3.0) for e in (1, 2, 3)]
+    with store.transaction() as session:
+        assert record_epoch(session, opened.id, opened.attempt, epochs[0], b"old")
+        assert record_epoch(session, opened.id, opened.attempt, epochs[1], blob)
+    with store.reading() as session:
+        stored = load_transfer(session, opened.id)
+        assert stored.epochs == epochs[:2] and stored.checkpoint == blob and stored.checkpoint_epoch == 2
+        assert stored.run.status == "running" and stored.trials[0].lr == 0.1
+    outcome = TransferOutcome(0.1, 0.83, 0.82, 0.83, 0.82, False, 11.0)
+    with store.transaction() as session:
+        assert finish_transfer(session, opened.id, opened.attempt, outcome, epochs)
+    with store.reading() as session:
+        stored = load_transfer(session, opened.id)
+        assert stored.epochs == epochs and stored.checkpoint is None
+        assert (stored.run.status, stored.run.final_val, stored.run.best_test) == ("done", 0.83, 0.82)
+        assert [r.id for r in transfer_runs_of(session, "k1")] == [opened.id]
+        assert transfer_runs_of(session, "k1", seeds=[1]) == []
+    with store.transaction() as session:
+        again = _open(session)
+        assert again.done and again.id == opened.id   # a finished run is not taken again
+        assert record_trial(session, opened.id, opened.attempt, TransferTrialRow(1.0, 0.1, 2.0, False, 2.0, 1, 100)) \
+            is False
+
+
+def test_restarting_the_final_run_forgets_its_epochs_and_deleting_a_run_cascades(store):
+    with store.transaction() as session:
+        opened = _open(session)
+        record_trial(session, opened.id, 1, TransferTrialRow(0.1, 0.8, 0.5, False, 2.0, 1, 100))
+        record_epoch(session, opened.id, 1, TransferEpochRow(1, 1.0, 0.8, 0.8, False, 3.0), b"snap")
+    with store.transaction() as session:
+        assert restart_final(session, opened.id, 1)
+        stored = load_transfer(session, opened.id)
+        assert stored.epochs == [] and stored.checkpoint is None and len(stored.trials) == 1
+        record_epoch(session, opened.id, 1, TransferEpochRow(1, 1.0, 0.8, 0.8, False, 3.0), b"snap")
+    with store.transaction() as session:
+        session.execute(sa.delete(TransferRun).where(TransferRun.id == opened.id))
+    with store.reading() as session:
+        for model in (TransferTrial, TransferEpoch, TransferCheckpoint):
+            assert session.execute(sa.select(sa.func.count()).select_from(model)).scalar_one() == 0
+
+
+def test_a_rule_with_transfer_runs_cannot_be_deleted(store):
+    with store.transaction() as session:
+        opened = _open(session)
+    with pytest.raises(sa.exc.IntegrityError):
+        with store.transaction() as session:
+            rule_id = session.get(TransferRun, opened.id).rule_id
+            session.execute(sa.text("DELETE FROM rules WHERE id = :id"), {"id": rule_id})

@@ -1,0 +1,309 @@
+"""`nos transfer`: the Wide ResNet, the transfer protocol, its storage (resume, reuse, takeover) and the command.
+
+Everything runs on a tiny Fashion-MNIST-shaped folder (random images) with a
+WRN-10-1, two learning rates and a few epochs: seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+import torch
+from click.testing import CliRunner
+
+from nos.cli.main import cli
+from nos.store import TransferTrialRow, get_or_create_rule, load_transfer, open_transfer, record_trial
+from nos.store.models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial
+from nos.rules import parse
+from nos.tasks.transfer import train_transfer, transfer_task
+from nos.tasks.wrn import WideResNet, parse_model, wide_resnet
+from nos.transfer import Stat, TransferSuperseded, run_transfer, summarize
+
+LRS = [1e-2, 1e-1]
+EPOCHS = 3
+# Reads m (a state buffer) and draws dropout noise from the optimizer's generator: resuming must restore both.
+NOISY = "drop(m, 0.3) * exp(sign(g) * sign(m))"
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    """A Fashion-MNIST folder (torchvision layout): 128 train and 32 test random images with random labels."""
+    root = tmp_path_factory.mktemp("fashion")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 128), ("t10k", 32)):
+        _write_idx(raw / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(raw / f"{stem}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return root
+
+
+@pytest.fixture(scope="module")
+def task(fashion_dir):
+    return transfer_task("fashion-mnist", "wrn-10-1", data_dir=fashion_dir, val_size=32, batch_size=16, lrs=LRS,
+                         epochs=EPOCHS)
+
+
+def numbers(result):
+    """Everything a result says except timings."""
+    trials = [(t.lr, t.val_acc, t.train_loss, t.diverged, t.epochs, t.steps) for t in result.trials]
+    epochs = [(e.epoch, e.train_loss, e.val_acc, e.test_acc, e.diverged) for e in result.epochs]
+    return (result.rule, result.task_key, result.seed, result.best_lr, trials, epochs, result.final_val,
+            result.final_test, result.best_val, result.best_test, result.diverged)
+
+
+# --- the network ---------------------------------------------------------------------------------------
+
+def test_wide_resnet_shapes_and_size():
+    assert wide_resnet(10, 1, 1)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert wide_resnet(10, 2, 3)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    wrn = wide_resnet(16, 4, 3)
+    assert len(wrn.blocks) == 3 * 2   # n = (16 - 4) / 6 blocks in each of three groups
+    # WRN-16-4 has 2.7M parameters (Zagoruyko & Komodakis, Table 1).
+    assert 2.7e6 < sum(p.numel() for p in wrn.parameters()) < 2.8e6
+    assert [b.conv2.out_channels for b in wrn.blocks] == [64, 64, 128, 128, 256, 256]
+
+
+@pytest.mark.parametrize("name, expected", [("wrn-16-4", (16, 4)), ("WRN-28-10", (28, 10)), ("wrn-10-1", (10, 1))])
+def test_model_names_parse(name, expected):
+    assert parse_model(name) == expected
+
+
+@pytest.mark.parametrize("bad", ["resnet-18", "wrn-16", "wrn-15-4", "wrn-4-1", "wrn-16-0"])
+def test_bad_model_names_say_what_is_expected(bad):
+    with pytest.raises(ValueError, match="wrn|depth|width"):
+        parse_model(bad)
+
+
+def test_the_task_trains_the_model_and_keys_on_it(task, fashion_dir):
+    assert isinstance(task.new_child(), WideResNet)
+    assert task.options["model"] == "wrn-10-1" and task.epochs == EPOCHS
+    other = transfer_task("fashion-mnist", "wrn-16-1", data_dir=fashion_dir, val_size=32, batch_size=16, lrs=LRS,
+                          epochs=EPOCHS)
+    assert other.config_key() != task.config_key()
+    with pytest.raises(ValueError, match="image task"):
+        transfer_task("digits")
+
+
+# --- the protocol ----------------------------------------------------------------------------------------
+
+def test_final_and_best_figures_come_from_the_final_runs_epochs(task):
+    result = train_transfer("powersign", task, seed=0)
+    assert [t.lr for t in result.trials] == LRS and len(result.epochs) == EPOCHS
+    assert result.best_lr == max(result.trials, key=lambda t: t.val_acc).lr
+    # The first epoch of the final run is the best sweep trial, trained on.
+    best = next(t for t in result.trials if t.lr == result.best_lr)
+    assert (result.epochs[0].val_acc, result.epochs[0].train_loss) == (best.val_acc, best.train_loss)
+    assert result.final_val == result.epochs[-1].val_acc and result.final_test == result.epochs[-1].test_acc
+    assert result.best_val == max(e.val_acc for e in result.epochs)
+    assert result.best_test == max(e.test_acc for e in result.epochs)
+    assert not result.diverged and result.model == "wrn-10-1"
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(task):
+    a, b = train_transfer("sgd", task, seed=0), train_transfer("sgd", task, seed=0)
+    assert numbers(a) == numbers(b)
+    assert numbers(train_transfer("sgd", task, seed=1)) != numbers(a)
+
+
+def test_resuming_from_a_snapshot_or_a_stored_sweep_gives_the_uninterrupted_numbers(task):
+    snapshots = []
+    whole = train_transfer(NOISY, task, seed=0, on_epoch=lambda record, snap: snapshots.append(snap()))
+    assert len(snapshots) == EPOCHS
+    resumed = train_transfer(NOISY, task, seed=0, trials_done=whole.trials, epochs_done=whole.epochs[:1],
+                             resume=snapshots[0])
+    assert numbers(resumed) == numbers(whole)
+    # Only the sweep stored (a crash before the first epoch's snapshot): the final run starts afresh.
+    trained = []
+    fresh = train_transfer(NOISY, task, seed=0, trials_done=whole.trials, on_trial=trained.append)
+    assert numbers(fresh) == numbers(whole) and trained == []
+
+
+def test_a_run_that_diverges_at_every_rate_scores_zero(task):
+    result = train_transfer("exp(g) * 1e4", task, seed=0)   # overflows at once
+    assert result.diverged and result.best_lr is None and result.epochs == []
+    assert (result.final_val, result.final_test, result.best_val, result.best_test) == (0, 0, 0, 0)
+
+
+def test_summary_is_mean_and_sample_spread_over_seeds(task):
+    results = [train_transfer("sgd", task, seed=s) for s in (0, 1)]
+    (row,) = summarize(results)
+    assert row.seeds == [0, 1]
+    vals = [r.final_val for r in results]
+    assert row.final_val.mean == pytest.approx(sum(vals) / 2)
+    assert row.final_val.std == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
+    assert Stat.of([0.5]).format() == "0.5000" and Stat.of([0.5, 0.7]).format().startswith("0.6000 ± ")
+
+
+# --- storage: reuse, crash and resume, takeover (SQLite and PostgreSQL) ----------------------------------
+
+class Crash(BaseException):
+    """Stands for the process dying: not an Exception, so nothing marks the run failed."""
+
+
+def _counts(store):
+    with store.reading() as session:
+        return {m.__tablename__: session.execute(sa.select(sa.func.count()).select_from(m)).scalar_one()
+                for m in (TransferRun, TransferTrial, TransferEpoch, TransferCheckpoint)}
+
+
+def test_a_second_run_reads_the_stored_result_instead_of_training(store, task):
+    first = run_transfer(store, "powersign", task, seed=0)
+    assert not first.reused
+    trained = []
+    again = run_transfer(store, "g * exp(sign(g) * sign(m))", task, seed=0, on_trial=trained.append,
+                         on_epoch=trained.append)
+    assert again.reused and trained == [] and again.transfer_id == first.transfer_id
+    assert again.result == first.result   # every figure, timings included, read back exactly
+    assert _counts(store) == {"transfer_runs": 1, "transfer_trials": len(LRS), "transfer_epochs": EPOCHS,
+                              "transfer_checkpoints": 0}
+    with store.reading() as session:
+        row = session.get(TransferRun, first.transfer_id)
+        assert (row.status, row.attempts, row.model, row.task, row.seed) == ("done", 1, "wrn-10-1", "fashion-mnist", 0)
+        assert row.config == task.to_dict() and row.task_key == task.config_key()
+        assert row.best_test == first.result.best_test and row.finished_at is not None
+
+
+def test_a_crash_in_the_final_run_loses_nothing_stored_and_the_rerun_matches(store, task):
+    whole = train_transfer(NOISY, task, seed=0)
+
+    def crash_after_epoch_2(record):
+        if record.epoch == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_transfer(store, NOISY, task, seed=0, on_epoch=crash_after_epoch_2)
+    assert _counts(store) == {"transfer_runs": 1, "transfer_trials": len(LRS), "transfer_epochs": 2,
+                              "transfer_checkpoints": 1}
+    trials, epochs = [], []
+    rerun = run_transfer(store, NOISY, task, seed=0, on_trial=trials.append, on_epoch=epochs.append)
+    assert trials == [] and [e.epoch for e in epochs] == [3]   # only what was not stored is trained
+    assert rerun.resumed and not rerun.reused
+    assert numbers(rerun.result) == numbers(whole)
+    assert _counts(store)["transfer_checkpoints"] == 0
+    with store.reading() as session:
+        assert session.get(TransferRun, rerun.transfer_id).attempts == 2
+
+
+def test_a_crash_in_the_sweep_keeps_the_finished_trials(store, task):
+    whole = train_transfer("adam", task, seed=1)
+
+    def crash_after_first(record):
+        raise Crash
+
+    with pytest.raises(Crash):
+        run_transfer(store, "adam", task, seed=1, on_trial=crash_after_first)
+    assert _counts(store)["transfer_trials"] == 1
+    trials = []
+    rerun = run_transfer(store, "adam", task, seed=1, on_trial=trials.append)
+    assert [t.lr for t in trials] == LRS[1:]
+    assert numbers(rerun.result) == numbers(whole)
+
+
+def test_an_error_marks_the_run_failed_and_a_rerun_finishes_it(store, task):
+    def boom(record):
+        raise RuntimeError("out of memory, say")
+
+    with pytest.raises(RuntimeError):
+        run_transfer(store, "sgd", task, seed=0, on_epoch=boom)
+    with store.reading() as session:
+        (row,) = session.execute(sa.select(TransferRun)).scalars()
+        assert row.status == "failed" and "out of memory" in row.error
+    done = run_transfer(store, "sgd", task, seed=0)
+    assert done.result.epochs and done.result == run_transfer(store, "sgd", task, seed=0).result
+    with store.reading() as session:
+        assert session.get(TransferRun, done.transfer_id).status == "done"
+
+
+def test_a_process_whose_run_was_taken_over_stops_and_writes_nothing_more(store, task):
+    def take_over(record):
+        with store.transaction() as session:
+            rule_id = get_or_create_rule(session, parse("g"))
+            open_transfer(session, rule_id, task=task.name, model="wrn-10-1", task_key=task.config_key(),
+                          config=task.to_dict(), seed=0, device="cpu")
+
+    with pytest.raises(TransferSuperseded):
+        run_transfer(store, "sgd", task, seed=0, on_trial=take_over)
+    assert _counts(store)["transfer_trials"] == 1   # the first trial, stored before the takeover
+    with store.transaction() as session:
+        (row,) = session.execute(sa.select(TransferRun)).scalars()
+        assert row.attempts == 2 and row.status == "running"
+        late = TransferTrialRow(LRS[1], 0.5, 1.0, False, 1.0, 1, 6)
+        assert record_trial(session, row.id, 1, late) is False
+        assert len(load_transfer(session, row.id).trials) == 1
+
+
+def test_each_seed_and_configuration_is_its_own_run(store, task, fashion_dir):
+    run_transfer(store, "sgd", task, seed=0)
+    run_transfer(store, "sgd", task, seed=1)
+    longer = transfer_task("fashion-mnist", "wrn-10-1", data_dir=fashion_dir, val_size=32, batch_size=16, lrs=LRS,
+                           epochs=EPOCHS + 1)
+    assert not run_transfer(store, "sgd", longer, seed=0).reused
+    assert _counts(store)["transfer_runs"] == 3
+
+
+# --- the command -------------------------------------------------------------------------------------------
+
+def transfer(*args: str):
+    return CliRunner().invoke(cli, ["transfer", *args])
+
+
+def fast(fashion_dir, db):
+    return ["--model", "wrn-10-1", "--lrs", "1e-2,1e-1", "--epochs", "2", "--data-dir", str(fashion_dir),
+            "--val-size", "32", "--batch-size", "16", "--db", db]
+
+
+def test_transfer_prints_table_1_and_reuses_stored_results(fashion_dir, migrated_url):
+    args = ["powersign", "--seeds", "2", *fast(fashion_dir, migrated_url)]
+    result = transfer(*args)
+    assert result.exit_code == 0, result.output
+    for word in ("final val", "final test", "best val", "best test", "powersign", "sgd", "momentum", "adam",
+                 "rmsprop", "±"):
+        assert word in result.output
+    again = transfer(*args, "--format", "json")
+    assert again.exit_code == 0, again.output
+    assert "10 of 10 results read from" in again.stderr
+    data = json.loads(again.stdout)
+    assert [row["optimizer"] for row in data["summary"]] == ["powersign", "sgd", "momentum", "adam", "rmsprop"]
+    assert len(data["results"]) == 10 and all(len(r["epochs"]) == 2 for r in data["results"] if not r["diverged"])
+    assert data["summary"][0]["final_val"]["std"] is not None
+    markdown = transfer(*args, "--format", "markdown")
+    assert "| optimizer | best lr | final val | final test | best val | best test |" in markdown.stdout
+
+
+def test_transfer_creates_a_new_sqlite_database(fashion_dir, tmp_path):
+    db = f"sqlite:///{tmp_path / 'new.db'}"
+    result = transfer("g * exp(sign(m))", "--no-baselines", "--seeds", "1", *fast(fashion_dir, db))
+    assert result.exit_code == 0, result.output
+    assert "created database" in result.stderr and "g * exp(sign(m))" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "resnet-50"], "wrn-DEPTH-WIDTH"),
+    (["--task", "digits"], "image task"),
+    (["g * ("], "bad rule"),
+    (["--no-baselines"], "nothing to train"),
+    (["--lrs", "0"], "positive"),
+])
+def test_bad_input_exits_2_with_one_message(args, message, tmp_path):
+    result = transfer(*args, "--db", f"sqlite:///{tmp_path / 'x.db'}")
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_an_unavailable_device_exits_2(fashion_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = transfer("sgd", "--device", "cuda", *fast(fashion_dir, f"sqlite:///{tmp_path / 'x.db'}"))
+    assert result.exit_code == 2 and "CUDA" in result.output
