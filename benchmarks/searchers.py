@@ -1,4 +1,4 @@
-"""PPO vs REINFORCE vs random search on a task at equal budget, each over several seeds.
+"""PPO vs REINFORCE vs random search vs evolution on a task at equal budget, each over several seeds.
 
     python benchmarks/searchers.py [--task digits] [--budget 300] [--seeds 0 1] [--db sqlite:///searchers.db]
 
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--task", default="digits")
     parser.add_argument("--budget", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--searchers", nargs="+", default=["ppo", "reinforce", "random"])
+    parser.add_argument("--searchers", nargs="+", default=["ppo", "reinforce", "random", "evolution"])
     parser.add_argument("--db", default="sqlite:///searchers.db")
     args = parser.parse_args()
     url = resolve_url(args.db)

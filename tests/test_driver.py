@@ -17,7 +17,7 @@ from nos.driver import Driver
 from nos.executors import LocalExecutor
 from nos.search import make_searcher, state_from_bytes
 from nos.store import create_run, latest_checkpoint, open_store, resolve_url, upgrade
-from nos.store.models import Checkpoint, Evaluation, Rule, Run
+from nos.store.models import Checkpoint, Evaluation, LrTrial, Rule, Run
 
 from test_search import same_state
 
@@ -250,4 +250,26 @@ def test_a_second_identical_run_is_served_from_the_cache(sqlite_url):
         if e.status == "cached":
             source = originals[e.cached_from]
             assert source.reward == e.reward and (source.rule_id == e.rule_id or e.reason)
+    store.dispose()
+
+
+def test_without_the_probe_every_new_rule_is_trained(sqlite_url):
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "budget": 8, "workers": 1, "probe": False,
+                             "task_options": {**TINY["task_options"], "sweep": "halving"}})
+    with store.transaction() as session:
+        run_id = create_run(session, "no-probe", config.task, config.to_dict())
+    executor = LocalExecutor(sqlite_url, workers=1)
+    try:
+        assert Driver(store, run_id, config, executor).run() == "completed"
+    finally:
+        executor.close()
+    rows = run_rows(sqlite_url, run_id)
+    assert {e.status for e in rows} <= {"done", "diverged", "cached"}
+    assert all(e.reason is None for e in rows)
+    with store.reading() as session:
+        assert not any(session.execute(select(Rule.fingerprint)).scalars())
+        trials = session.execute(select(LrTrial).where(LrTrial.evaluation_id == rows[0].id)).scalars().all()
+    assert len(trials) == 2   # halving over 2 rates is one round: both trained, both scored
     store.dispose()

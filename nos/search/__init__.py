@@ -9,16 +9,17 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .settings import SEARCHERS, PolicyGradientConfig
+from .settings import SEARCHERS, EvolutionConfig, PolicyGradientConfig
 
 _LAZY = {
     "Proposal": ".base", "Searcher": ".base", "state_from_bytes": ".base", "state_to_bytes": ".base",
     "PolicyGradientSearcher": ".policy_gradient", "ReinforceSearcher": ".policy_gradient",
-    "RandomSearcher": ".random_search",
+    "RandomSearcher": ".random_search", "EvolutionSearcher": ".evolution",
 }
 
 if TYPE_CHECKING:
     from .base import Proposal, Searcher, state_from_bytes, state_to_bytes
+    from .evolution import EvolutionSearcher
     from .policy_gradient import PolicyGradientSearcher, ReinforceSearcher
     from .random_search import RandomSearcher
 
@@ -30,7 +31,8 @@ def __getattr__(name: str) -> Any:
 
 
 def make_searcher(name: str, depth: int = 2, seed: int = 0, **hyperparameters) -> "Searcher":
-    """A searcher by name; hyperparameters are PolicyGradientConfig fields (ppo, reinforce)."""
+    """A searcher by name; hyperparameters are PolicyGradientConfig fields (ppo, reinforce) or
+    EvolutionConfig fields (evolution)."""
     if name not in SEARCHERS:
         raise ValueError(f"unknown searcher {name!r}; choose from {', '.join(SEARCHERS)}")
     if name == "random":
@@ -38,11 +40,15 @@ def make_searcher(name: str, depth: int = 2, seed: int = 0, **hyperparameters) -
             raise ValueError(f"random search takes no hyperparameters, got {', '.join(hyperparameters)}")
         from .random_search import RandomSearcher
         return RandomSearcher(depth, seed)
+    if name == "evolution":
+        from .evolution import EvolutionSearcher
+        return EvolutionSearcher(depth, seed, **hyperparameters)
     from .policy_gradient import PolicyGradientSearcher, ReinforceSearcher
     return {"ppo": PolicyGradientSearcher, "reinforce": ReinforceSearcher}[name](depth, seed, **hyperparameters)
 
 
 __all__ = [
-    "PolicyGradientConfig", "PolicyGradientSearcher", "Proposal", "RandomSearcher", "ReinforceSearcher",
+    "EvolutionConfig", "EvolutionSearcher", "PolicyGradientConfig", "PolicyGradientSearcher", "Proposal",
+    "RandomSearcher", "ReinforceSearcher",
     "SEARCHERS", "Searcher", "make_searcher", "state_from_bytes", "state_to_bytes",
 ]
