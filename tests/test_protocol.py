@@ -58,7 +58,7 @@ def test_continuing_the_best_sweep_trial_equals_a_fresh_final_run():
 
 @pytest.mark.parametrize("name, rules", [
     ("digits", ("sgd", "adam", "powersign", "drop(g, 0.1) * exp(1e-3*w)", "addsign-ld")),
-    ("fashion-mnist", ("adam", "powersign")),   # batch norm's running statistics, stacked
+    ("fashion-mnist", ("powersign",)),   # batch norm's running statistics, stacked
 ])
 def test_stacked_children_train_as_the_sequential_ones_do(name, rules):
     """The stacked sweep (one vmapped network for all rates) against one child at a time, within rounding."""
