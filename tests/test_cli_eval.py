@@ -61,3 +61,19 @@ def test_unavailable_device_exits_2():
         return   # the machine has the device: nothing to refuse
     result = run("sgd", "--device", "cuda", *FAST)
     assert result.exit_code == 2 and "CUDA" in result.output
+
+
+def test_eval_with_a_halving_sweep_shows_the_stopped_rates():
+    result = run("adam", "--json", "--sweep", "halving", "--lrs", "1e-4,1e-3,1e-2,1e-1", "--epochs", "1",
+                 "--train-size", "400")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    stopped = [t for t in data["trials"] if t["val_acc"] is None]
+    assert len(stopped) == 2 and all(t["steps"] < data["final"]["steps"] for t in stopped)
+    table = run("adam", "--sweep", "halving", "--lrs", "1e-4,1e-3,1e-2,1e-1", "--epochs", "1", "--train-size", "400")
+    assert table.exit_code == 0 and "reward" in table.output
+
+
+def test_eval_refuses_an_unknown_sweep():
+    result = run("sgd", "--sweep", "quarter", *FAST)
+    assert result.exit_code == 2 and "quarter" in result.output
