@@ -31,6 +31,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,6 +96,14 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return cov / (sx * sy) if sx and sy else float("nan")
 
 
+@dataclass
+class _Reward:
+    """A full evaluation read back from an earlier run's output."""
+
+    reward: float
+    best_lr: float | None
+
+
 def cpu_seconds(fn):
     start = time.process_time()
     value = fn()
@@ -116,6 +125,8 @@ def main() -> None:
     parser.add_argument("--shard", default="0/1", help="I/N: evaluate every N-th rule from the I-th "
                         "(run shards in parallel processes, then --summary their --out files)")
     parser.add_argument("--summary", nargs="*", default=None, help="only summarise these JSON-lines files")
+    parser.add_argument("--reuse-full", nargs="*", default=(), help="JSON-lines files of an earlier run: "
+                        "rules found there keep their full (and reference) results; fast is measured again")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.summary is not None:
@@ -134,9 +145,14 @@ def main() -> None:
     out = open(args.out, "w") if args.out else None
     print(f"torch {torch.__version__}, 1 thread; {args.task} {full_task.splits.sizes}; {len(rules)} sampled rules")
 
+    earlier = {row["rule"]: row for path in args.reuse_full for row in map(json.loads, Path(path).read_text().splitlines())}
     rows, scored = [], {}   # scored: fingerprint -> fast reward (the search's equivalence cache)
     for i, rule in enumerate(rules):
-        full, full_cpu = cpu_seconds(lambda: evaluate_rule(rule, full_task, args.seed))
+        if rule in earlier:
+            old = earlier[rule]
+            full, full_cpu = _Reward(old["full"], old["full_lr"]), old["full_cpu"]
+        else:
+            full, full_cpu = cpu_seconds(lambda: evaluate_rule(rule, full_task, args.seed))
         verdict, probe_cpu = cpu_seconds(lambda: probe(parse(rule)))
         if verdict.rejection:
             fast_reward, fast_cpu, how = 0.0, probe_cpu, "rejected"
@@ -151,7 +167,9 @@ def main() -> None:
         if args.halving_check:
             halving = evaluate_rule(rule, halving_task, args.seed)
             row.update(halving=halving.reward, halving_lr=halving.best_lr)
-        if args.reference_rules and not verdict.rejection and \
+        if rule in earlier and "reference" in earlier[rule]:
+            row.update({k: earlier[rule][k] for k in ("reference", "reference_lr", "reference_cpu")})
+        elif args.reference_rules and not verdict.rejection and \
                 sum("reference" in r for r in rows) < args.reference_rules:
             (ref_lr, ref_reward, _), ref_cpu = cpu_seconds(lambda: reference_evaluate(rule, full_task, args.seed))
             row.update(reference=ref_reward, reference_lr=ref_lr, reference_cpu=ref_cpu)

@@ -158,3 +158,12 @@ def test_a_trial_whose_loss_explodes_stops_before_it_overflows():
     assert patient.trials[1].diverged and prompt.trials[1].diverged
     assert prompt.trials[1].steps < patient.trials[1].steps
     assert prompt.trials[0].val_acc == pytest.approx(patient.trials[0].val_acc, rel=1e-5)   # a healthy one goes on
+
+
+def test_halving_keeps_every_rate_when_none_pulls_ahead():
+    """A rule too timid to learn at any rate: the first round cannot rank the rates, so none is stopped."""
+    options = dict(lrs=[1e-4, 1e-3, 1e-2, 1e-1], epochs=1, train_size=400)
+    full = evaluate_rule("1e-6 * sign(g)", get_task("digits", **options), seed=0)
+    halving = evaluate_rule("1e-6 * sign(g)", get_task("digits", sweep="halving", **options), seed=0)
+    assert all(t.val_acc is not None for t in halving.trials)
+    assert (halving.best_lr, halving.reward) == (full.best_lr, full.reward)

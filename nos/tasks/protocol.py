@@ -311,6 +311,10 @@ def _record(children: Any, index: int, stopped: dict[int, float]) -> TrialRecord
     return record
 
 
+# Successive halving stops a rate only if its loss in the round is more than this far (relative) above the best's.
+HALVING_TIE = 0.01
+
+
 def halving_rounds(rates: int, steps: int) -> list[tuple[int, int]]:
     """Successive halving's rounds: (steps trained so far, children kept after the round).
 
@@ -329,8 +333,12 @@ def _halve(group: Any, rates: int, sweep_steps: int, stopped: dict[int, float],
 
     The loss of the round's own steps, not validation accuracy: near the
     start of training, when accuracies sit at chance, it ranks rates far more
-    reliably, and it costs no validation pass. The last round, a full sweep
-    trial for the rates left, is scored on validation as the full sweep is.
+    reliably, and it costs no validation pass. A rate outside the better half
+    still goes on while its loss is within HALVING_TIE of the best one's:
+    when no rate has pulled ahead (a rule that learns nothing at any rate),
+    the round cannot tell them apart, and the sweep stays full. The last
+    round, a full sweep trial for the rates left, is scored on validation as
+    the full sweep is.
     """
     done, seen = 0, {i: 0.0 for i in range(rates)}
     for budget, keep in halving_rounds(rates, sweep_steps):
@@ -341,11 +349,14 @@ def _halve(group: Any, rates: int, sweep_steps: int, stopped: dict[int, float],
         now = {i: group.loss_seen(i) for i in group.running}
         means = {i: (now[i] - seen[i]) / (budget - done) for i in group.running}
         ranked = sorted(group.running, key=lambda i: (means[i] if math.isfinite(means[i]) else math.inf, i))
-        for index in ranked[keep:]:
+        best = means[ranked[0]] if ranked else 0.0
+        tied = best + HALVING_TIE * abs(best)
+        out = [i for i in ranked[keep:] if not means[i] <= tied]
+        for index in out:
             stopped[index] = means[index]
-        group.stop(ranked[keep:])
+        group.stop(out)
         if scored:
-            for index in sorted(ranked[keep:]):
+            for index in sorted(out):
                 scored(index)
         done, seen = budget, now
 
