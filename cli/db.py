@@ -26,6 +26,45 @@ def open_store_or_exit(db_url: str | None) -> Store:
         raise UsageProblem(str(exc)) from None
 
 
+def store_for_writing(db_url: str | None, say: Callable[[str], Any] = print) -> Store:
+    """The store; a database with no nos schema yet (a new SQLite file) is created first, and `say` tells so."""
+    try:
+        url = resolve_url(db_url)
+        try:
+            fresh = schema_state(url).current is None
+        except StoreError as exc:
+            fresh = "no database at" in str(exc)
+            if not fresh:
+                raise
+        if fresh:
+            upgrade(url)
+            say(f"created database {shown(url)}")
+    except StoreError as exc:
+        raise UsageProblem(str(exc)) from None
+    return open_store_or_exit(db_url)
+
+
+def find_rule_or_exit(session: Any, rule: str) -> Any:
+    """A stored rule by id, text or built-in name (as `nos show` takes it), or exit 2."""
+    from sqlalchemy import select
+
+    from nos.rules import RuleSyntaxError, to_text
+    from nos.rules.builtins import resolve_rule
+    from nos.store.models import Rule
+
+    if rule.strip().isdigit():
+        found = session.get(Rule, int(rule))
+    else:
+        try:
+            text = to_text(resolve_rule(rule))
+        except RuleSyntaxError as exc:
+            raise UsageProblem(f"bad rule\n{exc}") from None
+        found = session.execute(select(Rule).where(Rule.text == text)).scalar_one_or_none()
+    if found is None:
+        raise UsageProblem(f"rule {rule!r} has not been evaluated in this database")
+    return found
+
+
 def _store_errors_to_usage(fn: Callable[..., Any]) -> Callable[..., Any]:
     """A StoreError (bad URL, server down, schema too old or too new) becomes exit 2 with its one line."""
     @functools.wraps(fn)

@@ -8,16 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from sqlalchemy import select
 
-from nos.rules import RuleSyntaxError, to_text
-from nos.rules.builtins import resolve_rule
+from nos.rules import RuleSyntaxError
 from nos.store import get_run
 from nos.store.history import rule_sweeps, run_evaluations
-from nos.store.models import Rule
 
 from .console import console
-from .db import db_option, open_store_or_exit
+from .db import db_option, find_rule_or_exit, open_store_or_exit
 from .errors import UsageProblem
 
 
@@ -28,21 +25,6 @@ def _plots():
     if not plots.available():
         raise UsageProblem(plots.MATPLOTLIB_MISSING)
     return plots
-
-
-def _find_rule(session, rule: str) -> Rule:
-    """A stored rule by id or by text (or built-in name), as `nos show` takes it."""
-    if rule.strip().isdigit():
-        found = session.get(Rule, int(rule))
-    else:
-        try:
-            text = to_text(resolve_rule(rule))
-        except RuleSyntaxError as exc:
-            raise UsageProblem(f"bad rule\n{exc}") from None
-        found = session.execute(select(Rule).where(Rule.text == text)).scalar_one_or_none()
-    if found is None:
-        raise UsageProblem(f"rule {rule!r} has not been evaluated in this database")
-    return found
 
 
 def _save(plots, fig, output: str) -> None:
@@ -79,7 +61,7 @@ def plot_command(run_ids, sweep_rule, task, output, window, db_url) -> None:
     store = open_store_or_exit(db_url)
     if sweep_rule:
         with store.reading() as session:
-            rule = _find_rule(session, sweep_rule)
+            rule = find_rule_or_exit(session, sweep_rule)
             sweeps = rule_sweeps(session, rule.id, task)
         if not sweeps:
             on = f" on task {task!r}" if task else ""

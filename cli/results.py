@@ -12,13 +12,11 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from nos.rules import RuleSyntaxError, to_text
-from nos.rules.builtins import resolve_rule
 from nos.store import get_run, leaderboard, list_runs, run_progress, trials_of, utcnow
 from nos.store.models import Evaluation, Rule
 
 from .console import console
-from .db import db_option, open_store_or_exit
+from .db import db_option, find_rule_or_exit, open_store_or_exit
 from .errors import UsageProblem
 
 
@@ -150,16 +148,7 @@ def show_command(rule, db_url) -> None:
     """A rule's evaluations and learning-rate sweeps; RULE is a rule id or rule text."""
     store = open_store_or_exit(db_url)
     with store.reading() as session:
-        if rule.strip().isdigit():
-            found = session.get(Rule, int(rule))
-        else:
-            try:
-                text = to_text(resolve_rule(rule))
-            except RuleSyntaxError as exc:
-                raise UsageProblem(f"bad rule\n{exc}") from None
-            found = session.execute(select(Rule).where(Rule.text == text)).scalar_one_or_none()
-        if found is None:
-            raise UsageProblem(f"rule {rule!r} has not been evaluated in this database")
+        found = find_rule_or_exit(session, rule)
         console.print(f"rule {found.id}: {found.text}   (depth {_fmt(found.depth)}, hash {found.hash})")
         evaluations = session.execute(
             select(Evaluation).where(Evaluation.rule_id == found.id).order_by(Evaluation.id)).scalars().all()

@@ -7,34 +7,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from nos.config import ConfigError, SearchConfig
 from nos.search.settings import SEARCHERS
-from nos.store import Store, StoreError, create_run, get_run, set_run_status, shown
-from nos.store.schema import schema_state, upgrade
-from nos.store.engine import resolve_url
+from nos.store import Store, create_run, get_run, set_run_status, shown
 
 from .console import console
-from .db import db_option, open_store_or_exit
+from .db import db_option, open_store_or_exit, store_for_writing
 from .errors import UsageProblem
 from .results import print_leaderboard
 from .worker import broker_option, check_broker_or_exit
 
-
-
-def _store_for_writing(db_url: str | None) -> Store:
-    """The store; a database with no nos schema yet (a new SQLite file) is created first."""
-    try:
-        url = resolve_url(db_url)
-        try:
-            fresh = schema_state(url).current is None
-        except StoreError as exc:
-            fresh = "no database at" in str(exc)
-            if not fresh:
-                raise
-        if fresh:
-            upgrade(url)
-            console.print(f"created database {shown(url)}")
-    except StoreError as exc:
-        raise UsageProblem(str(exc)) from None
-    return open_store_or_exit(db_url)
 
 
 def _check_task(config: SearchConfig) -> None:
@@ -112,7 +92,7 @@ def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_siz
         raise UsageProblem(str(exc)) from None
     _check_executor(broker_url, detach)
     _check_task(config)
-    store = _store_for_writing(db_url)
+    store = store_for_writing(db_url, console.print)
     with store.transaction() as session:
         run_id = create_run(session, config.label, config.task, config.to_dict())
     where = f"Celery at {broker_url}" if broker_url else f"{config.workers} local worker{'s' if config.workers != 1 else ''}"

@@ -12,14 +12,12 @@ from rich.table import Table
 
 from nos.rules import to_text
 from nos.rules.builtins import BUILTINS
-from nos.store import Store, StoreError, shown
-from nos.store.engine import resolve_url
-from nos.store.schema import schema_state, upgrade
+from nos.store import shown
 from nos.tasks import DataUnavailable, UnknownTask
 from nos.tasks.transfer import DEFAULT_EPOCHS, DEFAULT_MODEL, TRANSFER_TASKS, transfer_task
 
 from .console import console
-from .db import db_option, open_store_or_exit
+from .db import db_option, store_for_writing
 from .errors import UsageProblem
 from .evaluate import _learning_rates
 from .rules import parse_or_exit
@@ -27,24 +25,6 @@ from .rules import parse_or_exit
 # The paper's Table 1 baselines, each tuned by the same sweep as the rules under test.
 BASELINES = ("sgd", "momentum", "adam", "rmsprop")
 COLUMNS = ("final val", "final test", "best val", "best test")
-
-
-def _store_for_writing(db_url: str | None, messages: Console) -> Store:
-    """The store; a database with no nos schema yet (a new SQLite file) is created first."""
-    try:
-        url = resolve_url(db_url)
-        try:
-            fresh = schema_state(url).current is None
-        except StoreError as exc:
-            fresh = "no database at" in str(exc)
-            if not fresh:
-                raise
-        if fresh:
-            upgrade(url)
-            messages.print(f"created database {shown(url)}")
-    except StoreError as exc:
-        raise UsageProblem(str(exc)) from None
-    return open_store_or_exit(db_url)
 
 
 @click.command("transfer")
@@ -106,7 +86,7 @@ def transfer_command(rules: tuple[str, ...], task_name: str, model: str, epochs:
     from nos.transfer import TransferSuperseded, run_transfer, summarize
 
     messages = Console(stderr=True)
-    store = _store_for_writing(db_url, messages)
+    store = store_for_writing(db_url, messages.print)
     per_run = len(task.lrs) + task.epochs
     results, reused = [], 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
