@@ -46,10 +46,17 @@ def nos(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           timeout=300, **kwargs)
 
 
+def _as_from_a_terminal() -> None:
+    # A shell without job control starts background jobs with SIGINT ignored, and the ignoring is
+    # inherited: under such a CI runner Ctrl-C (SIGINT) would never reach the driver. A terminal's does.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_nos(*args: str) -> subprocess.Popen:
     # Its own process group, so a test can kill the driver together with its workers.
     return subprocess.Popen([sys.executable, "-m", "nos.cli.main", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_as_from_a_terminal)
 
 
 def run_rows(url: str, run_id: int) -> list[Evaluation]:
