@@ -84,7 +84,8 @@ def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = Non
         if evaluation is None:
             return "skipped"
         config = SearchConfig.from_dict(get_run(session, evaluation.run_id).config)
-        rule_text = session.get(Rule, evaluation.rule_id).text
+        rule = session.get(Rule, evaluation.rule_id)
+        rule_text = rule.text
         expected_key = evaluation.task_key
         attempt = claim(session, evaluation_id, worker, timedelta(seconds=config.stale_after),
                         max_attempts=config.max_attempts)
@@ -93,7 +94,7 @@ def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = Non
         # The rule, or one that behaves the same, may have been scored since this was queued.
         source, reason = find_cached(session, evaluation.rule_id, expected_key), None
         if source is None and config.probe:
-            source = find_equivalent(session, session.get(Rule, evaluation.rule_id).fingerprint, expected_key)
+            source = find_equivalent(session, rule.fingerprint, expected_key)
             reason = equivalence_reason(session, source) if source is not None else None
         if source is not None and commit_cached(session, evaluation_id, attempt, source, reason=reason):
             return "cached"

@@ -197,9 +197,9 @@ class _Child:
                 self.loss_seen += value
             else:
                 window += loss.detach()
-                if (i + 1 - self._position) % CUDA_CHECK_EVERY == 0 and not self._window_ok(window, CUDA_CHECK_EVERY):
-                    return False
                 if (i + 1 - self._position) % CUDA_CHECK_EVERY == 0:
+                    if not self._window_ok(window, CUDA_CHECK_EVERY):
+                        return False
                     self._total += window
                     self.loss_seen += window
                     window = torch.zeros((), device=task.device)
@@ -281,8 +281,6 @@ class _SequentialChildren:
     def loss_seen(self, index: int) -> float:
         return float(self.children[index].loss_seen)
 
-    def steps_of(self, index: int) -> int:
-        return self.children[index].steps
 
     def stop(self, children: list[int]) -> None:
         self.running = [index for index in self.running if index not in children]
@@ -293,19 +291,10 @@ class _SequentialChildren:
     def record(self, index: int) -> TrialRecord:
         return self.children[index].record()
 
-    @property
-    def val_acc(self) -> list[float]:
-        return [child.val_acc for child in self.children]
-
 
 def _record(children: Any, index: int, stopped: dict[int, float]) -> TrialRecord:
     """Trial `index`'s record; one stopped by halving has no validation score, and its last round's mean loss."""
-    if isinstance(children, _SequentialChildren):
-        record = children.record(index)
-    else:
-        record = TrialRecord(children.lrs[index], children.val_acc[index], children.train_loss[index],
-                             children.diverged[index], children.wall_seconds[index], children.epochs[index],
-                             children.steps[index])
+    record = children.record(index)
     if index in stopped:
         record.val_acc, record.train_loss = None, stopped[index]
     return record

@@ -32,6 +32,8 @@ from ..optim import SymbolicOptimizer
 from ..rules import Node
 from ..rules.evaluate import StepContext, apply_update, update_moments
 from .base import Task
+from .objectives import SCORE_CHUNK
+from .protocol import TrialRecord, _explosion_limit
 
 
 class _StackedOptimizer(SymbolicOptimizer):
@@ -137,8 +139,7 @@ class StackedChildren:
             rows = slice(i * batch, (i + 1) * batch)
             losses = self.loss(self.forward(self.params, self.buffers, x[rows]), y[rows])
             if self._limit is None and task.explode:
-                first = float(losses[0].detach())
-                self._limit = task.explode * first if math.isfinite(first) and first > 0 else None
+                self._limit = _explosion_limit(float(losses[0].detach()), task.explode)
             window += losses.detach()
             taken = i + 1 - self._position
             check = taken % check_every == 0 or taken == n
@@ -176,9 +177,9 @@ class StackedChildren:
         x, y = task.splits.val_x, task.splits.val_y
         self.skeleton.eval()   # batch norm reads its running statistics
         try:
-            chunk = 2048
-            total = sum((self.score_sum(self.forward(self.params, self.buffers, x[i:i + chunk]), y[i:i + chunk])
-                         for i in range(0, len(x), chunk)), torch.zeros(len(self.running), device=task.device))
+            total = sum((self.score_sum(self.forward(self.params, self.buffers, x[i:i + SCORE_CHUNK]),
+                                        y[i:i + SCORE_CHUNK])
+                         for i in range(0, len(x), SCORE_CHUNK)), torch.zeros(len(self.running), device=task.device))
         finally:
             self.skeleton.train()
         scores = [task.objective.finish(t, len(x)) for t in total.tolist()]
@@ -200,6 +201,10 @@ class StackedChildren:
             child = self.running[pos]
             self.diverged[child], self.val_acc[child], self.train_loss[child] = True, 0.0, None
         self._keep([pos for pos in range(len(self.running)) if pos not in positions])
+
+    def record(self, child: int) -> TrialRecord:
+        return TrialRecord(self.lrs[child], self.val_acc[child], self.train_loss[child], self.diverged[child],
+                           self.wall_seconds[child], self.epochs[child], self.steps[child])
 
     def loss_seen(self, child: int) -> float:
         return float(self._seen[self.running.index(child)])
