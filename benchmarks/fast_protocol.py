@@ -21,6 +21,11 @@ rank correlation of their rewards, how often halving's reward is within 0.5
 points of the full sweep's, and, with --reference-rules K, the plain
 reference of benchmarks/evaluate.py on the first K non-rejected rules, so
 that fast / reference = (full / reference on those K) x (fast / full on all).
+Two figures bound what any fast protocol can show: the ceiling (Spearman if
+fast equalled full on every rule it trains: rejection's reward is 0 where
+full gives chance-level noise), and with --retest-seed S the full protocol
+against itself under another seed. --explode, --halving-tie and
+--halving-rank measure other settings of the shortcuts' knobs.
 Results go to --out as JSON lines as they come (a long run can be read early).
 """
 
@@ -42,7 +47,7 @@ from evaluate import reference_evaluate  # noqa: E402  (the plain reference impl
 from nos.rules import parse, to_text  # noqa: E402
 from nos.rules.fingerprint import probe  # noqa: E402
 from nos.search import make_searcher  # noqa: E402
-from nos.tasks import evaluate_rule, get_task  # noqa: E402
+from nos.tasks import evaluate_rule, get_task, protocol  # noqa: E402
 
 
 def sample_rules(n: int, depth: int, seed: int) -> list[str]:
@@ -102,6 +107,12 @@ class _Reward:
 
     reward: float
     best_lr: float | None
+    sweep: list | None = None
+
+
+def _sweep(result) -> list:
+    """Each sweep trial's validation accuracy (None: stopped by halving; "x": diverged), for reading a run later."""
+    return [("x" if t.diverged else t.val_acc) for t in result.trials]
 
 
 def cpu_seconds(fn):
@@ -127,8 +138,16 @@ def main() -> None:
     parser.add_argument("--summary", nargs="*", default=None, help="only summarise these JSON-lines files")
     parser.add_argument("--reuse-full", nargs="*", default=(), help="JSON-lines files of an earlier run: "
                         "rules found there keep their full (and reference) results; fast is measured again")
+    parser.add_argument("--retest-seed", type=int, default=None, help="also run the full protocol with this "
+                        "seed: how well full agrees with itself bounds what any fast protocol can show")
+    parser.add_argument("--explode", type=float, default=None, help="fast's explosion factor [the task's default]")
+    parser.add_argument("--halving-tie", type=float, default=None, help="override protocol.HALVING_TIE")
+    parser.add_argument("--halving-rank", choices=("val", "loss"), default=None, help="override protocol.HALVING_RANK")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    for name in ("halving_tie", "halving_rank"):   # to measure other settings of halving's knobs
+        if getattr(args, name) is not None:
+            setattr(protocol, name.upper(), getattr(args, name))
     if args.summary is not None:
         rows = [json.loads(line) for path in args.summary for line in Path(path).read_text().splitlines()]
         summarise(rows, args.halving_check)
@@ -136,7 +155,8 @@ def main() -> None:
 
     options = {"train_size": args.train_size} if args.train_size else {}
     full_task = get_task(args.task, explode=0, **options)
-    fast_task = get_task(args.task, sweep="halving", **options)
+    fast_task = get_task(args.task, sweep="halving", **options,
+                         **({"explode": args.explode} if args.explode is not None else {}))
     halving_task = get_task(args.task, sweep="halving", explode=0, **options)
     rules = (stored_rules(args.from_db, args.run, args.rules, args.seed) if args.from_db
              else sample_rules(args.rules, args.depth, args.seed))
@@ -150,10 +170,11 @@ def main() -> None:
     for i, rule in enumerate(rules):
         if rule in earlier:
             old = earlier[rule]
-            full, full_cpu = _Reward(old["full"], old["full_lr"]), old["full_cpu"]
+            full, full_cpu = _Reward(old["full"], old["full_lr"], old.get("full_sweep")), old["full_cpu"]
         else:
             full, full_cpu = cpu_seconds(lambda: evaluate_rule(rule, full_task, args.seed))
         verdict, probe_cpu = cpu_seconds(lambda: probe(parse(rule)))
+        fast_lr, fast_sweep = None, None
         if verdict.rejection:
             fast_reward, fast_cpu, how = 0.0, probe_cpu, "rejected"
         elif verdict.fingerprint in scored:
@@ -161,12 +182,19 @@ def main() -> None:
         else:
             fast, fast_cpu = cpu_seconds(lambda: evaluate_rule(rule, fast_task, args.seed))
             fast_reward, fast_cpu, how = fast.reward, fast_cpu + probe_cpu, "trained"
+            fast_lr, fast_sweep = fast.best_lr, _sweep(fast)
             scored[verdict.fingerprint] = fast_reward
         row = dict(rule=rule, full=full.reward, full_lr=full.best_lr, full_cpu=full_cpu, fast=fast_reward,
-                   fast_cpu=fast_cpu, how=how, rejection=verdict.rejection)
+                   fast_cpu=fast_cpu, how=how, rejection=verdict.rejection, fast_lr=fast_lr,
+                   full_sweep=full.sweep if isinstance(full, _Reward) else _sweep(full), fast_sweep=fast_sweep)
         if args.halving_check:
             halving = evaluate_rule(rule, halving_task, args.seed)
             row.update(halving=halving.reward, halving_lr=halving.best_lr)
+        if args.retest_seed is not None:
+            if rule in earlier and earlier[rule].get("retest_seed") == args.retest_seed:
+                row.update({k: earlier[rule][k] for k in ("retest", "retest_seed")})
+            else:
+                row.update(retest=evaluate_rule(rule, full_task, args.retest_seed).reward, retest_seed=args.retest_seed)
         if rule in earlier and "reference" in earlier[rule]:
             row.update({k: earlier[rule][k] for k in ("reference", "reference_lr", "reference_cpu")})
         elif args.reference_rules and not verdict.rejection and \
@@ -191,10 +219,25 @@ def summarise(rows: list[dict], halving_check: bool) -> None:
     print(f"rejected {sum(r['how'] == 'rejected' for r in rows)}, equivalent to an earlier rule "
           f"{sum(r['how'] == 'equivalent' for r in rows)}, trained {sum(r['how'] == 'trained' for r in rows)}")
     print(f"Spearman rank correlation, fast vs full rewards: {spearman([r['fast'] for r in rows], [r['full'] for r in rows]):.3f}")
+    trained = [r for r in rows if not r["rejection"]]
+    if trained:
+        print(f"  on the {len(trained)} rules the probe lets through (halving and the explosion stop alone): "
+              f"{spearman([r['fast'] for r in trained], [r['full'] for r in trained]):.3f}")
     learned = [r for r in rows if r["full"] > 0.2]
     if learned:
         print(f"  on the {len(learned)} rules whose full reward exceeds 0.2: "
               f"{spearman([r['fast'] for r in learned], [r['full'] for r in learned]):.3f}")
+    # Rejection's reward is 0 where the full protocol gives chance-level noise: even a fast
+    # protocol that matched full on every rule it trains could rank no better than this.
+    print(f"  ceiling with rejected rules at 0 and every other fast reward equal to full: "
+          f"{spearman([0.0 if r['rejection'] else r['full'] for r in rows], [r['full'] for r in rows]):.3f}")
+    retested = [r for r in rows if "retest" in r]
+    if retested:
+        seed = retested[0]["retest_seed"]
+        print(f"the full protocol against itself with seed {seed}, on {len(retested)} rules: "
+              f"{spearman([r['full'] for r in retested], [r['retest'] for r in retested]):.3f}; on those above 0.2: "
+              f"{spearman([r['full'] for r in retested if r['full'] > 0.2], [r['retest'] for r in retested if r['full'] > 0.2]):.3f}; "
+              f"fast against full with seed {seed}: {spearman([r['fast'] for r in retested], [r['retest'] for r in retested]):.3f}")
     rejected_rewards = [r["full"] for r in rows if r["rejection"]]
     if rejected_rewards:
         print(f"rejected rules' full rewards: max {max(rejected_rewards):.4f}, mean {sum(rejected_rewards) / len(rejected_rewards):.4f}")

@@ -9,23 +9,23 @@ from importlib import import_module
 
 import click
 
-COMMANDS = {
-    "demo": ".demo:demo_command",
-    "rule": ".rules:rule_group",
-    "eval": ".evaluate:eval_command",
-    "transfer": ".transfer:transfer_command",
-    "db": ".db:db_group",
-    "enqueue": ".search:enqueue_command",
-    "resume": ".search:resume_command",
-    "stop": ".search:stop_command",
-    "runs": ".results:runs_command",
-    "status": ".results:status_command",
-    "leaderboard": ".results:leaderboard_command",
-    "show": ".results:show_command",
-    "worker": ".worker:worker_command",
-    "plot": ".reports:plot_command",
-    "report": ".reports:report_command",
-    "export": ".reports:export_command",
+COMMANDS = {   # name -> (where it lives, its one-line help: `nos --help` lists them without importing any)
+    "demo": (".demo:demo_command", "Train a small net on digits with each of the paper's rules."),
+    "rule": (".rules:rule_group", "Parse and inspect update rules."),
+    "eval": (".evaluate:eval_command", "Evaluate RULE: the learning-rate sweep, then the final run."),
+    "transfer": (".transfer:transfer_command", "Train a Wide ResNet with each RULE and the standard optimizers."),
+    "db": (".db:db_group", "Create, upgrade and inspect nos's database."),
+    "enqueue": (".search:enqueue_command", "Start a search and drive it until its budget is spent."),
+    "resume": (".search:resume_command", "Continue a stopped (or crashed) run from its last checkpoint."),
+    "stop": (".search:stop_command", "Ask a running search to stop; its driver stops cleanly."),
+    "runs": (".results:runs_command", "List the runs with their progress."),
+    "status": (".results:status_command", "A run's counts by status and its evaluations in flight."),
+    "leaderboard": (".results:leaderboard_command", "The best rules by reward: over all runs, one run, or one task."),
+    "show": (".results:show_command", "A rule's evaluations and learning-rate sweeps."),
+    "worker": (".worker:worker_command", "Start a Celery worker (until Ctrl-C or SIGTERM)."),
+    "plot": (".reports:plot_command", "Draw reward against evaluation for runs, or a rule's sweep."),
+    "report": (".reports:report_command", "Write one self-contained HTML page about a run."),
+    "export": (".reports:export_command", "Print a snippet that trains with RULE in any PyTorch loop."),
 }
 
 
@@ -36,8 +36,13 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        module, attribute = COMMANDS[name].split(":")
+        module, attribute = COMMANDS[name][0].split(":")
         return getattr(import_module(module, __package__), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # click would import every command for its help line, and with them torch (seconds).
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -77,3 +77,18 @@ def test_eval_with_a_halving_sweep_shows_the_stopped_rates():
 def test_eval_refuses_an_unknown_sweep():
     result = run("sgd", "--sweep", "quarter", *FAST)
     assert result.exit_code == 2 and "quarter" in result.output
+
+
+def test_help_lists_every_command_without_importing_torch():
+    import subprocess
+    import sys
+
+    from nos.cli.main import COMMANDS, cli
+
+    code = ("import sys; from click.testing import CliRunner; from nos.cli.main import cli; "
+            "print(CliRunner().invoke(cli, ['--help']).output); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")   # `nos --help` answers at once, not after torch's import
+    for name, (_, summary) in COMMANDS.items():
+        assert f"  {name} " in out and summary.split()[0] in out
+        assert cli.get_command(None, name).name == name   # the table points at the real command

@@ -142,7 +142,7 @@ def test_successive_halving_trains_less_and_keeps_the_clear_winner():
     assert b.best_lr == a.best_lr and b.reward == pytest.approx(a.reward, abs=1e-9)
     stopped = [t for t in b.trials if t.val_acc is None]
     kept = [t for t in b.trials if t.val_acc is not None and not t.diverged]
-    assert stopped and len(kept) == 4   # the better 4 by their training loss go on to the full epoch
+    assert stopped and len(kept) == 4   # the better 4 on validation go on to the full epoch
     for t in stopped:
         assert not t.diverged and t.steps == halving.steps_per_epoch // 4 and t.train_loss > 0
     steps = halving.steps_per_epoch   # each stopped trial saved the last three quarters of its epoch
@@ -158,6 +158,58 @@ def test_a_trial_whose_loss_explodes_stops_before_it_overflows():
     assert patient.trials[1].diverged and prompt.trials[1].diverged
     assert prompt.trials[1].steps < patient.trials[1].steps
     assert prompt.trials[0].val_acc == pytest.approx(patient.trials[0].val_acc, rel=1e-5)   # a healthy one goes on
+
+
+def test_the_final_run_has_no_explosion_stop():
+    """The stop is the sweep's shortcut past rates that will not win: the chosen rate trains to the end."""
+    options = dict(lrs=[1e-2, 1e-1, 1.0], epochs=3, train_size=400)
+    # SGD at 1.0 on digits stays under 1.5x its first loss for its sweep epoch, then rises above it
+    # in the final run and comes back down (with the stop there too, it scored 0 instead of 0.22).
+    eager = evaluate_rule("sgd", get_task("digits", explode=1.5, **options), seed=0)
+    patient = evaluate_rule("sgd", get_task("digits", explode=0, **options), seed=0)
+    assert eager.best_lr == patient.best_lr == 1.0 and not eager.diverged
+    assert eager.final.steps == patient.final.steps == 3 * 25
+    assert eager.reward == patient.reward > 0.15
+
+
+class _ScriptedSweep:
+    """A sweep group whose children's round losses and validation scores are given, for halving's choice alone."""
+
+    def __init__(self, losses: list[float], scores: list[float]):
+        self.losses, self.val, self.steps = losses, scores, 0
+        self.running = list(range(len(losses)))
+
+    def advance(self, steps, on_scored=None, validate=True):
+        self.steps += steps
+
+    def loss_seen(self, index):
+        return self.losses[index] * self.steps
+
+    def record(self, index):
+        from nos.tasks.protocol import TrialRecord
+
+        return TrialRecord(1.0, self.val[index], None, False, 0.0, 0, self.steps)
+
+    def stop(self, children):
+        self.running = [i for i in self.running if i not in children]
+
+
+def test_halving_ranks_its_early_round_by_validation(monkeypatch):
+    from nos.tasks import protocol
+
+    # The largest rate's cross-entropy has climbed (confident logits) while it classifies best:
+    # the full sweep would pick it, so halving must not drop it for its loss.
+    losses = [2.3, 2.2, 1.5, 0.9, 0.7, 0.8, 30.0]
+    scores = [0.10, 0.12, 0.40, 0.60, 0.70, 0.65, 0.75]
+    stopped: dict[int, float] = {}
+    group = _ScriptedSweep(losses, scores)
+    protocol._halve(group, 7, 400, stopped, None)
+    assert sorted(stopped) == [0, 1, 2] and 6 in group.running
+    assert stopped[2] == pytest.approx(1.5)   # a stopped trial keeps its round's mean loss
+    monkeypatch.setattr(protocol, "HALVING_RANK", "loss")   # what halving did before: it drops the winner
+    stopped, group = {}, _ScriptedSweep(losses, scores)
+    protocol._halve(group, 7, 400, stopped, None)
+    assert 6 in stopped
 
 
 def test_halving_keeps_every_rate_when_none_pulls_ahead():

@@ -16,6 +16,10 @@ from .objectives import Objective
 PAPER_LRS: tuple[float, ...] = tuple(10.0 ** k for k in range(-5, 2))
 # "full": every rate trains sweep_epochs (the paper); "halving": successive halving over them.
 SWEEPS = ("full", "halving")
+# The protocol's revision, part of every task key: bumped when the same knobs train differently,
+# so that results of the old protocol never answer for the new one. 2: the explosion stop is
+# for sweep trials only; halving ranks its early round by validation.
+PROTOCOL = 2
 
 
 @dataclass(frozen=True)
@@ -53,9 +57,10 @@ class Task:
     epochs: int = 5
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     channels_last: bool = False   # image children run faster on CPU in NHWC
-    # A trial whose loss exceeds this many times its first loss has exploded: it stops,
-    # diverged (0 turns the check off; non-finite losses always stop a trial).
-    explode: float = 10.0
+    # A sweep trial whose loss exceeds this many times its first loss has exploded: it stops,
+    # diverged (0 turns the check off; non-finite losses always stop a trial). Not 10: a large
+    # rate can push the cross-entropy past 10x while its accuracy is the sweep's best.
+    explode: float = 100.0
     sweep: str = "full"
     # Train the sweep's children as one stacked network (nos.tasks.stacked). None: where
     # it pays, which is on CUDA and for children without convolutions on the CPU.
@@ -105,6 +110,7 @@ class Task:
         change rounding, not the protocol.
         """
         return {
+            "protocol": PROTOCOL,
             "name": self.name,
             "options": dict(sorted(self.options.items())),
             "objective": self.objective.name,

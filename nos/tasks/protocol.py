@@ -9,7 +9,11 @@
    (the first of equals).
 3. reward = its validation accuracy; its test accuracy is stored beside it.
 4. A non-finite loss or weight ends that trial at once: diverged, accuracy 0.
-   A rule that diverges at every rate gets reward 0.
+   A rule that diverges at every rate gets reward 0. A sweep trial whose loss
+   climbs past `task.explode` times its first loss ends the same way; the
+   final run has no such stop.
+
+`task.sweep == "halving"` replaces step 1 with successive halving (`_halve`).
 
 Step 2 does not repeat work it can reuse: a child trained with the same
 weights, data order, optimizer seed and rate is the same child, so unless
@@ -300,8 +304,10 @@ def _record(children: Any, index: int, stopped: dict[int, float]) -> TrialRecord
     return record
 
 
-# Successive halving stops a rate only if its loss in the round is more than this far (relative) above the best's.
+# Successive halving stops a rate only if its score in the round is more than this far (relative) behind the best's.
 HALVING_TIE = 0.01
+# What ranks the rates after the early round: "val" (validation error) or "loss" (the round's mean training loss).
+HALVING_RANK = "val"
 
 
 def halving_rounds(rates: int, steps: int) -> list[tuple[int, int]]:
@@ -318,29 +324,31 @@ def halving_rounds(rates: int, steps: int) -> list[tuple[int, int]]:
 
 def _halve(group: Any, rates: int, sweep_steps: int, stopped: dict[int, float],
            scored: Callable[[int], None] | None) -> None:
-    """Successive halving: early rounds keep the rates whose training loss fell lowest in that round.
+    """Successive halving: the early round keeps the rates that score best on validation.
 
-    The loss of the round's own steps, not validation accuracy: near the
-    start of training, when accuracies sit at chance, it ranks rates far more
-    reliably, and it costs no validation pass. A rate outside the better half
-    still goes on while its loss is within HALVING_TIE of the best one's:
-    when no rate has pulled ahead (a rule that learns nothing at any rate),
-    the round cannot tell them apart, and the sweep stays full. The last
-    round, a full sweep trial for the rates left, is scored on validation as
-    the full sweep is.
+    Validation, as the reward itself, rather than the round's training loss:
+    a large rate can drive the cross-entropy far up (confident logits) while
+    its accuracy is the best of the sweep, and a loss ranking drops exactly
+    the rate the full sweep would pick (measured: see the README). A rate
+    outside the better half still goes on while its validation error is
+    within HALVING_TIE of the best one's: when no rate has pulled ahead (a
+    rule that learns nothing at any rate) the round cannot tell them apart,
+    and the sweep stays full. The last round, a full sweep trial for the
+    rates left, is scored as the full sweep is.
     """
     done, seen = 0, {i: 0.0 for i in range(rates)}
     for budget, keep in halving_rounds(rates, sweep_steps):
         if budget == sweep_steps:
             group.advance(budget - done, scored)
             return
-        group.advance(budget - done, validate=False)
+        group.advance(budget - done, validate=HALVING_RANK == "val")
         now = {i: group.loss_seen(i) for i in group.running}
         means = {i: (now[i] - seen[i]) / (budget - done) for i in group.running}
-        ranked = sorted(group.running, key=lambda i: (means[i] if math.isfinite(means[i]) else math.inf, i))
-        best = means[ranked[0]] if ranked else 0.0
+        behind = {i: 1.0 - group.record(i).val_acc for i in group.running} if HALVING_RANK == "val" else means
+        ranked = sorted(group.running, key=lambda i: (behind[i] if math.isfinite(behind[i]) else math.inf, i))
+        best = behind[ranked[0]] if ranked else 0.0
         tied = best + HALVING_TIE * abs(best)
-        out = [i for i in ranked[keep:] if not means[i] <= tied]
+        out = [i for i in ranked[keep:] if not behind[i] <= tied]
         for index in out:
             stopped[index] = means[index]
         group.stop(out)
@@ -389,10 +397,12 @@ def evaluate_rule(rule: str | Node, task: Task, seed: int = 0, *, on_trial: OnTr
             if reuse:   # the best sweep trial is the final child's first epochs
                 final = group.extract(best_index, _Child)
                 final.wall_seconds = 0.0
-                final.train(task.epochs - task.sweep_epochs)
             else:
                 final = _Child.fresh(task, initial, tree, best_lr, final_steps, seed)
-                final.train(task.epochs)
+            # The explosion stop is the sweep's shortcut past rates that will not win; the chosen
+            # rate trains to the end (only a non-finite loss stops it), so its reward is full's.
+            final._limit = math.inf
+            final.train(task.epochs - final.epochs)
             if not final.diverged:
                 test_acc = task.objective.score(final.model, task.splits.test_x, task.splits.test_y)
             if on_trial:

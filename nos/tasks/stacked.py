@@ -32,7 +32,7 @@ from ..optim import SymbolicOptimizer
 from ..rules import Node
 from ..rules.evaluate import StepContext, apply_update, update_moments
 from .base import Task
-from .objectives import SCORE_CHUNK
+from .objectives import score_chunk
 from .protocol import TrialRecord, _explosion_limit
 
 
@@ -175,11 +175,11 @@ class StackedChildren:
             return
         task = self.task
         x, y = task.splits.val_x, task.splits.val_y
+        chunk = score_chunk(task.device)
         self.skeleton.eval()   # batch norm reads its running statistics
         try:
-            total = sum((self.score_sum(self.forward(self.params, self.buffers, x[i:i + SCORE_CHUNK]),
-                                        y[i:i + SCORE_CHUNK])
-                         for i in range(0, len(x), SCORE_CHUNK)), torch.zeros(len(self.running), device=task.device))
+            total = sum((self.score_sum(self.forward(self.params, self.buffers, x[i:i + chunk]), y[i:i + chunk])
+                         for i in range(0, len(x), chunk)), torch.zeros(len(self.running), device=task.device))
         finally:
             self.skeleton.train()
         scores = [task.objective.finish(t, len(x)) for t in total.tolist()]

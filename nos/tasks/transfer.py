@@ -227,6 +227,7 @@ def train_transfer(rule: str | Node, task: Task, seed: int = 0, *, trials_done: 
             else:
                 epochs = []
                 final = _Child.fresh(task, initial, tree, best.lr, final_steps, seed)
+            final._limit = math.inf   # as in the protocol: the explosion stop is for the sweep only
             while final.epochs < task.epochs and not (epochs and epochs[-1].diverged):
                 start = time.perf_counter()
                 final.train(1)
