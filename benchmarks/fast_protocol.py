@@ -129,7 +129,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="samples the rules; also the evaluation seed")
     parser.add_argument("--halving-check", action="store_true", help="also evaluate with halving alone")
-    parser.add_argument("--reference-rules", type=int, default=0)
+    parser.add_argument("--reference-rules", type=int, default=0, help="run the plain reference on the first K "
+                        "rules the probe lets through; -1: on every rule (the direct fast / reference ratio)")
     parser.add_argument("--out", default=None, help="JSON lines, one per rule")
     parser.add_argument("--from-db", default=None, help="sample the rules a stored run sampled (with --run)")
     parser.add_argument("--run", type=int, default=1)
@@ -138,6 +139,8 @@ def main() -> None:
     parser.add_argument("--summary", nargs="*", default=None, help="only summarise these JSON-lines files")
     parser.add_argument("--reuse-full", nargs="*", default=(), help="JSON-lines files of an earlier run: "
                         "rules found there keep their full (and reference) results; fast is measured again")
+    parser.add_argument("--reuse-fast", action="store_true", help="with --reuse-full: keep their fast results "
+                        "too, and only add what they lack (e.g. the reference)")
     parser.add_argument("--retest-seed", type=int, default=None, help="also run the full protocol with this "
                         "seed: how well full agrees with itself bounds what any fast protocol can show")
     parser.add_argument("--explode", type=float, default=None, help="fast's explosion factor [the task's default]")
@@ -168,6 +171,15 @@ def main() -> None:
     earlier = {row["rule"]: row for path in args.reuse_full for row in map(json.loads, Path(path).read_text().splitlines())}
     rows, scored = [], {}   # scored: fingerprint -> fast reward (the search's equivalence cache)
     for i, rule in enumerate(rules):
+        if args.reuse_fast and rule in earlier:
+            row = dict(earlier[rule])
+            _add_reference(row, rule, full_task, args.seed, args.reference_rules, rows)
+            rows.append(row)
+            if out:
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+            print(f"{i + 1:3d} reused     reference {row.get('reference_cpu', 0):6.1f} s  {rule}", flush=True)
+            continue
         if rule in earlier:
             old = earlier[rule]
             full, full_cpu = _Reward(old["full"], old["full_lr"], old.get("full_sweep")), old["full_cpu"]
@@ -197,10 +209,8 @@ def main() -> None:
                 row.update(retest=evaluate_rule(rule, full_task, args.retest_seed).reward, retest_seed=args.retest_seed)
         if rule in earlier and "reference" in earlier[rule]:
             row.update({k: earlier[rule][k] for k in ("reference", "reference_lr", "reference_cpu")})
-        elif args.reference_rules and not verdict.rejection and \
-                sum("reference" in r for r in rows) < args.reference_rules:
-            (ref_lr, ref_reward, _), ref_cpu = cpu_seconds(lambda: reference_evaluate(rule, full_task, args.seed))
-            row.update(reference=ref_reward, reference_lr=ref_lr, reference_cpu=ref_cpu)
+        else:
+            _add_reference(row, rule, full_task, args.seed, args.reference_rules, rows)
         rows.append(row)
         if out:
             out.write(json.dumps(row) + "\n")
@@ -209,6 +219,16 @@ def main() -> None:
               f"({fast_cpu:6.1f} s)" + (f"  halving {row['halving']:.4f}" if args.halving_check else "")
               + f"  {rule}", flush=True)
     summarise(rows, args.halving_check)
+
+
+def _add_reference(row: dict, rule: str, task, seed: int, wanted: int, rows: list[dict]) -> None:
+    """The plain reference's result on `rule`, if `wanted` (-1: every rule; K: the first K the probe lets through)."""
+    if "reference" in row or not wanted:
+        return
+    if wanted > 0 and (row["rejection"] or sum("reference" in r for r in rows) >= wanted):
+        return
+    (ref_lr, ref_reward, _), ref_cpu = cpu_seconds(lambda: reference_evaluate(rule, task, seed))
+    row.update(reference=ref_reward, reference_lr=ref_lr, reference_cpu=ref_cpu)
 
 
 def summarise(rows: list[dict], halving_check: bool) -> None:
@@ -248,7 +268,11 @@ def summarise(rows: list[dict], halving_check: bool) -> None:
               f"({sum(close) / len(close):.0%}); on rules above 0.2: {sum(close_learned)}/{len(close_learned)}"
               f"; same rate chosen: {sum(r['halving_lr'] == r['full_lr'] for r in rows)}/{len(rows)}")
     with_ref = [r for r in rows if "reference" in r]
-    if with_ref:
+    if with_ref and len(with_ref) == len(rows):
+        ref_cpu = sum(r["reference_cpu"] for r in rows)
+        print(f"reference on all {len(rows)} rules: {3600 * len(rows) / ref_cpu:.0f} evaluations per hour (cpu); "
+              f"full is {ref_cpu / full_cpu:.2f}x the reference, fast {ref_cpu / fast_cpu:.2f}x")
+    elif with_ref:
         ref_ratio = sum(r["reference_cpu"] for r in with_ref) / sum(r["full_cpu"] for r in with_ref)
         print(f"reference on {len(with_ref)} rules: full is {ref_ratio:.2f}x the reference; "
               f"fast against the reference: {ref_ratio * full_cpu / fast_cpu:.2f}x")
