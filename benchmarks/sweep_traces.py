@@ -26,7 +26,8 @@ import torch
 
 from nos.optim import resolve_rule
 from nos.tasks import get_task
-from nos.tasks.protocol import HALVING_TIE, _Child, _deterministic, initial_child
+from nos.tasks import protocol
+from nos.tasks.protocol import TrialRecord, _Child, _deterministic, _halve, initial_child
 
 
 def trace(files: list[str], out: str, task_name: str, train_size: int | None, above: float, seed: int) -> None:
@@ -56,39 +57,57 @@ def trace(files: list[str], out: str, task_name: str, train_size: int | None, ab
             print(f"{row['full']:.4f}  {row['rule']}", flush=True)
 
 
+class _TracedSweep:
+    """A sweep group that replays traces, for the protocol's own `_halve` to choose from.
+
+    A rate stops at the first loss above `factor` times its first (or where its
+    trace diverged); `steps` and `validations` count the work the sweep did.
+    """
+
+    def __init__(self, rates: list[dict], epoch: int, factor: float):
+        self.rates, self.epoch, self.position, self.steps, self.validations = rates, epoch, 0, 0, 0
+        self.stop_at = [_stop_at(rate, factor) for rate in rates]
+        self.running = list(range(len(rates)))
+
+    def advance(self, steps: int, on_scored=None, validate: bool = True) -> None:
+        start, self.position = self.position, self.position + steps
+        for i in list(self.running):
+            stop = self.stop_at[i]
+            self.steps += max(0, (self.position if stop is None else min(self.position, stop + 1)) - start)
+            if stop is not None and stop < self.position:
+                self.running.remove(i)
+        self.validations += len(self.running) if validate else 0
+
+    def loss_seen(self, index: int) -> float:
+        return sum(self.rates[index]["losses"][:self.position])
+
+    def record(self, index: int) -> TrialRecord:
+        vals = self.rates[index]["vals"]
+        val = vals["end"] if self.position == self.epoch else vals["quarter"]
+        return TrialRecord(1.0, val, None, False, 0.0, 0, self.position)
+
+    def stop(self, children: list[int]) -> None:
+        self.running = [i for i in self.running if i not in children]
+
+
+def _stop_at(rate: dict, factor: float) -> int | None:
+    """The index of the step that stops a rate (None: it trains the whole epoch)."""
+    losses = rate["losses"]
+    at = next((i for i, x in enumerate(losses) if factor and x > factor * losses[0]), None)
+    return len(losses) if at is None and rate["diverged"] else at
+
+
 def choose(rates: list[dict], steps: int, factor: float, rank: str, val_cost: float) -> tuple[int | None, float]:
     """(the sweep's pick, its cost in quarter-epochs of one child) under an explosion factor and a ranking."""
-    quarter = steps // 4
-    stop_at = []   # the step after which each rate is stopped (None: it trains the whole epoch)
-    for rate in rates:
-        losses = rate["losses"]
-        at = next((i for i, x in enumerate(losses) if factor and x > factor * losses[0]), None)
-        if at is None and rate["diverged"]:
-            at = len(losses)
-        stop_at.append(at)
-    trained = lambda i, upto: upto if stop_at[i] is None else min(upto, stop_at[i] + 1)  # noqa: E731
-    everyone = range(len(rates))
+    group = _TracedSweep(rates, steps, factor)
     if rank == "none":
-        cost = sum(trained(i, steps) for i in everyone)
-        kept = [i for i in everyone if stop_at[i] is None]
-        cost += len(kept) * val_cost * quarter
+        group.advance(steps)
     else:
-        cost = sum(trained(i, quarter) for i in everyone)
-        running = [i for i in everyone if stop_at[i] is None or stop_at[i] >= quarter]
-        if rank == "val":
-            behind = {i: 1 - rates[i]["vals"]["quarter"] for i in running}
-            cost += len(running) * val_cost * quarter
-        else:
-            behind = {i: sum(rates[i]["losses"][:quarter]) / quarter for i in running}
-        ranked = sorted(running, key=lambda i: (behind[i], i))
-        best = behind[ranked[0]] if ranked else 0.0
-        out = [i for i in ranked[(len(rates) + 1) // 2:] if not behind[i] <= best + HALVING_TIE * abs(best)]
-        going = [i for i in running if i not in out]
-        cost += sum(trained(i, steps) - quarter for i in going)
-        kept = [i for i in going if stop_at[i] is None]
-        cost += len(kept) * val_cost * quarter
-    pick = max(kept, key=lambda i: (rates[i]["vals"]["end"], -i), default=None)
-    return pick, cost / quarter
+        protocol.HALVING_RANK = rank
+        _halve(group, len(rates), steps, {}, None)
+    finished = [i for i in group.running if group.stop_at[i] is None]   # not diverged at the epoch's end
+    pick = max(finished, key=lambda i: (rates[i]["vals"]["end"], -i), default=None)
+    return pick, (group.steps + group.validations * val_cost * (steps // 4)) / (steps // 4)
 
 
 def replay(path: str, factors: list[float], val_cost: float) -> None:
