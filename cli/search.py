@@ -29,7 +29,7 @@ def _check_task(config: SearchConfig) -> None:
 
 
 def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | None = None) -> None:
-    from nos.driver import Progress as DriverProgress, drive_run
+    from nos.driver import Progress as DriverProgress, SearchStuck, drive_run
 
     columns = (TextColumn("run {task.fields[run]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("best reward {task.fields[best]}"), TimeElapsedColumn())
@@ -45,6 +45,8 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
             with store.transaction() as session:
                 set_run_status(session, run_id, "stopped")
             status = "stopped"
+        except SearchStuck as exc:   # the run is marked failed with this message
+            raise click.ClickException(f"run {run_id} failed: {exc}") from None
     if status == "stopped":
         console.print(f"run {run_id} stopped; continue it with:  nos resume {run_id}")
         return
@@ -56,8 +58,10 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
 @click.command("enqueue")
 @click.option("--task", help="Child task: digits (default), fashion-mnist, cifar10, quadratic, rosenbrock.")
 @click.option("--searcher", type=click.Choice(list(SEARCHERS)), help="Search strategy [ppo].")
-@click.option("--budget", type=int, help="Evaluations in the run [200].")
-@click.option("--batch-size", type=int, help="Rules proposed per controller step [20].")
+@click.option("--budget", type=int, help="Evaluations trained or answered from the cache; rejections are free [200].")
+@click.option("--batch-size", type=int, help="Counted evaluations per controller step [20].")
+@click.option("--warm-start", type=click.Choice(["builtins", "none"]),
+              help="Start the searcher from the built-in rules [builtins for evolution, none otherwise].")
 @click.option("--depth", type=click.IntRange(1, 3), help="Rule depth: 1, 2 or 3 [2].")
 @click.option("--seed", type=int, help="Seeds the searcher and the children's initial weights [0].")
 @click.option("--workers", type=int, help="Local worker processes [number of cores].")

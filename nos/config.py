@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .search.settings import SEARCHER_SETTINGS, SEARCHERS
+from .search.settings import SEARCHER_SETTINGS, SEARCHERS, WARM_STARTS
 
 
 class ConfigError(ValueError):
@@ -27,10 +27,12 @@ def default_workers() -> int:
 class SearchConfig:
     task: str = "digits"                   # child task: digits, fashion-mnist, cifar10, quadratic, rosenbrock
     searcher: str = "ppo"                  # ppo, reinforce, random or evolution
-    budget: int = 200                      # evaluations in the run, cached ones included
-    batch_size: int = 20                   # rules proposed per controller step
+    budget: int = 200                      # evaluations trained or answered from the cache (rejections are free)
+    batch_size: int = 20                   # counted evaluations per controller step
     depth: int = 2                         # rule depth: 1, 2 or 3 (5, 13, 29 tokens)
-    seed: int = 0                          # seeds the searcher and every child's initial weights
+    seed: int = 0                          # seeds the searcher (and the children, unless child_seed is set)
+    child_seed: int | None = None          # seeds every child's initial weights and batch order; default: seed
+    warm_start: str | None = None          # builtins or none; unset: builtins for evolution, none for the rest
     workers: int = field(default_factory=default_workers)   # local worker processes
     device: str = "cpu"                    # where children train: cpu, cuda, cuda:1
     name: str = ""                         # a label for `nos runs`; defaults to TASK-SEARCHER
@@ -45,6 +47,14 @@ class SearchConfig:
         problems = []
         if self.searcher not in SEARCHERS:
             problems.append(f"searcher must be one of {', '.join(SEARCHERS)}, got {self.searcher!r}")
+        if self.warm_start is not None and self.warm_start not in WARM_STARTS:
+            problems.append(f"warm_start must be one of {', '.join(WARM_STARTS)}, got {self.warm_start!r}")
+        if self.warm_start == "builtins" and self.searcher == "random":
+            problems.append("random search takes no warm start")
+        for key in ("seed", "child_seed"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63):
+                problems.append(f"{key} must be a whole number from 0 to 2^63 - 1, got {value!r}")
         if self.depth not in (1, 2, 3):
             problems.append(f"depth must be 1, 2 or 3, got {self.depth}")
         for key in ("budget", "batch_size", "workers", "max_attempts"):
@@ -76,6 +86,11 @@ class SearchConfig:
                     problems.append(f"controller: {exc}")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    @property
+    def children_seed(self) -> int:
+        """The seed of the children's initial weights and batch order."""
+        return self.seed if self.child_seed is None else self.child_seed
 
     @property
     def label(self) -> str:

@@ -4,6 +4,14 @@
     transaction -> dispatch the ids -> wait, reading rewards from the database ->
     observe -> next batch, until the budget is spent.
 
+The budget counts evaluations that train or are answered from the cache.
+Proposals the probe rejects cost milliseconds: they are stored (status
+`rejected`, reward 0) and the searcher learns from them, but a step keeps
+proposing until it has `batch_size` counted evaluations (or what is left of
+the budget). A step that meets MAX_REJECTED_PER_STEP rejections first stops
+the run with SearchStuck. Evaluations that `failed` (a crashed worker, a bug:
+not the rule's fault) count toward the budget but are left out of learning.
+
 Checkpoint k is written with batch k: the searcher's state after proposing it
 (its generator included) and the batch's sampled token sequences. A driver
 that dies anywhere resumes from the latest checkpoint: if its batch is in the
@@ -18,11 +26,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable
 
+import torch
 from sqlalchemy import func, select
 
 from .config import SearchConfig
 from .executors import Executor
-from .search import Searcher, make_searcher, state_from_bytes, state_to_bytes
+from .search import Proposal, Searcher, make_searcher, state_from_bytes, state_to_bytes
 from .rules.fingerprint import Verdict, probe
 from .store import (
     NewEvaluation, RuleRecord, Store, batch_evaluations, enqueue_batch, equivalence_reason, find_cached,
@@ -34,7 +43,11 @@ from .store.models import Evaluation
 from .work import task_for, task_key
 
 FINISHED = ("done", "diverged", "failed", "cached", "rejected")
+# What the budget counts: every evaluation but the rejected ones.
+COUNTED = ("queued", "running", "done", "diverged", "failed", "cached")
 POLL_SECONDS = 0.2
+# Rejected proposals a step may make before the run stops: a searcher stuck on hopeless rules.
+MAX_REJECTED_PER_STEP = 1000
 
 
 @dataclass
@@ -42,7 +55,7 @@ class Progress:
     """What the driver tells its caller after each change: for progress bars."""
 
     run_id: int
-    finished: int
+    finished: int               # counted evaluations finished (rejections are not counted)
     budget: int
     best_reward: float | None
     batch: int
@@ -50,6 +63,36 @@ class Progress:
 
 class StopRequested(Exception):
     """`nos stop` asked this run to stop."""
+
+
+class SearchStuck(RuntimeError):
+    """The searcher proposed MAX_REJECTED_PER_STEP rules in one step that the probe rejected."""
+
+
+def sample_step(searcher: Searcher, n: int, use_probe: bool = True) -> tuple[list[Proposal], list[Verdict | None]]:
+    """One step's proposals: until `n` of them pass the probe, the rejected ones kept among them.
+
+    All come from one policy (the searcher learns nothing in between); SearchStuck after
+    MAX_REJECTED_PER_STEP rejections.
+    """
+    proposals: list[Proposal] = []
+    verdicts: list[Verdict | None] = []
+    accepted = rejected = 0
+    while accepted < n:
+        for proposal in searcher.propose(n - accepted):
+            verdict = probe(proposal.tree) if use_probe else None
+            proposals.append(proposal)
+            verdicts.append(verdict)
+            if verdict is not None and verdict.rejection:
+                rejected += 1
+            else:
+                accepted += 1
+        if rejected >= MAX_REJECTED_PER_STEP and accepted < n:
+            raise SearchStuck(
+                f"the {searcher.name} searcher proposed {rejected} rules in one step that the probe "
+                f"rejected before finding {n} to train (it found {accepted}); "
+                f"try another seed or searcher, a warm start, or --no-probe")
+    return proposals, verdicts
 
 
 class Driver:
@@ -62,8 +105,9 @@ class Driver:
         self.on_progress = on_progress or (lambda progress: None)
         # The driver only needs the task's configuration key; it loads the data on the CPU.
         self.task = task_for(config, "cpu")
-        self.task_key = task_key(self.task, config.seed)
-        self.searcher: Searcher = make_searcher(config.searcher, config.depth, config.seed, **config.controller)
+        self.task_key = task_key(self.task, config.children_seed)
+        self.searcher: Searcher = make_searcher(config.searcher, config.depth, config.seed, warm_start=config.warm_start,
+                                                 **config.controller)
         self.best: float | None = None
         # Repeats of a rule within the open batch, held back until the first is scored
         # (then a worker copies its result): evaluation id -> the first one's id.
@@ -81,13 +125,13 @@ class Driver:
             while True:
                 batch = self._batch(step)
                 if not batch:
-                    if self._count() >= self.config.budget:
+                    if self._count(statuses=COUNTED) >= self.config.budget:
                         break
                     tokens = self._propose(step)
                 else:   # resumed in the middle of this batch
                     self._dispatch([e.id for e in batch if e.status == "queued"])
-                rewards = self._wait(step)
-                self.searcher.observe(tokens, rewards)
+                scored = self._wait(step)
+                self.searcher.observe([tokens[i] for i in scored], [scored[i] for i in scored])
                 step += 1
         except (KeyboardInterrupt, StopRequested):
             self._stop()
@@ -112,10 +156,9 @@ class Driver:
             return checkpoint.step, checkpoint.state["tokens"]
 
     def _propose(self, step: int) -> list[list[int]]:
-        n = min(self.config.batch_size, self.config.budget - self._count())
-        proposals = self.searcher.propose(n)
+        n = min(self.config.batch_size, self.config.budget - self._count(statuses=COUNTED))
+        proposals, verdicts = sample_step(self.searcher, n, self.config.probe)
         tokens = [list(p.tokens) for p in proposals]
-        verdicts = [probe(p.tree) if self.config.probe else None for p in proposals]
         with self.store.transaction() as session:
             rule_ids = get_or_create_rules(session, [
                 RuleRecord.from_tree(p.tree, v.fingerprint if v else None) for p, v in zip(proposals, verdicts)])
@@ -139,14 +182,18 @@ class Driver:
         return tokens
 
     def _entry(self, session, rule_id: int, verdict: Verdict | None) -> NewEvaluation:
-        """How a proposed rule enters the queue: a copy of an earlier result, rejected, or to train."""
+        """How a proposed rule enters the queue: rejected, a copy of an earlier result, or to train.
+
+        The probe's rejection comes first, so that whether a proposal counts toward the budget
+        is known before anything is stored (`sample_step`).
+        """
+        if verdict is not None and verdict.rejection:
+            return NewEvaluation(rule_id, self.task.name, self.task_key, rejected=True, reason=verdict.rejection)
         source = find_cached(session, rule_id, self.task_key)   # the same rule, scored before
         if source is not None:
             return NewEvaluation(rule_id, self.task.name, self.task_key, cached_from=source.id)
         if verdict is None:
             return NewEvaluation(rule_id, self.task.name, self.task_key)
-        if verdict.rejection:
-            return NewEvaluation(rule_id, self.task.name, self.task_key, rejected=True, reason=verdict.rejection)
         source = find_equivalent(session, verdict.fingerprint, self.task_key)   # a rule that behaves the same
         if source is not None:
             return NewEvaluation(rule_id, self.task.name, self.task_key, cached_from=source.id,
@@ -159,8 +206,9 @@ class Driver:
             self.dispatched_at[evaluation_id] = now
         self.executor.dispatch(ids)
 
-    def _wait(self, step: int) -> list[float]:
-        """Block until batch `step` is finished; its rewards in seq order (0 for failures)."""
+    def _wait(self, step: int) -> dict[int, float]:
+        """Block until batch `step` is finished; the rewards of its scored evaluations by position
+        in the batch (failed ones are left out: their failure says nothing about the rule)."""
         stale_after = timedelta(seconds=self.config.stale_after)
         last = None
         while True:
@@ -172,7 +220,7 @@ class Driver:
             self._dispatch(redo + sweep.requeued)
             with self.store.reading() as session:
                 batch = batch_evaluations(session, self.run_id, step)
-                finished = self._count(session, FINISHED)
+                finished = self._count(session, tuple(s for s in FINISHED if s in COUNTED))
             status = {e.id: e.status for e in batch}
             ready = [i for i, original in self.held.items() if status.get(original) in FINISHED]
             for i in ready:
@@ -190,7 +238,7 @@ class Driver:
                 last = finished
                 self.on_progress(Progress(self.run_id, finished, self.config.budget, self.best, step))
             if all(e.status in FINISHED for e in batch):
-                return [e.reward if e.reward is not None else 0.0 for e in batch]
+                return {i: e.reward for i, e in enumerate(batch) if e.status != "failed"}
             time.sleep(POLL_SECONDS)
 
     def _stop(self) -> None:
@@ -241,7 +289,12 @@ def make_executor(store: Store, config: SearchConfig, broker_url: str | None) ->
 
 def drive_run(store: Store, run_id: int, broker_url: str | None = None,
               on_progress: Callable[[Progress], None] | None = None) -> str:
-    """Drive run `run_id` with the config it was created with; returns its final status."""
+    """Drive run `run_id` with the config it was created with; returns its final status.
+
+    The controller's updates run on one thread: on a machine whose cores the
+    workers keep busy, more threads only contend with them.
+    """
+    torch.set_num_threads(1)
     with store.reading() as session:
         config = SearchConfig.from_dict(get_run(session, run_id).config)
     executor = make_executor(store, config, broker_url)

@@ -103,15 +103,15 @@ def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = Non
     beat.start()
     try:
         task = task_for(config, device)
-        if task_key(task, config.seed) != expected_key:
+        if task_key(task, config.children_seed) != expected_key:
             raise RuntimeError(f"this worker's {config.task} task differs from the driver's "
-                               f"(key {task_key(task, config.seed)} != {expected_key}): check its data and options")
+                               f"(key {task_key(task, config.children_seed)} != {expected_key}): check its data and options")
 
         def check_claim(*_: Any) -> None:
             if beat.lost:
                 raise ClaimLost()
 
-        result = evaluate_rule(rule_text, task, seed=config.seed, on_trial=check_claim)
+        result = evaluate_rule(rule_text, task, seed=config.children_seed, on_trial=check_claim)
     except ClaimLost:
         return "lost"
     except Exception as exc:  # the evaluation's error is stored; the worker lives on

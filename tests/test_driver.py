@@ -15,7 +15,8 @@ from sqlalchemy import select
 from nos.config import SearchConfig
 from nos.driver import Driver
 from nos.executors import LocalExecutor
-from nos.search import make_searcher, state_from_bytes
+from nos.rules import parse
+from nos.search import Proposal, Searcher, make_searcher, state_from_bytes
 from nos.store import create_run, latest_checkpoint, open_store, resolve_url, upgrade
 from nos.store.models import Checkpoint, Evaluation, LrTrial, Rule, Run
 
@@ -87,7 +88,8 @@ def wait_for(predicate, timeout: float = 120, every: float = 0.05):
 
 
 def finished_count(url: str, run_id: int) -> int:
-    return sum(e.status in ("done", "diverged", "failed", "cached", "rejected") for e in run_rows(url, run_id))
+    """Finished evaluations that count toward the budget (not the rejected ones)."""
+    return sum(e.status in ("done", "diverged", "failed", "cached") for e in run_rows(url, run_id))
 
 
 @pytest.fixture
@@ -99,7 +101,8 @@ def tiny_toml(tmp_path) -> str:
 
 def assert_complete(url: str, run_id: int, budget: int) -> None:
     rows = run_rows(url, run_id)
-    assert [e.seq for e in rows] == list(range(budget))   # exactly budget, contiguous, no duplicates
+    assert [e.seq for e in rows] == list(range(len(rows)))   # contiguous, no duplicates
+    assert sum(e.status != "rejected" for e in rows) == budget   # rejections are free
     assert all(e.status in ("done", "diverged", "rejected", "cached") and e.reward is not None for e in rows)
     store = open_store(url)
     with store.reading() as session:
@@ -131,7 +134,12 @@ def test_driver_runs_a_search_to_its_budget(db_url):
         executor.close()
     assert status == "completed"
     assert_complete(db_url, run_id, 12)
-    assert seen[-1].finished == 12 and seen[-1].best_reward == max(e.reward for e in run_rows(db_url, run_id))
+    assert seen[-1].finished == 12
+    assert seen[-1].best_reward == max(e.reward for e in run_rows(db_url, run_id))
+    counted_per_batch = {}
+    for e in run_rows(db_url, run_id):
+        counted_per_batch[e.batch] = counted_per_batch.get(e.batch, 0) + (e.status != "rejected")
+    assert counted_per_batch == {0: 4, 1: 4, 2: 4}   # each step fills its batch whatever the probe rejects
     with store.reading() as session:
         steps = session.execute(select(Checkpoint.step).where(Checkpoint.run_id == run_id)
                                 .order_by(Checkpoint.step)).scalars().all()
@@ -157,7 +165,7 @@ def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml, search
     driver.wait()
     assert 0 < finished < 12
     rows = run_rows(url, 1)
-    assert len(rows) < 12 or any(e.status in ("queued", "running") for e in rows)
+    assert sum(e.status != "rejected" for e in rows) < 12 or any(e.status in ("queued", "running") for e in rows)
 
     store = open_store(url)
     with store.reading() as session:
@@ -205,7 +213,7 @@ def test_stopping_leaves_a_consistent_run_that_resumes(tmp_path, tiny_toml, how)
     assert driver.returncode == 0, out
     assert "nos resume 1" in out
     rows = run_rows(url, 1)
-    assert len(rows) < 100
+    assert sum(e.status != "rejected" for e in rows) < 100
     assert not any(e.status == "running" for e in rows)   # no claim left behind
     store = open_store(url)
     with store.reading() as session:
@@ -281,4 +289,69 @@ def test_without_the_probe_every_new_rule_is_trained(sqlite_url):
         assert not any(session.execute(select(Rule.fingerprint)).scalars())
         trials = session.execute(select(LrTrial).where(LrTrial.evaluation_id == rows[0].id)).scalars().all()
     assert len(trials) == 2   # halving over 2 rates is one round: both trained, both scored
+    store.dispose()
+
+
+class _OnlyHopeless(Searcher):
+    """A searcher that proposes nothing but a rule the probe rejects (its update is zero)."""
+
+    name = "ppo"
+
+    def propose(self, n):
+        tree = parse("g - g")
+        return [Proposal((0,) * 13, tree) for _ in range(n)]
+
+    def observe(self, tokens, rewards):
+        pass
+
+
+def test_a_searcher_that_only_proposes_rejects_stops_the_run(sqlite_url, monkeypatch):
+    import nos.driver
+
+    monkeypatch.setattr(nos.driver, "MAX_REJECTED_PER_STEP", 50)
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "workers": 1})
+    with store.transaction() as session:
+        run_id = create_run(session, "stuck", config.task, config.to_dict())
+    executor = LocalExecutor(sqlite_url, workers=1)
+    driver = Driver(store, run_id, config, executor)
+    driver.searcher = _OnlyHopeless(2, 0)
+    try:
+        with pytest.raises(nos.driver.SearchStuck, match=r"proposed 5\d rules in one step that the probe rejected before finding 4"):
+            driver.run()
+    finally:
+        executor.close()
+    with store.reading() as session:
+        run = session.get(Run, run_id)
+        assert run.status == "failed"
+        assert "probe rejected" in run.error
+    store.dispose()
+
+
+def test_failed_evaluations_are_left_out_of_learning(sqlite_url):
+    from nos.store import EvaluationResult, NewEvaluation, RuleRecord, claim, commit_result, enqueue_batch, fail
+    from nos.store import get_or_create_rules
+    from datetime import timedelta
+
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "workers": 1})
+    with store.transaction() as session:
+        run_id = create_run(session, "failures", config.task, config.to_dict())
+        rule_ids = get_or_create_rules(session, [RuleRecord.from_tree(parse(t)) for t in ("g", "m", "adam")])
+        ids = enqueue_batch(session, run_id, 0, [NewEvaluation(r, "digits", "key") for r in rule_ids])
+    with store.transaction() as session:
+        for evaluation_id, outcome in zip(ids, (0.5, None, 0.25)):
+            attempt = claim(session, evaluation_id, "w", timedelta(seconds=60))
+            if outcome is None:
+                fail(session, evaluation_id, attempt, "a worker's bug")
+            else:
+                commit_result(session, evaluation_id, attempt, EvaluationResult(outcome, None, 0.1, 1.0))
+    executor = LocalExecutor(sqlite_url, workers=1)
+    try:
+        scored = Driver(store, run_id, config, executor)._wait(0)
+    finally:
+        executor.close()
+    assert scored == {0: 0.5, 2: 0.25}   # the failed one is neither a 0 nor anything else
     store.dispose()

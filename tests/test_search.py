@@ -101,5 +101,73 @@ def test_bad_searcher_arguments():
     ppo = make_searcher("ppo", depth=2, seed=0)
     with pytest.raises(ValueError, match="searcher"):
         ppo.load_state_dict(make_searcher("random", depth=2).state_dict())
-    with pytest.raises(ValueError, match="hyperparameters"):
-        ppo.load_state_dict(make_searcher("ppo", depth=2, lr=0.1).state_dict())
+    with pytest.raises(ValueError, match="settings this nos does not know"):
+        ppo.load_state_dict({**ppo.state_dict(), "config": {**ppo.state_dict()["config"], "momentum": 0.9}})
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        make_searcher("ppo", lr=-1.0)
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        make_searcher("ppo", baseline="median")
+    with pytest.raises(ValueError, match="hidden must be a whole number"):
+        make_searcher("ppo", hidden=-1)
+
+
+def test_a_checkpoint_resumes_with_the_settings_it_was_made_with():
+    # A run started under other controller settings (an older nos's defaults) keeps them on resume.
+    reward = target_reward(2)
+    original = make_searcher("ppo", depth=2, seed=4, lr=0.1, hidden=16)
+    run(original, reward, 2)
+    saved = state_to_bytes(original.state_dict())
+    after = run(original, reward, 2)
+    restored = make_searcher("ppo", depth=2, seed=4)
+    restored.load_state_dict(state_from_bytes(saved))
+    assert restored.config.lr == 0.1
+    assert restored.config.hidden == 16
+    assert run(restored, reward, 2) == after
+
+
+def test_a_batch_of_equal_rewards_leaves_the_policy_unchanged():
+    # All rejected, say: nothing says which rules are better, so nothing moves.
+    searcher = make_searcher("ppo", depth=2, seed=0)
+    proposals = searcher.propose(20)
+    searcher.observe([p.tokens for p in proposals], [float(i % 3 == 0) for i in range(20)])
+    before = [p.detach().clone() for p in searcher.controller.parameters()]
+    proposals = searcher.propose(20)
+    searcher.observe([p.tokens for p in proposals], [0.0] * 20)
+    assert all(torch.equal(a, b) for a, b in zip(before, searcher.controller.parameters()))
+    proposals = searcher.propose(20)
+    searcher.observe([p.tokens for p in proposals], [float(i % 2) for i in range(20)])
+    assert not all(torch.equal(a, b) for a, b in zip(before, searcher.controller.parameters()))
+
+
+def test_advantages_are_centred_and_their_spread_floored():
+    from nos.search.policy_gradient import advantages
+
+    wide = advantages(torch.tensor([0.0, 1.0, 0.0, 1.0]), 0.5, 0.05)
+    assert torch.allclose(wide, torch.tensor([-1.0, 1.0, -1.0, 1.0]) * 0.5 / torch.tensor([0.0, 1.0, 0.0, 1.0]).std())
+    # Rewards that differ by a hair (rules at chance) get small advantages, not unit ones.
+    hair = advantages(torch.tensor([0.100, 0.101, 0.100, 0.101]), 0.1005, 0.05)
+    assert hair.abs().max() < 0.011
+
+
+def test_the_warm_start_makes_the_builtins_likely_and_keeps_exploring():
+    from nos.search.warm_start import builtin_mass, builtin_sequences
+
+    sequences = torch.tensor(builtin_sequences(2))
+    cold = make_searcher("ppo", depth=2, seed=0)
+    warm = make_searcher("ppo", depth=2, seed=0, warm_start="builtins")
+    assert builtin_mass(cold.controller, sequences) < 1e-6
+    assert 0.1 <= builtin_mass(warm.controller, sequences) < 0.5
+    assert 0 < warm.warm_steps < warm.config.warm_steps
+    # Most samples are still other rules: the search goes on from the built-ins, not at them.
+    texts = {p.text for p in warm.propose(200)}
+    assert len(texts) > 40
+
+
+def test_evolution_without_the_warm_start_begins_at_random():
+    from nos.search.warm_start import builtin_sequences
+
+    warm = make_searcher("evolution", depth=1, seed=0)
+    cold = make_searcher("evolution", depth=1, seed=0, warm_start="none")
+    builtins = set(builtin_sequences(1))
+    assert {p.tokens for p in warm.propose(len(builtins))} == builtins
+    assert not {p.tokens for p in cold.propose(len(builtins))} >= builtins

@@ -9,10 +9,10 @@ the decoded rule's canonical text (most of a keep-left branch is dead code).
 A scored child joins the population and the oldest member leaves, whatever
 its reward: that ageing is the "regularized" part.
 
-The population is warm-started: the first `population` proposals are the
-built-in rules that fit the depth (SGD, momentum, Adam, RMSProp, PowerSign,
-AddSign and their decayed variants), then uniform random sequences to fill
-it. Children are proposed once some members have rewards.
+The population is warm-started (unless `warm_start=False`): the first
+`population` proposals are the built-in rules that fit the depth (SGD,
+momentum, Adam, RMSProp, PowerSign, AddSign and their decayed variants), then
+uniform random sequences to fill it. Children are proposed once some members have rewards.
 
 Proposing never changes the population, only the generator and the count of
 warm-start proposals made; `observe` adds what was scored. So the state
@@ -29,44 +29,28 @@ from typing import Any, Sequence
 
 import torch
 
-from nos.rules import NotInVocabulary, from_tokens, parse, to_text, to_tokens
-from nos.rules.builtins import BUILTINS
+from nos.rules import from_tokens, to_text
 
 from .base import Proposal, Searcher
 from .policy import position_masks
 from .settings import EvolutionConfig
+from .warm_start import builtin_sequences
 
 # Tries at a text-changing mutation before taking a change that only touches dead code.
 MUTATION_TRIES = 32
 
 
-def builtin_sequences(depth: int) -> list[tuple[int, ...]]:
-    """The built-in rules that a depth-`depth` sequence can express, one sequence per distinct rule."""
-    seen: set[str] = set()
-    out = []
-    for text in BUILTINS.values():
-        tree = parse(text)
-        canonical = to_text(tree)
-        if canonical in seen:
-            continue
-        try:
-            tokens = tuple(to_tokens(tree, depth))
-        except NotInVocabulary:
-            continue
-        seen.add(canonical)
-        out.append(tokens)
-    return out
-
-
 class EvolutionSearcher(Searcher):
     name = "evolution"
 
-    def __init__(self, depth: int = 2, seed: int = 0, config: EvolutionConfig | None = None, **overrides):
+    def __init__(self, depth: int = 2, seed: int = 0, config: EvolutionConfig | None = None, *,
+                 warm_start: bool = True, **overrides):
         super().__init__(depth, seed)
         self.config = config or EvolutionConfig(**overrides)
         self.masks = position_masks(depth)
         self.choices = [torch.nonzero(row).flatten() for row in self.masks]   # allowed ids per position
-        self.warm = builtin_sequences(depth)[: self.config.population]
+        # Without the warm start the first population is all random sequences.
+        self.warm = builtin_sequences(depth)[: self.config.population] if warm_start else []
         self.warm_proposed = 0    # warm-start proposals made: built-ins first, then random fills
         self.population: deque[tuple[tuple[int, ...], float]] = deque(maxlen=self.config.population)
         self.observed = 0

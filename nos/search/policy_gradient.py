@@ -1,36 +1,58 @@
 """PPO (the default) and REINFORCE over the LSTM controller.
 
-Both use an exponential-moving-average reward baseline and an entropy bonus.
-PPO takes several epochs of clipped-surrogate steps on each batch; REINFORCE
-one plain policy-gradient step. The log-probabilities a batch was sampled
-with are recomputed in `observe` from the controller as it was when it
-proposed (no update happens in between), so a searcher restored from a
-checkpoint learns exactly what the uninterrupted one would have.
+Both centre each batch's rewards on a baseline (the batch's own mean, or an
+EMA of batch means) and divide by the batch's reward spread, floored so that
+rewards that barely differ (rules all at chance, say) give small advantages
+rather than noise blown up to unit size. A batch whose rewards are all equal
+says nothing about which rules are better: it leaves the policy as it is
+(the baseline still moves). An entropy bonus keeps the policy exploring. PPO takes several epochs of clipped-surrogate steps on each batch;
+REINFORCE one plain policy-gradient step.
+
+The log-probabilities a batch was sampled with are recomputed in `observe`
+from the controller as it was when it proposed (no update happens in
+between), so a searcher restored from a checkpoint learns exactly what the
+uninterrupted one would have.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any, Sequence
 
 import torch
+from torch import Tensor
 
 from .base import Proposal, Searcher
 from .policy import Controller
 from .settings import PolicyGradientConfig
+from .warm_start import warm_start
+
+# Settings that checkpoints written before they existed ran with.
+_EARLIER_DEFAULTS = {"baseline": "ema", "advantage_floor": 1e-8, "warm_steps": 100, "warm_mass": 0.1}
+
+
+def advantages(rewards: Tensor, baseline: float, floor: float) -> Tensor:
+    """(reward - baseline) / max(spread of the batch's rewards, floor)."""
+    spread = rewards.std().item() if len(rewards) > 1 else 0.0
+    return (rewards - baseline) / max(spread, floor)
 
 
 class PolicyGradientSearcher(Searcher):
     name = "ppo"
 
-    def __init__(self, depth: int = 2, seed: int = 0, config: PolicyGradientConfig | None = None, **overrides):
+    def __init__(self, depth: int = 2, seed: int = 0, config: PolicyGradientConfig | None = None, *,
+                 warm_start: bool = False, **overrides):
         super().__init__(depth, seed)
         self.config = config or PolicyGradientConfig(**overrides)
         torch.manual_seed(seed)   # controller initialisation
         self.controller = Controller(depth, self.config.hidden, self.config.embedding)
+        self.warm_steps = self._warm_start() if warm_start else 0
         self.optimizer = torch.optim.Adam(self.controller.parameters(), lr=self.config.lr)
         self.baseline: float | None = None
         self.observed = 0
+
+    def _warm_start(self) -> int:
+        return warm_start(self.controller, self.depth, self.config.warm_steps, self.config.warm_mass)
 
     def propose(self, n: int) -> list[Proposal]:
         return self._proposals(self.controller.sample(n, self.generator))
@@ -41,12 +63,13 @@ class PolicyGradientSearcher(Searcher):
         seqs = torch.tensor([list(t) for t in tokens], dtype=torch.long)
         reward = torch.tensor(list(rewards), dtype=torch.float32)
         mean = reward.mean().item()
-        baseline = mean if self.baseline is None else self.baseline
-        advantage = reward - baseline
-        if self.config.normalize_advantage and len(tokens) > 1:
-            # Rewards of a batch often differ by little (most rules are bad); scaling
-            # the advantages to unit spread keeps the step size independent of that.
-            advantage = advantage / (reward.std() + 1e-8)
+        if bool((reward != reward[0]).any()):
+            self._step(seqs, advantages(reward, self._baseline(mean), self.config.advantage_floor))
+        decay = self.config.baseline_decay
+        self.baseline = mean if self.baseline is None else decay * self.baseline + (1 - decay) * mean
+        self.observed += len(tokens)
+
+    def _step(self, seqs: Tensor, advantage: Tensor) -> None:
         with torch.no_grad():
             old_log_prob, _ = self.controller.log_prob_and_entropy(seqs)
         for _ in range(self._steps()):
@@ -56,9 +79,11 @@ class PolicyGradientSearcher(Searcher):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.controller.parameters(), self.config.max_grad_norm)
             self.optimizer.step()
-        decay = self.config.baseline_decay
-        self.baseline = mean if self.baseline is None else decay * self.baseline + (1 - decay) * mean
-        self.observed += len(tokens)
+
+    def _baseline(self, mean: float) -> float:
+        if self.config.baseline == "batch" or self.baseline is None:
+            return mean
+        return self.baseline
 
     def _steps(self) -> int:
         return self.config.epochs
@@ -76,16 +101,28 @@ class PolicyGradientSearcher(Searcher):
             "optimizer": self.optimizer.state_dict(),
             "baseline": self.baseline,
             "observed": self.observed,
+            "warm_steps": self.warm_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint; the run continues with the hyperparameters it was started with."""
         super().load_state_dict(state)
-        if state["config"] != asdict(self.config):
-            raise ValueError("checkpoint was made with other controller hyperparameters")
+        known = {f.name for f in fields(PolicyGradientConfig)}
+        saved = {**_EARLIER_DEFAULTS, **state["config"]}
+        unknown = set(saved) - known
+        if unknown:
+            raise ValueError(f"checkpoint has controller settings this nos does not know: {', '.join(sorted(unknown))}")
+        config = PolicyGradientConfig(**saved)
+        if (config.hidden, config.embedding) != (self.config.hidden, self.config.embedding):
+            self.controller = Controller(self.depth, config.hidden, config.embedding)
+        if config != self.config:
+            self.optimizer = torch.optim.Adam(self.controller.parameters(), lr=config.lr)
+        self.config = config
         self.controller.load_state_dict(state["controller"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.baseline = state["baseline"]
         self.observed = state["observed"]
+        self.warm_steps = state.get("warm_steps", 0)
 
 
 class ReinforceSearcher(PolicyGradientSearcher):

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 SEARCHERS = ("ppo", "reinforce", "random", "evolution")
+WARM_STARTS = ("none", "builtins")   # what a searcher starts from: nothing, or the built-in rules
+
+
+BASELINES = ("batch", "ema")
 
 
 @dataclass(frozen=True)
@@ -13,11 +19,42 @@ class PolicyGradientConfig:
     embedding: int = 32           # token and position embedding size
     lr: float = 3e-3              # Adam learning rate of the controller
     entropy_weight: float = 0.01  # bonus on the policy's entropy, for exploration
-    baseline_decay: float = 0.9   # EMA reward baseline: b <- decay * b + (1 - decay) * mean reward
+    baseline: str = "batch"       # what advantages are centred on: the batch's mean reward, or an EMA of it
+    baseline_decay: float = 0.9   # ema baseline: b <- decay * b + (1 - decay) * mean reward
+    advantage_floor: float = 0.05  # advantages are divided by max(batch reward spread, this)
     clip: float = 0.2             # PPO: ratio clipped to [1 - clip, 1 + clip]
     epochs: int = 4               # PPO: gradient steps per observed batch
     max_grad_norm: float = 1.0    # gradient clipping of each controller step
-    normalize_advantage: bool = True  # divide advantages by the batch's reward spread
+    warm_steps: int = 100         # warm start: at most this many likelihood steps on the built-ins
+    warm_mass: float = 0.1        # warm start: stop once the built-ins' share of samples reaches this
+
+    def __post_init__(self) -> None:
+        _check_whole(self, ("hidden", "embedding", "epochs", "warm_steps"))
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        for key in ("lr", "clip", "max_grad_norm", "advantage_floor"):
+            value = getattr(self, key)
+            if not _is_number(value) or not 0 < value < math.inf:
+                raise ValueError(f"{key} must be a positive number, got {value!r}")
+        for key in ("entropy_weight",):
+            value = getattr(self, key)
+            if not _is_number(value) or not 0 <= value < math.inf:
+                raise ValueError(f"{key} must be a number of at least 0, got {value!r}")
+        for key in ("baseline_decay", "warm_mass"):
+            value = getattr(self, key)
+            if not _is_number(value) or not 0 <= value < 1:
+                raise ValueError(f"{key} must be a number in [0, 1), got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _check_whole(config: Any, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = getattr(config, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a whole number of at least 1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -26,10 +63,7 @@ class EvolutionConfig:
     tournament: int = 10          # members sampled per selection; the best of them is the parent
 
     def __post_init__(self) -> None:
-        for key in ("population", "tournament"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{key} must be a whole number of at least 1, got {value!r}")
+        _check_whole(self, ("population", "tournament"))
         if self.tournament > self.population:
             raise ValueError(f"tournament ({self.tournament}) must be at most population ({self.population})")
 
