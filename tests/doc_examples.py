@@ -14,8 +14,10 @@ A fenced block is an example when its info string is one of:
 - `toml`: a search config: it must load as a `SearchConfig`.
 
 A block whose nearest non-blank line before it is `<!-- not run: REASON -->`
-is listed and skipped with that reason. Other blocks (`text`, `sh`, none) are
-not examples.
+is listed and skipped with that reason; `<!-- needs: fashion-mnist -->` runs
+it only where Debian's Fashion-MNIST files are (a skip, or a failure under
+NOS_REQUIRE_SERVICES=1, elsewhere). Other blocks (`text`, `sh`, none) are not
+examples.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 KINDS = ("console", "python", "sql", "toml")
 SKIP = re.compile(r"^<!--\s*not run:\s*(.+?)\s*-->$")
+NEEDS = re.compile(r"^<!--\s*needs:\s*(.+?)\s*-->$")
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
 BORDER = set("─━│┃┏┓┗┛┡┩┣┫╇╈┳┻┼╋└┘┌┐├┤┬┴═║ ")
 # Shell words that are not programs on PATH.
@@ -51,6 +55,7 @@ class Example:
     kind: str
     text: str
     skip: str | None     # the reason it is not run, or None
+    needs: str | None = None   # data it needs: "fashion-mnist"
 
     @property
     def id(self) -> str:
@@ -73,15 +78,17 @@ def examples(path: Path) -> list[Example]:
             i += 1
         i += 1
         if kind in KINDS:
-            found.append(Example(path, start + 1, kind, "\n".join(body) + "\n", _skip_reason(lines, start)))
+            found.append(Example(path, start + 1, kind, "\n".join(body) + "\n", _marker(SKIP, lines, start),
+                                 _marker(NEEDS, lines, start)))
     return found
 
 
-def _skip_reason(lines: list[str], fence: int) -> str | None:
+def _marker(pattern: re.Pattern, lines: list[str], fence: int) -> str | None:
+    """What the comment on the nearest non-blank line before the fence says, if it is one."""
     j = fence - 1
     while j >= 0 and not lines[j].strip():
         j -= 1
-    match = SKIP.match(lines[j].strip()) if j >= 0 else None
+    match = pattern.match(lines[j].strip()) if j >= 0 else None
     return match.group(1) if match else None
 
 
@@ -97,6 +104,11 @@ def run(example: Example, workdir: Path) -> None:
     """Run one example in `workdir`; a failed check fails the calling test."""
     if example.skip:
         pytest.skip(f"{example.id} not run: {example.skip}")
+    if example.needs == "fashion-mnist" and not FASHION_MNIST.is_dir():
+        from conftest import unavailable
+
+        unavailable("Fashion-MNIST", f"{example.id} needs {FASHION_MNIST} (Debian: dataset-fashion-mnist)")
+    assert example.needs in (None, "fashion-mnist"), f"{example.id}: unknown need {example.needs!r}"
     {"console": _console, "python": _python, "sql": _sql, "toml": _toml}[example.kind](example, workdir)
 
 

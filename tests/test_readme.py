@@ -27,3 +27,10 @@ def test_the_readme_has_examples_that_run():
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.id for e in EXAMPLES])
 def test_readme_example(example, workdir):
     run(example, workdir)
+
+
+def test_the_readme_stays_a_short_guide():
+    # The details live under docs/; the README is the tour.
+    assert len(README.read_bytes()) < 15 * 1024
+    for page in ("rules", "protocol", "searching", "storage", "distributed", "results", "benchmarks"):
+        assert f"docs/{page}.md" in README.read_text(), f"the README does not link docs/{page}.md"
