@@ -80,13 +80,15 @@ def runs_command(db_url) -> None:
     """List the runs with their progress."""
     store = open_store_or_exit(db_url)
     table = Table(title="runs")
-    for column in ("id", "name", "task", "searcher", "status", "evaluations", "best reward", "created"):
+    for column in ("id", "name", "task", "searcher", "status", "evaluations", "trained", "rejected", "best reward",
+                   "created"):
         table.add_column(column)
     with store.reading() as session:
         for run in list_runs(session):
             progress = run_progress(session, run.id)
             table.add_row(str(run.id), run.name, run.task, str(run.config.get("searcher", "-")), run.status,
-                          f"{progress.finished}/{run.config.get('budget', '?')}", _fmt(progress.best_reward),
+                          f"{progress.counted}/{run.config.get('budget', '?')}", str(progress.trained),
+                          str(progress.counts["rejected"]), _fmt(progress.best_reward),
                           run.created_at.strftime("%Y-%m-%d %H:%M"))
     console.print(table)
 
@@ -119,7 +121,9 @@ def status_command(run_id, db_url, broker_url) -> None:
             raise UsageProblem(f"no run {run_id}; `nos runs` lists them")
         run = get_run(session, run_id)
         console.print(f"run {run_id} ({progress.name}, {progress.task}): {progress.status}, "
-                      f"{progress.finished}/{run.config.get('budget', '?')} evaluations finished, "
+                      f"{progress.counted}/{run.config.get('budget', '?')} evaluations finished "
+                      f"({progress.trained} trained, {progress.counts['cached']} from the cache; "
+                      f"{progress.counts['rejected']} more rejected before training, free), "
                       f"best reward {_fmt(progress.best_reward)}")
         console.print("  " + ", ".join(f"{status} {n}" for status, n in progress.counts.items()))
         if progress.finished:

@@ -180,7 +180,8 @@ def render_html(report: RunReport, *, window: int = 20, images: bool = True) -> 
         + (f", finished {_time(run.finished_at)}" if run.finished_at else "") + "</p>",
     ]
     cards = [
-        ("evaluations", f"{timings.finished}" + (f" / {budget}" if budget else "")),
+        ("evaluations (trained or cached)", f"{timings.counted}" + (f" / {budget}" if budget else "")),
+        ("trained / rejected before training", f"{timings.trained} / {timings.rejected}"),
         ("best reward", _num(progress.best_reward)),
         ("cache hit rate", "-" if timings.cache_rate is None else f"{timings.cache_rate:.1%}"),
         ("failed", str(timings.failed)),

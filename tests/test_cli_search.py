@@ -59,7 +59,13 @@ def test_runs_status_leaderboard_show(searched):
     assert runs.exit_code == 0 and "tiny" in runs.output and "completed" in runs.output and "12/12" in runs.output
 
     status = invoke("status", "1", "--db", url)
-    assert status.exit_code == 0 and "completed, 12/12 evaluations finished" in status.output
+    assert status.exit_code == 0
+    assert "completed, 12/12 evaluations finished" in status.output
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        counts = dict(connection.execute("SELECT status, count(*) FROM evaluations GROUP BY status").fetchall())
+    trained = counts.get("done", 0) + counts.get("diverged", 0)
+    assert (f"({trained} trained, {counts.get('cached', 0)} from the cache; "
+            f"{counts.get('rejected', 0)} more rejected before training, free)") in status.output
     assert invoke("status", "--db", url).output == status.output   # the latest run by default
 
     as_json = json.loads(invoke("leaderboard", "--run", "1", "--format", "json", "--db", url).output)

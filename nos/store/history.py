@@ -174,6 +174,11 @@ class Timings:
     rejected: int                 # refused before training (reward 0)
 
     @property
+    def counted(self) -> int:
+        """Finished evaluations that count toward the budget: all but the rejected ones."""
+        return self.finished - self.rejected
+
+    @property
     def cache_rate(self) -> float | None:
         """Share of finished evaluations answered from the cache."""
         return self.cached / self.finished if self.finished else None

@@ -128,6 +128,16 @@ class RunProgress:
         return self.total - self.counts["queued"] - self.counts["running"]
 
     @property
+    def counted(self) -> int:
+        """Finished evaluations that count toward the budget: all but the rejected ones."""
+        return self.finished - self.counts["rejected"]
+
+    @property
+    def trained(self) -> int:
+        """Finished evaluations a worker trained (done or diverged)."""
+        return self.counts["done"] + self.counts["diverged"]
+
+    @property
     def cache_hit_rate(self) -> float | None:
         """Finished evaluations answered from earlier results, same rule or same behaviour."""
         return self.counts["cached"] / self.finished if self.finished else None
