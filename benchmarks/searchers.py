@@ -141,8 +141,11 @@ def search(job: tuple) -> dict:
             step_rewards.append(reward)
         searcher.observe([p.tokens for p in proposals], step_rewards)
         memo.reload()
+    seconds = time.perf_counter() - start
+    print(f"{label} seed {seed}: last-200 mean {statistics.mean(rewards[-200:]):.3f}, best {max(rewards):.3f}, "
+          f"{trained} trained here, {seconds:.0f} s", flush=True)
     return {"label": label, "seed": seed, "rewards": rewards, "texts": texts, "rejected": rejected,
-            "trained": trained, "seconds": time.perf_counter() - start}
+            "trained": trained, "seconds": seconds}
 
 
 def _mean_sd(values: list[float], digits: int = 3) -> str:

@@ -180,8 +180,11 @@ def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml, search
     resumed = nos("resume", "1", "--db", url)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_complete(url, 1, 12)
-    # A crash changes nothing: the resumed run sampled and scored what the uninterrupted one did.
+    # A crash changes nothing: the resumed run sampled and scored what the uninterrupted one did,
+    # the free rejections included.
     assert rule_sequence(url, 1) == rule_sequence(reference, 1)
+    if searcher == "ppo":   # evolution's children of the built-ins all pass the probe here
+        assert any(e.status == "rejected" for e in run_rows(reference, 1))
 
 
 def _has_run(url: str) -> bool:
