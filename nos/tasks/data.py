@@ -90,7 +90,7 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, download: bool
             return (_as_images(images["train_x"]), images["train_y"].long(),
                     _as_images(images["test_x"]), images["test_y"].long())
     root = download_root(data_dir)
-    _download("Fashion-MNIST", "FashionMNIST", root, folders, download)
+    _download("Fashion-MNIST", "FashionMNIST", root, folders, download and _may_download_into(root, data_dir))
     return load_fashion_mnist(root, download=False)
 
 
@@ -134,7 +134,7 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, download: bool = Tru
             test_x, test_y = _read_cifar_batches([base / "test_batch"])
             return train_x, train_y, test_x, test_y
     root = download_root(data_dir)
-    _download("CIFAR-10", "CIFAR10", root, folders, download)
+    _download("CIFAR-10", "CIFAR10", root, folders, download and _may_download_into(root, data_dir))
     return load_cifar10(root, download=False)
 
 
@@ -148,19 +148,39 @@ _WHERE = {
 }
 
 
+def _may_download_into(root: Path, data_dir: str | os.PathLike | None) -> bool:
+    """False when the folder was named (--data-dir, $NOS_DATA_DIR) but is not there: a typo, not a cache."""
+    return not data_dirs(data_dir) or root.is_dir()
+
+
+def _folders(root: Path) -> set[Path]:
+    """The folders torchvision may make in `root` (ROOT/Class/raw): two levels down."""
+    if not root.is_dir():
+        return set()
+    return {p for pattern in ("*", "*/*") for p in root.glob(pattern) if p.is_dir()}
+
+
 def _download(name: str, torchvision_class: str, root: Path, looked_in: list[Path], download: bool) -> None:
     """torchvision's download into `root`; a DataUnavailable saying where files go if it fails."""
     places = ", ".join(str(p) for p in looked_in) or "nowhere (no --data-dir, no $NOS_DATA_DIR)"
     where = f"Put {_WHERE[name]}, then pass --data-dir DIR or set NOS_DATA_DIR=DIR."
     if not download:
-        raise DataUnavailable(f"{name} is not on disk (looked in: {places}) and downloading is off.\n{where}")
+        missing = [p for p in looked_in if not p.is_dir()]
+        why = (f"the folder {missing[0]} does not exist" if missing and missing[0] == root
+               else "downloading is off")
+        raise DataUnavailable(f"{name} is not on disk (looked in: {places}) and {why}.\n{where}")
     import torchvision
+
+    before = _folders(root)
 
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)   # an unreachable mirror fails, it does not hang
     try:
         getattr(torchvision.datasets, torchvision_class)(str(root), download=True)
     except Exception as exc:   # URLError, timeouts, bad checksums: all mean "no files"
+        for folder in sorted(_folders(root) - before, key=lambda p: len(p.parts), reverse=True):
+            if not any(folder.iterdir()):   # leave no empty folders behind
+                folder.rmdir()
         raise DataUnavailable(
             f"{name} is not on disk and could not be downloaded into {root} ({type(exc).__name__}: {exc}).\n"
             f"Looked in: {places}.\n{where}"
