@@ -24,6 +24,8 @@ def check_broker(broker_url: str) -> None:
             connection.ensure_connection(max_retries=1, timeout=3)
     except (OperationalError, OSError) as exc:
         raise BrokerError(f"cannot reach the broker at {mask_url(broker_url)}: {mask_credentials(str(exc))}") from None
+    except (TypeError, ValueError) as exc:   # kombu's URL parser: a password twice, a port that is no number
+        raise BrokerError(f"bad broker URL {mask_url(broker_url)!r}: {mask_credentials(str(exc))}") from None
 
 
 class CeleryExecutor:
