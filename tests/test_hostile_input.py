@@ -421,6 +421,34 @@ def test_the_search_batch_has_an_upper_bound(marked_up):
     assert snapshot(url) == before
 
 
+class _Planted:
+    """A pickle that, fully unpickled, would create a file: what a crafted data file could do."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_cifar10_batches_are_read_as_data_never_as_code(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    planted = tmp_path / "planted"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": np.zeros((4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3],
+                 "note": _Planted(planted) if name == "data_batch_3" else "ok"}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    result = invoke("eval", "g", "--task", "cifar10", "--data-dir", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert f"{folder / 'data_batch_3'} is not a CIFAR-10 python batch (UnpicklingError: it names" in result.output
+    assert not planted.exists()
+
+
 # -- 9. a fresh machine's test command ---------------------------------------------
 
 @pytest.mark.parametrize(("require", "outcome"), [("", "1 skipped"), ("1", "1 failed")])

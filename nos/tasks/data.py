@@ -7,6 +7,7 @@ validation, subsampling and moving to the device are the task's business.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import os
 import pickle
@@ -114,13 +115,44 @@ def _find_cifar_folder(folder: Path) -> Path | None:
     return None
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds numpy arrays, dicts, lists, numbers and strings, and nothing else.
+
+    CIFAR-10's python version is a set of pickles. pickle.load would run any
+    callable a crafted file names (os.system, say); this one refuses every
+    global but numpy's array constructors, so a file can hold data, never code.
+    """
+
+    def find_class(self, module: str, name: str):
+        allowed = _ARRAY_GLOBALS.get((module.replace("numpy._core", "numpy.core"), name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, and only numpy arrays are read")
+        return allowed
+
+
+try:
+    from numpy._core.multiarray import _reconstruct
+    from numpy._core.numeric import _frombuffer
+except ImportError:   # numpy 1.x
+    from numpy.core.multiarray import _reconstruct
+    from numpy.core.numeric import _frombuffer
+_ARRAY_GLOBALS: dict[tuple[str, str], object] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,   # how protocol 2 writes Python 3 bytes: text to bytes, no code
+}
+
+
 def _read_cifar_batches(paths: list[Path]) -> tuple[Tensor, Tensor]:
     xs, ys = [], []
     for path in paths:
-        with path.open("rb") as f:
-            batch = pickle.load(f, encoding="latin1")
-        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch["labels"], dtype=np.int64))
+        try:
+            with path.open("rb") as f:
+                batch = _ArraysOnly(f, encoding="latin1").load()
+            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch["labels"], dtype=np.int64))
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+            raise DataUnavailable(f"{path} is not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from None
     return torch.from_numpy(np.concatenate(xs)).float().div_(255.0), torch.from_numpy(np.concatenate(ys))
 
 
