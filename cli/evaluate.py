@@ -36,7 +36,8 @@ def _learning_rates(ctx: click.Context, param: click.Parameter, value: str | Non
 @click.argument("rule")
 @click.option("--task", "task_name", default="digits", show_default=True,
               help=f"child task: {', '.join(TASKS)}")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="initial weights, data order and the rule's noise")
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="initial weights, data order and the rule's noise")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="folder with the data set's files "
               "(default $NOS_DATA_DIR; Fashion-MNIST also /usr/share/datasets/fashion-mnist)")

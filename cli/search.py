@@ -112,7 +112,8 @@ def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_siz
             run_id = create_run(session, config.label, config.task, config.to_dict())
     except DBAPIError as exc:   # a database that refuses the write (read-only, full): nothing was stored
         raise UsageProblem(f"cannot write to database {shown(store.url)}: {first_line(exc.orig)}") from None
-    where = f"Celery at {mask_url(broker_url)}" if broker_url else f"{config.workers} local worker{'s' if config.workers != 1 else ''}"
+    where = (f"Celery at {mask_url(broker_url)}" if broker_url
+             else f"{config.workers} local worker{'s' if config.workers != 1 else ''}")
     console.print(f"RUN_ID {run_id}  ({config.label}: {config.searcher} on {config.task}, budget {config.budget}, "
                   f"{where}, db {shown(store.url)})")
     _start(store, run_id, config, broker_url, detach)

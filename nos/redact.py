@@ -17,7 +17,8 @@ import re
 MASK = "***"
 
 # scheme://user:password@  (the password may hold '@', ':' or '/' when unescaped; the last '@' wins)
-_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:@/]*:)(?P<secret>[^\s]*?)(?P<at>@)(?=[^\s@]*(?:\s|$))")
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:@/]*:)(?P<secret>[^\s]*?)(?P<at>@)"
+                       r"(?=[^\s@]*(?:\s|$))")
 # ?password=... or &password=... in a query string (libpq, redis-py and kombu all read it)
 _QUERY = re.compile(r"(?P<head>[?&;](?:password|passwd|pwd|secret|token)=)(?P<secret>[^&;\s#]*)", re.IGNORECASE)
 

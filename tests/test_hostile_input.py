@@ -127,7 +127,8 @@ def test_error_text_in_show_prints_as_text_with_control_characters_escaped(marke
 @pytest.mark.parametrize(("args", "message"), [
     (("--broker", "redis://:SECRET@127.0.0.1:1/10"), "cannot reach the broker at redis://:***@127.0.0.1:1/10"),
     (("--broker", "amqp://u:SECRET@h/"), "got 'amqp://u:***@h/'"),
-    (("--broker", "redis://127.0.0.1:6379/0?password=SECRET"), "bad broker URL 'redis://127.0.0.1:6379/0?password=***'"),
+    (("--broker", "redis://127.0.0.1:6379/0?password=SECRET"),
+     "bad broker URL 'redis://127.0.0.1:6379/0?password=***'"),
     (("--db", "postgresql://u:SECRET@h:notaport/db"), "bad database URL 'postgresql://u:***@h:notaport/db'"),
     (("--db", "postgresql://u:SECRET@127.0.0.1:1/db"), "postgresql+psycopg://u:***@127.0.0.1:1/db"),
 ])
@@ -230,7 +231,8 @@ def test_resuming_a_run_stored_with_a_bad_config_says_so(marked_up, tmp_path):
     with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as source, \
             contextlib.closing(sqlite3.connect(copy)) as target:
         source.backup(target)
-        target.execute("UPDATE runs SET status = 'stopped', config = json_set(config, '$.seed', 99999999999999999999.0)")
+        target.execute("UPDATE runs SET status = 'stopped', "
+                       "config = json_set(config, '$.seed', 99999999999999999999.0)")
         target.commit()
     before = snapshot(f"sqlite:///{copy}")
     result = invoke("resume", "1", "--db", f"sqlite:///{copy}")

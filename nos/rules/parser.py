@@ -21,7 +21,7 @@ from .vocabulary import FUNCTIONS, OPERANDS, WEIGHT_SCALES
 # probing and training walk the tree recursively, at most about 3 Python frames per level
 # (1,000 by default), so MAX_DEPTH keeps each well inside Python's recursion limit wherever
 # it is called from. MAX_NESTING bounds the parser's own recursion (about 5 frames per
-# parenthesis, unary minus or power). Rules the controller samples are at most 10 deep.
+# parenthesis, unary minus or power). Rules the controller samples are at most 6 deep.
 MAX_LENGTH = 10_000
 MAX_NESTING = 64
 MAX_DEPTH = 100
