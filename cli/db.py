@@ -24,10 +24,9 @@ db_option = click.option(
 def open_store_or_exit(db_url: str | None, writing: bool = False) -> Store:
     """The up-to-date store at `db_url` (`writing`: and writable), or a one-line error and exit 2."""
     try:
-        store = open_store(db_url)
         if writing:
-            check_writable(store.url)
-        return store
+            check_writable(resolve_url(db_url))
+        return open_store(db_url)
     except StoreError as exc:
         raise UsageProblem(str(exc)) from None
 
@@ -60,7 +59,8 @@ def find_rule_or_exit(session: Any, rule: str) -> Any:
 
     number = rule.strip()
     if number.isascii() and number.isdigit():
-        found = session.get(Rule, int(number)) if int(number) <= MAX_ID else None
+        # A number past any id (or too long for int()) names no rule; it never reaches the query.
+        found = session.get(Rule, int(number)) if len(number) <= 10 and int(number) <= MAX_ID else None
     else:
         try:
             text = to_text(resolve_rule(rule))

@@ -248,6 +248,7 @@ def test_ids_beyond_any_stored_one(marked_up, pg_with_a_run):
     assert snapshot(url) == before
     pg_before = snapshot(pg_with_a_run)
     one_line_error(invoke("show", "99999999999", "--db", pg_with_a_run), "rule '99999999999' has not been evaluated")
+    one_line_error(invoke("show", "9" * 5000, "--db", pg_with_a_run), "has not been evaluated")
     result = invoke("status", "3000000000", "--db", pg_with_a_run)
     assert result.exit_code == 2 and "is not in the range" in result.output
     assert snapshot(pg_with_a_run) == pg_before
