@@ -8,9 +8,12 @@ from typing import Any
 
 import click
 
-from nos.store import URL_ENV_VAR, Store, StoreError, open_store, resolve_url, schema_state, shown, upgrade
+from nos.store import (
+    URL_ENV_VAR, Store, StoreError, check_writable, open_store, resolve_url, schema_state, shown, upgrade,
+)
 
 from .errors import UsageProblem
+from .params import MAX_ID
 
 # Shared by every command that touches the database.
 db_option = click.option(
@@ -18,9 +21,11 @@ db_option = click.option(
     help=f"Database URL: sqlite:///PATH or postgresql://USER@HOST/DB [env {URL_ENV_VAR}; default sqlite:///nos.db].")
 
 
-def open_store_or_exit(db_url: str | None) -> Store:
-    """The up-to-date store at `db_url`, or a one-line error and exit 2."""
+def open_store_or_exit(db_url: str | None, writing: bool = False) -> Store:
+    """The up-to-date store at `db_url` (`writing`: and writable), or a one-line error and exit 2."""
     try:
+        if writing:
+            check_writable(resolve_url(db_url))
         return open_store(db_url)
     except StoreError as exc:
         raise UsageProblem(str(exc)) from None
@@ -41,7 +46,7 @@ def store_for_writing(db_url: str | None, say: Callable[[str], Any] = print) -> 
             say(f"created database {shown(url)}")
     except StoreError as exc:
         raise UsageProblem(str(exc)) from None
-    return open_store_or_exit(db_url)
+    return open_store_or_exit(db_url, writing=True)
 
 
 def find_rule_or_exit(session: Any, rule: str) -> Any:
@@ -52,8 +57,10 @@ def find_rule_or_exit(session: Any, rule: str) -> Any:
     from nos.rules.builtins import resolve_rule
     from nos.store.models import Rule
 
-    if rule.strip().isdigit():
-        found = session.get(Rule, int(rule))
+    number = rule.strip()
+    if number.isascii() and number.isdigit():
+        # A number past any id (or too long for int()) names no rule; it never reaches the query.
+        found = session.get(Rule, int(number)) if len(number) <= 10 and int(number) <= MAX_ID else None
     else:
         try:
             text = to_text(resolve_rule(rule))

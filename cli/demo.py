@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from nos.optim import BUILTINS, SymbolicOptimizer
 from nos.rules import min_depth, parse, state_buffers, to_text
 from nos.rules.builtins import PAPER_EXAMPLES
+
+from .console import make_console
 
 
 def _digits() -> tuple[torch.Tensor, ...]:
@@ -41,7 +42,7 @@ def _train(rule: str, lr: float, data, epochs: int = 3) -> float:
 @click.command("demo")
 def demo_command() -> None:
     """Parse the paper's rules and train a small net on digits with each built-in."""
-    console = Console()
+    console = make_console()
     table = Table(title="Rules parse to canonical trees")
     for column in ("rule", "canonical", "depth", "state buffers"):
         table.add_column(column)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 
 import click
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from nos.tasks import TASKS, DataUnavailable, EvaluationResult, TrialRecord, UnknownTask, evaluate_rule, get_task
 
+from .console import make_console
 from .errors import UsageProblem
+from .params import SEED
 from .rules import parse_or_exit
 
 
@@ -23,8 +27,8 @@ def _learning_rates(ctx: click.Context, param: click.Parameter, value: str | Non
         rates = tuple(float(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers such as 1e-3,1e-2, got {value!r}") from None
-    if not rates or any(not rate > 0 for rate in rates):
-        raise click.BadParameter("learning rates must be positive numbers")
+    if not rates or any(not 0 < rate < math.inf for rate in rates):
+        raise click.BadParameter("learning rates must be positive, finite numbers")
     return rates
 
 
@@ -32,11 +36,13 @@ def _learning_rates(ctx: click.Context, param: click.Parameter, value: str | Non
 @click.argument("rule")
 @click.option("--task", "task_name", default="digits", show_default=True,
               help=f"child task: {', '.join(TASKS)}")
-@click.option("--seed", default=0, show_default=True, help="initial weights, data order and the rule's noise")
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="initial weights, data order and the rule's noise")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="folder with the data set's files "
               "(default $NOS_DATA_DIR; Fashion-MNIST also /usr/share/datasets/fashion-mnist)")
-@click.option("--train-size", type=click.IntRange(min=1), help="subsample the training split to N examples")
+@click.option("--train-size", type=click.IntRange(min=1),
+              help="subsample the training split to N examples (rosenbrock, which has no data: N steps an epoch)")
 @click.option("--lrs", callback=_learning_rates, help="learning-rate grid, comma-separated [1e-5,...,1e1]")
 @click.option("--epochs", type=click.IntRange(min=1), help="epochs of the final run at the best rate [5]")
 @click.option("--sweep-epochs", type=click.IntRange(min=1), help="epochs of each sweep trial [1]")
@@ -64,8 +70,8 @@ def eval_command(rule: str, task_name: str, seed: int, device: str, data_dir: st
     except (UnknownTask, DataUnavailable, ValueError) as exc:
         raise UsageProblem(str(exc)) from None
 
-    console = Console(stderr=as_json)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    console = make_console(stderr=as_json)
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task(f"{task.name}: sweep", total=len(task.lrs) + 1)
 
@@ -94,6 +100,6 @@ def _print_result(console: Console, result: EvaluationResult) -> None:
     if result.best_lr is None:
         console.print("diverged at every learning rate: reward 0")
         return
-    console.print(f"reward (final validation accuracy) [bold]{result.reward:.4f}[/bold]   "
-                  f"test accuracy {result.test_acc:.4f}   best lr {result.best_lr:g}   "
-                  f"{'diverged   ' if result.diverged else ''}{result.wall_seconds:.1f} s")
+    console.print(Text.assemble("reward (final validation accuracy) ", (f"{result.reward:.4f}", "bold"),
+                                f"   test accuracy {result.test_acc:.4f}   best lr {result.best_lr:g}   "
+                                f"{'diverged   ' if result.diverged else ''}{result.wall_seconds:.1f} s"))

@@ -16,6 +16,7 @@ from nos.store.history import rule_sweeps, run_evaluations
 from .console import console
 from .db import db_option, find_rule_or_exit, open_store_or_exit
 from .errors import UsageProblem
+from .params import ID, SEED, TEXT
 
 
 def _plots():
@@ -35,10 +36,10 @@ def _save(plots, fig, output: str) -> None:
 
 
 @click.command("plot")
-@click.argument("run_ids", metavar="[RUN_ID]...", nargs=-1, type=int)
+@click.argument("run_ids", metavar="[RUN_ID]...", nargs=-1, type=ID)
 @click.option("--sweep", "sweep_rule", metavar="RULE",
               help="Plot RULE's learning-rate sweeps (rule id, text or built-in name) instead of run curves.")
-@click.option("--task", help="With --sweep: only evaluations on this task.")
+@click.option("--task", type=TEXT, help="With --sweep: only evaluations on this task.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), required=True,
               help="Image file to write (.png; .svg and .pdf work too).")
 @click.option("--window", type=click.IntRange(min=1), default=20, show_default=True,
@@ -87,7 +88,7 @@ def plot_command(run_ids, sweep_rule, task, output, window, db_url) -> None:
 
 
 @click.command("report")
-@click.argument("run_id", type=int)
+@click.argument("run_id", type=ID)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="HTML file to write [nos-run-RUN_ID.html].")
 @click.option("--top", type=click.IntRange(min=0), default=5, show_default=True,
@@ -122,7 +123,7 @@ def report_command(run_id, output, top, window, db_url) -> None:
               help="Learning rate written into the snippet (`nos show RULE` lists the rule's sweep).")
 @click.option("--total-steps", type=click.IntRange(min=1),
               help="The run's length in steps, for rules that read the schedules ld, cd or rd.")
-@click.option("--seed", type=int, help="Seed of the optimizer's own noise, for rules that read eps, eps_t or drop.")
+@click.option("--seed", type=SEED, help="Seed of the optimizer's own noise, for rules that read eps, eps_t or drop.")
 @click.option("--demo/--no-demo", default=True, show_default=True,
               help="End the snippet with a quick check that trains a tiny model when run as a script.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),

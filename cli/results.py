@@ -5,19 +5,20 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields as dataclass_fields
 
 import click
 from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from nos.store import get_run, leaderboard, list_runs, run_progress, trials_of, utcnow
+from nos.store import LeaderboardRow, get_run, leaderboard, list_runs, run_progress, trials_of, utcnow
 from nos.store.models import Evaluation, Rule
 
 from .console import console
 from .db import db_option, find_rule_or_exit, open_store_or_exit
 from .errors import UsageProblem
+from .params import ID, TEXT
 
 
 
@@ -37,7 +38,7 @@ def print_leaderboard(session: Session, top: int, run_id: int | None = None, tas
         return
     if fmt == "csv":
         writer = csv.writer(sys.stdout)
-        fields = list(asdict(rows[0])) if rows else ["place", "rule_id", "rule", "reward"]
+        fields = [f.name for f in dataclass_fields(LeaderboardRow)]   # the same columns, rows or none
         writer.writerow(fields)
         for r in rows:
             writer.writerow([asdict(r)[f] for f in fields])
@@ -58,8 +59,8 @@ def print_leaderboard(session: Session, top: int, run_id: int | None = None, tas
 
 
 @click.command("leaderboard")
-@click.option("--run", "run_id", type=int, help="Only this run.")
-@click.option("--task", help="Only this task.")
+@click.option("--run", "run_id", type=ID, help="Only this run.")
+@click.option("--task", type=TEXT, help="Only this task.")
 @click.option("--top", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--group-equivalent", is_flag=True,
@@ -71,6 +72,11 @@ def leaderboard_command(run_id, task, top, fmt, group_equivalent, db_url) -> Non
     with store.reading() as session:
         if run_id is not None and get_run(session, run_id) is None:
             raise UsageProblem(f"no run {run_id}; `nos runs` lists them")
+        if task is not None:
+            tasks = session.execute(select(Evaluation.task).distinct().order_by(Evaluation.task)).scalars().all()
+            if task not in tasks:
+                raise UsageProblem(f"no task {task!r} has results in this database; "
+                                   f"tasks with results: {', '.join(tasks) or 'none yet'}")
         print_leaderboard(session, top, run_id, task, fmt, group_equivalent)
 
 
@@ -94,7 +100,7 @@ def runs_command(db_url) -> None:
 
 
 @click.command("status")
-@click.argument("run_id", type=int, required=False)
+@click.argument("run_id", type=ID, required=False)
 @db_option
 @click.option("--broker", "broker_url", envvar="NOS_BROKER_URL", default=None, metavar="URL",
               help="Also list the Celery workers that answer a ping [env NOS_BROKER_URL].")

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy.exc import DBAPIError
 
 from nos.config import ConfigError, SearchConfig
+from nos.redact import mask_url
 from nos.search.settings import SEARCHERS
 from nos.store import Store, create_run, get_run, set_run_status, shown
+from nos.store.engine import first_line
 
 from .console import console
 from .db import db_option, open_store_or_exit, store_for_writing
 from .errors import UsageProblem
+from .params import ID, TEXT
 from .results import print_leaderboard
 from .worker import broker_option, check_broker_or_exit
 
@@ -28,11 +32,21 @@ def _check_task(config: SearchConfig) -> None:
         raise UsageProblem(str(exc)) from None
 
 
+def _check_checkpoint(store: Store, run_id: int, config: SearchConfig) -> None:
+    """Load the run's latest checkpoint into a searcher now, so a damaged one fails before the run changes."""
+    from nos.resume import CheckpointUnreadable, check_resumable
+
+    try:
+        check_resumable(store, run_id, config)
+    except CheckpointUnreadable as exc:
+        raise UsageProblem(str(exc)) from None
+
+
 def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | None = None) -> None:
     from nos.driver import Progress as DriverProgress, SearchStuck, drive_run
 
-    columns = (TextColumn("run {task.fields[run]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("best reward {task.fields[best]}"), TimeElapsedColumn())
+    columns = (TextColumn("run {task.fields[run]}", markup=False), BarColumn(), MofNCompleteColumn(),
+               TextColumn("best reward {task.fields[best]}", markup=False), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task("search", total=config.budget, run=run_id, best="-")
 
@@ -66,9 +80,9 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
 @click.option("--seed", type=int, help="Seeds the searcher and the children's initial weights [0].")
 @click.option("--workers", type=int, help="Local worker processes [number of cores].")
 @click.option("--device", help="Where children train: cpu, cuda, cuda:N [cpu].")
-@click.option("--name", help="A label for the run.")
+@click.option("--name", type=TEXT, help="A label for the run.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with the task's data files.")
-@click.option("--train-size", type=int, help="Subsample the training set to N examples.")
+@click.option("--train-size", type=int, help="Subsample the training set to N examples (rosenbrock: N steps an epoch).")
 @click.option("--sweep", type=click.Choice(["full", "halving"]),
               help="Learning-rate sweep: every rate for an epoch (the paper) or successive halving [full].")
 @click.option("--probe/--no-probe", default=None,
@@ -97,9 +111,13 @@ def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_siz
     _check_executor(broker_url, detach)
     _check_task(config)
     store = store_for_writing(db_url, console.print)
-    with store.transaction() as session:
-        run_id = create_run(session, config.label, config.task, config.to_dict())
-    where = f"Celery at {broker_url}" if broker_url else f"{config.workers} local worker{'s' if config.workers != 1 else ''}"
+    try:
+        with store.transaction() as session:
+            run_id = create_run(session, config.label, config.task, config.to_dict())
+    except DBAPIError as exc:   # a database that refuses the write (read-only, full): nothing was stored
+        raise UsageProblem(f"cannot write to database {shown(store.url)}: {first_line(exc.orig)}") from None
+    where = (f"Celery at {mask_url(broker_url)}" if broker_url
+             else f"{config.workers} local worker{'s' if config.workers != 1 else ''}")
     console.print(f"RUN_ID {run_id}  ({config.label}: {config.searcher} on {config.task}, budget {config.budget}, "
                   f"{where}, db {shown(store.url)})")
     _start(store, run_id, config, broker_url, detach)
@@ -123,13 +141,13 @@ def _start(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
 
 
 @click.command("resume")
-@click.argument("run_id", type=int)
+@click.argument("run_id", type=ID)
 @click.option("--detach", is_flag=True, help="Send the driver loop to a worker on the `control` queue and return.")
 @db_option
 @broker_option
 def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: str | None) -> None:
     """Continue a stopped (or crashed) run to its budget from its last checkpoint."""
-    store = open_store_or_exit(db_url)
+    store = open_store_or_exit(db_url, writing=True)
     with store.reading() as session:
         run = get_run(session, run_id)
         if run is None:
@@ -142,6 +160,7 @@ def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: st
             raise UsageProblem(f"run {run_id} has a config this nos cannot read: {exc}") from None
     _check_executor(broker_url, detach)
     _check_task(config)
+    _check_checkpoint(store, run_id, config)
     with store.transaction() as session:
         set_run_status(session, run_id, "running")
     console.print(f"resuming run {run_id} ({config.label})")
@@ -149,11 +168,11 @@ def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: st
 
 
 @click.command("stop")
-@click.argument("run_id", type=int)
+@click.argument("run_id", type=ID)
 @db_option
 def stop_command(run_id: int, db_url: str | None) -> None:
     """Ask a running search to stop; its driver stops cleanly within a second."""
-    store = open_store_or_exit(db_url)
+    store = open_store_or_exit(db_url, writing=True)
     with store.transaction() as session:
         run = get_run(session, run_id)
         if run is None:

@@ -6,7 +6,6 @@ import json
 
 import click
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -16,7 +15,7 @@ from nos.store import shown
 from nos.tasks import DataUnavailable, UnknownTask
 from nos.tasks.transfer import DEFAULT_EPOCHS, DEFAULT_MODEL, TRANSFER_TASKS, transfer_task
 
-from .console import console
+from .console import console, make_console
 from .db import db_option, store_for_writing
 from .errors import UsageProblem
 from .evaluate import _learning_rates
@@ -25,6 +24,8 @@ from .rules import parse_or_exit
 # The paper's Table 1 baselines, each tuned by the same sweep as the rules under test.
 BASELINES = ("sgd", "momentum", "adam", "rmsprop")
 COLUMNS = ("final val", "final test", "best val", "best test")
+# Each seed trains every rule and baseline in full: more than this is no run anyone waits for.
+MAX_SEEDS = 1000
 
 
 @click.command("transfer")
@@ -35,7 +36,7 @@ COLUMNS = ("final val", "final test", "best val", "best test")
               help="Wide ResNet wrn-DEPTH-WIDTH (depth 6n+4: 10, 16, 22, 28, 40, ...)")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULT_EPOCHS, show_default=True,
               help="epochs of the final run at the best learning rate")
-@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=3, show_default=True,
               help="train each rule with seeds 0..K-1 (initial weights, data order, the rule's noise)")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help=f"also train {', '.join(BASELINES)}")
@@ -85,11 +86,11 @@ def transfer_command(rules: tuple[str, ...], task_name: str, model: str, epochs:
 
     from nos.transfer import TransferSuperseded, run_transfer, summarize
 
-    messages = Console(stderr=True)
+    messages = make_console(stderr=True)
     store = store_for_writing(db_url, messages.print)
     per_run = len(task.lrs) + task.epochs
     results, reused = [], 0
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=messages, transient=True) as progress:
             bar = progress.add_task("", total=len(trees) * seeds * per_run)

@@ -6,7 +6,9 @@ same object from there, so a resumed run searches exactly as it began.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,7 +22,8 @@ class ConfigError(ValueError):
 
 
 def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(MAX_WORKERS, max(1, cores))
 
 
 @dataclass(frozen=True)
@@ -44,46 +47,10 @@ class SearchConfig:
     probe: bool = True                     # fingerprint rules and reject hopeless ones before training
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.searcher not in SEARCHERS:
-            problems.append(f"searcher must be one of {', '.join(SEARCHERS)}, got {self.searcher!r}")
-        if self.warm_start is not None and self.warm_start not in WARM_STARTS:
-            problems.append(f"warm_start must be one of {', '.join(WARM_STARTS)}, got {self.warm_start!r}")
-        if self.warm_start == "builtins" and self.searcher == "random":
-            problems.append("random search takes no warm start")
-        for key in ("seed", "child_seed"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63):
-                problems.append(f"{key} must be a whole number from 0 to 2^63 - 1, got {value!r}")
-        if self.depth not in (1, 2, 3):
-            problems.append(f"depth must be 1, 2 or 3, got {self.depth}")
-        for key in ("budget", "batch_size", "workers", "max_attempts"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{key} must be a whole number of at least 1, got {value!r}")
-        for key in ("stale_after", "heartbeat_every"):
-            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) <= 0:
-                problems.append(f"{key} must be a positive number of seconds, got {getattr(self, key)!r}")
-        if not isinstance(self.probe, bool):
-            problems.append(f"probe must be true or false, got {self.probe!r}")
-        if isinstance(self.heartbeat_every, (int, float)) and isinstance(self.stale_after, (int, float)) \
+        problems = [*_check_fields(self), *_check_controller(self.searcher, self.controller)]
+        if _is_seconds(self.heartbeat_every) and _is_seconds(self.stale_after) \
                 and self.heartbeat_every * 2 > self.stale_after:
             problems.append("heartbeat_every must be at most half of stale_after, or live workers look dead")
-        settings = SEARCHER_SETTINGS.get(self.searcher)
-        if settings is None:
-            if self.controller and self.searcher in SEARCHER_SETTINGS:
-                problems.append(f"{self.searcher} search takes no controller settings")
-        else:
-            known = {f.name for f in fields(settings)}
-            unknown = set(self.controller) - known
-            if unknown:
-                problems.append(f"unknown controller keys {', '.join(sorted(unknown))}; "
-                                f"{self.searcher} knows: {', '.join(sorted(known))}")
-            else:
-                try:
-                    settings(**self.controller)
-                except (TypeError, ValueError) as exc:
-                    problems.append(f"controller: {exc}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -101,6 +68,8 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SearchConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config is a table of keys, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -116,10 +85,138 @@ class SearchConfig:
         data: dict[str, Any] = {}
         if path is not None:
             try:
-                data = tomllib.loads(Path(path).read_text())
+                data = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
             except OSError as exc:
                 raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is not): "
+                                  "is it the right file?") from None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
+
+
+# -- validation: every value is checked here, before a run row is written ------
+
+# Seeds are drawn from torch and numpy generators and stored as JSON: one 32-bit range for all.
+MAX_SEED = 2**32 - 1
+# Rules proposed at once are sampled, probed and stored in one transaction: this many fit in memory.
+MAX_BATCH_SIZE = 10_000
+# Evaluation numbers (`seq`) are 32-bit integers in the database.
+MAX_BUDGET = 2**31 - 1
+MAX_WORKERS = 1024
+MAX_ATTEMPTS = 1000
+MAX_SECONDS = 10_000_000        # stale_after and heartbeat_every: about 115 days
+MAX_NAME = 200                  # the runs.name column
+MAX_TASK_NAME = 100             # the runs.task column
+# Devices nos trains on; whether one is present is checked when the task is built.
+DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?|mps")
+# The controller's whole-number settings: (least, most). Larger networks than these do not fit.
+CONTROLLER_INTS = {"hidden": (1, 4096), "embedding": (1, 4096), "epochs": (1, 1000)}
+CONTROLLER_INT_DEFAULT = (1, 1_000_000)
+# The controller's real-valued settings: (least, most), ends included.
+CONTROLLER_REALS = {"baseline_decay": (0.0, 1.0), "clip": (0.0, 1.0)}
+CONTROLLER_REAL_DEFAULT = (0.0, 1e6)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_seconds(value: Any) -> bool:
+    return _is_real(value) and 0 < value <= MAX_SECONDS
+
+
+def _whole(key: str, value: Any, least: int, most: int) -> list[str]:
+    if _is_whole(value) and least <= value <= most:
+        return []
+    return [f"{key} must be a whole number from {least:,} to {most:,}, got {value!r}"]
+
+
+def _text(key: str, value: Any, longest: int, empty_ok: bool) -> list[str]:
+    if not isinstance(value, str):
+        return [f"{key} must be a string, got {value!r}"]
+    if not empty_ok and not value.strip():
+        return [f"{key} must not be empty"]
+    if len(value) > longest:
+        return [f"{key} must be at most {longest} characters, got {len(value)}"]
+    if not value.isprintable():
+        return [f"{key} must be printable text (no control characters such as NUL or escape), got {value!r}"]
+    return []
+
+
+def _check_fields(config: "SearchConfig") -> list[str]:
+    """What is wrong with the config's own keys (the controller's are checked apart)."""
+    problems = [*_text("task", config.task, MAX_TASK_NAME, empty_ok=False),
+                *_text("name", config.name, MAX_NAME, empty_ok=True)]
+    if not isinstance(config.searcher, str) or config.searcher not in SEARCHERS:
+        problems.append(f"searcher must be one of {', '.join(SEARCHERS)}, got {config.searcher!r}")
+    if not (_is_whole(config.depth) and config.depth in (1, 2, 3)):
+        problems.append(f"depth must be 1, 2 or 3, got {config.depth!r}")
+    problems += _whole("budget", config.budget, 1, MAX_BUDGET)
+    problems += _whole("batch_size", config.batch_size, 1, MAX_BATCH_SIZE)
+    problems += _whole("workers", config.workers, 1, MAX_WORKERS)
+    problems += _whole("max_attempts", config.max_attempts, 1, MAX_ATTEMPTS)
+    problems += _whole("seed", config.seed, 0, MAX_SEED)
+    if config.child_seed is not None:
+        problems += _whole("child_seed", config.child_seed, 0, MAX_SEED)
+    if config.warm_start is not None and config.warm_start not in WARM_STARTS:
+        problems.append(f"warm_start must be one of {', '.join(WARM_STARTS)}, got {config.warm_start!r}")
+    if config.warm_start == "builtins" and config.searcher == "random":
+        problems.append("random search takes no warm start")
+    if not (isinstance(config.device, str) and DEVICE.fullmatch(config.device)):
+        problems.append(f"device must be cpu, cuda, cuda:N or mps, got {config.device!r}")
+    for key in ("stale_after", "heartbeat_every"):
+        if not _is_seconds(getattr(config, key)):
+            problems.append(f"{key} must be a number of seconds above 0 and at most {MAX_SECONDS:,}, "
+                            f"got {getattr(config, key)!r}")
+    if not isinstance(config.probe, bool):
+        problems.append(f"probe must be true or false, got {config.probe!r}")
+    if not isinstance(config.task_options, dict):
+        problems.append(f"task_options must be a table of options, got {config.task_options!r}")
+    elif not all(isinstance(key, str) for key in config.task_options):
+        problems.append("task_options' keys must be strings")
+    elif "device" in config.task_options:
+        problems.append("device is not a task option: set it at the top level (device = \"cuda\")")
+    return problems
+
+
+def _check_controller(searcher: Any, controller: Any) -> list[str]:
+    """The `[controller]` table against the searcher's settings: known keys, each of its type and range."""
+    if not isinstance(controller, dict):
+        return [f"controller must be a table of settings, got {controller!r}"]
+    settings = SEARCHER_SETTINGS.get(searcher) if isinstance(searcher, str) else None
+    if settings is None:
+        if controller and searcher in SEARCHER_SETTINGS:
+            return [f"{searcher} search takes no controller settings"]
+        return []
+    defaults = {f.name: f.default for f in fields(settings)}
+    unknown = set(controller) - set(defaults)
+    if unknown:
+        return [f"unknown controller keys {', '.join(sorted(map(str, unknown)))}; "
+                f"{searcher} knows: {', '.join(sorted(defaults))}"]
+    problems = []
+    for key, value in controller.items():
+        default = defaults[key]
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                problems.append(f"controller.{key} must be true or false, got {value!r}")
+        elif isinstance(default, int):
+            problems += _whole(f"controller.{key}", value, *CONTROLLER_INTS.get(key, CONTROLLER_INT_DEFAULT))
+        elif isinstance(default, float):
+            least, most = CONTROLLER_REALS.get(key, CONTROLLER_REAL_DEFAULT)
+            if not (_is_real(value) and least <= value <= most):
+                problems.append(f"controller.{key} must be a number from {least:g} to {most:g}, got {value!r}")
+        elif isinstance(default, str) and not isinstance(value, str):
+            problems.append(f"controller.{key} must be a string, got {value!r}")
+    if not problems:
+        try:
+            settings(**controller)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"controller: {exc}")
+    return problems

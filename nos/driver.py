@@ -31,7 +31,8 @@ from sqlalchemy import func, select
 
 from .config import SearchConfig
 from .executors import Executor
-from .search import Proposal, Searcher, make_searcher, state_from_bytes, state_to_bytes
+from .resume import CheckpointUnreadable, restore_searcher
+from .search import Proposal, Searcher, make_searcher, state_to_bytes
 from .rules.fingerprint import Verdict, probe
 from .store import (
     NewEvaluation, RuleRecord, Store, batch_evaluations, enqueue_batch, equivalence_reason, find_cached,
@@ -150,10 +151,14 @@ class Driver:
             checkpoint = latest_checkpoint(session, self.run_id)
             if checkpoint is None:
                 return 0, []
-            self.searcher.load_state_dict(state_from_bytes(checkpoint.blob))
+            try:
+                tokens = restore_searcher(self.searcher, checkpoint)
+            except CheckpointUnreadable as exc:   # failed, with the reason; not left "running"
+                self._fail(exc)
+                raise
             self.best = session.execute(
                 select(func.max(Evaluation.reward)).where(Evaluation.run_id == self.run_id)).scalar_one()
-            return checkpoint.step, checkpoint.state["tokens"]
+            return checkpoint.step, tokens
 
     def _propose(self, step: int) -> list[list[int]]:
         n = min(self.config.batch_size, self.config.budget - self._count(statuses=COUNTED))

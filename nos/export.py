@@ -10,6 +10,7 @@ small linear regression as a quick check. Nothing here imports torch.
 from __future__ import annotations
 
 import json
+import math
 
 from nos.rules import Node, operands_read, to_text
 from nos.rules.builtins import BUILTINS, resolve_rule
@@ -26,8 +27,8 @@ def export_snippet(rule: str | Node, *, lr: float = 1e-3, total_steps: int | Non
     Raises `RuleSyntaxError` (a ValueError) for bad rule text, ValueError for a
     bad learning rate or step count.
     """
-    if not lr > 0:
-        raise ValueError(f"the learning rate must be positive, got {lr}")
+    if not 0 < lr < math.inf:   # inf or nan would print as names the snippet cannot resolve
+        raise ValueError(f"the learning rate must be positive and finite, got {lr}")
     if total_steps is not None and total_steps < 1:
         raise ValueError(f"total_steps must be at least 1, got {total_steps}")
     tree = resolve_rule(rule)

@@ -6,6 +6,8 @@ from typing import Iterable
 
 from kombu.exceptions import OperationalError
 
+from nos.redact import mask_credentials, mask_url
+
 from .app import app
 
 
@@ -16,12 +18,14 @@ class BrokerError(Exception):
 def check_broker(broker_url: str) -> None:
     """Connect once, so a wrong URL or a broker that is down fails now, in one line."""
     if not broker_url.startswith(("redis://", "rediss://")):
-        raise BrokerError(f"broker URL must be redis://HOST:PORT/DB, got {broker_url!r}")
+        raise BrokerError(f"broker URL must be redis://HOST:PORT/DB, got {mask_url(broker_url)!r}")
     try:
         with app.connection_for_write(broker_url) as connection:
             connection.ensure_connection(max_retries=1, timeout=3)
     except (OperationalError, OSError) as exc:
-        raise BrokerError(f"cannot reach the broker at {broker_url}: {exc}") from None
+        raise BrokerError(f"cannot reach the broker at {mask_url(broker_url)}: {mask_credentials(str(exc))}") from None
+    except (TypeError, ValueError) as exc:   # kombu's URL parser: a password twice, a port that is no number
+        raise BrokerError(f"bad broker URL {mask_url(broker_url)!r}: {mask_credentials(str(exc))}") from None
 
 
 class CeleryExecutor:

@@ -17,8 +17,14 @@ from dataclasses import dataclass
 from .tree import Node, binary, const, operand, unary
 from .vocabulary import FUNCTIONS, OPERANDS, WEIGHT_SCALES
 
+# What the parser accepts, every other part of nos handles: printing, hashing, storing,
+# probing and training walk the tree recursively, at most about 3 Python frames per level
+# (1,000 by default), so MAX_DEPTH keeps each well inside Python's recursion limit wherever
+# it is called from. MAX_NESTING bounds the parser's own recursion (about 5 frames per
+# parenthesis, unary minus or power). Rules the controller samples are at most 6 deep.
 MAX_LENGTH = 10_000
 MAX_NESTING = 64
+MAX_DEPTH = 100
 
 # Names that stand alone in text (the operands that are not numbers or written
 # with symbols) and the names that are called like functions.
@@ -78,6 +84,9 @@ class _Parser:
         self.tokens = _tokenize(text)
         self.i = 0
         self.nesting = 0
+        # Depth of each operation node built so far, by id; `built` keeps them alive so ids stay unique.
+        self.depths: dict[int, int] = {}
+        self.built: list[Node] = []
 
     # -- token helpers -------------------------------------------------------
     @property
@@ -109,6 +118,16 @@ class _Parser:
         if self.nesting > MAX_NESTING:
             self.fail(f"rule nests more than {MAX_NESTING} levels deep")
 
+    def built_from(self, node: Node, *children: Node, pos: int) -> Node:
+        """`node`, made from `children`; a rule deeper than MAX_DEPTH operations fails at `pos`."""
+        depth = 1 + max(self.depths.get(id(child), 0) for child in children)
+        if depth > MAX_DEPTH:
+            self.fail(f"rule is more than {MAX_DEPTH} operations deep (each operator of a chain "
+                      "such as g + g + g adds one level)", pos)
+        self.depths[id(node)] = depth
+        self.built.append(node)
+        return node
+
     # -- grammar -------------------------------------------------------------
     def parse(self) -> Node:
         if self.tok.kind == "end":
@@ -122,23 +141,28 @@ class _Parser:
         self.deeper()
         node = self.term()
         while self.at("+", "-"):
+            pos = self.tok.pos
             op = "add" if self.advance().text == "+" else "sub"
-            node = binary(op, node, self.term())
+            right = self.term()
+            node = self.built_from(binary(op, node, right), node, right, pos=pos)
         self.nesting -= 1
         return node
 
     def term(self) -> Node:
         node = self.factor()
         while self.at("*", "/"):
+            pos = self.tok.pos
             op = "mul" if self.advance().text == "*" else "div"
-            node = binary(op, node, self.factor())
+            right = self.factor()
+            node = self.built_from(binary(op, node, right), node, right, pos=pos)
         return node
 
     def factor(self) -> Node:
         if self.at("-"):
-            self.advance()
+            pos = self.advance().pos
             self.deeper()
-            node = unary("neg", self.factor())
+            child = self.factor()
+            node = self.built_from(unary("neg", child), child, pos=pos)
             self.nesting -= 1
             return node
         return self.power()
@@ -146,11 +170,11 @@ class _Parser:
     def power(self) -> Node:
         base = self.atom()
         if self.at("^", "**"):
-            self.advance()
+            pos = self.advance().pos
             self.deeper()
             exponent = self.factor()
             self.nesting -= 1
-            return binary("pow", base, exponent)
+            return self.built_from(binary("pow", base, exponent), base, exponent, pos=pos)
         return base
 
     def atom(self) -> Node:
@@ -216,10 +240,11 @@ class _Parser:
             param = self.number()
         self.expect(")")
         try:
-            return unary(fn, arg, param)
+            node = unary(fn, arg, param)
         except ValueError as exc:
             self.fail(str(exc), param_pos)
             raise AssertionError  # unreachable
+        return self.built_from(node, arg, pos=name_tok.pos)
 
 
 def parse(text: str) -> Node:

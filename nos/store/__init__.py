@@ -6,7 +6,7 @@
 """
 
 from .checkpoints import latest_checkpoint, save_checkpoint
-from .engine import DEFAULT_URL, URL_ENV_VAR, Store, StoreError, create_engine, resolve_url, shown
+from .engine import DEFAULT_URL, URL_ENV_VAR, Store, StoreError, check_writable, create_engine, resolve_url, shown
 from .evaluations import (
     EvaluationResult, NewEvaluation, StaleSweep, TrialResult, batch_evaluations, claim, commit_cached, commit_result,
     enqueue_batch, equivalence_reason, fail, find_cached, find_equivalent, get_evaluation, heartbeat, requeue_stale,
@@ -33,7 +33,7 @@ __all__ = [
     "DEFAULT_URL", "EVALUATION_STATUSES", "RUN_STATUSES", "SCORED_STATUSES", "URL_ENV_VAR", "Base", "Checkpoint",
     "Evaluation", "EvaluationResult", "LeaderboardRow", "LrTrial", "NewEvaluation", "Rule", "RuleRecord", "Run",
     "RunProgress", "SchemaState", "StaleSweep", "Store", "StoreError", "TrialResult", "batch_evaluations",
-    "check_schema", "claim", "commit_cached", "commit_result", "create_engine", "create_run", "enqueue_batch", "equivalence_reason", "fail",
+    "check_schema", "check_writable", "claim", "commit_cached", "commit_result", "create_engine", "create_run", "enqueue_batch", "equivalence_reason", "fail",
     "find_cached", "find_equivalent",
     "find_rule", "get_evaluation", "get_or_create_rule", "get_or_create_rules", "get_run", "heartbeat",
     "latest_checkpoint", "leaderboard", "list_runs", "open_store", "requeue_stale", "resolve_url", "run_progress",

@@ -21,6 +21,8 @@ from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..redact import mask_credentials, mask_url
+
 DEFAULT_URL = "sqlite:///nos.db"
 URL_ENV_VAR = "NOS_DB_URL"
 # Milliseconds a SQLite writer waits for the lock before giving up.
@@ -41,19 +43,25 @@ def resolve_url(url: str | None = None) -> URL:
     text = url or os.environ.get(URL_ENV_VAR) or DEFAULT_URL
     try:
         parsed = sa.make_url(text)
-    except ArgumentError:
-        raise StoreError(f"bad database URL {text!r}: expected sqlite:///PATH or postgresql://HOST/DB") from None
+    except (ArgumentError, ValueError) as exc:   # ValueError: a port that is not a number
+        why = "its port is not a number" if isinstance(exc, ValueError) else "it is not a URL"
+        raise StoreError(f"bad database URL {mask_url(text)!r} ({why}): "
+                         "expected sqlite:///PATH or postgresql://HOST/DB") from None
     if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
         return parsed.set(drivername="postgresql+psycopg")
     if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
+        if parsed.host or parsed.port or parsed.username or parsed.password:
+            # sqlite://nos.db reads "nos.db" as a host name: the path needs the third slash.
+            raise StoreError(f"bad SQLite URL {mask_url(text)!r}: write sqlite:///nos.db (a relative path) "
+                             "or sqlite:////abs/path/nos.db (three slashes, then the path)")
         return parsed
     raise StoreError(f"unsupported database {parsed.drivername!r} in {shown(parsed)}: "
                      "use sqlite:///PATH or postgresql://HOST/DB")
 
 
 def shown(url: URL) -> str:
-    """The URL as safe to print: no password."""
-    return url.render_as_string(hide_password=True)
+    """The URL as safe to print or store: no password (see nos.redact)."""
+    return mask_url(url)
 
 
 def sqlite_path(url: URL) -> Path | None:
@@ -61,6 +69,21 @@ def sqlite_path(url: URL) -> Path | None:
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return None
     return Path(url.database)
+
+
+def check_writable(url: URL) -> None:
+    """A StoreError when an existing SQLite file cannot be written (read-only file or folder)."""
+    path = sqlite_path(url)
+    if path is None or not path.exists():
+        return
+    try:
+        os.close(os.open(path, os.O_RDWR))
+    except OSError as exc:
+        raise StoreError(f"cannot write to database {path}: {exc.strerror}") from None
+    wal = path.with_name(path.name + "-wal")
+    if not wal.exists() and not os.access(path.parent, os.W_OK):
+        raise StoreError(f"cannot write to database {path}: its folder is read-only "
+                         "(SQLite keeps a -wal file beside the database)")
 
 
 def create_engine(url: URL) -> Engine:
@@ -117,8 +140,9 @@ def _sqlite_engine(url: URL) -> Engine:
 
 
 def first_line(exc: BaseException | None) -> str:
+    """The exception's first line, any credential in it masked: what a StoreError quotes."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    return mask_credentials(lines[0]) if lines else type(exc).__name__
 
 
 class Store:

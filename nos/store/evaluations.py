@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from ..redact import mask_credentials
 from .models import Evaluation, LrTrial, Rule, utcnow
 
 evaluations = Evaluation.__table__
@@ -208,7 +209,7 @@ def commit_cached(session: Session, evaluation_id: int, attempt: int, source: Ev
 def fail(session: Session, evaluation_id: int, attempt: int, error: str, *, now: datetime | None = None) -> bool:
     """Mark the evaluation failed with `error`, if `attempt` still holds the claim."""
     result = session.execute(update(evaluations).where(_held(evaluation_id, attempt))
-                             .values(status="failed", error=error, finished_at=now or utcnow()))
+                             .values(status="failed", error=mask_credentials(error), finished_at=now or utcnow()))
     return result.rowcount == 1
 
 

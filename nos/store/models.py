@@ -169,8 +169,9 @@ class LrTrial(Base):
 class Checkpoint(Base):
     """The searcher's state after a step, so a run resumes where it stopped.
 
-    `state` and `rng_state` are JSON; `blob` holds opaque bytes (e.g. tensors
-    in safetensors format). Nothing here is ever unpickled.
+    `state` and `rng_state` are JSON; `blob` is the searcher's state written by
+    torch.save and read back only with torch.load(weights_only=True), torch's
+    restricted unpickler (tensors and plain containers; see docs/security.md).
     """
 
     __tablename__ = "checkpoints"

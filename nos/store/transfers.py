@@ -25,6 +25,7 @@ from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from ..redact import mask_credentials
 from .models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial, utcnow
 
 transfer_runs = TransferRun.__table__
@@ -207,7 +208,7 @@ def fail_transfer(session: Session, transfer_id: int, attempt: int, error: str, 
                   now: datetime | None = None) -> bool:
     """Mark the run failed with `error` (its trials, epochs and snapshot stay: a re-run continues it)."""
     now = now or utcnow()
-    return _hold(session, transfer_id, attempt, now, status="failed", error=error, finished_at=now)
+    return _hold(session, transfer_id, attempt, now, status="failed", error=mask_credentials(error), finished_at=now)
 
 
 def transfer_runs_of(session: Session, task_key: str, rule_ids: Sequence[int] | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -68,8 +69,8 @@ class Task:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.lrs or any(not (lr > 0) for lr in self.lrs):
-            raise ValueError(f"learning rates must be positive, got {self.lrs}")
+        if not self.lrs or any(not (0 < lr < math.inf) for lr in self.lrs):
+            raise ValueError(f"learning rates must be positive, finite numbers, got {self.lrs}")
         if self.batch_size < 1 or self.sweep_epochs < 1 or self.epochs < 1:
             raise ValueError("batch_size, sweep_epochs and epochs must be at least 1")
         if self.batch_size > len(self.splits.train_x):

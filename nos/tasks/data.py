@@ -7,6 +7,7 @@ validation, subsampling and moving to the device are the task's business.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import os
 import pickle
@@ -90,7 +91,7 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None, download: bool
             return (_as_images(images["train_x"]), images["train_y"].long(),
                     _as_images(images["test_x"]), images["test_y"].long())
     root = download_root(data_dir)
-    _download("Fashion-MNIST", "FashionMNIST", root, folders, download)
+    _download("Fashion-MNIST", "FashionMNIST", root, folders, download and _may_download_into(root, data_dir))
     return load_fashion_mnist(root, download=False)
 
 
@@ -114,13 +115,44 @@ def _find_cifar_folder(folder: Path) -> Path | None:
     return None
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds numpy arrays, dicts, lists, numbers and strings, and nothing else.
+
+    CIFAR-10's python version is a set of pickles. pickle.load would run any
+    callable a crafted file names (os.system, say); this one refuses every
+    global but numpy's array constructors, so a file can hold data, never code.
+    """
+
+    def find_class(self, module: str, name: str):
+        allowed = _ARRAY_GLOBALS.get((module.replace("numpy._core", "numpy.core"), name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, and only numpy arrays are read")
+        return allowed
+
+
+try:
+    from numpy._core.multiarray import _reconstruct
+    from numpy._core.numeric import _frombuffer
+except ImportError:   # numpy 1.x
+    from numpy.core.multiarray import _reconstruct
+    from numpy.core.numeric import _frombuffer
+_ARRAY_GLOBALS: dict[tuple[str, str], object] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,   # how protocol 2 writes Python 3 bytes: text to bytes, no code
+}
+
+
 def _read_cifar_batches(paths: list[Path]) -> tuple[Tensor, Tensor]:
     xs, ys = [], []
     for path in paths:
-        with path.open("rb") as f:
-            batch = pickle.load(f, encoding="latin1")
-        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch["labels"], dtype=np.int64))
+        try:
+            with path.open("rb") as f:
+                batch = _ArraysOnly(f, encoding="latin1").load()
+            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch["labels"], dtype=np.int64))
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+            raise DataUnavailable(f"{path} is not a CIFAR-10 python batch ({type(exc).__name__}: {exc})") from None
     return torch.from_numpy(np.concatenate(xs)).float().div_(255.0), torch.from_numpy(np.concatenate(ys))
 
 
@@ -134,7 +166,7 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, download: bool = Tru
             test_x, test_y = _read_cifar_batches([base / "test_batch"])
             return train_x, train_y, test_x, test_y
     root = download_root(data_dir)
-    _download("CIFAR-10", "CIFAR10", root, folders, download)
+    _download("CIFAR-10", "CIFAR10", root, folders, download and _may_download_into(root, data_dir))
     return load_cifar10(root, download=False)
 
 
@@ -148,19 +180,39 @@ _WHERE = {
 }
 
 
+def _may_download_into(root: Path, data_dir: str | os.PathLike | None) -> bool:
+    """False when the folder was named (--data-dir, $NOS_DATA_DIR) but is not there: a typo, not a cache."""
+    return not data_dirs(data_dir) or root.is_dir()
+
+
+def _folders(root: Path) -> set[Path]:
+    """The folders torchvision may make in `root` (ROOT/Class/raw): two levels down."""
+    if not root.is_dir():
+        return set()
+    return {p for pattern in ("*", "*/*") for p in root.glob(pattern) if p.is_dir()}
+
+
 def _download(name: str, torchvision_class: str, root: Path, looked_in: list[Path], download: bool) -> None:
     """torchvision's download into `root`; a DataUnavailable saying where files go if it fails."""
     places = ", ".join(str(p) for p in looked_in) or "nowhere (no --data-dir, no $NOS_DATA_DIR)"
     where = f"Put {_WHERE[name]}, then pass --data-dir DIR or set NOS_DATA_DIR=DIR."
     if not download:
-        raise DataUnavailable(f"{name} is not on disk (looked in: {places}) and downloading is off.\n{where}")
+        missing = [p for p in looked_in if not p.is_dir()]
+        why = (f"the folder {missing[0]} does not exist" if missing and missing[0] == root
+               else "downloading is off")
+        raise DataUnavailable(f"{name} is not on disk (looked in: {places}) and {why}.\n{where}")
     import torchvision
+
+    before = _folders(root)
 
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)   # an unreachable mirror fails, it does not hang
     try:
         getattr(torchvision.datasets, torchvision_class)(str(root), download=True)
     except Exception as exc:   # URLError, timeouts, bad checksums: all mean "no files"
+        for folder in sorted(_folders(root) - before, key=lambda p: len(p.parts), reverse=True):
+            if not any(folder.iterdir()):   # leave no empty folders behind
+                folder.rmdir()
         raise DataUnavailable(
             f"{name} is not on disk and could not be downloaded into {root} ({type(exc).__name__}: {exc}).\n"
             f"Looked in: {places}.\n{where}"

@@ -22,6 +22,10 @@ from torch import Tensor
 from . import children, data
 from .base import PAPER_LRS, Splits, Task
 from .objectives import Accuracy, MeanSquaredError, ModelValue
+from .options import check_options
+
+# The quadratic's examples are generated in memory: at most this many float32 numbers (400 MB).
+MAX_SYNTHETIC_NUMBERS = 100_000_000
 
 
 class UnknownTask(ValueError):
@@ -49,7 +53,10 @@ def _splits(arrays: tuple[Tensor, ...], device: torch.device, channels_last: boo
 
 
 def _device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{device}' asked for, but torch sees no CUDA device here")
     return device
@@ -113,8 +120,11 @@ def quadratic(*, device: torch.device, data_dir=None, train_size: int | None = N
     Feature scales run from 1 to sqrt(condition): the loss's Hessian has that
     condition number, which separates adaptive rules from plain SGD.
     """
-    gen = torch.Generator().manual_seed(split_seed)
     n = (train_size or 2048) + 1024
+    if n * dim > MAX_SYNTHETIC_NUMBERS:
+        raise ValueError(f"quadratic's data would hold {n * dim:,} numbers (train_size + 1024 examples of dim "
+                         f"{dim}); keep it under {MAX_SYNTHETIC_NUMBERS:,}")
+    gen = torch.Generator().manual_seed(split_seed)
     x = torch.randn(n, dim, generator=gen) * torch.logspace(0, 0.5 * math.log10(condition), dim)
     y = x @ torch.randn(dim, generator=gen) + noise * torch.randn(n, generator=gen)
     arrays = _split(x[:-512], y[:-512], 512, train_size, split_seed) + (x[-512:], y[-512:])
@@ -149,13 +159,16 @@ TASKS: dict[str, Callable[..., Task]] = {
 
 def get_task(name: str, *, device: str | torch.device = "cpu", lrs=None, **options: Any) -> Task:
     """The task `name` built with `options` (see the module doc); UnknownTask lists the names."""
-    key = name.strip().lower().replace("_", "-")
+    key = name.strip().lower().replace("_", "-") if isinstance(name, str) else None
     if key not in TASKS:
         raise UnknownTask(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     options = {k: v for k, v in options.items() if v is not None}
     if lrs is not None:
-        options["lrs"] = tuple(float(lr) for lr in lrs)
+        options["lrs"] = lrs
     builder = TASKS[key]
+    check_options(key, builder, options)
+    if "lrs" in options:
+        options["lrs"] = tuple(float(lr) for lr in options["lrs"])
     task = builder(device=_device(device), **options)
     # Record the defaults too, so the config key changes if a default does.
     bound = inspect.signature(builder).bind(device=task.device, **options)

@@ -1,0 +1,57 @@
+"""Reading a run's latest checkpoint back into its searcher, or saying clearly why it cannot be.
+
+A checkpoint's blob is read with `torch.load(weights_only=True)` (tensors and
+plain containers only; see docs/security.md). A damaged blob, a state of
+another searcher or a `state` without its tokens is a CheckpointUnreadable
+with one line, raised before anything about the run is changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import SearchConfig
+from .search import Searcher, make_searcher, state_from_bytes
+from .store import Store, latest_checkpoint
+from .store.models import Checkpoint
+
+
+class CheckpointUnreadable(Exception):
+    """The run's latest checkpoint cannot be loaded: the run cannot resume from it."""
+
+
+def _tokens(state: Any) -> list[list[int]]:
+    tokens = state.get("tokens") if isinstance(state, dict) else None
+    if not (isinstance(tokens, list) and all(isinstance(row, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in row) for row in tokens)):
+        raise ValueError("its state has no list of token rows")
+    return tokens
+
+
+def restore_searcher(searcher: Searcher, checkpoint: Checkpoint) -> list[list[int]]:
+    """Load `checkpoint` into `searcher`; returns the checkpoint's batch tokens."""
+    try:
+        tokens = _tokens(checkpoint.state)
+        if not isinstance(checkpoint.blob, bytes) or not checkpoint.blob:
+            raise ValueError("its blob is empty")
+        searcher.load_state_dict(state_from_bytes(checkpoint.blob))
+    # torch.load and load_state_dict fail in many ways on damaged bytes (UnpicklingError,
+    # RuntimeError, EOFError, KeyError, ...); each means the same thing here.
+    except Exception as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointUnreadable(
+            f"run {checkpoint.run_id}: its checkpoint of step {checkpoint.step} cannot be read "
+            f"({type(exc).__name__}{': ' + why[:200] if why else ''}); the run cannot resume from it") from None
+    return tokens
+
+
+def check_resumable(store: Store, run_id: int, config: SearchConfig) -> None:
+    """CheckpointUnreadable unless the run's latest checkpoint (if any) loads into a fresh searcher."""
+    with store.reading() as session:
+        checkpoint = latest_checkpoint(session, run_id)
+        if checkpoint is not None:
+            restore_searcher(make_searcher(config.searcher, config.depth, config.seed, **config.controller),
+                             checkpoint)
+
+
+__all__ = ["CheckpointUnreadable", "check_resumable", "restore_searcher"]

@@ -1,0 +1,86 @@
+"""The options a task takes and what each must be, checked before any data is read.
+
+A wrong option (a string for a number, an unknown name, an infinite learning
+rate) is a ValueError that names the option; it never reaches a builder as a
+Python signature error or a failed float() halfway through.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from typing import Any, Callable
+
+# The protocol's knobs every task takes (fields of Task), beside each builder's own keywords.
+PROTOCOL_OPTIONS = ("batch_size", "lrs", "sweep_epochs", "epochs", "explode", "sweep", "stacked")
+SWEEPS = ("full", "halving")
+MAX_SEED = 2**32 - 1
+# Sizes beyond these cannot fit in memory (hidden: the digits MLP's width; dim: the quadratic's).
+MAX_EXAMPLES = 10_000_000
+MAX_HIDDEN = 100_000
+MAX_DIM = 100_000
+MAX_LRS = 100
+
+
+def _whole(least: int, most: int) -> tuple[str, Callable[[Any], bool]]:
+    return (f"a whole number from {least:,} to {most:,}",
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and least <= v <= most)
+
+
+def _real(least: float, strict: bool = False) -> tuple[str, Callable[[Any], bool]]:
+    def ok(v: Any) -> bool:
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (v > least if strict else v >= least))
+    return (f"a finite number {'above' if strict else 'of at least'} {least:g}", ok)
+
+
+def _lrs_ok(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and 0 < len(value) <= MAX_LRS
+            and all(_real(0.0, strict=True)[1](lr) for lr in value))
+
+
+CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "train_size": _whole(1, MAX_EXAMPLES),
+    "val_size": _whole(1, MAX_EXAMPLES),
+    "test_size": _whole(1, MAX_EXAMPLES),
+    "batch_size": _whole(1, MAX_EXAMPLES),
+    "epochs": _whole(1, 1_000_000),
+    "sweep_epochs": _whole(1, 1_000_000),
+    "split_seed": _whole(0, MAX_SEED),
+    "hidden": _whole(1, MAX_HIDDEN),
+    "dim": _whole(1, MAX_DIM),
+    "condition": _real(1.0),
+    "noise": _real(0.0),
+    "explode": _real(0.0),
+    "lrs": (f"a list of 1 to {MAX_LRS} positive, finite learning rates such as [1e-3, 1e-2]", _lrs_ok),
+    "sweep": (f"one of {', '.join(SWEEPS)}", lambda v: v in SWEEPS),
+    "stacked": ("true or false", lambda v: isinstance(v, bool)),
+    "download": ("true or false", lambda v: isinstance(v, bool)),
+    "data_dir": ("a folder's path", lambda v: isinstance(v, (str, os.PathLike)) and str(v).strip() != ""),
+}
+
+
+def task_options(builder: Callable[..., Any]) -> tuple[str, ...]:
+    """The option names `builder` takes: its keywords and the protocol's."""
+    own = [name for name, p in inspect.signature(builder).parameters.items()
+           if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "device"]
+    return tuple(dict.fromkeys(own + list(PROTOCOL_OPTIONS)))
+
+
+def check_options(task: str, builder: Callable[..., Any], options: dict[str, Any]) -> None:
+    """A ValueError naming the first unknown option or bad value; None options count as not given."""
+    known = task_options(builder)
+    unknown = sorted(str(k) for k in options if k not in known)
+    if unknown:
+        raise ValueError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                         f"for task {task}; it takes: {', '.join(sorted(known))}")
+    for name, value in options.items():
+        if value is None or name not in CHECKS:
+            continue
+        what, ok = CHECKS[name]
+        if not ok(value):
+            raise ValueError(f"task option {name} must be {what}, got {value!r}")
+
+
+__all__ = ["CHECKS", "PROTOCOL_OPTIONS", "check_options", "task_options"]

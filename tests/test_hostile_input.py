@@ -1,0 +1,469 @@
+"""Hostile and careless input through the CLI: one clear line, exit status 2, the database unchanged, no secret shown.
+
+Each test does what a user did (a command line, a config file, a damaged row)
+and checks the message, the exit status and a snapshot of every table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from conftest import unavailable
+from nos.cli.main import cli
+from nos.config import SearchConfig
+from nos.store import create_run, open_store, resolve_url, save_checkpoint, upgrade
+from nos.store.models import Base
+
+REPO = Path(__file__).resolve().parent.parent
+MARKUP_NAME = "[/x] [bold red]boom"
+
+
+def invoke(*args: str, env: dict | None = None):
+    # catch_exceptions=False: a traceback fails the test instead of passing as "exit 1".
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False, env=env)
+
+
+def snapshot(url: str) -> dict[str, list[dict]]:
+    """Every row of every table (alembic's too), in key order: equal snapshots, unchanged database."""
+    version = sa.table("alembic_version", sa.column("version_num"))
+    engine = sa.create_engine(resolve_url(url))
+    try:
+        with engine.connect() as connection:
+            rows = {t.name: connection.execute(sa.select(t).order_by(*t.primary_key.columns)).mappings().all()
+                    for t in Base.metadata.sorted_tables}
+            rows["alembic_version"] = connection.execute(sa.select(version)).mappings().all()
+            return {name: [dict(row) for row in found] for name, found in rows.items()}
+    finally:
+        engine.dispose()
+
+
+def one_line_error(result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+
+
+def small_config(**changes) -> dict:
+    return SearchConfig(task="rosenbrock", budget=4, batch_size=2, depth=1, workers=1, stale_after=30.0,
+                        heartbeat_every=1.0, task_options={"train_size": 5, "lrs": [0.01], "epochs": 1},
+                        **changes).to_dict()
+
+
+@pytest.fixture(scope="module")
+def marked_up(tmp_path_factory):
+    """The user's command: a run named with rich markup, searched to its budget on a new SQLite file."""
+    db = tmp_path_factory.mktemp("markup") / "nos.db"
+    url = f"sqlite:///{db}"
+    result = invoke("enqueue", "--task", "rosenbrock", "--budget", "4", "--workers", "1", "--name", MARKUP_NAME,
+                    "--db", url)
+    return url, result
+
+
+@pytest.fixture
+def pg_with_a_run(pg_url) -> str:
+    """A migrated PostgreSQL schema holding one stopped run with a checkpoint."""
+    upgrade(resolve_url(pg_url))
+    store = open_store(pg_url)
+    with store.transaction() as session:
+        run_id = create_run(session, "stored", "rosenbrock", small_config())
+        save_checkpoint(session, run_id, 0, {"batch": 0, "tokens": []}, {}, b"not used")
+    store.dispose()
+    return pg_url
+
+
+# -- 1. what users and the database wrote is printed as text ---------------------
+
+def test_a_run_name_with_markup_prints_as_itself_everywhere(marked_up):
+    url, enqueued = marked_up
+    assert enqueued.exit_code == 0, enqueued.output
+    assert f"RUN_ID 1  ({MARKUP_NAME}: ppo on rosenbrock" in enqueued.output
+    for args in (("runs",), ("status",), ("status", "1")):
+        result = invoke(*args, "--db", url)
+        assert result.exit_code == 0, result.output
+        assert MARKUP_NAME in result.output
+
+
+def test_valid_tags_in_a_name_restyle_nothing(tmp_path):
+    url = f"sqlite:///{tmp_path / 'nos.db'}"
+    upgrade(resolve_url(url))
+    store = open_store(url)
+    with store.transaction() as session:
+        create_run(session, "[bold red]boom[/bold red] :smile:", "rosenbrock", small_config())
+    store.dispose()
+    result = invoke("runs", "--db", url)
+    assert result.exit_code == 0 and "[bold red]boom[/bold red] :smile:" in result.output
+    assert "\x1b[" not in result.output   # no colour codes: the tags were not applied
+
+
+def test_error_text_in_show_prints_as_text_with_control_characters_escaped(marked_up, tmp_path):
+    url, _ = marked_up
+    copy = tmp_path / "copy.db"
+    with contextlib.closing(sqlite3.connect(Path(url.removeprefix("sqlite:///")))) as source, \
+            contextlib.closing(sqlite3.connect(copy)) as target:
+        source.backup(target)
+        rule_id, = target.execute("SELECT rule_id FROM evaluations ORDER BY id LIMIT 1").fetchone()
+        target.execute("UPDATE evaluations SET error = ? WHERE rule_id = ?",
+                       ("Traceback\nValueError: [/x] [red]bad[/red] \x1b[2J", rule_id))
+        target.commit()
+    result = invoke("show", str(rule_id), "--db", f"sqlite:///{copy}")
+    assert result.exit_code == 0, result.output
+    assert "error: ValueError: [/x] [red]bad[/red] \\x1b[2J" in result.output
+    assert "\x1b" not in result.output
+
+
+# -- 2. credentials are masked wherever they are shown or stored -----------------
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--broker", "redis://:SECRET@127.0.0.1:1/10"), "cannot reach the broker at redis://:***@127.0.0.1:1/10"),
+    (("--broker", "amqp://u:SECRET@h/"), "got 'amqp://u:***@h/'"),
+    (("--broker", "redis://127.0.0.1:6379/0?password=SECRET"),
+     "bad broker URL 'redis://127.0.0.1:6379/0?password=***'"),
+    (("--db", "postgresql://u:SECRET@h:notaport/db"), "bad database URL 'postgresql://u:***@h:notaport/db'"),
+    (("--db", "postgresql://u:SECRET@127.0.0.1:1/db"), "postgresql+psycopg://u:***@127.0.0.1:1/db"),
+])
+def test_passwords_never_reach_the_output(marked_up, args, message):
+    url, _ = marked_up
+    before = snapshot(url)
+    db = () if "--db" in args else ("--db", url)
+    result = invoke("enqueue", "--task", "rosenbrock", *args, *db)
+    one_line_error(result, message)
+    assert "SECRET" not in result.output
+    assert snapshot(url) == before
+
+
+def test_status_masks_the_broker_password(marked_up):
+    url, _ = marked_up
+    result = invoke("status", "--broker", "redis://:SECRET@127.0.0.1:1/3", "--db", url)
+    one_line_error(result, "cannot reach the broker at redis://:***@127.0.0.1:1/3")
+    assert "SECRET" not in result.output
+
+
+def test_the_enqueue_banner_masks_the_broker_password(tmp_path):
+    import redis
+
+    index = 1 + uuid.uuid4().int % 15
+    client = redis.Redis.from_url(f"redis://127.0.0.1:6379/{index}", socket_connect_timeout=2)
+    try:
+        client.flushdb()
+    except redis.RedisError as exc:
+        unavailable("Redis", f"127.0.0.1:6379 does not answer: {exc}")
+    try:
+        result = invoke("enqueue", "--task", "rosenbrock", "--budget", "2", "--detach",
+                        "--broker", f"redis://:SECRET@127.0.0.1:6379/{index}", "--db", f"sqlite:///{tmp_path}/n.db")
+    finally:
+        client.flushdb()   # the detached driver's message: no worker here takes it
+    assert result.exit_code == 0, result.output
+    assert f"Celery at redis://:***@127.0.0.1:6379/{index}" in result.output and "SECRET" not in result.output
+
+
+def test_stored_errors_are_masked(tmp_path):
+    from nos.store import set_run_status
+
+    url = f"sqlite:///{tmp_path / 'nos.db'}"
+    upgrade(resolve_url(url))
+    store = open_store(url)
+    with store.transaction() as session:
+        run_id = create_run(session, "r", "rosenbrock", small_config())
+        set_run_status(session, run_id, "failed",
+                       error="OperationalError: cannot reach redis://:SECRET@h:6379/0 or postgresql://u:PW@h/db")
+    store.dispose()
+    error = snapshot(url)["runs"][0]["error"]
+    assert error == "OperationalError: cannot reach redis://:***@h:6379/0 or postgresql://u:***@h/db"
+
+
+def test_mask_url_and_mask_credentials():
+    from nos.redact import mask_credentials, mask_url
+
+    assert mask_url("redis://:SECRET@127.0.0.1:6379/10") == "redis://:***@127.0.0.1:6379/10"
+    assert mask_url(sa.make_url("postgresql://u:S@h/db?password=S")) == "postgresql://u:***@h/db?password=***"
+    assert mask_url("redis://:p@ss@h:1/0") == "redis://:***@h:1/0"   # an unescaped '@' in the password
+    assert mask_url("postgresql://user@host:5432/db") == "postgresql://user@host:5432/db"
+    assert mask_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    assert mask_credentials("a amqp://u:S@h/ b rediss://:T@k:1") == "a amqp://u:***@h/ b rediss://:***@k:1"
+
+
+# -- 7. every bad value is refused before anything is written --------------------
+
+BAD_CONFIGS = [
+    (b"task = 5\n", "task must be a string, got 5"),
+    (b"task_options = 5\n", "task_options must be a table of options, got 5"),
+    (b"\x00\xff\xfe\x89PNG binary", "is not UTF-8 text"),
+    (b"[controller]\nhidden = -1\n", "controller.hidden must be a whole number from 1 to 4,096, got -1"),
+    (b"controller = {hidden = -1}\n", "controller.hidden must be a whole number"),
+    (b"seed = 99999999999999999999\n", "seed must be a whole number from 0 to 4,294,967,295"),
+    (b"stale_after = nan\n", "stale_after must be a number of seconds above 0"),
+    (b"stale_after = 1e308\n", "stale_after must be a number of seconds above 0"),
+    (b"device = 'bogus'\n", "device must be cpu, cuda, cuda:N or mps, got 'bogus'"),
+    (b"name = \"a\\u0000b\"\n", "name must be printable text"),
+    (b"[task_options]\ndevice = 'cpu'\n", "device is not a task option"),
+    (b"batch_size = 1000000000\n", "batch_size must be a whole number from 1 to 10,000"),
+    (b"seed = 1979-05-27\n", "seed must be a whole number"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_CONFIGS)
+def test_bad_config_values_change_nothing(marked_up, tmp_path, content, message):
+    url, _ = marked_up
+    config = tmp_path / "bad.toml"
+    config.write_bytes(content)
+    before = snapshot(url)
+    one_line_error(invoke("enqueue", "--config", str(config), "--db", url), message)
+    assert snapshot(url) == before
+    fresh = tmp_path / "fresh.db"
+    one_line_error(invoke("enqueue", "--config", str(config), "--db", f"sqlite:///{fresh}"), message)
+    assert not fresh.exists()
+
+
+def test_resuming_a_run_stored_with_a_bad_config_says_so(marked_up, tmp_path):
+    url, _ = marked_up
+    copy = tmp_path / "copy.db"
+    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as source, \
+            contextlib.closing(sqlite3.connect(copy)) as target:
+        source.backup(target)
+        target.execute("UPDATE runs SET status = 'stopped', "
+                       "config = json_set(config, '$.seed', 99999999999999999999.0)")
+        target.commit()
+    before = snapshot(f"sqlite:///{copy}")
+    result = invoke("resume", "1", "--db", f"sqlite:///{copy}")
+    one_line_error(result, "run 1 has a config this nos cannot read: seed must be a whole number")
+    assert snapshot(f"sqlite:///{copy}") == before
+
+
+def test_ids_beyond_any_stored_one(marked_up, pg_with_a_run):
+    url, _ = marked_up
+    before = snapshot(url)
+    result = invoke("status", "99999999999999999999", "--db", url)
+    assert result.exit_code == 2 and "is not in the range" in result.output and "Traceback" not in result.output
+    assert snapshot(url) == before
+    pg_before = snapshot(pg_with_a_run)
+    one_line_error(invoke("show", "99999999999", "--db", pg_with_a_run), "rule '99999999999' has not been evaluated")
+    one_line_error(invoke("show", "9" * 5000, "--db", pg_with_a_run), "has not been evaluated")
+    result = invoke("status", "3000000000", "--db", pg_with_a_run)
+    assert result.exit_code == 2 and "is not in the range" in result.output
+    assert snapshot(pg_with_a_run) == pg_before
+
+
+@pytest.mark.parametrize(("db", "message"), [
+    ("postgresql://u:p@h:notaport/db", "its port is not a number"),
+    ("sqlite://nos.db", "bad SQLite URL 'sqlite://nos.db': write sqlite:///nos.db"),
+])
+def test_malformed_database_urls(tmp_path, monkeypatch, db, message):
+    monkeypatch.chdir(tmp_path)
+    for command in (("runs",), ("enqueue", "--task", "rosenbrock")):
+        one_line_error(invoke(*command, "--db", db), message)
+    assert list(tmp_path.iterdir()) == []   # no nos.db (or anything else) created
+
+
+def test_a_name_with_nul_on_postgresql(pg_with_a_run, tmp_path):
+    before = snapshot(pg_with_a_run)
+    result = invoke("enqueue", "--task", "rosenbrock", "--name", "a\x00b", "--db", pg_with_a_run)
+    assert result.exit_code == 2 and "control characters" in result.output and "Traceback" not in result.output
+    config = tmp_path / "nul.toml"
+    config.write_text('task = "rosenbrock"\nname = "a\\u0000b"\n')
+    one_line_error(invoke("enqueue", "--config", str(config), "--db", pg_with_a_run), "name must be printable text")
+    assert snapshot(pg_with_a_run) == before
+
+
+def _read_only(path: Path):
+    """Make `path` unwritable, even for root (who ignores file modes): chattr +i there, chmod elsewhere."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        return lambda: path.chmod(0o644)
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot make a file read-only as root here: {done.stderr.decode().strip()}")
+    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_read_only_sqlite_file(marked_up, tmp_path):
+    url, _ = marked_up
+    copy = tmp_path / "ro.db"
+    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as source, \
+            contextlib.closing(sqlite3.connect(copy)) as target:
+        source.backup(target)
+        target.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = snapshot(f"sqlite:///{copy}")
+    restore = _read_only(copy)
+    try:
+        result = invoke("enqueue", "--task", "rosenbrock", "--budget", "2", "--db", f"sqlite:///{copy}")
+        one_line_error(result, f"cannot write to database {copy}")
+        one_line_error(invoke("stop", "1", "--db", f"sqlite:///{copy}"), f"cannot write to database {copy}")
+    finally:
+        restore()
+    assert snapshot(f"sqlite:///{copy}") == before
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("eval", "g", "--seed", "99999999999999999999"), "is not in the range 0<=x<=4294967295"),
+    (("eval", "g", "--device", "bogus"), "unknown device 'bogus'; use cpu, cuda or cuda:N"),
+    (("transfer", "g", "--no-baselines", "--device", "bogus"), "unknown device 'bogus'"),
+    (("export", "g", "--seed", "-1"), "is not in the range"),
+])
+def test_eval_transfer_and_export_arguments(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*args)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def _stopped_copy(url: str, folder: Path, blob: bytes | None) -> str:
+    """A copy of the run's database with run 1 stopped and (blob given) its latest checkpoint's bytes replaced."""
+    copy = folder / "resume.db"
+    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as source, \
+            contextlib.closing(sqlite3.connect(copy)) as target:
+        source.backup(target)
+        target.execute("UPDATE runs SET status = 'stopped', finished_at = NULL")
+        if blob is not None:
+            target.execute("UPDATE checkpoints SET blob = ? WHERE id = (SELECT max(id) FROM checkpoints)", (blob,))
+        target.commit()
+    return f"sqlite:///{copy}"
+
+
+@pytest.mark.parametrize("blob", [b"\x00damaged", b"PK\x03\x04 not a zip", b""])
+def test_a_damaged_checkpoint_stops_resume_before_the_run_changes(marked_up, tmp_path, blob):
+    url, _ = marked_up
+    copy = _stopped_copy(url, tmp_path, blob)
+    before = snapshot(copy)
+    result = invoke("resume", "1", "--db", copy)
+    one_line_error(result, "run 1: its checkpoint of step")
+    assert "cannot be read" in result.output and "the run cannot resume from it" in result.output
+    assert snapshot(copy) == before   # still stopped, not "running"
+
+
+def test_a_driver_that_meets_a_damaged_checkpoint_fails_the_run(marked_up, tmp_path):
+    from nos.driver import drive_run
+    from nos.resume import CheckpointUnreadable
+
+    url, _ = marked_up
+    copy = _stopped_copy(url, tmp_path, b"\x00damaged")
+    store = open_store(copy)
+    try:
+        with pytest.raises(CheckpointUnreadable):
+            drive_run(store, 1)
+    finally:
+        store.dispose()
+    run = snapshot(copy)["runs"][0]
+    assert run["status"] == "failed" and run["error"].startswith("CheckpointUnreadable: run 1: its checkpoint")
+
+
+# -- 8. smaller ones ---------------------------------------------------------------
+
+def test_a_mistyped_data_dir_creates_nothing(tmp_path):
+    typo = tmp_path / "dtaa" / "fashion"
+    result = invoke("eval", "g", "--task", "fashion-mnist", "--data-dir", str(typo))
+    assert result.exit_code == 2 and f"the folder {typo} does not exist" in result.output, result.output
+    assert not (tmp_path / "dtaa").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("eval", "g", "--lrs", "inf"), "learning rates must be positive, finite numbers"),
+    (("eval", "g", "--lrs", "1e-3,nan"), "learning rates must be positive, finite numbers"),
+    (("export", "g", "--lr", "inf"), "the learning rate must be positive and finite, got inf"),
+    (("export", "g", "--lr", "nan"), "the learning rate must be positive and finite, got nan"),
+])
+def test_infinite_learning_rates(args, message):
+    result = invoke(*args)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b'depth = "2"\n', "depth must be 1, 2 or 3, got '2'"),
+    (b'[task_options]\nlrs = "abc"\n', "task option lrs must be a list of 1 to 100 positive, finite learning rates"),
+    (b"[task_options]\nlrs = [1e-3, inf]\n", "task option lrs must be a list"),
+    (b"[task_options]\nbogus = 1\n", "unknown option 'bogus' for task digits; it takes: batch_size, data_dir"),
+    (b"[task_options]\ntrain_size = 'many'\n", "task option train_size must be a whole number"),
+    (b"task = 'quadratic'\n[task_options]\ntrain_size = 9000000\ndim = 100\n", "quadratic's data would hold"),
+])
+def test_config_messages_name_the_key(marked_up, tmp_path, content, message):
+    url, _ = marked_up
+    config = tmp_path / "c.toml"
+    config.write_bytes(content)
+    before = snapshot(url)
+    one_line_error(invoke("enqueue", "--config", str(config), "--db", url), message)
+    assert snapshot(url) == before
+
+
+def test_leaderboard_of_a_task_without_results(marked_up):
+    url, _ = marked_up
+    result = invoke("leaderboard", "--task", "typo", "--db", url)
+    one_line_error(result, "no task 'typo' has results in this database; tasks with results: rosenbrock")
+
+
+def test_an_empty_csv_leaderboard_has_every_column(tmp_path):
+    import csv
+    import io
+    from dataclasses import fields
+
+    from nos.store import LeaderboardRow
+
+    url = f"sqlite:///{tmp_path / 'nos.db'}"
+    upgrade(resolve_url(url))
+    result = invoke("leaderboard", "--format", "csv", "--db", url)
+    assert result.exit_code == 0
+    header, = list(csv.reader(io.StringIO(result.output)))
+    assert header == [f.name for f in fields(LeaderboardRow)] and len(header) == 12
+
+
+def test_the_search_batch_has_an_upper_bound(marked_up):
+    url, _ = marked_up
+    before = snapshot(url)
+    result = invoke("enqueue", "--task", "rosenbrock", "--batch-size", "100000000", "--budget", "100000000",
+                    "--db", url)
+    one_line_error(result, "batch_size must be a whole number from 1 to 10,000, got 100000000")
+    assert snapshot(url) == before
+
+
+class _Planted:
+    """A pickle that, fully unpickled, would create a file: what a crafted data file could do."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_cifar10_batches_are_read_as_data_never_as_code(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    planted = tmp_path / "planted"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": np.zeros((4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3],
+                 "note": _Planted(planted) if name == "data_batch_3" else "ok"}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    result = invoke("eval", "g", "--task", "cifar10", "--data-dir", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert f"{folder / 'data_batch_3'} is not a CIFAR-10 python batch (UnpicklingError: it names" in result.output
+    assert not planted.exists()
+
+
+# -- 9. a fresh machine's test command ---------------------------------------------
+
+@pytest.mark.parametrize(("require", "outcome"), [("", "1 skipped"), ("1", "1 failed")])
+def test_the_stacked_fashion_mnist_test_skips_without_the_data(tmp_path, require, outcome):
+    """The test run on a machine without Debian's Fashion-MNIST: skipped, or failed where CI requires it."""
+    node = "tests/test_protocol.py::test_stacked_children_train_as_the_sequential_ones_do[fashion-mnist-rules1]"
+    script = ("import pathlib, sys, pytest, nos.tasks.data as data; "
+              "data.DEBIAN_FASHION_MNIST = pathlib.Path(sys.argv[1]); "
+              "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', sys.argv[2]]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("NOS_DATA_DIR", "NOS_REQUIRE_SERVICES")}
+    env.update(HOME=str(tmp_path), NOS_REQUIRE_SERVICES=require)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "no-such-package"), node], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert outcome in done.stdout, done.stdout + done.stderr
+    assert not (tmp_path / ".cache").exists()   # nothing was downloaded

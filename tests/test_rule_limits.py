@@ -1,0 +1,141 @@
+"""The parser's limits: what it accepts works everywhere, what it refuses is a syntax error, never a RecursionError."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from nos.cli.main import cli
+from nos.export import export_snippet
+from nos.optim import SymbolicOptimizer
+from nos.rules import RuleSyntaxError, min_depth, parse, rule_hash, to_text
+from nos.rules.fingerprint import probe
+from nos.rules.parser import MAX_DEPTH, MAX_LENGTH, MAX_NESTING
+from nos.rules.tree import Binary, Unary
+from nos.store import RuleRecord, get_or_create_rules, open_store, resolve_url, upgrade
+
+# Python frames every operation below may use on the deepest rule the parser accepts; the
+# default recursion limit is 1,000, so callers keep more than half of it for their own stack.
+HEADROOM = 480
+
+
+def depth(node) -> int:
+    stack, deepest = [(node, 1)], 0
+    while stack:
+        n, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(n, Unary):
+            stack.append((n.child, d + 1))
+        elif isinstance(n, Binary):
+            stack += [(n.left, d + 1), (n.right, d + 1)]
+    return deepest - 1
+
+
+def balanced(leaves: int) -> str:
+    if leaves == 1:
+        return "g"
+    half = leaves // 2
+    return f"({balanced(half)}*{balanced(leaves - half)})"
+
+
+def longest_and_deepest() -> str:
+    """A rule of exactly MAX_LENGTH characters and exactly MAX_DEPTH operations deep.
+
+    A chain of MAX_DEPTH + 1 terms is MAX_DEPTH deep along its left edge; its last
+    term is a balanced product (about 12 deep) as long as the length allows.
+    """
+    chain = "+".join(["m"] * MAX_DEPTH) + "+"
+    leaves = (MAX_LENGTH - len(chain) + 3) // 4   # balanced(n) is 4n - 3 characters
+    text = chain + balanced(leaves)
+    return text + " " * (MAX_LENGTH - len(text))
+
+
+DEEPEST = [
+    "+".join(["g"] * (MAX_DEPTH + 1)),                            # a left-leaning chain
+    "*".join(["m"] * 40) + "/" + "-(" * 30 + "g" + ")" * 30,      # a chain, then negations
+    "exp(" * (MAX_NESTING - 1) + "+".join(["g"] * 38) + ")" * (MAX_NESTING - 1),   # both limits at once
+]
+
+
+def _step(tree, foreach: bool) -> None:
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.full((4,), 0.5)
+    SymbolicOptimizer([p], tree, lr=1e-3, foreach=foreach, total_steps=10).step()
+
+
+OPERATIONS = {
+    "parse": parse,
+    "to_text": lambda t: to_text(parse(t)),
+    "rule_hash": lambda t: rule_hash(parse(t)),
+    "hash": lambda t: hash(parse(t)),
+    "min_depth": lambda t: min_depth(parse(t)),
+    "probe": lambda t: probe(parse(t)),
+    "foreach step": lambda t: _step(parse(t), True),
+    "elementwise step": lambda t: _step(parse(t), False),
+    "export": export_snippet,
+    "stored record": lambda t: RuleRecord.from_tree(parse(t), None),
+}
+
+
+@pytest.mark.parametrize("text", DEEPEST, ids=["chain", "chain-then-negations", "nested-and-chained"])
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_the_deepest_rules_work_within_a_bounded_stack(text, operation):
+    tree = parse(text)
+    assert depth(tree) <= MAX_DEPTH
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack()) + HEADROOM)
+    try:
+        OPERATIONS[operation](text)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def test_one_level_deeper_is_a_syntax_error_at_the_operator():
+    text = "+".join(["g"] * (MAX_DEPTH + 2))
+    with pytest.raises(RuleSyntaxError, match=f"more than {MAX_DEPTH} operations deep") as info:
+        parse(text)
+    assert info.value.position == 2 * (MAX_DEPTH + 1) - 1   # the operator that went one too deep
+    with pytest.raises(RuleSyntaxError, match="operations deep"):
+        parse("exp(" * 60 + "*".join(["m"] * 50) + ")" * 60)
+
+
+@pytest.mark.parametrize("terms", [500, 2000, 5000])
+def test_the_reported_rules_are_refused_in_every_command(tmp_path, terms):
+    text = "+".join(["g"] * terms)
+    url = f"sqlite:///{tmp_path}/x.db"
+    upgrade(resolve_url(url))
+    for args in (("rule", "parse", text), ("eval", text), ("export", text), ("show", text, "--db", url),
+                 ("plot", "--sweep", text, "-o", str(tmp_path / "x.png"), "--db", url)):
+        result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+        assert result.exit_code == 2, (args[0], result.output)
+        assert f"rule is more than {MAX_DEPTH} operations deep" in result.output, (args[0], result.output)
+
+
+def test_a_rule_at_both_limits_works_in_every_command(tmp_path):
+    text = longest_and_deepest()
+    assert len(text) == MAX_LENGTH and depth(parse(text)) == MAX_DEPTH
+    url = f"sqlite:///{tmp_path / 'nos.db'}"
+    upgrade(resolve_url(url))
+    store = open_store(url)
+    with store.transaction() as session:
+        rule_id, = get_or_create_rules(session, [RuleRecord.from_tree(parse(text), None)])
+    store.dispose()
+
+    def run(*args):
+        return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+    parsed = run("rule", "parse", text)
+    assert parsed.exit_code == 0 and "depth:      none" in parsed.output
+    evaluated = run("eval", text, "--task", "rosenbrock", "--train-size", "2", "--lrs", "1e-3", "--epochs", "1",
+                    "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert run("export", text).exit_code == 0
+    for key in (str(rule_id), text):
+        shown = run("show", key, "--db", url)
+        assert shown.exit_code == 0 and f"rule {rule_id}: " in shown.output
+    plotted = run("plot", "--sweep", text, "-o", str(tmp_path / "x.png"), "--db", url)
+    assert plotted.exit_code == 2 and "has no stored learning-rate sweep" in plotted.output
