@@ -73,7 +73,7 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
 @click.option("--task", help="Child task: digits (default), fashion-mnist, cifar10, quadratic, rosenbrock.")
 @click.option("--searcher", type=click.Choice(list(SEARCHERS)), help="Search strategy [ppo].")
 @click.option("--budget", type=int, help="Evaluations trained or answered from the cache; rejections are free [200].")
-@click.option("--batch-size", type=int, help="Counted evaluations per controller step [20].")
+@click.option("--batch-size", type=int, help="Counted evaluations per controller step [5].")
 @click.option("--warm-start", type=click.Choice(["builtins", "none"]),
               help="Start the searcher from the built-in rules [builtins for evolution, none otherwise].")
 @click.option("--depth", type=click.IntRange(1, 3), help="Rule depth: 1, 2 or 3 [2].")

@@ -31,7 +31,7 @@ class SearchConfig:
     task: str = "digits"                   # child task: digits, fashion-mnist, cifar10, quadratic, rosenbrock
     searcher: str = "ppo"                  # ppo, reinforce, random or evolution
     budget: int = 200                      # evaluations trained or answered from the cache (rejections are free)
-    batch_size: int = 20                   # counted evaluations per controller step
+    batch_size: int = 5                    # counted evaluations per controller step
     depth: int = 2                         # rule depth: 1, 2 or 3 (5, 13, 29 tokens)
     seed: int = 0                          # seeds the searcher (and the children, unless child_seed is set)
     child_seed: int | None = None          # seeds every child's initial weights and batch order; default: seed
