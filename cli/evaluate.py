@@ -44,18 +44,21 @@ def _learning_rates(ctx: click.Context, param: click.Parameter, value: str | Non
 @click.option("--train-size", type=click.IntRange(min=1),
               help="subsample the training split to N examples (rosenbrock, which has no data: N steps an epoch)")
 @click.option("--lrs", callback=_learning_rates, help="learning-rate grid, comma-separated [1e-5,...,1e1]")
-@click.option("--epochs", type=click.IntRange(min=1), help="epochs of the final run at the best rate [5]")
-@click.option("--sweep-epochs", type=click.IntRange(min=1), help="epochs of each sweep trial [1]")
+@click.option("--epochs", type=click.IntRange(min=1),
+              help="epochs of the final run at the best rate [the task's: 5, fashion-mlp 3]")
+@click.option("--sweep-epochs", type=click.IntRange(min=1),
+              help="epochs of each sweep trial [the task's: 1, fashion-mlp 3]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="training batch size [the task's]")
 @click.option("--sweep", type=click.Choice(["full", "halving"]),
-              help="every rate for the sweep's epochs (the paper), or successive halving over them [full]")
+              help="every rate for the sweep's epochs (the paper), or successive halving over them "
+                   "[the task's: full, fashion-mlp halving]")
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (one is fastest per process "
               "when several evaluate at once)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON instead of tables")
 def eval_command(rule: str, task_name: str, seed: int, device: str, data_dir: str | None, train_size: int | None,
                  lrs: tuple[float, ...] | None, epochs: int | None, sweep_epochs: int | None,
                  batch_size: int | None, sweep: str | None, threads: int | None, as_json: bool) -> None:
-    """Train the task's child with RULE at each learning rate, then 5 epochs at the best one.
+    """Train the task's child with RULE at each learning rate, then on at the best one (5 epochs on most tasks).
 
     RULE is rule text such as "g * exp(sign(g) * sign(m))" or a built-in name
     (sgd, momentum, adam, rmsprop, powersign, addsign, ...). The reward is the

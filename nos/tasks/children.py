@@ -16,6 +16,16 @@ def digits_mlp(hidden: int = 64) -> nn.Module:
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
+def fashion_mlp(inputs: int = 196, hidden: int = 64, classes: int = 10) -> nn.Module:
+    """The fashion-mlp child: `inputs` pixels -> `hidden` sigmoid units -> `classes` logits.
+
+    Sigmoid rather than ReLU: its outputs are all positive and it saturates,
+    so plain SGD and momentum crawl where sign-based and adaptive rules do
+    not, which spreads the standard optimizers' rewards apart.
+    """
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.Sigmoid(), nn.Linear(hidden, classes))
+
+
 def paper_convnet(in_channels: int, image_size: int, filters: int = 32, classes: int = 10) -> nn.Module:
     """The paper's child: two 3x3 convolutions of 32 filters, each with batch norm and ReLU.
 
