@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from nos.config import SearchConfig
 from nos.driver import sample_step
 from nos.rules import to_text
 from nos.rules.builtins import BUILTINS
@@ -114,7 +115,7 @@ def search(job: tuple) -> dict:
     task = task_of(task_name, task_options)
     memo = Memo(Path(memo_path))
     name, settings = parse_config(label)
-    batch_size = settings.pop("batch_size", 20)
+    batch_size = settings.pop("batch_size", SearchConfig().batch_size)
     warm_start = settings.pop("warm_start", None)
     searcher = make_searcher(name, 2, seed, warm_start=warm_start, **settings)
     rewards: list[float] = []
