@@ -37,7 +37,16 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module, attribute = COMMANDS[name][0].split(":")
-        return getattr(import_module(module, __package__), attribute)
+        try:
+            return getattr(import_module(module, __package__), attribute)
+        except ModuleNotFoundError as exc:
+            # `pip install --no-deps` leaves nos's own dependencies to the environment:
+            # say which one this command lacks instead of a traceback.
+            if exc.name is None or exc.name.split(".")[0] == "nos":
+                raise
+            raise click.ClickException(
+                f"`nos {name}` needs the Python package {exc.name.split('.')[0]!r}, which is not installed "
+                "here; install nos's dependencies (docs/install.md)") from exc
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # click would import every command for its help line, and with them torch (seconds).
