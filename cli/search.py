@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nos.config import ConfigError, SearchConfig
 from nos.search.settings import SEARCHERS
 from nos.store import Store, create_run, get_run, set_run_status, shown
+from nos.store.leases import LeaseRefused, clear_dead_lease, read_lease, release_lease, take_lease, this_process
 
 from .console import console
 from .db import db_option, open_store_or_exit, store_for_writing
@@ -17,19 +21,43 @@ from .worker import broker_option, check_broker_or_exit
 
 
 
-def _check_task(config: SearchConfig) -> None:
-    """Load the task's data now, so a bad task fails before anything is written."""
+def _check_task(config: SearchConfig, broker_url: str | None) -> None:
+    """Check the device and load the task's data now, so a bad run fails before anything is written.
+
+    Local workers train on this machine: its device must be here. Celery workers elsewhere check theirs.
+    """
+    from nos.devices import DeviceError, parse_device, usable_device
     from nos.tasks import DataUnavailable, UnknownTask
     from nos.work import task_for
 
+    try:
+        parse_device(config.device) if broker_url else usable_device(config.device)
+    except DeviceError as exc:
+        local_gpu = not broker_url and config.device.startswith("cuda")
+        raise UsageProblem(f"{exc}{'; to train on GPU workers elsewhere, give --broker' if local_gpu else ''}") from None
     try:
         task_for(config, "cpu")
     except (UnknownTask, DataUnavailable, ValueError, TypeError) as exc:
         raise UsageProblem(str(exc)) from None
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`kill`, a service manager, a batch system) stops the run as cleanly as Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        return   # signal handlers belong to the main thread
+
+    def interrupt(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # one clean stop; a second TERM must not cut it short
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | None = None) -> None:
     from nos.driver import Progress as DriverProgress, drive_run
+    from nos.lease import LeaseLost
+
+    _stop_on_sigterm()
 
     columns = (TextColumn("run {task.fields[run]}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("best reward {task.fields[best]}"), TimeElapsedColumn())
@@ -43,8 +71,13 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
             status = drive_run(store, run_id, broker_url, on_progress=show)
         except KeyboardInterrupt:   # before the driver took over: nothing is in flight
             with store.transaction() as session:
-                set_run_status(session, run_id, "stopped")
+                if release_lease(session, run_id, this_process()):
+                    set_run_status(session, run_id, "stopped")
             status = "stopped"
+        except LeaseRefused as exc:   # another driver took the run between our check and now
+            raise UsageProblem(str(exc)) from None
+        except LeaseLost as exc:
+            raise click.ClickException(str(exc)) from None
     if status == "stopped":
         console.print(f"run {run_id} stopped; continue it with:  nos resume {run_id}")
         return
@@ -91,10 +124,12 @@ def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_siz
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
     _check_executor(broker_url, detach)
-    _check_task(config)
+    _check_task(config, broker_url)
     store = store_for_writing(db_url, console.print)
     with store.transaction() as session:
         run_id = create_run(session, config.label, config.task, config.to_dict())
+        if not detach:   # this process drives it; a detached run's control worker takes the lease itself
+            take_lease(session, run_id, this_process())
     where = f"Celery at {broker_url}" if broker_url else f"{config.workers} local worker{'s' if config.workers != 1 else ''}"
     console.print(f"RUN_ID {run_id}  ({config.label}: {config.searcher} on {config.task}, budget {config.budget}, "
                   f"{where}, db {shown(store.url)})")
@@ -137,9 +172,18 @@ def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: st
         except ConfigError as exc:
             raise UsageProblem(f"run {run_id} has a config this nos cannot read: {exc}") from None
     _check_executor(broker_url, detach)
-    _check_task(config)
-    with store.transaction() as session:
+    _check_task(config, broker_url)
+    with store.transaction() as session:   # a refusal rolls all of it back
         set_run_status(session, run_id, "running")
+        try:
+            if detach:   # the control worker takes the lease; refuse now if a driver is alive
+                lease = read_lease(session, run_id, lock=True)
+                if lease.live():
+                    raise LeaseRefused(lease.refusal())
+            else:
+                take_lease(session, run_id, this_process())
+        except LeaseRefused as exc:
+            raise UsageProblem(str(exc)) from None
     console.print(f"resuming run {run_id} ({config.label})")
     _start(store, run_id, config, broker_url, detach)
 
@@ -148,13 +192,20 @@ def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: st
 @click.argument("run_id", type=int)
 @db_option
 def stop_command(run_id: int, db_url: str | None) -> None:
-    """Ask a running search to stop; its driver stops cleanly within a second."""
+    """Ask a running search to stop; its driver stops cleanly within a second.
+
+    A run whose driver is gone (killed, its machine lost) is marked stopped at once.
+    """
     store = open_store_or_exit(db_url)
     with store.transaction() as session:
         run = get_run(session, run_id)
         if run is None:
             raise UsageProblem(f"no run {run_id} in {shown(store.url)}; `nos runs` lists them")
-        if run.status != "running":
+        if run.status not in ("running", "stopping"):
             raise UsageProblem(f"run {run_id} is {run.status}, not running")
-        set_run_status(session, run_id, "stopping")
-    console.print(f"run {run_id}: stop requested")
+        driverless = clear_dead_lease(session, run_id)
+        set_run_status(session, run_id, "stopped" if driverless else "stopping")
+    if driverless:
+        console.print(f"run {run_id} had no live driver: marked stopped; continue it with:  nos resume {run_id}")
+    else:
+        console.print(f"run {run_id}: stop requested")
