@@ -166,26 +166,40 @@ def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: st
         if run is None:
             raise UsageProblem(f"no run {run_id} in {shown(store.url)}; `nos runs` lists them")
         if run.status == "completed":
-            raise UsageProblem(f"run {run_id} is already completed; start a new one with `nos enqueue`")
+            raise UsageProblem(_completed(run_id))
         try:
             config = SearchConfig.from_dict(run.config)
         except ConfigError as exc:
             raise UsageProblem(f"run {run_id} has a config this nos cannot read: {exc}") from None
     _check_executor(broker_url, detach)
     _check_task(config, broker_url)
-    with store.transaction() as session:   # a refusal rolls all of it back
-        set_run_status(session, run_id, "running")
-        try:
-            if detach:   # the control worker takes the lease; refuse now if a driver is alive
-                lease = read_lease(session, run_id, lock=True)
-                if lease.live():
-                    raise LeaseRefused(lease.refusal())
-            else:
-                take_lease(session, run_id, this_process())
-        except LeaseRefused as exc:
-            raise UsageProblem(str(exc)) from None
+    _take_over(store, run_id, detach)
     console.print(f"resuming run {run_id} ({config.label})")
     _start(store, run_id, config, broker_url, detach)
+
+
+def _completed(run_id: int) -> str:
+    return f"run {run_id} is already completed; start a new one with `nos enqueue`"
+
+
+def _take_over(store: Store, run_id: int, detach: bool) -> None:
+    """Mark the run running and take its driver lease, all in one transaction that a refusal rolls back.
+
+    The run is read again under the write lock: it may have finished, or found a driver, since it was
+    checked. A detached run's control worker takes the lease itself.
+    """
+    with store.transaction() as session:
+        lease = read_lease(session, run_id, lock=True)
+        if lease.status == "completed":
+            raise UsageProblem(_completed(run_id))
+        if lease.live():
+            raise UsageProblem(lease.refusal())
+        set_run_status(session, run_id, "running")
+        if not detach:
+            try:
+                take_lease(session, run_id, this_process())
+            except LeaseRefused as exc:
+                raise UsageProblem(str(exc)) from None
 
 
 @click.command("stop")
