@@ -11,7 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nos.config import ConfigError, SearchConfig
 from nos.search.settings import SEARCHERS
 from nos.store import Store, create_run, get_run, set_run_status, shown
-from nos.store.leases import LeaseRefused, clear_dead_lease, read_lease, release_lease, take_lease, this_process
+from nos.store.leases import (
+    DRIVABLE, LeaseRefused, clear_dead_lease, read_lease, release_lease, take_lease, this_process,
+)
 
 from .console import console
 from .db import db_option, open_store_or_exit, store_for_writing
@@ -30,11 +32,12 @@ def _check_task(config: SearchConfig, broker_url: str | None) -> None:
     from nos.tasks import DataUnavailable, UnknownTask
     from nos.work import task_for
 
+    check = parse_device if broker_url else usable_device
     try:
-        parse_device(config.device) if broker_url else usable_device(config.device)
+        check(config.device)
     except DeviceError as exc:
-        local_gpu = not broker_url and config.device.startswith("cuda")
-        raise UsageProblem(f"{exc}{'; to train on GPU workers elsewhere, give --broker' if local_gpu else ''}") from None
+        hint = "; to train on GPU workers elsewhere, give --broker" if check is usable_device else ""
+        raise UsageProblem(f"{exc}{hint if config.device.startswith('cuda') else ''}") from None
     try:
         task_for(config, "cpu")
     except (UnknownTask, DataUnavailable, ValueError, TypeError) as exc:
@@ -69,10 +72,8 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
 
         try:
             status = drive_run(store, run_id, broker_url, on_progress=show)
-        except KeyboardInterrupt:   # before the driver took over: nothing is in flight
-            with store.transaction() as session:
-                if release_lease(session, run_id, this_process()):
-                    set_run_status(session, run_id, "stopped")
+        except KeyboardInterrupt:   # before the driver took over, or after it let go: nothing is in flight
+            _stopped_here(store, run_id)
             status = "stopped"
         except LeaseRefused as exc:   # another driver took the run between our check and now
             raise UsageProblem(str(exc)) from None
@@ -84,6 +85,15 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
     console.print(f"run {run_id} completed")
     with store.reading() as session:
         print_leaderboard(session, top=10, run_id=run_id, fmt="table")
+
+
+def _stopped_here(store: Store, run_id: int) -> None:
+    """Mark the run stopped and free its lease, unless another driver holds it or the run has ended."""
+    with store.transaction() as session:
+        lease = read_lease(session, run_id, lock=True)
+        if lease.status in DRIVABLE and lease.holder in (None, this_process()):
+            release_lease(session, run_id, this_process())
+            set_run_status(session, run_id, "stopped")
 
 
 @click.command("enqueue")
