@@ -31,6 +31,7 @@ class DriverLease:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "DriverLease":
+        self._stopped, self._lost = threading.Event(), False
         with self.store.transaction() as session:
             take_lease(session, self.run_id, self.holder)
         self._thread = threading.Thread(target=self._renew, daemon=True, name=f"lease-{self.run_id}")
