@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy.exc import DBAPIError
@@ -11,6 +14,9 @@ from nos.redact import mask_url
 from nos.search.settings import SEARCHERS
 from nos.store import Store, create_run, get_run, set_run_status, shown
 from nos.store.engine import first_line
+from nos.store.leases import (
+    DRIVABLE, LeaseRefused, clear_dead_lease, read_lease, release_lease, take_lease, this_process,
+)
 
 from .console import console
 from .db import db_option, open_store_or_exit, store_for_writing
@@ -21,11 +27,21 @@ from .worker import broker_option, check_broker_or_exit
 
 
 
-def _check_task(config: SearchConfig) -> None:
-    """Load the task's data now, so a bad task fails before anything is written."""
+def _check_task(config: SearchConfig, broker_url: str | None) -> None:
+    """Check the device and load the task's data now, so a bad run fails before anything is written.
+
+    Local workers train on this machine: its device must be here. Celery workers elsewhere check theirs.
+    """
+    from nos.devices import DeviceError, parse_device, usable_device
     from nos.tasks import DataUnavailable, UnknownTask
     from nos.work import task_for
 
+    check = parse_device if broker_url else usable_device
+    try:
+        check(config.device)
+    except DeviceError as exc:
+        hint = "; to train on GPU workers elsewhere, give --broker" if check is usable_device else ""
+        raise UsageProblem(f"{exc}{hint if config.device.startswith('cuda') else ''}") from None
     try:
         task_for(config, "cpu")
     except (UnknownTask, DataUnavailable, ValueError, TypeError) as exc:
@@ -42,8 +58,23 @@ def _check_checkpoint(store: Store, run_id: int, config: SearchConfig) -> None:
         raise UsageProblem(str(exc)) from None
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`kill`, a service manager, a batch system) stops the run as cleanly as Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        return   # signal handlers belong to the main thread
+
+    def interrupt(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # one clean stop; a second TERM must not cut it short
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | None = None) -> None:
     from nos.driver import Progress as DriverProgress, SearchStuck, drive_run
+    from nos.lease import LeaseLost
+
+    _stop_on_sigterm()
 
     columns = (TextColumn("run {task.fields[run]}", markup=False), BarColumn(), MofNCompleteColumn(),
                TextColumn("best reward {task.fields[best]}", markup=False), TimeElapsedColumn())
@@ -55,18 +86,30 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
 
         try:
             status = drive_run(store, run_id, broker_url, on_progress=show)
-        except KeyboardInterrupt:   # before the driver took over: nothing is in flight
-            with store.transaction() as session:
-                set_run_status(session, run_id, "stopped")
+        except KeyboardInterrupt:   # before the driver took over, or after it let go: nothing is in flight
+            _stopped_here(store, run_id)
             status = "stopped"
         except SearchStuck as exc:   # the run is marked failed with this message
             raise click.ClickException(f"run {run_id} failed: {exc}") from None
+        except LeaseRefused as exc:   # another driver took the run between our check and now
+            raise UsageProblem(str(exc)) from None
+        except LeaseLost as exc:
+            raise click.ClickException(str(exc)) from None
     if status == "stopped":
         console.print(f"run {run_id} stopped; continue it with:  nos resume {run_id}")
         return
     console.print(f"run {run_id} completed")
     with store.reading() as session:
         print_leaderboard(session, top=10, run_id=run_id, fmt="table")
+
+
+def _stopped_here(store: Store, run_id: int) -> None:
+    """Mark the run stopped and free its lease, unless another driver holds it or the run has ended."""
+    with store.transaction() as session:
+        lease = read_lease(session, run_id, lock=True)
+        if lease.status in DRIVABLE and lease.holder in (None, this_process()):
+            release_lease(session, run_id, this_process())
+            set_run_status(session, run_id, "stopped")
 
 
 @click.command("enqueue")
@@ -109,11 +152,13 @@ def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_siz
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
     _check_executor(broker_url, detach)
-    _check_task(config)
+    _check_task(config, broker_url)
     store = store_for_writing(db_url, console.print)
     try:
         with store.transaction() as session:
             run_id = create_run(session, config.label, config.task, config.to_dict())
+            if not detach:   # this process drives it; a detached run's control worker takes the lease itself
+                take_lease(session, run_id, this_process())
     except DBAPIError as exc:   # a database that refuses the write (read-only, full): nothing was stored
         raise UsageProblem(f"cannot write to database {shown(store.url)}: {first_line(exc.orig)}") from None
     where = (f"Celery at {mask_url(broker_url)}" if broker_url
@@ -153,31 +198,61 @@ def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: st
         if run is None:
             raise UsageProblem(f"no run {run_id} in {shown(store.url)}; `nos runs` lists them")
         if run.status == "completed":
-            raise UsageProblem(f"run {run_id} is already completed; start a new one with `nos enqueue`")
+            raise UsageProblem(_completed(run_id))
         try:
             config = SearchConfig.from_dict(run.config)
         except ConfigError as exc:
             raise UsageProblem(f"run {run_id} has a config this nos cannot read: {exc}") from None
     _check_executor(broker_url, detach)
-    _check_task(config)
+    _check_task(config, broker_url)
     _check_checkpoint(store, run_id, config)
-    with store.transaction() as session:
-        set_run_status(session, run_id, "running")
+    _take_over(store, run_id, detach)
     console.print(f"resuming run {run_id} ({config.label})")
     _start(store, run_id, config, broker_url, detach)
+
+
+def _completed(run_id: int) -> str:
+    return f"run {run_id} is already completed; start a new one with `nos enqueue`"
+
+
+def _take_over(store: Store, run_id: int, detach: bool) -> None:
+    """Mark the run running and take its driver lease, all in one transaction that a refusal rolls back.
+
+    The run is read again under the write lock: it may have finished, or found a driver, since it was
+    checked. A detached run's control worker takes the lease itself.
+    """
+    with store.transaction() as session:
+        lease = read_lease(session, run_id, lock=True)
+        if lease.status == "completed":
+            raise UsageProblem(_completed(run_id))
+        if lease.live():
+            raise UsageProblem(lease.refusal())
+        set_run_status(session, run_id, "running")
+        if not detach:
+            try:
+                take_lease(session, run_id, this_process())
+            except LeaseRefused as exc:
+                raise UsageProblem(str(exc)) from None
 
 
 @click.command("stop")
 @click.argument("run_id", type=ID)
 @db_option
 def stop_command(run_id: int, db_url: str | None) -> None:
-    """Ask a running search to stop; its driver stops cleanly within a second."""
+    """Ask a running search to stop; its driver stops cleanly within a second.
+
+    A run whose driver is gone (killed, its machine lost) is marked stopped at once.
+    """
     store = open_store_or_exit(db_url, writing=True)
     with store.transaction() as session:
         run = get_run(session, run_id)
         if run is None:
             raise UsageProblem(f"no run {run_id} in {shown(store.url)}; `nos runs` lists them")
-        if run.status != "running":
+        if run.status not in ("running", "stopping"):
             raise UsageProblem(f"run {run_id} is {run.status}, not running")
-        set_run_status(session, run_id, "stopping")
-    console.print(f"run {run_id}: stop requested")
+        driverless = clear_dead_lease(session, run_id)
+        set_run_status(session, run_id, "stopped" if driverless else "stopping")
+    if driverless:
+        console.print(f"run {run_id} had no live driver: marked stopped; continue it with:  nos resume {run_id}")
+    else:
+        console.print(f"run {run_id}: stop requested")

@@ -25,6 +25,19 @@ def check_broker_or_exit(broker_url: str) -> None:
         raise UsageProblem(str(exc)) from None
 
 
+def _check_device(device: str | None, queues: list[str]) -> None:
+    """The worker's device must be here; a gpu-queue worker without --device trains on cuda."""
+    from nos.devices import DeviceError, usable_device
+
+    wanted = device or ("cuda" if "gpu" in queues else None)
+    if wanted is None:
+        return
+    try:
+        usable_device(wanted)
+    except DeviceError as exc:
+        raise UsageProblem(f"{exc}{'' if device else ' (the gpu queue trains on cuda; give --device)'}") from None
+
+
 @click.command("worker")
 @click.option("--queues", default="cpu", show_default=True,
               help="Comma-separated queues to take work from: cpu, gpu, control.")
@@ -45,6 +58,7 @@ def worker_command(queues, concurrency, device, name, db_url, broker_url) -> Non
     unknown = set(wanted) - set(QUEUES)
     if unknown or not wanted:
         raise UsageProblem(f"unknown queue {', '.join(sorted(unknown)) or '(none)'}; queues: {', '.join(QUEUES)}")
+    _check_device(device, wanted)
     check_broker_or_exit(broker_url)
     try:
         url = resolve_url(db_url)

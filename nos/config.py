@@ -41,9 +41,12 @@ class SearchConfig:
     name: str = ""                         # a label for `nos runs`; defaults to TASK-SEARCHER
     task_options: dict[str, Any] = field(default_factory=dict)   # data_dir, train_size, lrs, epochs, ...
     controller: dict[str, Any] = field(default_factory=dict)     # the searcher's settings (search/settings.py)
-    stale_after: float = 120.0             # seconds without a heartbeat before a claim is retaken
+    # A dead worker's evaluation is requeued within stale_after of its last heartbeat; a live one beats
+    # five times in that span, so only a worker silent for all five (dead, frozen, or cut off from the
+    # database) loses it.
+    stale_after: float = 25.0              # seconds without a heartbeat before a claim is retaken
     max_attempts: int = 3                  # claims of one evaluation before it is failed
-    heartbeat_every: float = 10.0          # seconds between a worker's heartbeats
+    heartbeat_every: float = 5.0           # seconds between a worker's heartbeats
     probe: bool = True                     # fingerprint rules and reject hopeless ones before training
 
     def __post_init__(self) -> None:

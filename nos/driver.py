@@ -31,6 +31,7 @@ from sqlalchemy import func, select
 
 from .config import SearchConfig
 from .executors import Executor
+from .lease import DriverLease
 from .resume import CheckpointUnreadable, restore_searcher
 from .search import Proposal, Searcher, make_searcher, state_to_bytes
 from .rules.fingerprint import Verdict, probe
@@ -114,13 +115,19 @@ class Driver:
         # (then a worker copies its result): evaluation id -> the first one's id.
         self.held: dict[int, int] = {}
         self.dispatched_at: dict[int, float] = {}   # evaluation id -> when last sent (monotonic)
+        self.lease = DriverLease(store, run_id)   # one driver per run (nos/lease.py)
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> str:
         """Drive the run to its budget; returns the run's final status (completed or stopped).
 
         Ctrl-C (KeyboardInterrupt) and `nos stop` both leave a stopped, consistent run.
+        LeaseRefused: another driver is alive; LeaseLost: another took over, and this one wrote nothing more.
         """
+        with self.lease:
+            return self._drive()
+
+    def _drive(self) -> str:
         step, tokens = self._restore()
         try:
             while True:
@@ -141,6 +148,7 @@ class Driver:
             self._fail(exc)
             raise
         with self.store.transaction() as session:
+            self.lease.release(session)
             save_checkpoint(session, self.run_id, step, {"batch": step, "tokens": []}, self._rng_state(),
                             state_to_bytes(self.searcher.state_dict()))
             set_run_status(session, self.run_id, "completed")
@@ -217,6 +225,7 @@ class Driver:
         stale_after = timedelta(seconds=self.config.stale_after)
         last = None
         while True:
+            self.lease.check()
             with self.store.transaction() as session:
                 if get_run(session, self.run_id).status == "stopping":
                     raise StopRequested()
@@ -251,6 +260,7 @@ class Driver:
         names = getattr(self.executor, "worker_names", [])
         self.executor.close()
         with self.store.transaction() as session:
+            self.lease.release(session)
             release_claims(session, self.run_id, names, refund=True)
             set_run_status(session, self.run_id, "stopped")
 
@@ -258,6 +268,7 @@ class Driver:
         self.executor.close()
         try:
             with self.store.transaction() as session:
+                self.lease.release(session)
                 set_run_status(session, self.run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
         except Exception:   # the database itself may be what failed; the run stays resumable
             pass

@@ -1,16 +1,27 @@
 """Where evaluations run: a pool of local worker processes (Celery comes behind the same interface).
 
 An executor only carries evaluation ids; every result travels through the
-database, so the driver does not care who trained what.
+database, so the driver does not care who trained what. Local workers die
+with their driver, however it dies (`kill -9` included): none is left behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
 import queue as queue_module
 import signal
 import socket
+import sys
+import threading
+import time
 from typing import Iterable, Protocol
+
+# prctl(2): deliver a signal to this process when its parent dies (Linux).
+PR_SET_PDEATHSIG = 1
+# Seconds between checks that the driver is still this worker's parent (where prctl is missing).
+PARENT_CHECK_SECONDS = 1.0
 
 
 class Executor(Protocol):
@@ -23,7 +34,28 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None) -> None:
+def _die_with(parent: int) -> None:
+    """Exit as soon as `parent` (the driver) is gone: its claims are then left to go stale and be retaken."""
+    if sys.platform.startswith("linux"):
+        try:
+            # Linux ties this to the thread that started the worker: the driver's loop, which starts them all.
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:   # gone already, before the line above could take effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-driver").start()
+
+
+def _watch_parent(parent: int) -> None:
+    # An orphan is adopted by another process: its parent id changes.
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)
+
+
+def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None, parent: int) -> None:
+    _die_with(parent)
     # Ctrl-C reaches the whole process group: the driver decides what stops, not each worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
@@ -45,9 +77,13 @@ class LocalExecutor:
     """N worker processes on this machine, fed evaluation ids through a queue."""
 
     def __init__(self, db_url: str, workers: int, device: str | None = None):
+        if device is not None:   # DeviceError now, rather than workers that refuse every evaluation
+            from .devices import usable_device
+
+            usable_device(device)
         self._context = multiprocessing.get_context("spawn")   # no forked torch or database state
         self._ids: multiprocessing.Queue = self._context.Queue()
-        self._args = (db_url, self._ids, device)
+        self._args = (db_url, self._ids, device, os.getpid())
         self._processes = [self._start() for _ in range(workers)]
         self._closed = False
 

@@ -1,6 +1,7 @@
 """Evaluate one evaluation id: the one function every worker runs, local process or Celery.
 
 1. claim it (one conditional UPDATE); if the claim fails, someone else has it;
+   a worker that cannot use the run's device refuses it first, leaving it queued;
 2. train, heartbeating from a side thread; a lost claim stops the training;
 3. commit the result only if this attempt still holds the claim.
 
@@ -17,6 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from .config import SearchConfig
+from .devices import device_problem
 from .store import (
     EvaluationResult as StoredResult, Store, TrialResult, claim, commit_result, fail, find_cached, get_evaluation,
     get_run, heartbeat,
@@ -75,8 +77,9 @@ def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = Non
 
     "done" / "diverged" (committed), "cached" (the rule was already scored under
     the same task key: its result is copied, nothing trained), "failed" (the
-    evaluation raised; stored), "skipped" (not ours to take), "lost" (our claim
-    was taken over; nothing written).
+    evaluation raised; stored), "skipped" (not ours to take), "refused" (this
+    machine lacks the device: left queued for a worker that has it; see
+    `device_problem`), "lost" (our claim was taken over; nothing written).
     """
     worker = worker or worker_name()
     with store.transaction() as session:
@@ -84,6 +87,8 @@ def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = Non
         if evaluation is None:
             return "skipped"
         config = SearchConfig.from_dict(get_run(session, evaluation.run_id).config)
+        if device_problem(device or config.device):
+            return "refused"
         rule = session.get(Rule, evaluation.rule_id)
         rule_text = rule.text
         expected_key = evaluation.task_key

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import pytest
 
 from nos.store import open_store, resolve_url, upgrade
+from nos.store.leases import LeaseRefused, take_lease
 from nos.store.models import Evaluation, Run
 
 from conftest import unavailable
@@ -203,6 +204,23 @@ def test_detached_runs_are_driven_by_a_control_worker(db_url, broker, workers, s
     assert "sent to the control queue" in result.stdout
     assert time.monotonic() - started < 60   # returned without waiting for the run
 
+    def driver():
+        store = open_store(db_url)
+        with store.reading() as session:
+            holder = session.get(Run, 1).driver
+        store.dispose()
+        return holder
+
+    # The control worker holds the run's driver lease: a second driver is refused, naming it. (At once:
+    # the run may be over before a `nos resume` process has started; test_driver_lifecycle runs one.)
+    holder = wait_for(driver, timeout=120, every=0.2)
+    assert int(holder.rsplit(":", 1)[1]) in workers.pids("driver")
+    store = open_store(db_url)
+    with pytest.raises(LeaseRefused, match=f"run 1 is already driven by {holder}"):
+        with store.transaction() as session:
+            take_lease(session, 1, "elsewhere:1")
+    store.dispose()
+
     def completed():
         store = open_store(db_url)
         with store.reading() as session:
@@ -212,6 +230,7 @@ def test_detached_runs_are_driven_by_a_control_worker(db_url, broker, workers, s
 
     wait_for(completed, timeout=300, every=0.5)
     assert_complete(db_url, 1, 10)
+    assert driver() is None   # released with the run's end
     status = nos("status", "1", "--db", db_url, "--broker", broker)
     assert "live workers" in status.stdout and "w1@test" in status.stdout and "driver@test" in status.stdout
 

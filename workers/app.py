@@ -15,6 +15,7 @@ import os
 
 from celery import Celery
 from celery.signals import worker_process_init
+from celery.utils.log import get_task_logger
 from kombu import Queue
 
 BROKER_ENV_VAR = "NOS_BROKER_URL"
@@ -43,6 +44,7 @@ app.conf.update(
 )
 
 _store = None
+logger = get_task_logger(__name__)
 
 
 @worker_process_init.connect
@@ -66,12 +68,23 @@ def evaluate(evaluation_id: int) -> str:
     """Evaluate one evaluation id: the same function the local executor runs."""
     from nos.work import run_evaluation
 
-    return run_evaluation(_open_store(), int(evaluation_id), device=os.environ.get(DEVICE_ENV_VAR) or None)
+    outcome = run_evaluation(_open_store(), int(evaluation_id), device=os.environ.get(DEVICE_ENV_VAR) or None)
+    if outcome == "refused":   # left queued: the driver sends it again, for a worker with the device
+        logger.warning("refused evaluation %s: this worker cannot train on the run's device", evaluation_id)
+    return outcome
 
 
 @app.task(name="nos.drive")
 def drive(run_id: int) -> str:
-    """Drive a run's search loop (`nos enqueue --detach`), dispatching its evaluations through Celery."""
-    from nos.driver import drive_run
+    """Drive a run's search loop (`nos enqueue --detach`), dispatching its evaluations through Celery.
 
-    return drive_run(_open_store(), int(run_id), broker_url=app.conf.broker_url)
+    Takes the run's driver lease first: a run another driver holds, or one stopped meanwhile, is left alone.
+    """
+    from nos.driver import drive_run
+    from nos.store.leases import LeaseRefused
+
+    try:
+        return drive_run(_open_store(), int(run_id), broker_url=app.conf.broker_url)
+    except LeaseRefused as exc:
+        logger.warning("not driving run %s: %s", run_id, exc)
+        return "refused"

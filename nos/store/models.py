@@ -89,6 +89,9 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The driver lease (store/leases.py): who drives the run, and when it last renewed the lease.
+    driver: Mapped[str | None] = mapped_column(String(200))
+    driver_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Rule(Base):

@@ -23,6 +23,10 @@ from sqlalchemy.exc import DBAPIError
 from .engine import Store, StoreError, create_engine, first_line, resolve_url, shown, sqlite_path
 
 UPGRADE_HINT = "run `nos db upgrade`"
+# Tables every revision of nos's schema has: a database holding them is one nos created.
+NOS_TABLES = frozenset({"runs", "rules", "evaluations"})
+# Named in a refusal: enough to recognise the database, short enough for one line.
+SHOWN_FOREIGN = 5
 # PostgreSQL advisory lock held while upgrading (any constant; "nos" in ASCII).
 UPGRADE_LOCK_KEY = 0x6E6F73
 
@@ -49,12 +53,20 @@ class SchemaState:
     current: str | None  # None: no nos schema at all
     head: str
     known: bool  # is `current` one of our revisions (False: written by a newer nos)
+    # Tables and views of another application, in a database with none of nos's: never written to.
+    foreign: tuple[str, ...] = ()
 
     @property
     def up_to_date(self) -> bool:
-        return self.current == self.head
+        return self.current == self.head and not self.foreign
 
     def describe(self) -> str:
+        if self.foreign:
+            names = ", ".join(self.foreign[:SHOWN_FOREIGN])
+            more = len(self.foreign) - SHOWN_FOREIGN
+            names += f" and {more} more" if more > 0 else ""
+            return (f"holds another application's tables ({names}) and none of nos's: nos creates its schema "
+                    "only in an empty database or one it created; give nos a database of its own")
         if self.up_to_date:
             return f"at revision {self.current} (up to date)"
         if self.current is None:
@@ -70,9 +82,17 @@ def schema_state(url: URL, script_location: Path | None = None) -> SchemaState:
     script = ScriptDirectory.from_config(alembic_config(url, script_location))
     head = script.get_current_head()
     assert head is not None, "the migrations have no head revision"
-    current = _read_revision(url)
+    current, names = _read_revision(url)
     known = current is None or _is_known(script, current)
-    return SchemaState(current=current, head=head, known=known)
+    return SchemaState(current=current, head=head, known=known, foreign=_foreign(names))
+
+
+def _foreign(names: set[str]) -> tuple[str, ...]:
+    """Another application's tables, when nothing of nos's is beside them (an empty alembic_version is nos's own
+    after a full downgrade)."""
+    if NOS_TABLES <= names:
+        return ()
+    return tuple(sorted(names - {"alembic_version"}))
 
 
 def _is_known(script: ScriptDirectory, revision: str) -> bool:
@@ -82,14 +102,17 @@ def _is_known(script: ScriptDirectory, revision: str) -> bool:
         return False
 
 
-def _read_revision(url: URL) -> str | None:
+def _read_revision(url: URL) -> tuple[str | None, set[str]]:
+    """The database's revision and the names of its tables and views (in its default schema)."""
     path = sqlite_path(url)
     if path is not None and not path.exists():
         raise StoreError(f"no database at {path}; create it with `nos db upgrade`")
     engine = _read_only_engine(url, path)
     try:
         with engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
+            inspector = sa.inspect(connection)
+            names = set(inspector.get_table_names()) | set(inspector.get_view_names())
+            return MigrationContext.configure(connection).get_current_revision(), names
     except DBAPIError as exc:
         raise StoreError(f"cannot open database {shown(url)}: {first_line(exc.orig)}") from None
     finally:
@@ -119,14 +142,18 @@ def check_schema(url: URL, script_location: Path | None = None) -> SchemaState:
 
 
 def upgrade(url: URL, revision: str = "head") -> SchemaState:
-    """Create or upgrade the schema (the only function here that writes)."""
+    """Create or upgrade the schema (the only function here that writes).
+
+    Only a new SQLite file, an empty database or one nos created is written
+    to; another application's database is refused as it is.
+    """
     path = sqlite_path(url)
     if path is not None and not path.exists():
         if not path.parent.is_dir():
             raise StoreError(f"cannot create database {path}: folder {path.parent} does not exist")
-    else:
+    else:   # refused before the first write: not even SQLite's journal mode changes
         before = schema_state(url)
-        if not before.known:
+        if before.foreign or not before.known:
             raise StoreError(f"database {shown(url)} {before.describe()}")
     engine = create_engine(url)
     config = alembic_config(url)

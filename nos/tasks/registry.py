@@ -56,13 +56,9 @@ def _splits(arrays: tuple[Tensor, ...], device: torch.device, channels_last: boo
 
 
 def _device(device: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' asked for, but torch sees no CUDA device here")
-    return device
+    from ..devices import usable_device   # DeviceError is a ValueError
+
+    return usable_device(str(device))
 
 
 # Reading and decompressing files is the slow part of building a task: once per process.

@@ -1,0 +1,104 @@
+"""One driver per run, and how a driver ends: SIGTERM, `kill -9`, `nos stop` of a run whose driver is gone.
+
+Real `nos enqueue` processes with real local workers; each test kills or signals the driver alone, as a
+user's `kill PID` does, and checks that no worker outlives it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+import pytest
+
+from nos.store import open_store
+from nos.store.models import Run
+
+from test_driver import _has_run, finished_count, nos, run_rows, start_nos, tiny_toml, wait_for  # noqa: F401
+
+
+def long_run(url: str, toml: str) -> tuple[str, ...]:
+    # Every rule trained, in 25 batches: the run lasts long enough to be signalled mid-run.
+    return ("enqueue", "--config", toml, "--db", url, "--budget", "100", "--train-size", "1200", "--no-probe")
+
+
+def group(pgid: int) -> set[int]:
+    """Live processes of a process group (zombies, which have exited, left out)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            found.add(int(entry))
+    return found
+
+
+def run_row(url: str) -> tuple:
+    store = open_store(url)
+    with store.reading() as session:
+        run = session.get(Run, 1)
+        row = (run.status, run.driver, run.error)
+    store.dispose()
+    return row
+
+
+@pytest.fixture
+def url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'nos.db'}"
+
+
+def test_a_second_driver_is_refused_and_sigterm_stops_the_first_cleanly(url, tiny_toml):
+    driver = start_nos(*long_run(url, tiny_toml))
+    try:
+        wait_for(lambda: _has_run(url) and finished_count(url, 1) >= 2)
+        workers = group(driver.pid) - {driver.pid}
+        assert workers   # the local worker processes
+        first = f"{socket.gethostname()}:{driver.pid}"
+        assert run_row(url) == ("running", first, None)
+
+        second = nos("resume", "1", "--db", url)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"Error: run 1 is already driven by {first} (lease renewed" in second.stderr
+        assert "`nos stop 1`" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+        assert run_row(url) == ("running", first, None)   # the live run is neither failed nor taken over
+
+        driver.send_signal(signal.SIGTERM)   # `kill PID`: the driver alone
+        out, _ = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, out
+    assert "run 1 stopped; continue it with:  nos resume 1" in out
+    assert run_row(url) == ("stopped", None, None)
+    assert not any(e.status == "running" for e in run_rows(url, 1))   # every claim given back
+    assert not group(driver.pid) & workers
+
+
+def test_workers_die_with_a_killed_driver_and_stop_marks_the_driverless_run_stopped(url, tiny_toml):
+    driver = start_nos(*long_run(url, tiny_toml))
+    try:
+        wait_for(lambda: _has_run(url) and finished_count(url, 1) >= 2)
+        workers = group(driver.pid) - {driver.pid}
+        assert workers
+        os.kill(driver.pid, signal.SIGKILL)   # the driver alone: nothing signals its workers
+        driver.wait()
+        wait_for(lambda: not group(driver.pid) & workers, timeout=30)
+    finally:
+        if group(driver.pid):   # whatever the test left alive
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert run_row(url)[0] == "running"
+
+    stop = nos("stop", "1", "--db", url)
+    assert stop.returncode == 0, stop.stderr
+    assert stop.stdout.strip() == "run 1 had no live driver: marked stopped; continue it with:  nos resume 1"
+    assert run_row(url) == ("stopped", None, None)
+
+    again = nos("stop", "1", "--db", url)
+    assert again.returncode == 2 and "run 1 is stopped, not running" in again.stderr
+    assert run_row(url) == ("stopped", None, None)
