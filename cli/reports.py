@@ -79,7 +79,7 @@ def plot_command(run_ids, sweep_rule, task, output, window, db_url) -> None:
             if run is None:
                 raise UsageProblem(f"no run {run_id}; `nos runs` lists them")
             rows = run_evaluations(session, run_id)
-            count += sum(r.finished for r in rows)
+            count += sum(r.finished and r.status != "rejected" for r in rows)
             curves.append(plots.Curve(f"run {run.id} {run.name} ({run.config.get('searcher', '?')})", rows))
     title = "reward by evaluation" + (f" of run {run_ids[0]}" if len(curves) == 1 else "")
     _save(plots, plots.curve_figure(curves, window=window, title=title), output)

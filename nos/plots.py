@@ -56,9 +56,10 @@ class Curve:
 
 @dataclass(frozen=True)
 class CurveData:
-    """What a curve draws, in seq order: one entry per finished evaluation."""
+    """What a curve draws, in seq order: one entry per finished evaluation the budget counts."""
 
     seq: list[int]
+    counted: list[int]        # 1, 2, ...: the evaluation's place among those the budget counts
     reward: list[float]       # failed evaluations count 0, as the searcher sees them
     failed: list[bool]
     mean: list[float]         # trailing moving mean over `window` evaluations
@@ -66,8 +67,12 @@ class CurveData:
 
 
 def curve_data(rows: Sequence[EvaluationRow], window: int = 20) -> CurveData:
-    """The points of a reward curve: finished evaluations by seq (queued and running ones are left out)."""
-    finished = sorted((r for r in rows if r.finished), key=lambda r: r.seq)
+    """The points of a reward curve: finished evaluations by seq.
+
+    Queued and running ones are left out, and so are rejected proposals: they cost no
+    training and the budget does not count them (`nos status` does).
+    """
+    finished = sorted((r for r in rows if r.finished and r.status != "rejected"), key=lambda r: r.seq)
     seq = [r.seq for r in finished]
     reward = [r.reward if r.reward is not None else 0.0 for r in finished]
     failed = [r.status == "failed" for r in finished]
@@ -77,7 +82,7 @@ def curve_data(rows: Sequence[EvaluationRow], window: int = 20) -> CurveData:
         mean.append(total / min(i + 1, window))
         top = max(top, value)
         best.append(top)
-    return CurveData(seq, reward, failed, mean, best)
+    return CurveData(seq, list(range(1, len(seq) + 1)), reward, failed, mean, best)
 
 
 def curve_figure(curves: Sequence[Curve], *, window: int = 20, title: str | None = None,
@@ -95,17 +100,17 @@ def curve_figure(curves: Sequence[Curve], *, window: int = 20, title: str | None
         color = f"C{i % 10}"
         data = curve_data(curve.rows, window)
         ok = [j for j, f in enumerate(data.failed) if not f]
-        ax.scatter([data.seq[j] for j in ok], [data.reward[j] for j in ok], s=16, color=color, alpha=0.55,
+        ax.scatter([data.counted[j] for j in ok], [data.reward[j] for j in ok], s=16, color=color, alpha=0.55,
                    linewidths=0)
         bad = [j for j, f in enumerate(data.failed) if f]
         if bad:
             any_failed = True
-            ax.scatter([data.seq[j] for j in bad], [0.0] * len(bad), s=26, marker="x", color=color, alpha=0.8)
-        ax.plot(data.seq, data.mean, color=color, linewidth=2)
-        ax.step(data.seq, data.best, where="post", color=color, linewidth=1.3, linestyle="--")
+            ax.scatter([data.counted[j] for j in bad], [0.0] * len(bad), s=26, marker="x", color=color, alpha=0.8)
+        ax.plot(data.counted, data.mean, color=color, linewidth=2)
+        ax.step(data.counted, data.best, where="post", color=color, linewidth=1.3, linestyle="--")
         best = f", best {data.best[-1]:.4f}" if data.best else ", nothing finished"
         runs.append(Line2D([], [], color=color, linewidth=3, label=f"{curve.label}{best}"))
-    ax.set_xlabel("evaluation (seq)")
+    ax.set_xlabel("evaluation (trained or from the cache; rejections not shown)")
     ax.set_ylabel("reward (final validation accuracy)")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(True, alpha=0.3)

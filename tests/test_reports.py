@@ -186,10 +186,12 @@ def test_curve_data():
             reason=None, created_at=None, claimed_at=None, finished_at=None)
 
     rows = [row(3, "done", 0.5), row(0, "done", 0.2), row(1, "failed", None), row(2, "queued", None),
-            row(4, "cached", 0.9), row(5, "diverged", 0.0)]
+            row(4, "cached", 0.9), row(5, "diverged", 0.0), row(6, "rejected", 0.0)]
     data = curve_data(rows, window=2)
-    assert data.seq == [0, 1, 3, 4, 5]
-    assert data.reward == [0.2, 0.0, 0.5, 0.9, 0.0] and data.failed == [False, True, False, False, False]
+    assert data.seq == [0, 1, 3, 4, 5]   # rejected proposals are free: not on the curve
+    assert data.counted == [1, 2, 3, 4, 5]
+    assert data.reward == [0.2, 0.0, 0.5, 0.9, 0.0]
+    assert data.failed == [False, True, False, False, False]
     assert data.mean == pytest.approx([0.2, 0.1, 0.25, 0.7, 0.45])
     assert data.best == [0.2, 0.2, 0.5, 0.9, 0.9]
 
