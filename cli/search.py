@@ -71,10 +71,11 @@ def _stop_on_sigterm() -> None:
 
 
 def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | None = None) -> None:
-    from nos.driver import Progress as DriverProgress, SearchStuck, drive_run
+    from nos.driver import Progress as DriverProgress, SearchStuck, drive_run, one_thread
     from nos.lease import LeaseLost
 
     _stop_on_sigterm()
+    one_thread()
 
     columns = (TextColumn("run {task.fields[run]}", markup=False), BarColumn(), MofNCompleteColumn(),
                TextColumn("best reward {task.fields[best]}", markup=False), TimeElapsedColumn())

@@ -303,14 +303,20 @@ def make_executor(store: Store, config: SearchConfig, broker_url: str | None) ->
     return LocalExecutor(store.url.render_as_string(hide_password=False), config.workers, config.device)
 
 
+def one_thread() -> None:
+    """Torch on one thread in this process. Not for a forked child (a Celery worker's): there the
+    parent's OpenMP pool may not survive the fork, and such workers already run on one thread."""
+    torch.set_num_threads(1)
+
+
 def drive_run(store: Store, run_id: int, broker_url: str | None = None,
               on_progress: Callable[[Progress], None] | None = None) -> str:
     """Drive run `run_id` with the config it was created with; returns its final status.
 
-    The controller's updates run on one thread: on a machine whose cores the
-    workers keep busy, more threads only contend with them.
+    Call `one_thread()` first in a process of its own: the controller's updates
+    then run on one thread, which on a machine whose cores the workers keep
+    busy is faster than contending with them.
     """
-    torch.set_num_threads(1)
     with store.reading() as session:
         config = SearchConfig.from_dict(get_run(session, run_id).config)
     executor = make_executor(store, config, broker_url)

@@ -199,27 +199,34 @@ def test_detached_runs_are_driven_by_a_control_worker(db_url, broker, workers, s
     workers.start("w1")
     workers.start("driver", queues="control")
     started = time.monotonic()
-    result = nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker, "--detach")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "sent to the control queue" in result.stdout
-    assert time.monotonic() - started < 60   # returned without waiting for the run
+    enqueue = subprocess.Popen([sys.executable, "-m", "nos.cli.main", "enqueue", "--config", slow_toml, "--db", db_url,
+                                "--broker", broker, "--detach"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
 
     def driver():
         store = open_store(db_url)
-        with store.reading() as session:
-            holder = session.get(Run, 1).driver
-        store.dispose()
-        return holder
+        try:
+            with store.reading() as session:
+                run = session.get(Run, 1)
+                return run.driver if run is not None else None
+        except Exception:   # the database is not created yet
+            return None
+        finally:
+            store.dispose()
 
-    # The control worker holds the run's driver lease: a second driver is refused, naming it. (At once:
-    # the run may be over before a `nos resume` process has started; test_driver_lifecycle runs one.)
-    holder = wait_for(driver, timeout=120, every=0.2)
-    assert int(holder.rsplit(":", 1)[1]) in workers.pids("driver")
+    # The control worker holds the run's driver lease: a second driver is refused, naming it. Watched
+    # while `nos enqueue` is still exiting: on a loaded machine the run can end before that.
+    holder = wait_for(driver, timeout=120, every=0.1)
     store = open_store(db_url)
     with pytest.raises(LeaseRefused, match=f"run 1 is already driven by {holder}"):
         with store.transaction() as session:
             take_lease(session, 1, "elsewhere:1")
     store.dispose()
+    assert int(holder.rsplit(":", 1)[1]) in workers.pids("driver")
+    out, err = enqueue.communicate(timeout=120)
+    assert enqueue.returncode == 0, out + err
+    assert "sent to the control queue" in out
+    assert time.monotonic() - started < 60   # returned without waiting for the run
 
     def completed():
         store = open_store(db_url)
