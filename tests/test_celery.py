@@ -17,10 +17,10 @@ import pytest
 
 from nos.store import open_store, resolve_url, upgrade
 from nos.store.leases import LeaseRefused, take_lease
-from nos.store.models import Evaluation, Run
+from nos.store.models import Run
 
-from conftest import unavailable
-from test_driver import assert_complete, finished_count, nos, run_rows, start_nos, wait_for
+from helpers.driver import assert_complete, finished_count, nos, run_rows, start_nos, wait_for
+from helpers.services import unavailable
 
 REDIS = "redis://127.0.0.1:6379"
 # Evaluations of a second or two: long enough to kill a worker in the middle of one.

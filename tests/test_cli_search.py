@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from nos.cli.main import cli
 
-from test_driver import TINY_TOML
+from helpers.driver import TINY_TOML
 
 
 def invoke(*args: str):

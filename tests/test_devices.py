@@ -13,12 +13,20 @@ from nos.config import SearchConfig
 from nos.devices import DeviceError
 from nos.executors import LocalExecutor
 from nos.rules import parse
-from nos.store import NewEvaluation, RuleRecord, create_run, enqueue_batch, get_or_create_rules, open_store, upgrade
-from nos.store import resolve_url
+from nos.store import (
+    NewEvaluation,
+    RuleRecord,
+    create_run,
+    enqueue_batch,
+    get_or_create_rules,
+    open_store,
+    resolve_url,
+    upgrade,
+)
 from nos.store.models import Evaluation
 from nos.work import run_evaluation, task_for, task_key
 
-from test_driver import TINY, TINY_TOML
+from helpers.driver import TINY, TINY_TOML
 
 # A CUDA device no machine has: one past the last that torch sees (cuda:0 where there is none).
 ABSENT = f"cuda:{torch.cuda.device_count()}"

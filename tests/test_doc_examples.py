@@ -1,10 +1,10 @@
-"""The example runner of tests/doc_examples.py catches what it is there to catch."""
+"""The example runner of tests/helpers/doc_examples.py catches what it is there to catch."""
 
 from __future__ import annotations
 
 import pytest
 
-from doc_examples import examples, run
+from helpers.doc_examples import examples, run
 
 
 def _only(tmp_path, markdown: str):

@@ -15,7 +15,7 @@ import pytest
 from nos.store import open_store
 from nos.store.models import Run
 
-from test_driver import _has_run, finished_count, nos, run_rows, start_nos, tiny_toml, wait_for  # noqa: F401
+from helpers.driver import finished_count, has_run, nos, run_rows, start_nos, wait_for
 
 
 def long_run(url: str, toml: str) -> tuple[str, ...]:
@@ -56,7 +56,7 @@ def url(tmp_path) -> str:
 def test_a_second_driver_is_refused_and_sigterm_stops_the_first_cleanly(url, tiny_toml):
     driver = start_nos(*long_run(url, tiny_toml))
     try:
-        wait_for(lambda: _has_run(url) and finished_count(url, 1) >= 2)
+        wait_for(lambda: has_run(url) and finished_count(url, 1) >= 2)
         workers = group(driver.pid) - {driver.pid}
         assert workers   # the local worker processes
         first = f"{socket.gethostname()}:{driver.pid}"
@@ -83,7 +83,7 @@ def test_a_second_driver_is_refused_and_sigterm_stops_the_first_cleanly(url, tin
 def test_workers_die_with_a_killed_driver_and_stop_marks_the_driverless_run_stopped(url, tiny_toml):
     driver = start_nos(*long_run(url, tiny_toml))
     try:
-        wait_for(lambda: _has_run(url) and finished_count(url, 1) >= 2)
+        wait_for(lambda: has_run(url) and finished_count(url, 1) >= 2)
         workers = group(driver.pid) - {driver.pid}
         assert workers
         os.kill(driver.pid, signal.SIGKILL)   # the driver alone: nothing signals its workers

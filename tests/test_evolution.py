@@ -11,7 +11,7 @@ from nos.rules.vocabulary import TOKENS, position_kinds, sequence_length
 from nos.search import EvolutionSearcher, make_searcher, state_from_bytes, state_to_bytes
 from nos.search.evolution import builtin_sequences
 
-from test_search import run, same_state, target_reward
+from helpers.search import run, same_state, target_reward
 
 
 def texts(proposals) -> list[str]:

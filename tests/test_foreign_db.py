@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from nos.cli.main import cli
 from nos.store import create_engine, resolve_url
 
-from test_driver import TINY_TOML
+from helpers.driver import TINY_TOML
 
 # An application of its own, with a `runs` table of its own (a name nos uses) and alembic at a revision
 # that happens to be one of nos's own numbers.

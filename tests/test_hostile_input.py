@@ -18,11 +18,12 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from conftest import unavailable
 from nos.cli.main import cli
 from nos.config import SearchConfig
 from nos.store import create_run, open_store, resolve_url, save_checkpoint, upgrade
 from nos.store.models import Base
+
+from helpers.services import unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 MARKUP_NAME = "[/x] [bold red]boom"

@@ -12,7 +12,7 @@ from nos.optim import BUILTINS, SymbolicOptimizer
 from nos.rules import RuleSyntaxError
 from nos.rules.builtins import PAPER_EXAMPLES
 
-from rule_strategies import trees
+from helpers.rule_strategies import trees
 
 PAPER_RULES = list(PAPER_EXAMPLES)
 
@@ -172,7 +172,8 @@ def test_overflowing_rule_gives_non_finite_weights_not_an_error():
 @pytest.mark.parametrize("rule", PAPER_RULES + sorted(BUILTINS))
 def test_paper_rules_and_builtins_train(rule):
     best = min(
-        train(model := small_convnet(), SymbolicOptimizer(model.parameters(), rule, lr=lr, total_steps=30, seed=0), 30)[-1]
+        train(model := small_convnet(),
+              SymbolicOptimizer(model.parameters(), rule, lr=lr, total_steps=30, seed=0), 30)[-1]
         for lr in (1e-3, 1e-2, 1e-1, 1.0, 10.0)
     )
     assert best < loss_of(small_convnet()).item() - 0.05

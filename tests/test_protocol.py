@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from conftest import unavailable
 from nos.tasks import DataUnavailable, EvaluationResult, evaluate_rule, get_task
+
+from helpers.services import unavailable
 
 SMALL = dict(lrs=[1e-2, 1e-1, 1.0], epochs=2, train_size=400)
 

@@ -1,4 +1,4 @@
-"""The README's examples run as written (see tests/doc_examples.py for the rules).
+"""The README's examples run as written (see tests/helpers/doc_examples.py for the rules).
 
 They run in order in one temporary folder with a SQLite database of its own,
 so a later example may use the run an earlier one made.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from doc_examples import ROOT, examples, run
+from helpers.doc_examples import ROOT, examples, run
 
 README = ROOT / "README.md"
 EXAMPLES = examples(README)

@@ -14,14 +14,24 @@ import pytest
 from click.testing import CliRunner
 
 from nos.cli.main import cli
-from nos.store import (
-    NewEvaluation, RuleRecord, claim, commit_result, create_run, enqueue_batch, fail, get_or_create_rules, open_store,
-    resolve_url, upgrade, utcnow,
-)
 from nos.rules import parse
+from nos.store import (
+    NewEvaluation,
+    RuleRecord,
+    claim,
+    commit_result,
+    create_run,
+    enqueue_batch,
+    fail,
+    get_or_create_rules,
+    open_store,
+    resolve_url,
+    upgrade,
+    utcnow,
+)
 
-from conftest import unavailable
-from store_helpers import LRS, RULES, result
+from helpers.services import unavailable
+from helpers.store import LRS, RULES, result
 
 ROOT = Path(__file__).resolve().parents[1]
 # Strings a careless page would let run as markup.
@@ -49,9 +59,10 @@ def build_run(store, name: str, searcher: str, rewards: list[float], *, extra: b
     if extra:
         with store.transaction() as session:
             fails = get_or_create_rules(session, [RuleRecord.from_tree(parse("sqrt(exp(v) ^ (-2))"))])[0]
-            batch = enqueue_batch(session, run_id, 1, [NewEvaluation(rule_ids[0], "digits", "k1", cached_from=trained[0]),
-                                                       NewEvaluation(fails, "digits", "k1"),
-                                                       NewEvaluation(rule_ids[1], "digits", "k1")])
+            batch = enqueue_batch(session, run_id, 1, [
+                NewEvaluation(rule_ids[0], "digits", "k1", cached_from=trained[0]),
+                NewEvaluation(fails, "digits", "k1"),
+                NewEvaluation(rule_ids[1], "digits", "k1")])
         with store.transaction() as session:
             attempt = claim(session, batch[1], "w9", CLAIM_FOR)
             assert fail(session, batch[1], attempt, NASTY_ERROR)
@@ -317,7 +328,8 @@ def test_report_lists_rejections_by_reason(sqlite_store, sqlite_url, tmp_path):
 
     first = build_run(sqlite_store, "r", "ppo", [0.9, 0.8, 0.7, 0.6, 0.5], extra=False)
     with sqlite_store.transaction() as session:
-        batch = enqueue_batch(session, first["run_id"], 1, [NewEvaluation(r, "digits", "k1") for r in first["rule_ids"][:3]])
+        batch = enqueue_batch(session, first["run_id"], 1,
+                              [NewEvaluation(r, "digits", "k1") for r in first["rule_ids"][:3]])
         session.execute(sa.update(Evaluation).where(Evaluation.id.in_(batch))
                         .values(status="rejected", reward=0.0, reason="update <all zero>", finished_at=utcnow()))
     out = tmp_path / "r.html"

@@ -9,14 +9,23 @@ from datetime import timedelta
 from nos.config import SearchConfig
 from nos.driver import Driver
 from nos.executors import LocalExecutor
-from nos.store import (
-    NewEvaluation, claim, create_run, enqueue_batch, get_or_create_rules, heartbeat, open_store, requeue_stale,
-    resolve_url, upgrade, utcnow,
-)
-from nos.store import RuleRecord
 from nos.rules import parse
+from nos.store import (
+    NewEvaluation,
+    RuleRecord,
+    claim,
+    create_run,
+    enqueue_batch,
+    get_or_create_rules,
+    heartbeat,
+    open_store,
+    requeue_stale,
+    resolve_url,
+    upgrade,
+    utcnow,
+)
 
-from test_driver import TINY, run_rows
+from helpers.driver import TINY, run_rows
 
 DEFAULTS = SearchConfig()
 

@@ -13,7 +13,7 @@ from nos.rules.elementwise import delta_one
 from nos.rules.evaluate import StepContext, Tensors, compute_update, step_numbers
 from nos.rules.tree import is_random
 
-from rule_strategies import trees
+from helpers.rule_strategies import trees
 
 STEP, HORIZON = 7, 20
 BC1, BC2, BC3 = 1 - 0.9 ** STEP, 1 - 0.999 ** STEP, 1 - 0.999 ** STEP

@@ -7,14 +7,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nos.rules import (
-    Binary, Const, Operand, RuleSyntaxError, Unary, binary, const, format_number, operand, parse, rule_hash,
-    to_text, unary,
+    Binary,
+    Const,
+    Operand,
+    RuleSyntaxError,
+    Unary,
+    binary,
+    const,
+    format_number,
+    parse,
+    rule_hash,
+    to_text,
+    unary,
 )
+from nos.rules.builtins import PAPER_EXAMPLES
 from nos.rules.tree import BINARY_OPS
 from nos.rules.vocabulary import BINARY, OPERANDS, UNARY
-from nos.rules.builtins import PAPER_EXAMPLES
 
-from rule_strategies import trees
+from helpers.rule_strategies import trees
 
 PAPER_RULES = list(PAPER_EXAMPLES)
 

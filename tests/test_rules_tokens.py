@@ -8,10 +8,18 @@ from hypothesis import strategies as st
 
 from nos.rules import NotInVocabulary, from_tokens, min_depth, parse, to_tokens
 from nos.rules.vocabulary import (
-    BINARY_ID, OPERAND_ID, TOKENS, UNARY, UNARY_ID, UnaryToken, VOCAB_SIZE, position_kinds, sequence_length,
+    BINARY_ID,
+    OPERAND_ID,
+    TOKENS,
+    UNARY,
+    UNARY_ID,
+    VOCAB_SIZE,
+    UnaryToken,
+    position_kinds,
+    sequence_length,
 )
 
-from rule_strategies import token_sequences, trees
+from helpers.rule_strategies import token_sequences, trees
 
 
 def test_sequence_lengths_are_5_13_29():

@@ -6,14 +6,34 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
-from store_helpers import LRS, RULES, new_run_with_batch, result
 
 from nos.rules import parse
 from nos.store import (
-    EvaluationResult, NewEvaluation, RuleRecord, batch_evaluations, claim, commit_result, create_run,
-    enqueue_batch, fail, find_cached, find_rule, get_evaluation, get_or_create_rules, get_run, heartbeat,
-    latest_checkpoint, requeue_stale, save_checkpoint, set_run_status, trials_of, unfinished_ids, utcnow,
+    EvaluationResult,
+    NewEvaluation,
+    RuleRecord,
+    batch_evaluations,
+    claim,
+    commit_result,
+    create_run,
+    enqueue_batch,
+    fail,
+    find_cached,
+    find_rule,
+    get_evaluation,
+    get_or_create_rules,
+    get_run,
+    heartbeat,
+    latest_checkpoint,
+    requeue_stale,
+    save_checkpoint,
+    set_run_status,
+    trials_of,
+    unfinished_ids,
+    utcnow,
 )
+
+from helpers.store import LRS, RULES, new_run_with_batch, result
 
 STALE = timedelta(minutes=5)
 
@@ -26,7 +46,8 @@ def row(store, evaluation_id):
 def test_a_batch_is_queued_in_seq_order(store):
     run_id, ids = new_run_with_batch(store)
     with store.transaction() as session:
-        more = enqueue_batch(session, run_id, 1, [NewEvaluation(get_evaluation(session, ids[0]).rule_id, "digits", "k1")])
+        same_rule = get_evaluation(session, ids[0]).rule_id
+        more = enqueue_batch(session, run_id, 1, [NewEvaluation(same_rule, "digits", "k1")])
     with store.reading() as session:
         first = batch_evaluations(session, run_id, 0)
         second = batch_evaluations(session, run_id, 1)

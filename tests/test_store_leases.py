@@ -11,7 +11,13 @@ import pytest
 
 from nos.store import create_run, get_run, set_run_status, utcnow
 from nos.store.leases import (
-    LEASE_STALE_AFTER, LeaseRefused, clear_dead_lease, read_lease, release_lease, renew_lease, take_lease,
+    LEASE_STALE_AFTER,
+    LeaseRefused,
+    clear_dead_lease,
+    read_lease,
+    release_lease,
+    renew_lease,
+    take_lease,
 )
 
 # Holders on other machines: only their heartbeats say whether they are alive.

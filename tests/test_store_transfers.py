@@ -12,9 +12,22 @@ from alembic.runtime.migration import MigrationContext
 
 from nos.rules import parse
 from nos.store import (
-    Base, TransferEpochRow, TransferOutcome, TransferTrialRow, create_engine, finish_transfer, get_or_create_rule,
-    load_transfer, open_transfer, record_epoch, record_trial, resolve_url, restart_final, schema_state,
-    transfer_runs_of, upgrade,
+    Base,
+    TransferEpochRow,
+    TransferOutcome,
+    TransferTrialRow,
+    create_engine,
+    finish_transfer,
+    get_or_create_rule,
+    load_transfer,
+    open_transfer,
+    record_epoch,
+    record_trial,
+    resolve_url,
+    restart_final,
+    schema_state,
+    transfer_runs_of,
+    upgrade,
 )
 from nos.store.models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial
 from nos.store.schema import alembic_config

@@ -13,7 +13,7 @@ from torch import nn
 from nos.tasks import TASKS, DataUnavailable, evaluate_rule, get_task
 from nos.tasks.data import DEBIAN_FASHION_MNIST
 
-from conftest import unavailable
+from helpers.services import unavailable
 
 
 def _write_idx(path, array: np.ndarray) -> None:

@@ -13,7 +13,7 @@ import torch
 from nos.tasks import TASKS, DataUnavailable, UnknownTask, get_task
 from nos.tasks.data import DEBIAN_FASHION_MNIST
 
-from conftest import unavailable
+from helpers.services import unavailable
 
 
 def _write_idx(path, array: np.ndarray) -> None:

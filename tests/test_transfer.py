@@ -17,9 +17,9 @@ import torch
 from click.testing import CliRunner
 
 from nos.cli.main import cli
+from nos.rules import parse
 from nos.store import TransferTrialRow, get_or_create_rule, load_transfer, open_transfer, record_trial
 from nos.store.models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial
-from nos.rules import parse
 from nos.tasks.transfer import train_transfer, transfer_task
 from nos.tasks.wrn import WideResNet, parse_model, wide_resnet
 from nos.transfer import Stat, TransferSuperseded, run_transfer, summarize

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # `nos` and `python` of the environment the tests run in, first on PATH.
 VENV_BIN = Path(sys.executable).parent
 KINDS = ("console", "python", "sql", "toml")
