@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from dataclasses import asdict, fields as dataclass_fields
+from dataclasses import asdict
+from dataclasses import fields as dataclass_fields
 
 import click
 from rich.table import Table
@@ -19,7 +20,6 @@ from .console import console
 from .db import db_option, find_rule_or_exit, open_store_or_exit
 from .errors import UsageProblem
 from .params import ID, TEXT
-
 
 
 def _fmt(value, digits: int = 4) -> str:
