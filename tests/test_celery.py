@@ -22,6 +22,9 @@ from nos.store.models import Run
 from helpers.driver import assert_complete, finished_count, nos, run_rows, start_nos, wait_for
 from helpers.services import unavailable
 
+# Every test here starts Celery workers or `nos` processes against a real broker.
+pytestmark = pytest.mark.slow
+
 REDIS = "redis://127.0.0.1:6379"
 # Evaluations of a second or two: long enough to kill a worker in the middle of one.
 SLOW_TOML = """

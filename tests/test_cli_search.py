@@ -44,6 +44,7 @@ def searched(tmp_path_factory):
     return db, result.output, config
 
 
+@pytest.mark.slow
 def test_enqueue_prints_the_run_id_progress_and_top_rules(searched):
     db, output, _ = searched
     assert output.splitlines()[0] == f"created database sqlite:///{db}"
@@ -52,6 +53,7 @@ def test_enqueue_prints_the_run_id_progress_and_top_rules(searched):
     assert "run 1 completed" in output and "leaderboard of run 1" in output
 
 
+@pytest.mark.slow
 def test_runs_status_leaderboard_show(searched):
     db, _, _ = searched
     url = f"sqlite:///{db}"
@@ -85,6 +87,7 @@ def test_runs_status_leaderboard_show(searched):
     assert by_text.output == by_id.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [

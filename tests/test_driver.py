@@ -32,6 +32,7 @@ from helpers.driver import (
 from helpers.search import same_state
 
 
+@pytest.mark.slow
 def test_driver_runs_a_search_to_its_budget(db_url):
     upgrade(resolve_url(db_url))
     store = open_store(db_url)
@@ -61,6 +62,7 @@ def test_driver_runs_a_search_to_its_budget(db_url):
     store.dispose()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("searcher", "settings"), [("ppo", {}), ("evolution", {"population": 4, "tournament": 2})])
 def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml, searcher, settings):
     url = f"sqlite:///{tmp_path / 'killed.db'}"
@@ -99,6 +101,7 @@ def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml, search
         assert any(e.status == "rejected" for e in run_rows(reference, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["nos stop", "ctrl-c"])
 def test_stopping_leaves_a_consistent_run_that_resumes(tmp_path, tiny_toml, how):
     url = f"sqlite:///{tmp_path / 'stopped.db'}"
@@ -149,6 +152,7 @@ def test_a_rule_scored_before_is_not_trained_again(sqlite_url):
     store.dispose()
 
 
+@pytest.mark.slow
 def test_a_second_identical_run_is_served_from_the_cache(sqlite_url):
     upgrade(resolve_url(sqlite_url))
     store = open_store(sqlite_url)
@@ -173,6 +177,7 @@ def test_a_second_identical_run_is_served_from_the_cache(sqlite_url):
     store.dispose()
 
 
+@pytest.mark.slow
 def test_without_the_probe_every_new_rule_is_trained(sqlite_url):
     upgrade(resolve_url(sqlite_url))
     store = open_store(sqlite_url)
@@ -208,6 +213,7 @@ class _OnlyHopeless(Searcher):
         pass
 
 
+@pytest.mark.slow
 def test_a_searcher_that_only_proposes_rejects_stops_the_run(sqlite_url, monkeypatch):
     import nos.driver
 
@@ -233,6 +239,7 @@ def test_a_searcher_that_only_proposes_rejects_stops_the_run(sqlite_url, monkeyp
     store.dispose()
 
 
+@pytest.mark.slow
 def test_failed_evaluations_are_left_out_of_learning(sqlite_url):
     from datetime import timedelta
 

@@ -17,6 +17,9 @@ from nos.store.models import Run
 
 from helpers.driver import finished_count, has_run, nos, run_rows, start_nos, wait_for
 
+# Every test here starts a real driver with its worker processes.
+pytestmark = pytest.mark.slow
+
 
 def long_run(url: str, toml: str) -> tuple[str, ...]:
     # Every rule trained, in 25 batches: the run lasts long enough to be signalled mid-run.

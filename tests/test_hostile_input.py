@@ -85,6 +85,7 @@ def pg_with_a_run(pg_url) -> str:
 
 # -- 1. what users and the database wrote is printed as text ---------------------
 
+@pytest.mark.slow
 def test_a_run_name_with_markup_prints_as_itself_everywhere(marked_up):
     url, enqueued = marked_up
     assert enqueued.exit_code == 0, enqueued.output
@@ -107,6 +108,7 @@ def test_valid_tags_in_a_name_restyle_nothing(tmp_path):
     assert "\x1b[" not in result.output   # no colour codes: the tags were not applied
 
 
+@pytest.mark.slow
 def test_error_text_in_show_prints_as_text_with_control_characters_escaped(marked_up, tmp_path):
     url, _ = marked_up
     copy = tmp_path / "copy.db"
@@ -125,6 +127,7 @@ def test_error_text_in_show_prints_as_text_with_control_characters_escaped(marke
 
 # -- 2. credentials are masked wherever they are shown or stored -----------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "message"), [
     (("--broker", "redis://:SECRET@127.0.0.1:1/10"), "cannot reach the broker at redis://:***@127.0.0.1:1/10"),
     (("--broker", "amqp://u:SECRET@h/"), "got 'amqp://u:***@h/'"),
@@ -143,6 +146,7 @@ def test_passwords_never_reach_the_output(marked_up, args, message):
     assert snapshot(url) == before
 
 
+@pytest.mark.slow
 def test_status_masks_the_broker_password(marked_up):
     url, _ = marked_up
     result = invoke("status", "--broker", "redis://:SECRET@127.0.0.1:1/3", "--db", url)
@@ -213,6 +217,7 @@ BAD_CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("content", "message"), BAD_CONFIGS)
 def test_bad_config_values_change_nothing(marked_up, tmp_path, content, message):
     url, _ = marked_up
@@ -226,6 +231,7 @@ def test_bad_config_values_change_nothing(marked_up, tmp_path, content, message)
     assert not fresh.exists()
 
 
+@pytest.mark.slow
 def test_resuming_a_run_stored_with_a_bad_config_says_so(marked_up, tmp_path):
     url, _ = marked_up
     copy = tmp_path / "copy.db"
@@ -241,6 +247,7 @@ def test_resuming_a_run_stored_with_a_bad_config_says_so(marked_up, tmp_path):
     assert snapshot(f"sqlite:///{copy}") == before
 
 
+@pytest.mark.slow
 def test_ids_beyond_any_stored_one(marked_up, pg_with_a_run):
     url, _ = marked_up
     before = snapshot(url)
@@ -287,6 +294,7 @@ def _read_only(path: Path):
     return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
+@pytest.mark.slow
 def test_a_read_only_sqlite_file(marked_up, tmp_path):
     url, _ = marked_up
     copy = tmp_path / "ro.db"
@@ -331,6 +339,7 @@ def _stopped_copy(url: str, folder: Path, blob: bytes | None) -> str:
     return f"sqlite:///{copy}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blob", [b"\x00damaged", b"PK\x03\x04 not a zip", b""])
 def test_a_damaged_checkpoint_stops_resume_before_the_run_changes(marked_up, tmp_path, blob):
     url, _ = marked_up
@@ -342,6 +351,7 @@ def test_a_damaged_checkpoint_stops_resume_before_the_run_changes(marked_up, tmp
     assert snapshot(copy) == before   # still stopped, not "running"
 
 
+@pytest.mark.slow
 def test_a_driver_that_meets_a_damaged_checkpoint_fails_the_run(marked_up, tmp_path):
     from nos.driver import drive_run
     from nos.resume import CheckpointUnreadable
@@ -378,6 +388,7 @@ def test_infinite_learning_rates(args, message):
     assert result.exit_code == 2 and message in result.output, result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("content", "message"), [
     (b'depth = "2"\n', "depth must be 1, 2 or 3, got '2'"),
     (b'[task_options]\nlrs = "abc"\n', "task option lrs must be a list of 1 to 100 positive, finite learning rates"),
@@ -395,6 +406,7 @@ def test_config_messages_name_the_key(marked_up, tmp_path, content, message):
     assert snapshot(url) == before
 
 
+@pytest.mark.slow
 def test_leaderboard_of_a_task_without_results(marked_up):
     url, _ = marked_up
     result = invoke("leaderboard", "--task", "typo", "--db", url)
@@ -416,6 +428,7 @@ def test_an_empty_csv_leaderboard_has_every_column(tmp_path):
     assert header == [f.name for f in fields(LeaderboardRow)] and len(header) == 12
 
 
+@pytest.mark.slow
 def test_the_search_batch_has_an_upper_bound(marked_up):
     url, _ = marked_up
     before = snapshot(url)

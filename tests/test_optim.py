@@ -198,6 +198,7 @@ def test_foreach_step_equals_per_tensor_step(tree):
     torch.testing.assert_close(fast[finite], plain[finite], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_eager():
     eager, compiled = small_convnet(), small_convnet()
     train(eager, SymbolicOptimizer(eager.parameters(), "powersign-ld", lr=0.01, total_steps=6), 6)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.doc_examples import ROOT, examples, run
+from helpers.doc_examples import ROOT, examples, params, run
 
 README = ROOT / "README.md"
 EXAMPLES = examples(README)
@@ -24,7 +24,7 @@ def test_the_readme_has_examples_that_run():
     assert {e.kind for e in runnable} >= {"console", "python"}
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=[e.id for e in EXAMPLES])
+@pytest.mark.parametrize("example", params(EXAMPLES))
 def test_readme_example(example, workdir):
     run(example, workdir)
 

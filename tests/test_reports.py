@@ -366,6 +366,7 @@ PROBE = """<script>window.addEventListener("load", () => {
 });</script>"""
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(two_runs, tmp_path):
     browser = _chromium()
     page = _report(two_runs, tmp_path)

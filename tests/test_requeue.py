@@ -6,6 +6,8 @@ import subprocess
 import sys
 from datetime import timedelta
 
+import pytest
+
 from nos.config import SearchConfig
 from nos.driver import Driver
 from nos.executors import LocalExecutor
@@ -57,6 +59,7 @@ def test_by_default_a_dead_workers_evaluation_is_requeued_within_30_seconds(stor
 HOG = "while True: pass"
 
 
+@pytest.mark.slow
 def test_a_live_worker_on_a_busy_machine_is_never_retaken(sqlite_url):
     """Evaluations that outlive the stale limit, on cores every process fights for, are never taken over."""
     upgrade(resolve_url(sqlite_url))

@@ -22,6 +22,9 @@ from helpers import store as store_helpers
 from helpers.schema import schema_state_head
 from helpers.store import LRS, new_run_with_batch
 
+# Every test here races spawned worker processes against one database.
+pytestmark = pytest.mark.slow
+
 SPAWN = multiprocessing.get_context("spawn")
 WORKERS = 4
 TIMEOUT_S = 120  # a hang fails the test instead of blocking the suite

@@ -86,6 +86,7 @@ def test_bad_model_names_say_what_is_expected(bad):
         parse_model(bad)
 
 
+@pytest.mark.slow
 def test_the_task_trains_the_model_and_keys_on_it(task, fashion_dir):
     assert isinstance(task.new_child(), WideResNet)
     assert task.options["model"] == "wrn-10-1" and task.epochs == EPOCHS
@@ -98,6 +99,7 @@ def test_the_task_trains_the_model_and_keys_on_it(task, fashion_dir):
 
 # --- the protocol ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_final_and_best_figures_come_from_the_final_runs_epochs(task):
     result = train_transfer("powersign", task, seed=0)
     assert [t.lr for t in result.trials] == LRS and len(result.epochs) == EPOCHS
@@ -111,12 +113,14 @@ def test_final_and_best_figures_come_from_the_final_runs_epochs(task):
     assert not result.diverged and result.model == "wrn-10-1"
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_other_seed_other_numbers(task):
     a, b = train_transfer("sgd", task, seed=0), train_transfer("sgd", task, seed=0)
     assert numbers(a) == numbers(b)
     assert numbers(train_transfer("sgd", task, seed=1)) != numbers(a)
 
 
+@pytest.mark.slow
 def test_resuming_from_a_snapshot_or_a_stored_sweep_gives_the_uninterrupted_numbers(task):
     snapshots = []
     whole = train_transfer(NOISY, task, seed=0, on_epoch=lambda record, snap: snapshots.append(snap()))
@@ -130,12 +134,14 @@ def test_resuming_from_a_snapshot_or_a_stored_sweep_gives_the_uninterrupted_numb
     assert numbers(fresh) == numbers(whole) and trained == []
 
 
+@pytest.mark.slow
 def test_a_run_that_diverges_at_every_rate_scores_zero(task):
     result = train_transfer("exp(g) * 1e4", task, seed=0)   # overflows at once
     assert result.diverged and result.best_lr is None and result.epochs == []
     assert (result.final_val, result.final_test, result.best_val, result.best_test) == (0, 0, 0, 0)
 
 
+@pytest.mark.slow
 def test_summary_is_mean_and_sample_spread_over_seeds(task):
     results = [train_transfer("sgd", task, seed=s) for s in (0, 1)]
     (row,) = summarize(results)
@@ -158,6 +164,7 @@ def _counts(store):
                 for m in (TransferRun, TransferTrial, TransferEpoch, TransferCheckpoint)}
 
 
+@pytest.mark.slow
 def test_a_second_run_reads_the_stored_result_instead_of_training(store, task):
     first = run_transfer(store, "powersign", task, seed=0)
     assert not first.reused
@@ -175,6 +182,7 @@ def test_a_second_run_reads_the_stored_result_instead_of_training(store, task):
         assert row.best_test == first.result.best_test and row.finished_at is not None
 
 
+@pytest.mark.slow
 def test_a_crash_in_the_final_run_loses_nothing_stored_and_the_rerun_matches(store, task):
     whole = train_transfer(NOISY, task, seed=0)
 
@@ -196,6 +204,7 @@ def test_a_crash_in_the_final_run_loses_nothing_stored_and_the_rerun_matches(sto
         assert session.get(TransferRun, rerun.transfer_id).attempts == 2
 
 
+@pytest.mark.slow
 def test_a_crash_in_the_sweep_keeps_the_finished_trials(store, task):
     whole = train_transfer("adam", task, seed=1)
 
@@ -211,6 +220,7 @@ def test_a_crash_in_the_sweep_keeps_the_finished_trials(store, task):
     assert numbers(rerun.result) == numbers(whole)
 
 
+@pytest.mark.slow
 def test_an_error_marks_the_run_failed_and_a_rerun_finishes_it(store, task):
     def boom(record):
         raise RuntimeError("out of memory, say")
@@ -226,6 +236,7 @@ def test_an_error_marks_the_run_failed_and_a_rerun_finishes_it(store, task):
         assert session.get(TransferRun, done.transfer_id).status == "done"
 
 
+@pytest.mark.slow
 def test_a_process_whose_run_was_taken_over_stops_and_writes_nothing_more(store, task):
     def take_over(record):
         with store.transaction() as session:
@@ -244,6 +255,7 @@ def test_a_process_whose_run_was_taken_over_stops_and_writes_nothing_more(store,
         assert len(load_transfer(session, row.id).trials) == 1
 
 
+@pytest.mark.slow
 def test_each_seed_and_configuration_is_its_own_run(store, task, fashion_dir):
     run_transfer(store, "sgd", task, seed=0)
     run_transfer(store, "sgd", task, seed=1)
@@ -264,6 +276,7 @@ def fast(fashion_dir, db):
             "--val-size", "32", "--batch-size", "16", "--db", db]
 
 
+@pytest.mark.slow
 def test_transfer_prints_table_1_and_reuses_stored_results(fashion_dir, migrated_url):
     args = ["powersign", "--seeds", "2", *fast(fashion_dir, migrated_url)]
     result = transfer(*args)
@@ -282,6 +295,7 @@ def test_transfer_prints_table_1_and_reuses_stored_results(fashion_dir, migrated
     assert "| optimizer | best lr | final val | final test | best val | best test |" in markdown.stdout
 
 
+@pytest.mark.slow
 def test_transfer_creates_a_new_sqlite_database(fashion_dir, tmp_path):
     db = f"sqlite:///{tmp_path / 'new.db'}"
     result = transfer("g * exp(sign(m))", "--no-baselines", "--seeds", "1", *fast(fashion_dir, db))
