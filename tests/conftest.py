@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from helpers import reports
 from helpers.driver import TINY_TOML
 from helpers.services import unavailable
 
@@ -81,3 +82,29 @@ def tiny_toml(tmp_path) -> str:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_TOML)
     return str(path)
+
+
+# --- Reporting (nos plot, nos report, frames): runs built directly in a store ---
+
+
+@pytest.fixture
+def sqlite_store(sqlite_url):
+    """An open Store on a freshly migrated SQLite file."""
+    from nos.store import open_store, resolve_url, upgrade
+
+    upgrade(resolve_url(sqlite_url))
+    opened = open_store(sqlite_url)
+    yield opened
+    opened.dispose()
+
+
+@pytest.fixture
+def two_runs(sqlite_store, sqlite_url):
+    """`helpers.reports.two_runs` on SQLite: run 1 (ppo) with a cache hit, a failure and a queued evaluation."""
+    return reports.two_runs(sqlite_store, sqlite_url)
+
+
+@pytest.fixture
+def two_runs_anywhere(store, migrated_url):
+    """`two_runs` on SQLite and on PostgreSQL."""
+    return reports.two_runs(store, migrated_url)
