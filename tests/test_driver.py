@@ -147,7 +147,8 @@ def test_a_rule_scored_before_is_not_trained_again(sqlite_url):
     assert run_evaluation(store, first) == "done"
     assert run_evaluation(store, again) == "cached"   # a repeat within the batch: copied, not trained
     rows = run_rows(sqlite_url, run_id)
-    assert rows[1].cached_from == rows[0].id and rows[1].reward == rows[0].reward
+    assert rows[1].cached_from == rows[0].id
+    assert rows[1].reward == rows[0].reward
     assert rows[1].wall_seconds == 0.0
     store.dispose()
 
@@ -173,7 +174,8 @@ def test_a_second_identical_run_is_served_from_the_cache(sqlite_url):
     for e in second:
         if e.status == "cached":
             source = originals[e.cached_from]
-            assert source.reward == e.reward and (source.rule_id == e.rule_id or e.reason)
+            assert source.reward == e.reward
+            assert source.rule_id == e.rule_id or e.reason
     store.dispose()
 
 

@@ -68,7 +68,8 @@ def test_a_second_driver_is_refused_and_sigterm_stops_the_first_cleanly(url, tin
         second = nos("resume", "1", "--db", url)
         assert second.returncode == 2, second.stdout + second.stderr
         assert f"Error: run 1 is already driven by {first} (lease renewed" in second.stderr
-        assert "`nos stop 1`" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+        assert "`nos stop 1`" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
         assert run_row(url) == ("running", first, None)   # the live run is neither failed nor taken over
 
         driver.send_signal(signal.SIGTERM)   # `kill PID`: the driver alone
@@ -103,5 +104,6 @@ def test_workers_die_with_a_killed_driver_and_stop_marks_the_driverless_run_stop
     assert run_row(url) == ("stopped", None, None)
 
     again = nos("stop", "1", "--db", url)
-    assert again.returncode == 2 and "run 1 is stopped, not running" in again.stderr
+    assert again.returncode == 2
+    assert "run 1 is stopped, not running" in again.stderr
     assert run_row(url) == ("stopped", None, None)

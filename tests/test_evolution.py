@@ -126,7 +126,8 @@ def test_evolution_climbs_where_random_search_cannot():
 def test_evolution_settings_and_bad_ones():
     config = SearchConfig(searcher="evolution", controller={"population": 20, "tournament": 5})
     searcher = make_searcher(config.searcher, config.depth, config.seed, **config.controller)
-    assert isinstance(searcher, EvolutionSearcher) and searcher.config.population == 20
+    assert isinstance(searcher, EvolutionSearcher)
+    assert searcher.config.population == 20
     with pytest.raises(ConfigError, match="unknown controller keys lr"):
         SearchConfig(searcher="evolution", controller={"lr": 0.1})
     with pytest.raises(ConfigError, match="tournament"):

@@ -38,7 +38,8 @@ def _losses(printed: str) -> tuple[float, float]:
 def test_export_snippet_trains_in_a_fresh_python():
     result = invoke("export", "g*exp(sign(g)*sign(m))", "--lr", "0.1")
     assert result.exit_code == 0, result.output
-    assert 'RULE = "g * exp(sign(g) * sign(m))"' in result.output and "LR = 0.1" in result.output
+    assert 'RULE = "g * exp(sign(g) * sign(m))"' in result.output
+    assert "LR = 0.1" in result.output
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", result.output], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
@@ -68,11 +69,13 @@ def test_export_without_demo_and_to_a_file(tmp_path):
     result = CliRunner().invoke(cli, ["export", "powersign", "--no-demo", "-o", str(out)])
     assert result.exit_code == 0
     source = out.read_text()
-    assert "__main__" not in source and len(source.splitlines()) < 20
+    assert "__main__" not in source
+    assert len(source.splitlines()) < 20
     namespace: dict = {}
     exec(compile(source, str(out), "exec"), namespace)
     optimizer = namespace["make_optimizer"](torch.nn.Linear(2, 1).parameters(), lr=0.5)
-    assert optimizer.rule_text == "g * exp(sign(g) * sign(m))" and optimizer.defaults["lr"] == 0.5
+    assert optimizer.rule_text == "g * exp(sign(g) * sign(m))"
+    assert optimizer.defaults["lr"] == 0.5
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -26,16 +26,22 @@ def test_evaluations_frame(two_runs_anywhere):
     assert list(frame.status) == ["done", "done", "done", "diverged", "done", "cached", "failed", "queued"]
     assert list(frame.rule[:5]) == RULES
     assert frame.reward[:6].tolist() == [0.9, 0.95, 0.5, 0.0, 0.7, 0.9]
-    assert math.isnan(frame.reward[6]) and math.isnan(frame.reward[7])
-    assert frame.cached_from[5] == first["trained"][0] and frame.cached_from.isna().sum() == 7
-    assert frame.error[6] == NASTY_ERROR and frame.worker[6] == "w9"
-    assert str(frame.created_at.dtype).startswith("datetime64") and str(frame.created_at.dt.tz) == "UTC"
+    assert math.isnan(frame.reward[6])
+    assert math.isnan(frame.reward[7])
+    assert frame.cached_from[5] == first["trained"][0]
+    assert frame.cached_from.isna().sum() == 7
+    assert frame.error[6] == NASTY_ERROR
+    assert frame.worker[6] == "w9"
+    assert str(frame.created_at.dtype).startswith("datetime64")
+    assert str(frame.created_at.dt.tz) == "UTC"
     assert frame.finished_at.isna().tolist() == [False] * 7 + [True]
-    assert frame.reward.dtype == "float64" and frame.depth.dtype == "Int64"
+    assert frame.reward.dtype == "float64"
+    assert frame.depth.dtype == "Int64"
     assert frame.groupby("batch").reward.mean().round(6).tolist() == [0.61, 0.9]
 
     everything = evaluations_frame(url)   # a URL works too, and None means every run
-    assert len(everything) == 13 and set(everything.run_id) == {first["run_id"], second["run_id"]}
+    assert len(everything) == 13
+    assert set(everything.run_id) == {first["run_id"], second["run_id"]}
     assert isinstance(everything, pd.DataFrame)
     with pytest.raises(LookupError, match="no run 99"):
         evaluations_frame(store, 99)
@@ -48,7 +54,8 @@ def test_trials_frame(two_runs_anywhere):
     frame = trials_frame(store, first["run_id"])
     assert len(frame) == 5 * len(LRS)   # the five trained evaluations; cached, failed and queued trained nothing
     assert frame.groupby("seq").lr.apply(list).tolist() == [LRS] * 5
-    assert frame.diverged.dtype == bool and frame.val_acc.dtype == "float64"
+    assert frame.diverged.dtype == bool
+    assert frame.val_acc.dtype == "float64"
     assert set(frame.rule) == set(RULES)
     best = frame.loc[frame.groupby("seq").val_acc.idxmax()]
     assert best.lr.tolist() == [1e-5] * 5   # result() makes the smallest rate the best

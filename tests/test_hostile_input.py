@@ -52,7 +52,8 @@ def one_line_error(result, message: str) -> None:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and message in errors[0], result.output
+    assert len(errors) == 1, result.output
+    assert message in errors[0], result.output
 
 
 def small_config(**changes) -> dict:
@@ -104,7 +105,8 @@ def test_valid_tags_in_a_name_restyle_nothing(tmp_path):
         create_run(session, "[bold red]boom[/bold red] :smile:", "rosenbrock", small_config())
     store.dispose()
     result = invoke("runs", "--db", url)
-    assert result.exit_code == 0 and "[bold red]boom[/bold red] :smile:" in result.output
+    assert result.exit_code == 0
+    assert "[bold red]boom[/bold red] :smile:" in result.output
     assert "\x1b[" not in result.output   # no colour codes: the tags were not applied
 
 
@@ -169,7 +171,8 @@ def test_the_enqueue_banner_masks_the_broker_password(tmp_path):
     finally:
         client.flushdb()   # the detached driver's message: no worker here takes it
     assert result.exit_code == 0, result.output
-    assert f"Celery at redis://:***@127.0.0.1:6379/{index}" in result.output and "SECRET" not in result.output
+    assert f"Celery at redis://:***@127.0.0.1:6379/{index}" in result.output
+    assert "SECRET" not in result.output
 
 
 def test_stored_errors_are_masked(tmp_path):
@@ -252,13 +255,16 @@ def test_ids_beyond_any_stored_one(marked_up, pg_with_a_run):
     url, _ = marked_up
     before = snapshot(url)
     result = invoke("status", "99999999999999999999", "--db", url)
-    assert result.exit_code == 2 and "is not in the range" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2
+    assert "is not in the range" in result.output
+    assert "Traceback" not in result.output
     assert snapshot(url) == before
     pg_before = snapshot(pg_with_a_run)
     one_line_error(invoke("show", "99999999999", "--db", pg_with_a_run), "rule '99999999999' has not been evaluated")
     one_line_error(invoke("show", "9" * 5000, "--db", pg_with_a_run), "has not been evaluated")
     result = invoke("status", "3000000000", "--db", pg_with_a_run)
-    assert result.exit_code == 2 and "is not in the range" in result.output
+    assert result.exit_code == 2
+    assert "is not in the range" in result.output
     assert snapshot(pg_with_a_run) == pg_before
 
 
@@ -276,7 +282,9 @@ def test_malformed_database_urls(tmp_path, monkeypatch, db, message):
 def test_a_name_with_nul_on_postgresql(pg_with_a_run, tmp_path):
     before = snapshot(pg_with_a_run)
     result = invoke("enqueue", "--task", "rosenbrock", "--name", "a\x00b", "--db", pg_with_a_run)
-    assert result.exit_code == 2 and "control characters" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2
+    assert "control characters" in result.output
+    assert "Traceback" not in result.output
     config = tmp_path / "nul.toml"
     config.write_text('task = "rosenbrock"\nname = "a\\u0000b"\n')
     one_line_error(invoke("enqueue", "--config", str(config), "--db", pg_with_a_run), "name must be printable text")
@@ -322,7 +330,9 @@ def test_a_read_only_sqlite_file(marked_up, tmp_path):
 def test_eval_transfer_and_export_arguments(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     result = invoke(*args)
-    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    assert result.exit_code == 2, result.output
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output, result.output
     assert list(tmp_path.iterdir()) == []
 
 
@@ -347,7 +357,8 @@ def test_a_damaged_checkpoint_stops_resume_before_the_run_changes(marked_up, tmp
     before = snapshot(copy)
     result = invoke("resume", "1", "--db", copy)
     one_line_error(result, "run 1: its checkpoint of step")
-    assert "cannot be read" in result.output and "the run cannot resume from it" in result.output
+    assert "cannot be read" in result.output
+    assert "the run cannot resume from it" in result.output
     assert snapshot(copy) == before   # still stopped, not "running"
 
 
@@ -365,7 +376,8 @@ def test_a_driver_that_meets_a_damaged_checkpoint_fails_the_run(marked_up, tmp_p
     finally:
         store.dispose()
     run = snapshot(copy)["runs"][0]
-    assert run["status"] == "failed" and run["error"].startswith("CheckpointUnreadable: run 1: its checkpoint")
+    assert run["status"] == "failed"
+    assert run["error"].startswith("CheckpointUnreadable: run 1: its checkpoint")
 
 
 # -- 8. smaller ones ---------------------------------------------------------------
@@ -373,7 +385,8 @@ def test_a_driver_that_meets_a_damaged_checkpoint_fails_the_run(marked_up, tmp_p
 def test_a_mistyped_data_dir_creates_nothing(tmp_path):
     typo = tmp_path / "dtaa" / "fashion"
     result = invoke("eval", "g", "--task", "fashion-mnist", "--data-dir", str(typo))
-    assert result.exit_code == 2 and f"the folder {typo} does not exist" in result.output, result.output
+    assert result.exit_code == 2, result.output
+    assert f"the folder {typo} does not exist" in result.output, result.output
     assert not (tmp_path / "dtaa").exists()
 
 
@@ -385,7 +398,8 @@ def test_a_mistyped_data_dir_creates_nothing(tmp_path):
 ])
 def test_infinite_learning_rates(args, message):
     result = invoke(*args)
-    assert result.exit_code == 2 and message in result.output, result.output
+    assert result.exit_code == 2, result.output
+    assert message in result.output, result.output
 
 
 @pytest.mark.slow
@@ -425,7 +439,8 @@ def test_an_empty_csv_leaderboard_has_every_column(tmp_path):
     result = invoke("leaderboard", "--format", "csv", "--db", url)
     assert result.exit_code == 0
     header, = list(csv.reader(io.StringIO(result.output)))
-    assert header == [f.name for f in fields(LeaderboardRow)] and len(header) == 12
+    assert header == [f.name for f in fields(LeaderboardRow)]
+    assert len(header) == 12
 
 
 @pytest.mark.slow

@@ -50,9 +50,11 @@ def test_plot_sweeps_of_a_rule(two_runs, tmp_path):
     assert "2 sweeps of rule" in result.output   # one per run that trained it
     assert pixels(out)[..., :3].std() > 0.05
     by_text = invoke("plot", "--sweep", "g*exp(sign(g)*sign(m))", "--task", "digits", "-o", str(out), "--db", url)
-    assert by_text.exit_code == 0 and "2 sweeps" in by_text.output
+    assert by_text.exit_code == 0
+    assert "2 sweeps" in by_text.output
     by_id = invoke("plot", "--sweep", str(first["rule_ids"][0]), "-o", str(out), "--db", url)
-    assert by_id.exit_code == 0 and "2 sweeps" in by_id.output   # the cache hit adds no sweep of its own
+    assert by_id.exit_code == 0
+    assert "2 sweeps" in by_id.output   # the cache hit adds no sweep of its own
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -89,11 +91,14 @@ def test_plot_and_report_without_matplotlib(two_runs, tmp_path, monkeypatch):
     for args in (("plot", "1", "-o", str(tmp_path / "c.png")), ("report", "1", "-o", str(tmp_path / "r.html"))):
         result = invoke(*args, "--db", url)
         assert result.exit_code == 2, result.output
-        assert "matplotlib" in result.output and "pip install 'nos[plot]'" in result.output
-    assert not (tmp_path / "c.png").exists() and not (tmp_path / "r.html").exists()
+        assert "matplotlib" in result.output
+        assert "pip install 'nos[plot]'" in result.output
+    assert not (tmp_path / "c.png").exists()
+    assert not (tmp_path / "r.html").exists()
     # The library still writes the page, with its tables and a note where the pictures would be.
     from nos.report import write_report
 
     page = write_report(two_runs[0], first["run_id"], tmp_path / "plain.html").read_text()
-    assert "data:image/png" not in page and "pip install &#x27;nos[plot]&#x27;" in page
+    assert "data:image/png" not in page
+    assert "pip install &#x27;nos[plot]&#x27;" in page
     assert '<code class="rule">adam</code>' in page

@@ -26,21 +26,29 @@ def _report(two_runs, tmp_path, *extra: str) -> str:
 def test_report_is_self_contained_and_escaped(two_runs, tmp_path):
     page = _report(two_runs, tmp_path, "--top", "3")
     # Self-contained: no scripts, no external stylesheets, images only as data URIs.
-    assert "<script" not in page.lower() and "<link" not in page.lower()
+    assert "<script" not in page.lower()
+    assert "<link" not in page.lower()
     assert not re.search(r"(src|href)\s*=\s*\"(?!data:image/png;base64,)", page)
-    assert "http://" not in page and "https://" not in page
+    assert "http://" not in page
+    assert "https://" not in page
     assert page.count('src="data:image/png;base64,') == 1 + 3   # the curve and three sweeps
     # Every user string escaped.
     assert "&lt;script&gt;alert(&#x27;name&#x27;)&lt;/script&gt; &amp; co" in page
-    assert "ValueError: &lt;b&gt;boom&lt;/b&gt; &amp; &quot;more&quot;" in page and "<b>boom</b>" not in page
+    assert "ValueError: &lt;b&gt;boom&lt;/b&gt; &amp; &quot;more&quot;" in page
+    assert "<b>boom</b>" not in page
     # The content: top rules with their sweeps, timings, cache rate, failures, configuration.
     top = page.split('id="top"')[1].split('id="timings"')[0]
     for text in ("adam", "g", "clip(m, 1e-4) * exp(v)"):   # the best three of run 1, with their sweeps
         assert f'<code class="rule">{text}</code>' in top
-    assert "g * exp(sign(g) * sign(m))" not in top and "(1 + sign(g) * sign(m)) * g" not in top
-    assert "0.9500" in page and "cache hit rate" in page and "14.3%" in page   # 1 cached of 7 finished
-    assert "Failures (1)" in page and "sqrt(exp(v) ^ (-2))" in page
-    assert "wall seconds per trained evaluation" in page and "3.50 s" in page   # result() takes 3.5 s
+    assert "g * exp(sign(g) * sign(m))" not in top
+    assert "(1 + sign(g) * sign(m)) * g" not in top
+    assert "0.9500" in page
+    assert "cache hit rate" in page
+    assert "14.3%" in page   # 1 cached of 7 finished
+    assert "Failures (1)" in page
+    assert "sqrt(exp(v) ^ (-2))" in page
+    assert "wall seconds per trained evaluation" in page
+    assert "3.50 s" in page   # result() takes 3.5 s
     assert "&quot;searcher&quot;: &quot;ppo&quot;" in page
 
 
@@ -71,7 +79,8 @@ def test_report_lists_rejections_by_reason(sqlite_store, sqlite_url, tmp_path):
     out = tmp_path / "r.html"
     assert invoke("report", str(first["run_id"]), "-o", str(out), "--db", sqlite_url).exit_code == 0
     page = out.read_text()
-    assert "Rejected before training (3)" in page and "<td>update &lt;all zero&gt;</td><td class=\"num\">3</td>" in page
+    assert "Rejected before training (3)" in page
+    assert "<td>update &lt;all zero&gt;</td><td class=\"num\">3</td>" in page
     frame = evaluations_frame(sqlite_store, first["run_id"])
     assert frame.reason.isna().tolist() == [True] * 5 + [False] * 3
     assert frame.reason[5:].tolist() == ["update <all zero>"] * 3
@@ -84,7 +93,8 @@ def test_report_of_an_empty_run_and_unknown_run(sqlite_store, sqlite_url, tmp_pa
     assert invoke("report", str(run_id), "-o", str(out), "--db", sqlite_url).exit_code == 0
     assert "No finished evaluations yet" in out.read_text()
     result = invoke("report", "42", "-o", str(tmp_path / "n.html"), "--db", sqlite_url)
-    assert result.exit_code == 2 and "no run 42" in result.output
+    assert result.exit_code == 2
+    assert "no run 42" in result.output
 
 
 def _chromium() -> str:
@@ -115,7 +125,8 @@ def test_report_renders_in_headless_chromium(two_runs, tmp_path):
     widths = re.search(r'<pre id="probe">images:([-\d,]*)</pre>', dom.stdout)
     assert widths, dom.stdout[-2000:]
     widths = [int(w) for w in widths.group(1).split(",")]
-    assert len(widths) == 1 + 5 and all(w > 100 for w in widths), widths   # every picture decoded
+    assert len(widths) == 1 + 5, widths
+    assert all(w > 100 for w in widths), widths   # every picture decoded
     for text in ("g * exp(sign(g) * sign(m))", "clip(m, 1e-4) * exp(v)", "Failures (1)", "Timings"):
         assert text in dom.stdout
     assert "&lt;script&gt;alert" in dom.stdout   # the run's name stayed text
@@ -123,7 +134,9 @@ def test_report_renders_in_headless_chromium(two_runs, tmp_path):
     shot = tmp_path / "shot.png"
     done = subprocess.run([*common, "--window-size=1100,1400", f"--screenshot={shot}", (tmp_path / "report.html")
                            .as_uri()], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert shot.exists(), done.stderr[-2000:]
     image = pixels(shot)[..., :3]
     assert image.shape[:2] == (1400, 1100)
-    assert image.std() > 0.05 and (image < 0.5).mean() > 0.005   # not blank: there is dark text and plots
+    assert image.std() > 0.05
+    assert (image < 0.5).mean() > 0.005   # not blank: there is dark text and plots

@@ -49,7 +49,8 @@ def test_by_default_a_dead_workers_evaluation_is_requeued_within_30_seconds(stor
     # The worker dies right after that heartbeat. Until the limit its claim stands ...
     with store.transaction() as session:
         before = requeue_stale(session, run_id, limit, DEFAULTS.max_attempts, now=last + limit - timedelta(seconds=1))
-        assert before.requeued == [] and claim(session, evaluation_id, "host:2", limit, now=last + limit) is None
+        assert before.requeued == []
+        assert claim(session, evaluation_id, "host:2", limit, now=last + limit) is None
     # ... and the driver's next poll after it (every 0.2 s) puts it back in the queue.
     with store.transaction() as session:
         after = requeue_stale(session, run_id, limit, DEFAULTS.max_attempts, now=last + limit + timedelta(seconds=0.2))

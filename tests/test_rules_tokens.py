@@ -32,9 +32,12 @@ def test_token_ids_are_stable():
     # Stored sequences and controller checkpoints depend on these ids: append, never reorder.
     assert VOCAB_SIZE == 21 + 12 + 6
     assert [t.id for t in TOKENS] == list(range(VOCAB_SIZE))
-    assert OPERAND_ID["g"] == 0 and OPERAND_ID["eps_t"] == 20
-    assert UNARY_ID[UnaryToken("identity")] == 21 and UNARY_ID[UnaryToken("sign")] == 32
-    assert BINARY_ID["add"] == 33 and BINARY_ID["left"] == 38
+    assert OPERAND_ID["g"] == 0
+    assert OPERAND_ID["eps_t"] == 20
+    assert UNARY_ID[UnaryToken("identity")] == 21
+    assert UNARY_ID[UnaryToken("sign")] == 32
+    assert BINARY_ID["add"] == 33
+    assert BINARY_ID["left"] == 38
     assert len(UNARY) == 12
 
 

@@ -98,8 +98,9 @@ def test_leaderboard_rows_carry_the_rule_and_its_place(store):
     by_id = {r["id"]: r for r in rows}
     for entry in board:
         source = by_id[entry.evaluation_id]
-        assert entry.rule in TEXTS and (entry.test_acc, entry.run_id, entry.task) == (
-            source["test_acc"], source["run_id"], source["task"])
+        assert entry.rule in TEXTS
+        assert ((entry.test_acc, entry.run_id, entry.task) == (
+            source["test_acc"], source["run_id"], source["task"]))
 
 
 def test_leaderboard_view_agrees_with_the_function(store):
@@ -149,7 +150,8 @@ def test_the_readme_queries_run_on_both_databases(store):
     assert [r.reward for r in top] == [r[1] for r in expected_leaderboard(rows, 10)]
     assert [(r.run_id, r.total) for r in progress] == [(run, sum(x["run_id"] == run for x in rows)) for run in runs]
     assert [r.lr for r in by_lr] == [1e-3, 1e-2, 1e-1]
-    assert all(0 <= r.mean_val_acc <= 1 and 0 <= r.diverged <= r.trials for r in by_lr)
+    assert all(0 <= r.mean_val_acc <= 1 for r in by_lr)
+    assert all(0 <= r.diverged <= r.trials for r in by_lr)
 
 
 def test_the_docs_show_these_queries():

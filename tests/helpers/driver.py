@@ -87,7 +87,8 @@ def assert_complete(url: str, run_id: int, budget: int) -> None:
     rows = run_rows(url, run_id)
     assert [e.seq for e in rows] == list(range(len(rows)))   # contiguous, no duplicates
     assert sum(e.status != "rejected" for e in rows) == budget   # rejections are free
-    assert all(e.status in ("done", "diverged", "rejected", "cached") and e.reward is not None for e in rows)
+    assert all(e.status in ("done", "diverged", "rejected", "cached") for e in rows)
+    assert all(e.reward is not None for e in rows)
     store = open_store(url)
     with store.reading() as session:
         assert session.get(Run, run_id).status == "completed"
@@ -98,10 +99,13 @@ def assert_complete(url: str, run_id: int, budget: int) -> None:
     assert len(trained) == len(set(trained))
     for e in rows:
         if e.status == "rejected":
-            assert e.reward == 0 and e.reason and e.worker is None
+            assert e.reward == 0
+            assert e.reason
+            assert e.worker is None
         if e.status == "cached" and e.reason:   # reused from an equivalent rule
             source = next(r for r in rows if r.id == e.cached_from)
-            assert fingerprints[source.rule_id] == fingerprints[e.rule_id] and source.rule_id != e.rule_id
+            assert fingerprints[source.rule_id] == fingerprints[e.rule_id]
+            assert source.rule_id != e.rule_id
 
 
 def has_run(url: str) -> bool:

@@ -72,5 +72,7 @@ def pixels(path: Path):
     from matplotlib.image import imread
 
     image = imread(path)
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image.ndim == 3
+    assert image.shape[0] > 100
+    assert image.shape[1] > 100
     return image
