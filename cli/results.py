@@ -5,8 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from dataclasses import asdict
-from dataclasses import fields as dataclass_fields
+from dataclasses import asdict, fields as dataclass_fields
 
 import click
 from rich.table import Table

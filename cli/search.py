@@ -76,8 +76,7 @@ def _stop_on_sigterm() -> None:
 
 
 def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | None = None) -> None:
-    from nos.driver import Progress as DriverProgress
-    from nos.driver import SearchStuck, drive_run
+    from nos.driver import Progress as DriverProgress, SearchStuck, drive_run
     from nos.lease import LeaseLost
 
     _stop_on_sigterm()

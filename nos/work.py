@@ -21,8 +21,6 @@ from .config import SearchConfig
 from .devices import device_problem
 from .store import (
     EvaluationResult as StoredResult,
-)
-from .store import (
     Store,
     TrialResult,
     claim,

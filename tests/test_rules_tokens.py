@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from nos.rules import NotInVocabulary, from_tokens, min_depth, parse, to_tokens
 from nos.rules.vocabulary import (
