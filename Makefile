@@ -1,6 +1,8 @@
 # Two entry points, each installs what it needs first:
 #   make run    the main job on the embedded default
 #   make test   the test suite
+#   make test-fast  the suite less the tests marked slow (real workers, browsers, compilers)
+#   make lint   ruff's checks (pyproject.toml [tool.ruff])
 # Both install the exact set in constraints.txt; pyproject.toml only states ranges.
 # See docs/install.md for test-older-torch and constraints.
 PYTHON ?= python3
@@ -18,7 +20,7 @@ OLDER_STAMP := $(OLDER_VENV)/.installed-stamp
 OLDER_TESTS ?= tests/test_rules_evaluate.py tests/test_rules_text.py tests/test_rules_tokens.py \
                tests/test_optim.py tests/test_protocol.py tests/test_install.py
 
-.PHONY: install run test test-older-torch constraints bench clean
+.PHONY: install run test test-fast lint test-older-torch constraints bench clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +34,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 # nos's dependencies and test tools, less torch and torchvision, at constraints.txt's
 # versions (less torch's own CUDA pins, which belong to the pinned torch): installed

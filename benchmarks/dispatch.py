@@ -27,8 +27,16 @@ from sqlalchemy import func, select
 from nos.config import SearchConfig
 from nos.executors import LocalExecutor
 from nos.search import RandomSearcher
-from nos.store import NewEvaluation, RuleRecord, create_run, enqueue_batch, get_or_create_rules, open_store
-from nos.store import resolve_url, upgrade
+from nos.store import (
+    NewEvaluation,
+    RuleRecord,
+    create_run,
+    enqueue_batch,
+    get_or_create_rules,
+    open_store,
+    resolve_url,
+    upgrade,
+)
 from nos.store.models import Evaluation
 from nos.work import run_evaluation, task_for, task_key
 
@@ -102,17 +110,17 @@ def main() -> None:
     for k in (1, 2):
         local = LocalExecutor(url, k)
         timed(store, 4, next(seed), local.dispatch)   # workers started and warm
-        rows.append((f"local executor", k, timed(store, args.n, next(seed), local.dispatch) / args.n))
+        rows.append(("local executor", k, timed(store, args.n, next(seed), local.dispatch) / args.n))
         local.close()
-    from nos.workers.executor import CeleryExecutor
-
     import redis
+
+    from nos.workers.executor import CeleryExecutor
     redis.Redis.from_url(args.broker).flushdb()
     for k in (1, 2):
         procs = start_celery_workers(k, url, args.broker)
         celery = CeleryExecutor(args.broker)
         timed(store, 4, next(seed), celery.dispatch)
-        rows.append((f"Celery + Redis", k, timed(store, args.n, next(seed), celery.dispatch) / args.n))
+        rows.append(("Celery + Redis", k, timed(store, args.n, next(seed), celery.dispatch) / args.n))
         for p in procs:
             os.killpg(p.pid, signal.SIGTERM)
             p.wait()

@@ -168,7 +168,8 @@ def main() -> None:
     out = open(args.out, "w") if args.out else None
     print(f"torch {torch.__version__}, 1 thread; {args.task} {full_task.splits.sizes}; {len(rules)} sampled rules")
 
-    earlier = {row["rule"]: row for path in args.reuse_full for row in map(json.loads, Path(path).read_text().splitlines())}
+    earlier = {row["rule"]: row for path in args.reuse_full
+               for row in map(json.loads, Path(path).read_text().splitlines())}
     rows, scored = [], {}   # scored: fingerprint -> fast reward (the search's equivalence cache)
     for i, rule in enumerate(rules):
         if args.reuse_fast and rule in earlier:
@@ -234,11 +235,13 @@ def _add_reference(row: dict, rule: str, task, seed: int, wanted: int, rows: lis
 def summarise(rows: list[dict], halving_check: bool) -> None:
     full_cpu = sum(r["full_cpu"] for r in rows)
     fast_cpu = sum(r["fast_cpu"] for r in rows)
-    print(f"\nevaluations per hour (cpu): fast {3600 * len(rows) / fast_cpu:.0f}, full {3600 * len(rows) / full_cpu:.0f}, "
+    print(f"\nevaluations per hour (cpu): fast {3600 * len(rows) / fast_cpu:.0f}, "
+          f"full {3600 * len(rows) / full_cpu:.0f}, "
           f"ratio {full_cpu / fast_cpu:.2f}x")
     print(f"rejected {sum(r['how'] == 'rejected' for r in rows)}, equivalent to an earlier rule "
           f"{sum(r['how'] == 'equivalent' for r in rows)}, trained {sum(r['how'] == 'trained' for r in rows)}")
-    print(f"Spearman rank correlation, fast vs full rewards: {spearman([r['fast'] for r in rows], [r['full'] for r in rows]):.3f}")
+    correlation = spearman([r['fast'] for r in rows], [r['full'] for r in rows])
+    print(f"Spearman rank correlation, fast vs full rewards: {correlation:.3f}")
     trained = [r for r in rows if not r["rejection"]]
     if trained:
         print(f"  on the {len(trained)} rules the probe lets through (halving and the explosion stop alone): "
@@ -254,13 +257,16 @@ def summarise(rows: list[dict], halving_check: bool) -> None:
     retested = [r for r in rows if "retest" in r]
     if retested:
         seed = retested[0]["retest_seed"]
+        above = [r for r in retested if r['full'] > 0.2]
         print(f"the full protocol against itself with seed {seed}, on {len(retested)} rules: "
               f"{spearman([r['full'] for r in retested], [r['retest'] for r in retested]):.3f}; on those above 0.2: "
-              f"{spearman([r['full'] for r in retested if r['full'] > 0.2], [r['retest'] for r in retested if r['full'] > 0.2]):.3f}; "
-              f"fast against full with seed {seed}: {spearman([r['fast'] for r in retested], [r['retest'] for r in retested]):.3f}")
+              f"{spearman([r['full'] for r in above], [r['retest'] for r in above]):.3f}; "
+              f"fast against full with seed {seed}: "
+              f"{spearman([r['fast'] for r in retested], [r['retest'] for r in retested]):.3f}")
     rejected_rewards = [r["full"] for r in rows if r["rejection"]]
     if rejected_rewards:
-        print(f"rejected rules' full rewards: max {max(rejected_rewards):.4f}, mean {sum(rejected_rewards) / len(rejected_rewards):.4f}")
+        mean = sum(rejected_rewards) / len(rejected_rewards)
+        print(f"rejected rules' full rewards: max {max(rejected_rewards):.4f}, mean {mean:.4f}")
     if halving_check:
         close = [abs(r["halving"] - r["full"]) <= 0.005 for r in rows]
         close_learned = [abs(r["halving"] - r["full"]) <= 0.005 for r in learned]

@@ -22,8 +22,16 @@ import torch
 import nos.work as work
 from nos.config import SearchConfig
 from nos.rules import parse
-from nos.store import NewEvaluation, RuleRecord, create_run, enqueue_batch, get_or_create_rules, open_store
-from nos.store import resolve_url, upgrade
+from nos.store import (
+    NewEvaluation,
+    RuleRecord,
+    create_run,
+    enqueue_batch,
+    get_or_create_rules,
+    open_store,
+    resolve_url,
+    upgrade,
+)
 
 
 def main() -> None:

@@ -78,9 +78,11 @@ def main() -> None:
     times = time_interleaved(opts, args.repeats)
     rows = [(name, ms, first, state_bytes(opt)) for (name, _), ms, first, opt in zip(cases, times, firsts, opts)]
     base_foreach, base_fused = rows[0][1], rows[1][1]
-    print(f"{'optimizer':28} {'ms/step':>8} {'/Adam foreach':>14} {'/Adam fused':>12} {'first step s':>13} {'state MB':>9}")
+    print(f"{'optimizer':28} {'ms/step':>8} {'/Adam foreach':>14} {'/Adam fused':>12} "
+          f"{'first step s':>13} {'state MB':>9}")
     for name, ms, first, nbytes in rows:
-        print(f"{name:28} {ms:8.2f} {ms / base_foreach:14.2f} {ms / base_fused:12.2f} {first:13.1f} {nbytes / 2**20:9.1f}")
+        print(f"{name:28} {ms:8.2f} {ms / base_foreach:14.2f} {ms / base_fused:12.2f} "
+              f"{first:13.1f} {nbytes / 2**20:9.1f}")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 from nos.optim import resolve_rule
-from nos.tasks import get_task
-from nos.tasks import protocol
+from nos.tasks import get_task, protocol
 from nos.tasks.protocol import TrialRecord, _Child, _deterministic, _halve, initial_child
 
 

@@ -9,7 +9,15 @@ from typing import Any
 import click
 
 from nos.store import (
-    URL_ENV_VAR, Store, StoreError, check_writable, open_store, resolve_url, schema_state, shown, upgrade,
+    URL_ENV_VAR,
+    Store,
+    StoreError,
+    check_writable,
+    open_store,
+    resolve_url,
+    schema_state,
+    shown,
+    upgrade,
 )
 
 from .errors import UsageProblem

@@ -60,4 +60,5 @@ def demo_command() -> None:
         acc, lr = max((_train(name, lr, data), lr) for lr in (1e-3, 1e-2, 1e-1))
         table.add_row(name, BUILTINS[name], f"{lr:g}", f"{acc:.3f}")
     console.print(table)
-    console.print("Any rule is a torch optimizer: SymbolicOptimizer(model.parameters(), \"g * exp(sign(g) * sign(m))\", lr=1e-3)")
+    console.print("Any rule is a torch optimizer: "
+                  "SymbolicOptimizer(model.parameters(), \"g * exp(sign(g) * sign(m))\", lr=1e-3)")

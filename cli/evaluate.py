@@ -97,8 +97,9 @@ def _print_result(console: Console, result: EvaluationResult) -> None:
     for stage, trial in runs:
         loss = "diverged" if trial.diverged else f"{trial.train_loss:.4f}"
         style = "bold" if stage == "final" or trial.lr == result.best_lr else None
-        table.add_row(stage, f"{trial.lr:g}", str(trial.epochs), "-" if trial.val_acc is None else f"{trial.val_acc:.4f}", loss,
-                      f"{trial.wall_seconds:.2f}", style=style)
+        val_acc = "-" if trial.val_acc is None else f"{trial.val_acc:.4f}"
+        table.add_row(stage, f"{trial.lr:g}", str(trial.epochs), val_acc, loss, f"{trial.wall_seconds:.2f}",
+                      style=style)
     console.print(table)
     if result.best_lr is None:
         console.print("diverged at every learning rate: reward 0")

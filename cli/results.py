@@ -21,7 +21,6 @@ from .errors import UsageProblem
 from .params import ID, TEXT
 
 
-
 def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "-"

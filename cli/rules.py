@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from nos.rules.builtins import BUILTINS, resolve_rule
 from nos.rules import RuleSyntaxError, in_vocabulary, min_depth, rule_hash, state_buffers, to_text, to_tokens
+from nos.rules.builtins import BUILTINS, resolve_rule
 from nos.rules.tree import operands_read
 from nos.rules.vocabulary import OPERANDS
 

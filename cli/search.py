@@ -15,7 +15,13 @@ from nos.search.settings import SEARCHERS
 from nos.store import Store, create_run, get_run, set_run_status, shown
 from nos.store.engine import first_line
 from nos.store.leases import (
-    DRIVABLE, LeaseRefused, clear_dead_lease, read_lease, release_lease, take_lease, this_process,
+    DRIVABLE,
+    LeaseRefused,
+    clear_dead_lease,
+    read_lease,
+    release_lease,
+    take_lease,
+    this_process,
 )
 
 from .console import console
@@ -24,7 +30,6 @@ from .errors import UsageProblem
 from .params import ID, TEXT
 from .results import print_leaderboard
 from .worker import broker_option, check_broker_or_exit
-
 
 
 def _check_task(config: SearchConfig, broker_url: str | None) -> None:

@@ -33,12 +33,23 @@ from .config import SearchConfig
 from .executors import Executor
 from .lease import DriverLease
 from .resume import CheckpointUnreadable, restore_searcher
-from .search import Proposal, Searcher, make_searcher, state_to_bytes
 from .rules.fingerprint import Verdict, probe
+from .search import Proposal, Searcher, make_searcher, state_to_bytes
 from .store import (
-    NewEvaluation, RuleRecord, Store, batch_evaluations, enqueue_batch, equivalence_reason, find_cached,
-    find_equivalent, get_or_create_rules, get_run,
-    latest_checkpoint, requeue_stale, save_checkpoint, set_run_status,
+    NewEvaluation,
+    RuleRecord,
+    Store,
+    batch_evaluations,
+    enqueue_batch,
+    equivalence_reason,
+    find_cached,
+    find_equivalent,
+    get_or_create_rules,
+    get_run,
+    latest_checkpoint,
+    requeue_stale,
+    save_checkpoint,
+    set_run_status,
 )
 from .store.evaluations import release_claims
 from .store.models import Evaluation
@@ -108,8 +119,8 @@ class Driver:
         # The driver only needs the task's configuration key; it loads the data on the CPU.
         self.task = task_for(config, "cpu")
         self.task_key = task_key(self.task, config.children_seed)
-        self.searcher: Searcher = make_searcher(config.searcher, config.depth, config.seed, warm_start=config.warm_start,
-                                                 **config.controller)
+        self.searcher: Searcher = make_searcher(config.searcher, config.depth, config.seed,
+                                                warm_start=config.warm_start, **config.controller)
         self.best: float | None = None
         # Repeats of a rule within the open batch, held back until the first is scored
         # (then a worker copies its result): evaluation id -> the first one's id.
@@ -295,7 +306,7 @@ class Driver:
 def make_executor(store: Store, config: SearchConfig, broker_url: str | None) -> Executor:
     """Celery when a broker is given (workers anywhere), else local worker processes."""
     if broker_url:
-        from nos.workers.executor import CeleryExecutor   # Celery only where it is used
+        from nos.workers.executor import CeleryExecutor  # Celery only where it is used
 
         return CeleryExecutor(broker_url, queue="gpu" if config.device.startswith("cuda") else "cpu")
     from .executors import LocalExecutor

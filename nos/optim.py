@@ -21,6 +21,7 @@ from .rules.elementwise import step_one
 from .rules.evaluate import Scratch, StepContext, apply_update, operand_uses, step_numbers, update_moments
 from .rules.tree import is_random
 
+
 class SymbolicOptimizer(torch.optim.Optimizer):
     """Train with an update rule written in nos's rule language.
 

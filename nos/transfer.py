@@ -22,8 +22,18 @@ from typing import Callable, Sequence
 from .optim import resolve_rule
 from .rules import Node, to_text
 from .store import (
-    Store, TransferEpochRow, TransferOutcome, TransferTrialRow, fail_transfer, finish_transfer, get_or_create_rule,
-    load_transfer, open_transfer, record_epoch, record_trial, restart_final,
+    Store,
+    TransferEpochRow,
+    TransferOutcome,
+    TransferTrialRow,
+    fail_transfer,
+    finish_transfer,
+    get_or_create_rule,
+    load_transfer,
+    open_transfer,
+    record_epoch,
+    record_trial,
+    restart_final,
 )
 from .tasks.base import Task
 from .tasks.protocol import TrialRecord

@@ -20,8 +20,16 @@ from typing import Any
 from .config import SearchConfig
 from .devices import device_problem
 from .store import (
-    EvaluationResult as StoredResult, Store, TrialResult, claim, commit_result, fail, find_cached, get_evaluation,
-    get_run, heartbeat,
+    EvaluationResult as StoredResult,
+    Store,
+    TrialResult,
+    claim,
+    commit_result,
+    fail,
+    find_cached,
+    get_evaluation,
+    get_run,
+    heartbeat,
 )
 from .store.evaluations import commit_cached, equivalence_reason, find_equivalent
 from .store.models import Rule
@@ -110,7 +118,8 @@ def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = Non
         task = task_for(config, device)
         if task_key(task, config.children_seed) != expected_key:
             raise RuntimeError(f"this worker's {config.task} task differs from the driver's "
-                               f"(key {task_key(task, config.children_seed)} != {expected_key}): check its data and options")
+                               f"(key {task_key(task, config.children_seed)} != {expected_key}): "
+                               "check its data and options")
 
         def check_claim(*_: Any) -> None:
             if beat.lost:

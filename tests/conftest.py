@@ -1,30 +1,22 @@
-"""Shared test helpers. Tests use real services; see `unavailable`."""
+"""Shared fixtures. Tests use real services; see `helpers.services.unavailable`."""
 
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 
 import pytest
 import torch
 
+from helpers import reports
+from helpers.driver import TINY_TOML
+from helpers.services import unavailable
+
 # The test models are tiny: one thread is faster than two fighting over two cores.
 torch.set_num_threads(1)
 
-# .ci/run sets this: there a missing PostgreSQL, Redis or data file is a failure, not a skip.
-REQUIRE_SERVICES = os.environ.get("NOS_REQUIRE_SERVICES") == "1"
-
-
-def unavailable(what: str, reason: str) -> None:
-    """Skip the test outside CI when `what` cannot be reached; fail it under CI."""
-    if REQUIRE_SERVICES:
-        pytest.fail(f"{what} is required (NOS_REQUIRE_SERVICES=1) but {reason}", pytrace=False)
-    pytest.skip(f"{what} not available: {reason}")
-
-
 # --- Storage (nos.store): one fresh database per test, on SQLite and on PostgreSQL ---
-
-import uuid  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
 
 # An existing PostgreSQL database the tests may create and drop schemas in.
 PG_ADMIN_URL = os.environ.get("NOS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -82,3 +74,37 @@ def store(migrated_url):
     opened = open_store(migrated_url)
     yield opened
     opened.dispose()
+
+
+@pytest.fixture
+def tiny_toml(tmp_path) -> str:
+    """A search config file for a run of a few seconds (`helpers.driver.TINY_TOML`)."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_TOML)
+    return str(path)
+
+
+# --- Reporting (nos plot, nos report, frames): runs built directly in a store ---
+
+
+@pytest.fixture
+def sqlite_store(sqlite_url):
+    """An open Store on a freshly migrated SQLite file."""
+    from nos.store import open_store, resolve_url, upgrade
+
+    upgrade(resolve_url(sqlite_url))
+    opened = open_store(sqlite_url)
+    yield opened
+    opened.dispose()
+
+
+@pytest.fixture
+def two_runs(sqlite_store, sqlite_url):
+    """`helpers.reports.two_runs` on SQLite: run 1 (ppo) with a cache hit, a failure and a queued evaluation."""
+    return reports.two_runs(sqlite_store, sqlite_url)
+
+
+@pytest.fixture
+def two_runs_anywhere(store, migrated_url):
+    """`two_runs` on SQLite and on PostgreSQL."""
+    return reports.two_runs(store, migrated_url)

@@ -17,10 +17,13 @@ import pytest
 
 from nos.store import open_store, resolve_url, upgrade
 from nos.store.leases import LeaseRefused, take_lease
-from nos.store.models import Evaluation, Run
+from nos.store.models import Run
 
-from conftest import unavailable
-from test_driver import assert_complete, finished_count, nos, run_rows, start_nos, wait_for
+from helpers.driver import assert_complete, finished_count, nos, run_rows, start_nos, wait_for
+from helpers.services import unavailable
+
+# Every test here starts Celery workers or `nos` processes against a real broker.
+pytestmark = pytest.mark.slow
 
 REDIS = "redis://127.0.0.1:6379"
 # Evaluations of a second or two: long enough to kill a worker in the middle of one.
@@ -156,7 +159,8 @@ def test_a_worker_killed_mid_evaluation_is_redone_by_the_other(db_url, broker, w
         expect_success(driver)
     assert_complete(db_url, 1, 10)
     redone = next(e for e in run_rows(db_url, 1) if e.id == victim)
-    assert redone.attempts == 2 and redone.status in ("done", "diverged")
+    assert redone.attempts == 2
+    assert redone.status in ("done", "diverged")
     assert int(redone.worker.rsplit(":", 1)[1]) not in host_pids   # finished by the other worker
     store = open_store(db_url)
     with store.reading() as session:   # each learning rate stored once, nothing counted twice
@@ -239,7 +243,9 @@ def test_detached_runs_are_driven_by_a_control_worker(db_url, broker, workers, s
     assert_complete(db_url, 1, 10)
     assert driver() is None   # released with the run's end
     status = nos("status", "1", "--db", db_url, "--broker", broker)
-    assert "live workers" in status.stdout and "w1@test" in status.stdout and "driver@test" in status.stdout
+    assert "live workers" in status.stdout
+    assert "w1@test" in status.stdout
+    assert "driver@test" in status.stdout
 
 
 def test_bad_broker_or_database_exits_2_and_writes_nothing(tmp_path, broker, slow_toml):
@@ -252,7 +258,10 @@ def test_bad_broker_or_database_exits_2_and_writes_nothing(tmp_path, broker, slo
         (("worker",), "needs a broker"),
     ]:
         result = nos(*args, "--db", f"sqlite:///{db}")
-        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr, result.stderr
         assert not db.exists()
     down = nos("worker", "--broker", broker, "--db", "postgresql://nos@127.0.0.1:1/nos")
-    assert down.returncode == 2 and "cannot" in down.stderr and len(down.stderr.strip().splitlines()) == 1
+    assert down.returncode == 2
+    assert "cannot" in down.stderr
+    assert len(down.stderr.strip().splitlines()) == 1

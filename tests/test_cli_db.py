@@ -48,9 +48,11 @@ def test_upgrade_then_current_via_the_environment(db_url):
     assert result.exit_code == 0, result.output
     assert f"at revision {HEAD} (up to date)" in result.output
     again = nos("db", "upgrade", "--db", db_url)
-    assert again.exit_code == 0 and "up to date" in again.output
+    assert again.exit_code == 0
+    assert "up to date" in again.output
     current = nos("db", "current", "--db", db_url)
-    assert current.exit_code == 0 and f"at revision {HEAD} (up to date)" in current.output
+    assert current.exit_code == 0
+    assert f"at revision {HEAD} (up to date)" in current.output
 
 
 def test_current_on_a_database_without_schema_names_the_upgrade_command(db_url):
@@ -68,22 +70,26 @@ def test_a_database_from_a_newer_nos_is_refused(migrated_url):
         connection.execute(sa.text("UPDATE alembic_version SET version_num = 'beef0002'"))
     engine.dispose()
     current = nos("db", "current", "--db", migrated_url)
-    assert current.exit_code == 1 and "written by a newer nos" in current.output
+    assert current.exit_code == 1
+    assert "written by a newer nos" in current.output
     upgrade = nos("db", "upgrade", "--db", migrated_url)
     assert upgrade.exit_code == 2
-    assert upgrade.output.startswith("Error: database ") and "newer nos" in upgrade.output
+    assert upgrade.output.startswith("Error: database ")
+    assert "newer nos" in upgrade.output
 
 
 def one_line_error(result) -> str:
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("Error: "), result.output
     return lines[0]
 
 
 def test_a_missing_sqlite_file_is_a_one_line_error(tmp_path):
     line = one_line_error(nos("db", "current", "--db", f"sqlite:///{tmp_path}/none.db"))
-    assert "no database at" in line and "nos db upgrade" in line
+    assert "no database at" in line
+    assert "nos db upgrade" in line
     assert not (tmp_path / "none.db").exists()
 
 

@@ -18,24 +18,31 @@ def run(*args: str):
 def test_eval_prints_the_sweep_and_the_reward():
     result = run("powersign", "--task", "digits", *FAST)
     assert result.exit_code == 0, result.output
-    assert "reward" in result.output and "sweep" in result.output and "final" in result.output
+    assert "reward" in result.output
+    assert "sweep" in result.output
+    assert "final" in result.output
 
 
 def test_eval_json_is_the_evaluation_result():
     result = run("sgd", "--json", "--seed", "2", *FAST)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip().splitlines()[-1])
-    assert data["rule"] == "g" and data["seed"] == 2 and [t["lr"] for t in data["trials"]] == [1e-2, 1e-1]
+    assert data["rule"] == "g"
+    assert data["seed"] == 2
+    assert [t["lr"] for t in data["trials"]] == [1e-2, 1e-1]
 
 
 def test_bad_rule_exits_2():
     result = run("g * (", *FAST)
-    assert result.exit_code == 2 and "bad rule" in result.output
+    assert result.exit_code == 2
+    assert "bad rule" in result.output
 
 
 def test_unknown_task_exits_2_and_lists_tasks():
     result = run("sgd", "--task", "mnist")
-    assert result.exit_code == 2 and "unknown task" in result.output and "fashion-mnist" in result.output
+    assert result.exit_code == 2
+    assert "unknown task" in result.output
+    assert "fashion-mnist" in result.output
 
 
 def test_missing_cifar10_exits_2_and_says_where_files_go(tmp_path, monkeypatch):
@@ -46,7 +53,9 @@ def test_missing_cifar10_exits_2_and_says_where_files_go(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     result = run("sgd", "--task", "cifar10", "--data-dir", str(tmp_path))
-    assert result.exit_code == 2 and "cifar-10-batches-py" in result.output and "--data-dir" in result.output
+    assert result.exit_code == 2
+    assert "cifar-10-batches-py" in result.output
+    assert "--data-dir" in result.output
 
 
 def test_bad_learning_rates_exit_2():
@@ -60,7 +69,8 @@ def test_unavailable_device_exits_2():
     if torch.cuda.is_available():
         return   # the machine has the device: nothing to refuse
     result = run("sgd", "--device", "cuda", *FAST)
-    assert result.exit_code == 2 and "CUDA" in result.output
+    assert result.exit_code == 2
+    assert "CUDA" in result.output
 
 
 def test_eval_with_a_halving_sweep_shows_the_stopped_rates():
@@ -69,14 +79,17 @@ def test_eval_with_a_halving_sweep_shows_the_stopped_rates():
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip().splitlines()[-1])
     stopped = [t for t in data["trials"] if t["val_acc"] is None]
-    assert len(stopped) == 2 and all(t["steps"] < data["final"]["steps"] for t in stopped)
+    assert len(stopped) == 2
+    assert all(t["steps"] < data["final"]["steps"] for t in stopped)
     table = run("adam", "--sweep", "halving", "--lrs", "1e-4,1e-3,1e-2,1e-1", "--epochs", "1", "--train-size", "400")
-    assert table.exit_code == 0 and "reward" in table.output
+    assert table.exit_code == 0
+    assert "reward" in table.output
 
 
 def test_eval_refuses_an_unknown_sweep():
     result = run("sgd", "--sweep", "quarter", *FAST)
-    assert result.exit_code == 2 and "quarter" in result.output
+    assert result.exit_code == 2
+    assert "quarter" in result.output
 
 
 def test_help_lists_every_command_without_importing_torch():
@@ -90,5 +103,6 @@ def test_help_lists_every_command_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False")   # `nos --help` answers at once, not after torch's import
     for name, (_, summary) in COMMANDS.items():
-        assert f"  {name} " in out and summary.split()[0] in out
+        assert f"  {name} " in out
+        assert summary.split()[0] in out
         assert cli.get_command(None, name).name == name   # the table points at the real command

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from nos.cli.main import cli
 
-from test_driver import TINY_TOML
+from helpers.driver import TINY_TOML
 
 
 def invoke(*args: str):
@@ -44,19 +44,25 @@ def searched(tmp_path_factory):
     return db, result.output, config
 
 
+@pytest.mark.slow
 def test_enqueue_prints_the_run_id_progress_and_top_rules(searched):
     db, output, _ = searched
     assert output.splitlines()[0] == f"created database sqlite:///{db}"
     assert "RUN_ID 1" in output
     assert "12/12" in output
-    assert "run 1 completed" in output and "leaderboard of run 1" in output
+    assert "run 1 completed" in output
+    assert "leaderboard of run 1" in output
 
 
+@pytest.mark.slow
 def test_runs_status_leaderboard_show(searched):
     db, _, _ = searched
     url = f"sqlite:///{db}"
     runs = invoke("runs", "--db", url)
-    assert runs.exit_code == 0 and "tiny" in runs.output and "completed" in runs.output and "12/12" in runs.output
+    assert runs.exit_code == 0
+    assert "tiny" in runs.output
+    assert "completed" in runs.output
+    assert "12/12" in runs.output
 
     status = invoke("status", "1", "--db", url)
     assert status.exit_code == 0
@@ -70,21 +76,26 @@ def test_runs_status_leaderboard_show(searched):
 
     as_json = json.loads(invoke("leaderboard", "--run", "1", "--format", "json", "--db", url).output)
     rewards = [row["reward"] for row in as_json]
-    assert rewards == sorted(rewards, reverse=True) and len(as_json) <= 20
+    assert rewards == sorted(rewards, reverse=True)
+    assert len(as_json) <= 20
     assert [row["place"] for row in as_json] == list(range(1, len(as_json) + 1))
     as_csv = list(csv.DictReader(io.StringIO(invoke("leaderboard", "--format", "csv", "--top", "3",
                                                      "--db", url).output)))
     assert [row["rule"] for row in as_csv] == [row["rule"] for row in as_json[:3]]
     table = invoke("leaderboard", "--task", "digits", "--db", url)
-    assert table.exit_code == 0 and as_json[0]["rule"] in table.output
+    assert table.exit_code == 0
+    assert as_json[0]["rule"] in table.output
 
     best = as_json[0]
     by_id = invoke("show", str(best["rule_id"]), "--db", url)
-    assert by_id.exit_code == 0 and best["rule"] in by_id.output and "val acc" in by_id.output
+    assert by_id.exit_code == 0
+    assert best["rule"] in by_id.output
+    assert "val acc" in by_id.output
     by_text = invoke("show", best["rule"], "--db", url)
     assert by_text.output == by_id.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -124,7 +135,8 @@ def test_bad_config_files(tmp_path):
                           (tmp_path / "missing.toml", "No such file"),
                           (bad_controller, "unknown controller keys learning_rate")]:
         result = invoke("enqueue", "--config", str(path), "--db", f"sqlite:///{db}")
-        assert result.exit_code == 2 and message in result.output, result.output
+        assert result.exit_code == 2, result.output
+        assert message in result.output, result.output
         assert not db.exists()   # nothing written, not even an empty database
 
 
@@ -132,7 +144,9 @@ def test_bad_database_urls(tmp_path):
     for url, message in [("nosuch://x", "nosuch"), ("postgresql://nos@127.0.0.1:1/nos", "cannot"),
                          (f"sqlite:///{tmp_path}/no/such/folder/x.db", "no database at")]:
         result = invoke("runs", "--db", url)
-        assert result.exit_code == 2 and message in result.output, result.output
+        assert result.exit_code == 2, result.output
+        assert message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
     result = invoke("enqueue", "--db", f"sqlite:///{tmp_path}/no/such/folder/x.db")
-    assert result.exit_code == 2 and "does not exist" in result.output
+    assert result.exit_code == 2
+    assert "does not exist" in result.output

@@ -13,12 +13,20 @@ from nos.config import SearchConfig
 from nos.devices import DeviceError
 from nos.executors import LocalExecutor
 from nos.rules import parse
-from nos.store import NewEvaluation, RuleRecord, create_run, enqueue_batch, get_or_create_rules, open_store, upgrade
-from nos.store import resolve_url
+from nos.store import (
+    NewEvaluation,
+    RuleRecord,
+    create_run,
+    enqueue_batch,
+    get_or_create_rules,
+    open_store,
+    resolve_url,
+    upgrade,
+)
 from nos.store.models import Evaluation
 from nos.work import run_evaluation, task_for, task_key
 
-from test_driver import TINY, TINY_TOML
+from helpers.driver import TINY, TINY_TOML
 
 # A CUDA device no machine has: one past the last that torch sees (cuda:0 where there is none).
 ABSENT = f"cuda:{torch.cuda.device_count()}"
@@ -43,7 +51,8 @@ def test_enqueue_on_a_device_this_machine_lacks_exits_2_and_writes_nothing(tmp_p
         result = CliRunner().invoke(cli, ["enqueue", "--config", str(config), "--device", device,
                                           "--db", f"sqlite:///{db}"])
         assert result.exit_code == 2, result.output
-        assert result.output.startswith("Error: ") and message in result.output
+        assert result.output.startswith("Error: ")
+        assert message in result.output
         assert len(result.output.strip().splitlines()) == 1
     assert not new.exists()
     assert digest(existing) == before
@@ -53,7 +62,8 @@ def test_eval_and_worker_refuse_a_bad_device_in_one_line():
     for args, message in [(["eval", "sgd", "--device", "bogus"], "unknown device 'bogus'"),
                           (["worker", "--broker", "redis://127.0.0.1:1/0", "--device", ABSENT], "asked for, but")]:
         result = CliRunner().invoke(cli, args)
-        assert result.exit_code == 2 and message in result.output, result.output
+        assert result.exit_code == 2, result.output
+        assert message in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
 
 

@@ -1,10 +1,10 @@
-"""The example runner of tests/doc_examples.py catches what it is there to catch."""
+"""The example runner of tests/helpers/doc_examples.py catches what it is there to catch."""
 
 from __future__ import annotations
 
 import pytest
 
-from doc_examples import examples, run
+from helpers.doc_examples import examples, params, run
 
 
 def _only(tmp_path, markdown: str):
@@ -59,3 +59,12 @@ def test_a_toml_config_with_an_unknown_key_fails(tmp_path):
 
     with pytest.raises(ConfigError, match="budgett"):
         run(_only(tmp_path, "```toml\nbudgett = 3\n```\n"), tmp_path)
+
+
+def test_a_document_whose_example_starts_workers_is_slow_throughout(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("```console\n$ nos runs\n```\n\n```console\n$ NOS_X=1 nos enqueue --budget 2\n```\n")
+    other = tmp_path / "other.md"
+    other.write_text("```console\n$ nos enqueue --detach\n```\n\n<!-- not run: x -->\n```console\n$ nos worker\n```\n")
+    marks = {p.id: [m.name for m in p.marks] for p in params(examples(doc) + examples(other))}
+    assert marks == {"doc.md:1": ["slow"], "doc.md:5": ["slow"], "other.md:1": [], "other.md:6": []}

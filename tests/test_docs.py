@@ -1,4 +1,4 @@
-"""The examples of the pages under docs/ run as written (rules in tests/doc_examples.py).
+"""The examples of the pages under docs/ run as written (rules in tests/helpers/doc_examples.py).
 
 Each page's examples run in order in a temporary folder of the page's own,
 with a SQLite database of its own.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from doc_examples import ROOT, examples, run
+from helpers.doc_examples import ROOT, examples, params, run
 
 PAGES = sorted((ROOT / "docs").glob("*.md"))
 EXAMPLES = [example for page in PAGES for example in examples(page)]
@@ -32,6 +32,6 @@ def test_every_page_is_in_the_index():
     assert not missing, f"docs/README.md does not link {missing}"
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=[e.id for e in EXAMPLES])
+@pytest.mark.parametrize("example", params(EXAMPLES))
 def test_docs_example(example, folders):
     run(example, folders(example.path))

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,108 +15,24 @@ from nos.executors import LocalExecutor
 from nos.rules import parse
 from nos.search import Proposal, Searcher, make_searcher, state_from_bytes
 from nos.store import create_run, latest_checkpoint, open_store, resolve_url, upgrade
-from nos.store.models import Checkpoint, Evaluation, LrTrial, Rule, Run
+from nos.store.models import Checkpoint, LrTrial, Rule, Run
 
-from test_search import same_state
-
-# A few tenths of a second per evaluation: long enough to kill a driver mid-batch.
-TINY = dict(task="digits", budget=12, batch_size=4, depth=1, workers=2, seed=3, stale_after=3.0,
-            heartbeat_every=1.0, task_options={"train_size": 300, "lrs": [0.01, 0.1], "epochs": 1})
-TINY_TOML = """
-task = "digits"
-budget = 12
-batch_size = 4
-depth = 1
-workers = 2
-seed = 3
-stale_after = 3.0
-heartbeat_every = 1.0
-
-[task_options]
-train_size = 300
-lrs = [0.01, 0.1]
-epochs = 1
-"""
+from helpers.driver import (
+    TINY,
+    TINY_TOML,
+    assert_complete,
+    finished_count,
+    has_run,
+    nos,
+    rule_sequence,
+    run_rows,
+    start_nos,
+    wait_for,
+)
+from helpers.search import same_state
 
 
-def nos(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nos.cli.main", *args], capture_output=True, text=True,
-                          timeout=300, **kwargs)
-
-
-def _as_from_a_terminal() -> None:
-    # A shell without job control starts background jobs with SIGINT ignored, and the ignoring is
-    # inherited: under such a CI runner Ctrl-C (SIGINT) would never reach the driver. A terminal's does.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def start_nos(*args: str) -> subprocess.Popen:
-    # Its own process group, so a test can kill the driver together with its workers.
-    return subprocess.Popen([sys.executable, "-m", "nos.cli.main", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            preexec_fn=_as_from_a_terminal)
-
-
-def run_rows(url: str, run_id: int) -> list[Evaluation]:
-    store = open_store(url)
-    with store.reading() as session:
-        rows = session.execute(select(Evaluation).where(Evaluation.run_id == run_id).order_by(Evaluation.seq)).scalars().all()
-    store.dispose()
-    return rows
-
-
-def rule_sequence(url: str, run_id: int) -> list[tuple[int, str, float]]:
-    store = open_store(url)
-    with store.reading() as session:
-        rows = session.execute(select(Evaluation.seq, Rule.text, Evaluation.reward).join(Rule)
-                               .where(Evaluation.run_id == run_id).order_by(Evaluation.seq)).all()
-    store.dispose()
-    return [tuple(r) for r in rows]
-
-
-def wait_for(predicate, timeout: float = 120, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
-
-
-def finished_count(url: str, run_id: int) -> int:
-    """Finished evaluations that count toward the budget (not the rejected ones)."""
-    return sum(e.status in ("done", "diverged", "failed", "cached") for e in run_rows(url, run_id))
-
-
-@pytest.fixture
-def tiny_toml(tmp_path) -> str:
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_TOML)
-    return str(path)
-
-
-def assert_complete(url: str, run_id: int, budget: int) -> None:
-    rows = run_rows(url, run_id)
-    assert [e.seq for e in rows] == list(range(len(rows)))   # contiguous, no duplicates
-    assert sum(e.status != "rejected" for e in rows) == budget   # rejections are free
-    assert all(e.status in ("done", "diverged", "rejected", "cached") and e.reward is not None for e in rows)
-    store = open_store(url)
-    with store.reading() as session:
-        assert session.get(Run, run_id).status == "completed"
-        fingerprints = dict(session.execute(select(Rule.id, Rule.fingerprint)).all())
-    store.dispose()
-    # Nothing trained twice: neither the same rule nor the same behaviour.
-    trained = [fingerprints[e.rule_id] or e.rule_id for e in rows if e.status in ("done", "diverged")]
-    assert len(trained) == len(set(trained))
-    for e in rows:
-        if e.status == "rejected":
-            assert e.reward == 0 and e.reason and e.worker is None
-        if e.status == "cached" and e.reason:   # reused from an equivalent rule
-            source = next(r for r in rows if r.id == e.cached_from)
-            assert fingerprints[source.rule_id] == fingerprints[e.rule_id] and source.rule_id != e.rule_id
-
-
+@pytest.mark.slow
 def test_driver_runs_a_search_to_its_budget(db_url):
     upgrade(resolve_url(db_url))
     store = open_store(db_url)
@@ -149,6 +62,7 @@ def test_driver_runs_a_search_to_its_budget(db_url):
     store.dispose()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("searcher", "settings"), [("ppo", {}), ("evolution", {"population": 4, "tournament": 2})])
 def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml, searcher, settings):
     url = f"sqlite:///{tmp_path / 'killed.db'}"
@@ -159,7 +73,7 @@ def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml, search
     assert nos("enqueue", "--config", tiny_toml, "--searcher", searcher, "--db", reference).returncode == 0
 
     driver = start_nos("enqueue", "--config", tiny_toml, "--searcher", searcher, "--db", url)
-    wait_for(lambda: Path(url[len("sqlite:///"):]).exists() and _has_run(url))
+    wait_for(lambda: Path(url[len("sqlite:///"):]).exists() and has_run(url))
     finished = wait_for(lambda: finished_count(url, 1) >= 5 and finished_count(url, 1))
     os.killpg(driver.pid, signal.SIGKILL)   # the driver and its workers, mid-run
     driver.wait()
@@ -187,18 +101,7 @@ def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml, search
         assert any(e.status == "rejected" for e in run_rows(reference, 1))
 
 
-def _has_run(url: str) -> bool:
-    try:
-        store = open_store(url)
-    except Exception:
-        return False
-    try:
-        with store.reading() as session:
-            return session.get(Run, 1) is not None
-    finally:
-        store.dispose()
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["nos stop", "ctrl-c"])
 def test_stopping_leaves_a_consistent_run_that_resumes(tmp_path, tiny_toml, how):
     url = f"sqlite:///{tmp_path / 'stopped.db'}"
@@ -206,7 +109,7 @@ def test_stopping_leaves_a_consistent_run_that_resumes(tmp_path, tiny_toml, how)
     # driver a few polls, so the run takes seconds however fast evaluations are, and the stop lands mid-run.
     driver = start_nos("enqueue", "--config", tiny_toml, "--db", url, "--budget", "100", "--train-size", "1200",
                        "--no-probe")
-    wait_for(lambda: _has_run(url) and finished_count(url, 1) >= 2)
+    wait_for(lambda: has_run(url) and finished_count(url, 1) >= 2)
     if how == "nos stop":
         stop = nos("stop", "1", "--db", url)
         assert stop.returncode == 0, stop.stderr
@@ -244,11 +147,13 @@ def test_a_rule_scored_before_is_not_trained_again(sqlite_url):
     assert run_evaluation(store, first) == "done"
     assert run_evaluation(store, again) == "cached"   # a repeat within the batch: copied, not trained
     rows = run_rows(sqlite_url, run_id)
-    assert rows[1].cached_from == rows[0].id and rows[1].reward == rows[0].reward
+    assert rows[1].cached_from == rows[0].id
+    assert rows[1].reward == rows[0].reward
     assert rows[1].wall_seconds == 0.0
     store.dispose()
 
 
+@pytest.mark.slow
 def test_a_second_identical_run_is_served_from_the_cache(sqlite_url):
     upgrade(resolve_url(sqlite_url))
     store = open_store(sqlite_url)
@@ -269,10 +174,12 @@ def test_a_second_identical_run_is_served_from_the_cache(sqlite_url):
     for e in second:
         if e.status == "cached":
             source = originals[e.cached_from]
-            assert source.reward == e.reward and (source.rule_id == e.rule_id or e.reason)
+            assert source.reward == e.reward
+            assert source.rule_id == e.rule_id or e.reason
     store.dispose()
 
 
+@pytest.mark.slow
 def test_without_the_probe_every_new_rule_is_trained(sqlite_url):
     upgrade(resolve_url(sqlite_url))
     store = open_store(sqlite_url)
@@ -308,6 +215,7 @@ class _OnlyHopeless(Searcher):
         pass
 
 
+@pytest.mark.slow
 def test_a_searcher_that_only_proposes_rejects_stops_the_run(sqlite_url, monkeypatch):
     import nos.driver
 
@@ -321,7 +229,8 @@ def test_a_searcher_that_only_proposes_rejects_stops_the_run(sqlite_url, monkeyp
     driver = Driver(store, run_id, config, executor)
     driver.searcher = _OnlyHopeless(2, 0)
     try:
-        with pytest.raises(nos.driver.SearchStuck, match=r"proposed 5\d rules in one step that the probe rejected before finding 4"):
+        stuck = r"proposed 5\d rules in one step that the probe rejected before finding 4"
+        with pytest.raises(nos.driver.SearchStuck, match=stuck):
             driver.run()
     finally:
         executor.close()
@@ -332,10 +241,20 @@ def test_a_searcher_that_only_proposes_rejects_stops_the_run(sqlite_url, monkeyp
     store.dispose()
 
 
+@pytest.mark.slow
 def test_failed_evaluations_are_left_out_of_learning(sqlite_url):
-    from nos.store import EvaluationResult, NewEvaluation, RuleRecord, claim, commit_result, enqueue_batch, fail
-    from nos.store import get_or_create_rules
     from datetime import timedelta
+
+    from nos.store import (
+        EvaluationResult,
+        NewEvaluation,
+        RuleRecord,
+        claim,
+        commit_result,
+        enqueue_batch,
+        fail,
+        get_or_create_rules,
+    )
 
     upgrade(resolve_url(sqlite_url))
     store = open_store(sqlite_url)

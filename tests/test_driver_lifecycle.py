@@ -15,7 +15,10 @@ import pytest
 from nos.store import open_store
 from nos.store.models import Run
 
-from test_driver import _has_run, finished_count, nos, run_rows, start_nos, tiny_toml, wait_for  # noqa: F401
+from helpers.driver import finished_count, has_run, nos, run_rows, start_nos, wait_for
+
+# Every test here starts a real driver with its worker processes.
+pytestmark = pytest.mark.slow
 
 
 def long_run(url: str, toml: str) -> tuple[str, ...]:
@@ -56,7 +59,7 @@ def url(tmp_path) -> str:
 def test_a_second_driver_is_refused_and_sigterm_stops_the_first_cleanly(url, tiny_toml):
     driver = start_nos(*long_run(url, tiny_toml))
     try:
-        wait_for(lambda: _has_run(url) and finished_count(url, 1) >= 2)
+        wait_for(lambda: has_run(url) and finished_count(url, 1) >= 2)
         workers = group(driver.pid) - {driver.pid}
         assert workers   # the local worker processes
         first = f"{socket.gethostname()}:{driver.pid}"
@@ -65,7 +68,8 @@ def test_a_second_driver_is_refused_and_sigterm_stops_the_first_cleanly(url, tin
         second = nos("resume", "1", "--db", url)
         assert second.returncode == 2, second.stdout + second.stderr
         assert f"Error: run 1 is already driven by {first} (lease renewed" in second.stderr
-        assert "`nos stop 1`" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+        assert "`nos stop 1`" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
         assert run_row(url) == ("running", first, None)   # the live run is neither failed nor taken over
 
         driver.send_signal(signal.SIGTERM)   # `kill PID`: the driver alone
@@ -83,7 +87,7 @@ def test_a_second_driver_is_refused_and_sigterm_stops_the_first_cleanly(url, tin
 def test_workers_die_with_a_killed_driver_and_stop_marks_the_driverless_run_stopped(url, tiny_toml):
     driver = start_nos(*long_run(url, tiny_toml))
     try:
-        wait_for(lambda: _has_run(url) and finished_count(url, 1) >= 2)
+        wait_for(lambda: has_run(url) and finished_count(url, 1) >= 2)
         workers = group(driver.pid) - {driver.pid}
         assert workers
         os.kill(driver.pid, signal.SIGKILL)   # the driver alone: nothing signals its workers
@@ -100,5 +104,6 @@ def test_workers_die_with_a_killed_driver_and_stop_marks_the_driverless_run_stop
     assert run_row(url) == ("stopped", None, None)
 
     again = nos("stop", "1", "--db", url)
-    assert again.returncode == 2 and "run 1 is stopped, not running" in again.stderr
+    assert again.returncode == 2
+    assert "run 1 is stopped, not running" in again.stderr
     assert run_row(url) == ("stopped", None, None)

@@ -11,7 +11,7 @@ from nos.rules.vocabulary import TOKENS, position_kinds, sequence_length
 from nos.search import EvolutionSearcher, make_searcher, state_from_bytes, state_to_bytes
 from nos.search.evolution import builtin_sequences
 
-from test_search import run, same_state, target_reward
+from helpers.search import run, same_state, target_reward
 
 
 def texts(proposals) -> list[str]:
@@ -126,7 +126,8 @@ def test_evolution_climbs_where_random_search_cannot():
 def test_evolution_settings_and_bad_ones():
     config = SearchConfig(searcher="evolution", controller={"population": 20, "tournament": 5})
     searcher = make_searcher(config.searcher, config.depth, config.seed, **config.controller)
-    assert isinstance(searcher, EvolutionSearcher) and searcher.config.population == 20
+    assert isinstance(searcher, EvolutionSearcher)
+    assert searcher.config.population == 20
     with pytest.raises(ConfigError, match="unknown controller keys lr"):
         SearchConfig(searcher="evolution", controller={"lr": 0.1})
     with pytest.raises(ConfigError, match="tournament"):

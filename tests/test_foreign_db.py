@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from nos.cli.main import cli
 from nos.store import create_engine, resolve_url
 
-from test_driver import TINY_TOML
+from helpers.driver import TINY_TOML
 
 # An application of its own, with a `runs` table of its own (a name nos uses) and alembic at a revision
 # that happens to be one of nos's own numbers.
@@ -63,19 +63,23 @@ def test_another_applications_database_is_refused_unchanged(db_url, tmp_path, co
     result = CliRunner().invoke(cli, [*args, "--db", db_url])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "holds another application's tables" in lines[0], result.output
-    assert "customers" in lines[0] and "a database of its own" in lines[0]
+    assert len(lines) == 1, result.output
+    assert "holds another application's tables" in lines[0], result.output
+    assert "customers" in lines[0]
+    assert "a database of its own" in lines[0]
     assert _snapshot(db_url) == before   # not a table, a row, or SQLite's journal mode changed
 
 
 def test_nos_db_current_says_whose_database_it_is(db_url):
     _execute(db_url, FOREIGN)
     result = CliRunner().invoke(cli, ["db", "current", "--db", db_url])
-    assert result.exit_code == 1 and "holds another application's tables (customers, runs)" in result.output
+    assert result.exit_code == 1
+    assert "holds another application's tables (customers, runs)" in result.output
 
 
 def test_an_empty_sqlite_file_is_initialised(tmp_path):
     path = tmp_path / "empty.db"
     path.touch()
     result = CliRunner().invoke(cli, ["db", "upgrade", "--db", f"sqlite:///{path}"])
-    assert result.exit_code == 0 and "up to date" in result.output, result.output
+    assert result.exit_code == 0, result.output
+    assert "up to date" in result.output, result.output

@@ -18,11 +18,12 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from conftest import unavailable
 from nos.cli.main import cli
 from nos.config import SearchConfig
 from nos.store import create_run, open_store, resolve_url, save_checkpoint, upgrade
 from nos.store.models import Base
+
+from helpers.services import unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 MARKUP_NAME = "[/x] [bold red]boom"
@@ -51,7 +52,8 @@ def one_line_error(result, message: str) -> None:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and message in errors[0], result.output
+    assert len(errors) == 1, result.output
+    assert message in errors[0], result.output
 
 
 def small_config(**changes) -> dict:
@@ -84,6 +86,7 @@ def pg_with_a_run(pg_url) -> str:
 
 # -- 1. what users and the database wrote is printed as text ---------------------
 
+@pytest.mark.slow
 def test_a_run_name_with_markup_prints_as_itself_everywhere(marked_up):
     url, enqueued = marked_up
     assert enqueued.exit_code == 0, enqueued.output
@@ -102,10 +105,12 @@ def test_valid_tags_in_a_name_restyle_nothing(tmp_path):
         create_run(session, "[bold red]boom[/bold red] :smile:", "rosenbrock", small_config())
     store.dispose()
     result = invoke("runs", "--db", url)
-    assert result.exit_code == 0 and "[bold red]boom[/bold red] :smile:" in result.output
+    assert result.exit_code == 0
+    assert "[bold red]boom[/bold red] :smile:" in result.output
     assert "\x1b[" not in result.output   # no colour codes: the tags were not applied
 
 
+@pytest.mark.slow
 def test_error_text_in_show_prints_as_text_with_control_characters_escaped(marked_up, tmp_path):
     url, _ = marked_up
     copy = tmp_path / "copy.db"
@@ -124,6 +129,7 @@ def test_error_text_in_show_prints_as_text_with_control_characters_escaped(marke
 
 # -- 2. credentials are masked wherever they are shown or stored -----------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "message"), [
     (("--broker", "redis://:SECRET@127.0.0.1:1/10"), "cannot reach the broker at redis://:***@127.0.0.1:1/10"),
     (("--broker", "amqp://u:SECRET@h/"), "got 'amqp://u:***@h/'"),
@@ -142,6 +148,7 @@ def test_passwords_never_reach_the_output(marked_up, args, message):
     assert snapshot(url) == before
 
 
+@pytest.mark.slow
 def test_status_masks_the_broker_password(marked_up):
     url, _ = marked_up
     result = invoke("status", "--broker", "redis://:SECRET@127.0.0.1:1/3", "--db", url)
@@ -164,7 +171,8 @@ def test_the_enqueue_banner_masks_the_broker_password(tmp_path):
     finally:
         client.flushdb()   # the detached driver's message: no worker here takes it
     assert result.exit_code == 0, result.output
-    assert f"Celery at redis://:***@127.0.0.1:6379/{index}" in result.output and "SECRET" not in result.output
+    assert f"Celery at redis://:***@127.0.0.1:6379/{index}" in result.output
+    assert "SECRET" not in result.output
 
 
 def test_stored_errors_are_masked(tmp_path):
@@ -212,6 +220,7 @@ BAD_CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("content", "message"), BAD_CONFIGS)
 def test_bad_config_values_change_nothing(marked_up, tmp_path, content, message):
     url, _ = marked_up
@@ -225,6 +234,7 @@ def test_bad_config_values_change_nothing(marked_up, tmp_path, content, message)
     assert not fresh.exists()
 
 
+@pytest.mark.slow
 def test_resuming_a_run_stored_with_a_bad_config_says_so(marked_up, tmp_path):
     url, _ = marked_up
     copy = tmp_path / "copy.db"
@@ -240,17 +250,21 @@ def test_resuming_a_run_stored_with_a_bad_config_says_so(marked_up, tmp_path):
     assert snapshot(f"sqlite:///{copy}") == before
 
 
+@pytest.mark.slow
 def test_ids_beyond_any_stored_one(marked_up, pg_with_a_run):
     url, _ = marked_up
     before = snapshot(url)
     result = invoke("status", "99999999999999999999", "--db", url)
-    assert result.exit_code == 2 and "is not in the range" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2
+    assert "is not in the range" in result.output
+    assert "Traceback" not in result.output
     assert snapshot(url) == before
     pg_before = snapshot(pg_with_a_run)
     one_line_error(invoke("show", "99999999999", "--db", pg_with_a_run), "rule '99999999999' has not been evaluated")
     one_line_error(invoke("show", "9" * 5000, "--db", pg_with_a_run), "has not been evaluated")
     result = invoke("status", "3000000000", "--db", pg_with_a_run)
-    assert result.exit_code == 2 and "is not in the range" in result.output
+    assert result.exit_code == 2
+    assert "is not in the range" in result.output
     assert snapshot(pg_with_a_run) == pg_before
 
 
@@ -268,7 +282,9 @@ def test_malformed_database_urls(tmp_path, monkeypatch, db, message):
 def test_a_name_with_nul_on_postgresql(pg_with_a_run, tmp_path):
     before = snapshot(pg_with_a_run)
     result = invoke("enqueue", "--task", "rosenbrock", "--name", "a\x00b", "--db", pg_with_a_run)
-    assert result.exit_code == 2 and "control characters" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2
+    assert "control characters" in result.output
+    assert "Traceback" not in result.output
     config = tmp_path / "nul.toml"
     config.write_text('task = "rosenbrock"\nname = "a\\u0000b"\n')
     one_line_error(invoke("enqueue", "--config", str(config), "--db", pg_with_a_run), "name must be printable text")
@@ -286,6 +302,7 @@ def _read_only(path: Path):
     return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
+@pytest.mark.slow
 def test_a_read_only_sqlite_file(marked_up, tmp_path):
     url, _ = marked_up
     copy = tmp_path / "ro.db"
@@ -313,7 +330,9 @@ def test_a_read_only_sqlite_file(marked_up, tmp_path):
 def test_eval_transfer_and_export_arguments(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     result = invoke(*args)
-    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    assert result.exit_code == 2, result.output
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output, result.output
     assert list(tmp_path.iterdir()) == []
 
 
@@ -330,6 +349,7 @@ def _stopped_copy(url: str, folder: Path, blob: bytes | None) -> str:
     return f"sqlite:///{copy}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blob", [b"\x00damaged", b"PK\x03\x04 not a zip", b""])
 def test_a_damaged_checkpoint_stops_resume_before_the_run_changes(marked_up, tmp_path, blob):
     url, _ = marked_up
@@ -337,10 +357,12 @@ def test_a_damaged_checkpoint_stops_resume_before_the_run_changes(marked_up, tmp
     before = snapshot(copy)
     result = invoke("resume", "1", "--db", copy)
     one_line_error(result, "run 1: its checkpoint of step")
-    assert "cannot be read" in result.output and "the run cannot resume from it" in result.output
+    assert "cannot be read" in result.output
+    assert "the run cannot resume from it" in result.output
     assert snapshot(copy) == before   # still stopped, not "running"
 
 
+@pytest.mark.slow
 def test_a_driver_that_meets_a_damaged_checkpoint_fails_the_run(marked_up, tmp_path):
     from nos.driver import drive_run
     from nos.resume import CheckpointUnreadable
@@ -354,7 +376,8 @@ def test_a_driver_that_meets_a_damaged_checkpoint_fails_the_run(marked_up, tmp_p
     finally:
         store.dispose()
     run = snapshot(copy)["runs"][0]
-    assert run["status"] == "failed" and run["error"].startswith("CheckpointUnreadable: run 1: its checkpoint")
+    assert run["status"] == "failed"
+    assert run["error"].startswith("CheckpointUnreadable: run 1: its checkpoint")
 
 
 # -- 8. smaller ones ---------------------------------------------------------------
@@ -362,7 +385,8 @@ def test_a_driver_that_meets_a_damaged_checkpoint_fails_the_run(marked_up, tmp_p
 def test_a_mistyped_data_dir_creates_nothing(tmp_path):
     typo = tmp_path / "dtaa" / "fashion"
     result = invoke("eval", "g", "--task", "fashion-mnist", "--data-dir", str(typo))
-    assert result.exit_code == 2 and f"the folder {typo} does not exist" in result.output, result.output
+    assert result.exit_code == 2, result.output
+    assert f"the folder {typo} does not exist" in result.output, result.output
     assert not (tmp_path / "dtaa").exists()
 
 
@@ -374,9 +398,11 @@ def test_a_mistyped_data_dir_creates_nothing(tmp_path):
 ])
 def test_infinite_learning_rates(args, message):
     result = invoke(*args)
-    assert result.exit_code == 2 and message in result.output, result.output
+    assert result.exit_code == 2, result.output
+    assert message in result.output, result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("content", "message"), [
     (b'depth = "2"\n', "depth must be 1, 2 or 3, got '2'"),
     (b'[task_options]\nlrs = "abc"\n', "task option lrs must be a list of 1 to 100 positive, finite learning rates"),
@@ -394,6 +420,7 @@ def test_config_messages_name_the_key(marked_up, tmp_path, content, message):
     assert snapshot(url) == before
 
 
+@pytest.mark.slow
 def test_leaderboard_of_a_task_without_results(marked_up):
     url, _ = marked_up
     result = invoke("leaderboard", "--task", "typo", "--db", url)
@@ -412,9 +439,11 @@ def test_an_empty_csv_leaderboard_has_every_column(tmp_path):
     result = invoke("leaderboard", "--format", "csv", "--db", url)
     assert result.exit_code == 0
     header, = list(csv.reader(io.StringIO(result.output)))
-    assert header == [f.name for f in fields(LeaderboardRow)] and len(header) == 12
+    assert header == [f.name for f in fields(LeaderboardRow)]
+    assert len(header) == 12
 
 
+@pytest.mark.slow
 def test_the_search_batch_has_an_upper_bound(marked_up):
     url, _ = marked_up
     before = snapshot(url)

@@ -29,9 +29,11 @@ def python_without(packages: tuple[str, ...], code: str) -> subprocess.Completed
 def test_the_installed_script_answers_help_and_version():
     helped = subprocess.run([str(NOS), "--help"], capture_output=True, text=True)
     assert helped.returncode == 0, helped.stderr
-    assert "eval" in helped.stdout and "enqueue" in helped.stdout
+    assert "eval" in helped.stdout
+    assert "enqueue" in helped.stdout
     version = subprocess.run([str(NOS), "--version"], capture_output=True, text=True)
-    assert version.returncode == 0 and version.stdout.split()[-1] == __version__
+    assert version.returncode == 0
+    assert version.stdout.split()[-1] == __version__
 
 
 def test_eval_and_the_optimizer_work_without_the_database_packages():
@@ -62,7 +64,8 @@ main()
     first, last = map(float, lines[0].split()[1:])
     assert last < first
     result = json.loads(lines[-1])
-    assert result["rule"] == "g" and [t["lr"] for t in result["trials"]] == [1e-2, 1e-1]
+    assert result["rule"] == "g"
+    assert [t["lr"] for t in result["trials"]] == [1e-2, 1e-1]
     assert 0.0 <= result["reward"] <= 1.0
 
 
@@ -71,4 +74,5 @@ def test_a_command_whose_package_is_missing_names_it_in_one_line():
     done = python_without(("sqlalchemy",), code)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "'sqlalchemy'" in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "'sqlalchemy'" in done.stderr

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from conftest import unavailable
 from nos.tasks import DataUnavailable, EvaluationResult, evaluate_rule, get_task
+
+from helpers.services import unavailable
 
 SMALL = dict(lrs=[1e-2, 1e-1, 1.0], epochs=2, train_size=400)
 
@@ -33,10 +34,15 @@ def test_end_to_end_on_digits(digits):
     assert seen == ["sweep"] * 3 + ["final"]
     assert [t.lr for t in result.trials] == [1e-2, 1e-1, 1.0]
     best = max(result.trials, key=lambda t: t.val_acc)
-    assert result.best_lr == best.lr and not result.diverged
-    assert result.reward == result.final.val_acc and result.final.epochs == 2 and result.final.lr == result.best_lr
-    assert 0.5 < result.reward <= 1 and 0.5 < result.test_acc <= 1   # it learns something
-    assert result.rule == "g * exp(sign(g) * sign(m))" and result.task == "digits"
+    assert result.best_lr == best.lr
+    assert not result.diverged
+    assert result.reward == result.final.val_acc
+    assert result.final.epochs == 2
+    assert result.final.lr == result.best_lr
+    assert 0.5 < result.reward <= 1
+    assert 0.5 < result.test_acc <= 1   # it learns something
+    assert result.rule == "g * exp(sign(g) * sign(m))"
+    assert result.task == "digits"
     assert result.final.steps == 2 * digits.steps_per_epoch
     # Plain JSON data, for the database and Celery.
     again = EvaluationResult.from_dict(json.loads(json.dumps(result.to_dict())))
@@ -80,23 +86,30 @@ def test_stacked_children_train_as_the_sequential_ones_do(name, rules):
             assert abs(x.val_acc - y.val_acc) <= 0.02, rule
             if x.train_loss is not None:
                 assert x.train_loss == pytest.approx(y.train_loss, rel=2e-3, abs=1e-4), rule
-        assert abs(a.reward - b.reward) <= 0.02 and abs(a.test_acc - b.test_acc) <= 0.02, rule
+        assert abs(a.reward - b.reward) <= 0.02, rule
+        assert abs(a.test_acc - b.test_acc) <= 0.02, rule
 
 
 def test_evaluation_leaves_global_state_alone(digits):
     rng, threads = torch.get_rng_state(), torch.get_num_threads()
     evaluate_rule("sgd", digits, seed=0)
-    assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.get_num_threads() == threads
 
 
 def test_a_rule_that_blows_up_finishes_as_diverged():
     # exp(exp(g)) overflows to inf at the first step on the quadratic's large gradients.
     task = get_task("quadratic", lrs=[1e-3, 1e-1])
     result = evaluate_rule("exp(exp(g))", task, seed=0)
-    assert result.diverged and result.reward == 0 and result.test_acc == 0 and result.best_lr is None
+    assert result.diverged
+    assert result.reward == 0
+    assert result.test_acc == 0
+    assert result.best_lr is None
     assert result.final is None
     for trial in result.trials:
-        assert trial.diverged and trial.val_acc == 0 and trial.train_loss is None
+        assert trial.diverged
+        assert trial.val_acc == 0
+        assert trial.train_loss is None
         assert trial.steps <= 1   # stopped at once, not after the epoch
     json.dumps(result.to_dict())
 
@@ -110,21 +123,28 @@ def test_diverging_at_some_rates_only_zeroes_those_trials():
     task = get_task("quadratic", lrs=[1e-3, 10.0], epochs=1)
     result = evaluate_rule("sgd", task, seed=0)
     low, high = result.trials
-    assert not low.diverged and low.val_acc > 0
-    assert high.diverged and high.val_acc == 0 and high.steps < task.steps_per_epoch
-    assert result.best_lr == 1e-3 and not result.diverged
+    assert not low.diverged
+    assert low.val_acc > 0
+    assert high.diverged
+    assert high.val_acc == 0
+    assert high.steps < task.steps_per_epoch
+    assert result.best_lr == 1e-3
+    assert not result.diverged
 
 
 def test_non_finite_weights_diverge_even_when_no_loss_did():
     # log(g - g) = log(0) = -inf: the first step makes every weight infinite.
     result = evaluate_rule("log(g - g)", get_task("digits", **SMALL), seed=0)
-    assert result.diverged and all(t.diverged for t in result.trials) and result.reward == 0
+    assert result.diverged
+    assert all(t.diverged for t in result.trials)
+    assert result.reward == 0
 
 
 def test_loss_based_tasks_score_in_the_unit_interval():
     for name in ("quadratic", "rosenbrock"):
         result = evaluate_rule("adam", get_task(name, lrs=[1e-2, 1e-1], epochs=2), seed=0)
-        assert 0 < result.reward <= 1 and not result.diverged
+        assert 0 < result.reward <= 1
+        assert not result.diverged
 
 
 def test_schedules_get_the_run_length():
@@ -144,12 +164,16 @@ def test_successive_halving_trains_less_and_keeps_the_clear_winner():
     full, halving = get_task("digits", **options), get_task("digits", sweep="halving", **options)
     assert full.config_key() != halving.config_key()   # a different protocol: never each other's cache
     a, b = evaluate_rule("adam", full, seed=0), evaluate_rule("adam", halving, seed=0)
-    assert b.best_lr == a.best_lr and b.reward == pytest.approx(a.reward, abs=1e-9)
+    assert b.best_lr == a.best_lr
+    assert b.reward == pytest.approx(a.reward, abs=1e-9)
     stopped = [t for t in b.trials if t.val_acc is None]
     kept = [t for t in b.trials if t.val_acc is not None and not t.diverged]
-    assert stopped and len(kept) == 4   # the better 4 on validation go on to the full epoch
+    assert stopped
+    assert len(kept) == 4   # the better 4 on validation go on to the full epoch
     for t in stopped:
-        assert not t.diverged and t.steps == halving.steps_per_epoch // 4 and t.train_loss > 0
+        assert not t.diverged
+        assert t.steps == halving.steps_per_epoch // 4
+        assert t.train_loss > 0
     steps = halving.steps_per_epoch   # each stopped trial saved the last three quarters of its epoch
     assert sum(t.steps for t in b.trials) == sum(t.steps for t in a.trials) - len(stopped) * (steps - steps // 4)
     assert all(t.steps == halving.steps_per_epoch for t in kept)
@@ -160,7 +184,8 @@ def test_a_trial_whose_loss_explodes_stops_before_it_overflows():
     options = dict(lrs=[1e-3, 0.05], epochs=1, train_size=2048)
     patient = evaluate_rule("sgd", get_task("quadratic", explode=0, **options), seed=0)
     prompt = evaluate_rule("sgd", get_task("quadratic", **options), seed=0)
-    assert patient.trials[1].diverged and prompt.trials[1].diverged
+    assert patient.trials[1].diverged
+    assert prompt.trials[1].diverged
     assert prompt.trials[1].steps < patient.trials[1].steps
     assert prompt.trials[0].val_acc == pytest.approx(patient.trials[0].val_acc, rel=1e-5)   # a healthy one goes on
 
@@ -172,7 +197,8 @@ def test_the_final_run_has_no_explosion_stop():
     # in the final run and comes back down (with the stop there too, it scored 0 instead of 0.22).
     eager = evaluate_rule("sgd", get_task("digits", explode=1.5, **options), seed=0)
     patient = evaluate_rule("sgd", get_task("digits", explode=0, **options), seed=0)
-    assert eager.best_lr == patient.best_lr == 1.0 and not eager.diverged
+    assert eager.best_lr == patient.best_lr == 1.0
+    assert not eager.diverged
     assert eager.final.steps == patient.final.steps == 3 * 25
     assert eager.reward == patient.reward > 0.15
 
@@ -209,7 +235,8 @@ def test_halving_ranks_its_early_round_by_validation(monkeypatch):
     stopped: dict[int, float] = {}
     group = _ScriptedSweep(losses, scores)
     protocol._halve(group, 7, 400, stopped, None)
-    assert sorted(stopped) == [0, 1, 2] and 6 in group.running
+    assert sorted(stopped) == [0, 1, 2]
+    assert 6 in group.running
     assert stopped[2] == pytest.approx(1.5)   # a stopped trial keeps its round's mean loss
     monkeypatch.setattr(protocol, "HALVING_RANK", "loss")   # what halving did before: it drops the winner
     stopped, group = {}, _ScriptedSweep(losses, scores)

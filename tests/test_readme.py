@@ -1,4 +1,4 @@
-"""The README's examples run as written (see tests/doc_examples.py for the rules).
+"""The README's examples run as written (see tests/helpers/doc_examples.py for the rules).
 
 They run in order in one temporary folder with a SQLite database of its own,
 so a later example may use the run an earlier one made.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from doc_examples import ROOT, examples, run
+from helpers.doc_examples import ROOT, examples, params, run
 
 README = ROOT / "README.md"
 EXAMPLES = examples(README)
@@ -24,7 +24,7 @@ def test_the_readme_has_examples_that_run():
     assert {e.kind for e in runnable} >= {"console", "python"}
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=[e.id for e in EXAMPLES])
+@pytest.mark.parametrize("example", params(EXAMPLES))
 def test_readme_example(example, workdir):
     run(example, workdir)
 

@@ -6,17 +6,28 @@ import subprocess
 import sys
 from datetime import timedelta
 
+import pytest
+
 from nos.config import SearchConfig
 from nos.driver import Driver
 from nos.executors import LocalExecutor
-from nos.store import (
-    NewEvaluation, claim, create_run, enqueue_batch, get_or_create_rules, heartbeat, open_store, requeue_stale,
-    resolve_url, upgrade, utcnow,
-)
-from nos.store import RuleRecord
 from nos.rules import parse
+from nos.store import (
+    NewEvaluation,
+    RuleRecord,
+    claim,
+    create_run,
+    enqueue_batch,
+    get_or_create_rules,
+    heartbeat,
+    open_store,
+    requeue_stale,
+    resolve_url,
+    upgrade,
+    utcnow,
+)
 
-from test_driver import TINY, run_rows
+from helpers.driver import TINY, run_rows
 
 DEFAULTS = SearchConfig()
 
@@ -38,7 +49,8 @@ def test_by_default_a_dead_workers_evaluation_is_requeued_within_30_seconds(stor
     # The worker dies right after that heartbeat. Until the limit its claim stands ...
     with store.transaction() as session:
         before = requeue_stale(session, run_id, limit, DEFAULTS.max_attempts, now=last + limit - timedelta(seconds=1))
-        assert before.requeued == [] and claim(session, evaluation_id, "host:2", limit, now=last + limit) is None
+        assert before.requeued == []
+        assert claim(session, evaluation_id, "host:2", limit, now=last + limit) is None
     # ... and the driver's next poll after it (every 0.2 s) puts it back in the queue.
     with store.transaction() as session:
         after = requeue_stale(session, run_id, limit, DEFAULTS.max_attempts, now=last + limit + timedelta(seconds=0.2))
@@ -48,6 +60,7 @@ def test_by_default_a_dead_workers_evaluation_is_requeued_within_30_seconds(stor
 HOG = "while True: pass"
 
 
+@pytest.mark.slow
 def test_a_live_worker_on_a_busy_machine_is_never_retaken(sqlite_url):
     """Evaluations that outlive the stale limit, on cores every process fights for, are never taken over."""
     upgrade(resolve_url(sqlite_url))

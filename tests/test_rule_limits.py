@@ -117,7 +117,8 @@ def test_the_reported_rules_are_refused_in_every_command(tmp_path, terms):
 
 def test_a_rule_at_both_limits_works_in_every_command(tmp_path):
     text = longest_and_deepest()
-    assert len(text) == MAX_LENGTH and depth(parse(text)) == MAX_DEPTH
+    assert len(text) == MAX_LENGTH
+    assert depth(parse(text)) == MAX_DEPTH
     url = f"sqlite:///{tmp_path / 'nos.db'}"
     upgrade(resolve_url(url))
     store = open_store(url)
@@ -129,13 +130,16 @@ def test_a_rule_at_both_limits_works_in_every_command(tmp_path):
         return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
     parsed = run("rule", "parse", text)
-    assert parsed.exit_code == 0 and "depth:      none" in parsed.output
+    assert parsed.exit_code == 0
+    assert "depth:      none" in parsed.output
     evaluated = run("eval", text, "--task", "rosenbrock", "--train-size", "2", "--lrs", "1e-3", "--epochs", "1",
                     "--json")
     assert evaluated.exit_code == 0, evaluated.output
     assert run("export", text).exit_code == 0
     for key in (str(rule_id), text):
         shown = run("show", key, "--db", url)
-        assert shown.exit_code == 0 and f"rule {rule_id}: " in shown.output
+        assert shown.exit_code == 0
+        assert f"rule {rule_id}: " in shown.output
     plotted = run("plot", "--sweep", text, "-o", str(tmp_path / "x.png"), "--db", url)
-    assert plotted.exit_code == 2 and "has no stored learning-rate sweep" in plotted.output
+    assert plotted.exit_code == 2
+    assert "has no stored learning-rate sweep" in plotted.output

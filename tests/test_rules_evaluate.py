@@ -13,7 +13,7 @@ from nos.rules.elementwise import delta_one
 from nos.rules.evaluate import StepContext, Tensors, compute_update, step_numbers
 from nos.rules.tree import is_random
 
-from rule_strategies import trees
+from helpers.rule_strategies import trees
 
 STEP, HORIZON = 7, 20
 BC1, BC2, BC3 = 1 - 0.9 ** STEP, 1 - 0.999 ** STEP, 1 - 0.999 ** STEP
@@ -202,7 +202,8 @@ def test_schedule_numbers():
     for step, total, ld, cd, rd in [(1, 10, 1.0, 1.0, 1.0), (6, 10, 0.5, 0.0, 1.0), (11, 10, 0.0, 1.0, 1.0),
                                     (50, 10, 0.0, 1.0, 1.0), (3, 8, 0.75, 0.5, 0.5)]:
         n = step_numbers(step, total, frozenset({"ld", "cd", "rd"}))
-        assert n["ld"] == pytest.approx(ld) and n["cd"] == pytest.approx(cd, abs=1e-12)
+        assert n["ld"] == pytest.approx(ld)
+        assert n["cd"] == pytest.approx(cd, abs=1e-12)
         assert n["rd"] == pytest.approx(rd, abs=1e-12)
     with pytest.raises(ValueError, match="total_steps"):
         step_numbers(1, None, frozenset({"ld"}))
@@ -214,4 +215,5 @@ def test_tensors_marked_shared_are_never_written(inputs):
     shared = Tensors([g.clone() for g in grads], owned=False)
     out = ctx.apply(shared, "exp")
     assert all(torch.equal(a, b) for a, b in zip(shared.items, grads))
-    assert out.owned and out.items[0] is not shared.items[0]
+    assert out.owned
+    assert out.items[0] is not shared.items[0]

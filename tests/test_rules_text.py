@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nos.rules import (
-    Binary, Const, Operand, RuleSyntaxError, Unary, binary, const, format_number, operand, parse, rule_hash,
-    to_text, unary,
+    Binary,
+    Const,
+    Operand,
+    RuleSyntaxError,
+    Unary,
+    binary,
+    const,
+    format_number,
+    parse,
+    rule_hash,
+    to_text,
+    unary,
 )
+from nos.rules.builtins import PAPER_EXAMPLES
 from nos.rules.tree import BINARY_OPS
 from nos.rules.vocabulary import BINARY, OPERANDS, UNARY
-from nos.rules.builtins import PAPER_EXAMPLES
 
-from rule_strategies import trees
+from helpers.rule_strategies import trees
 
 PAPER_RULES = list(PAPER_EXAMPLES)
 
@@ -32,7 +41,9 @@ def test_every_unary_op_round_trips(token):
     if token.op == "identity":
         assert tree == Operand("v")   # identity leaves no trace in the tree
     else:
-        assert isinstance(tree, Unary) and tree.op == token.op and tree.param == token.param
+        assert isinstance(tree, Unary)
+        assert tree.op == token.op
+        assert tree.param == token.param
 
 
 @pytest.mark.parametrize("op", BINARY)
@@ -87,7 +98,8 @@ def test_operator_precedence():
 
 
 def test_numbers_and_constants():
-    assert parse("1") == Operand("1") and parse("2.0") == Operand("2")
+    assert parse("1") == Operand("1")
+    assert parse("2.0") == Operand("2")
     assert parse("3") == Const(3.0)
     assert parse("-1") == Unary("neg", Operand("1"))
     assert const(-0.5) == Unary("neg", Const(0.5))
@@ -148,7 +160,8 @@ def test_syntax_errors_point_at_the_problem(text, position, words):
 def test_unknown_name_lists_closest_known_names():
     with pytest.raises(RuleSyntaxError) as info:
         parse("g * exp(sgn(m))")
-    assert "'sgn'" in str(info.value) and "sign" in str(info.value)
+    assert "'sgn'" in str(info.value)
+    assert "sign" in str(info.value)
     with pytest.raises(RuleSyntaxError, match="rmsprop"):
         parse("rmsprp")
     with pytest.raises(RuleSyntaxError, match="known names: .*adam"):

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from nos.rules import NotInVocabulary, from_tokens, min_depth, parse, to_tokens
 from nos.rules.vocabulary import (
-    BINARY_ID, OPERAND_ID, TOKENS, UNARY, UNARY_ID, UnaryToken, VOCAB_SIZE, position_kinds, sequence_length,
+    BINARY_ID,
+    OPERAND_ID,
+    TOKENS,
+    UNARY,
+    UNARY_ID,
+    VOCAB_SIZE,
+    UnaryToken,
+    position_kinds,
+    sequence_length,
 )
 
-from rule_strategies import token_sequences, trees
+from helpers.rule_strategies import token_sequences, trees
 
 
 def test_sequence_lengths_are_5_13_29():
@@ -24,9 +31,12 @@ def test_token_ids_are_stable():
     # Stored sequences and controller checkpoints depend on these ids: append, never reorder.
     assert VOCAB_SIZE == 21 + 12 + 6
     assert [t.id for t in TOKENS] == list(range(VOCAB_SIZE))
-    assert OPERAND_ID["g"] == 0 and OPERAND_ID["eps_t"] == 20
-    assert UNARY_ID[UnaryToken("identity")] == 21 and UNARY_ID[UnaryToken("sign")] == 32
-    assert BINARY_ID["add"] == 33 and BINARY_ID["left"] == 38
+    assert OPERAND_ID["g"] == 0
+    assert OPERAND_ID["eps_t"] == 20
+    assert UNARY_ID[UnaryToken("identity")] == 21
+    assert UNARY_ID[UnaryToken("sign")] == 32
+    assert BINARY_ID["add"] == 33
+    assert BINARY_ID["left"] == 38
     assert len(UNARY) == 12
 
 

@@ -6,26 +6,10 @@ import pytest
 import torch
 
 from nos.rules import from_tokens
-from nos.rules.vocabulary import IDS_BY_KIND, TOKENS, position_kinds, sequence_length
+from nos.rules.vocabulary import TOKENS, position_kinds, sequence_length
 from nos.search import SEARCHERS, make_searcher, state_from_bytes, state_to_bytes
 
-
-def target_reward(depth: int, seed: int = 123):
-    """A reward from the tokens alone: the fraction of positions that match a hidden target."""
-    gen = torch.Generator().manual_seed(seed)
-    target = [IDS_BY_KIND[k][torch.randint(len(IDS_BY_KIND[k]), (1,), generator=gen).item()]
-              for k in position_kinds(depth)]
-    return lambda tokens: sum(a == b for a, b in zip(tokens, target)) / len(target)
-
-
-def run(searcher, reward, batches: int, batch_size: int = 20) -> list[float]:
-    rewards = []
-    for _ in range(batches):
-        proposals = searcher.propose(batch_size)
-        r = [reward(p.tokens) for p in proposals]
-        searcher.observe([p.tokens for p in proposals], r)
-        rewards += r
-    return rewards
+from helpers.search import run, same_state, target_reward
 
 
 @pytest.mark.parametrize("name", sorted(SEARCHERS))
@@ -67,16 +51,6 @@ def test_restored_state_continues_identically(name):
     restored.load_state_dict(state_from_bytes(saved))
     assert run(restored, reward, 3) == after
     assert same_state(restored.state_dict(), straight.state_dict())
-
-
-def same_state(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def test_observe_learns_the_same_from_rebuilt_tokens():

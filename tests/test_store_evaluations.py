@@ -6,14 +6,34 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
-from store_helpers import LRS, RULES, new_run_with_batch, result
 
 from nos.rules import parse
 from nos.store import (
-    EvaluationResult, NewEvaluation, RuleRecord, batch_evaluations, claim, commit_result, create_run,
-    enqueue_batch, fail, find_cached, find_rule, get_evaluation, get_or_create_rules, get_run, heartbeat,
-    latest_checkpoint, requeue_stale, save_checkpoint, set_run_status, trials_of, unfinished_ids, utcnow,
+    EvaluationResult,
+    NewEvaluation,
+    RuleRecord,
+    batch_evaluations,
+    claim,
+    commit_result,
+    create_run,
+    enqueue_batch,
+    fail,
+    find_cached,
+    find_rule,
+    get_evaluation,
+    get_or_create_rules,
+    get_run,
+    heartbeat,
+    latest_checkpoint,
+    requeue_stale,
+    save_checkpoint,
+    set_run_status,
+    trials_of,
+    unfinished_ids,
+    utcnow,
 )
+
+from helpers.store import LRS, RULES, new_run_with_batch, result
 
 STALE = timedelta(minutes=5)
 
@@ -26,14 +46,16 @@ def row(store, evaluation_id):
 def test_a_batch_is_queued_in_seq_order(store):
     run_id, ids = new_run_with_batch(store)
     with store.transaction() as session:
-        more = enqueue_batch(session, run_id, 1, [NewEvaluation(get_evaluation(session, ids[0]).rule_id, "digits", "k1")])
+        same_rule = get_evaluation(session, ids[0]).rule_id
+        more = enqueue_batch(session, run_id, 1, [NewEvaluation(same_rule, "digits", "k1")])
     with store.reading() as session:
         first = batch_evaluations(session, run_id, 0)
         second = batch_evaluations(session, run_id, 1)
     assert [e.id for e in first] == ids
     assert [e.seq for e in first] == list(range(len(RULES)))
     assert [(e.seq, e.id) for e in second] == [(len(RULES), more[0])]
-    assert {e.status for e in first} == {"queued"} and {e.attempts for e in first} == {0}
+    assert {e.status for e in first} == {"queued"}
+    assert {e.attempts for e in first} == {0}
 
 
 def test_a_full_life_claim_heartbeat_commit(store):
@@ -153,7 +175,8 @@ def test_requeue_stale_requeues_or_gives_up(store):
         sweep = requeue_stale(session, run_id, STALE, max_attempts=2, now=t0 + 3 * STALE + timedelta(seconds=1))
     assert (sweep.requeued, sweep.abandoned) == ([ids[0]], [ids[1]])
     assert (row(store, ids[0]).status, row(store, ids[0]).worker) == ("queued", None)
-    assert row(store, ids[1]).status == "failed" and "gave up after 2 attempts" in row(store, ids[1]).error
+    assert row(store, ids[1]).status == "failed"
+    assert "gave up after 2 attempts" in row(store, ids[1]).error
     assert row(store, ids[2]).status == "running"
     with store.transaction() as session:
         assert not heartbeat(session, ids[0], 1)  # the dead worker's ticket is void
@@ -186,7 +209,8 @@ def test_rules_are_stored_once_by_canonical_text(store):
     with store.transaction() as session:
         again = get_or_create_rules(session, [RuleRecord.from_tree(trees[2], fingerprint="f1")])
         stored = find_rule(session, "g * exp(sign(g) * sign(m))")
-    assert first[0] == first[1] != first[2] and again == [first[2]]
+    assert first[0] == first[1] != first[2]
+    assert again == [first[2]]
     assert (stored.depth, stored.tokens[:2], len(stored.hash)) == (2, [0, 0], 16)
 
 
@@ -196,7 +220,8 @@ def test_run_status_moves_and_finishes(store):
         set_run_status(session, run_id, "stopped")
     with store.reading() as session:
         run = get_run(session, run_id)
-        assert run.status == "stopped" and run.finished_at is not None
+        assert run.status == "stopped"
+        assert run.finished_at is not None
     with store.transaction() as session:
         set_run_status(session, run_id, "running")  # resumed
         with pytest.raises(ValueError, match="unknown run status"):
@@ -205,7 +230,8 @@ def test_run_status_moves_and_finishes(store):
             set_run_status(session, run_id + 1, "failed")
     with store.reading() as session:
         run = get_run(session, run_id)
-        assert run.status == "running" and run.finished_at is None
+        assert run.status == "running"
+        assert run.finished_at is None
 
 
 def test_checkpoints_keep_json_and_bytes_and_the_latest_wins(store):

@@ -11,7 +11,13 @@ import pytest
 
 from nos.store import create_run, get_run, set_run_status, utcnow
 from nos.store.leases import (
-    LEASE_STALE_AFTER, LeaseRefused, clear_dead_lease, read_lease, release_lease, renew_lease, take_lease,
+    LEASE_STALE_AFTER,
+    LeaseRefused,
+    clear_dead_lease,
+    read_lease,
+    release_lease,
+    renew_lease,
+    take_lease,
 )
 
 # Holders on other machines: only their heartbeats say whether they are alive.
@@ -54,7 +60,8 @@ def test_a_dead_drivers_lease_expires(store, run_id):
     take(store, run_id, B, now=start + LEASE_STALE_AFTER + timedelta(seconds=1))
     with store.reading() as session:
         lease = read_lease(session, run_id)
-    assert lease.holder == B and lease.heartbeat_at == start + LEASE_STALE_AFTER + timedelta(seconds=1)
+    assert lease.holder == B
+    assert lease.heartbeat_at == start + LEASE_STALE_AFTER + timedelta(seconds=1)
 
 
 def test_a_driver_gone_from_this_host_frees_its_lease_at_once(store, run_id):
@@ -90,4 +97,5 @@ def test_clearing_a_dead_lease_leaves_a_live_one(store, run_id):
         assert clear_dead_lease(session, run_id, now=start + LEASE_STALE_AFTER + timedelta(seconds=1))
     with store.reading() as session:
         lease = read_lease(session, run_id)
-    assert lease.holder is None and lease.heartbeat_at is None
+    assert lease.holder is None
+    assert lease.heartbeat_at is None

@@ -8,11 +8,18 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from nos.rules import parse
 from nos.store import (
-    EVALUATION_STATUSES, Evaluation, LrTrial, RuleRecord, create_run, get_or_create_rules, leaderboard, run_progress,
+    EVALUATION_STATUSES,
+    Evaluation,
+    LrTrial,
+    RuleRecord,
+    create_run,
+    get_or_create_rules,
+    leaderboard,
+    run_progress,
     utcnow,
 )
-from nos.rules import parse
 
 # The three queries the README shows users; they must run unchanged on SQLite and PostgreSQL.
 TOP_RULES_SQL = """SELECT rule, reward, test_acc, run_id
@@ -47,8 +54,9 @@ def populate(store, seed=0, evaluations=300):
             status = rng.choice(EVALUATION_STATUSES)
             scored = status in SCORED
             rows.append(dict(
-                run_id=runs[run], rule_id=rng.choice(rules), batch=i // 10, seq=i, task=("digits", "quadratic")[run % 2],
-                task_key="k", status=status, attempts=int(status != "queued"), created_at=now,
+                run_id=runs[run], rule_id=rng.choice(rules), batch=i // 10, seq=i,
+                task=("digits", "quadratic")[run % 2], task_key="k", status=status, attempts=int(status != "queued"),
+                created_at=now,
                 reward=rng.choice([0.0, 0.25, 0.5, 0.75, 0.9]) if scored else None,
                 test_acc=rng.random() if scored else None, best_lr=1e-3 if scored else None))
         session.execute(sa.insert(Evaluation), rows)
@@ -75,7 +83,8 @@ def expected_leaderboard(rows, top, run_id=None, task=None):
 def test_leaderboard_matches_brute_force(store, top):
     runs, rows = populate(store)
     with store.reading() as session:
-        for run_id, task in [(None, None), (runs[1], None), (None, "digits"), (runs[0], "digits"), (runs[0], "quadratic")]:
+        filters = [(None, None), (runs[1], None), (None, "digits"), (runs[0], "digits"), (runs[0], "quadratic")]
+        for run_id, task in filters:
             got = [(r.rule_id, r.reward, r.evaluation_id, r.evaluations)
                    for r in leaderboard(session, top, run_id=run_id, task=task)]
             assert got == expected_leaderboard(rows, top, run_id, task), (run_id, task)
@@ -89,15 +98,17 @@ def test_leaderboard_rows_carry_the_rule_and_its_place(store):
     by_id = {r["id"]: r for r in rows}
     for entry in board:
         source = by_id[entry.evaluation_id]
-        assert entry.rule in TEXTS and (entry.test_acc, entry.run_id, entry.task) == (
-            source["test_acc"], source["run_id"], source["task"])
+        assert entry.rule in TEXTS
+        assert ((entry.test_acc, entry.run_id, entry.task) == (
+            source["test_acc"], source["run_id"], source["task"]))
 
 
 def test_leaderboard_view_agrees_with_the_function(store):
     populate(store)
     with store.reading() as session:
         from_view = session.execute(sa.text(
-            "SELECT rule_id, reward, evaluation_id, evaluations FROM leaderboard ORDER BY reward DESC, evaluation_id")).all()
+            "SELECT rule_id, reward, evaluation_id, evaluations FROM leaderboard "
+            "ORDER BY reward DESC, evaluation_id")).all()
         from_function = [(r.rule_id, r.reward, r.evaluation_id, r.evaluations) for r in leaderboard(session, 1000)]
     assert [tuple(r) for r in from_view] == from_function
 
@@ -119,7 +130,8 @@ def test_run_progress_counts_by_status_and_the_view_agrees(store):
             assert progress.counts == {s: sum(r["status"] == s for r in mine) for s in EVALUATION_STATUSES}
             assert progress.total == len(mine)
             assert progress.best_reward == max(r["reward"] for r in mine if r["reward"] is not None)
-            view = session.execute(sa.text("SELECT * FROM run_progress WHERE run_id = :r"), {"r": run_id}).one()._mapping
+            view = session.execute(sa.text("SELECT * FROM run_progress WHERE run_id = :r"),
+                                   {"r": run_id}).one()._mapping
             assert {s: view[s] for s in EVALUATION_STATUSES} == progress.counts
             assert (view["total"], view["best_reward"], view["name"]) == (progress.total, progress.best_reward,
                                                                          progress.name)
@@ -138,7 +150,8 @@ def test_the_readme_queries_run_on_both_databases(store):
     assert [r.reward for r in top] == [r[1] for r in expected_leaderboard(rows, 10)]
     assert [(r.run_id, r.total) for r in progress] == [(run, sum(x["run_id"] == run for x in rows)) for run in runs]
     assert [r.lr for r in by_lr] == [1e-3, 1e-2, 1e-1]
-    assert all(0 <= r.mean_val_acc <= 1 and 0 <= r.diverged <= r.trials for r in by_lr)
+    assert all(0 <= r.mean_val_acc <= 1 for r in by_lr)
+    assert all(0 <= r.diverged <= r.trials for r in by_lr)
 
 
 def test_the_docs_show_these_queries():

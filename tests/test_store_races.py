@@ -15,11 +15,15 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
-import store_helpers
-from store_helpers import LRS, new_run_with_batch
 
 from nos.store import Evaluation, LrTrial, Rule, get_evaluation, trials_of
-from test_store_schema import schema_state_head
+
+from helpers import store as store_helpers
+from helpers.schema import schema_state_head
+from helpers.store import LRS, new_run_with_batch
+
+# Every test here races spawned worker processes against one database.
+pytestmark = pytest.mark.slow
 
 SPAWN = multiprocessing.get_context("spawn")
 WORKERS = 4

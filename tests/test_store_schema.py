@@ -13,10 +13,20 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from nos.store import (
-    Base, StoreError, check_schema, create_engine, create_run, get_run, open_store, resolve_url, schema_state,
+    Base,
+    StoreError,
+    check_schema,
+    create_engine,
+    create_run,
+    get_run,
+    open_store,
+    resolve_url,
+    schema_state,
     upgrade,
 )
 from nos.store.schema import alembic_config, migrations_dir
+
+from helpers.schema import schema_state_head
 
 TABLES = {"runs", "rules", "evaluations", "lr_trials", "checkpoints", "alembic_version",
           "transfer_runs", "transfer_trials", "transfer_epochs", "transfer_checkpoints"}
@@ -89,12 +99,6 @@ def _script_with_a_newer_revision(tmp_path):
         f'revision = "9999"\ndown_revision = "{head}"\nbranch_labels = None\ndepends_on = None\n\n'
         "def upgrade():\n    pass\n\n\ndef downgrade():\n    pass\n")
     return script
-
-
-def schema_state_head():
-    from alembic.script import ScriptDirectory
-
-    return ScriptDirectory(str(migrations_dir())).get_current_head()
 
 
 def test_a_database_behind_says_so_names_the_command_and_is_untouched(sqlite_url, tmp_path):

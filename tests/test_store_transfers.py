@@ -12,9 +12,22 @@ from alembic.runtime.migration import MigrationContext
 
 from nos.rules import parse
 from nos.store import (
-    Base, TransferEpochRow, TransferOutcome, TransferTrialRow, create_engine, finish_transfer, get_or_create_rule,
-    load_transfer, open_transfer, record_epoch, record_trial, resolve_url, restart_final, schema_state,
-    transfer_runs_of, upgrade,
+    Base,
+    TransferEpochRow,
+    TransferOutcome,
+    TransferTrialRow,
+    create_engine,
+    finish_transfer,
+    get_or_create_rule,
+    load_transfer,
+    open_transfer,
+    record_epoch,
+    record_trial,
+    resolve_url,
+    restart_final,
+    schema_state,
+    transfer_runs_of,
+    upgrade,
 )
 from nos.store.models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial
 from nos.store.schema import alembic_config
@@ -50,7 +63,8 @@ def test_0003_adds_the_transfer_tables_and_downgrade_to_0002_removes_only_them(m
     _migrate(url, "downgrade", "0002")
     engine = create_engine(url)
     tables = set(sa.inspect(engine).get_table_names())
-    assert not tables & TRANSFER_TABLES and {"runs", "rules", "evaluations", "lr_trials", "checkpoints"} <= tables
+    assert not tables & TRANSFER_TABLES
+    assert {"runs", "rules", "evaluations", "lr_trials", "checkpoints"} <= tables
     with engine.connect() as connection:   # the rest of the database is untouched
         assert connection.exec_driver_sql("SELECT COUNT(*) FROM runs").scalar_one() == 1
     engine.dispose()
@@ -84,7 +98,8 @@ def test_each_open_is_a_new_attempt_and_only_the_latest_may_write(store):
     with store.transaction() as session:
         one = _open(session)
         two = _open(session)
-    assert (one.attempt, two.attempt) == (1, 2) and not one.done
+    assert (one.attempt, two.attempt) == (1, 2)
+    assert not one.done
     trial = TransferTrialRow(0.1, 0.8, 0.5, False, 2.0, 1, 100)
     with store.transaction() as session:
         assert record_trial(session, one.id, 1, trial) is False
@@ -105,20 +120,25 @@ def test_epochs_and_the_snapshot_are_stored_together_then_the_result_drops_the_s
         assert record_epoch(session, opened.id, opened.attempt, epochs[1], blob)
     with store.reading() as session:
         stored = load_transfer(session, opened.id)
-        assert stored.epochs == epochs[:2] and stored.checkpoint == blob and stored.checkpoint_epoch == 2
-        assert stored.run.status == "running" and stored.trials[0].lr == 0.1
+        assert stored.epochs == epochs[:2]
+        assert stored.checkpoint == blob
+        assert stored.checkpoint_epoch == 2
+        assert stored.run.status == "running"
+        assert stored.trials[0].lr == 0.1
     outcome = TransferOutcome(0.1, 0.83, 0.82, 0.83, 0.82, False, 11.0)
     with store.transaction() as session:
         assert finish_transfer(session, opened.id, opened.attempt, outcome, epochs)
     with store.reading() as session:
         stored = load_transfer(session, opened.id)
-        assert stored.epochs == epochs and stored.checkpoint is None
+        assert stored.epochs == epochs
+        assert stored.checkpoint is None
         assert (stored.run.status, stored.run.final_val, stored.run.best_test) == ("done", 0.83, 0.82)
         assert [r.id for r in transfer_runs_of(session, "k1")] == [opened.id]
         assert transfer_runs_of(session, "k1", seeds=[1]) == []
     with store.transaction() as session:
         again = _open(session)
-        assert again.done and again.id == opened.id   # a finished run is not taken again
+        assert again.done
+        assert again.id == opened.id   # a finished run is not taken again
         assert record_trial(session, opened.id, opened.attempt, TransferTrialRow(1.0, 0.1, 2.0, False, 2.0, 1, 100)) \
             is False
 
@@ -131,7 +151,9 @@ def test_restarting_the_final_run_forgets_its_epochs_and_deleting_a_run_cascades
     with store.transaction() as session:
         assert restart_final(session, opened.id, 1)
         stored = load_transfer(session, opened.id)
-        assert stored.epochs == [] and stored.checkpoint is None and len(stored.trials) == 1
+        assert stored.epochs == []
+        assert stored.checkpoint is None
+        assert len(stored.trials) == 1
         record_epoch(session, opened.id, 1, TransferEpochRow(1, 1.0, 0.8, 0.8, False, 3.0), b"snap")
     with store.transaction() as session:
         session.execute(sa.delete(TransferRun).where(TransferRun.id == opened.id))

@@ -13,7 +13,7 @@ import torch
 from nos.tasks import TASKS, DataUnavailable, UnknownTask, get_task
 from nos.tasks.data import DEBIAN_FASHION_MNIST
 
-from conftest import unavailable
+from helpers.services import unavailable
 
 
 def _write_idx(path, array: np.ndarray) -> None:
@@ -45,8 +45,11 @@ def test_unknown_task_lists_the_known_ones():
 def test_bundled_and_synthetic_tasks_load(name):
     task = get_task(name)
     s = task.splits
-    assert len(s.train_x) == len(s.train_y) and len(s.val_x) == len(s.val_y) and len(s.test_x) == len(s.test_y)
-    assert task.steps_per_epoch >= 1 and task.lrs == tuple(10.0 ** k for k in range(-5, 2))
+    assert len(s.train_x) == len(s.train_y)
+    assert len(s.val_x) == len(s.val_y)
+    assert len(s.test_x) == len(s.test_y)
+    assert task.steps_per_epoch >= 1
+    assert task.lrs == tuple(10.0 ** k for k in range(-5, 2))
     assert (task.sweep_epochs, task.epochs) == (1, 5)
     child = task.new_child()
     out = child(s.train_x[: task.batch_size])
@@ -60,9 +63,11 @@ def test_digits_splits_partition_the_data_and_subsample():
     assert task.splits.sizes == {"train": 1200, "val": 300, "test": 297}
     everything = torch.cat([task.splits.train_x, task.splits.val_x, task.splits.test_x])
     full = torch.tensor(load_digits().data, dtype=torch.float32) / 16
-    assert len(everything) == len(full) and torch.allclose(everything.sum(0), full.sum(0))   # each image once
+    assert len(everything) == len(full)
+    assert torch.allclose(everything.sum(0), full.sum(0))   # each image once
     small = get_task("digits", train_size=100)
-    assert small.splits.sizes["train"] == 100 and torch.equal(small.splits.val_x, task.splits.val_x)
+    assert small.splits.sizes["train"] == 100
+    assert torch.equal(small.splits.val_x, task.splits.val_x)
 
 
 def test_config_key_is_stable_and_tracks_options():
@@ -83,7 +88,10 @@ def test_fashion_mnist_from_a_torchvision_style_folder(tiny_fashion):
     task = get_task("fashion-mnist", data_dir=tiny_fashion, val_size=10, batch_size=8)
     assert task.splits.sizes == {"train": 50, "val": 10, "test": 20}
     x = task.splits.train_x
-    assert x.shape[1:] == (1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert x.shape[1:] == (1, 28, 28)
+    assert x.dtype == torch.float32
+    assert 0 <= x.min()
+    assert x.max() <= 1
     assert task.new_child()(x[:8]).shape == (8, 10)
 
 
@@ -113,7 +121,9 @@ def test_cifar10_missing_says_where_to_put_the_files(tmp_path):
     with pytest.raises(DataUnavailable) as info:
         get_task("cifar10", data_dir=tmp_path / "empty", download=False)
     message = str(info.value)
-    assert "cifar-10-batches-py" in message and "--data-dir" in message and str(tmp_path / "empty") in message
+    assert "cifar-10-batches-py" in message
+    assert "--data-dir" in message
+    assert str(tmp_path / "empty") in message
 
 
 def test_a_failed_download_is_the_same_clear_error(tmp_path, monkeypatch):

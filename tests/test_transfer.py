@@ -17,9 +17,9 @@ import torch
 from click.testing import CliRunner
 
 from nos.cli.main import cli
+from nos.rules import parse
 from nos.store import TransferTrialRow, get_or_create_rule, load_transfer, open_transfer, record_trial
 from nos.store.models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial
-from nos.rules import parse
 from nos.tasks.transfer import train_transfer, transfer_task
 from nos.tasks.wrn import WideResNet, parse_model, wide_resnet
 from nos.transfer import Stat, TransferSuperseded, run_transfer, summarize
@@ -86,9 +86,11 @@ def test_bad_model_names_say_what_is_expected(bad):
         parse_model(bad)
 
 
+@pytest.mark.slow
 def test_the_task_trains_the_model_and_keys_on_it(task, fashion_dir):
     assert isinstance(task.new_child(), WideResNet)
-    assert task.options["model"] == "wrn-10-1" and task.epochs == EPOCHS
+    assert task.options["model"] == "wrn-10-1"
+    assert task.epochs == EPOCHS
     other = transfer_task("fashion-mnist", "wrn-16-1", data_dir=fashion_dir, val_size=32, batch_size=16, lrs=LRS,
                           epochs=EPOCHS)
     assert other.config_key() != task.config_key()
@@ -98,25 +100,31 @@ def test_the_task_trains_the_model_and_keys_on_it(task, fashion_dir):
 
 # --- the protocol ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_final_and_best_figures_come_from_the_final_runs_epochs(task):
     result = train_transfer("powersign", task, seed=0)
-    assert [t.lr for t in result.trials] == LRS and len(result.epochs) == EPOCHS
+    assert [t.lr for t in result.trials] == LRS
+    assert len(result.epochs) == EPOCHS
     assert result.best_lr == max(result.trials, key=lambda t: t.val_acc).lr
     # The first epoch of the final run is the best sweep trial, trained on.
     best = next(t for t in result.trials if t.lr == result.best_lr)
     assert (result.epochs[0].val_acc, result.epochs[0].train_loss) == (best.val_acc, best.train_loss)
-    assert result.final_val == result.epochs[-1].val_acc and result.final_test == result.epochs[-1].test_acc
+    assert result.final_val == result.epochs[-1].val_acc
+    assert result.final_test == result.epochs[-1].test_acc
     assert result.best_val == max(e.val_acc for e in result.epochs)
     assert result.best_test == max(e.test_acc for e in result.epochs)
-    assert not result.diverged and result.model == "wrn-10-1"
+    assert not result.diverged
+    assert result.model == "wrn-10-1"
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_other_seed_other_numbers(task):
     a, b = train_transfer("sgd", task, seed=0), train_transfer("sgd", task, seed=0)
     assert numbers(a) == numbers(b)
     assert numbers(train_transfer("sgd", task, seed=1)) != numbers(a)
 
 
+@pytest.mark.slow
 def test_resuming_from_a_snapshot_or_a_stored_sweep_gives_the_uninterrupted_numbers(task):
     snapshots = []
     whole = train_transfer(NOISY, task, seed=0, on_epoch=lambda record, snap: snapshots.append(snap()))
@@ -127,15 +135,20 @@ def test_resuming_from_a_snapshot_or_a_stored_sweep_gives_the_uninterrupted_numb
     # Only the sweep stored (a crash before the first epoch's snapshot): the final run starts afresh.
     trained = []
     fresh = train_transfer(NOISY, task, seed=0, trials_done=whole.trials, on_trial=trained.append)
-    assert numbers(fresh) == numbers(whole) and trained == []
+    assert numbers(fresh) == numbers(whole)
+    assert trained == []
 
 
+@pytest.mark.slow
 def test_a_run_that_diverges_at_every_rate_scores_zero(task):
     result = train_transfer("exp(g) * 1e4", task, seed=0)   # overflows at once
-    assert result.diverged and result.best_lr is None and result.epochs == []
+    assert result.diverged
+    assert result.best_lr is None
+    assert result.epochs == []
     assert (result.final_val, result.final_test, result.best_val, result.best_test) == (0, 0, 0, 0)
 
 
+@pytest.mark.slow
 def test_summary_is_mean_and_sample_spread_over_seeds(task):
     results = [train_transfer("sgd", task, seed=s) for s in (0, 1)]
     (row,) = summarize(results)
@@ -143,7 +156,8 @@ def test_summary_is_mean_and_sample_spread_over_seeds(task):
     vals = [r.final_val for r in results]
     assert row.final_val.mean == pytest.approx(sum(vals) / 2)
     assert row.final_val.std == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
-    assert Stat.of([0.5]).format() == "0.5000" and Stat.of([0.5, 0.7]).format().startswith("0.6000 ± ")
+    assert Stat.of([0.5]).format() == "0.5000"
+    assert Stat.of([0.5, 0.7]).format().startswith("0.6000 ± ")
 
 
 # --- storage: reuse, crash and resume, takeover (SQLite and PostgreSQL) ----------------------------------
@@ -158,23 +172,29 @@ def _counts(store):
                 for m in (TransferRun, TransferTrial, TransferEpoch, TransferCheckpoint)}
 
 
+@pytest.mark.slow
 def test_a_second_run_reads_the_stored_result_instead_of_training(store, task):
     first = run_transfer(store, "powersign", task, seed=0)
     assert not first.reused
     trained = []
     again = run_transfer(store, "g * exp(sign(g) * sign(m))", task, seed=0, on_trial=trained.append,
                          on_epoch=trained.append)
-    assert again.reused and trained == [] and again.transfer_id == first.transfer_id
+    assert again.reused
+    assert trained == []
+    assert again.transfer_id == first.transfer_id
     assert again.result == first.result   # every figure, timings included, read back exactly
     assert _counts(store) == {"transfer_runs": 1, "transfer_trials": len(LRS), "transfer_epochs": EPOCHS,
                               "transfer_checkpoints": 0}
     with store.reading() as session:
         row = session.get(TransferRun, first.transfer_id)
         assert (row.status, row.attempts, row.model, row.task, row.seed) == ("done", 1, "wrn-10-1", "fashion-mnist", 0)
-        assert row.config == task.to_dict() and row.task_key == task.config_key()
-        assert row.best_test == first.result.best_test and row.finished_at is not None
+        assert row.config == task.to_dict()
+        assert row.task_key == task.config_key()
+        assert row.best_test == first.result.best_test
+        assert row.finished_at is not None
 
 
+@pytest.mark.slow
 def test_a_crash_in_the_final_run_loses_nothing_stored_and_the_rerun_matches(store, task):
     whole = train_transfer(NOISY, task, seed=0)
 
@@ -188,14 +208,17 @@ def test_a_crash_in_the_final_run_loses_nothing_stored_and_the_rerun_matches(sto
                               "transfer_checkpoints": 1}
     trials, epochs = [], []
     rerun = run_transfer(store, NOISY, task, seed=0, on_trial=trials.append, on_epoch=epochs.append)
-    assert trials == [] and [e.epoch for e in epochs] == [3]   # only what was not stored is trained
-    assert rerun.resumed and not rerun.reused
+    assert trials == []
+    assert [e.epoch for e in epochs] == [3]   # only what was not stored is trained
+    assert rerun.resumed
+    assert not rerun.reused
     assert numbers(rerun.result) == numbers(whole)
     assert _counts(store)["transfer_checkpoints"] == 0
     with store.reading() as session:
         assert session.get(TransferRun, rerun.transfer_id).attempts == 2
 
 
+@pytest.mark.slow
 def test_a_crash_in_the_sweep_keeps_the_finished_trials(store, task):
     whole = train_transfer("adam", task, seed=1)
 
@@ -211,6 +234,7 @@ def test_a_crash_in_the_sweep_keeps_the_finished_trials(store, task):
     assert numbers(rerun.result) == numbers(whole)
 
 
+@pytest.mark.slow
 def test_an_error_marks_the_run_failed_and_a_rerun_finishes_it(store, task):
     def boom(record):
         raise RuntimeError("out of memory, say")
@@ -219,13 +243,16 @@ def test_an_error_marks_the_run_failed_and_a_rerun_finishes_it(store, task):
         run_transfer(store, "sgd", task, seed=0, on_epoch=boom)
     with store.reading() as session:
         (row,) = session.execute(sa.select(TransferRun)).scalars()
-        assert row.status == "failed" and "out of memory" in row.error
+        assert row.status == "failed"
+        assert "out of memory" in row.error
     done = run_transfer(store, "sgd", task, seed=0)
-    assert done.result.epochs and done.result == run_transfer(store, "sgd", task, seed=0).result
+    assert done.result.epochs
+    assert done.result == run_transfer(store, "sgd", task, seed=0).result
     with store.reading() as session:
         assert session.get(TransferRun, done.transfer_id).status == "done"
 
 
+@pytest.mark.slow
 def test_a_process_whose_run_was_taken_over_stops_and_writes_nothing_more(store, task):
     def take_over(record):
         with store.transaction() as session:
@@ -238,12 +265,14 @@ def test_a_process_whose_run_was_taken_over_stops_and_writes_nothing_more(store,
     assert _counts(store)["transfer_trials"] == 1   # the first trial, stored before the takeover
     with store.transaction() as session:
         (row,) = session.execute(sa.select(TransferRun)).scalars()
-        assert row.attempts == 2 and row.status == "running"
+        assert row.attempts == 2
+        assert row.status == "running"
         late = TransferTrialRow(LRS[1], 0.5, 1.0, False, 1.0, 1, 6)
         assert record_trial(session, row.id, 1, late) is False
         assert len(load_transfer(session, row.id).trials) == 1
 
 
+@pytest.mark.slow
 def test_each_seed_and_configuration_is_its_own_run(store, task, fashion_dir):
     run_transfer(store, "sgd", task, seed=0)
     run_transfer(store, "sgd", task, seed=1)
@@ -264,6 +293,7 @@ def fast(fashion_dir, db):
             "--val-size", "32", "--batch-size", "16", "--db", db]
 
 
+@pytest.mark.slow
 def test_transfer_prints_table_1_and_reuses_stored_results(fashion_dir, migrated_url):
     args = ["powersign", "--seeds", "2", *fast(fashion_dir, migrated_url)]
     result = transfer(*args)
@@ -276,17 +306,20 @@ def test_transfer_prints_table_1_and_reuses_stored_results(fashion_dir, migrated
     assert "10 of 10 results read from" in again.stderr
     data = json.loads(again.stdout)
     assert [row["optimizer"] for row in data["summary"]] == ["powersign", "sgd", "momentum", "adam", "rmsprop"]
-    assert len(data["results"]) == 10 and all(len(r["epochs"]) == 2 for r in data["results"] if not r["diverged"])
+    assert len(data["results"]) == 10
+    assert all(len(r["epochs"]) == 2 for r in data["results"] if not r["diverged"])
     assert data["summary"][0]["final_val"]["std"] is not None
     markdown = transfer(*args, "--format", "markdown")
     assert "| optimizer | best lr | final val | final test | best val | best test |" in markdown.stdout
 
 
+@pytest.mark.slow
 def test_transfer_creates_a_new_sqlite_database(fashion_dir, tmp_path):
     db = f"sqlite:///{tmp_path / 'new.db'}"
     result = transfer("g * exp(sign(m))", "--no-baselines", "--seeds", "1", *fast(fashion_dir, db))
     assert result.exit_code == 0, result.output
-    assert "created database" in result.stderr and "g * exp(sign(m))" in result.stdout
+    assert "created database" in result.stderr
+    assert "g * exp(sign(m))" in result.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -298,7 +331,8 @@ def test_transfer_creates_a_new_sqlite_database(fashion_dir, tmp_path):
 ])
 def test_bad_input_exits_2_with_one_message(args, message, tmp_path):
     result = transfer(*args, "--db", f"sqlite:///{tmp_path / 'x.db'}")
-    assert result.exit_code == 2 and message in result.output
+    assert result.exit_code == 2
+    assert message in result.output
     assert not (tmp_path / "x.db").exists()
 
 
@@ -306,4 +340,5 @@ def test_an_unavailable_device_exits_2(fashion_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     result = transfer("sgd", "--device", "cuda", *fast(fashion_dir, f"sqlite:///{tmp_path / 'x.db'}"))
-    assert result.exit_code == 2 and "CUDA" in result.output
+    assert result.exit_code == 2
+    assert "CUDA" in result.output

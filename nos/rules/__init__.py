@@ -4,8 +4,21 @@ from .parser import RuleSyntaxError, parse
 from .printer import format_number, rule_hash, to_text
 from .tokens import NotInVocabulary, from_tokens, min_depth, to_tokens
 from .tree import (
-    Binary, Const, Node, Operand, Unary, binary, const, in_vocabulary, is_random, is_scalar, operand,
-    operands_read, state_buffers, unary, walk,
+    Binary,
+    Const,
+    Node,
+    Operand,
+    Unary,
+    binary,
+    const,
+    in_vocabulary,
+    is_random,
+    is_scalar,
+    operand,
+    operands_read,
+    state_buffers,
+    unary,
+    walk,
 )
 
 __all__ = [

@@ -143,7 +143,8 @@ def step_one(
 ) -> None:
     """One optimizer step for one parameter: moments, then w <- w - lr * delta."""
     update_moments_one(buffers, g)
-    if isinstance(node, Operand) and node.name == "adam":   # torch.optim.Adam's own order of operations, to the last bit
+    # torch.optim.Adam's own order of operations, to the last bit.
+    if isinstance(node, Operand) and node.name == "adam":
         denom = torch.sqrt(buffers["exp_avg_sq"]) / numbers["bc2"] ** 0.5 + DIV_EPS
         p.addcdiv_(buffers["exp_avg"], denom, value=-lr / numbers["bc1"])
         return

@@ -24,7 +24,15 @@ from torch import Tensor
 
 from .tree import Binary, Const, Node, Operand, Unary, is_scalar, walk
 from .vocabulary import (
-    BETA1, BETA2, BETA3, CD_PERIODS, DIV_EPS, NOISE_DECAY, NOISE_STD, RD_PERIODS, WEIGHT_SCALES,
+    BETA1,
+    BETA2,
+    BETA3,
+    CD_PERIODS,
+    DIV_EPS,
+    NOISE_DECAY,
+    NOISE_STD,
+    RD_PERIODS,
+    WEIGHT_SCALES,
 )
 
 _SCHEDULES = frozenset({"ld", "cd", "rd"})
@@ -58,7 +66,8 @@ def step_numbers(step: int, total_steps: int | None, reads: frozenset[str] = fro
     }
     schedules = reads & _SCHEDULES
     if schedules and total_steps is None:
-        raise ValueError(f"the rule reads {', '.join(sorted(schedules))}: pass total_steps=T, the run's length in steps")
+        raise ValueError(f"the rule reads {', '.join(sorted(schedules))}: "
+                         "pass total_steps=T, the run's length in steps")
     if schedules:
         frac = min(step - 1, total_steps) / total_steps
         numbers["ld"] = 1.0 - frac

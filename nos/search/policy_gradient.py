@@ -5,8 +5,9 @@ EMA of batch means) and divide by the batch's reward spread, floored so that
 rewards that barely differ (rules all at chance, say) give small advantages
 rather than noise blown up to unit size. A batch whose rewards are all equal
 says nothing about which rules are better: it leaves the policy as it is
-(the baseline still moves). An entropy bonus keeps the policy exploring. PPO takes several epochs of clipped-surrogate steps on each batch;
-REINFORCE one plain policy-gradient step.
+(the baseline still moves). An entropy bonus keeps the policy exploring. PPO
+takes several epochs of clipped-surrogate steps on each batch; REINFORCE one
+plain policy-gradient step.
 
 The log-probabilities a batch was sampled with are recomputed in `observe`
 from the controller as it was when it proposed (no update happens in

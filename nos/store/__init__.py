@@ -8,32 +8,76 @@
 from .checkpoints import latest_checkpoint, save_checkpoint
 from .engine import DEFAULT_URL, URL_ENV_VAR, Store, StoreError, check_writable, create_engine, resolve_url, shown
 from .evaluations import (
-    EvaluationResult, NewEvaluation, StaleSweep, TrialResult, batch_evaluations, claim, commit_cached, commit_result,
-    enqueue_batch, equivalence_reason, fail, find_cached, find_equivalent, get_evaluation, heartbeat, requeue_stale,
-    trials_of, unfinished_ids,
+    EvaluationResult,
+    NewEvaluation,
+    StaleSweep,
+    TrialResult,
+    batch_evaluations,
+    claim,
+    commit_cached,
+    commit_result,
+    enqueue_batch,
+    equivalence_reason,
+    fail,
+    find_cached,
+    find_equivalent,
+    get_evaluation,
+    heartbeat,
+    requeue_stale,
+    trials_of,
+    unfinished_ids,
 )
-from .models import (
-    EVALUATION_STATUSES, RUN_STATUSES, SCORED_STATUSES, Base, Checkpoint, Evaluation, LrTrial, Rule, Run, utcnow,
-)
-from .queries import LeaderboardRow, RunProgress, leaderboard, list_runs, run_progress
-from .frames import evaluations_frame, trials_frame   # pandas is imported only when they are called
+from .frames import evaluations_frame, trials_frame  # pandas is imported only when they are called
 from .history import (
-    EvaluationRow, Sweep, SweepPoint, Timings, TrialRow, rule_sweeps, run_evaluations, run_timings, run_trials,
+    EvaluationRow,
+    Sweep,
+    SweepPoint,
+    Timings,
+    TrialRow,
+    rule_sweeps,
+    run_evaluations,
+    run_timings,
+    run_trials,
     sweep_of,
 )
+from .models import (
+    EVALUATION_STATUSES,
+    RUN_STATUSES,
+    SCORED_STATUSES,
+    Base,
+    Checkpoint,
+    Evaluation,
+    LrTrial,
+    Rule,
+    Run,
+    utcnow,
+)
+from .queries import LeaderboardRow, RunProgress, leaderboard, list_runs, run_progress
 from .rules import RuleRecord, find_rule, get_or_create_rule, get_or_create_rules
 from .runs import create_run, get_run, set_run_status
 from .schema import SchemaState, check_schema, open_store, schema_state, upgrade
 from .transfers import (
-    OpenedTransfer, StoredTransfer, TransferEpochRow, TransferOutcome, TransferTrialRow, fail_transfer,
-    finish_transfer, load_transfer, open_transfer, record_epoch, record_trial, restart_final, transfer_runs_of,
+    OpenedTransfer,
+    StoredTransfer,
+    TransferEpochRow,
+    TransferOutcome,
+    TransferTrialRow,
+    fail_transfer,
+    finish_transfer,
+    load_transfer,
+    open_transfer,
+    record_epoch,
+    record_trial,
+    restart_final,
+    transfer_runs_of,
 )
 
 __all__ = [
     "DEFAULT_URL", "EVALUATION_STATUSES", "RUN_STATUSES", "SCORED_STATUSES", "URL_ENV_VAR", "Base", "Checkpoint",
     "Evaluation", "EvaluationResult", "LeaderboardRow", "LrTrial", "NewEvaluation", "Rule", "RuleRecord", "Run",
     "RunProgress", "SchemaState", "StaleSweep", "Store", "StoreError", "TrialResult", "batch_evaluations",
-    "check_schema", "check_writable", "claim", "commit_cached", "commit_result", "create_engine", "create_run", "enqueue_batch", "equivalence_reason", "fail",
+    "check_schema", "check_writable", "claim", "commit_cached", "commit_result", "create_engine", "create_run",
+    "enqueue_batch", "equivalence_reason", "fail",
     "find_cached", "find_equivalent",
     "find_rule", "get_evaluation", "get_or_create_rule", "get_or_create_rules", "get_run", "heartbeat",
     "latest_checkpoint", "leaderboard", "list_runs", "open_store", "requeue_stale", "resolve_url", "run_progress",

@@ -187,7 +187,8 @@ class Timings:
 def run_timings(run: Run, rows: list[EvaluationRow]) -> Timings:
     """Timings of `rows` (a run's evaluations, from `run_evaluations`)."""
     finished = [r for r in rows if r.finished]
-    seconds = sorted(r.wall_seconds for r in finished if r.status in ("done", "diverged") and r.wall_seconds is not None)
+    seconds = sorted(r.wall_seconds for r in finished
+                     if r.status in ("done", "diverged") and r.wall_seconds is not None)
     trained = sum(r.status in ("done", "diverged") for r in finished)
     ends = [r.finished_at for r in finished if r.finished_at is not None]
     elapsed = (max(ends) - run.created_at).total_seconds() if ends else None

@@ -34,7 +34,8 @@ def set_run_status(session: Session, run_id: int, status: str, *, error: str | N
     finished_at = now if status in FINISHED_RUN_STATUSES else None
     result = session.execute(
         update(Run).where(Run.id == run_id)
-        .values(status=status, error=None if error is None else mask_credentials(error), updated_at=now, finished_at=finished_at)
+        .values(status=status, error=None if error is None else mask_credentials(error), updated_at=now,
+                finished_at=finished_at)
         .execution_options(synchronize_session=False))
     if result.rowcount != 1:
         raise LookupError(f"no run {run_id}")

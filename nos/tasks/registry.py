@@ -56,7 +56,7 @@ def _splits(arrays: tuple[Tensor, ...], device: torch.device, channels_last: boo
 
 
 def _device(device: str | torch.device) -> torch.device:
-    from ..devices import usable_device   # DeviceError is a ValueError
+    from ..devices import usable_device  # DeviceError is a ValueError
 
     return usable_device(str(device))
 
@@ -76,8 +76,8 @@ def _fashion_mnist_14(data_dir: str | None, download: bool) -> tuple[Tensor, ...
 
 
 # -- the tasks -----------------------------------------------------------------
-def digits(*, device: torch.device, data_dir=None, train_size: int | None = None, val_size: int = 300, test_size: int = 297,
-           hidden: int = 64, split_seed: int = 0, **protocol: Any) -> Task:
+def digits(*, device: torch.device, data_dir=None, train_size: int | None = None, val_size: int = 300,
+           test_size: int = 297, hidden: int = 64, split_seed: int = 0, **protocol: Any) -> Task:
     """scikit-learn's 1,797 bundled 8x8 digits: 1,200 train, 300 validation, 297 test; an MLP child.
 
     Calibrated (batch 16, 64 hidden units: 75 steps an epoch) so a full

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from nos.rules import binary, const, operand, unary
 from nos.rules.tree import BINARY_OPS
-from nos.rules.vocabulary import OPERANDS, IDS_BY_KIND, position_kinds
+from nos.rules.vocabulary import IDS_BY_KIND, OPERANDS, position_kinds
 
 _PLAIN_UNARY = ("neg", "exp", "log", "sqrt", "sign")
 _NUMBERS = st.one_of(

@@ -34,7 +34,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers.services import unavailable
+
+ROOT = Path(__file__).resolve().parents[2]
 # `nos` and `python` of the environment the tests run in, first on PATH.
 VENV_BIN = Path(sys.executable).parent
 KINDS = ("console", "python", "sql", "toml")
@@ -46,6 +48,8 @@ BORDER = set("─━│┃┏┓┗┛┡┩┣┫╇╈┳┻┼╋└┘┌┐
 # Shell words that are not programs on PATH.
 BUILTINS = {"cd", "echo", "export", "test", "[", "for", "do", "done", "true", "false", "exit"}
 BLOCK_TIMEOUT = 600
+# Commands that train in worker processes of their own (a detached enqueue leaves that to Celery).
+STARTS_WORKERS = re.compile(r"^(\S+=\S*\s+)*nos\s+(enqueue|resume|transfer|worker)\b")
 
 
 @dataclass
@@ -83,6 +87,20 @@ def examples(path: Path) -> list[Example]:
     return found
 
 
+def starts_workers(example: Example) -> bool:
+    """Whether running `example` starts worker processes."""
+    if example.skip or example.kind != "console":
+        return False
+    return any(STARTS_WORKERS.match(c.text) and "--detach" not in c.text for c in commands(example.text))
+
+
+def params(found: list[Example]) -> list:
+    """pytest parameters for `found`, ids from their places; all of a document's examples are marked
+    slow when one of them starts workers, since the later ones read the runs the earlier ones made."""
+    slow_paths = {e.path for e in found if starts_workers(e)}
+    return [pytest.param(e, id=e.id, marks=[pytest.mark.slow] if e.path in slow_paths else []) for e in found]
+
+
 def _marker(pattern: re.Pattern, lines: list[str], fence: int) -> str | None:
     """What the comment on the nearest non-blank line before the fence says, if it is one."""
     j = fence - 1
@@ -105,8 +123,6 @@ def run(example: Example, workdir: Path) -> None:
     if example.skip:
         pytest.skip(f"{example.id} not run: {example.skip}")
     if example.needs == "fashion-mnist" and not FASHION_MNIST.is_dir():
-        from conftest import unavailable
-
         unavailable("Fashion-MNIST", f"{example.id} needs {FASHION_MNIST} (Debian: dataset-fashion-mnist)")
     assert example.needs in (None, "fashion-mnist"), f"{example.id}: unknown need {example.needs!r}"
     {"console": _console, "python": _python, "sql": _sql, "toml": _toml}[example.kind](example, workdir)

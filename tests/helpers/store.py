@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from nos.rules import parse
-from nos.store import EvaluationResult, NewEvaluation, RuleRecord, TrialResult, create_run, enqueue_batch, \
-    get_or_create_rules
+from nos.store import (
+    EvaluationResult,
+    NewEvaluation,
+    RuleRecord,
+    TrialResult,
+    create_run,
+    enqueue_batch,
+    get_or_create_rules,
+)
 
 RULES = ["g", "adam", "g * exp(sign(g) * sign(m))", "(1 + sign(g) * sign(m)) * g", "clip(m, 1e-4) * exp(v)"]
 LRS = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]

@@ -1,0 +1,121 @@
+"""Running `nos` in real processes and reading back what a run stored."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from sqlalchemy import select
+
+from nos.store import open_store
+from nos.store.models import Evaluation, Rule, Run
+
+# A few tenths of a second per evaluation: long enough to kill a driver mid-batch.
+TINY = dict(task="digits", budget=12, batch_size=4, depth=1, workers=2, seed=3, stale_after=3.0,
+            heartbeat_every=1.0, task_options={"train_size": 300, "lrs": [0.01, 0.1], "epochs": 1})
+TINY_TOML = """
+task = "digits"
+budget = 12
+batch_size = 4
+depth = 1
+workers = 2
+seed = 3
+stale_after = 3.0
+heartbeat_every = 1.0
+
+[task_options]
+train_size = 300
+lrs = [0.01, 0.1]
+epochs = 1
+"""
+
+
+def nos(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nos.cli.main", *args], capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def _as_from_a_terminal() -> None:
+    # A shell without job control starts background jobs with SIGINT ignored, and the ignoring is
+    # inherited: under such a CI runner Ctrl-C (SIGINT) would never reach the driver. A terminal's does.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_nos(*args: str) -> subprocess.Popen:
+    # Its own process group, so a test can kill the driver together with its workers.
+    return subprocess.Popen([sys.executable, "-m", "nos.cli.main", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_as_from_a_terminal)
+
+
+def run_rows(url: str, run_id: int) -> list[Evaluation]:
+    store = open_store(url)
+    with store.reading() as session:
+        rows = session.execute(select(Evaluation).where(Evaluation.run_id == run_id)
+                               .order_by(Evaluation.seq)).scalars().all()
+    store.dispose()
+    return rows
+
+
+def rule_sequence(url: str, run_id: int) -> list[tuple[int, str, float]]:
+    store = open_store(url)
+    with store.reading() as session:
+        rows = session.execute(select(Evaluation.seq, Rule.text, Evaluation.reward).join(Rule)
+                               .where(Evaluation.run_id == run_id).order_by(Evaluation.seq)).all()
+    store.dispose()
+    return [tuple(r) for r in rows]
+
+
+def wait_for(predicate, timeout: float = 120, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def finished_count(url: str, run_id: int) -> int:
+    """Finished evaluations that count toward the budget (not the rejected ones)."""
+    return sum(e.status in ("done", "diverged", "failed", "cached") for e in run_rows(url, run_id))
+
+
+def assert_complete(url: str, run_id: int, budget: int) -> None:
+    rows = run_rows(url, run_id)
+    assert [e.seq for e in rows] == list(range(len(rows)))   # contiguous, no duplicates
+    assert sum(e.status != "rejected" for e in rows) == budget   # rejections are free
+    assert all(e.status in ("done", "diverged", "rejected", "cached") for e in rows)
+    assert all(e.reward is not None for e in rows)
+    store = open_store(url)
+    with store.reading() as session:
+        assert session.get(Run, run_id).status == "completed"
+        fingerprints = dict(session.execute(select(Rule.id, Rule.fingerprint)).all())
+    store.dispose()
+    # Nothing trained twice: neither the same rule nor the same behaviour.
+    trained = [fingerprints[e.rule_id] or e.rule_id for e in rows if e.status in ("done", "diverged")]
+    assert len(trained) == len(set(trained))
+    for e in rows:
+        if e.status == "rejected":
+            assert e.reward == 0
+            assert e.reason
+            assert e.worker is None
+        if e.status == "cached" and e.reason:   # reused from an equivalent rule
+            source = next(r for r in rows if r.id == e.cached_from)
+            assert fingerprints[source.rule_id] == fingerprints[e.rule_id]
+            assert source.rule_id != e.rule_id
+
+
+def has_run(url: str) -> bool:
+    """Whether the database at `url` exists, is migrated and holds run 1."""
+    try:
+        store = open_store(url)
+    except Exception:
+        return False
+    try:
+        with store.reading() as session:
+            return session.get(Run, 1) is not None
+    finally:
+        store.dispose()

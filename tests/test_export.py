@@ -1,0 +1,90 @@
+"""`nos export`: a rule as a Python snippet that trains, as written, in a fresh interpreter."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from nos.cli.main import cli
+
+from helpers.reports import invoke
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_main(source: str) -> str:
+    """Run a snippet as __main__ in this process (torch is already imported); returns what it printed."""
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(source, "<snippet>", "exec"), {"__name__": "__main__"})
+    return printed.getvalue()
+
+
+def _losses(printed: str) -> tuple[float, float]:
+    found = re.search(r"loss ([\d.]+) -> ([\d.]+) after 200 steps", printed)
+    assert found, printed
+    return float(found.group(1)), float(found.group(2))
+
+
+def test_export_snippet_trains_in_a_fresh_python():
+    result = invoke("export", "g*exp(sign(g)*sign(m))", "--lr", "0.1")
+    assert result.exit_code == 0, result.output
+    assert 'RULE = "g * exp(sign(g) * sign(m))"' in result.output
+    assert "LR = 0.1" in result.output
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", result.output], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    first, last = _losses(out.stdout)
+    assert last < first / 10
+
+
+@pytest.mark.parametrize(("rule", "flags", "expect"), [
+    ("adam", ["--lr", "0.01"], "built-in rule adam"),
+    ("addsign-ld", ["--lr", "0.01"], "pass total_steps"),              # reads ld: the demo passes its length
+    ("addsign-ld", ["--lr", "0.01", "--total-steps", "150"], "TOTAL_STEPS = 150"),
+    ("drop(m, 0.3) * exp(1e-3*w)", ["--lr", "0.05", "--seed", "7"], "SEED = 7"),
+    ("drop(m, 0.3) * exp(1e-3*w)", ["--lr", "0.05"], "pass seed=N"),
+])
+def test_export_variants_train(rule, flags, expect):
+    result = invoke("export", rule, *flags)
+    assert result.exit_code == 0, result.output
+    assert expect in result.output
+    first, last = _losses(_run_main(result.output))
+    assert last < first / 2
+
+
+def test_export_without_demo_and_to_a_file(tmp_path):
+    import torch
+
+    out = tmp_path / "opt.py"
+    result = CliRunner().invoke(cli, ["export", "powersign", "--no-demo", "-o", str(out)])
+    assert result.exit_code == 0
+    source = out.read_text()
+    assert "__main__" not in source
+    assert len(source.splitlines()) < 20
+    namespace: dict = {}
+    exec(compile(source, str(out), "exec"), namespace)
+    optimizer = namespace["make_optimizer"](torch.nn.Linear(2, 1).parameters(), lr=0.5)
+    assert optimizer.rule_text == "g * exp(sign(g) * sign(m))"
+    assert optimizer.defaults["lr"] == 0.5
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("g * exp(sgn(m))",), "unknown name 'sgn'"),
+    (("g +",), "bad rule"),
+    (("g", "--lr", "0"), "learning rate must be positive"),
+    (("g", "--lr", "-1"), "learning rate must be positive"),
+])
+def test_export_bad_input_exits_2(args, message):
+    result = invoke("export", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
