@@ -173,7 +173,7 @@ def _check_fields(config: "SearchConfig") -> list[str]:
     if config.warm_start == "builtins" and config.searcher == "random":
         problems.append("random search takes no warm start")
     if not (isinstance(config.device, str) and DEVICE.fullmatch(config.device)):
-        problems.append(f"device must be cpu, cuda, cuda:N or mps, got {config.device!r}")
+        problems.append(f"unknown device {config.device!r}: expected cpu, cuda, cuda:N or mps")
     for key in ("stale_after", "heartbeat_every"):
         if not _is_seconds(getattr(config, key)):
             problems.append(f"{key} must be a number of seconds above 0 and at most {MAX_SECONDS:,}, "

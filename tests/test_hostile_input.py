@@ -212,7 +212,7 @@ BAD_CONFIGS = [
     (b"seed = 99999999999999999999\n", "seed must be a whole number from 0 to 4,294,967,295"),
     (b"stale_after = nan\n", "stale_after must be a number of seconds above 0"),
     (b"stale_after = 1e308\n", "stale_after must be a number of seconds above 0"),
-    (b"device = 'bogus'\n", "device must be cpu, cuda, cuda:N or mps, got 'bogus'"),
+    (b"device = 'bogus'\n", "unknown device 'bogus': expected cpu, cuda, cuda:N or mps"),
     (b"name = \"a\\u0000b\"\n", "name must be printable text"),
     (b"[task_options]\ndevice = 'cpu'\n", "device is not a task option"),
     (b"batch_size = 1000000000\n", "batch_size must be a whole number from 1 to 10,000"),
@@ -323,7 +323,7 @@ def test_a_read_only_sqlite_file(marked_up, tmp_path):
 
 @pytest.mark.parametrize(("args", "message"), [
     (("eval", "g", "--seed", "99999999999999999999"), "is not in the range 0<=x<=4294967295"),
-    (("eval", "g", "--device", "bogus"), "unknown device 'bogus'; use cpu, cuda or cuda:N"),
+    (("eval", "g", "--device", "bogus"), "unknown device 'bogus': expected cpu, cuda, cuda:N or mps"),
     (("transfer", "g", "--no-baselines", "--device", "bogus"), "unknown device 'bogus'"),
     (("export", "g", "--seed", "-1"), "is not in the range"),
 ])
