@@ -191,7 +191,7 @@ class _ScriptedSweep:
         return self.losses[index] * self.steps
 
     def record(self, index):
-        from nos.tasks.protocol import TrialRecord
+        from nos.records import TrialRecord
 
         return TrialRecord(1.0, self.val[index], None, False, 0.0, 0, self.steps)
 

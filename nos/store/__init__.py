@@ -5,12 +5,13 @@
         attempt = claim(session, evaluation_id, "host:pid", timedelta(minutes=5))
 """
 
+from ..records import EpochRecord, EvaluationResult, TransferResult, TrialRecord   # what the writers take
 from .checkpoints import latest_checkpoint, save_checkpoint
 from .engine import DEFAULT_URL, URL_ENV_VAR, Store, StoreError, check_writable, create_engine, resolve_url, shown
 from .evaluations import (
-    EvaluationResult, NewEvaluation, StaleSweep, TrialResult, batch_evaluations, claim, commit_cached, commit_result,
-    enqueue_batch, equivalence_reason, fail, find_cached, find_equivalent, get_evaluation, heartbeat, requeue_stale,
-    trials_of, unfinished_ids,
+    NewEvaluation, StaleSweep, batch_evaluations, claim, commit_cached, commit_result, enqueue_batch,
+    equivalence_reason, fail, find_cached, find_equivalent, get_evaluation, heartbeat, requeue_stale, trials_of,
+    unfinished_ids,
 )
 from .models import (
     EVALUATION_STATUSES, RUN_STATUSES, SCORED_STATUSES, Base, Checkpoint, Evaluation, LrTrial, Rule, Run, utcnow,
@@ -25,14 +26,14 @@ from .rules import RuleRecord, find_rule, get_or_create_rule, get_or_create_rule
 from .runs import create_run, get_run, set_run_status
 from .schema import SchemaState, check_schema, open_store, schema_state, upgrade
 from .transfers import (
-    OpenedTransfer, StoredTransfer, TransferEpochRow, TransferOutcome, TransferTrialRow, fail_transfer,
-    finish_transfer, load_transfer, open_transfer, record_epoch, record_trial, restart_final, transfer_runs_of,
+    OpenedTransfer, StoredTransfer, fail_transfer, finish_transfer, load_transfer, open_transfer, record_epoch,
+    record_trial, restart_final, transfer_runs_of,
 )
 
 __all__ = [
     "DEFAULT_URL", "EVALUATION_STATUSES", "RUN_STATUSES", "SCORED_STATUSES", "URL_ENV_VAR", "Base", "Checkpoint",
     "Evaluation", "EvaluationResult", "LeaderboardRow", "LrTrial", "NewEvaluation", "Rule", "RuleRecord", "Run",
-    "RunProgress", "SchemaState", "StaleSweep", "Store", "StoreError", "TrialResult", "batch_evaluations",
+    "RunProgress", "SchemaState", "StaleSweep", "Store", "StoreError", "TrialRecord", "batch_evaluations",
     "check_schema", "check_writable", "claim", "commit_cached", "commit_result", "create_engine", "create_run", "enqueue_batch", "equivalence_reason", "fail",
     "find_cached", "find_equivalent",
     "find_rule", "get_evaluation", "get_or_create_rule", "get_or_create_rules", "get_run", "heartbeat",
@@ -41,7 +42,7 @@ __all__ = [
     "utcnow",
     "EvaluationRow", "Sweep", "SweepPoint", "Timings", "TrialRow", "evaluations_frame", "rule_sweeps",
     "run_evaluations", "run_timings", "run_trials", "sweep_of", "trials_frame",
-    "OpenedTransfer", "StoredTransfer", "TransferEpochRow", "TransferOutcome", "TransferTrialRow", "fail_transfer",
+    "EpochRecord", "OpenedTransfer", "StoredTransfer", "TransferResult", "fail_transfer",
     "finish_transfer", "load_transfer", "open_transfer", "record_epoch", "record_trial", "restart_final",
     "transfer_runs_of",
 ]

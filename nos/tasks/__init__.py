@@ -7,7 +7,8 @@
 
 from .base import PAPER_LRS, Splits, Task
 from .data import DataUnavailable
-from .protocol import EvaluationResult, TrialRecord, evaluate_rule
+from ..records import EvaluationResult, TrialRecord
+from .protocol import evaluate_rule
 from .registry import TASKS, UnknownTask, get_task
 
 __all__ = [

@@ -31,13 +31,14 @@ import contextlib
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..optim import SymbolicOptimizer, resolve_rule
+from ..records import EvaluationResult, TrialRecord
 from ..rules import Node, operands_read, to_text
 from .base import Task
 
@@ -46,58 +47,6 @@ from .base import Task
 SCHEDULES = frozenset({"ld", "cd", "rd"})
 # On CUDA, reading the loss each step stalls the GPU queue; check this often instead.
 CUDA_CHECK_EVERY = 16
-
-
-@dataclass
-class TrialRecord:
-    """One training run at one learning rate.
-
-    val_acc is 0 when diverged; train_loss is the mean loss of the last epoch
-    trained (None when diverged); steps counts optimizer steps taken.
-    """
-
-    lr: float
-    val_acc: float | None           # None: stopped by successive halving before it was scored
-    train_loss: float | None
-    diverged: bool
-    wall_seconds: float
-    epochs: int
-    steps: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class EvaluationResult:
-    """A rule's evaluation: the sweep, the best rate, the reward and the held-out test accuracy.
-
-    `final` is the long run at best_lr (None when every rate diverged); when
-    it continued a sweep trial its wall_seconds covers only the extra epochs.
-    """
-
-    rule: str
-    task: str
-    task_key: str
-    seed: int
-    trials: list[TrialRecord]
-    best_lr: float | None
-    reward: float
-    test_acc: float
-    diverged: bool
-    wall_seconds: float
-    final: TrialRecord | None = None
-    device: str = "cpu"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvaluationResult:
-        data = dict(data)
-        data["trials"] = [TrialRecord(**t) for t in data["trials"]]
-        data["final"] = TrialRecord(**data["final"]) if data.get("final") else None
-        return cls(**data)
 
 
 @dataclass

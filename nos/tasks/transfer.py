@@ -25,15 +25,15 @@ import dataclasses
 import io
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..optim import resolve_rule
+from ..records import EpochRecord, TransferResult, TrialRecord
 from ..rules import Node, operands_read, to_text
 from .base import Task
-from .protocol import SCHEDULES, TrialRecord, _Child, _deterministic, initial_child
+from .protocol import SCHEDULES, _Child, _deterministic, initial_child
 from .registry import get_task
 from .wrn import model_name, parse_model, wide_resnet
 
@@ -61,75 +61,6 @@ def transfer_task(name: str, model: str = DEFAULT_MODEL, *, device: str | torch.
     task = dataclasses.replace(task, make_child=lambda: wide_resnet(depth, width, channels))
     task.options = {**task.options, "model": model_name(depth, width)}
     return task
-
-
-@dataclass
-class EpochRecord:
-    """One epoch of the final run: validation and test accuracy after it (0 when diverged).
-
-    wall_seconds covers the epoch's training and both scorings; for an epoch
-    that continued a sweep trial (epoch 1, usually) the training seconds are
-    the trial's, and only the test scoring is counted here.
-    """
-
-    epoch: int
-    train_loss: float | None
-    val_acc: float
-    test_acc: float
-    diverged: bool
-    wall_seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class TransferResult:
-    """A rule trained on a larger network: the sweep, the best rate and the final run epoch by epoch."""
-
-    rule: str
-    task: str
-    model: str
-    task_key: str
-    seed: int
-    trials: list[TrialRecord]
-    best_lr: float | None
-    epochs: list[EpochRecord]
-    final_val: float
-    final_test: float
-    best_val: float
-    best_test: float
-    diverged: bool
-    wall_seconds: float
-    device: str = "cpu"
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TransferResult:
-        data = dict(data)
-        data["trials"] = [TrialRecord(**t) for t in data["trials"]]
-        data["epochs"] = [EpochRecord(**e) for e in data["epochs"]]
-        return cls(**data)
-
-    @classmethod
-    def build(cls, rule: str, task: Task, seed: int, trials: list[TrialRecord], best_lr: float | None,
-              epochs: list[EpochRecord], device: str) -> TransferResult:
-        """The result's figures from its sweep and epochs (also how a stored result is read back)."""
-        last = epochs[-1] if epochs else None
-        return cls(
-            rule=rule, task=task.name, model=task.options.get("model", ""), task_key=task.config_key(), seed=seed,
-            trials=trials, best_lr=best_lr, epochs=epochs,
-            final_val=last.val_acc if last else 0.0,
-            final_test=last.test_acc if last else 0.0,
-            best_val=max((e.val_acc for e in epochs), default=0.0),
-            best_test=max((e.test_acc for e in epochs), default=0.0),
-            diverged=last is None or last.diverged,
-            wall_seconds=sum(t.wall_seconds for t in trials) + sum(e.wall_seconds for e in epochs),
-            device=device, config=task.to_dict(),
-        )
 
 
 OnTrial = Callable[[TrialRecord], None]
