@@ -27,7 +27,9 @@ import torch
 from nos.optim import resolve_rule
 from nos.tasks import get_task
 from nos.tasks import protocol
-from nos.tasks.protocol import TrialRecord, _Child, _deterministic, _halve, initial_child
+from nos.records import TrialRecord
+from nos.tasks.protocol import halve
+from nos.tasks.training import Child, deterministic, initial_child
 
 
 def trace(files: list[str], out: str, task_name: str, train_size: int | None, above: float, seed: int) -> None:
@@ -36,11 +38,11 @@ def trace(files: list[str], out: str, task_name: str, train_size: int | None, ab
     options = {"train_size": train_size} if train_size else {}
     task = get_task(task_name, explode=0, stacked=False, **options)
     steps = task.steps_per_epoch
-    with open(out, "w") as sink, _deterministic(task.device):
+    with open(out, "w") as sink, deterministic(task.device):
         for row in rows:
             tree, initial, rates = resolve_rule(row["rule"]), initial_child(task, seed), {}
             for lr in task.lrs:
-                child = _Child.fresh(task, initial, tree, lr, task.epochs * steps, seed)
+                child = Child.fresh(task, initial, tree, lr, task.epochs * steps, seed)
                 losses, vals = [], {}
                 for step in range(1, steps + 1):
                     before = float(child.loss_seen)
@@ -58,7 +60,7 @@ def trace(files: list[str], out: str, task_name: str, train_size: int | None, ab
 
 
 class _TracedSweep:
-    """A sweep group that replays traces, for the protocol's own `_halve` to choose from.
+    """A sweep group that replays traces, for the protocol's own `halve` to choose from.
 
     A rate stops at the first loss above `factor` times its first (or where its
     trace diverged); `steps` and `validations` count the work the sweep did.
@@ -104,7 +106,7 @@ def choose(rates: list[dict], steps: int, factor: float, rank: str, val_cost: fl
         group.advance(steps)
     else:
         protocol.HALVING_RANK = rank
-        _halve(group, len(rates), steps, {}, None)
+        halve(group, len(rates), steps, {}, None)
     finished = [i for i in group.running if group.stop_at[i] is None]   # not diverged at the epoch's end
     pick = max(finished, key=lambda i: (rates[i]["vals"]["end"], -i), default=None)
     return pick, (group.steps + group.validations * val_cost * (steps // 4)) / (steps // 4)

@@ -208,12 +208,12 @@ def test_halving_ranks_its_early_round_by_validation(monkeypatch):
     scores = [0.10, 0.12, 0.40, 0.60, 0.70, 0.65, 0.75]
     stopped: dict[int, float] = {}
     group = _ScriptedSweep(losses, scores)
-    protocol._halve(group, 7, 400, stopped, None)
+    protocol.halve(group, 7, 400, stopped, None)
     assert sorted(stopped) == [0, 1, 2] and 6 in group.running
     assert stopped[2] == pytest.approx(1.5)   # a stopped trial keeps its round's mean loss
     monkeypatch.setattr(protocol, "HALVING_RANK", "loss")   # what halving did before: it drops the winner
     stopped, group = {}, _ScriptedSweep(losses, scores)
-    protocol._halve(group, 7, 400, stopped, None)
+    protocol.halve(group, 7, 400, stopped, None)
     assert 6 in stopped
 
 
