@@ -18,8 +18,13 @@ if TYPE_CHECKING:
     from .tasks.base import Task
 
 
+class _Record:
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
-class TrialRecord:
+class TrialRecord(_Record):
     """One training run at one learning rate.
 
     val_acc is 0 when diverged, None when successive halving stopped the
@@ -37,12 +42,9 @@ class TrialRecord:
     epochs: int = 0
     steps: int = 0
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(kw_only=True)
-class EvaluationResult:
+class EvaluationResult(_Record):
     """A rule's evaluation: the sweep, the best rate, the reward and the held-out test accuracy.
 
     `diverged`: every rate diverged (reward 0; stored as status 'diverged').
@@ -65,9 +67,6 @@ class EvaluationResult:
     final: TrialRecord | None = None
     device: str = "cpu"
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvaluationResult:
         data = dict(data)
@@ -77,7 +76,7 @@ class EvaluationResult:
 
 
 @dataclass
-class EpochRecord:
+class EpochRecord(_Record):
     """One epoch of a transfer run's final run: validation and test accuracy after it (0 when diverged).
 
     wall_seconds covers the epoch's training and both scorings; for an epoch
@@ -92,12 +91,9 @@ class EpochRecord:
     diverged: bool
     wall_seconds: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
-class TransferResult:
+class TransferResult(_Record):
     """A rule trained on a larger network: the sweep, the best rate and the final run epoch by epoch."""
 
     rule: str
@@ -116,9 +112,6 @@ class TransferResult:
     wall_seconds: float
     device: str = "cpu"
     config: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TransferResult:
