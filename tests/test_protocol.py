@@ -224,3 +224,20 @@ def test_halving_keeps_every_rate_when_none_pulls_ahead():
     halving = evaluate_rule("1e-6 * sign(g)", get_task("digits", sweep="halving", **options), seed=0)
     assert all(t.val_acc is not None for t in halving.trials)
     assert (halving.best_lr, halving.reward) == (full.best_lr, full.reward)
+
+
+def test_one_divergence_test_for_a_lone_child_and_a_stack():
+    """`healthy` reads a lone child's float loss and a stack's tensor of losses alike."""
+    import math
+
+    import torch
+
+    from nos.tasks.training import explosion_limit, healthy
+
+    limit = explosion_limit(2.0, 100.0)
+    assert limit == 200.0 and explosion_limit(math.nan, 100.0) is None and explosion_limit(0.0, 100.0) is None
+    sums = [1.0, 399.0, 401.0, math.inf, math.nan]   # summed over 2 steps: the bound is 400
+    lone = [healthy(s, 2, limit) for s in sums]
+    assert lone == [True, True, False, False, False]
+    assert healthy(torch.tensor(sums), 2, limit).tolist() == lone
+    assert healthy(1e30, 1, None) and not healthy(math.inf, 1, None)
