@@ -241,3 +241,19 @@ def test_one_divergence_test_for_a_lone_child_and_a_stack():
     assert lone == [True, True, False, False, False]
     assert healthy(torch.tensor(sums), 2, limit).tolist() == lone
     assert healthy(1e30, 1, None) and not healthy(math.inf, 1, None)
+
+
+def test_a_released_child_keeps_its_record_and_trains_no_more():
+    """Transfer frees the networks of trials that cannot win; their records stay."""
+    from nos.rules import parse
+    from nos.tasks.training import SequentialChildren, initial_child
+
+    task = get_task("digits", train_size=160, lrs=[0.01, 0.1], epochs=1)
+    group = SequentialChildren(task, initial_child(task, 0), parse("adam"), list(task.lrs), task.steps_per_epoch, 0)
+    group.advance(task.steps_per_epoch // 2)
+    before = group.record(0)
+    group.release(0)
+    group.advance(task.steps_per_epoch - task.steps_per_epoch // 2)
+    assert group.running == [1] and group.record(0) == before and group.record(1).steps == task.steps_per_epoch
+    with pytest.raises(ValueError, match="released"):
+        group.extract(0)

@@ -246,9 +246,12 @@ class SequentialChildren:
         self.task, self.initial, self.rule, self.total_steps, self.seed = task, initial, rule, total_steps, seed
         self.lrs = list(lrs)
         self.children: list[Child | None] = [None] * len(self.lrs)
+        self.released: dict[int, TrialRecord] = {}
         self.running = list(range(len(self.lrs)))
 
     def child(self, index: int) -> Child:
+        if index in self.released:
+            raise ValueError(f"child {index} was released")
         if self.children[index] is None:
             self.children[index] = Child.fresh(self.task, self.initial, self.rule, self.lrs[index],
                                                self.total_steps, self.seed)
@@ -272,7 +275,13 @@ class SequentialChildren:
         return self.child(index)
 
     def record(self, index: int) -> TrialRecord:
-        return self.child(index).record()
+        return self.released[index] if index in self.released else self.child(index).record()
+
+    def release(self, index: int) -> None:
+        """Free child `index`'s network and optimizer (a large network's memory): it trains no more, its record stays."""
+        self.released[index] = self.child(index).record()
+        self.children[index] = None
+        self.stop([index])
 
     def loss_seen(self, index: int) -> float:
         return float(self.child(index).loss_seen)

@@ -125,7 +125,20 @@ def train_transfer(rule: str | Node, task: Task, seed: int = 0, *, trials_done: 
         initial = initial_child(task, seed)
         # One child at a time, as a larger network is trained anyway; those stored are not trained again.
         sweep = SequentialChildren(task, initial, tree, missing, final_steps if reuse else sweep_steps, seed)
-        sweep.advance(sweep_steps, (lambda index: on_trial(sweep.record(index))) if on_trial else None)
+        leader: list[int] = []   # the best trial trained so far: only its network is kept
+
+        def scored(index: int) -> None:
+            record = sweep.record(index)
+            if on_trial:
+                on_trial(record)
+            if record.diverged or (leader and record.val_acc <= sweep.record(leader[0]).val_acc):
+                sweep.release(index)
+                return
+            if leader:
+                sweep.release(leader.pop())
+            leader.append(index)
+
+        sweep.advance(sweep_steps, scored)
         trials = [stored[lr] if lr in stored else sweep.record(missing.index(lr)) for lr in task.lrs]
         index = best_index(trials)
         best = trials[index] if index is not None else None
