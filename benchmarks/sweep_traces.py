@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 from nos.optim import resolve_rule
+from nos.records import TrialRecord
 from nos.tasks import get_task, protocol
-from nos.tasks.protocol import TrialRecord, _Child, _deterministic, _halve, initial_child
+from nos.tasks.protocol import halve
+from nos.tasks.training import Child, deterministic, initial_child
 
 
 def trace(files: list[str], out: str, task_name: str, train_size: int | None, above: float, seed: int) -> None:
@@ -35,11 +37,11 @@ def trace(files: list[str], out: str, task_name: str, train_size: int | None, ab
     options = {"train_size": train_size} if train_size else {}
     task = get_task(task_name, explode=0, stacked=False, **options)
     steps = task.steps_per_epoch
-    with open(out, "w") as sink, _deterministic(task.device):
+    with open(out, "w") as sink, deterministic(task.device):
         for row in rows:
             tree, initial, rates = resolve_rule(row["rule"]), initial_child(task, seed), {}
             for lr in task.lrs:
-                child = _Child.fresh(task, initial, tree, lr, task.epochs * steps, seed)
+                child = Child.fresh(task, initial, tree, lr, task.epochs * steps, seed)
                 losses, vals = [], {}
                 for step in range(1, steps + 1):
                     before = float(child.loss_seen)
@@ -57,7 +59,7 @@ def trace(files: list[str], out: str, task_name: str, train_size: int | None, ab
 
 
 class _TracedSweep:
-    """A sweep group that replays traces, for the protocol's own `_halve` to choose from.
+    """A sweep group that replays traces, for the protocol's own `halve` to choose from.
 
     A rate stops at the first loss above `factor` times its first (or where its
     trace diverged); `steps` and `validations` count the work the sweep did.
@@ -103,7 +105,7 @@ def choose(rates: list[dict], steps: int, factor: float, rank: str, val_cost: fl
         group.advance(steps)
     else:
         protocol.HALVING_RANK = rank
-        _halve(group, len(rates), steps, {}, None)
+        halve(group, len(rates), steps, {}, None)
     finished = [i for i in group.running if group.stop_at[i] is None]   # not diverged at the epoch's end
     pick = max(finished, key=lambda i: (rates[i]["vals"]["end"], -i), default=None)
     return pick, (group.steps + group.validations * val_cost * (steps // 4)) / (steps // 4)

@@ -20,7 +20,8 @@ from .params import SEED
 from .rules import parse_or_exit
 
 
-def _learning_rates(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+def learning_rates(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    """The --lrs callback (shared with `nos transfer`): a comma-separated grid of positive, finite rates."""
     if value is None:
         return None
     try:
@@ -43,7 +44,7 @@ def _learning_rates(ctx: click.Context, param: click.Parameter, value: str | Non
               "(default $NOS_DATA_DIR; Fashion-MNIST also /usr/share/datasets/fashion-mnist)")
 @click.option("--train-size", type=click.IntRange(min=1),
               help="subsample the training split to N examples (rosenbrock, which has no data: N steps an epoch)")
-@click.option("--lrs", callback=_learning_rates, help="learning-rate grid, comma-separated [1e-5,...,1e1]")
+@click.option("--lrs", callback=learning_rates, help="learning-rate grid, comma-separated [1e-5,...,1e1]")
 @click.option("--epochs", type=click.IntRange(min=1),
               help="epochs of the final run at the best rate [the task's: 5, fashion-mlp 3]")
 @click.option("--sweep-epochs", type=click.IntRange(min=1),

@@ -18,7 +18,7 @@ from nos.tasks.transfer import DEFAULT_EPOCHS, DEFAULT_MODEL, TRANSFER_TASKS, tr
 from .console import console, make_console
 from .db import db_option, store_for_writing
 from .errors import UsageProblem
-from .evaluate import _learning_rates
+from .evaluate import learning_rates
 from .rules import parse_or_exit
 
 # The paper's Table 1 baselines, each tuned by the same sweep as the rules under test.
@@ -40,7 +40,7 @@ MAX_SEEDS = 1000
               help="train each rule with seeds 0..K-1 (initial weights, data order, the rule's noise)")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help=f"also train {', '.join(BASELINES)}")
-@click.option("--lrs", callback=_learning_rates, help="learning-rate grid, comma-separated [1e-5,...,1e1]")
+@click.option("--lrs", callback=learning_rates, help="learning-rate grid, comma-separated [1e-5,...,1e1]")
 @click.option("--train-size", type=click.IntRange(min=1), help="subsample the training split to N examples")
 @click.option("--val-size", type=click.IntRange(min=1), help="validation examples carved from training [5000]")
 @click.option("--batch-size", type=click.IntRange(min=1), help="training batch size [128]")

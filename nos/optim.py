@@ -39,6 +39,9 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         seed: seeds the optimizer's own generator for `eps`, `eps_t` and
             `drop`; its state travels in `state_dict`, so a resumed run draws
             the same noise it would have drawn.
+        rates: one learning rate per slice along dim 0 of every parameter,
+            for a stack of networks trained at once (`nos.tasks.stacked`):
+            slice k moves by lr * rates[k] * delta. Needs the foreach step.
     """
 
     def __init__(
@@ -51,11 +54,14 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         foreach: bool = True,
         compile: bool = False,
         seed: int | None = None,
+        rates: Tensor | None = None,
     ):
         if not (isinstance(lr, (int, float)) and lr >= 0):
             raise ValueError(f"Invalid learning rate: {lr}")
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+        if rates is not None and (compile or not foreach):
+            raise ValueError("per-slice rates need the foreach step (foreach=True, compile=False)")
         self.rule = resolve_rule(rule)
         self.rule_text = to_text(self.rule)
         self._reads = operands_read(self.rule)
@@ -64,6 +70,7 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         self._random = is_random(self.rule)
         self._seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
         self._generators: dict[str, torch.Generator] = {}
+        self.rates = rates
         # CPU temporaries live from step to step: fresh ones cost more in page
         # faults than the ops that fill them (CUDA's caching allocator does this itself).
         self._scratch = Scratch()
@@ -96,10 +103,21 @@ class SymbolicOptimizer(torch.optim.Optimizer):
                 state[buf] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
+    def noise_state(self) -> dict[str, Tensor]:
+        """The state of the noise generators, by device (empty for a rule that draws no noise)."""
+        return {dev: gen.get_state() for dev, gen in self._generators.items()}
+
+    def set_noise_state(self, states: dict[str, Tensor]) -> None:
+        """Continue the noise where `noise_state()` left it (another optimizer's: a child taken out of a stack)."""
+        for dev, gen_state in states.items():
+            gen = self._generator(torch.device(dev))
+            if gen is not None:
+                gen.set_state(gen_state.cpu())
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         sd["rule"] = self.rule_text
-        sd["generators"] = {dev: gen.get_state() for dev, gen in self._generators.items()}
+        sd["generators"] = self.noise_state()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -109,10 +127,7 @@ class SymbolicOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state_dict was saved for rule {rule!r}, this optimizer runs {self.rule_text!r}")
         generators = state_dict.pop("generators", {})
         super().load_state_dict(state_dict)
-        for dev, gen_state in generators.items():
-            gen = self._generator(torch.device(dev))
-            if gen is not None:
-                gen.set_state(gen_state.cpu())
+        self.set_noise_state(generators)
 
     # -- the step ------------------------------------------------------------
     @torch.no_grad()
@@ -148,8 +163,13 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         buffers = {buf: [self.state[p][buf] for p in params] for buf in self._buffers}
         update_moments(buffers, grads)
-        scratch = self._scratch if params[0].device.type == "cpu" else None
-        apply_update(self.rule, StepContext(params, grads, buffers, numbers, generator, self._uses, scratch), lr)
+        if self.rates is None:
+            scratch = self._scratch if params[0].device.type == "cpu" else None
+            rates = None
+        else:   # no scratch: a stack's tensors change shape as its members leave
+            scratch, rates = None, [self.rates.view(-1, *[1] * (p.dim() - 1)) for p in params]
+        apply_update(self.rule, StepContext(params, grads, buffers, numbers, generator, self._uses, scratch, rates),
+                     lr)
 
     def _buffers_of(self, params: list[Tensor]) -> list[dict[str, Tensor]]:
         return [{buf: self.state[p][buf] for buf in self._buffers} for p in params]

@@ -20,12 +20,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from .optim import resolve_rule
+from .records import EpochRecord, TransferResult, TrialRecord
 from .rules import Node, to_text
 from .store import (
     Store,
-    TransferEpochRow,
-    TransferOutcome,
-    TransferTrialRow,
     fail_transfer,
     finish_transfer,
     get_or_create_rule,
@@ -36,8 +34,7 @@ from .store import (
     restart_final,
 )
 from .tasks.base import Task
-from .tasks.protocol import TrialRecord
-from .tasks.transfer import EpochRecord, TransferResult, train_transfer
+from .tasks.transfer import train_transfer
 
 
 class TransferSuperseded(RuntimeError):
@@ -52,14 +49,6 @@ class TransferRunOutcome:
     result: TransferResult
     reused: bool
     resumed: bool = False   # continued an unfinished run (stored trials or epochs)
-
-
-def _trial(row: TransferTrialRow) -> TrialRecord:
-    return TrialRecord(row.lr, row.val_acc, row.train_loss, row.diverged, row.wall_seconds, row.epochs, row.steps)
-
-
-def _epoch(row: TransferEpochRow) -> EpochRecord:
-    return EpochRecord(row.epoch, row.train_loss, row.val_acc, row.test_acc, row.diverged, row.wall_seconds)
 
 
 def run_transfer(store: Store, rule: str | Node, task: Task, seed: int = 0, *,
@@ -78,8 +67,7 @@ def run_transfer(store: Store, rule: str | Node, task: Task, seed: int = 0, *,
         opened = open_transfer(session, rule_id, task=task.name, model=task.options.get("model", ""), task_key=key,
                                config=task.to_dict(), seed=seed, device=device)
         stored = load_transfer(session, opened.id, with_checkpoint=not opened.done)
-    trials = [_trial(t) for t in stored.trials]
-    epochs = [_epoch(e) for e in stored.epochs]
+    trials, epochs = stored.trials, stored.epochs
     if opened.done:
         return TransferRunOutcome(opened.id, TransferResult.build(text, task, seed, trials, stored.run.best_lr,
                                                                   epochs, stored.run.device or device), True)
@@ -93,19 +81,15 @@ def run_transfer(store: Store, rule: str | Node, task: Task, seed: int = 0, *,
         _write(store, lambda s: restart_final(s, transfer_id, attempt))
 
     def trial_done(record: TrialRecord) -> None:
-        row = TransferTrialRow(record.lr, record.val_acc, record.train_loss, record.diverged, record.wall_seconds,
-                               record.epochs, record.steps)
-        _write(store, lambda s: record_trial(s, transfer_id, attempt, row))
+        _write(store, lambda s: record_trial(s, transfer_id, attempt, record))
         if on_trial:
             on_trial(record)
 
     def epoch_done(record: EpochRecord, make_snapshot: Callable[[], bytes]) -> None:
         # The last epoch (or a diverged one) is stored with the result; the others with a snapshot.
         if record.epoch < task.epochs and not record.diverged:
-            row = TransferEpochRow(record.epoch, record.train_loss, record.val_acc, record.test_acc,
-                                   record.diverged, record.wall_seconds)
             blob = make_snapshot()
-            _write(store, lambda s: record_epoch(s, transfer_id, attempt, row, blob))
+            _write(store, lambda s: record_epoch(s, transfer_id, attempt, record, blob))
         if on_epoch:
             on_epoch(record)
 
@@ -119,11 +103,7 @@ def run_transfer(store: Store, rule: str | Node, task: Task, seed: int = 0, *,
         with store.transaction() as session:
             fail_transfer(session, transfer_id, attempt, error)
         raise
-    outcome = TransferOutcome(result.best_lr, result.final_val, result.final_test, result.best_val,
-                              result.best_test, result.diverged, result.wall_seconds)
-    rows = [TransferEpochRow(e.epoch, e.train_loss, e.val_acc, e.test_acc, e.diverged, e.wall_seconds)
-            for e in result.epochs]
-    _write(store, lambda s: finish_transfer(s, transfer_id, attempt, outcome, rows))
+    _write(store, lambda s: finish_transfer(s, transfer_id, attempt, result))
     return TransferRunOutcome(transfer_id, result, False, resumed=bool(stored.trials))
 
 

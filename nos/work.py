@@ -19,18 +19,7 @@ from typing import Any
 
 from .config import SearchConfig
 from .devices import device_problem
-from .store import (
-    EvaluationResult as StoredResult,
-    Store,
-    TrialResult,
-    claim,
-    commit_result,
-    fail,
-    find_cached,
-    get_evaluation,
-    get_run,
-    heartbeat,
-)
+from .store import Store, claim, commit_result, fail, find_cached, get_evaluation, get_run, heartbeat
 from .store.evaluations import commit_cached, equivalence_reason, find_equivalent
 from .store.models import Rule
 from .tasks import Task, evaluate_rule, get_task
@@ -136,13 +125,8 @@ def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = Non
         beat.stopped.set()
         beat.join()
 
-    stored = StoredResult(
-        reward=result.reward, test_acc=result.test_acc, best_lr=result.best_lr, wall_seconds=result.wall_seconds,
-        diverged=result.diverged,
-        trials=[TrialResult(t.lr, t.val_acc, t.train_loss, t.diverged, t.wall_seconds) for t in result.trials],
-    )
     with store.transaction() as session:
-        committed = commit_result(session, evaluation_id, attempt, stored)
+        committed = commit_result(session, evaluation_id, attempt, result)
     if not committed:
         return "lost"
     return "diverged" if result.diverged else "done"

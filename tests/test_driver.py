@@ -269,7 +269,8 @@ def test_failed_evaluations_are_left_out_of_learning(sqlite_url):
             if outcome is None:
                 fail(session, evaluation_id, attempt, "a worker's bug")
             else:
-                commit_result(session, evaluation_id, attempt, EvaluationResult(outcome, None, 0.1, 1.0))
+                result = EvaluationResult(reward=outcome, test_acc=None, best_lr=0.1, wall_seconds=1.0)
+                commit_result(session, evaluation_id, attempt, result)
     executor = LocalExecutor(sqlite_url, workers=1)
     try:
         scored = Driver(store, run_id, config, executor)._wait(0)

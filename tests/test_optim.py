@@ -207,3 +207,47 @@ def test_compiled_step_matches_eager():
     opt = SymbolicOptimizer(compiled.parameters(), "powersign-ld", lr=0.01, total_steps=6, compile=True)
     train(compiled, opt, 6)
     torch.testing.assert_close(flat(compiled), flat(eager), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["powersign", "adam", "g * ld"])
+def test_per_slice_rates_train_each_slice_as_its_own_optimizer(rule):
+    """A stack of K tensors with one rate each moves as K optimizers at those rates would."""
+    rates = torch.tensor([1e-3, 1e-2, 1e-1])
+    start = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(2))
+    stacked = start.clone().requires_grad_()
+    alone = [start[k].clone().requires_grad_() for k in range(3)]
+    together = SymbolicOptimizer([stacked], rule, lr=1.0, rates=rates, total_steps=10)
+    apart = [SymbolicOptimizer([p], rule, lr=float(r), total_steps=10) for p, r in zip(alone, rates)]
+    for _ in range(3):
+        (stacked ** 3).sum().backward()
+        together.step()
+        for p, opt in zip(alone, apart):
+            (p ** 3).sum().backward()
+            opt.step()
+        stacked.grad = None
+        for p in alone:
+            p.grad = None
+    for k in range(3):
+        torch.testing.assert_close(stacked[k].detach(), alone[k].detach())
+
+
+def test_per_slice_rates_need_the_foreach_step():
+    w = torch.zeros(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="foreach"):
+        SymbolicOptimizer([w], "g", rates=torch.ones(2), foreach=False)
+
+
+def test_noise_state_hands_the_noise_over():
+    """An optimizer given another's noise state draws what the other would draw next."""
+    w1, w2 = torch.zeros(50, requires_grad=True), torch.zeros(50, requires_grad=True)
+    first = SymbolicOptimizer([w1], "g + eps", lr=0.1, seed=3)
+    second = SymbolicOptimizer([w2], "g + eps", lr=0.1, seed=99)
+    w1.grad = torch.ones(50)
+    first.step()                       # the first draws once, then hands its generator on
+    second.set_noise_state(first.noise_state())
+    before = w1.detach().clone()
+    w1.grad, w2.grad = torch.ones(50), torch.ones(50)
+    first.step()
+    second.step()
+    torch.testing.assert_close(w1.detach() - before, w2.detach())
+    assert SymbolicOptimizer([w1], "g", seed=3).noise_state() == {}   # a rule without noise has none

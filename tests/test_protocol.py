@@ -217,7 +217,7 @@ class _ScriptedSweep:
         return self.losses[index] * self.steps
 
     def record(self, index):
-        from nos.tasks.protocol import TrialRecord
+        from nos.records import TrialRecord
 
         return TrialRecord(1.0, self.val[index], None, False, 0.0, 0, self.steps)
 
@@ -234,13 +234,13 @@ def test_halving_ranks_its_early_round_by_validation(monkeypatch):
     scores = [0.10, 0.12, 0.40, 0.60, 0.70, 0.65, 0.75]
     stopped: dict[int, float] = {}
     group = _ScriptedSweep(losses, scores)
-    protocol._halve(group, 7, 400, stopped, None)
+    protocol.halve(group, 7, 400, stopped, None)
     assert sorted(stopped) == [0, 1, 2]
     assert 6 in group.running
     assert stopped[2] == pytest.approx(1.5)   # a stopped trial keeps its round's mean loss
     monkeypatch.setattr(protocol, "HALVING_RANK", "loss")   # what halving did before: it drops the winner
     stopped, group = {}, _ScriptedSweep(losses, scores)
-    protocol._halve(group, 7, 400, stopped, None)
+    protocol.halve(group, 7, 400, stopped, None)
     assert 6 in stopped
 
 
@@ -251,3 +251,41 @@ def test_halving_keeps_every_rate_when_none_pulls_ahead():
     halving = evaluate_rule("1e-6 * sign(g)", get_task("digits", sweep="halving", **options), seed=0)
     assert all(t.val_acc is not None for t in halving.trials)
     assert (halving.best_lr, halving.reward) == (full.best_lr, full.reward)
+
+
+def test_one_divergence_test_for_a_lone_child_and_a_stack():
+    """`healthy` reads a lone child's float loss and a stack's tensor of losses alike."""
+    import math
+
+    import torch
+
+    from nos.tasks.training import explosion_limit, healthy
+
+    limit = explosion_limit(2.0, 100.0)
+    assert limit == 200.0
+    assert explosion_limit(math.nan, 100.0) is None
+    assert explosion_limit(0.0, 100.0) is None
+    sums = [1.0, 399.0, 401.0, math.inf, math.nan]   # summed over 2 steps: the bound is 400
+    lone = [healthy(s, 2, limit) for s in sums]
+    assert lone == [True, True, False, False, False]
+    assert healthy(torch.tensor(sums), 2, limit).tolist() == lone
+    assert healthy(1e30, 1, None)
+    assert not healthy(math.inf, 1, None)
+
+
+def test_a_released_child_keeps_its_record_and_trains_no_more():
+    """Transfer frees the networks of trials that cannot win; their records stay."""
+    from nos.rules import parse
+    from nos.tasks.training import SequentialChildren, initial_child
+
+    task = get_task("digits", train_size=160, lrs=[0.01, 0.1], epochs=1)
+    group = SequentialChildren(task, initial_child(task, 0), parse("adam"), list(task.lrs), task.steps_per_epoch, 0)
+    group.advance(task.steps_per_epoch // 2)
+    before = group.record(0)
+    group.release(0)
+    group.advance(task.steps_per_epoch - task.steps_per_epoch // 2)
+    assert group.running == [1]
+    assert group.record(0) == before
+    assert group.record(1).steps == task.steps_per_epoch
+    with pytest.raises(ValueError, match="released"):
+        group.extract(0)

@@ -13,9 +13,9 @@ from alembic.runtime.migration import MigrationContext
 from nos.rules import parse
 from nos.store import (
     Base,
-    TransferEpochRow,
-    TransferOutcome,
-    TransferTrialRow,
+    EpochRecord,
+    TransferResult,
+    TrialRecord,
     create_engine,
     finish_transfer,
     get_or_create_rule,
@@ -100,7 +100,7 @@ def test_each_open_is_a_new_attempt_and_only_the_latest_may_write(store):
         two = _open(session)
     assert (one.attempt, two.attempt) == (1, 2)
     assert not one.done
-    trial = TransferTrialRow(0.1, 0.8, 0.5, False, 2.0, 1, 100)
+    trial = TrialRecord(0.1, 0.8, 0.5, False, 2.0, 1, 100)
     with store.transaction() as session:
         assert record_trial(session, one.id, 1, trial) is False
         assert record_trial(session, two.id, 2, trial) is True
@@ -113,8 +113,8 @@ def test_epochs_and_the_snapshot_are_stored_together_then_the_result_drops_the_s
     blob = os.urandom(1 << 20)   # binary, 1 MiB: survives the round trip byte for byte
     with store.transaction() as session:
         opened = _open(session)
-        record_trial(session, opened.id, opened.attempt, TransferTrialRow(0.1, 0.8, 0.5, False, 2.0, 1, 100))
-    epochs = [TransferEpochRow(e, 1.0 / e, 0.8 + e / 100, 0.79 + e / 100, False, 3.0) for e in (1, 2, 3)]
+        record_trial(session, opened.id, opened.attempt, TrialRecord(0.1, 0.8, 0.5, False, 2.0, 1, 100))
+    epochs = [EpochRecord(e, 1.0 / e, 0.8 + e / 100, 0.79 + e / 100, False, 3.0) for e in (1, 2, 3)]
     with store.transaction() as session:
         assert record_epoch(session, opened.id, opened.attempt, epochs[0], b"old")
         assert record_epoch(session, opened.id, opened.attempt, epochs[1], blob)
@@ -125,9 +125,11 @@ def test_epochs_and_the_snapshot_are_stored_together_then_the_result_drops_the_s
         assert stored.checkpoint_epoch == 2
         assert stored.run.status == "running"
         assert stored.trials[0].lr == 0.1
-    outcome = TransferOutcome(0.1, 0.83, 0.82, 0.83, 0.82, False, 11.0)
+    result = TransferResult(rule="g", task="fashion-mnist", model="wrn-16-4", task_key="k1", seed=0,
+                            trials=stored.trials, best_lr=0.1, epochs=epochs, final_val=0.83, final_test=0.82,
+                            best_val=0.83, best_test=0.82, diverged=False, wall_seconds=11.0)
     with store.transaction() as session:
-        assert finish_transfer(session, opened.id, opened.attempt, outcome, epochs)
+        assert finish_transfer(session, opened.id, opened.attempt, result)
     with store.reading() as session:
         stored = load_transfer(session, opened.id)
         assert stored.epochs == epochs
@@ -139,22 +141,22 @@ def test_epochs_and_the_snapshot_are_stored_together_then_the_result_drops_the_s
         again = _open(session)
         assert again.done
         assert again.id == opened.id   # a finished run is not taken again
-        assert record_trial(session, opened.id, opened.attempt, TransferTrialRow(1.0, 0.1, 2.0, False, 2.0, 1, 100)) \
+        assert record_trial(session, opened.id, opened.attempt, TrialRecord(1.0, 0.1, 2.0, False, 2.0, 1, 100)) \
             is False
 
 
 def test_restarting_the_final_run_forgets_its_epochs_and_deleting_a_run_cascades(store):
     with store.transaction() as session:
         opened = _open(session)
-        record_trial(session, opened.id, 1, TransferTrialRow(0.1, 0.8, 0.5, False, 2.0, 1, 100))
-        record_epoch(session, opened.id, 1, TransferEpochRow(1, 1.0, 0.8, 0.8, False, 3.0), b"snap")
+        record_trial(session, opened.id, 1, TrialRecord(0.1, 0.8, 0.5, False, 2.0, 1, 100))
+        record_epoch(session, opened.id, 1, EpochRecord(1, 1.0, 0.8, 0.8, False, 3.0), b"snap")
     with store.transaction() as session:
         assert restart_final(session, opened.id, 1)
         stored = load_transfer(session, opened.id)
         assert stored.epochs == []
         assert stored.checkpoint is None
         assert len(stored.trials) == 1
-        record_epoch(session, opened.id, 1, TransferEpochRow(1, 1.0, 0.8, 0.8, False, 3.0), b"snap")
+        record_epoch(session, opened.id, 1, EpochRecord(1, 1.0, 0.8, 0.8, False, 3.0), b"snap")
     with store.transaction() as session:
         session.execute(sa.delete(TransferRun).where(TransferRun.id == opened.id))
     with store.reading() as session:

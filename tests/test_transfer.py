@@ -17,8 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from nos.cli.main import cli
-from nos.rules import parse
-from nos.store import TransferTrialRow, get_or_create_rule, load_transfer, open_transfer, record_trial
+from nos.store import TrialRecord, get_or_create_rule, load_transfer, open_transfer, record_trial
 from nos.store.models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial
 from nos.tasks.transfer import train_transfer, transfer_task
 from nos.tasks.wrn import WideResNet, parse_model, wide_resnet
@@ -267,7 +266,7 @@ def test_a_process_whose_run_was_taken_over_stops_and_writes_nothing_more(store,
         (row,) = session.execute(sa.select(TransferRun)).scalars()
         assert row.attempts == 2
         assert row.status == "running"
-        late = TransferTrialRow(LRS[1], 0.5, 1.0, False, 1.0, 1, 6)
+        late = TrialRecord(LRS[1], 0.5, 1.0, False, 1.0, 1, 6)
         assert record_trial(session, row.id, 1, late) is False
         assert len(load_transfer(session, row.id).trials) == 1
 

@@ -18,21 +18,27 @@ UNARY_OPS = ("neg", "exp", "log", "sqrt", "clip", "drop", "sign")
 BINARY_OPS = ("add", "sub", "mul", "div", "pow")
 
 
+class _Printed:
+    """str(node) is the rule's text."""
+
+    def __str__(self) -> str:
+        # The printer reads the node types defined here, so it is imported when first needed:
+        # text formatting stays in printer.py and this module stays the types' only home.
+        from .printer import to_text
+        return to_text(self)
+
+
 @dataclass(frozen=True)
-class Operand:
+class Operand(_Printed):
     name: str
 
     def __post_init__(self) -> None:
         if self.name not in OPERANDS:
             raise ValueError(f"unknown operand {self.name!r}")
 
-    def __str__(self) -> str:
-        from .printer import to_text
-        return to_text(self)
-
 
 @dataclass(frozen=True)
-class Const:
+class Const(_Printed):
     """A number outside the controller's vocabulary (hand-written rules only)."""
 
     value: float
@@ -41,13 +47,9 @@ class Const:
         if not (math.isfinite(self.value) and self.value >= 0) or self.value in (1.0, 2.0):
             raise ValueError(f"Const must be finite, >= 0 and not 1 or 2, got {self.value}")
 
-    def __str__(self) -> str:
-        from .printer import to_text
-        return to_text(self)
-
 
 @dataclass(frozen=True)
-class Unary:
+class Unary(_Printed):
     op: str
     child: "Node"
     param: float | None = None   # clip's c, drop's p
@@ -58,13 +60,9 @@ class Unary:
         if (self.op in ("clip", "drop")) != (self.param is not None):
             raise ValueError(f"{self.op} takes a parameter iff it is clip or drop")
 
-    def __str__(self) -> str:
-        from .printer import to_text
-        return to_text(self)
-
 
 @dataclass(frozen=True)
-class Binary:
+class Binary(_Printed):
     op: str
     left: "Node"
     right: "Node"
@@ -72,10 +70,6 @@ class Binary:
     def __post_init__(self) -> None:
         if self.op not in BINARY_OPS:
             raise ValueError(f"unknown binary op {self.op!r}")
-
-    def __str__(self) -> str:
-        from .printer import to_text
-        return to_text(self)
 
 
 Node = Union[Operand, Const, Unary, Binary]

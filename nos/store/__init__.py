@@ -5,13 +5,12 @@
         attempt = claim(session, evaluation_id, "host:pid", timedelta(minutes=5))
 """
 
+from ..records import EpochRecord, EvaluationResult, TransferResult, TrialRecord  # what the writers take
 from .checkpoints import latest_checkpoint, save_checkpoint
 from .engine import DEFAULT_URL, URL_ENV_VAR, Store, StoreError, check_writable, create_engine, resolve_url, shown
 from .evaluations import (
-    EvaluationResult,
     NewEvaluation,
     StaleSweep,
-    TrialResult,
     batch_evaluations,
     claim,
     commit_cached,
@@ -59,9 +58,6 @@ from .schema import SchemaState, check_schema, open_store, schema_state, upgrade
 from .transfers import (
     OpenedTransfer,
     StoredTransfer,
-    TransferEpochRow,
-    TransferOutcome,
-    TransferTrialRow,
     fail_transfer,
     finish_transfer,
     load_transfer,
@@ -75,17 +71,16 @@ from .transfers import (
 __all__ = [
     "DEFAULT_URL", "EVALUATION_STATUSES", "RUN_STATUSES", "SCORED_STATUSES", "URL_ENV_VAR", "Base", "Checkpoint",
     "Evaluation", "EvaluationResult", "LeaderboardRow", "LrTrial", "NewEvaluation", "Rule", "RuleRecord", "Run",
-    "RunProgress", "SchemaState", "StaleSweep", "Store", "StoreError", "TrialResult", "batch_evaluations",
+    "RunProgress", "SchemaState", "StaleSweep", "Store", "StoreError", "TrialRecord", "batch_evaluations",
     "check_schema", "check_writable", "claim", "commit_cached", "commit_result", "create_engine", "create_run",
-    "enqueue_batch", "equivalence_reason", "fail",
-    "find_cached", "find_equivalent",
+    "enqueue_batch", "equivalence_reason", "fail", "find_cached", "find_equivalent",
     "find_rule", "get_evaluation", "get_or_create_rule", "get_or_create_rules", "get_run", "heartbeat",
     "latest_checkpoint", "leaderboard", "list_runs", "open_store", "requeue_stale", "resolve_url", "run_progress",
     "save_checkpoint", "schema_state", "set_run_status", "shown", "trials_of", "unfinished_ids", "upgrade",
     "utcnow",
     "EvaluationRow", "Sweep", "SweepPoint", "Timings", "TrialRow", "evaluations_frame", "rule_sweeps",
     "run_evaluations", "run_timings", "run_trials", "sweep_of", "trials_frame",
-    "OpenedTransfer", "StoredTransfer", "TransferEpochRow", "TransferOutcome", "TransferTrialRow", "fail_transfer",
+    "EpochRecord", "OpenedTransfer", "StoredTransfer", "TransferResult", "fail_transfer",
     "finish_transfer", "load_transfer", "open_transfer", "record_epoch", "record_trial", "restart_final",
     "transfer_runs_of",
 ]

@@ -21,12 +21,13 @@ clock; it is a parameter so that callers (and tests) can decide time.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from ..records import EvaluationResult
 from ..redact import mask_credentials
 from .models import Evaluation, LrTrial, Rule, utcnow
 
@@ -48,30 +49,6 @@ class NewEvaluation:
     cached_from: int | None = None
     rejected: bool = False
     reason: str | None = None
-
-
-@dataclass(frozen=True)
-class TrialResult:
-    """One learning rate of the sweep."""
-
-    lr: float
-    val_acc: float | None
-    train_loss: float | None
-    diverged: bool
-    wall_seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class EvaluationResult:
-    """What a worker reports for an evaluation it holds."""
-
-    reward: float
-    test_acc: float | None
-    best_lr: float | None
-    wall_seconds: float
-    trials: Sequence[TrialResult] = field(default_factory=tuple)
-    # Every learning rate diverged (reward 0): stored as status 'diverged'.
-    diverged: bool = False
 
 
 @dataclass(frozen=True)
@@ -310,7 +287,7 @@ def trials_of(session: Session, evaluation_id: int) -> list[LrTrial]:
 
 
 __all__ = [
-    "EvaluationResult", "NewEvaluation", "StaleSweep", "TrialResult", "batch_evaluations", "claim",
+    "NewEvaluation", "StaleSweep", "batch_evaluations", "claim",
     "commit_cached", "commit_result", "enqueue_batch", "equivalence_reason", "fail", "find_cached", "find_equivalent",
     "get_evaluation", "heartbeat",
     "release_claims", "requeue_stale", "trials_of", "unfinished_ids",

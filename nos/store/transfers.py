@@ -17,7 +17,7 @@ only the trial or epoch in progress.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +25,7 @@ from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from ..records import EpochRecord, TransferResult, TrialRecord
 from ..redact import mask_credentials
 from .models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial, utcnow
 
@@ -32,31 +33,8 @@ transfer_runs = TransferRun.__table__
 transfer_trials = TransferTrial.__table__
 transfer_epochs = TransferEpoch.__table__
 transfer_checkpoints = TransferCheckpoint.__table__
-
-
-@dataclass(frozen=True)
-class TransferTrialRow:
-    """One learning rate of the sweep (the fields of nos.tasks.TrialRecord)."""
-
-    lr: float
-    val_acc: float
-    train_loss: float | None
-    diverged: bool
-    wall_seconds: float
-    epochs: int
-    steps: int
-
-
-@dataclass(frozen=True)
-class TransferEpochRow:
-    """One epoch of the final run (the fields of nos.tasks.transfer.EpochRecord)."""
-
-    epoch: int
-    train_loss: float | None
-    val_acc: float
-    test_acc: float
-    diverged: bool
-    wall_seconds: float
+# The columns of a finished run that hold its TransferResult's figures.
+_FIGURES = ("best_lr", "final_val", "final_test", "best_val", "best_test", "diverged", "wall_seconds")
 
 
 @dataclass(frozen=True)
@@ -76,23 +54,10 @@ class StoredTransfer:
     """A transfer run as stored: the row, its sweep and epochs in order, and its snapshot if unfinished."""
 
     run: TransferRun
-    trials: list[TransferTrialRow] = field(default_factory=list)
-    epochs: list[TransferEpochRow] = field(default_factory=list)
+    trials: list[TrialRecord] = field(default_factory=list)
+    epochs: list[EpochRecord] = field(default_factory=list)
     checkpoint: bytes | None = None
     checkpoint_epoch: int | None = None
-
-
-@dataclass(frozen=True)
-class TransferOutcome:
-    """How the run ended, for `finish_transfer`."""
-
-    best_lr: float | None
-    final_val: float
-    final_test: float
-    best_val: float
-    best_test: float
-    diverged: bool
-    wall_seconds: float
 
 
 def open_transfer(session: Session, rule_id: int, *, task: str, model: str, task_key: str, config: dict[str, Any],
@@ -126,10 +91,10 @@ def load_transfer(session: Session, transfer_id: int, *, with_checkpoint: bool =
     run = session.get(TransferRun, transfer_id)
     if run is None:
         raise LookupError(f"no transfer run {transfer_id}")
-    trials = [TransferTrialRow(t.lr, t.val_acc, t.train_loss, t.diverged, t.wall_seconds, t.epochs, t.steps)
+    trials = [TrialRecord(t.lr, t.val_acc, t.train_loss, t.diverged, t.wall_seconds, t.epochs, t.steps)
               for t in session.execute(select(TransferTrial).where(TransferTrial.transfer_id == transfer_id)
                                        .order_by(TransferTrial.lr)).scalars()]
-    epochs = [TransferEpochRow(e.epoch, e.train_loss, e.val_acc, e.test_acc, e.diverged, e.wall_seconds)
+    epochs = [EpochRecord(e.epoch, e.train_loss, e.val_acc, e.test_acc, e.diverged, e.wall_seconds)
               for e in session.execute(select(TransferEpoch).where(TransferEpoch.transfer_id == transfer_id)
                                        .order_by(TransferEpoch.epoch)).scalars()]
     stored = StoredTransfer(run, trials, epochs)
@@ -151,16 +116,16 @@ def _hold(session: Session, transfer_id: int, attempt: int, now: datetime, **val
     return result.rowcount == 1
 
 
-def record_trial(session: Session, transfer_id: int, attempt: int, trial: TransferTrialRow, *,
+def record_trial(session: Session, transfer_id: int, attempt: int, trial: TrialRecord, *,
                  now: datetime | None = None) -> bool:
     """Store a sweep trial, if `attempt` holds the run; False (nothing written) if it does not."""
     if not _hold(session, transfer_id, attempt, now or utcnow()):
         return False
-    session.execute(insert(transfer_trials), [dict(transfer_id=transfer_id, **trial.__dict__)])
+    session.execute(insert(transfer_trials), [dict(transfer_id=transfer_id, **asdict(trial))])
     return True
 
 
-def record_epoch(session: Session, transfer_id: int, attempt: int, epoch: TransferEpochRow, checkpoint: bytes, *,
+def record_epoch(session: Session, transfer_id: int, attempt: int, epoch: EpochRecord, checkpoint: bytes, *,
                  now: datetime | None = None) -> bool:
     """Store an epoch of the final run with the snapshot after it (replacing the previous snapshot).
 
@@ -172,7 +137,7 @@ def record_epoch(session: Session, transfer_id: int, attempt: int, epoch: Transf
         return False
     session.execute(delete(transfer_epochs).where(transfer_epochs.c.transfer_id == transfer_id,
                                                   transfer_epochs.c.epoch >= epoch.epoch))
-    session.execute(insert(transfer_epochs), [dict(transfer_id=transfer_id, **epoch.__dict__)])
+    session.execute(insert(transfer_epochs), [dict(transfer_id=transfer_id, **asdict(epoch))])
     session.execute(delete(transfer_checkpoints).where(transfer_checkpoints.c.transfer_id == transfer_id))
     session.execute(insert(transfer_checkpoints), [dict(transfer_id=transfer_id, epoch=epoch.epoch, blob=checkpoint,
                                                         created_at=now)])
@@ -188,16 +153,16 @@ def restart_final(session: Session, transfer_id: int, attempt: int, *, now: date
     return True
 
 
-def finish_transfer(session: Session, transfer_id: int, attempt: int, outcome: TransferOutcome,
-                    epochs: Sequence[TransferEpochRow], *, now: datetime | None = None) -> bool:
+def finish_transfer(session: Session, transfer_id: int, attempt: int, result: TransferResult, *,
+                    now: datetime | None = None) -> bool:
     """Store the result: the run's figures, the epochs not stored yet; the snapshot is dropped."""
     now = now or utcnow()
-    if not _hold(session, transfer_id, attempt, now, status="done", finished_at=now, error=None,
-                 **outcome.__dict__):
+    figures = {name: getattr(result, name) for name in _FIGURES}
+    if not _hold(session, transfer_id, attempt, now, status="done", finished_at=now, error=None, **figures):
         return False
     stored = session.execute(select(func.max(transfer_epochs.c.epoch))
                              .where(transfer_epochs.c.transfer_id == transfer_id)).scalar_one() or 0
-    rows = [dict(transfer_id=transfer_id, **e.__dict__) for e in epochs if e.epoch > stored]
+    rows = [dict(transfer_id=transfer_id, **asdict(e)) for e in result.epochs if e.epoch > stored]
     if rows:
         session.execute(insert(transfer_epochs), rows)
     session.execute(delete(transfer_checkpoints).where(transfer_checkpoints.c.transfer_id == transfer_id))
@@ -223,7 +188,7 @@ def transfer_runs_of(session: Session, task_key: str, rule_ids: Sequence[int] | 
 
 
 __all__ = [
-    "OpenedTransfer", "StoredTransfer", "TransferEpochRow", "TransferOutcome", "TransferTrialRow",
+    "OpenedTransfer", "StoredTransfer",
     "fail_transfer", "finish_transfer", "load_transfer", "open_transfer", "record_epoch", "record_trial",
     "restart_final", "transfer_runs_of",
 ]

@@ -5,9 +5,10 @@
     result.reward, result.best_lr, result.test_acc
 """
 
+from ..records import EvaluationResult, TrialRecord
 from .base import PAPER_LRS, Splits, Task
 from .data import DataUnavailable
-from .protocol import EvaluationResult, TrialRecord, evaluate_rule
+from .protocol import evaluate_rule
 from .registry import TASKS, UnknownTask, get_task
 
 __all__ = [

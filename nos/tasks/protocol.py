@@ -13,7 +13,7 @@
    climbs past `task.explode` times its first loss ends the same way; the
    final run has no such stop.
 
-`task.sweep == "halving"` replaces step 1 with successive halving (`_halve`).
+`task.sweep == "halving"` replaces step 1 with successive halving (`halve`).
 
 Step 2 does not repeat work it can reuse: a child trained with the same
 weights, data order, optimizer seed and rate is the same child, so unless
@@ -27,276 +27,36 @@ the data order and the optimizer's noise are all drawn from the seed.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Callable
 
-import torch
 from torch import nn
 
-from ..optim import SymbolicOptimizer, resolve_rule
-from ..rules import Node, operands_read, to_text
+from ..optim import resolve_rule
+from ..records import EvaluationResult, TrialRecord
+from ..rules import Node, to_text
 from .base import Task
-
-# Rules reading these depend on the run's length, so a 1-epoch trial is not
-# the first epoch of a 5-epoch run.
-SCHEDULES = frozenset({"ld", "cd", "rd"})
-# On CUDA, reading the loss each step stalls the GPU queue; check this often instead.
-CUDA_CHECK_EVERY = 16
-
-
-@dataclass
-class TrialRecord:
-    """One training run at one learning rate.
-
-    val_acc is 0 when diverged; train_loss is the mean loss of the last epoch
-    trained (None when diverged); steps counts optimizer steps taken.
-    """
-
-    lr: float
-    val_acc: float | None           # None: stopped by successive halving before it was scored
-    train_loss: float | None
-    diverged: bool
-    wall_seconds: float
-    epochs: int
-    steps: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+from .stacked import StackedChildren
+from .training import (
+    Child,
+    ChildGroup,
+    OnScored,
+    SequentialChildren,
+    best_index,
+    deterministic,
+    initial_child,
+    reads_schedule,
+)
 
 
-@dataclass
-class EvaluationResult:
-    """A rule's evaluation: the sweep, the best rate, the reward and the held-out test accuracy.
-
-    `final` is the long run at best_lr (None when every rate diverged); when
-    it continued a sweep trial its wall_seconds covers only the extra epochs.
-    """
-
-    rule: str
-    task: str
-    task_key: str
-    seed: int
-    trials: list[TrialRecord]
-    best_lr: float | None
-    reward: float
-    test_acc: float
-    diverged: bool
-    wall_seconds: float
-    final: TrialRecord | None = None
-    device: str = "cpu"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvaluationResult:
-        data = dict(data)
-        data["trials"] = [TrialRecord(**t) for t in data["trials"]]
-        data["final"] = TrialRecord(**data["final"]) if data.get("final") else None
-        return cls(**data)
+def new_group(task: Task, initial: nn.Module, rule: Node, total_steps: int, seed: int) -> ChildGroup:
+    """The sweep's children, one per rate of the task: stacked where the task says it pays, else one by one."""
+    group = StackedChildren if task.stacks else SequentialChildren
+    return group(task, initial, rule, list(task.lrs), total_steps, seed)
 
 
-@dataclass
-class _Child:
-    """A child being trained: its network, optimizer and data-order generator, so training can go on later.
-
-    Training can stop and go on mid-epoch (the successive-halving sweep scores
-    children after a fraction of one): the epoch's permutation and its
-    losses so far are kept until the epoch ends.
-    """
-
-    task: Task
-    model: nn.Module
-    optimizer: SymbolicOptimizer
-    order: torch.Generator
-    lr: float
-    epochs: int = 0
-    steps: int = 0
-    val_acc: float = 0.0
-    train_loss: float | None = None
-    diverged: bool = False
-    wall_seconds: float = 0.0
-    _data: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    _position: int = 0              # steps taken in the current epoch
-    _total: Any = 0.0               # their summed loss
-    _limit: float | None = None     # a loss above this has exploded (set from the first loss)
-    loss_seen: Any = 0.0            # every training loss so far, summed (halving ranks by it)
-
-    @classmethod
-    def fresh(cls, task: Task, initial: nn.Module, rule: Node, lr: float, total_steps: int, seed: int) -> _Child:
-        model = copy.deepcopy(initial)
-        optimizer = SymbolicOptimizer(model.parameters(), rule, lr=lr, total_steps=total_steps, seed=seed)
-        return cls(task, model, optimizer, torch.Generator().manual_seed(seed), lr)
-
-    def train(self, epochs: int) -> None:
-        """Train to the end of `epochs` more epochs (stopping at divergence), then score on validation."""
-        self.train_steps(epochs * self.task.steps_per_epoch - self._position)
-        self.validate()
-
-    def train_steps(self, n: int) -> None:
-        """Take `n` more steps, across epoch ends, stopping at divergence; no validation."""
-        start = time.perf_counter()
-        steps_per_epoch = self.task.steps_per_epoch
-        while n > 0 and not self.diverged:
-            if self._position == 0:
-                self._begin_epoch()
-            take = min(n, steps_per_epoch - self._position)
-            if not self._run(take):
-                self._diverge()
-                break
-            n -= take
-            if self._position == steps_per_epoch:
-                self._end_epoch()
-        self.wall_seconds += time.perf_counter() - start
-
-    def validate(self) -> None:
-        start = time.perf_counter()
-        if not self.diverged:
-            self.val_acc = self.task.objective.score(self.model, self.task.splits.val_x, self.task.splits.val_y)
-            if not math.isfinite(self.val_acc):
-                self._diverge()
-        self.wall_seconds += time.perf_counter() - start
-
-    def _diverge(self) -> None:
-        self.diverged, self.val_acc, self.train_loss, self._data = True, 0.0, None, None
-
-    def _begin_epoch(self) -> None:
-        # One gather per epoch, then each batch is a contiguous slice (a view: no per-step copy).
-        task = self.task
-        order = torch.randperm(len(task.splits.train_x), generator=self.order).to(task.device)
-        self._data = task.splits.train_x[order], task.splits.train_y[order]
-        self._total = 0.0 if task.device.type == "cpu" else torch.zeros((), device=task.device)
-
-    def _end_epoch(self) -> None:
-        total = float(self._total)
-        self._data, self._position = None, 0
-        if not math.isfinite(total) or not _all_finite(self.model):
-            self._diverge()
-            return
-        self.epochs += 1
-        self.train_loss = total / self.task.steps_per_epoch
-
-    def _run(self, n: int) -> bool:
-        """`n` steps of the current epoch; False at the first non-finite or exploded loss."""
-        task, model, optimizer = self.task, self.model, self.optimizer
-        x, y = self._data
-        objective, batch = task.objective, task.batch_size
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        on_cpu = task.device.type == "cpu"
-        window = None if on_cpu else torch.zeros((), device=task.device)
-        for i in range(self._position, self._position + n):
-            rows = slice(i * batch, (i + 1) * batch)
-            loss = objective.loss(model(x[rows]), y[rows])
-            if self._limit is None and task.explode:
-                self._limit = _explosion_limit(float(loss.detach()), task.explode)
-            if on_cpu:   # reading a CPU scalar costs nothing: check every step
-                value = loss.item()
-                if not math.isfinite(value) or (self._limit is not None and value > self._limit):
-                    return False
-                self._total += value
-                self.loss_seen += value
-            else:
-                window += loss.detach()
-                if (i + 1 - self._position) % CUDA_CHECK_EVERY == 0:
-                    if not self._window_ok(window, CUDA_CHECK_EVERY):
-                        return False
-                    self._total += window
-                    self.loss_seen += window
-                    window = torch.zeros((), device=task.device)
-            for p in params:   # zero_grad(set_to_none=True) without its per-call profiler bookkeeping
-                p.grad = None
-            loss.backward()
-            optimizer.step()
-            self.steps += 1
-        if window is not None:
-            left = n % CUDA_CHECK_EVERY
-            if left and not self._window_ok(window, left):
-                return False
-            self._total += window
-            self.loss_seen += window
-        self._position += n
-        return True
-
-    def _window_ok(self, window: torch.Tensor, steps: int) -> bool:
-        """One host sync for CUDA_CHECK_EVERY steps: every loss finite, their mean below the limit."""
-        limit = math.inf if self._limit is None else self._limit * steps
-        return bool(torch.isfinite(window) & (window <= limit))
-
-    def record(self) -> TrialRecord:
-        return TrialRecord(self.lr, self.val_acc, self.train_loss, self.diverged, self.wall_seconds,
-                           self.epochs, self.steps)
-
-
-def _explosion_limit(first_loss: float, factor: float) -> float | None:
-    """A loss above `factor` times the child's first loss counts as exploded (None: no limit)."""
-    return factor * first_loss if math.isfinite(first_loss) and first_loss > 0 else None
-
-
-def _all_finite(model: nn.Module) -> bool:
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
-
-
-@contextlib.contextmanager
-def _deterministic(device: torch.device) -> Iterator[None]:
-    """cuDNN's deterministic kernels for the evaluation, restored after (CPU kernels already are)."""
-    if device.type != "cuda":
-        yield
-        return
-    cudnn = torch.backends.cudnn
-    saved = cudnn.deterministic, cudnn.benchmark
-    cudnn.deterministic, cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        cudnn.deterministic, cudnn.benchmark = saved
-
-
-def initial_child(task: Task, seed: int) -> nn.Module:
-    """The child every trial starts from, drawn from `seed` without touching torch's global generator."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return task.new_child()
-
-
-class _SequentialChildren:
-    """The sweep's children one after another: the same interface as StackedChildren."""
-
-    def __init__(self, task: Task, initial: nn.Module, rule: Node, lrs: list[float], total_steps: int, seed: int):
-        self.lrs = list(lrs)
-        self.children = [_Child.fresh(task, initial, rule, lr, total_steps, seed) for lr in lrs]
-        self.running = list(range(len(lrs)))
-
-    def advance(self, steps: int, on_scored: Callable[[int], None] | None = None, validate: bool = True) -> None:
-        for index in list(self.running):
-            child = self.children[index]
-            child.train_steps(steps)
-            if validate:
-                child.validate()
-            if child.diverged:
-                self.running.remove(index)
-            if on_scored:
-                on_scored(index)
-
-    def loss_seen(self, index: int) -> float:
-        return float(self.children[index].loss_seen)
-
-
-    def stop(self, children: list[int]) -> None:
-        self.running = [index for index in self.running if index not in children]
-
-    def extract(self, index: int, make: Callable[..., _Child]) -> _Child:
-        return self.children[index]
-
-    def record(self, index: int) -> TrialRecord:
-        return self.children[index].record()
-
-
-def _record(children: Any, index: int, stopped: dict[int, float]) -> TrialRecord:
+def _record(children: ChildGroup, index: int, stopped: dict[int, float]) -> TrialRecord:
     """Trial `index`'s record; one stopped by halving has no validation score, and its last round's mean loss."""
     record = children.record(index)
     if index in stopped:
@@ -322,8 +82,8 @@ def halving_rounds(rates: int, steps: int) -> list[tuple[int, int]]:
     return [(steps // 4, math.ceil(rates / 2)), (steps, 1)]
 
 
-def _halve(group: Any, rates: int, sweep_steps: int, stopped: dict[int, float],
-           scored: Callable[[int], None] | None) -> None:
+def halve(group: ChildGroup, rates: int, sweep_steps: int, stopped: dict[int, float],
+          scored: OnScored | None) -> None:
     """Successive halving: the early round keeps the rates that score best on validation.
 
     Validation, as the reward itself, rather than the round's training loss:
@@ -370,38 +130,31 @@ def evaluate_rule(rule: str | Node, task: Task, seed: int = 0, *, on_trial: OnTr
     reuse_sweep: continue the best sweep trial instead of retraining its first
         epochs (same result, less time); False always trains the final child afresh.
     """
-    from .stacked import StackedChildren
-
     tree = resolve_rule(rule)
     start = time.perf_counter()
     sweep_steps = task.sweep_epochs * task.steps_per_epoch
     final_steps = task.epochs * task.steps_per_epoch
-    reuse = reuse_sweep and task.sweep_epochs <= task.epochs and not (operands_read(tree) & SCHEDULES)
-    with _deterministic(task.device):
+    reuse = reuse_sweep and task.sweep_epochs <= task.epochs and not reads_schedule(tree)
+    with deterministic(task.device):
         initial = initial_child(task, seed)
-        group = (StackedChildren if task.stacks else _SequentialChildren)(
-            task, initial, tree, list(task.lrs), final_steps if reuse else sweep_steps, seed)
+        group = new_group(task, initial, tree, final_steps if reuse else sweep_steps, seed)
         stopped: dict[int, float] = {}   # trials halving stopped early -> their last round's mean loss
         scored = (lambda index: on_trial(_record(group, index, stopped), "sweep")) if on_trial else None
         if task.sweep == "full":
             group.advance(sweep_steps, scored)
         else:
-            _halve(group, len(task.lrs), sweep_steps, stopped, scored)
+            halve(group, len(task.lrs), sweep_steps, stopped, scored)
         trials = [_record(group, index, stopped) for index in range(len(task.lrs))]
-        best_index = max((i for i, t in enumerate(trials) if not t.diverged and i not in stopped),
-                         key=lambda i: (trials[i].val_acc, -i), default=None)
+        best = best_index(trials, stopped)
 
         final, test_acc = None, 0.0
-        if best_index is not None:
-            best_lr = trials[best_index].lr
+        if best is not None:
             if reuse:   # the best sweep trial is the final child's first epochs
-                final = group.extract(best_index, _Child)
+                final = group.extract(best)
                 final.wall_seconds = 0.0
             else:
-                final = _Child.fresh(task, initial, tree, best_lr, final_steps, seed)
-            # The explosion stop is the sweep's shortcut past rates that will not win; the chosen
-            # rate trains to the end (only a non-finite loss stops it), so its reward is full's.
-            final._limit = math.inf
+                final = Child.fresh(task, initial, tree, trials[best].lr, final_steps, seed)
+            final.disable_explosion_stop()
             final.train(task.epochs - final.epochs)
             if not final.diverged:
                 test_acc = task.objective.score(final.model, task.splits.test_x, task.splits.test_y)
@@ -410,7 +163,7 @@ def evaluate_rule(rule: str | Node, task: Task, seed: int = 0, *, on_trial: OnTr
 
     return EvaluationResult(
         rule=to_text(tree), task=task.name, task_key=task.config_key(), seed=seed, trials=trials,
-        best_lr=trials[best_index].lr if best_index is not None else None,
+        best_lr=trials[best].lr if best is not None else None,
         reward=final.val_acc if final else 0.0,
         test_acc=test_acc,
         diverged=final is None or final.diverged,

@@ -22,41 +22,26 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from ..optim import SymbolicOptimizer
+from ..records import TrialRecord
 from ..rules import Node
-from ..rules.evaluate import StepContext, apply_update, update_moments
 from .base import Task
 from .objectives import score_chunk
-from .protocol import TrialRecord, _explosion_limit
-
-
-class _StackedOptimizer(SymbolicOptimizer):
-    """A SymbolicOptimizer whose tensors are stacks of children, each child with its own rate."""
-
-    def __init__(self, params: list[Tensor], rule: Node, rates: Tensor, total_steps: int, seed: int):
-        super().__init__(params, rule, lr=1.0, total_steps=total_steps, seed=seed)
-        self.rates = rates
-
-    def _foreach(self, params: list[Tensor], numbers, lr, generator) -> None:
-        grads = [p.grad for p in params]
-        buffers = {buf: [self.state[p][buf] for p in params] for buf in self._buffers}
-        update_moments(buffers, grads)
-        rates = [self.rates.view(-1, *[1] * (p.dim() - 1)) for p in params]
-        apply_update(self.rule, StepContext(params, grads, buffers, numbers, generator, self._uses, rates=rates), 1.0)
+from .training import CUDA_CHECK_EVERY, Child, OnScored, explosion_limit, healthy
 
 
 class StackedChildren:
     """K children from the same initial weights, one learning rate each, trained at once.
 
-    The interface matches a list of protocol children: `advance` trains and
-    scores every running child, `stop` takes children out, `extract` turns
-    one into a plain child that trains on alone.
+    A `ChildGroup` (nos.tasks.training): `advance` trains and scores every
+    running child, `stop` takes children out, `extract` turns one into a
+    plain `Child` that trains on alone.
     """
 
     def __init__(self, task: Task, initial: nn.Module, rule: Node, lrs: list[float], total_steps: int, seed: int):
@@ -73,7 +58,7 @@ class StackedChildren:
         self.loss = task.objective.stacked_loss
         self.score_sum = vmap(task.objective.score_sum, in_dims=(0, None))
         rates = torch.tensor(self.lrs, dtype=next(iter(self.params.values())).dtype, device=task.device)
-        self.optimizer = _StackedOptimizer(list(self.params.values()), rule, rates, total_steps, seed)
+        self.optimizer = self._optimizer(rates)
         self.order = torch.Generator().manual_seed(seed)
         self.running = list(range(k))   # the child (index into lrs) at each position of the stack
         self.steps = [0] * k
@@ -86,13 +71,17 @@ class StackedChildren:
         self._position = 0
         self._total: Tensor | None = None
         self._seen = torch.zeros(k, device=task.device)   # every loss so far, summed, per running child
-        self._limit: float | None = None
+        self.limit: float | None = None   # as a lone child's, from the first loss (every child's: same weights, batch)
+
+    def _optimizer(self, rates: Tensor) -> SymbolicOptimizer:
+        return SymbolicOptimizer(list(self.params.values()), self.rule, lr=1.0, total_steps=self.total_steps,
+                                 seed=self.seed, rates=rates)
 
     def _call(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.skeleton, (params, buffers), (x,))
 
     # -- training --------------------------------------------------------------
-    def advance(self, steps: int, on_scored: Callable[[int], None] | None = None, validate: bool = True) -> None:
+    def advance(self, steps: int, on_scored: OnScored | None = None, validate: bool = True) -> None:
         """Train every running child `steps` more steps, then score each on validation."""
         start = time.perf_counter()
         steps_per_epoch = self.task.steps_per_epoch
@@ -133,13 +122,13 @@ class StackedChildren:
         x, y = self._data
         batch = task.batch_size
         # Reading a CPU tensor costs nothing: check every step; on CUDA every 16, as a lone child does.
-        check_every = 1 if task.device.type == "cpu" else 16
+        check_every = 1 if task.device.type == "cpu" else CUDA_CHECK_EVERY
         window = torch.zeros(len(self.running), device=task.device)
         for i in range(self._position, self._position + n):
             rows = slice(i * batch, (i + 1) * batch)
             losses = self.loss(self.forward(self.params, self.buffers, x[rows]), y[rows])
-            if self._limit is None and task.explode:
-                self._limit = _explosion_limit(float(losses[0].detach()), task.explode)
+            if self.limit is None and task.explode:
+                self.limit = explosion_limit(float(losses[0].detach()), task.explode)
             window += losses.detach()
             taken = i + 1 - self._position
             check = taken % check_every == 0 or taken == n
@@ -165,8 +154,7 @@ class StackedChildren:
 
     def _bad(self, window: Tensor, steps: int) -> list[int]:
         """Stack positions whose losses in the window were non-finite or exploded (one host sync)."""
-        limit = math.inf if self._limit is None else self._limit * steps
-        ok = torch.isfinite(window) & (window <= limit)
+        ok = healthy(window, steps, self.limit)
         return [pos for pos, good in enumerate(ok.tolist()) if not good]
 
     @torch.no_grad()
@@ -220,21 +208,20 @@ class StackedChildren:
         old = self.optimizer
         self.params = {n: p.detach().index_select(0, index).requires_grad_() for n, p in self.params.items()}
         self.buffers = {n: b.index_select(0, index) for n, b in self.buffers.items()}
-        self.optimizer = _StackedOptimizer(list(self.params.values()), self.rule, old.rates.index_select(0, index),
-                                           self.total_steps, self.seed)
+        self.optimizer = self._optimizer(old.rates.index_select(0, index))
         for new, previous in zip(self.params.values(), old.param_groups[0]["params"]):
             state = old.state.get(previous)
             if state:
                 self.optimizer.state[new] = {k: v.index_select(0, index) if torch.is_tensor(v) else v
                                              for k, v in state.items()}
-        _copy_generators(old, self.optimizer)
+        self.optimizer.set_noise_state(old.noise_state())
         if self._total is not None:
             self._total = self._total.index_select(0, index)
         self._seen = self._seen.index_select(0, index)
         self.running = [self.running[pos] for pos in positions]
 
-    def extract(self, child: int, make: Callable[..., Any]) -> Any:
-        """Child `child` as a plain protocol child (built by `make`), to train on alone.
+    def extract(self, child: int) -> Child:
+        """Child `child` as a plain `Child`, to train on alone.
 
         Only between epochs: the data order's generator is the one all children share.
         """
@@ -253,10 +240,10 @@ class StackedChildren:
             if state:
                 optimizer.state[p] = {k: torch.empty_like(p).copy_(v[pos]) if torch.is_tensor(v) else v
                                       for k, v in state.items()}
-        _copy_generators(self.optimizer, optimizer)
+        optimizer.set_noise_state(self.optimizer.noise_state())
         order = torch.Generator()
         order.set_state(self.order.get_state())
-        return make(self.task, model, optimizer, order, self.lrs[child], epochs=self.epochs[child],
+        return Child(self.task, model, optimizer, order, self.lrs[child], epochs=self.epochs[child],
                     steps=self.steps[child], val_acc=self.val_acc[child], train_loss=self.train_loss[child],
                     wall_seconds=self.wall_seconds[child])
 
@@ -297,9 +284,3 @@ def _finite_children(tensors: list[Tensor]) -> list[bool]:
     per_tensor = torch.stack([t.flatten(1).isfinite().all(1) for t in floats])
     return per_tensor.all(0).tolist()
 
-
-def _copy_generators(source: SymbolicOptimizer, target: SymbolicOptimizer) -> None:
-    for device, generator in source._generators.items():
-        copy_ = target._generator(torch.device(device))
-        if copy_ is not None:
-            copy_.set_state(generator.get_state())

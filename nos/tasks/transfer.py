@@ -25,16 +25,16 @@ import dataclasses
 import io
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..optim import resolve_rule
-from ..rules import Node, operands_read, to_text
+from ..records import EpochRecord, TransferResult, TrialRecord
+from ..rules import Node, to_text
 from .base import Task
-from .protocol import SCHEDULES, TrialRecord, _Child, _deterministic, initial_child
 from .registry import get_task
+from .training import Child, SequentialChildren, best_index, deterministic, initial_child, reads_schedule
 from .wrn import model_name, parse_model, wide_resnet
 
 # The data sets a Wide ResNet can read (images); the synthetic and digits tasks are for the small child.
@@ -63,92 +63,23 @@ def transfer_task(name: str, model: str = DEFAULT_MODEL, *, device: str | torch.
     return task
 
 
-@dataclass
-class EpochRecord:
-    """One epoch of the final run: validation and test accuracy after it (0 when diverged).
-
-    wall_seconds covers the epoch's training and both scorings; for an epoch
-    that continued a sweep trial (epoch 1, usually) the training seconds are
-    the trial's, and only the test scoring is counted here.
-    """
-
-    epoch: int
-    train_loss: float | None
-    val_acc: float
-    test_acc: float
-    diverged: bool
-    wall_seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class TransferResult:
-    """A rule trained on a larger network: the sweep, the best rate and the final run epoch by epoch."""
-
-    rule: str
-    task: str
-    model: str
-    task_key: str
-    seed: int
-    trials: list[TrialRecord]
-    best_lr: float | None
-    epochs: list[EpochRecord]
-    final_val: float
-    final_test: float
-    best_val: float
-    best_test: float
-    diverged: bool
-    wall_seconds: float
-    device: str = "cpu"
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TransferResult:
-        data = dict(data)
-        data["trials"] = [TrialRecord(**t) for t in data["trials"]]
-        data["epochs"] = [EpochRecord(**e) for e in data["epochs"]]
-        return cls(**data)
-
-    @classmethod
-    def build(cls, rule: str, task: Task, seed: int, trials: list[TrialRecord], best_lr: float | None,
-              epochs: list[EpochRecord], device: str) -> TransferResult:
-        """The result's figures from its sweep and epochs (also how a stored result is read back)."""
-        last = epochs[-1] if epochs else None
-        return cls(
-            rule=rule, task=task.name, model=task.options.get("model", ""), task_key=task.config_key(), seed=seed,
-            trials=trials, best_lr=best_lr, epochs=epochs,
-            final_val=last.val_acc if last else 0.0,
-            final_test=last.test_acc if last else 0.0,
-            best_val=max((e.val_acc for e in epochs), default=0.0),
-            best_test=max((e.test_acc for e in epochs), default=0.0),
-            diverged=last is None or last.diverged,
-            wall_seconds=sum(t.wall_seconds for t in trials) + sum(e.wall_seconds for e in epochs),
-            device=device, config=task.to_dict(),
-        )
-
-
 OnTrial = Callable[[TrialRecord], None]
 # Called after each epoch of the final run with its record and a function that snapshots the run.
 OnEpoch = Callable[[EpochRecord, Callable[[], bytes]], None]
 
 
-def snapshot(child: _Child) -> bytes:
+def snapshot(child: Child) -> bytes:
     """The final run's whole state after an epoch, as bytes `torch.load(weights_only=True)` reads back."""
     buffer = io.BytesIO()
     torch.save({
         "lr": child.lr, "epochs": child.epochs, "steps": child.steps, "val_acc": child.val_acc,
-        "train_loss": child.train_loss, "limit": getattr(child, "_limit", None), "model": child.model.state_dict(),
+        "train_loss": child.train_loss, "limit": child.limit, "model": child.model.state_dict(),
         "optimizer": child.optimizer.state_dict(), "order": child.order.get_state(),
     }, buffer)
     return buffer.getvalue()
 
 
-def _restore(child: _Child, data: bytes) -> None:
+def _restore(child: Child, data: bytes) -> None:
     state = torch.load(io.BytesIO(data), map_location=child.task.device, weights_only=True)
     if state["lr"] != child.lr:
         raise ValueError(f"the snapshot is of a run at lr {state['lr']}, not {child.lr}")
@@ -158,7 +89,7 @@ def _restore(child: _Child, data: bytes) -> None:
     child.epochs, child.steps = int(state["epochs"]), int(state["steps"])
     child.val_acc, child.train_loss = float(state["val_acc"]), state["train_loss"]
     if state.get("limit") is not None:   # the explosion limit, set from the run's first loss
-        child._limit = state["limit"]
+        child.limit = state["limit"]
 
 
 def snapshot_epoch(data: bytes) -> tuple[float, int]:
@@ -184,36 +115,40 @@ def train_transfer(rule: str | Node, task: Task, seed: int = 0, *, trials_done: 
     # As in the protocol: the best 1-epoch trial is the final run's first epoch, unless the rule
     # reads a schedule over the run's length. With longer sweep trials the final run starts afresh,
     # so that every one of its epochs is scored.
-    reuse = task.sweep_epochs == 1 and not (operands_read(tree) & SCHEDULES)
-    horizon = final_steps if reuse else sweep_steps
+    reuse = task.sweep_epochs == 1 and not reads_schedule(tree)
     stored = {t.lr: t for t in trials_done}
+    missing = [lr for lr in task.lrs if lr not in stored]
+    if resume is not None and missing:
+        raise ValueError(f"a snapshot of the final run needs the whole sweep stored; lr {missing[0]:g} is missing")
     epochs = list(epochs_done)
-    with _deterministic(task.device):
+    with deterministic(task.device):
         initial = initial_child(task, seed)
-        trials: list[TrialRecord] = []
-        best: TrialRecord | None = None
-        best_child: _Child | None = None   # the best trial's network, when trained in this call
-        for lr in task.lrs:
-            child = None
-            if lr in stored:
-                record = stored[lr]
-            elif resume is not None:
-                raise ValueError("a snapshot of the final run needs the whole sweep stored; "
-                                 f"lr {lr:g} is missing")
-            else:
-                child = _Child.fresh(task, initial, tree, lr, horizon, seed)
-                child.train(task.sweep_epochs)
-                record = child.record()
-                if on_trial:
-                    on_trial(record)
-            trials.append(record)
-            if not record.diverged and (best is None or record.val_acc > best.val_acc):
-                best, best_child = record, child
+        # One child at a time, as a larger network is trained anyway; those stored are not trained again.
+        sweep = SequentialChildren(task, initial, tree, missing, final_steps if reuse else sweep_steps, seed)
+        leader: list[int] = []   # the best trial trained so far: only its network is kept
 
-        final: _Child | None = None
+        def scored(index: int) -> None:
+            record = sweep.record(index)
+            if on_trial:
+                on_trial(record)
+            if record.diverged or (leader and record.val_acc <= sweep.record(leader[0]).val_acc):
+                sweep.release(index)
+                return
+            if leader:
+                sweep.release(leader.pop())
+            leader.append(index)
+
+        sweep.advance(sweep_steps, scored)
+        trials = [stored[lr] if lr in stored else sweep.record(missing.index(lr)) for lr in task.lrs]
+        index = best_index(trials)
+        best = trials[index] if index is not None else None
+        # The best trial's network, when trained in this call.
+        best_child = sweep.extract(missing.index(best.lr)) if best is not None and best.lr in missing else None
+
+        final: Child | None = None
         if best is not None:
             if resume is not None:
-                final = _Child.fresh(task, initial, tree, best.lr, final_steps, seed)
+                final = Child.fresh(task, initial, tree, best.lr, final_steps, seed)
                 _restore(final, resume)
                 if final.epochs != len(epochs):
                     raise ValueError(f"the snapshot is after epoch {final.epochs}, "
@@ -226,8 +161,8 @@ def train_transfer(rule: str | Node, task: Task, seed: int = 0, *, trials_done: 
                 _epoch_done(record, final, epochs, on_epoch)
             else:
                 epochs = []
-                final = _Child.fresh(task, initial, tree, best.lr, final_steps, seed)
-            final._limit = math.inf   # as in the protocol: the explosion stop is for the sweep only
+                final = Child.fresh(task, initial, tree, best.lr, final_steps, seed)
+            final.disable_explosion_stop()
             while final.epochs < task.epochs and not (epochs and epochs[-1].diverged):
                 start = time.perf_counter()
                 final.train(1)
@@ -241,12 +176,12 @@ def train_transfer(rule: str | Node, task: Task, seed: int = 0, *, trials_done: 
     return TransferResult.build(text, task, seed, trials, best.lr if best else None, epochs, str(task.device))
 
 
-def _test(task: Task, child: _Child) -> float:
+def _test(task: Task, child: Child) -> float:
     acc = task.objective.score(child.model, task.splits.test_x, task.splits.test_y)
     return acc if math.isfinite(acc) else 0.0
 
 
-def _epoch_done(record: EpochRecord, child: _Child, epochs: list[EpochRecord], on_epoch: OnEpoch | None) -> None:
+def _epoch_done(record: EpochRecord, child: Child, epochs: list[EpochRecord], on_epoch: OnEpoch | None) -> None:
     epochs.append(record)
     if on_epoch:
         on_epoch(record, lambda: snapshot(child))

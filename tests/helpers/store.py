@@ -7,7 +7,7 @@ from nos.store import (
     EvaluationResult,
     NewEvaluation,
     RuleRecord,
-    TrialResult,
+    TrialRecord,
     create_run,
     enqueue_batch,
     get_or_create_rules,
@@ -28,7 +28,7 @@ def new_run_with_batch(store, rules=RULES, *, task="digits", task_key="k1", name
 
 def result(reward: float, *, tag: float = 0.0, diverged: bool = False) -> EvaluationResult:
     """A result with a full learning-rate sweep; `tag` marks whose result it is."""
-    trials = [TrialResult(lr=lr, val_acc=reward - i * 0.01, train_loss=1.0 + tag, diverged=False, wall_seconds=0.5)
+    trials = [TrialRecord(lr=lr, val_acc=reward - i * 0.01, train_loss=1.0 + tag, diverged=False, wall_seconds=0.5)
               for i, lr in enumerate(LRS)]
     return EvaluationResult(reward=reward, test_acc=reward - 0.02, best_lr=1e-3, wall_seconds=3.5 + tag,
                             trials=trials, diverged=diverged)
