@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from nos.cli.main import cli
+from nos.rules import parse
 from nos.store import TrialRecord, get_or_create_rule, load_transfer, open_transfer, record_trial
 from nos.store.models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial
 from nos.tasks.transfer import train_transfer, transfer_task
