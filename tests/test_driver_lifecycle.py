@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 def long_run(url: str, toml: str) -> tuple[str, ...]:
-    # Every rule trained, in 25 batches: the run lasts long enough to be signalled mid-run.
-    return ("enqueue", "--config", toml, "--db", url, "--budget", "100", "--train-size", "1200", "--no-probe")
+    # Every rule trained, in 100 batches: the run lasts long enough to be signalled mid-run even when a
+    # loaded machine takes seconds to start the second `nos` process.
+    return ("enqueue", "--config", toml, "--db", url, "--budget", "400", "--train-size", "1200", "--no-probe")
 
 
 def group(pgid: int) -> set[int]:

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from nos.cli.main import cli
 from nos.config import SearchConfig
-from nos.store import create_run, open_store, resolve_url, save_checkpoint, upgrade
+from nos.store import create_run, open_store, resolve_url, save_checkpoint, set_run_status, upgrade
 from nos.store.models import Base
 
 from helpers.services import unavailable
@@ -370,6 +370,8 @@ def test_a_driver_that_meets_a_damaged_checkpoint_fails_the_run(marked_up, tmp_p
     url, _ = marked_up
     copy = _stopped_copy(url, tmp_path, b"\x00damaged")
     store = open_store(copy)
+    with store.transaction() as session:   # as `nos resume` leaves it for its driver
+        set_run_status(session, 1, "running")
     try:
         with pytest.raises(CheckpointUnreadable):
             drive_run(store, 1)
