@@ -69,7 +69,8 @@ def test_a_live_worker_on_a_busy_machine_is_never_retaken(sqlite_url):
     # Evolution's first proposals are SGD and momentum: rules that train, neither diverges and ends early.
     config = SearchConfig(**{**TINY, "searcher": "evolution", "depth": 2, "budget": 2, "batch_size": 2,
                              "probe": False, "stale_after": 5.0, "heartbeat_every": 1.0,
-                             "task_options": {"lrs": [0.001, 0.01], "epochs": 15, "sweep_epochs": 5}})
+                             "task_options": {"lrs": [0.001, 0.01], "epochs": 30, "sweep_epochs": 15,
+                                              "batch_size": 4}})
     with store.transaction() as session:
         run_id = create_run(session, "busy", config.task, config.to_dict())
     hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(2)]
