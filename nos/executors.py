@@ -63,7 +63,7 @@ def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None, pa
     from .store import open_store
     from .work import run_evaluation, worker_name
 
-    torch.set_num_threads(1)   # one thread per process is fastest on a small machine (DESIGN.md)
+    torch.set_num_threads(1)   # one thread per process: processes, not threads, share the cores
     store = open_store(db_url)
     name = worker_name()
     while True:

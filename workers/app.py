@@ -51,7 +51,7 @@ logger = get_task_logger(__name__)
 def _one_thread(**_) -> None:
     import torch
 
-    torch.set_num_threads(1)   # one thread per worker process is fastest on CPUs (DESIGN.md)
+    torch.set_num_threads(1)   # one thread per worker process: processes, not threads, share the cores
 
 
 def _open_store():

@@ -21,7 +21,7 @@ BUILTINS: dict[str, str] = {
 }
 
 
-# Rules from the paper and DESIGN.md that must parse and train (the demo and the tests use them).
+# Rules from the paper (and a clipped one) that must parse and train (the demo and the tests use them).
 PAPER_EXAMPLES: tuple[str, ...] = (
     "g * exp(sign(g) * sign(m))",
     "(1 + sign(g) * sign(m)) * g",
