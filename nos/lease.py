@@ -10,9 +10,9 @@ to propose, a slow database) does not let the lease go stale.
 
 from __future__ import annotations
 
-import threading
 from types import TracebackType
 
+from .beat import Beat
 from .store import Store
 from .store.leases import LEASE_RENEW_SECONDS, release_lease, renew_lease, take_lease, this_process
 
@@ -26,23 +26,27 @@ class DriverLease:
                  every: float = LEASE_RENEW_SECONDS):
         self.store, self.run_id, self.every = store, run_id, every
         self.holder = holder or this_process()
-        self._stopped = threading.Event()
-        self._lost = False
-        self._thread: threading.Thread | None = None
+        self._released_lost = False   # another driver held it when this one came to release it
+        self._beat: Beat | None = None
+
+    @property
+    def _lost(self) -> bool:
+        return self._released_lost or (self._beat is not None and self._beat.lost)
 
     def __enter__(self) -> "DriverLease":
-        self._stopped, self._lost = threading.Event(), False
+        self._released_lost = False
         with self.store.transaction() as session:
             take_lease(session, self.run_id, self.holder)
-        self._thread = threading.Thread(target=self._renew, daemon=True, name=f"lease-{self.run_id}")
-        self._thread.start()
+        self._beat = Beat(self.store, lambda session: renew_lease(session, self.run_id, self.holder), self.every,
+                          f"lease-{self.run_id}")
+        self._beat.start()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
-        self._stopped.set()
-        if self._thread is not None:
-            self._thread.join()
+        if self._beat is not None:
+            self._beat.stopped.set()
+            self._beat.join()
         if self._lost:
             return
         try:   # left without a release (an error the run's end could not record): free it now
@@ -50,17 +54,6 @@ class DriverLease:
                 release_lease(session, self.run_id, self.holder)
         except Exception:   # the database is what failed: the lease goes stale on its own
             pass
-
-    def _renew(self) -> None:
-        while not self._stopped.wait(self.every):
-            try:
-                with self.store.transaction() as session:
-                    held = renew_lease(session, self.run_id, self.holder)
-            except Exception:   # a busy or briefly unreachable database: try again next time
-                continue
-            if not held:
-                self._lost = not self._stopped.is_set()   # not merely released at the run's end
-                return
 
     def check(self) -> None:
         """Raise LeaseLost once the lease has gone to another driver."""
@@ -70,9 +63,10 @@ class DriverLease:
     def release(self, session) -> None:
         """Free the lease in the caller's transaction; LeaseLost (roll it back) if another driver has it."""
         if not release_lease(session, self.run_id, self.holder):
-            self._lost = True
+            self._released_lost = True
             raise LeaseLost(self._lost_message())
-        self._stopped.set()
+        if self._beat is not None:
+            self._beat.stopped.set()
 
     def _lost_message(self) -> str:
         return (f"run {self.run_id} was taken over by another driver after this one ({self.holder}) "

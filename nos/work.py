@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import traceback
 from datetime import timedelta
 from typing import Any
 
+from .beat import Beat
 from .config import SearchConfig
 from .devices import device_problem
 from .store import Store, claim, commit_result, fail, find_cached, get_evaluation, get_run, heartbeat
@@ -47,25 +47,6 @@ def task_key(task: Task, seed: int) -> str:
 
 class ClaimLost(Exception):
     """Another attempt took the evaluation (this worker's heartbeat was too late)."""
-
-
-class _Heartbeat(threading.Thread):
-    def __init__(self, store: Store, evaluation_id: int, attempt: int, every: float):
-        super().__init__(daemon=True, name=f"heartbeat-{evaluation_id}")
-        self.store, self.evaluation_id, self.attempt, self.every = store, evaluation_id, attempt, every
-        self.stopped = threading.Event()
-        self.lost = False
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.every):
-            try:
-                with self.store.transaction() as session:
-                    alive = heartbeat(session, self.evaluation_id, self.attempt)
-            except Exception:   # a busy or briefly unreachable database: try again next beat
-                continue
-            if not alive:
-                self.lost = True
-                return
 
 
 def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = None,
@@ -101,7 +82,8 @@ def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = Non
         if source is not None and commit_cached(session, evaluation_id, attempt, source, reason=reason):
             return "cached"
 
-    beat = _Heartbeat(store, evaluation_id, attempt, config.heartbeat_every)
+    beat = Beat(store, lambda session: heartbeat(session, evaluation_id, attempt), config.heartbeat_every,
+                f"heartbeat-{evaluation_id}")
     beat.start()
     try:
         task = task_for(config, device)
