@@ -17,7 +17,7 @@ PIP_FLAGS   := --quiet --disable-pip-version-check
 OLDER_TORCH ?= 2.13.0+cpu
 OLDER_VENV  := build/venv-torch-$(OLDER_TORCH)
 OLDER_STAMP := $(OLDER_VENV)/.installed-stamp
-OLDER_TESTS ?= tests/test_rules_evaluate.py tests/test_rules_text.py tests/test_rules_tokens.py \
+OLDER_TESTS ?= tests/test_rules_foreach.py tests/test_rules_text.py tests/test_rules_tokens.py \
                tests/test_optim.py tests/test_protocol.py tests/test_install.py
 
 .PHONY: install run test test-fast lint test-older-torch constraints bench clean

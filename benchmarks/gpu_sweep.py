@@ -21,7 +21,7 @@ import torch
 
 from nos.tasks import evaluate_rule
 from nos.tasks.base import Splits, Task
-from nos.tasks.children import paper_convnet
+from nos.tasks.networks import paper_convnet
 from nos.tasks.objectives import Accuracy
 
 

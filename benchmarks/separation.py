@@ -18,6 +18,7 @@ separate by the same test.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -51,10 +52,15 @@ class Scores:
 
 
 def parse_option(text: str) -> tuple[str, object]:
-    """KEY=VALUE with VALUE read as an int, else a float, else a string."""
+    """KEY=VALUE with VALUE read as a JSON list (lrs=[1e-3,1e-2]), else an int, else a float, else a string."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if value.strip().startswith("["):
+        try:
+            return key.strip(), json.loads(value)
+        except json.JSONDecodeError as error:
+            raise argparse.ArgumentTypeError(f"{key}: not a JSON list: {error}") from None
     for kind in (int, float):
         try:
             return key.strip(), kind(value)

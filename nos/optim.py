@@ -18,7 +18,7 @@ from torch import Tensor
 from .rules import Node, operands_read, state_buffers, to_text
 from .rules.builtins import BUILTINS, resolve_rule  # noqa: F401  (BUILTINS: part of nos.optim's API)
 from .rules.elementwise import step_one
-from .rules.evaluate import Scratch, StepContext, apply_update, operand_uses, step_numbers, update_moments
+from .rules.foreach import Scratch, StepContext, apply_update, operand_uses, step_numbers, update_moments
 from .rules.tree import is_random
 
 

@@ -2,7 +2,7 @@
 
 Used where plain ops are what is wanted: `compile=True` (inductor fuses the
 whole step into one kernel per tensor) and `foreach=False`. The foreach path
-in `evaluate.py` must agree with this one; the tests hold them to it.
+in `foreach.py` must agree with this one; the tests hold them to it.
 
 Per-step numbers arrive as floats or 0-dim tensors (a compiled step takes
 them as tensors, so a new step does not recompile).
@@ -90,6 +90,10 @@ def delta_one(
                 x = x.expand_as(p)   # a dropped number is dropped per element
             return unary_op(n.op, x, n.param, generator)
         assert isinstance(n, Binary)
+        if n.op == "pow" and isinstance(n.right, Const):
+            # A Python exponent, as the foreach path passes it: torch.pow with a 0-d tensor exponent
+            # rounds a huge non-integral one (x ^ 524288.97 of a negative x gives -0, not nan).
+            return torch.pow(value(n.left), n.right.value)
         return binary_op(n.op, value(n.left), value(n.right))
 
     return value(node)

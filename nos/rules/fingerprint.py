@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .elementwise import delta_one, update_moments_one
-from .evaluate import step_numbers
+from .foreach import step_numbers
 from .tree import Node, operands_read, state_buffers
 
 SIZE = 256

@@ -13,14 +13,15 @@ from .settings import SEARCHERS, WARM_STARTS, EvolutionConfig, PolicyGradientCon
 
 _LAZY = {
     "Proposal": ".base", "Searcher": ".base", "state_from_bytes": ".base", "state_to_bytes": ".base",
-    "PolicyGradientSearcher": ".policy_gradient", "ReinforceSearcher": ".policy_gradient",
+    "PolicyGradientSearcher": ".policy_gradient", "PPOSearcher": ".policy_gradient",
+    "ReinforceSearcher": ".policy_gradient",
     "RandomSearcher": ".random_search", "EvolutionSearcher": ".evolution",
 }
 
 if TYPE_CHECKING:
     from .base import Proposal, Searcher, state_from_bytes, state_to_bytes
     from .evolution import EvolutionSearcher
-    from .policy_gradient import PolicyGradientSearcher, ReinforceSearcher
+    from .policy_gradient import PolicyGradientSearcher, PPOSearcher, ReinforceSearcher
     from .random_search import RandomSearcher
 
 
@@ -49,13 +50,14 @@ def make_searcher(name: str, depth: int = 2, seed: int = 0, warm_start: str | No
     if name == "evolution":
         from .evolution import EvolutionSearcher
         return EvolutionSearcher(depth, seed, warm_start=warm_start != "none", **hyperparameters)
-    from .policy_gradient import PolicyGradientSearcher, ReinforceSearcher
-    searcher = {"ppo": PolicyGradientSearcher, "reinforce": ReinforceSearcher}[name]
+    from .policy_gradient import PPOSearcher, ReinforceSearcher
+    searcher = {"ppo": PPOSearcher, "reinforce": ReinforceSearcher}[name]
     return searcher(depth, seed, warm_start=warm_start == "builtins", **hyperparameters)
 
 
 __all__ = [
-    "EvolutionConfig", "EvolutionSearcher", "PolicyGradientConfig", "PolicyGradientSearcher", "Proposal",
+    "EvolutionConfig", "EvolutionSearcher", "PolicyGradientConfig", "PolicyGradientSearcher", "PPOSearcher",
+    "Proposal",
     "RandomSearcher", "ReinforceSearcher",
     "SEARCHERS", "WARM_STARTS", "Searcher", "make_searcher", "state_from_bytes", "state_to_bytes",
 ]

@@ -32,7 +32,7 @@ import torch
 from nos.rules import from_tokens, to_text
 
 from .base import Proposal, Searcher
-from .policy import position_masks
+from .controller import position_masks
 from .settings import EvolutionConfig
 from .warm_start import builtin_sequences
 

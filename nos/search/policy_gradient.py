@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .base import Proposal, Searcher
-from .policy import Controller
+from .controller import Controller
 from .settings import PolicyGradientConfig
 from .warm_start import warm_start
 
@@ -39,7 +39,11 @@ def advantages(rewards: Tensor, baseline: float, floor: float) -> Tensor:
 
 
 class PolicyGradientSearcher(Searcher):
-    name = "ppo"
+    """What PPO and REINFORCE share: the controller, advantages, the entropy bonus, checkpoints.
+
+    A subclass says how many gradient steps each batch gets (`_steps`) and the
+    policy loss of one step (`_loss`).
+    """
 
     def __init__(self, depth: int = 2, seed: int = 0, config: PolicyGradientConfig | None = None, *,
                  warm_start: bool = False, **overrides):
@@ -87,12 +91,10 @@ class PolicyGradientSearcher(Searcher):
         return self.baseline
 
     def _steps(self) -> int:
-        return self.config.epochs
+        raise NotImplementedError
 
     def _loss(self, log_prob, old_log_prob, advantage):
-        ratio = torch.exp(log_prob - old_log_prob)
-        clipped = torch.clamp(ratio, 1 - self.config.clip, 1 + self.config.clip)
-        return -torch.min(ratio * advantage, clipped * advantage).mean()
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +126,20 @@ class PolicyGradientSearcher(Searcher):
         self.baseline = state["baseline"]
         self.observed = state["observed"]
         self.warm_steps = state.get("warm_steps", 0)
+
+
+class PPOSearcher(PolicyGradientSearcher):
+    """PPO: `epochs` clipped-surrogate steps on each batch (the default searcher)."""
+
+    name = "ppo"
+
+    def _steps(self) -> int:
+        return self.config.epochs
+
+    def _loss(self, log_prob, old_log_prob, advantage):
+        ratio = torch.exp(log_prob - old_log_prob)
+        clipped = torch.clamp(ratio, 1 - self.config.clip, 1 + self.config.clip)
+        return -torch.min(ratio * advantage, clipped * advantage).mean()
 
 
 class ReinforceSearcher(PolicyGradientSearcher):

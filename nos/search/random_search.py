@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .base import Proposal, Searcher
-from .policy import position_masks
+from .controller import position_masks
 
 
 class RandomSearcher(Searcher):

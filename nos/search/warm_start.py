@@ -13,7 +13,7 @@ import torch
 from nos.rules import NotInVocabulary, parse, to_text, to_tokens
 from nos.rules.builtins import BUILTINS
 
-from .policy import Controller
+from .controller import Controller
 
 WARM_LR = 3e-3   # Adam step size of the likelihood steps: gentle, so the policy sharpens gradually
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import children, data
+from . import data, networks
 from .base import PAPER_LRS, Splits, Task
 from .objectives import Accuracy, MeanSquaredError, ModelValue
 from .options import check_options
@@ -89,7 +89,7 @@ def digits(*, device: torch.device, data_dir=None, train_size: int | None = None
     test, rest = order[:test_size], order[test_size:]
     arrays = _split(x[rest], y[rest], val_size, train_size, split_seed) + (x[test], y[test])
     protocol.setdefault("batch_size", 16)
-    return Task("digits", _splits(arrays, device), lambda: children.digits_mlp(hidden), Accuracy(),
+    return Task("digits", _splits(arrays, device), lambda: networks.digits_mlp(hidden), Accuracy(),
                 device=device, **protocol)
 
 
@@ -102,7 +102,7 @@ def _image_task(name: str, load: Callable[..., tuple[Tensor, ...]], *, device: t
     # channels_last halves the CPU step of the conv child (oneDNN's NHWC kernels); on CUDA cuDNN picks its own.
     channels_last = device.type == "cpu"
     protocol.setdefault("batch_size", 128)
-    return Task(name, _splits(arrays, device, channels_last), lambda: children.paper_convnet(channels, side),
+    return Task(name, _splits(arrays, device, channels_last), lambda: networks.paper_convnet(channels, side),
                 Accuracy(), device=device, channels_last=channels_last, **protocol)
 
 
@@ -132,7 +132,7 @@ def fashion_mlp(*, device: torch.device, data_dir=None, download: bool = True, t
     for knob, value in (("batch_size", 512), ("sweep_epochs", 3), ("epochs", 3), ("sweep", "halving")):
         protocol.setdefault(knob, value)
     splits = _split(train_x, train_y, val_size, train_size, split_seed) + (test_x, test_y)
-    return Task("fashion-mlp", _splits(splits, device), lambda: children.fashion_mlp(inputs, hidden), Accuracy(),
+    return Task("fashion-mlp", _splits(splits, device), lambda: networks.fashion_mlp(inputs, hidden), Accuracy(),
                 device=device, **protocol)
 
 
@@ -159,7 +159,7 @@ def quadratic(*, device: torch.device, data_dir=None, train_size: int | None = N
     y = x @ torch.randn(dim, generator=gen) + noise * torch.randn(n, generator=gen)
     arrays = _split(x[:-512], y[:-512], 512, train_size, split_seed) + (x[-512:], y[-512:])
     protocol.setdefault("batch_size", 64)
-    return Task("quadratic", _splits(arrays, device), lambda: children.LinearRegression(dim), MeanSquaredError(),
+    return Task("quadratic", _splits(arrays, device), lambda: networks.LinearRegression(dim), MeanSquaredError(),
                 device=device, **protocol)
 
 
@@ -174,7 +174,7 @@ def rosenbrock(*, device: torch.device, data_dir=None, train_size: int | None = 
     placeholder = (torch.zeros(steps, 1), torch.zeros(steps), torch.zeros(1, 1), torch.zeros(1),
                    torch.zeros(1, 1), torch.zeros(1))
     protocol.setdefault("batch_size", 1)
-    return Task("rosenbrock", _splits(placeholder, device), lambda: children.Rosenbrock(dim), ModelValue(),
+    return Task("rosenbrock", _splits(placeholder, device), lambda: networks.Rosenbrock(dim), ModelValue(),
                 device=device, **protocol)
 
 

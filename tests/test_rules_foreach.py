@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 
 from nos.rules import operands_read, parse
 from nos.rules.elementwise import delta_one
-from nos.rules.evaluate import StepContext, Tensors, compute_update, step_numbers
+from nos.rules.foreach import StepContext, Tensors, compute_update, step_numbers
 from nos.rules.tree import is_random
 
 from helpers.rule_strategies import trees
