@@ -120,7 +120,7 @@ class Driver:
         self.task = task_for(config, "cpu")
         self.task_key = task_key(self.task, config.children_seed)
         self.searcher: Searcher = make_searcher(config.searcher, config.depth, config.seed,
-                                                warm_start=config.warm_start, **config.controller)
+                                                warm_start=config.warm_start, **config.hyperparameters)
         self.best: float | None = None
         # Repeats of a rule within the open batch, held back until the first is scored
         # (then a worker copies its result): evaluation id -> the first one's id.

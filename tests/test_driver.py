@@ -69,7 +69,7 @@ def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml, search
     reference = f"sqlite:///{tmp_path / 'straight.db'}"
     if settings:   # evolution: a population of 4, so batches 1 and 2 are children of scored members
         table = "".join(f"{key} = {value}\n" for key, value in settings.items())
-        Path(tiny_toml).write_text(f"{TINY_TOML}\n[controller]\n{table}")
+        Path(tiny_toml).write_text(f"{TINY_TOML}\n[hyperparameters]\n{table}")
     assert nos("enqueue", "--config", tiny_toml, "--searcher", searcher, "--db", reference).returncode == 0
 
     driver = start_nos("enqueue", "--config", tiny_toml, "--searcher", searcher, "--db", url)
