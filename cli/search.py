@@ -254,7 +254,7 @@ def stop_command(run_id: int, db_url: str | None) -> None:
         run = get_run(session, run_id)
         if run is None:
             raise UsageProblem(f"no run {run_id} in {shown(store.url)}; `nos runs` lists them")
-        if run.status not in ("running", "stopping"):
+        if run.status not in DRIVABLE:
             raise UsageProblem(f"run {run_id} is {run.status}, not running")
         driverless = clear_dead_lease(session, run_id)
         set_run_status(session, run_id, "stopped" if driverless else "stopping")

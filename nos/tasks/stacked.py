@@ -121,7 +121,7 @@ class StackedChildren:
         task = self.task
         x, y = self._data
         batch = task.batch_size
-        # Reading a CPU tensor costs nothing: check every step; on CUDA every 16, as a lone child does.
+        # Reading a CPU tensor costs nothing: check every step; on CUDA every CUDA_CHECK_EVERY, as a lone child does.
         check_every = 1 if task.device.type == "cpu" else CUDA_CHECK_EVERY
         window = torch.zeros(len(self.running), device=task.device)
         for i in range(self._position, self._position + n):
