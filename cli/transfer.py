@@ -18,7 +18,16 @@ from nos.tasks.transfer import DEFAULT_EPOCHS, DEFAULT_MODEL, TRANSFER_TASKS, tr
 from .console import console, make_console
 from .db import db_option, store_for_writing
 from .errors import UsageProblem
-from .evaluate import learning_rates
+from .options import (
+    data_dir_option,
+    device_option,
+    epochs_option,
+    lrs_option,
+    task_option,
+    threads_option,
+    train_size_option,
+    training_batch_option,
+)
 from .rules import parse_or_exit
 
 # The paper's Table 1 baselines, each tuned by the same sweep as the rules under test.
@@ -30,26 +39,23 @@ MAX_SEEDS = 1000
 
 @click.command("transfer")
 @click.argument("rules", nargs=-1, metavar="RULE...")
-@click.option("--task", "task_name", default="fashion-mnist", show_default=True,
-              help=f"image task: {', '.join(TRANSFER_TASKS)}")
+@task_option(", ".join(TRANSFER_TASKS), "fashion-mnist", dest="task_name")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="Wide ResNet wrn-DEPTH-WIDTH (depth 6n+4: 10, 16, 22, 28, 40, ...)")
-@click.option("--epochs", type=click.IntRange(min=1), default=DEFAULT_EPOCHS, show_default=True,
-              help="epochs of the final run at the best learning rate")
+              help="Wide ResNet wrn-DEPTH-WIDTH (depth 6n+4: 10, 16, 22, 28, 40, ...).")
+@epochs_option(DEFAULT_EPOCHS)
 @click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=3, show_default=True,
-              help="train each rule with seeds 0..K-1 (initial weights, data order, the rule's noise)")
+              help="Train each rule with seeds 0..K-1 (initial weights, data order, the rule's noise).")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
-              help=f"also train {', '.join(BASELINES)}")
-@click.option("--lrs", callback=learning_rates, help="learning-rate grid, comma-separated [1e-5,...,1e1]")
-@click.option("--train-size", type=click.IntRange(min=1), help="subsample the training split to N examples")
-@click.option("--val-size", type=click.IntRange(min=1), help="validation examples carved from training [5000]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="training batch size [128]")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="folder with the data set's files "
-              "(default $NOS_DATA_DIR; Fashion-MNIST also /usr/share/datasets/fashion-mnist)")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
-@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads")
+              help=f"Also train {', '.join(BASELINES)}.")
+@lrs_option
+@train_size_option
+@click.option("--val-size", type=click.IntRange(min=1), help="Validation examples carved from training [5000].")
+@training_batch_option
+@data_dir_option
+@device_option()
+@threads_option
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
-              show_default=True, help="how to print the results")
+              show_default=True, help="How to print the results.")
 @db_option
 def transfer_command(rules: tuple[str, ...], task_name: str, model: str, epochs: int, seeds: int, baselines: bool,
                      lrs: tuple[float, ...] | None, train_size: int | None, val_size: int | None,
