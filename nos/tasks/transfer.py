@@ -92,12 +92,6 @@ def _restore(child: Child, data: bytes) -> None:
         child.limit = state["limit"]
 
 
-def snapshot_epoch(data: bytes) -> tuple[float, int]:
-    """(lr, epochs trained) of a snapshot."""
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    return float(state["lr"]), int(state["epochs"])
-
-
 def train_transfer(rule: str | Node, task: Task, seed: int = 0, *, trials_done: Sequence[TrialRecord] = (),
                    epochs_done: Sequence[EpochRecord] = (), resume: bytes | None = None,
                    on_trial: OnTrial | None = None, on_epoch: OnEpoch | None = None) -> TransferResult:
@@ -189,5 +183,5 @@ def _epoch_done(record: EpochRecord, child: Child, epochs: list[EpochRecord], on
 
 __all__ = [
     "DEFAULT_EPOCHS", "DEFAULT_MODEL", "TRANSFER_TASKS", "EpochRecord", "TransferResult", "snapshot",
-    "snapshot_epoch", "train_transfer", "transfer_task",
+    "train_transfer", "transfer_task",
 ]
