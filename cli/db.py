@@ -10,6 +10,7 @@ import click
 
 from nos.store import (
     URL_ENV_VAR,
+    DatabaseMissing,
     Store,
     StoreError,
     check_writable,
@@ -45,10 +46,8 @@ def store_for_writing(db_url: str | None, say: Callable[[str], Any] = print) -> 
         url = resolve_url(db_url)
         try:
             fresh = schema_state(url).current is None
-        except StoreError as exc:
-            fresh = "no database at" in str(exc)
-            if not fresh:
-                raise
+        except DatabaseMissing:
+            fresh = True
         if fresh:
             upgrade(url)
             say(f"created database {shown(url)}")

@@ -40,7 +40,7 @@ class SearchConfig:
     device: str = "cpu"                    # where children train: cpu, cuda, cuda:1
     name: str = ""                         # a label for `nos runs`; defaults to TASK-SEARCHER
     task_options: dict[str, Any] = field(default_factory=dict)   # data_dir, train_size, lrs, epochs, ...
-    controller: dict[str, Any] = field(default_factory=dict)     # the searcher's settings (search/settings.py)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)   # the searcher's (search/settings.py)
     # A dead worker's evaluation is requeued within stale_after of its last heartbeat; a live one beats
     # five times in that span, so only a worker silent for all five (dead, frozen, or cut off from the
     # database) loses it.
@@ -50,7 +50,7 @@ class SearchConfig:
     probe: bool = True                     # fingerprint rules and reject hopeless ones before training
 
     def __post_init__(self) -> None:
-        problems = [*_check_fields(self), *_check_controller(self.searcher, self.controller)]
+        problems = [*_check_fields(self), *_check_hyperparameters(self.searcher, self.hyperparameters)]
         if _is_seconds(self.heartbeat_every) and _is_seconds(self.stale_after) \
                 and self.heartbeat_every * 2 > self.stale_after:
             problems.append("heartbeat_every must be at most half of stale_after, or live workers look dead")
@@ -73,6 +73,7 @@ class SearchConfig:
     def from_dict(cls, data: dict[str, Any]) -> "SearchConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"a config is a table of keys, got {type(data).__name__}")
+        data = _renamed_keys(data)
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -100,6 +101,19 @@ class SearchConfig:
         return cls.from_dict(data)
 
 
+# Keys read under an earlier name (runs store their config, users keep their files): old -> new.
+RENAMED_KEYS = {"controller": "hyperparameters"}
+
+
+def _renamed_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with each earlier key under its present name; both names at once is an error."""
+    both = [old for old, new in RENAMED_KEYS.items() if old in data and new in data]
+    if both:
+        raise ConfigError("; ".join(f"{old} and {RENAMED_KEYS[old]} are one key (give it once, "
+                                    f"as {RENAMED_KEYS[old]})" for old in both))
+    return {RENAMED_KEYS.get(key, key): value for key, value in data.items()}
+
+
 # -- validation: every value is checked here, before a run row is written ------
 
 # Seeds are drawn from torch and numpy generators and stored as JSON: one 32-bit range for all.
@@ -115,12 +129,12 @@ MAX_NAME = 200                  # the runs.name column
 MAX_TASK_NAME = 100             # the runs.task column
 # Devices nos trains on; whether one is present is checked when the task is built.
 DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?|mps")
-# The controller's whole-number settings: (least, most). Larger networks than these do not fit.
-CONTROLLER_INTS = {"hidden": (1, 4096), "embedding": (1, 4096), "epochs": (1, 1000)}
-CONTROLLER_INT_DEFAULT = (1, 1_000_000)
-# The controller's real-valued settings: (least, most), ends included.
-CONTROLLER_REALS = {"baseline_decay": (0.0, 1.0), "clip": (0.0, 1.0)}
-CONTROLLER_REAL_DEFAULT = (0.0, 1e6)
+# The searchers' whole-number hyperparameters: (least, most). Larger networks than these do not fit.
+HYPERPARAMETER_INTS = {"hidden": (1, 4096), "embedding": (1, 4096), "epochs": (1, 1000)}
+HYPERPARAMETER_INT_DEFAULT = (1, 1_000_000)
+# The searchers' real-valued hyperparameters: (least, most), ends included.
+HYPERPARAMETER_REALS = {"baseline_decay": (0.0, 1.0), "clip": (0.0, 1.0)}
+HYPERPARAMETER_REAL_DEFAULT = (0.0, 1e6)
 
 
 def _is_whole(value: Any) -> bool:
@@ -154,7 +168,7 @@ def _text(key: str, value: Any, longest: int, empty_ok: bool) -> list[str]:
 
 
 def _check_fields(config: "SearchConfig") -> list[str]:
-    """What is wrong with the config's own keys (the controller's are checked apart)."""
+    """What is wrong with the config's own keys (the searcher's hyperparameters are checked apart)."""
     problems = [*_text("task", config.task, MAX_TASK_NAME, empty_ok=False),
                 *_text("name", config.name, MAX_NAME, empty_ok=True)]
     if not isinstance(config.searcher, str) or config.searcher not in SEARCHERS:
@@ -189,37 +203,38 @@ def _check_fields(config: "SearchConfig") -> list[str]:
     return problems
 
 
-def _check_controller(searcher: Any, controller: Any) -> list[str]:
-    """The `[controller]` table against the searcher's settings: known keys, each of its type and range."""
-    if not isinstance(controller, dict):
-        return [f"controller must be a table of settings, got {controller!r}"]
+def _check_hyperparameters(searcher: Any, hyperparameters: Any) -> list[str]:
+    """The `[hyperparameters]` table against the searcher's settings: known keys, each of its type and range."""
+    if not isinstance(hyperparameters, dict):
+        return [f"hyperparameters must be a table of settings, got {hyperparameters!r}"]
     settings = SEARCHER_SETTINGS.get(searcher) if isinstance(searcher, str) else None
     if settings is None:
-        if controller and searcher in SEARCHER_SETTINGS:
-            return [f"{searcher} search takes no controller settings"]
+        if hyperparameters and searcher in SEARCHER_SETTINGS:
+            return [f"{searcher} search takes no hyperparameters"]
         return []
     defaults = {f.name: f.default for f in fields(settings)}
-    unknown = set(controller) - set(defaults)
+    unknown = set(hyperparameters) - set(defaults)
     if unknown:
-        return [f"unknown controller keys {', '.join(sorted(map(str, unknown)))}; "
+        return [f"unknown hyperparameters {', '.join(sorted(map(str, unknown)))}; "
                 f"{searcher} knows: {', '.join(sorted(defaults))}"]
     problems = []
-    for key, value in controller.items():
+    for key, value in hyperparameters.items():
         default = defaults[key]
         if isinstance(default, bool):
             if not isinstance(value, bool):
-                problems.append(f"controller.{key} must be true or false, got {value!r}")
+                problems.append(f"hyperparameters.{key} must be true or false, got {value!r}")
         elif isinstance(default, int):
-            problems += _whole(f"controller.{key}", value, *CONTROLLER_INTS.get(key, CONTROLLER_INT_DEFAULT))
+            least, most = HYPERPARAMETER_INTS.get(key, HYPERPARAMETER_INT_DEFAULT)
+            problems += _whole(f"hyperparameters.{key}", value, least, most)
         elif isinstance(default, float):
-            least, most = CONTROLLER_REALS.get(key, CONTROLLER_REAL_DEFAULT)
+            least, most = HYPERPARAMETER_REALS.get(key, HYPERPARAMETER_REAL_DEFAULT)
             if not (_is_real(value) and least <= value <= most):
-                problems.append(f"controller.{key} must be a number from {least:g} to {most:g}, got {value!r}")
+                problems.append(f"hyperparameters.{key} must be a number from {least:g} to {most:g}, got {value!r}")
         elif isinstance(default, str) and not isinstance(value, str):
-            problems.append(f"controller.{key} must be a string, got {value!r}")
+            problems.append(f"hyperparameters.{key} must be a string, got {value!r}")
     if not problems:
         try:
-            settings(**controller)
+            settings(**hyperparameters)
         except (TypeError, ValueError) as exc:
-            problems.append(f"controller: {exc}")
+            problems.append(f"hyperparameters: {exc}")
     return problems

@@ -52,12 +52,9 @@ from .store import (
     set_run_status,
 )
 from .store.evaluations import release_claims
-from .store.models import Evaluation
+from .store.models import COUNTED_STATUSES as COUNTED, FINISHED_STATUSES as FINISHED, Evaluation
 from .work import task_for, task_key
 
-FINISHED = ("done", "diverged", "failed", "cached", "rejected")
-# What the budget counts: every evaluation but the rejected ones.
-COUNTED = ("queued", "running", "done", "diverged", "failed", "cached")
 POLL_SECONDS = 0.2
 # Rejected proposals a step may make before the run stops: a searcher stuck on hopeless rules.
 MAX_REJECTED_PER_STEP = 1000
@@ -120,7 +117,7 @@ class Driver:
         self.task = task_for(config, "cpu")
         self.task_key = task_key(self.task, config.children_seed)
         self.searcher: Searcher = make_searcher(config.searcher, config.depth, config.seed,
-                                                warm_start=config.warm_start, **config.controller)
+                                                warm_start=config.warm_start, **config.hyperparameters)
         self.best: float | None = None
         # Repeats of a rule within the open batch, held back until the first is scored
         # (then a worker copies its result): evaluation id -> the first one's id.

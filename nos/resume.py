@@ -50,7 +50,7 @@ def check_resumable(store: Store, run_id: int, config: SearchConfig) -> None:
     with store.reading() as session:
         checkpoint = latest_checkpoint(session, run_id)
         if checkpoint is not None:
-            restore_searcher(make_searcher(config.searcher, config.depth, config.seed, **config.controller),
+            restore_searcher(make_searcher(config.searcher, config.depth, config.seed, **config.hyperparameters),
                              checkpoint)
 
 

@@ -69,7 +69,7 @@ def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml, search
     reference = f"sqlite:///{tmp_path / 'straight.db'}"
     if settings:   # evolution: a population of 4, so batches 1 and 2 are children of scored members
         table = "".join(f"{key} = {value}\n" for key, value in settings.items())
-        Path(tiny_toml).write_text(f"{TINY_TOML}\n[controller]\n{table}")
+        Path(tiny_toml).write_text(f"{TINY_TOML}\n[hyperparameters]\n{table}")
     assert nos("enqueue", "--config", tiny_toml, "--searcher", searcher, "--db", reference).returncode == 0
 
     driver = start_nos("enqueue", "--config", tiny_toml, "--searcher", searcher, "--db", url)
@@ -134,7 +134,7 @@ def test_stopping_leaves_a_consistent_run_that_resumes(tmp_path, tiny_toml, how)
 def test_a_rule_scored_before_is_not_trained_again(sqlite_url):
     from nos.rules import parse
     from nos.store import NewEvaluation, RuleRecord, enqueue_batch, get_or_create_rules
-    from nos.work import run_evaluation, task_for, task_key
+    from nos.work import Outcome, run_evaluation, task_for, task_key
 
     upgrade(resolve_url(sqlite_url))
     store = open_store(sqlite_url)
@@ -144,8 +144,8 @@ def test_a_rule_scored_before_is_not_trained_again(sqlite_url):
         run_id = create_run(session, "cache", config.task, config.to_dict())
         rule_id = get_or_create_rules(session, [RuleRecord.from_tree(parse("g * exp(sign(g) * sign(m))"))])[0]
         first, again = enqueue_batch(session, run_id, 0, [NewEvaluation(rule_id, "digits", key)] * 2)
-    assert run_evaluation(store, first) == "done"
-    assert run_evaluation(store, again) == "cached"   # a repeat within the batch: copied, not trained
+    assert run_evaluation(store, first) is Outcome.DONE
+    assert run_evaluation(store, again) is Outcome.CACHED   # a repeat within the batch: copied, not trained
     rows = run_rows(sqlite_url, run_id)
     assert rows[1].cached_from == rows[0].id
     assert rows[1].reward == rows[0].reward

@@ -207,8 +207,9 @@ BAD_CONFIGS = [
     (b"task = 5\n", "task must be a string, got 5"),
     (b"task_options = 5\n", "task_options must be a table of options, got 5"),
     (b"\x00\xff\xfe\x89PNG binary", "is not UTF-8 text"),
-    (b"[controller]\nhidden = -1\n", "controller.hidden must be a whole number from 1 to 4,096, got -1"),
-    (b"controller = {hidden = -1}\n", "controller.hidden must be a whole number"),
+    (b"[hyperparameters]\nhidden = -1\n", "hyperparameters.hidden must be a whole number from 1 to 4,096, got -1"),
+    (b"controller = {hidden = -1}\n", "hyperparameters.hidden must be a whole number"),   # the earlier name
+    (b"controller = {}\n[hyperparameters]\n", "controller and hyperparameters are one key"),
     (b"seed = 99999999999999999999\n", "seed must be a whole number from 0 to 4,294,967,295"),
     (b"stale_after = nan\n", "stale_after must be a number of seconds above 0"),
     (b"stale_after = 1e308\n", "stale_after must be a number of seconds above 0"),

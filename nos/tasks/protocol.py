@@ -66,8 +66,8 @@ def _record(children: ChildGroup, index: int, stopped: dict[int, float]) -> Tria
 
 # Successive halving stops a rate only if its score in the round is more than this far (relative) behind the best's.
 HALVING_TIE = 0.01
-# What ranks the rates after the early round: "val" (validation error) or "loss" (the round's mean training loss).
-HALVING_RANK = "val"
+# What can rank the rates after the early round: validation error, or the round's mean training loss.
+HALVING_RANKS = ("val", "loss")
 
 
 def halving_rounds(rates: int, steps: int) -> list[tuple[int, int]]:
@@ -83,28 +83,30 @@ def halving_rounds(rates: int, steps: int) -> list[tuple[int, int]]:
 
 
 def halve(group: ChildGroup, rates: int, sweep_steps: int, stopped: dict[int, float],
-          scored: OnScored | None) -> None:
+          scored: OnScored | None, rank: str = "val") -> None:
     """Successive halving: the early round keeps the rates that score best on validation.
 
-    Validation, as the reward itself, rather than the round's training loss:
-    a large rate can drive the cross-entropy far up (confident logits) while
-    its accuracy is the best of the sweep, and a loss ranking drops exactly
-    the rate the full sweep would pick (measured: see the README). A rate
-    outside the better half still goes on while its validation error is
+    Validation, as the reward itself, rather than the round's training loss
+    (`rank="loss"`, kept for comparison): a large rate can drive the
+    cross-entropy far up (confident logits) while its accuracy is the best of
+    the sweep, and a loss ranking drops exactly the rate the full sweep would
+    pick. A rate outside the better half still goes on while its score is
     within HALVING_TIE of the best one's: when no rate has pulled ahead (a
     rule that learns nothing at any rate) the round cannot tell them apart,
     and the sweep stays full. The last round, a full sweep trial for the
     rates left, is scored as the full sweep is.
     """
+    if rank not in HALVING_RANKS:
+        raise ValueError(f"rank must be one of {', '.join(HALVING_RANKS)}, got {rank!r}")
     done, seen = 0, {i: 0.0 for i in range(rates)}
     for budget, keep in halving_rounds(rates, sweep_steps):
         if budget == sweep_steps:
             group.advance(budget - done, scored)
             return
-        group.advance(budget - done, validate=HALVING_RANK == "val")
+        group.advance(budget - done, validate=rank == "val")
         now = {i: group.loss_seen(i) for i in group.running}
         means = {i: (now[i] - seen[i]) / (budget - done) for i in group.running}
-        behind = {i: 1.0 - group.record(i).val_acc for i in group.running} if HALVING_RANK == "val" else means
+        behind = {i: 1.0 - group.record(i).val_acc for i in group.running} if rank == "val" else means
         ranked = sorted(group.running, key=lambda i: (behind[i] if math.isfinite(behind[i]) else math.inf, i))
         best = behind[ranked[0]] if ranked else 0.0
         tied = best + HALVING_TIE * abs(best)

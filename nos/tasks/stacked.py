@@ -53,7 +53,7 @@ class StackedChildren:
         self.params = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
         self.buffers = {name: b.clone() for name, b in buffers.items()}
         self.skeleton = copy.deepcopy(initial).to("meta")
-        # vmap costs ~2 ms a step in Python: an MLP gets a hand-stacked forward instead.
+        # vmap's Python overhead per step outweighs an MLP's small matmuls: an MLP gets a hand-stacked forward.
         self.forward = _mlp_forward(self.skeleton) or vmap(self._call, in_dims=(0, 0, None))
         self.loss = task.objective.stacked_loss
         self.score_sum = vmap(task.objective.score_sum, in_dims=(0, None))
@@ -121,7 +121,7 @@ class StackedChildren:
         task = self.task
         x, y = self._data
         batch = task.batch_size
-        # Reading a CPU tensor costs nothing: check every step; on CUDA every 16, as a lone child does.
+        # Reading a CPU tensor costs nothing: check every step; on CUDA every CUDA_CHECK_EVERY, as a lone child does.
         check_every = 1 if task.device.type == "cpu" else CUDA_CHECK_EVERY
         window = torch.zeros(len(self.running), device=task.device)
         for i in range(self._position, self._position + n):
