@@ -68,6 +68,8 @@ def _record(children: ChildGroup, index: int, stopped: dict[int, float]) -> Tria
 HALVING_TIE = 0.01
 # What ranks the rates after the early round: "val" (validation error) or "loss" (the round's mean training loss).
 HALVING_RANK = "val"
+# An early round's verdict: (group, keep, steps, seen, stopped, scored) -> losses so far (see halving_cut).
+Cut = Callable[[ChildGroup, int, int, dict[int, float], dict[int, float], OnScored | None], dict[int, float]]
 
 
 def halving_rounds(rates: int, steps: int) -> list[tuple[int, int]]:
@@ -83,39 +85,53 @@ def halving_rounds(rates: int, steps: int) -> list[tuple[int, int]]:
 
 
 def halve(group: ChildGroup, rates: int, sweep_steps: int, stopped: dict[int, float],
-          scored: OnScored | None) -> None:
-    """Successive halving: the early round keeps the rates that score best on validation.
+          scored: OnScored | None, cut: Cut | None = None) -> None:
+    """Successive halving: the early round keeps the rates that score best on validation (`halving_cut`).
 
-    Validation, as the reward itself, rather than the round's training loss:
-    a large rate can drive the cross-entropy far up (confident logits) while
-    its accuracy is the best of the sweep, and a loss ranking drops exactly
-    the rate the full sweep would pick (measured: see the README). A rate
-    outside the better half still goes on while its validation error is
-    within HALVING_TIE of the best one's: when no rate has pulled ahead (a
-    rule that learns nothing at any rate) the round cannot tell them apart,
-    and the sweep stays full. The last round, a full sweep trial for the
-    rates left, is scored as the full sweep is.
+    cut: the early round's verdict, `halving_cut` by default; a pack of rules
+    (nos.tasks.packed) passes one that cuts each rule's rates on their own.
     """
-    done, seen = 0, {i: 0.0 for i in range(rates)}
+    cut = cut or halving_cut
+    done, seen = 0, {}
     for budget, keep in halving_rounds(rates, sweep_steps):
         if budget == sweep_steps:
             group.advance(budget - done, scored)
             return
         group.advance(budget - done, validate=HALVING_RANK == "val")
-        now = {i: group.loss_seen(i) for i in group.running}
-        means = {i: (now[i] - seen[i]) / (budget - done) for i in group.running}
-        behind = {i: 1.0 - group.record(i).val_acc for i in group.running} if HALVING_RANK == "val" else means
-        ranked = sorted(group.running, key=lambda i: (behind[i] if math.isfinite(behind[i]) else math.inf, i))
-        best = behind[ranked[0]] if ranked else 0.0
-        tied = best + HALVING_TIE * abs(best)
-        out = [i for i in ranked[keep:] if not behind[i] <= tied]
-        for index in out:
-            stopped[index] = means[index]
-        group.stop(out)
-        if scored:
-            for index in sorted(out):
-                scored(index)
-        done, seen = budget, now
+        seen = cut(group, keep, budget - done, seen, stopped, scored)
+        done = budget
+
+
+def halving_cut(group: ChildGroup, keep: int, steps: int, seen: dict[int, float], stopped: dict[int, float],
+                scored: OnScored | None) -> dict[int, float]:
+    """Stop the running rates outside the best `keep` after a round of `steps`; returns each one's loss so far.
+
+    Ranked by validation, as the reward itself, rather than the round's
+    training loss: a large rate can drive the cross-entropy far up (confident
+    logits) while its accuracy is the best of the sweep, and a loss ranking
+    drops exactly the rate the full sweep would pick (measured: see the
+    README). A rate outside the better half still goes on while its
+    validation error is within HALVING_TIE of the best one's: when no rate has
+    pulled ahead (a rule that learns nothing at any rate) the round cannot
+    tell them apart, and the sweep stays full. The last round, a full sweep
+    trial for the rates left, is scored as the full sweep is. `seen` holds
+    the losses before the round (none: 0); a stopped rate's entry in
+    `stopped` is its round's mean loss.
+    """
+    now = {i: group.loss_seen(i) for i in group.running}
+    means = {i: (now[i] - seen.get(i, 0.0)) / steps for i in group.running}
+    behind = {i: 1.0 - group.record(i).val_acc for i in group.running} if HALVING_RANK == "val" else means
+    ranked = sorted(group.running, key=lambda i: (behind[i] if math.isfinite(behind[i]) else math.inf, i))
+    best = behind[ranked[0]] if ranked else 0.0
+    tied = best + HALVING_TIE * abs(best)
+    out = [i for i in ranked[keep:] if not behind[i] <= tied]
+    for index in out:
+        stopped[index] = means[index]
+    group.stop(out)
+    if scored:
+        for index in sorted(out):
+            scored(index)
+    return now
 
 
 OnTrial = Callable[[TrialRecord, str], None]
@@ -161,13 +177,20 @@ def evaluate_rule(rule: str | Node, task: Task, seed: int = 0, *, on_trial: OnTr
             if on_trial:
                 on_trial(final.record(), "final")
 
+    return evaluation_result(tree, task, seed, trials, best, final.record() if final else None, test_acc,
+                             time.perf_counter() - start)
+
+
+def evaluation_result(tree: Node, task: Task, seed: int, trials: list[TrialRecord], best: int | None,
+                      final: TrialRecord | None, test_acc: float, wall_seconds: float) -> EvaluationResult:
+    """A rule's result from its sweep's trials, the best one's index and its final run (None: every rate diverged)."""
     return EvaluationResult(
         rule=to_text(tree), task=task.name, task_key=task.config_key(), seed=seed, trials=trials,
         best_lr=trials[best].lr if best is not None else None,
         reward=final.val_acc if final else 0.0,
         test_acc=test_acc,
         diverged=final is None or final.diverged,
-        wall_seconds=time.perf_counter() - start,
-        final=final.record() if final else None,
+        wall_seconds=wall_seconds,
+        final=final,
         device=str(task.device),
     )
