@@ -4,45 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from nos.records import EvaluationResult
 from nos.rules import RuleSyntaxError
 from nos.tasks import DataUnavailable, evaluate_rule, get_task
 from nos.tasks.packed import Member, PackedChildren, evaluate_rules
 from nos.tasks.training import deterministic, initial_child
 
+from helpers.evaluations import assert_same, without_times
 from helpers.services import unavailable
 
 SMALL = dict(lrs=[1e-3, 1e-2, 1e-1, 1.0, 10.0], epochs=2, train_size=400)
-# A rule that draws noise, one that reads a schedule (its final run retrains), one that diverges at every rate.
 # Within rounding on digits: a validation example or so (of 300), a loss to 1e-4.
 DIGITS = dict(acc=0.01, loss=1e-4)
+# A rule that draws noise, one that reads a schedule (its final run retrains), one that diverges at every rate.
 THREE = ("drop(g, 0.1) * exp(1e-3*w)", "addsign-ld", "log(g - g)")
-
-
-def assert_same(packed: EvaluationResult, alone: EvaluationResult, acc: float, loss: float) -> None:
-    """Equal up to rounding: the same trials, rates and divergences; scores within `acc`, losses within `loss`."""
-    assert (packed.rule, packed.best_lr, packed.diverged) == (alone.rule, alone.best_lr, alone.diverged)
-    assert (packed.final is None) == (alone.final is None)
-    assert len(packed.trials) == len(alone.trials)
-    for x, y in zip(packed.trials + [packed.final], alone.trials + [alone.final]):
-        if x is None:
-            continue
-        assert (x.lr, x.diverged, x.steps, x.epochs) == (y.lr, y.diverged, y.steps, y.epochs), packed.rule
-        assert (x.val_acc is None) == (y.val_acc is None), packed.rule
-        if x.val_acc is not None:
-            assert x.val_acc == pytest.approx(y.val_acc, abs=acc), packed.rule
-        assert (x.train_loss is None) == (y.train_loss is None), packed.rule
-        if x.train_loss is not None:
-            assert x.train_loss == pytest.approx(y.train_loss, rel=loss, abs=loss), packed.rule
-    assert packed.reward == pytest.approx(alone.reward, abs=acc)
-    assert packed.test_acc == pytest.approx(alone.test_acc, abs=acc)
-
-
-def _without_times(result: EvaluationResult) -> dict:
-    data = result.to_dict()
-    for trial in [data] + data["trials"] + [data["final"]]:
-        trial.pop("wall_seconds")
-    return data
 
 
 def _pack_and_alone(rules, task, seed=2):
@@ -108,7 +82,7 @@ def test_one_rule_is_evaluate_rule_and_a_repeat_trains_once():
     task = get_task("digits", **SMALL)
     alone = evaluate_rule("adam", task, seed=1)
     one = evaluate_rules(["adam"], task, seed=1)[0]
-    assert _without_times(one) == _without_times(alone)
+    assert without_times(one) == without_times(alone)
     twice = evaluate_rules(["adam", "sgd", "adam"], task, seed=1)
     assert twice[0] is twice[2]
     assert_same(twice[0], alone, **DIGITS)
