@@ -1,6 +1,7 @@
 """Packed evaluation on the CPU: K rules trained as one stack against the same K one at a time.
 
     python benchmarks/pack.py [--tasks digits,fashion-mlp] [--packs 1,2,4,8] [--repeats 2] [--threads 1]
+                              [--train-size N]
 
 For each task and each K, `evaluate_rules` on the first K rules of RULES
 (nos.tasks.packed: one stacked network for all K x 7 sweep children) and
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--packs", default="1,2,4,8")
     parser.add_argument("--repeats", type=int, default=2, help="seeds per K (each a pack and K lone evaluations)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train-size", type=int, help="every task's training examples (default: the task's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     packs = [int(k) for k in args.packs.split(",")]
@@ -65,7 +67,7 @@ def main() -> None:
         parser.error(f"--packs go up to {len(RULES)} (the rules in RULES)")
     print(f"torch {torch.__version__}, {args.threads} thread(s); rules: {', '.join(RULES[:max(packs)])}")
     for name in args.tasks.split(","):
-        task = get_task(name)
+        task = get_task(name, **({"train_size": args.train_size} if args.train_size else {}))
         evaluate_rules(RULES[:2], task, seed=99)   # one-time costs (torch._dynamo's import) outside the timing
         print(f"\n{name} {task.splits.sizes}, batch {task.batch_size}, sweep {task.sweep}")
         print("| K | evals/s packed (wall / cpu) | evals/s one at a time (wall / cpu) | ratio wall / cpu "

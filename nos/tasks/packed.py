@@ -60,6 +60,7 @@ class PackedChildren(StackedChildren):
         self.member_of = [m for m, member in enumerate(self.members) for _ in member.lrs]
         sizes = [len(member.lrs) for member in self.members]
         self.first = [sum(sizes[:m]) for m in range(len(sizes))]
+        # No rule nor horizon for the whole stack: each member brings its own (`_source`, `_optimizer_for`).
         super().__init__(task, initial, None, [lr for member in self.members for lr in member.lrs], 0, seed)
 
     def children(self, member: int) -> range:
@@ -155,6 +156,7 @@ def evaluate_rules(rules: Sequence[str | Node], task: Task, seed: int = 0, *, on
     wanted(i): asked after the sweep and after the final runs; False takes
         rules[i] out of the pack (its children stop) and its result is None.
         A worker that lost its claim on one evaluation drops it, not the pack.
+        (An exception from either callback ends the whole pack.)
     """
     trees = [resolve_rule(rule) for rule in rules]   # a bad rule raises before anything trains
     texts = [to_text(tree) for tree in trees]
@@ -169,6 +171,8 @@ def evaluate_rules(rules: Sequence[str | Node], task: Task, seed: int = 0, *, on
         return wanted is None or any(wanted(i) for i in places[member])
 
     trees = [trees[texts.index(member)] for member in distinct]
+    if not trees:
+        return []
     if len(trees) == 1:
         found = [_alone(trees[0], task, seed, reuse_sweep, report, still)]
     else:
@@ -214,9 +218,9 @@ def _pack(trees: list[Node], task: Task, seed: int, reuse_sweep: bool, report: O
         else:
             halve(pack, len(lrs), sweep_steps, stopped, scored, cut=_cut_each_rule)
         trials = [[_record(pack, c, stopped) for c in pack.children(m)] for m in range(len(trees))]
-        best = [best_index(trials[m], {c - pack.first[m] for c in stopped if pack.member_of[c] == m})
-                if still(m) else None for m in range(len(trees))]
         wanted = [still(m) for m in range(len(trees))]
+        best = [best_index(trials[m], {c - pack.first[m] for c in stopped if pack.member_of[c] == m})
+                if wanted[m] else None for m in range(len(trees))]
 
         # The rules whose best sweep child is the start of their final run: it trains on in the stack.
         continuing = {m: pack.first[m] + b for m, b in enumerate(best) if b is not None and reuse[m]}
