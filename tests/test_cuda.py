@@ -2,7 +2,11 @@
 
 CI is CPU-only: without a CUDA device every test here skips, saying so. The
 tasks are synthetic (random inputs, labels from a fixed random teacher), so
-the module needs no data files; the convnet task brings batch norm.
+the module needs no data files; the convnet task brings batch norm. It
+needs nothing but torch, pytest and nos, and runs without the suite's
+conftest (which imports the storage stack) on a machine that has only those:
+
+    python -m pytest --noconftest tests/test_cuda.py
 """
 
 from __future__ import annotations
