@@ -9,10 +9,22 @@ says nothing about which rules are better: it leaves the policy as it is
 takes several epochs of clipped-surrogate steps on each batch; REINFORCE one
 plain policy-gradient step.
 
-The log-probabilities a batch was sampled with are recomputed in `observe`
-from the controller as it was when it proposed (no update happens in
-between), so a searcher restored from a checkpoint learns exactly what the
-uninterrupted one would have.
+Which policy sampled a batch: under the synchronous driver no update happens
+between proposing and observing, so `observe` recomputes the log-probabilities
+from the controller as it is, and a searcher restored from a checkpoint learns
+exactly what the uninterrupted one would have. Under the asynchronous driver
+results arrive from policies several updates old; it passes the
+log-probabilities each rule was sampled with (`log_probs`), and
+
+- PPO uses them as its old policy: the clipped ratio pi_now / pi_sampled is
+  exactly the correction for stale samples, and a sample the policy has moved
+  far from stops pushing it further;
+- REINFORCE weights each sample's term by min(1, pi_now / pi_sampled), a
+  truncated importance weight (as in V-trace): the plain estimator would treat
+  stale samples as the current policy's, and an untruncated ratio can blow up
+  its variance; truncating at 1 only ever weighs a stale sample down.
+
+Without `log_probs` the ratio is exactly 1 and both are what they were.
 """
 
 from __future__ import annotations
@@ -60,23 +72,27 @@ class PolicyGradientSearcher(Searcher):
         return warm_start(self.controller, self.depth, self.config.warm_steps, self.config.warm_mass)
 
     def propose(self, n: int) -> list[Proposal]:
-        return self._proposals(self.controller.sample(n, self.generator))
+        return self._proposals(*self.controller.sample(n, self.generator))
 
-    def observe(self, tokens: Sequence[Sequence[int]], rewards: Sequence[float]) -> None:
+    def observe(self, tokens: Sequence[Sequence[int]], rewards: Sequence[float],
+                log_probs: Sequence[float] | None = None) -> None:
         if not tokens:
             return
         seqs = torch.tensor([list(t) for t in tokens], dtype=torch.long)
         reward = torch.tensor(list(rewards), dtype=torch.float32)
+        sampled = None if log_probs is None else torch.tensor([float(x) for x in log_probs])
         mean = reward.mean().item()
         if bool((reward != reward[0]).any()):
-            self._step(seqs, advantages(reward, self._baseline(mean), self.config.advantage_floor))
+            self._step(seqs, advantages(reward, self._baseline(mean), self.config.advantage_floor), sampled)
         decay = self.config.baseline_decay
         self.baseline = mean if self.baseline is None else decay * self.baseline + (1 - decay) * mean
         self.observed += len(tokens)
 
-    def _step(self, seqs: Tensor, advantage: Tensor) -> None:
-        with torch.no_grad():
-            old_log_prob, _ = self.controller.log_prob_and_entropy(seqs)
+    def _step(self, seqs: Tensor, advantage: Tensor, sampled: Tensor | None) -> None:
+        old_log_prob = sampled
+        if old_log_prob is None:   # sampled by the controller as it is now
+            with torch.no_grad():
+                old_log_prob, _ = self.controller.log_prob_and_entropy(seqs)
         for _ in range(self._steps()):
             log_prob, entropy = self.controller.log_prob_and_entropy(seqs)
             loss = self._loss(log_prob, old_log_prob, advantage) - self.config.entropy_weight * entropy.mean()
@@ -151,4 +167,5 @@ class ReinforceSearcher(PolicyGradientSearcher):
         return 1
 
     def _loss(self, log_prob, old_log_prob, advantage):
-        return -(advantage * log_prob).mean()
+        weight = torch.exp(log_prob.detach() - old_log_prob).clamp(max=1.0)
+        return -(weight * advantage * log_prob).mean()
