@@ -21,6 +21,7 @@ from helpers.driver import (
     TINY,
     TINY_TOML,
     assert_complete,
+    assert_learned_once,
     finished_count,
     has_run,
     nos,
@@ -100,6 +101,25 @@ def test_sigkill_of_the_synchronous_driver_mid_batch_then_resume(tmp_path, tiny_
     assert rule_sequence(url, 1) == rule_sequence(reference, 1)
     if searcher == "ppo":   # evolution's children of the built-ins all pass the probe here
         assert any(e.status == "rejected" for e in run_rows(reference, 1))
+
+
+@pytest.mark.slow
+def test_the_asynchronous_driver_killed_three_times_loses_and_repeats_nothing(tmp_path, tiny_toml):
+    """kill -9 of the driver and its workers at three points of one run, each time resumed: every
+    evaluation counted once, every result learned from by exactly one recorded update."""
+    url = f"sqlite:///{tmp_path / 'killed.db'}"
+    args = ("--db", url)
+    driver = start_nos("enqueue", "--config", tiny_toml, *args, "--budget", "24", "--train-size", "1200")
+    for threshold in (2, 9, 16):
+        wait_for(lambda: has_run(url) and finished_count(url, 1) >= threshold, timeout=300)
+        os.killpg(driver.pid, signal.SIGKILL)   # the driver and its workers, mid-run
+        driver.wait()
+        assert finished_count(url, 1) < 24
+        driver = start_nos("resume", "1", *args)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0, out
+    assert_complete(url, 1, 24)
+    assert_learned_once(url, 1, 4)
 
 
 @pytest.mark.slow
