@@ -15,7 +15,7 @@ own logic: `nos.driver.sample_step` proposes (without the probe, to keep the
 simulation cheap), `nos.search.updates` decides which results each update learns
 from and how many proposals refill the evaluations in flight, and the real
 searchers learn. The driver notices a result at its next poll (up to
-`nos.driver.POLL_SECONDS` later), and the real time its proposing and learning
+`nos.driver.POLL_SECONDS` later), and the CPU time its proposing and learning
 take on this machine is added to the simulated clock, so a driver too slow for
 its workers shows.
 
@@ -89,9 +89,10 @@ class Clock:
         self.compute = 0.0
 
     def timed(self, work):
-        start = time.perf_counter()
+        # CPU time, not wall time: what the work takes on a core of its own, however loaded this machine is.
+        start = time.process_time()
         value = work()
-        spent = time.perf_counter() - start
+        spent = time.process_time() - start
         self.now += spent
         self.compute += spent
         return value

@@ -10,21 +10,21 @@ takes several epochs of clipped-surrogate steps on each batch; REINFORCE one
 plain policy-gradient step.
 
 Which policy sampled a batch: under the synchronous driver no update happens
-between proposing and observing, so `observe` recomputes the log-probabilities
-from the controller as it is, and a searcher restored from a checkpoint learns
-exactly what the uninterrupted one would have. Under the asynchronous driver
-results arrive from policies several updates old; it passes the
-log-probabilities each rule was sampled with (`log_probs`), and
-
-- PPO uses them as its old policy: the clipped ratio pi_now / pi_sampled is
-  exactly the correction for stale samples, and a sample the policy has moved
-  far from stops pushing it further;
-- REINFORCE weights each sample's term by min(1, pi_now / pi_sampled), a
-  truncated importance weight (as in V-trace): the plain estimator would treat
-  stale samples as the current policy's, and an untruncated ratio can blow up
-  its variance; truncating at 1 only ever weighs a stale sample down.
-
-Without `log_probs` the ratio is exactly 1 and both are what they were.
+between proposing and observing, so the policy an update starts from is the one
+that sampled its batch. Under the asynchronous driver results arrive from
+policies several updates old; it passes the log-probabilities each rule was
+sampled with (`log_probs`), and each sample's advantage is weighted by
+min(1, pi_old / pi_sampled), where pi_old is the policy as the update finds it:
+a truncated importance weight (as in V-trace). Without it a stale sample
+counts as the current policy's; an untruncated ratio can blow up the update's
+variance, and truncating at 1 only ever weighs a stale sample down. PPO then
+clips its ratio pi / pi_old around the policy the update started from, not
+around the stale one (the decoupled objective of Hilton et al. 2021, "Batch
+size-invariance for policy optimization"): clipping around pi_sampled would
+zero the gradient of every sample the policy has moved more than `clip` from
+since it was sampled, which after a few updates in flight is most of them.
+REINFORCE takes its one step with the same weights. Without `log_probs` every
+weight is exactly 1, and both are what they were.
 """
 
 from __future__ import annotations
@@ -89,10 +89,11 @@ class PolicyGradientSearcher(Searcher):
         self.observed += len(tokens)
 
     def _step(self, seqs: Tensor, advantage: Tensor, sampled: Tensor | None) -> None:
-        old_log_prob = sampled
-        if old_log_prob is None:   # sampled by the controller as it is now
-            with torch.no_grad():
-                old_log_prob, _ = self.controller.log_prob_and_entropy(seqs)
+        with torch.no_grad():   # the policy as this update finds it
+            old_log_prob, _ = self.controller.log_prob_and_entropy(seqs)
+        # Each sample weighted by min(1, pi_old / pi_sampled): 1 when the controller as it is now sampled it.
+        weight = torch.ones_like(old_log_prob) if sampled is None else torch.exp(old_log_prob - sampled).clamp(max=1.0)
+        advantage = advantage * weight
         for _ in range(self._steps()):
             log_prob, entropy = self.controller.log_prob_and_entropy(seqs)
             loss = self._loss(log_prob, old_log_prob, advantage) - self.config.entropy_weight * entropy.mean()
@@ -167,5 +168,4 @@ class ReinforceSearcher(PolicyGradientSearcher):
         return 1
 
     def _loss(self, log_prob, old_log_prob, advantage):
-        weight = torch.exp(log_prob.detach() - old_log_prob).clamp(max=1.0)
-        return -(weight * advantage * log_prob).mean()
+        return -(advantage * log_prob).mean()
