@@ -24,7 +24,8 @@ Asynchronous: keep in_flight (2 x workers) queued or running, learn every
 update_every results, refill at once.
 
 Printed per configuration (mean over seeds): worker utilization (simulated
-training time over workers x wall time), wall time to the first moving mean of
+training time over workers x wall time; over the whole run, and until the
+last proposal, before the workers drain at the end of the budget), wall time to the first moving mean of
 50 results at or above --threshold, and the mean reward over windows of
 results; the learning-curve table compares the modes at equal numbers of
 results, mean ± sd over seeds.
@@ -123,17 +124,20 @@ def simulate(searcher_name: str, seed: int, workers: int, update_every: int, res
     clock = Clock(random.Random(seed + 1000))
     run = (_synchronous if synchronous else _asynchronous)(searcher, task, clock, workers, update_every, results,
                                                           in_flight or 2 * workers)
-    rewards, times, busy = run
+    rewards, times, spans, last_proposal = run
     return {"searcher": searcher_name, "seed": seed, "workers": workers, "update_every": update_every,
             "mode": "sync" if synchronous else "async", "rewards": rewards, "times": times,
-            "utilization": busy / (workers * times[-1]), "wall": times[-1], "compute": clock.compute}
+            "utilization": busy_share(spans, workers, times[-1]),
+            "steady": busy_share(spans, workers, last_proposal) if last_proposal else 0.0,
+            "wall": times[-1], "compute": clock.compute}
 
 
 def _synchronous(searcher, task, clock, workers, update_every, results, _in_flight):
-    rewards, times, busy = [], [], 0.0
+    rewards, times, spans, last_proposal = [], [], [], 0.0
     while len(rewards) < results:
         n = min(update_every, results - len(rewards))
         proposals, _ = clock.timed(lambda: sample_step(searcher, n, use_probe=False))
+        last_proposal = clock.now
         scored = [task.reward(p.tokens) for p in proposals]
         free = [clock.now] * workers           # when each worker is next free: first come, first served
         heapq.heapify(free)
@@ -141,14 +145,14 @@ def _synchronous(searcher, task, clock, workers, update_every, results, _in_flig
         for reward in scored:
             start = heapq.heappop(free)
             seconds = task.seconds(reward)
-            busy += seconds
+            spans.append((start, start + seconds))
             end = max(end, start + seconds)
             heapq.heappush(free, start + seconds)
         clock.notice(end)
         clock.timed(lambda: searcher.observe([p.tokens for p in proposals], scored))
         rewards += scored
         times += [clock.now] * len(scored)
-    return rewards, times, busy
+    return rewards, times, spans, last_proposal
 
 
 def _asynchronous(searcher, task, clock, workers, update_every, results, in_flight):
@@ -157,24 +161,25 @@ def _asynchronous(searcher, task, clock, workers, update_every, results, in_flig
     running: list = []                        # (finishes at, order, proposal, reward)
     idle = workers
     proposed = finished = 0
-    busy = 0.0
-    rewards, times = [], []
+    spans, rewards, times = [], [], []
+    last_proposal = 0.0
 
     def start(at: float) -> None:
-        nonlocal idle, busy
+        nonlocal idle
         while idle and waiting:
             queued_at, index, proposal = waiting.popleft()
             reward = task.reward(proposal.tokens)
             seconds = task.seconds(reward)
-            busy += seconds
+            spans.append((max(at, queued_at), max(at, queued_at) + seconds))
             idle -= 1
             heapq.heappush(running, (max(at, queued_at) + seconds, index, proposal, reward))
 
     def top_up() -> None:
-        nonlocal proposed
+        nonlocal proposed, last_proposal
         n = to_propose(in_flight, proposed - finished, proposed, results)
         if n:
             proposals, _ = clock.timed(lambda: sample_step(searcher, n, use_probe=False))
+            last_proposal = clock.now
             waiting.extend((clock.now, proposed + i, p) for i, p in enumerate(proposals))
             proposed += len(proposals)
             start(clock.now)
@@ -197,7 +202,12 @@ def _asynchronous(searcher, task, clock, workers, update_every, results, in_flig
         for update in queue.due(final=finished == results):
             clock.timed(lambda: learn(searcher, update))
         top_up()
-    return rewards, times, busy
+    return rewards, times, spans, last_proposal
+
+
+def busy_share(spans: list[tuple[float, float]], workers: int, until: float) -> float:
+    """Training time within [0, until] over workers x until."""
+    return sum(max(0.0, min(end, until) - start) for start, end in spans) / (workers * until)
 
 
 def moving_mean(rewards: list[float], window: int = WINDOW) -> list[float]:
@@ -241,16 +251,17 @@ def simulate_main(args) -> None:
                 f.write(json.dumps(run) + "\n")
     print(f"\nSimulated: {args.results} results, evaluations of {args.mean_seconds:g} s on average, "
           f"seeds {args.seeds}, torch {torch.__version__}\n")
-    print(f"| searcher | mode | workers | update every | utilization | wall (s) | to moving mean {args.threshold} "
-          "(s) | driver compute (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| searcher | mode | workers | update every | utilization | until the last proposal | wall (s) "
+          f"| to moving mean {args.threshold} (s) | driver compute (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for searcher in args.searchers:
         for workers in args.workers:
             for mode, every in (("sync", args.update_every), ("sync", workers), ("async", args.update_every)):
                 group = [r for r in runs if r["searcher"] == searcher and r["mode"] == mode
                          and r["update_every"] == every and (r["workers"] == workers)]
                 if mode == "sync" and every == args.update_every:   # simulated once, at the first count
-                    group = [dict(r, workers=workers, utilization=r["utilization"] * r["workers"] / workers)
+                    group = [dict(r, workers=workers, utilization=r["utilization"] * r["workers"] / workers,
+                                  steady=r["steady"] * r["workers"] / workers)
                              for r in runs if r["searcher"] == searcher and r["mode"] == "sync"
                              and r["update_every"] == every and r["workers"] == args.workers[0]]
                 if not group or (mode == "sync" and every == workers and every == args.update_every):
@@ -258,6 +269,7 @@ def simulate_main(args) -> None:
                 reached = [t for t in (time_to(r["rewards"], r["times"], args.threshold) for r in group) if t]
                 print(f"| {searcher} | {mode} | {workers} | {every} | "
                       f"{statistics.mean(r['utilization'] for r in group):.1%} | "
+                      f"{statistics.mean(r['steady'] for r in group):.1%} | "
                       f"{statistics.mean(r['wall'] for r in group):,.0f} | "
                       f"{_mean_sd(reached, 0) if reached else '-'} ({len(reached)}/{len(group)}) | "
                       f"{statistics.mean(r['compute'] for r in group):.1f} |")
