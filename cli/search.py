@@ -131,7 +131,12 @@ def _stopped_here(store: Store, run_id: int) -> None:
 @task_option("digits, fashion-mnist, fashion-mlp, cifar10, quadratic, rosenbrock", unset="digits")
 @click.option("--searcher", type=click.Choice(list(SEARCHERS)), help="Search strategy [ppo].")
 @click.option("--budget", type=int, help="Evaluations trained or answered from the cache; rejections are free [200].")
-@click.option("--batch-size", type=int, help="Counted evaluations per controller step [5].")
+@click.option("--update-every", type=int, help="Counted results per controller update [5].")
+@click.option("--synchronous/--asynchronous", default=None,
+              help="Propose, wait for every result, learn (reproducible), or keep --in-flight evaluations going "
+                   "and learn every --update-every results [asynchronous].")
+@click.option("--in-flight", type=int, help="Evaluations the asynchronous driver keeps queued or running "
+                                            "[workers x 2].")
 @click.option("--warm-start", type=click.Choice(["builtins", "none"]),
               help="Start the searcher from the built-in rules [builtins for evolution, none otherwise].")
 @click.option("--depth", type=click.IntRange(1, 3), help="Rule depth: 1, 2 or 3 [2].")

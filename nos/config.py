@@ -31,7 +31,7 @@ class SearchConfig:
     task: str = "digits"                   # child task: digits, fashion-mnist, cifar10, quadratic, rosenbrock
     searcher: str = "ppo"                  # ppo, reinforce, random or evolution
     budget: int = 200                      # evaluations trained or answered from the cache (rejections are free)
-    batch_size: int = 5                    # counted evaluations per controller step
+    update_every: int = 5                  # counted results per controller update
     depth: int = 2                         # rule depth: 1, 2 or 3 (5, 13, 29 tokens)
     seed: int = 0                          # seeds the searcher (and the children, unless child_seed is set)
     child_seed: int | None = None          # seeds every child's initial weights and batch order; default: seed
@@ -48,6 +48,11 @@ class SearchConfig:
     max_attempts: int = 3                  # claims of one evaluation before it is failed
     heartbeat_every: float = 5.0           # seconds between a worker's heartbeats
     probe: bool = True                     # fingerprint rules and reject hopeless ones before training
+    # The synchronous driver proposes update_every rules, waits for all of them, learns, and proposes
+    # again: bit-for-bit reproducible. The asynchronous one keeps in_flight evaluations queued or
+    # running and learns whenever update_every new results have arrived.
+    synchronous: bool = False
+    in_flight: int | None = None           # evaluations kept queued or running; default workers x pack x 2
 
     def __post_init__(self) -> None:
         problems = [*_check_fields(self), *_check_hyperparameters(self.searcher, self.hyperparameters)]
@@ -63,6 +68,13 @@ class SearchConfig:
         return self.seed if self.child_seed is None else self.child_seed
 
     @property
+    def target_in_flight(self) -> int:
+        """Evaluations the asynchronous driver keeps queued or running."""
+        if self.in_flight is not None:
+            return self.in_flight
+        return self.workers * getattr(self, "pack", 1) * 2
+
+    @property
     def label(self) -> str:
         return self.name or f"{self.task}-{self.searcher}"
 
@@ -73,7 +85,7 @@ class SearchConfig:
     def from_dict(cls, data: dict[str, Any]) -> "SearchConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"a config is a table of keys, got {type(data).__name__}")
-        data = _renamed_keys(data)
+        data = _renamed_keys(_renamed(data))
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -98,6 +110,8 @@ class SearchConfig:
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         data.update({k: v for k, v in overrides.items() if v is not None})
+        if "batch_size" in data:   # the old name in a user's file: a new run, not a stored one, so today's default
+            data.setdefault("synchronous", False)
         return cls.from_dict(data)
 
 
@@ -114,12 +128,27 @@ def _renamed_keys(data: dict[str, Any]) -> dict[str, Any]:
     return {RENAMED_KEYS.get(key, key): value for key, value in data.items()}
 
 
+def _renamed(data: dict[str, Any]) -> dict[str, Any]:
+    """A config written before `update_every` replaced `batch_size`, in today's keys.
+
+    Such a config was stored by a run of the synchronous driver, the only one there was then,
+    and its checkpoints are the synchronous driver's: it resumes synchronously.
+    """
+    if "batch_size" not in data:
+        return data
+    if "update_every" in data:
+        raise ConfigError("batch_size is the old name of update_every: give one of them")
+    renamed = {("update_every" if key == "batch_size" else key): value for key, value in data.items()}
+    renamed.setdefault("synchronous", True)
+    return renamed
+
+
 # -- validation: every value is checked here, before a run row is written ------
 
 # Seeds are drawn from torch and numpy generators and stored as JSON: one 32-bit range for all.
 MAX_SEED = 2**32 - 1
 # Rules proposed at once are sampled, probed and stored in one transaction: this many fit in memory.
-MAX_BATCH_SIZE = 10_000
+MAX_AT_ONCE = 10_000
 # Evaluation numbers (`seq`) are 32-bit integers in the database.
 MAX_BUDGET = 2**31 - 1
 MAX_WORKERS = 1024
@@ -176,7 +205,9 @@ def _check_fields(config: "SearchConfig") -> list[str]:
     if not (_is_whole(config.depth) and config.depth in (1, 2, 3)):
         problems.append(f"depth must be 1, 2 or 3, got {config.depth!r}")
     problems += _whole("budget", config.budget, 1, MAX_BUDGET)
-    problems += _whole("batch_size", config.batch_size, 1, MAX_BATCH_SIZE)
+    problems += _whole("update_every", config.update_every, 1, MAX_AT_ONCE)
+    if config.in_flight is not None:
+        problems += _whole("in_flight", config.in_flight, 1, MAX_AT_ONCE)
     problems += _whole("workers", config.workers, 1, MAX_WORKERS)
     problems += _whole("max_attempts", config.max_attempts, 1, MAX_ATTEMPTS)
     problems += _whole("seed", config.seed, 0, MAX_SEED)
@@ -192,8 +223,9 @@ def _check_fields(config: "SearchConfig") -> list[str]:
         if not _is_seconds(getattr(config, key)):
             problems.append(f"{key} must be a number of seconds above 0 and at most {MAX_SECONDS:,}, "
                             f"got {getattr(config, key)!r}")
-    if not isinstance(config.probe, bool):
-        problems.append(f"probe must be true or false, got {config.probe!r}")
+    for key in ("probe", "synchronous"):
+        if not isinstance(getattr(config, key), bool):
+            problems.append(f"{key} must be true or false, got {getattr(config, key)!r}")
     if not isinstance(config.task_options, dict):
         problems.append(f"task_options must be a table of options, got {config.task_options!r}")
     elif not all(isinstance(key, str) for key in config.task_options):

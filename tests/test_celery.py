@@ -19,7 +19,7 @@ from nos.store import open_store, resolve_url, upgrade
 from nos.store.leases import LeaseRefused, take_lease
 from nos.store.models import Run
 
-from helpers.driver import assert_complete, finished_count, nos, run_rows, start_nos, wait_for
+from helpers.driver import assert_complete, assert_learned_once, finished_count, nos, run_rows, start_nos, wait_for
 from helpers.services import unavailable
 
 # Every test here starts Celery workers or `nos` processes against a real broker.
@@ -30,7 +30,7 @@ REDIS = "redis://127.0.0.1:6379"
 SLOW_TOML = """
 task = "digits"
 budget = 10
-batch_size = 5
+update_every = 5
 depth = 1
 seed = 5
 stale_after = 4.0
@@ -196,6 +196,7 @@ def test_a_killed_driver_is_resumed(db_url, broker, workers, slow_toml):
     resumed = nos("resume", "1", "--db", db_url, "--broker", broker)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_complete(db_url, 1, 10)
+    assert_learned_once(db_url, 1, 5)   # the asynchronous driver: no result learned from twice or lost
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -49,6 +49,8 @@ class NewEvaluation:
     cached_from: int | None = None
     rejected: bool = False
     reason: str | None = None
+    tokens: list[int] | None = None       # the sequence the searcher sampled
+    log_prob: float | None = None         # and the log-probability it was sampled with
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def enqueue_batch(session: Session, run_id: int, batch: int, entries: Sequence[N
         row = dict(run_id=run_id, rule_id=entry.rule_id, batch=batch, seq=next_seq + offset, task=entry.task,
                    task_key=entry.task_key, status="queued", attempts=0, created_at=now, cached_from=None,
                    best_lr=None, reward=None, test_acc=None, wall_seconds=None, finished_at=None,
-                   reason=entry.reason)
+                   reason=entry.reason, tokens=entry.tokens, log_prob=entry.log_prob)
         if entry.cached_from is not None:
             source = sources[entry.cached_from]
             row.update(status="cached", cached_from=source.id, best_lr=source.best_lr, reward=source.reward,

@@ -171,6 +171,10 @@ class Evaluation(Base):
     cached_from: Mapped[int | None] = mapped_column(ForeignKey("evaluations.id", ondelete="SET NULL"))
     # Why a rule was rejected without training, or which equivalent rule a fingerprint hit reused.
     reason: Mapped[str | None] = mapped_column(Text)
+    # The token sequence the searcher sampled, and its log-probability under the policy that sampled it
+    # (None for searchers without one): what an update learns from after the policy has moved on.
+    tokens: Mapped[list[int] | None] = mapped_column(JSON)
+    log_prob: Mapped[float | None] = mapped_column(Float)
 
 
 class LrTrial(Base):
