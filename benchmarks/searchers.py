@@ -15,7 +15,9 @@ until a batch passes the probe, rejections free of the budget and learned from, 
 run) against the real evaluation protocol, in one process per job. The children's seed is
 fixed (--child-seed), so every config and searcher seed sees the same reward landscape, and
 rewards are memoised by canonical text and by fingerprint in --memo (JSON lines shared by
-the jobs and by later invocations), as a run's database cache would: a rule is trained once,
+the jobs and by later invocations; benchmarks/memo/ keeps them in the repository, so a later
+checkout replays a landscape instead of training it again: delete a memo when the protocol
+changes, docs/changelog.md), as a run's database cache would: a rule is trained once,
 whoever proposes it. A killed benchmark restarted with the same memo replays what it had.
 
 Prints one markdown row per config (mean and spread over seeds): the mean reward of the last
@@ -77,6 +79,7 @@ class Memo:
 
     def __init__(self, path: Path):
         self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.by_text: dict[str, float] = {}
         self.by_fingerprint: dict[str, float] = {}
         self.read = 0
@@ -111,10 +114,10 @@ class Memo:
 
 def search(job: tuple) -> dict:
     """One searcher run to `budget` counted evaluations: its rewards in order, and counts."""
-    task_name, task_options, child_seed, budget, label, seed, memo_path = job
+    task_name, task_options, child_seed, budget, label, seed, memo_file = job
     torch.set_num_threads(1)
     task = task_of(task_name, task_options)
-    memo = Memo(Path(memo_path))
+    memo = Memo(Path(memo_file))
     name, settings = parse_config(label)
     update_every = settings.pop("update_every", settings.pop("batch_size", SearchConfig().update_every))
     warm_start = settings.pop("warm_start", None)
@@ -220,23 +223,28 @@ def main() -> None:
     parser.add_argument("--config", action="append", default=None)
     parser.add_argument("--threshold", type=float, default=0.9, help="count evaluations at or above this reward")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--memo", default=None, help="default: benchmarks/.memo-TASK.jsonl")
-    parser.add_argument("--json", default=None, help="append each run's record to this JSON-lines file")
+    parser.add_argument("--memo", default=None, help="default: benchmarks/memo/TASK[-OPTIONS]-childSEED.jsonl")
+    parser.add_argument("--json", default=None, help="append each run's record to this JSON-lines file as it "
+                        "ends; runs it already holds (same task, options, children's seed, budget) are not rerun")
     parser.add_argument("--plot", default=None, help="write the reward curves to this PNG")
     parser.add_argument("--recheck", type=int, default=0, metavar="K",
                         help="evaluate the K best found rules and the built-ins under 5 children's seeds")
     args = parser.parse_args()
     options = parse_config("x " + " ".join(args.task_option))[1]
-    memo = args.memo or str(Path(__file__).parent / f".memo-{args.task}.jsonl")
+    memo = args.memo or str(memo_path(args.task, options, args.child_seed))
     configs = args.config or list(DEFAULT_CONFIGS)
+    done = recorded_runs(args.json, args.task, options, args.child_seed, args.budget)
     jobs = [(args.task, options, args.child_seed, args.budget, label, seed, memo)
-            for label in configs for seed in args.seeds]
+            for label in configs for seed in args.seeds if (label, seed) not in done]
+    results = [done[label, seed] for label in configs for seed in args.seeds if (label, seed) in done]
     with Pool(args.jobs) as pool:
-        results = pool.map(search, jobs, chunksize=1)
-    if args.json:
-        with open(args.json, "a") as f:
-            for r in results:
-                f.write(json.dumps({"task": args.task, "budget": args.budget, **r}) + "\n")
+        for r in pool.imap_unordered(search, jobs, chunksize=1):
+            results.append(r)
+            if args.json:   # each run as it ends: a killed benchmark keeps the runs it finished
+                with open(args.json, "a") as f:
+                    f.write(json.dumps({"task": args.task, "options": options, "child_seed": args.child_seed,
+                                        "budget": args.budget, **r}) + "\n")
+    results.sort(key=lambda r: (configs.index(r["label"]), r["seed"]))
     groups = {label: [r for r in results if r["label"] == label] for label in configs}
     print(f"\n{args.task}, {args.budget} counted evaluations, searcher seeds {args.seeds}, children's seed "
           f"{args.child_seed}, torch {torch.__version__}\n")
@@ -266,6 +274,25 @@ def main() -> None:
             reward = found.get(to_text_of(rule))
             print(f"| `{shown}` | {'-' if reward is None else f'{reward:.3f}'} | {_mean_sd(val)} | "
                   f"{_mean_sd(test)} |")
+
+
+def memo_path(task: str, options: dict, child_seed: int) -> Path:
+    """The memo of one reward landscape: the task, its options and the children's seed name it."""
+    tag = "".join(f"-{key}={value}" for key, value in sorted(options.items())).replace("/", "_")
+    return Path(__file__).parent / "memo" / f"{task}{tag}-child{child_seed}.jsonl"
+
+
+def recorded_runs(path: str | None, task: str, options: dict, child_seed: int, budget: int) -> dict:
+    """(label, seed) -> the run already in the --json file for this landscape and budget."""
+    if not path or not Path(path).exists():
+        return {}
+    runs = {}
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        if (r["task"], r.get("options", {}), r.get("child_seed", 0), r["budget"]) == (task, options, child_seed,
+                                                                                      budget):
+            runs[r["label"], r["seed"]] = r
+    return runs
 
 
 def to_text_of(rule: str) -> str:
