@@ -12,7 +12,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from nos.tasks import TASKS, DataUnavailable, EvaluationResult, TrialRecord, UnknownTask, evaluate_rule, get_task
+from nos.tasks import (
+    TASKS,
+    DataUnavailable,
+    EvaluationResult,
+    TrialRecord,
+    UnknownTask,
+    evaluate_rule,
+    get_task,
+    registered_tasks,
+)
 
 from .console import make_console
 from .errors import UsageProblem
@@ -36,7 +45,8 @@ def learning_rates(ctx: click.Context, param: click.Parameter, value: str | None
 @click.command("eval")
 @click.argument("rule")
 @click.option("--task", "task_name", default="digits", show_default=True,
-              help=f"child task: {', '.join(TASKS)}")
+              help=f"child task: {', '.join([*TASKS, *registered_tasks()])} (`nos tasks` lists them), "
+                   "or your own: package.module:function")
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="initial weights, data order and the rule's noise")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")

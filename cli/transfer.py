@@ -31,9 +31,9 @@ MAX_SEEDS = 1000
 @click.command("transfer")
 @click.argument("rules", nargs=-1, metavar="RULE...")
 @click.option("--task", "task_name", default="fashion-mnist", show_default=True,
-              help=f"image task: {', '.join(TRANSFER_TASKS)}")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="Wide ResNet wrn-DEPTH-WIDTH (depth 6n+4: 10, 16, 22, 28, 40, ...)")
+              help=f"image task: {', '.join(TRANSFER_TASKS)}; or your own, package.module:function")
+@click.option("--model", help=f"Wide ResNet wrn-DEPTH-WIDTH (depth 6n+4: 10, 16, 22, 28, 40, ...) [{DEFAULT_MODEL}; "
+              "your own task: the child its factory builds]")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULT_EPOCHS, show_default=True,
               help="epochs of the final run at the best learning rate")
 @click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=3, show_default=True,
@@ -51,8 +51,8 @@ MAX_SEEDS = 1000
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
               show_default=True, help="how to print the results")
 @db_option
-def transfer_command(rules: tuple[str, ...], task_name: str, model: str, epochs: int, seeds: int, baselines: bool,
-                     lrs: tuple[float, ...] | None, train_size: int | None, val_size: int | None,
+def transfer_command(rules: tuple[str, ...], task_name: str, model: str | None, epochs: int, seeds: int,
+                     baselines: bool, lrs: tuple[float, ...] | None, train_size: int | None, val_size: int | None,
                      batch_size: int | None, data_dir: str | None, device: str, threads: int | None, fmt: str,
                      db_url: str | None) -> None:
     """Train a Wide ResNet with each RULE and with SGD, Momentum, Adam and RMSProp.
