@@ -97,10 +97,10 @@ def eval_command(rule: str, task_name: str, seed: int, device: str, data_dir: st
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
-        _print_result(console, result)
+        _print_result(console, result, task.objective.reward)
 
 
-def _print_result(console: Console, result: EvaluationResult) -> None:
+def _print_result(console: Console, result: EvaluationResult, reward: str) -> None:
     table = Table(title=f"{result.rule} on {result.task} (seed {result.seed}, {result.device})")
     for column in ("run", "lr", "epochs", "val acc", "train loss", "seconds"):
         table.add_column(column, justify="right" if column != "run" else "left")
@@ -115,6 +115,6 @@ def _print_result(console: Console, result: EvaluationResult) -> None:
     if result.best_lr is None:
         console.print("diverged at every learning rate: reward 0")
         return
-    console.print(Text.assemble("reward (final validation accuracy) ", (f"{result.reward:.4f}", "bold"),
+    console.print(Text.assemble(f"reward (final {reward}) ", (f"{result.reward:.4f}", "bold"),
                                 f"   test accuracy {result.test_acc:.4f}   best lr {result.best_lr:g}   "
                                 f"{'diverged   ' if result.diverged else ''}{result.wall_seconds:.1f} s"))
