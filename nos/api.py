@@ -2,17 +2,17 @@
 
     import nos
 
-    run = nos.search(task="mytasks:wave", searcher="ppo", budget=100, workers=2, db="sqlite:///nos.db")
+    run = nos.run_search(task="mytasks:wave", searcher="ppo", budget=100, workers=2, db="sqlite:///nos.db")
     run.leaderboard(top=5)      # the run's best rules (nos.store.LeaderboardRow)
     run.frame()                 # its evaluations as a pandas DataFrame
     run.resume()                # continue it after a Ctrl-C, a `run.stop()` or a crash
     nos.Run(3).status           # any stored run, by id
 
-`search` blocks until the budget is spent. Ctrl-C (a notebook's interrupt)
+`run_search` blocks until the budget is spent. Ctrl-C (a notebook's interrupt)
 stops the run cleanly, as in the terminal: it returns the stopped run, which
 `resume()` continues. Local workers are started the way multiprocessing's
 "spawn" starts processes, which imports the calling script again: in a
-script, call `search` under `if __name__ == "__main__":`.
+script, call `run_search` under `if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
@@ -101,13 +101,15 @@ class Run:
         return self
 
 
-def search(task: str | Callable[..., Any] = "digits", *, searcher: str | None = None, budget: int | None = None,
-           db: str | None = None, workers: int | None = None, broker: str | None = None,
-           config: str | Path | None = None, progress: bool = True, **settings: Any) -> Run:
+def run_search(task: str | Callable[..., Any] | None = None, *, searcher: str | None = None,
+               budget: int | None = None, db: str | None = None, workers: int | None = None,
+               broker: str | None = None, config: str | Path | None = None, progress: bool = True,
+               **settings: Any) -> Run:
     """Start a search and drive it here until its budget is spent; returns its Run.
 
     task: a built-in or registered task's name, "package.module:function", or the `@task_factory`
-        function itself (it must live in a module the workers can import, not in a notebook).
+        function itself (it must live in a module the workers can import, not in a notebook);
+        default: the config file's, else digits.
     searcher, budget, workers and any other key of the config file (batch_size, depth, seed,
         device, name, task_options, ...; docs/searching.md) as keywords; `config` reads them from
         a TOML file first, and the keywords given here win.
@@ -118,7 +120,7 @@ def search(task: str | Callable[..., Any] = "digits", *, searcher: str | None = 
     Bad settings raise ConfigError, a run that cannot start RunRefused (both ValueErrors), before
     anything is written.
     """
-    name = task if isinstance(task, str) else factory_name(task)
+    name = task if task is None or isinstance(task, str) else factory_name(task)
     chosen = SearchConfig.load(config, task=name, searcher=searcher, budget=budget, workers=workers, **settings)
     if broker:
         from .workers.executor import BrokerError, check_broker  # Celery only where it is used
@@ -182,4 +184,4 @@ def _quiet(_: str) -> None:
     pass
 
 
-__all__ = ["Run", "factory_name", "search"]
+__all__ = ["Run", "factory_name", "run_search"]

@@ -1,4 +1,4 @@
-"""Starting, driving, resuming and stopping a run: what `nos enqueue`, `nos resume`, `nos stop` and `nos.search` share.
+"""Starting, driving, resuming and stopping a run: what `nos enqueue`, `resume`, `stop` and `nos.run_search` share.
 
 Every check that can refuse a run (its task, its device, its checkpoint, a
 live driver) runs before anything is written, and a refusal is a RunRefused

@@ -113,6 +113,8 @@ def test_protocol_knobs_a_factory_does_not_take_are_applied_to_its_task(tasks_mo
     ("{m}:missing", UnknownTask, "has no 'missing'"),
     ("{m}_boom:blobs", TaskFactoryError, "raised ZeroDivisionError"),
     ("{m}:unmarked", TaskFactoryError, "not marked as a task factory"),
+    ("shutil:rmtree", TaskFactoryError, "not marked as a task factory"),   # a stored name calls no arbitrary code
+    ("os:sep", TaskFactoryError, "is a str, not a function"),
     ("{m}:broken", TaskFactoryError, "raised RuntimeError: no data today"),
     ("{m}:not_a_task", TaskFactoryError, "returned a list, not a nos.tasks.Task"),
     ("{m}:odd_default", TaskFactoryError, "option dtype's value torch.float64 is not plain data"),
@@ -161,6 +163,18 @@ def test_a_task_file_in_the_current_folder_is_found(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert get_task(f"{name}:blobs", lrs=[0.1]).name == f"{name}:blobs"
+
+
+def test_nos_transfer_trains_the_factorys_own_child_and_a_wide_resnet_only_on_images(tasks_module, tmp_path):
+    common = ["sgd", "--task", f"{tasks_module}:blobs", "--epochs", "1", "--seeds", "1", "--lrs", "0.1",
+              "--no-baselines", "--db", f"sqlite:///{tmp_path / 'transfer.db'}"]
+    trained = CliRunner().invoke(cli, ["transfer", *common, "--format", "json"])
+    assert trained.exit_code == 0, trained.output
+    assert '"model": "own child"' in trained.stdout
+    assert f'"name": "{tasks_module}:blobs"' in trained.stdout
+    refused = CliRunner().invoke(cli, ["transfer", *common, "--model", "wrn-10-1"])
+    assert refused.exit_code == 2
+    assert "a Wide ResNet reads images" in refused.output
 
 
 def test_nos_tasks_describes_a_factory_and_refuses_an_unknown_one(tasks_module):

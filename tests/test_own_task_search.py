@@ -1,5 +1,5 @@
 """Searching a task of your own, end to end: the task files in examples/, `nos enqueue` with local and
-with Celery workers, the leaderboard and the SQL views, and `nos.search` from a script (Ctrl-C included).
+with Celery workers, the leaderboard and the SQL views, and `nos.run_search` from a script (Ctrl-C included).
 
 The task files are found the way a user's are: on PYTHONPATH, in every process that imports them.
 """
@@ -105,7 +105,7 @@ import nos
 from wave_mlp import wave
 
 if __name__ == "__main__":
-    run = nos.search(task=wave, searcher="random", budget={budget}, batch_size=2, workers=1, seed=1,
+    run = nos.run_search(task=wave, searcher="random", budget={budget}, batch_size=2, workers=1, seed=1,
                      db=sys.argv[1], task_options={options!r})
     print("STATUS", run.id, run.status)
     best = run.leaderboard(top=3)
