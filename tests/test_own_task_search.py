@@ -121,7 +121,7 @@ def script(folder, budget: int, options: dict) -> str:
     return str(path)
 
 
-def test_nos_search_runs_a_factory_from_a_script_and_reads_the_run_back(tmp_path):
+def test_run_search_runs_a_factory_from_a_script_and_reads_the_run_back(tmp_path):
     url = f"sqlite:///{tmp_path / 'api.db'}"
     done = subprocess.run([sys.executable, script(tmp_path, 4, SMALL[WAVE]), url], capture_output=True, text=True,
                           cwd=tmp_path, env=environment(), timeout=300)
@@ -136,7 +136,7 @@ def _sigint_reaches_python() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)   # as a terminal or a notebook kernel has it
 
 
-def test_ctrl_c_stops_nos_search_cleanly_and_run_resume_finishes_it(tmp_path):
+def test_ctrl_c_stops_run_search_cleanly_and_run_resume_finishes_it(tmp_path):
     from nos.store import resolve_url, upgrade
 
     url = f"sqlite:///{tmp_path / 'interrupted.db'}"
