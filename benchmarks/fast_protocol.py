@@ -24,8 +24,9 @@ that fast / reference = (full / reference on those K) x (fast / full on all).
 Two figures bound what any fast protocol can show: the ceiling (Spearman if
 fast equalled full on every rule it trains: rejection's reward is 0 where
 full gives chance-level noise), and with --retest-seed S the full protocol
-against itself under another seed. --explode, --halving-tie and
---halving-rank measure other settings of the shortcuts' knobs.
+against itself under another seed. --explode and --halving-tie measure
+other settings of the shortcuts' knobs (sweep_traces.py replays the halving
+rankings on stored traces).
 Results go to --out as JSON lines as they come (a long run can be read early).
 """
 
@@ -145,12 +146,10 @@ def main() -> None:
                         "seed: how well full agrees with itself bounds what any fast protocol can show")
     parser.add_argument("--explode", type=float, default=None, help="fast's explosion factor [the task's default]")
     parser.add_argument("--halving-tie", type=float, default=None, help="override protocol.HALVING_TIE")
-    parser.add_argument("--halving-rank", choices=("val", "loss"), default=None, help="override protocol.HALVING_RANK")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    for name in ("halving_tie", "halving_rank"):   # to measure other settings of halving's knobs
-        if getattr(args, name) is not None:
-            setattr(protocol, name.upper(), getattr(args, name))
+    if args.halving_tie is not None:   # to measure another setting of halving's knob
+        protocol.HALVING_TIE = args.halving_tie
     if args.summary is not None:
         rows = [json.loads(line) for path in args.summary for line in Path(path).read_text().splitlines()]
         summarise(rows, args.halving_check)

@@ -1,10 +1,11 @@
 """Searchers and their settings against each other on one reward landscape.
 
     python benchmarks/searchers.py --task digits --budget 1000 --seeds 0 1 2 3 4 \\
-        [--config ppo --config "ppo batch_size=5 lr=0.01" --config random ...] \\
+        [--config ppo --config "ppo update_every=5 lr=0.01" --config random ...] \\
         [--jobs 2] [--memo FILE] [--json RUNS.jsonl] [--plot curves.png] [--recheck 3]
 
-Each --config is a searcher name, then `key=value` settings: `batch_size`, `warm_start`
+Each --config is a searcher name, then `key=value` settings: `update_every` (its old name
+`batch_size` is read too), `warm_start`
 (builtins / none) or any of the searcher's hyperparameters (nos.search.settings). Without
 --config: PPO, REINFORCE and evolution with and without the warm start, and random search,
 all at nos's defaults.
@@ -115,7 +116,7 @@ def search(job: tuple) -> dict:
     task = task_of(task_name, task_options)
     memo = Memo(Path(memo_path))
     name, settings = parse_config(label)
-    batch_size = settings.pop("batch_size", SearchConfig().batch_size)
+    update_every = settings.pop("update_every", settings.pop("batch_size", SearchConfig().update_every))
     warm_start = settings.pop("warm_start", None)
     searcher = make_searcher(name, 2, seed, warm_start=warm_start, **settings)
     rewards: list[float] = []
@@ -123,7 +124,7 @@ def search(job: tuple) -> dict:
     rejected = trained = 0
     start = time.perf_counter()
     while len(rewards) < budget:
-        proposals, verdicts = sample_step(searcher, min(batch_size, budget - len(rewards)))
+        proposals, verdicts = sample_step(searcher, min(update_every, budget - len(rewards)))
         step_rewards = []
         for proposal, verdict in zip(proposals, verdicts):
             if verdict.rejection:

@@ -26,7 +26,7 @@ import torch
 
 from nos.optim import resolve_rule
 from nos.records import TrialRecord
-from nos.tasks import get_task, protocol
+from nos.tasks import get_task
 from nos.tasks.protocol import halve
 from nos.tasks.training import Child, deterministic, initial_child
 
@@ -104,8 +104,7 @@ def choose(rates: list[dict], steps: int, factor: float, rank: str, val_cost: fl
     if rank == "none":
         group.advance(steps)
     else:
-        protocol.HALVING_RANK = rank
-        halve(group, len(rates), steps, {}, None)
+        halve(group, len(rates), steps, {}, None, rank=rank)
     finished = [i for i in group.running if group.stop_at[i] is None]   # not diverged at the epoch's end
     pick = max(finished, key=lambda i: (rates[i]["vals"]["end"], -i), default=None)
     return pick, (group.steps + group.validations * val_cost * (steps // 4)) / (steps // 4)

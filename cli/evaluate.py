@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import click
 import torch
@@ -25,47 +24,38 @@ from nos.tasks import (
 
 from .console import make_console
 from .errors import UsageProblem
+from .options import (
+    data_dir_option,
+    device_option,
+    epochs_option,
+    lrs_option,
+    sweep_option,
+    task_option,
+    threads_option,
+    train_size_option,
+    training_batch_option,
+)
 from .params import SEED
 from .rules import parse_or_exit
 
 
-def learning_rates(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
-    """The --lrs callback (shared with `nos transfer`): a comma-separated grid of positive, finite rates."""
-    if value is None:
-        return None
-    try:
-        rates = tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers such as 1e-3,1e-2, got {value!r}") from None
-    if not rates or any(not 0 < rate < math.inf for rate in rates):
-        raise click.BadParameter("learning rates must be positive, finite numbers")
-    return rates
-
-
 @click.command("eval")
 @click.argument("rule")
-@click.option("--task", "task_name", default="digits", show_default=True,
-              help=f"child task: {', '.join([*TASKS, *registered_tasks()])} (`nos tasks` lists them), "
-                   "or your own: package.module:function")
+@task_option(f"{', '.join([*TASKS, *registered_tasks()])} (`nos tasks` lists them), "
+             "or your own: package.module:function", "digits", dest="task_name")
 @click.option("--seed", type=SEED, default=0, show_default=True,
-              help="initial weights, data order and the rule's noise")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="folder with the data set's files "
-              "(default $NOS_DATA_DIR; Fashion-MNIST also /usr/share/datasets/fashion-mnist)")
-@click.option("--train-size", type=click.IntRange(min=1),
-              help="subsample the training split to N examples (rosenbrock, which has no data: N steps an epoch)")
-@click.option("--lrs", callback=learning_rates, help="learning-rate grid, comma-separated [1e-5,...,1e1]")
-@click.option("--epochs", type=click.IntRange(min=1),
-              help="epochs of the final run at the best rate [the task's: 5, fashion-mlp 3]")
+              help="Initial weights, data order and the rule's noise.")
+@device_option()
+@data_dir_option
+@train_size_option
+@lrs_option
+@epochs_option(unset="the task's: 5, fashion-mlp 3")
 @click.option("--sweep-epochs", type=click.IntRange(min=1),
-              help="epochs of each sweep trial [the task's: 1, fashion-mlp 3]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="training batch size [the task's]")
-@click.option("--sweep", type=click.Choice(["full", "halving"]),
-              help="every rate for the sweep's epochs (the paper), or successive halving over them "
-                   "[the task's: full, fashion-mlp halving]")
-@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (one is fastest per process "
-              "when several evaluate at once)")
-@click.option("--json", "as_json", is_flag=True, help="print the result as JSON instead of tables")
+              help="Epochs of each sweep trial [the task's: 1, fashion-mlp 3].")
+@training_batch_option
+@sweep_option
+@threads_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of tables.")
 def eval_command(rule: str, task_name: str, seed: int, device: str, data_dir: str | None, train_size: int | None,
                  lrs: tuple[float, ...] | None, epochs: int | None, sweep_epochs: int | None,
                  batch_size: int | None, sweep: str | None, threads: int | None, as_json: bool) -> None:

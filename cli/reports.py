@@ -16,7 +16,8 @@ from nos.store.history import rule_sweeps, run_evaluations
 from .console import console
 from .db import db_option, find_rule_or_exit, open_store_or_exit
 from .errors import UsageProblem
-from .params import ID, SEED, TEXT
+from .options import task_filter_option, window_option
+from .params import ID, SEED
 
 
 def _plots():
@@ -39,11 +40,10 @@ def _save(plots, fig, output: str) -> None:
 @click.argument("run_ids", metavar="[RUN_ID]...", nargs=-1, type=ID)
 @click.option("--sweep", "sweep_rule", metavar="RULE",
               help="Plot RULE's learning-rate sweeps (rule id, text or built-in name) instead of run curves.")
-@click.option("--task", type=TEXT, help="With --sweep: only evaluations on this task.")
+@task_filter_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), required=True,
               help="Image file to write (.png; .svg and .pdf work too).")
-@click.option("--window", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Evaluations in the curve's moving mean.")
+@window_option
 @db_option
 def plot_command(run_ids, sweep_rule, task, output, window, db_url) -> None:
     """Draw reward against evaluation for runs, or a rule's learning-rate sweeps.
@@ -93,8 +93,7 @@ def plot_command(run_ids, sweep_rule, task, output, window, db_url) -> None:
               help="HTML file to write [nos-run-RUN_ID.html].")
 @click.option("--top", type=click.IntRange(min=0), default=5, show_default=True,
               help="Rules shown with their sweeps.")
-@click.option("--window", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Evaluations in the curve's moving mean.")
+@window_option
 @db_option
 def report_command(run_id, output, top, window, db_url) -> None:
     """Write one self-contained HTML page about a run.

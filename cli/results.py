@@ -18,7 +18,9 @@ from nos.store.models import Evaluation, Rule
 from .console import console
 from .db import db_option, find_rule_or_exit, open_store_or_exit
 from .errors import UsageProblem
-from .params import ID, TEXT
+from .options import broker_option, task_filter_option
+from .params import ID
+from .worker import check_broker_or_exit
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -59,7 +61,7 @@ def print_leaderboard(session: Session, top: int, run_id: int | None = None, tas
 
 @click.command("leaderboard")
 @click.option("--run", "run_id", type=ID, help="Only this run.")
-@click.option("--task", type=TEXT, help="Only this task.")
+@task_filter_option
 @click.option("--top", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--group-equivalent", is_flag=True,
@@ -101,18 +103,17 @@ def runs_command(db_url) -> None:
 @click.command("status")
 @click.argument("run_id", type=ID, required=False)
 @db_option
-@click.option("--broker", "broker_url", envvar="NOS_BROKER_URL", default=None, metavar="URL",
-              help="Also list the Celery workers that answer a ping [env NOS_BROKER_URL].")
+@broker_option
 def status_command(run_id, db_url, broker_url) -> None:
-    """A run's counts by status and its evaluations in flight (default: the latest run)."""
+    """A run's counts by status and its evaluations in flight (default: the latest run).
+
+    With --broker, also the Celery workers that answer a ping.
+    """
     store = open_store_or_exit(db_url)
     if broker_url:
-        from nos.workers.executor import BrokerError, check_broker, live_workers
+        from nos.workers.executor import live_workers
 
-        try:
-            check_broker(broker_url)
-        except BrokerError as exc:
-            raise UsageProblem(str(exc)) from None
+        check_broker_or_exit(broker_url)
         names = live_workers(broker_url)
         console.print(f"{len(names)} live worker{'s' if len(names) != 1 else ''}: {', '.join(names) or '-'}")
     with store.reading() as session:

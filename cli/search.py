@@ -18,9 +18,18 @@ from nos.store.leases import LeaseRefused
 from .console import console
 from .db import db_option, open_store_or_exit, store_for_writing
 from .errors import UsageProblem
-from .params import ID, TEXT
+from .options import (
+    broker_option,
+    data_dir_option,
+    detach_option,
+    device_option,
+    sweep_option,
+    task_option,
+    train_size_option,
+)
+from .params import ID, SEED, TEXT
 from .results import print_leaderboard
-from .worker import broker_option, check_broker_or_exit
+from .worker import check_broker_or_exit
 
 
 def _refused_to_usage(check, *args, **kwargs):
@@ -75,35 +84,40 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
 
 
 @click.command("enqueue")
-@click.option("--task", help="Child task: digits (default), fashion-mnist, fashion-mlp, cifar10, quadratic, "
-              "rosenbrock, a registered one (`nos tasks`), or your own: package.module:function.")
+@task_option("digits, fashion-mnist, fashion-mlp, cifar10, quadratic, rosenbrock, a registered one (`nos tasks`), "
+             "or your own: package.module:function", unset="digits")
 @click.option("--searcher", type=click.Choice(list(SEARCHERS)), help="Search strategy [ppo].")
 @click.option("--budget", type=int, help="Evaluations trained or answered from the cache; rejections are free [200].")
-@click.option("--batch-size", type=int, help="Counted evaluations per controller step [5].")
+@click.option("--update-every", type=int, help="Counted results per controller update [5].")
+@click.option("--synchronous/--asynchronous", default=None,
+              help="Propose, wait for every result, learn (reproducible), or keep --in-flight evaluations going "
+                   "and learn every --update-every results [asynchronous].")
+@click.option("--in-flight", type=int, help="Evaluations the asynchronous driver keeps queued or running "
+                                            "[workers x 2].")
 @click.option("--warm-start", type=click.Choice(["builtins", "none"]),
               help="Start the searcher from the built-in rules [builtins for evolution, none otherwise].")
 @click.option("--depth", type=click.IntRange(1, 3), help="Rule depth: 1, 2 or 3 [2].")
-@click.option("--seed", type=int, help="Seeds the searcher and the children's initial weights [0].")
+@click.option("--seed", type=SEED, help="Seeds the searcher and the children's initial weights [0].")
 @click.option("--workers", type=int, help="Local worker processes [number of cores].")
-@click.option("--device", help="Where children train: cpu, cuda, cuda:N [cpu].")
+@device_option(None, unset="cpu")
 @click.option("--name", type=TEXT, help="A label for the run.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with the task's data files.")
-@click.option("--train-size", type=int, help="Subsample the training set to N examples (rosenbrock: N steps an epoch).")
-@click.option("--sweep", type=click.Choice(["full", "halving"]),
-              help="Learning-rate sweep: every rate for an epoch (the paper) or successive halving [full].")
+@data_dir_option
+@train_size_option
+@sweep_option
 @click.option("--probe/--no-probe", default=None,
               help="Fingerprint rules and reject hopeless ones before training [probe].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="TOML file with any of these keys (flags given on the command line win).")
-@click.option("--detach", is_flag=True, help="Send the driver loop to a worker on the `control` queue and return.")
+@detach_option
 @db_option
 @broker_option
 def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_size, sweep, **flags) -> None:
     """Start a search and drive it in the foreground until its budget is spent.
 
     Prints the RUN_ID first. Ctrl-C stops the run cleanly; `nos resume RUN_ID`
-    continues it. With --broker, Celery workers (`nos worker`) train the
-    evaluations; with --detach too, a worker on the `control` queue drives it.
+    continues it. Without --broker, local worker processes train the
+    evaluations; with it, Celery workers (`nos worker`) do, and with --detach
+    too, a worker on the `control` queue drives the run.
     """
     try:
         config = SearchConfig.load(config_file, **flags)
@@ -144,7 +158,7 @@ def _start(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
 
 @click.command("resume")
 @click.argument("run_id", type=ID)
-@click.option("--detach", is_flag=True, help="Send the driver loop to a worker on the `control` queue and return.")
+@detach_option
 @db_option
 @broker_option
 def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: str | None) -> None:

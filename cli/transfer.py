@@ -18,7 +18,16 @@ from nos.tasks.transfer import DEFAULT_EPOCHS, DEFAULT_MODEL, TRANSFER_TASKS, tr
 from .console import console, make_console
 from .db import db_option, store_for_writing
 from .errors import UsageProblem
-from .evaluate import learning_rates
+from .options import (
+    data_dir_option,
+    device_option,
+    epochs_option,
+    lrs_option,
+    task_option,
+    threads_option,
+    train_size_option,
+    training_batch_option,
+)
 from .rules import parse_or_exit
 
 # The paper's Table 1 baselines, each tuned by the same sweep as the rules under test.
@@ -30,26 +39,24 @@ MAX_SEEDS = 1000
 
 @click.command("transfer")
 @click.argument("rules", nargs=-1, metavar="RULE...")
-@click.option("--task", "task_name", default="fashion-mnist", show_default=True,
-              help=f"image task: {', '.join(TRANSFER_TASKS)}; or your own, package.module:function")
-@click.option("--model", help=f"Wide ResNet wrn-DEPTH-WIDTH (depth 6n+4: 10, 16, 22, 28, 40, ...) [{DEFAULT_MODEL}; "
-              "your own task: the child its factory builds]")
-@click.option("--epochs", type=click.IntRange(min=1), default=DEFAULT_EPOCHS, show_default=True,
-              help="epochs of the final run at the best learning rate")
+@task_option(f"{', '.join(TRANSFER_TASKS)}, or your own: package.module:function", "fashion-mnist",
+             dest="task_name")
+@click.option("--model", help=f"Wide ResNet wrn-DEPTH-WIDTH (depth 6n+4: 10, 16, 22, 28, 40, ...) "
+              f"[{DEFAULT_MODEL}; your own task: the child its factory builds].")
+@epochs_option(DEFAULT_EPOCHS)
 @click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=3, show_default=True,
-              help="train each rule with seeds 0..K-1 (initial weights, data order, the rule's noise)")
+              help="Train each rule with seeds 0..K-1 (initial weights, data order, the rule's noise).")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
-              help=f"also train {', '.join(BASELINES)}")
-@click.option("--lrs", callback=learning_rates, help="learning-rate grid, comma-separated [1e-5,...,1e1]")
-@click.option("--train-size", type=click.IntRange(min=1), help="subsample the training split to N examples")
-@click.option("--val-size", type=click.IntRange(min=1), help="validation examples carved from training [5000]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="training batch size [128]")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="folder with the data set's files "
-              "(default $NOS_DATA_DIR; Fashion-MNIST also /usr/share/datasets/fashion-mnist)")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
-@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads")
+              help=f"Also train {', '.join(BASELINES)}.")
+@lrs_option
+@train_size_option
+@click.option("--val-size", type=click.IntRange(min=1), help="Validation examples carved from training [5000].")
+@training_batch_option
+@data_dir_option
+@device_option()
+@threads_option
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
-              show_default=True, help="how to print the results")
+              show_default=True, help="How to print the results.")
 @db_option
 def transfer_command(rules: tuple[str, ...], task_name: str, model: str | None, epochs: int, seeds: int,
                      baselines: bool, lrs: tuple[float, ...] | None, train_size: int | None, val_size: int | None,
@@ -66,16 +73,7 @@ def transfer_command(rules: tuple[str, ...], task_name: str, model: str | None, 
     reads finished results instead of training, and continues unfinished ones.
     RULE is rule text such as "g * exp(sign(g) * sign(m))" or a built-in name.
     """
-    names = list(rules) + (list(BASELINES) if baselines else [])
-    if not names:
-        raise UsageProblem("nothing to train: give a RULE, or leave out --no-baselines")
-    trees, labels = [], {}
-    for name in names:
-        tree = parse_or_exit(name)
-        text = to_text(tree)
-        if text not in labels:   # `adam` given and a baseline: trained once
-            trees.append(tree)
-            labels[text] = name if name.strip().lower() in BUILTINS else text
+    trees, labels = _rules_to_train(rules, baselines)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -84,35 +82,12 @@ def transfer_command(rules: tuple[str, ...], task_name: str, model: str | None, 
     except (UnknownTask, DataUnavailable, ValueError) as exc:
         raise UsageProblem(str(exc)) from None
 
-    from nos.transfer import TransferSuperseded, run_transfer, summarize
+    from nos.transfer import summarize
 
     messages = make_console(stderr=True)
     store = store_for_writing(db_url, messages.print)
-    per_run = len(task.lrs) + task.epochs
-    results, reused = [], 0
-    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=messages, transient=True) as progress:
-            bar = progress.add_task("", total=len(trees) * seeds * per_run)
-            for seed in range(seeds):
-                for tree in trees:
-                    label = labels[to_text(tree)]
-                    start = progress.tasks[0].completed
-                    progress.update(bar, description=f"{label} seed {seed}")
-
-                    def trial(record, label=label, seed=seed) -> None:
-                        progress.update(bar, advance=1, description=f"{label} seed {seed}: sweep lr={record.lr:g}")
-
-                    def epoch(record, label=label, seed=seed) -> None:
-                        progress.update(bar, advance=1, description=f"{label} seed {seed}: epoch {record.epoch}")
-
-                    try:
-                        outcome = run_transfer(store, tree, task, seed, on_trial=trial, on_epoch=epoch)
-                    except TransferSuperseded as exc:
-                        raise click.ClickException(str(exc)) from None
-                    reused += outcome.reused
-                    results.append(outcome.result)
-                    progress.update(bar, completed=start + per_run)
+        results, reused = _train_all(store, trees, labels, task, seeds, messages)
     except KeyboardInterrupt:
         messages.print("interrupted: what finished is stored; the same command continues from there")
         raise SystemExit(130) from None
@@ -126,23 +101,75 @@ def transfer_command(rules: tuple[str, ...], task_name: str, model: str | None, 
         click.echo(json.dumps({"task": task.to_dict(), "task_key": task.config_key(), "seeds": list(range(seeds)),
                                "results": [r.to_dict() for r in results],
                                "summary": [_summary_dict(row, labels) for row in rows]}))
-        return
-    sizes = task.splits.sizes
-    title = (f"{task.options['model']} on {task.name} ({sizes['train']:,} train / {sizes['val']:,} val / "
-             f"{sizes['test']:,} test), {task.epochs} epochs, batch {task.batch_size}, "
-             f"seeds 0-{seeds - 1}, {task.device}: mean ± std over seeds")
-    if fmt == "markdown":
-        click.echo(_markdown(title, rows, labels))
+    elif fmt == "markdown":
+        click.echo(_markdown(_title(task, seeds), rows, labels))
     else:
-        table = Table(title=title)
-        table.add_column("optimizer")
-        table.add_column("best lr", justify="right")
-        for column in COLUMNS:
-            table.add_column(column, justify="right")
-        table.add_column("seconds (all seeds)", justify="right")
-        for row in rows:
-            table.add_row(*_cells(row, labels))
-        console.print(table)
+        console.print(_table(_title(task, seeds), rows, labels))
+
+
+def _rules_to_train(rules: tuple[str, ...], baselines: bool) -> tuple[list, dict[str, str]]:
+    """The distinct rules to train (parsed; the baselines after the RULEs) and each one's label by canonical text."""
+    names = list(rules) + (list(BASELINES) if baselines else [])
+    if not names:
+        raise UsageProblem("nothing to train: give a RULE, or leave out --no-baselines")
+    trees, labels = [], {}
+    for name in names:
+        tree = parse_or_exit(name)
+        text = to_text(tree)
+        if text not in labels:   # `adam` given and a baseline: trained once
+            trees.append(tree)
+            labels[text] = name if name.strip().lower() in BUILTINS else text
+    return trees, labels
+
+
+def _train_all(store, trees: list, labels: dict[str, str], task, seeds: int, messages) -> tuple[list, int]:
+    """Every rule with every seed, under a progress bar: (their results, how many were read back from `store`)."""
+    from nos.transfer import TransferSuperseded, run_transfer
+
+    per_run = len(task.lrs) + task.epochs
+    results, reused = [], 0
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=messages, transient=True) as progress:
+        bar = progress.add_task("", total=len(trees) * seeds * per_run)
+        for seed in range(seeds):
+            for tree in trees:
+                label = labels[to_text(tree)]
+                start = progress.tasks[0].completed
+                progress.update(bar, description=f"{label} seed {seed}")
+
+                def trial(record, label=label, seed=seed) -> None:
+                    progress.update(bar, advance=1, description=f"{label} seed {seed}: sweep lr={record.lr:g}")
+
+                def epoch(record, label=label, seed=seed) -> None:
+                    progress.update(bar, advance=1, description=f"{label} seed {seed}: epoch {record.epoch}")
+
+                try:
+                    outcome = run_transfer(store, tree, task, seed, on_trial=trial, on_epoch=epoch)
+                except TransferSuperseded as exc:
+                    raise click.ClickException(str(exc)) from None
+                reused += outcome.reused
+                results.append(outcome.result)
+                progress.update(bar, completed=start + per_run)
+    return results, reused
+
+
+def _title(task, seeds: int) -> str:
+    sizes = task.splits.sizes
+    return (f"{task.options['model']} on {task.name} ({sizes['train']:,} train / {sizes['val']:,} val / "
+            f"{sizes['test']:,} test), {task.epochs} epochs, batch {task.batch_size}, "
+            f"seeds 0-{seeds - 1}, {task.device}: mean ± std over seeds")
+
+
+def _table(title: str, rows, labels: dict[str, str]) -> Table:
+    table = Table(title=title)
+    table.add_column("optimizer")
+    table.add_column("best lr", justify="right")
+    for column in COLUMNS:
+        table.add_column(column, justify="right")
+    table.add_column("seconds (all seeds)", justify="right")
+    for row in rows:
+        table.add_row(*_cells(row, labels))
+    return table
 
 
 def _cells(row, labels: dict[str, str]) -> list[str]:

@@ -9,11 +9,9 @@ import click
 
 from nos.store import URL_ENV_VAR, StoreError, open_store, resolve_url
 
+from .db import db_option
 from .errors import UsageProblem
-
-broker_option = click.option(
-    "--broker", "broker_url", envvar="NOS_BROKER_URL", default=None, metavar="URL",
-    help="Celery broker, redis://HOST:6379/0 [env NOS_BROKER_URL]; without one, workers are local processes.")
+from .options import broker_option, device_option
 
 
 def check_broker_or_exit(broker_url: str) -> None:
@@ -43,10 +41,9 @@ def _check_device(device: str | None, queues: list[str]) -> None:
               help="Comma-separated queues to take work from: cpu, gpu, control.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
               help="Evaluations trained at once (worker processes).")
-@click.option("--device", default=None, help="Where children train: cpu, cuda, cuda:N [the run's device].")
+@device_option(None, unset="the run's device")
 @click.option("--name", default=None, help="Worker name [nos-QUEUES@HOST].")
-@click.option("--db", "db_url", envvar=URL_ENV_VAR, default=None, metavar="URL",
-              help=f"The database the runs live in [env {URL_ENV_VAR}; default sqlite:///nos.db].")
+@db_option
 @broker_option
 def worker_command(queues, concurrency, device, name, db_url, broker_url) -> None:
     """Start a Celery worker (runs until stopped with Ctrl-C or SIGTERM)."""

@@ -31,7 +31,7 @@ class SearchConfig:
     task: str = "digits"                   # child task: digits, fashion-mnist, cifar10, quadratic, rosenbrock
     searcher: str = "ppo"                  # ppo, reinforce, random or evolution
     budget: int = 200                      # evaluations trained or answered from the cache (rejections are free)
-    batch_size: int = 5                    # counted evaluations per controller step
+    update_every: int = 5                  # counted results per controller update
     depth: int = 2                         # rule depth: 1, 2 or 3 (5, 13, 29 tokens)
     seed: int = 0                          # seeds the searcher (and the children, unless child_seed is set)
     child_seed: int | None = None          # seeds every child's initial weights and batch order; default: seed
@@ -40,7 +40,7 @@ class SearchConfig:
     device: str = "cpu"                    # where children train: cpu, cuda, cuda:1
     name: str = ""                         # a label for `nos runs`; defaults to TASK-SEARCHER
     task_options: dict[str, Any] = field(default_factory=dict)   # data_dir, train_size, lrs, epochs, ...
-    controller: dict[str, Any] = field(default_factory=dict)     # the searcher's settings (search/settings.py)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)   # the searcher's (search/settings.py)
     # A dead worker's evaluation is requeued within stale_after of its last heartbeat; a live one beats
     # five times in that span, so only a worker silent for all five (dead, frozen, or cut off from the
     # database) loses it.
@@ -48,9 +48,14 @@ class SearchConfig:
     max_attempts: int = 3                  # claims of one evaluation before it is failed
     heartbeat_every: float = 5.0           # seconds between a worker's heartbeats
     probe: bool = True                     # fingerprint rules and reject hopeless ones before training
+    # The synchronous driver proposes update_every rules, waits for all of them, learns, and proposes
+    # again: bit-for-bit reproducible. The asynchronous one keeps in_flight evaluations queued or
+    # running and learns whenever update_every new results have arrived.
+    synchronous: bool = False
+    in_flight: int | None = None           # evaluations kept queued or running; default workers x pack x 2
 
     def __post_init__(self) -> None:
-        problems = [*_check_fields(self), *_check_controller(self.searcher, self.controller)]
+        problems = [*_check_fields(self), *_check_hyperparameters(self.searcher, self.hyperparameters)]
         if _is_seconds(self.heartbeat_every) and _is_seconds(self.stale_after) \
                 and self.heartbeat_every * 2 > self.stale_after:
             problems.append("heartbeat_every must be at most half of stale_after, or live workers look dead")
@@ -63,6 +68,13 @@ class SearchConfig:
         return self.seed if self.child_seed is None else self.child_seed
 
     @property
+    def target_in_flight(self) -> int:
+        """Evaluations the asynchronous driver keeps queued or running."""
+        if self.in_flight is not None:
+            return self.in_flight
+        return self.workers * getattr(self, "pack", 1) * 2
+
+    @property
     def label(self) -> str:
         return self.name or f"{self.task}-{self.searcher}"
 
@@ -73,6 +85,7 @@ class SearchConfig:
     def from_dict(cls, data: dict[str, Any]) -> "SearchConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"a config is a table of keys, got {type(data).__name__}")
+        data = _renamed_keys(_renamed(data))
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -97,7 +110,37 @@ class SearchConfig:
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
         data.update({k: v for k, v in overrides.items() if v is not None})
+        if "batch_size" in data:   # the old name in a user's file: a new run, not a stored one, so today's default
+            data.setdefault("synchronous", False)
         return cls.from_dict(data)
+
+
+# Keys read under an earlier name (runs store their config, users keep their files): old -> new.
+RENAMED_KEYS = {"controller": "hyperparameters"}
+
+
+def _renamed_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with each earlier key under its present name; both names at once is an error."""
+    both = [old for old, new in RENAMED_KEYS.items() if old in data and new in data]
+    if both:
+        raise ConfigError("; ".join(f"{old} and {RENAMED_KEYS[old]} are one key (give it once, "
+                                    f"as {RENAMED_KEYS[old]})" for old in both))
+    return {RENAMED_KEYS.get(key, key): value for key, value in data.items()}
+
+
+def _renamed(data: dict[str, Any]) -> dict[str, Any]:
+    """A config written before `update_every` replaced `batch_size`, in today's keys.
+
+    Such a config was stored by a run of the synchronous driver, the only one there was then,
+    and its checkpoints are the synchronous driver's: it resumes synchronously.
+    """
+    if "batch_size" not in data:
+        return data
+    if "update_every" in data:
+        raise ConfigError("batch_size is the old name of update_every: give one of them")
+    renamed = {("update_every" if key == "batch_size" else key): value for key, value in data.items()}
+    renamed.setdefault("synchronous", True)
+    return renamed
 
 
 # -- validation: every value is checked here, before a run row is written ------
@@ -105,7 +148,7 @@ class SearchConfig:
 # Seeds are drawn from torch and numpy generators and stored as JSON: one 32-bit range for all.
 MAX_SEED = 2**32 - 1
 # Rules proposed at once are sampled, probed and stored in one transaction: this many fit in memory.
-MAX_BATCH_SIZE = 10_000
+MAX_AT_ONCE = 10_000
 # Evaluation numbers (`seq`) are 32-bit integers in the database.
 MAX_BUDGET = 2**31 - 1
 MAX_WORKERS = 1024
@@ -115,12 +158,12 @@ MAX_NAME = 200                  # the runs.name column
 MAX_TASK_NAME = 100             # the runs.task column
 # Devices nos trains on; whether one is present is checked when the task is built.
 DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?|mps")
-# The controller's whole-number settings: (least, most). Larger networks than these do not fit.
-CONTROLLER_INTS = {"hidden": (1, 4096), "embedding": (1, 4096), "epochs": (1, 1000)}
-CONTROLLER_INT_DEFAULT = (1, 1_000_000)
-# The controller's real-valued settings: (least, most), ends included.
-CONTROLLER_REALS = {"baseline_decay": (0.0, 1.0), "clip": (0.0, 1.0)}
-CONTROLLER_REAL_DEFAULT = (0.0, 1e6)
+# The searchers' whole-number hyperparameters: (least, most). Larger networks than these do not fit.
+HYPERPARAMETER_INTS = {"hidden": (1, 4096), "embedding": (1, 4096), "epochs": (1, 1000)}
+HYPERPARAMETER_INT_DEFAULT = (1, 1_000_000)
+# The searchers' real-valued hyperparameters: (least, most), ends included.
+HYPERPARAMETER_REALS = {"baseline_decay": (0.0, 1.0), "clip": (0.0, 1.0)}
+HYPERPARAMETER_REAL_DEFAULT = (0.0, 1e6)
 
 
 def _is_whole(value: Any) -> bool:
@@ -154,7 +197,7 @@ def _text(key: str, value: Any, longest: int, empty_ok: bool) -> list[str]:
 
 
 def _check_fields(config: "SearchConfig") -> list[str]:
-    """What is wrong with the config's own keys (the controller's are checked apart)."""
+    """What is wrong with the config's own keys (the searcher's hyperparameters are checked apart)."""
     problems = [*_text("task", config.task, MAX_TASK_NAME, empty_ok=False),
                 *_text("name", config.name, MAX_NAME, empty_ok=True)]
     if not isinstance(config.searcher, str) or config.searcher not in SEARCHERS:
@@ -162,7 +205,9 @@ def _check_fields(config: "SearchConfig") -> list[str]:
     if not (_is_whole(config.depth) and config.depth in (1, 2, 3)):
         problems.append(f"depth must be 1, 2 or 3, got {config.depth!r}")
     problems += _whole("budget", config.budget, 1, MAX_BUDGET)
-    problems += _whole("batch_size", config.batch_size, 1, MAX_BATCH_SIZE)
+    problems += _whole("update_every", config.update_every, 1, MAX_AT_ONCE)
+    if config.in_flight is not None:
+        problems += _whole("in_flight", config.in_flight, 1, MAX_AT_ONCE)
     problems += _whole("workers", config.workers, 1, MAX_WORKERS)
     problems += _whole("max_attempts", config.max_attempts, 1, MAX_ATTEMPTS)
     problems += _whole("seed", config.seed, 0, MAX_SEED)
@@ -178,8 +223,9 @@ def _check_fields(config: "SearchConfig") -> list[str]:
         if not _is_seconds(getattr(config, key)):
             problems.append(f"{key} must be a number of seconds above 0 and at most {MAX_SECONDS:,}, "
                             f"got {getattr(config, key)!r}")
-    if not isinstance(config.probe, bool):
-        problems.append(f"probe must be true or false, got {config.probe!r}")
+    for key in ("probe", "synchronous"):
+        if not isinstance(getattr(config, key), bool):
+            problems.append(f"{key} must be true or false, got {getattr(config, key)!r}")
     if not isinstance(config.task_options, dict):
         problems.append(f"task_options must be a table of options, got {config.task_options!r}")
     elif not all(isinstance(key, str) for key in config.task_options):
@@ -189,37 +235,38 @@ def _check_fields(config: "SearchConfig") -> list[str]:
     return problems
 
 
-def _check_controller(searcher: Any, controller: Any) -> list[str]:
-    """The `[controller]` table against the searcher's settings: known keys, each of its type and range."""
-    if not isinstance(controller, dict):
-        return [f"controller must be a table of settings, got {controller!r}"]
+def _check_hyperparameters(searcher: Any, hyperparameters: Any) -> list[str]:
+    """The `[hyperparameters]` table against the searcher's settings: known keys, each of its type and range."""
+    if not isinstance(hyperparameters, dict):
+        return [f"hyperparameters must be a table of settings, got {hyperparameters!r}"]
     settings = SEARCHER_SETTINGS.get(searcher) if isinstance(searcher, str) else None
     if settings is None:
-        if controller and searcher in SEARCHER_SETTINGS:
-            return [f"{searcher} search takes no controller settings"]
+        if hyperparameters and searcher in SEARCHER_SETTINGS:
+            return [f"{searcher} search takes no hyperparameters"]
         return []
     defaults = {f.name: f.default for f in fields(settings)}
-    unknown = set(controller) - set(defaults)
+    unknown = set(hyperparameters) - set(defaults)
     if unknown:
-        return [f"unknown controller keys {', '.join(sorted(map(str, unknown)))}; "
+        return [f"unknown hyperparameters {', '.join(sorted(map(str, unknown)))}; "
                 f"{searcher} knows: {', '.join(sorted(defaults))}"]
     problems = []
-    for key, value in controller.items():
+    for key, value in hyperparameters.items():
         default = defaults[key]
         if isinstance(default, bool):
             if not isinstance(value, bool):
-                problems.append(f"controller.{key} must be true or false, got {value!r}")
+                problems.append(f"hyperparameters.{key} must be true or false, got {value!r}")
         elif isinstance(default, int):
-            problems += _whole(f"controller.{key}", value, *CONTROLLER_INTS.get(key, CONTROLLER_INT_DEFAULT))
+            least, most = HYPERPARAMETER_INTS.get(key, HYPERPARAMETER_INT_DEFAULT)
+            problems += _whole(f"hyperparameters.{key}", value, least, most)
         elif isinstance(default, float):
-            least, most = CONTROLLER_REALS.get(key, CONTROLLER_REAL_DEFAULT)
+            least, most = HYPERPARAMETER_REALS.get(key, HYPERPARAMETER_REAL_DEFAULT)
             if not (_is_real(value) and least <= value <= most):
-                problems.append(f"controller.{key} must be a number from {least:g} to {most:g}, got {value!r}")
+                problems.append(f"hyperparameters.{key} must be a number from {least:g} to {most:g}, got {value!r}")
         elif isinstance(default, str) and not isinstance(value, str):
-            problems.append(f"controller.{key} must be a string, got {value!r}")
+            problems.append(f"hyperparameters.{key} must be a string, got {value!r}")
     if not problems:
         try:
-            settings(**controller)
+            settings(**hyperparameters)
         except (TypeError, ValueError) as exc:
-            problems.append(f"controller: {exc}")
+            problems.append(f"hyperparameters: {exc}")
     return problems

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from sqlalchemy.exc import DBAPIError
 
 from .config import ConfigError, SearchConfig
-from .store import Store, StoreError, create_run, get_run, set_run_status, shown
+from .store import Store, create_run, get_run, set_run_status, shown
 from .store.engine import first_line
 from .store.leases import DRIVABLE, LeaseRefused, clear_dead_lease, read_lease, release_lease, take_lease, this_process
 
@@ -45,15 +45,13 @@ def check_task(config: SearchConfig, broker_url: str | None) -> None:
 def store_for_writing(db_url: str | None, say: Callable[[str], Any] = print) -> Store:
     """The store at `db_url`, writable; a database with no nos schema yet (a new SQLite file) is created
     first, and `say` tells so. StoreError when it cannot be opened or written."""
-    from .store import check_writable, open_store, resolve_url, schema_state, upgrade
+    from .store import DatabaseMissing, check_writable, open_store, resolve_url, schema_state, upgrade
 
     url = resolve_url(db_url)
     try:
         fresh = schema_state(url).current is None
-    except StoreError as exc:
-        fresh = "no database at" in str(exc)
-        if not fresh:
-            raise
+    except DatabaseMissing:
+        fresh = True
     if fresh:
         upgrade(url)
         say(f"created database {shown(url)}")
@@ -153,7 +151,7 @@ def request_stop(store: Store, run_id: int) -> bool:
         run = get_run(session, run_id)
         if run is None:
             raise RunRefused(f"no run {run_id} in {shown(store.url)}; `nos runs` lists them")
-        if run.status not in ("running", "stopping"):
+        if run.status not in DRIVABLE:
             raise RunRefused(f"run {run_id} is {run.status}, not running")
         driverless = clear_dead_lease(session, run_id)
         set_run_status(session, run_id, "stopped" if driverless else "stopping")

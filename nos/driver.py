@@ -1,4 +1,8 @@
-"""The search loop of one run:
+"""The search loop of one run, in one of two modes (config `synchronous`).
+
+The asynchronous loop (the default; nos/asynchronous.py) keeps `in_flight`
+evaluations queued or running and updates the searcher whenever
+`update_every` new results have arrived. The synchronous loop, here:
 
     propose a batch -> store its rules, queued evaluations and a checkpoint in one
     transaction -> dispatch the ids -> wait, reading rewards from the database ->
@@ -7,7 +11,7 @@
 The budget counts evaluations that train or are answered from the cache.
 Proposals the probe rejects cost milliseconds: they are stored (status
 `rejected`, reward 0) and the searcher learns from them, but a step keeps
-proposing until it has `batch_size` counted evaluations (or what is left of
+proposing until it has `update_every` counted evaluations (or what is left of
 the budget). A step that meets MAX_REJECTED_PER_STEP rejections first stops
 the run with SearchStuck. Evaluations that `failed` (a crashed worker, a bug:
 not the rule's fault) count toward the budget but are left out of learning.
@@ -32,7 +36,7 @@ from sqlalchemy import func, select
 from .config import SearchConfig
 from .executors import Executor
 from .lease import DriverLease
-from .resume import CheckpointUnreadable, restore_searcher
+from .resume import restore_searcher
 from .rules.fingerprint import Verdict, probe
 from .search import Proposal, Searcher, make_searcher, state_to_bytes
 from .store import (
@@ -52,12 +56,9 @@ from .store import (
     set_run_status,
 )
 from .store.evaluations import release_claims
-from .store.models import Evaluation
+from .store.models import COUNTED_STATUSES as COUNTED, FINISHED_STATUSES as FINISHED, Evaluation
 from .work import task_for, task_key
 
-FINISHED = ("done", "diverged", "failed", "cached", "rejected")
-# What the budget counts: every evaluation but the rejected ones.
-COUNTED = ("queued", "running", "done", "diverged", "failed", "cached")
 POLL_SECONDS = 0.2
 # Rejected proposals a step may make before the run stops: a searcher stuck on hopeless rules.
 MAX_REJECTED_PER_STEP = 1000
@@ -120,7 +121,7 @@ class Driver:
         self.task = task_for(config, "cpu")
         self.task_key = task_key(self.task, config.children_seed)
         self.searcher: Searcher = make_searcher(config.searcher, config.depth, config.seed,
-                                                warm_start=config.warm_start, **config.controller)
+                                                warm_start=config.warm_start, **config.hyperparameters)
         self.best: float | None = None
         # Repeats of a rule within the open batch, held back until the first is scored
         # (then a worker copies its result): evaluation id -> the first one's id.
@@ -136,93 +137,120 @@ class Driver:
         LeaseRefused: another driver is alive; LeaseLost: another took over, and this one wrote nothing more.
         """
         with self.lease:
-            return self._drive()
+            if self.config.synchronous:
+                return self._guarded(self._drive)
+            from .asynchronous import AsynchronousLoop
 
-    def _drive(self) -> str:
-        step, tokens = self._restore()
+            return self._guarded(AsynchronousLoop(self).drive)
+
+    def _guarded(self, drive: Callable[[], None]) -> str:
+        """Run `drive` to the end of the budget; a stop or an error leaves the run consistent."""
         try:
-            while True:
-                batch = self._batch(step)
-                if not batch:
-                    if self._count(statuses=COUNTED) >= self.config.budget:
-                        break
-                    tokens = self._propose(step)
-                else:   # resumed in the middle of this batch
-                    self._dispatch([e.id for e in batch if e.status == "queued"])
-                scored = self._wait(step)
-                self.searcher.observe([tokens[i] for i in scored], [scored[i] for i in scored])
-                step += 1
+            drive()
         except (KeyboardInterrupt, StopRequested):
             self._stop()
             return "stopped"
         except Exception as exc:   # mark the run failed (resumable), then let the caller see why
             self._fail(exc)
             raise
+        return "completed"
+
+    def _drive(self) -> None:
+        step, tokens = self._restore()
+        while True:
+            batch = self._batch(step)
+            if not batch:
+                if self._count(statuses=COUNTED) >= self.config.budget:
+                    break
+                tokens = self._propose(step)
+            else:   # resumed in the middle of this batch
+                self._dispatch([e.id for e in batch if e.status == "queued"])
+            scored = self._wait(step)
+            self.searcher.observe([tokens[i] for i in scored], [scored[i] for i in scored])
+            step += 1
+        self._complete(step, {"batch": step, "tokens": []})
+
+    def _complete(self, step: int, state: dict) -> None:
+        """The final checkpoint and the run's end, in one transaction."""
         with self.store.transaction() as session:
             self.lease.release(session)
-            save_checkpoint(session, self.run_id, step, {"batch": step, "tokens": []}, self._rng_state(),
+            save_checkpoint(session, self.run_id, step, state, self._rng_state(),
                             state_to_bytes(self.searcher.state_dict()))
             set_run_status(session, self.run_id, "completed")
-        return "completed"
 
     def _restore(self) -> tuple[int, list[list[int]]]:
         with self.store.reading() as session:
             checkpoint = latest_checkpoint(session, self.run_id)
             if checkpoint is None:
                 return 0, []
-            try:
-                tokens = restore_searcher(self.searcher, checkpoint)
-            except CheckpointUnreadable as exc:   # failed, with the reason; not left "running"
-                self._fail(exc)
-                raise
+            state = self._restore_from(checkpoint)
             self.best = session.execute(
                 select(func.max(Evaluation.reward)).where(Evaluation.run_id == self.run_id)).scalar_one()
-            return checkpoint.step, tokens
+            return checkpoint.step, state["tokens"]
+
+    def _restore_from(self, checkpoint) -> dict:
+        """Load `checkpoint` into the searcher; its state. CheckpointUnreadable fails the run (`_guarded`)
+        with the reason, rather than leaving it running."""
+        return restore_searcher(self.searcher, checkpoint, self.config.synchronous)
 
     def _propose(self, step: int) -> list[list[int]]:
-        n = min(self.config.batch_size, self.config.budget - self._count(statuses=COUNTED))
+        n = min(self.config.update_every, self.config.budget - self._count(statuses=COUNTED))
         proposals, verdicts = sample_step(self.searcher, n, self.config.probe)
         tokens = [list(p.tokens) for p in proposals]
+        stored = self._store(step, proposals, verdicts, (step, {"batch": step, "tokens": tokens}))
+        self._send(stored, {})   # repeats within the batch wait for the first
+        return tokens
+
+    def _store(self, batch: int, proposals: list[Proposal], verdicts: list[Verdict | None],
+               checkpoint: tuple[int, dict] | None) -> list[tuple[int, object, NewEvaluation]]:
+        """Store a batch's rules and evaluations, and a checkpoint (step, state) if given, in one
+        transaction; returns each evaluation's id, its repeat key (same fingerprint or rule) and entry."""
         with self.store.transaction() as session:
             rule_ids = get_or_create_rules(session, [
                 RuleRecord.from_tree(p.tree, v.fingerprint if v else None) for p, v in zip(proposals, verdicts)])
-            entries = [self._entry(session, rule_id, verdict) for rule_id, verdict in zip(rule_ids, verdicts)]
-            ids = enqueue_batch(session, self.run_id, step, entries)
-            save_checkpoint(session, self.run_id, step, {"batch": step, "tokens": tokens}, self._rng_state(),
-                            state_to_bytes(self.searcher.state_dict()))
-        # Repeats within the batch (the same rule, or the same behaviour) wait for the first.
-        first: dict[object, int] = {}
+            entries = [self._entry(session, rule_id, verdict, proposal)
+                       for rule_id, verdict, proposal in zip(rule_ids, verdicts, proposals)]
+            ids = enqueue_batch(session, self.run_id, batch, entries)
+            if checkpoint is not None:
+                step, state = checkpoint
+                save_checkpoint(session, self.run_id, step, state, self._rng_state(),
+                                state_to_bytes(self.searcher.state_dict()))
+        keys = [verdict.fingerprint if verdict else rule_id for rule_id, verdict in zip(rule_ids, verdicts)]
+        return list(zip(ids, keys, entries))
+
+    def _send(self, stored: list[tuple[int, object, NewEvaluation]], first: dict[object, int]) -> None:
+        """Dispatch what must train; a repeat of a rule in `first` (key -> the evaluation that trains it)
+        waits for that one, whose result a worker then copies."""
         dispatch = []
-        for evaluation_id, rule_id, entry, verdict in zip(ids, rule_ids, entries, verdicts):
+        for evaluation_id, key, entry in stored:
             if entry.cached_from is not None or entry.rejected:
                 continue
-            key = verdict.fingerprint if verdict else rule_id
             if key in first:
                 self.held[evaluation_id] = first[key]
             else:
                 first[key] = evaluation_id
                 dispatch.append(evaluation_id)
         self._dispatch(dispatch)
-        return tokens
 
-    def _entry(self, session, rule_id: int, verdict: Verdict | None) -> NewEvaluation:
+    def _entry(self, session, rule_id: int, verdict: Verdict | None, proposal: Proposal) -> NewEvaluation:
         """How a proposed rule enters the queue: rejected, a copy of an earlier result, or to train.
 
         The probe's rejection comes first, so that whether a proposal counts toward the budget
         is known before anything is stored (`sample_step`).
         """
+        common = dict(rule_id=rule_id, task=self.task.name, task_key=self.task_key,
+                      tokens=[int(t) for t in proposal.tokens], log_prob=proposal.log_prob)
         if verdict is not None and verdict.rejection:
-            return NewEvaluation(rule_id, self.task.name, self.task_key, rejected=True, reason=verdict.rejection)
+            return NewEvaluation(**common, rejected=True, reason=verdict.rejection)
         source = find_cached(session, rule_id, self.task_key)   # the same rule, scored before
         if source is not None:
-            return NewEvaluation(rule_id, self.task.name, self.task_key, cached_from=source.id)
+            return NewEvaluation(**common, cached_from=source.id)
         if verdict is None:
-            return NewEvaluation(rule_id, self.task.name, self.task_key)
+            return NewEvaluation(**common)
         source = find_equivalent(session, verdict.fingerprint, self.task_key)   # a rule that behaves the same
         if source is not None:
-            return NewEvaluation(rule_id, self.task.name, self.task_key, cached_from=source.id,
-                                 reason=equivalence_reason(session, source))
-        return NewEvaluation(rule_id, self.task.name, self.task_key)
+            return NewEvaluation(**common, cached_from=source.id, reason=equivalence_reason(session, source))
+        return NewEvaluation(**common)
 
     def _dispatch(self, ids: list[int]) -> None:
         now = time.monotonic()
@@ -230,32 +258,40 @@ class Driver:
             self.dispatched_at[evaluation_id] = now
         self.executor.dispatch(ids)
 
+    def _tend(self) -> None:
+        """One poll's upkeep: the lease, `nos stop`, and dead workers' and stale claims back in the queue."""
+        self.lease.check()
+        with self.store.transaction() as session:
+            if get_run(session, self.run_id).status == "stopping":
+                raise StopRequested()
+            redo = release_claims(session, self.run_id, self.executor.dead_workers())
+            sweep = requeue_stale(session, self.run_id, timedelta(seconds=self.config.stale_after),
+                                  self.config.max_attempts)
+        self._dispatch(redo + sweep.requeued)
+
+    def _release(self, rows: list[Evaluation]) -> None:
+        """Send the held repeats whose first has finished (one not among `rows` has), and ids lost on
+        their way: a worker killed between taking one and claiming it, a broker that lost its queue,
+        so still queued long after dispatch."""
+        status = {e.id: e.status for e in rows}
+        ready = [i for i, original in self.held.items() if status.get(original, "done") in FINISHED]
+        for i in ready:
+            del self.held[i]
+        now = time.monotonic()
+        lost = [e.id for e in rows if e.status == "queued" and e.id not in self.held
+                and now - self.dispatched_at.get(e.id, now) > self.config.stale_after]
+        self._dispatch(ready + lost)
+
     def _wait(self, step: int) -> dict[int, float]:
         """Block until batch `step` is finished; the rewards of its scored evaluations by position
         in the batch (failed ones are left out: their failure says nothing about the rule)."""
-        stale_after = timedelta(seconds=self.config.stale_after)
         last = None
         while True:
-            self.lease.check()
-            with self.store.transaction() as session:
-                if get_run(session, self.run_id).status == "stopping":
-                    raise StopRequested()
-                redo = release_claims(session, self.run_id, self.executor.dead_workers())
-                sweep = requeue_stale(session, self.run_id, stale_after, self.config.max_attempts)
-            self._dispatch(redo + sweep.requeued)
+            self._tend()
             with self.store.reading() as session:
                 batch = batch_evaluations(session, self.run_id, step)
                 finished = self._count(session, tuple(s for s in FINISHED if s in COUNTED))
-            status = {e.id: e.status for e in batch}
-            ready = [i for i, original in self.held.items() if status.get(original) in FINISHED]
-            for i in ready:
-                del self.held[i]
-            # An id can be lost on its way (a worker killed between taking it and claiming
-            # it, a broker that lost its queue): still queued long after dispatch, send it again.
-            now = time.monotonic()
-            lost = [e.id for e in batch if e.status == "queued" and e.id not in self.held
-                    and now - self.dispatched_at.get(e.id, now) > self.config.stale_after]
-            self._dispatch(ready + lost)
+            self._release(batch)
             rewards = [e.reward for e in batch if e.reward is not None]
             if rewards:
                 self.best = max(rewards + ([self.best] if self.best is not None else []))

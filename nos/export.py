@@ -15,8 +15,8 @@ import math
 from nos.rules import Node, operands_read, to_text
 from nos.rules.builtins import BUILTINS, resolve_rule
 from nos.rules.tree import is_random
+from nos.rules.vocabulary import SCHEDULES
 
-SCHEDULES = ("ld", "cd", "rd")
 DEMO_STEPS = 200
 
 

@@ -161,16 +161,33 @@ def render_html(report: RunReport, *, window: int = 20, images: bool = True) -> 
     """The report page as one HTML string."""
     from nos import plots
 
+    why = "pictures left out on request"
     if images and not plots.available():
-        images = False
-        why = escape(plots.MATPLOTLIB_MISSING)
-    else:
-        why = "pictures left out on request"
-    run, progress, timings = report.run, report.progress, report.timings
+        images, why = False, escape(plots.MATPLOTLIB_MISSING)
+    run = report.run
     config = run.config or {}
-    best = report.top[0].row if report.top else None
-    budget = config.get("budget")
     parts = [
+        *_page_head(run, config), _cards(report, config.get("budget")), *_best_rule(report),
+        *_curve(report, window, images, why), *_top_rules(report, images),
+        '<h2 id="timings">Timings</h2>', _timings_table(report.timings),
+        '<h2 id="status">Evaluations by status</h2>',
+        _table(list(report.progress.counts), [[str(n) for n in report.progress.counts.values()]],
+               numeric=set(range(len(report.progress.counts)))),
+        f'<h2 id="failures">Failures ({len(report.failures)})</h2>', _failures(report.failures),
+        *_rejected(report.rows),
+        '<h2 id="config">Configuration</h2>',
+        f"<pre>{escape(json.dumps(config, indent=2, sort_keys=True, default=str))}</pre>",
+    ]
+    if run.error:
+        parts.append(f'<p class="bad">Run error:</p><pre>{escape(run.error)}</pre>')
+    parts.append(f"<footer>nos report of run {run.id}, generated {_time(report.generated_at)}.</footer>")
+    parts += ["</body>", "</html>"]
+    return "\n".join(parts) + "\n"
+
+
+def _page_head(run: Run, config: dict) -> list[str]:
+    """The document's head and the page's title lines."""
+    return [
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>nos report: run {run.id} {escape(run.name)}</title>", f"<style>{CSS}</style>", "</head>", "<body>",
@@ -179,51 +196,66 @@ def render_html(report: RunReport, *, window: int = 20, images: bool = True) -> 
         f"status <b>{escape(run.status)}</b>; created {_time(run.created_at)}"
         + (f", finished {_time(run.finished_at)}" if run.finished_at else "") + "</p>",
     ]
+
+
+def _cards(report: RunReport, budget: int | None) -> str:
+    """The run's figures at a glance."""
+    timings = report.timings
     cards = [
         ("evaluations (trained or cached)", f"{timings.counted}" + (f" / {budget}" if budget else "")),
         ("trained / rejected before training", f"{timings.trained} / {timings.rejected}"),
-        ("best reward", _num(progress.best_reward)),
+        ("best reward", _num(report.progress.best_reward)),
         ("cache hit rate", "-" if timings.cache_rate is None else f"{timings.cache_rate:.1%}"),
         ("failed", str(timings.failed)),
         ("evaluations / hour", "-" if timings.per_hour is None else f"{timings.per_hour:,.0f}"),
         ("elapsed", _seconds(timings.elapsed_seconds)),
     ]
-    parts.append('<div class="cards">' + "".join(
+    return '<div class="cards">' + "".join(
         f'<div class="card"><div class="k">{escape(k)}</div><div class="v">{escape(v)}</div></div>'
-        for k, v in cards) + "</div>")
-    if best is not None:
-        parts.append(f'<p>Best rule: <code class="rule">{escape(best.rule)}</code> '
-                     f"(reward {_num(best.reward)}, test accuracy {_num(best.test_acc)}, "
-                     f"best learning rate {_lr(best.best_lr)})</p>")
+        for k, v in cards) + "</div>"
 
-    # The curve.
-    parts.append('<h2 id="curve">Reward by evaluation</h2>')
+
+def _best_rule(report: RunReport) -> list[str]:
+    if not report.top:
+        return []
+    best = report.top[0].row
+    return [f'<p>Best rule: <code class="rule">{escape(best.rule)}</code> '
+            f"(reward {_num(best.reward)}, test accuracy {_num(best.test_acc)}, "
+            f"best learning rate {_lr(best.best_lr)})</p>"]
+
+
+def _curve(report: RunReport, window: int, images: bool, why: str) -> list[str]:
+    """The reward-by-evaluation section: the picture, or a note saying why there is none."""
+    from nos import plots
+
+    parts = ['<h2 id="curve">Reward by evaluation</h2>']
     if not any(r.finished for r in report.rows):
         parts.append('<p class="note">No finished evaluations yet.</p>')
     elif images:
-        fig = plots.curve_figure([plots.Curve(_run_label(run), report.rows)], window=window)
-        parts.append(_img(plots.png_bytes(fig), f"reward by evaluation of run {run.id}"))
+        fig = plots.curve_figure([plots.Curve(_run_label(report.run), report.rows)], window=window)
+        parts.append(_img(plots.png_bytes(fig), f"reward by evaluation of run {report.run.id}"))
         parts.append(f'<p class="note">Each dot is an evaluation\'s reward (failed ones: crosses at 0), the solid '
                      f"line the mean of the last {window}, the dashed line the best so far.</p>")
     else:
         parts.append(f'<p class="note">{why}</p>')
+    return parts
 
-    # The top rules and their sweeps.
-    parts.append(f'<h2 id="top">Top {len(report.top)} rules</h2>')
-    if report.top:
-        parts.append(_table(
-            ["#", "rule", "reward", "test acc", "best lr", "evaluations"],
-            [[str(t.row.place), f'<code class="rule">{escape(t.row.rule)}</code>', _num(t.row.reward),
-              _num(t.row.test_acc), _lr(t.row.best_lr), str(t.row.evaluations)] for t in report.top],
-            numeric={0, 2, 3, 4, 5}))
-        for t in report.top:
-            parts.append(_top_rule(t, images))
-    else:
-        parts.append('<p class="note">No scored evaluations yet.</p>')
 
-    # Timings, statuses, failures, configuration.
-    parts.append('<h2 id="timings">Timings</h2>')
-    parts.append(_table(["", ""], [
+def _top_rules(report: RunReport, images: bool) -> list[str]:
+    """The top rules' table, then each one with its sweep."""
+    parts = [f'<h2 id="top">Top {len(report.top)} rules</h2>']
+    if not report.top:
+        return [*parts, '<p class="note">No scored evaluations yet.</p>']
+    parts.append(_table(
+        ["#", "rule", "reward", "test acc", "best lr", "evaluations"],
+        [[str(t.row.place), f'<code class="rule">{escape(t.row.rule)}</code>', _num(t.row.reward),
+          _num(t.row.test_acc), _lr(t.row.best_lr), str(t.row.evaluations)] for t in report.top],
+        numeric={0, 2, 3, 4, 5}))
+    return parts + [_top_rule(t, images) for t in report.top]
+
+
+def _timings_table(timings: Timings) -> str:
+    return _table(["", ""], [
         ["evaluations finished", str(timings.finished)],
         ["trained by a worker (done or diverged)", str(timings.trained)],
         ["rejected before training", str(timings.rejected)],
@@ -234,28 +266,21 @@ def render_html(report: RunReport, *, window: int = 20, images: bool = True) -> 
         ["training time, summed over workers", _seconds(timings.train_seconds)],
         ["elapsed, run created to last evaluation finished", _seconds(timings.elapsed_seconds)],
         ["evaluations per hour (finished / elapsed)", "-" if timings.per_hour is None else f"{timings.per_hour:,.1f}"],
-    ]).replace("<thead><tr><th></th><th></th></tr></thead>", ""))
-    parts.append('<h2 id="status">Evaluations by status</h2>')
-    parts.append(_table(list(progress.counts), [[str(n) for n in progress.counts.values()]],
-                        numeric=set(range(len(progress.counts)))))
-    parts.append(f'<h2 id="failures">Failures ({len(report.failures)})</h2>')
-    parts.append(_failures(report.failures))
-    rejected = [r for r in report.rows if r.status == "rejected"]
-    if rejected:
-        reasons: dict[str, int] = {}
-        for r in rejected:
-            reasons[r.reason or "-"] = reasons.get(r.reason or "-", 0) + 1
-        parts.append(f'<h2 id="rejected">Rejected before training ({len(rejected)})</h2>')
-        parts.append(_table(["reason", "evaluations"], [[escape(reason), str(n)] for reason, n in
-                                                          sorted(reasons.items(), key=lambda item: -item[1])],
-                            numeric={1}))
-    parts.append('<h2 id="config">Configuration</h2>')
-    parts.append(f"<pre>{escape(json.dumps(config, indent=2, sort_keys=True, default=str))}</pre>")
-    if run.error:
-        parts.append(f'<p class="bad">Run error:</p><pre>{escape(run.error)}</pre>')
-    parts.append(f"<footer>nos report of run {run.id}, generated {_time(report.generated_at)}.</footer>")
-    parts += ["</body>", "</html>"]
-    return "\n".join(parts) + "\n"
+    ]).replace("<thead><tr><th></th><th></th></tr></thead>", "")
+
+
+def _rejected(rows: list[EvaluationRow]) -> list[str]:
+    """The rejected evaluations counted by reason, most common first; nothing when none was rejected."""
+    rejected = [r for r in rows if r.status == "rejected"]
+    if not rejected:
+        return []
+    reasons: dict[str, int] = {}
+    for r in rejected:
+        reasons[r.reason or "-"] = reasons.get(r.reason or "-", 0) + 1
+    return [f'<h2 id="rejected">Rejected before training ({len(rejected)})</h2>',
+            _table(["reason", "evaluations"], [[escape(reason), str(n)] for reason, n in
+                                               sorted(reasons.items(), key=lambda item: -item[1])],
+                   numeric={1})]
 
 
 def _top_rule(top: TopRule, images: bool) -> str:

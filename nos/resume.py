@@ -2,8 +2,9 @@
 
 A checkpoint's blob is read with `torch.load(weights_only=True)` (tensors and
 plain containers only; see docs/security.md). A damaged blob, a state of
-another searcher or a `state` without its tokens is a CheckpointUnreadable
-with one line, raised before anything about the run is changed.
+another searcher, a `state` without its tokens (synchronous driver) or without
+its batch and updates (asynchronous driver) is a CheckpointUnreadable with one
+line, raised before anything about the run is changed.
 """
 
 from __future__ import annotations
@@ -20,18 +21,30 @@ class CheckpointUnreadable(Exception):
     """The run's latest checkpoint cannot be loaded: the run cannot resume from it."""
 
 
-def _tokens(state: Any) -> list[list[int]]:
-    tokens = state.get("tokens") if isinstance(state, dict) else None
-    if not (isinstance(tokens, list) and all(isinstance(row, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in row) for row in tokens)):
-        raise ValueError("its state has no list of token rows")
-    return tokens
+def _rows_of_ints(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(row, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in row) for row in value)
 
 
-def restore_searcher(searcher: Searcher, checkpoint: Checkpoint) -> list[list[int]]:
-    """Load `checkpoint` into `searcher`; returns the checkpoint's batch tokens."""
+def checked_state(state: Any, synchronous: bool) -> dict[str, Any]:
+    """A checkpoint's JSON state, once it holds what the driver of that mode reads back."""
+    if not isinstance(state, dict):
+        raise ValueError("its state is not a table")
+    if synchronous:
+        if not _rows_of_ints(state.get("tokens")):
+            raise ValueError("its state has no list of token rows (was the run asynchronous?)")
+        return state
+    batch = state.get("batch")
+    if state.get("mode") != "asynchronous" or not isinstance(batch, int) or isinstance(batch, bool) \
+            or not _rows_of_ints(state.get("updates")):
+        raise ValueError("its state has no batch and updates of the asynchronous driver (was the run synchronous?)")
+    return state
+
+
+def restore_searcher(searcher: Searcher, checkpoint: Checkpoint, synchronous: bool) -> dict[str, Any]:
+    """Load `checkpoint` into `searcher`; returns the checkpoint's (checked) JSON state."""
     try:
-        tokens = _tokens(checkpoint.state)
+        state = checked_state(checkpoint.state, synchronous)
         if not isinstance(checkpoint.blob, bytes) or not checkpoint.blob:
             raise ValueError("its blob is empty")
         searcher.load_state_dict(state_from_bytes(checkpoint.blob))
@@ -42,7 +55,7 @@ def restore_searcher(searcher: Searcher, checkpoint: Checkpoint) -> list[list[in
         raise CheckpointUnreadable(
             f"run {checkpoint.run_id}: its checkpoint of step {checkpoint.step} cannot be read "
             f"({type(exc).__name__}{': ' + why[:200] if why else ''}); the run cannot resume from it") from None
-    return tokens
+    return state
 
 
 def check_resumable(store: Store, run_id: int, config: SearchConfig) -> None:
@@ -50,8 +63,8 @@ def check_resumable(store: Store, run_id: int, config: SearchConfig) -> None:
     with store.reading() as session:
         checkpoint = latest_checkpoint(session, run_id)
         if checkpoint is not None:
-            restore_searcher(make_searcher(config.searcher, config.depth, config.seed, **config.controller),
-                             checkpoint)
+            restore_searcher(make_searcher(config.searcher, config.depth, config.seed, **config.hyperparameters),
+                             checkpoint, config.synchronous)
 
 
 __all__ = ["CheckpointUnreadable", "check_resumable", "restore_searcher"]

@@ -18,7 +18,7 @@ from nos.store import open_store
 from nos.store.leases import LeaseRefused, take_lease
 from nos.store.models import Run
 
-from helpers.driver import assert_complete, finished_count, nos, run_rows, start_nos, wait_for
+from helpers.driver import assert_complete, assert_learned_once, finished_count, nos, run_rows, start_nos, wait_for
 
 # Every test here starts Celery workers or `nos` processes against a real broker.
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 SLOW_TOML = """
 task = "digits"
 budget = 10
-batch_size = 5
+update_every = 5
 depth = 1
 seed = 5
 stale_after = 4.0
@@ -128,6 +128,7 @@ def test_a_killed_driver_is_resumed(db_url, broker, workers, slow_toml):
     resumed = nos("resume", "1", "--db", db_url, "--broker", broker)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_complete(db_url, 1, 10)
+    assert_learned_once(db_url, 1, 5)   # the asynchronous driver: no result learned from twice or lost
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

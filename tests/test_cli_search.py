@@ -129,15 +129,51 @@ def test_bad_config_files(tmp_path):
     bad_toml.write_text("budget = [")
     unknown_key = tmp_path / "unknown.toml"
     unknown_key.write_text("budgett = 3\n")
-    bad_controller = tmp_path / "controller.toml"
-    bad_controller.write_text("[controller]\nlearning_rate = 1\n")
+    bad_hyperparameters = tmp_path / "hyperparameters.toml"
+    bad_hyperparameters.write_text("[hyperparameters]\nlearning_rate = 1\n")
     for path, message in [(bad_toml, "not valid TOML"), (unknown_key, "unknown config keys budgett"),
                           (tmp_path / "missing.toml", "No such file"),
-                          (bad_controller, "unknown controller keys learning_rate")]:
+                          (bad_hyperparameters, "unknown hyperparameters learning_rate")]:
         result = invoke("enqueue", "--config", str(path), "--db", f"sqlite:///{db}")
         assert result.exit_code == 2, result.output
         assert message in result.output, result.output
         assert not db.exists()   # nothing written, not even an empty database
+
+
+@pytest.mark.slow
+def test_a_run_stored_under_the_earlier_controller_key_resumes_with_its_settings(tmp_path):
+    """`hyperparameters` was once called `controller`: such config files and stored runs still work."""
+    import os
+    import signal
+
+    from nos.search import state_from_bytes
+    from nos.store import latest_checkpoint, open_store
+
+    from helpers.driver import assert_complete, finished_count, has_run, start_nos, wait_for
+
+    config = tmp_path / "evolution.toml"
+    config.write_text(f'searcher = "evolution"\n{TINY_TOML}\n[controller]\npopulation = 4\ntournament = 2\n')
+    db = tmp_path / "nos.db"
+    url = f"sqlite:///{db}"
+    driver = start_nos("enqueue", "--config", str(config), "--db", url)
+    wait_for(lambda: db.exists() and has_run(url))
+    wait_for(lambda: finished_count(url, 1) >= 5)
+    os.killpg(driver.pid, signal.SIGKILL)   # the driver and its workers, mid-run
+    driver.wait()
+    with contextlib.closing(sqlite3.connect(db)) as connection:
+        stored = json.loads(connection.execute("SELECT config FROM runs WHERE id = 1").fetchone()[0])
+        assert stored["hyperparameters"] == {"population": 4, "tournament": 2}
+        stored["controller"] = stored.pop("hyperparameters")   # as an earlier nos stored it
+        connection.execute("UPDATE runs SET config = ? WHERE id = 1", (json.dumps(stored),))
+        connection.commit()
+    # The checkpoint holds the searcher's settings: a searcher built with others would refuse it.
+    result = invoke("resume", "1", "--db", url)
+    assert result.exit_code == 0, result.output
+    assert_complete(url, 1, 12)
+    store = open_store(url)
+    with store.reading() as session:
+        assert state_from_bytes(latest_checkpoint(session, 1).blob)["config"] == {"population": 4, "tournament": 2}
+    store.dispose()
 
 
 def test_bad_database_urls(tmp_path):

@@ -24,7 +24,7 @@ from nos.store import (
     upgrade,
 )
 from nos.store.models import Evaluation
-from nos.work import run_evaluation, task_for, task_key
+from nos.work import Outcome, run_evaluation, task_for, task_key
 
 from helpers.driver import TINY, TINY_TOML
 
@@ -83,11 +83,11 @@ def test_a_worker_without_the_runs_device_refuses_the_evaluation_and_leaves_it_q
         rule_id = get_or_create_rules(session, [RuleRecord.from_tree(parse("sign(g)"))])[0]
         evaluation_id = enqueue_batch(session, run_id, 0, [NewEvaluation(rule_id, config.task, key)])[0]
 
-    assert run_evaluation(store, evaluation_id) == "refused"
+    assert run_evaluation(store, evaluation_id) is Outcome.REFUSED
     with store.reading() as session:
         row = session.get(Evaluation, evaluation_id)
         assert (row.status, row.attempts, row.worker, row.error) == ("queued", 0, None, None)
 
     # A worker that has a device it is told to use (`nos worker --device cpu`) takes it as usual.
-    assert run_evaluation(store, evaluation_id, device="cpu") in ("done", "diverged")
+    assert run_evaluation(store, evaluation_id, device="cpu") in (Outcome.DONE, Outcome.DIVERGED)
     store.dispose()

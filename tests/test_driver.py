@@ -21,6 +21,7 @@ from helpers.driver import (
     TINY,
     TINY_TOML,
     assert_complete,
+    assert_learned_once,
     finished_count,
     has_run,
     nos,
@@ -33,10 +34,10 @@ from helpers.search import same_state
 
 
 @pytest.mark.slow
-def test_driver_runs_a_search_to_its_budget(db_url):
+def test_the_synchronous_driver_runs_a_search_to_its_budget(db_url):
     upgrade(resolve_url(db_url))
     store = open_store(db_url)
-    config = SearchConfig(**TINY)
+    config = SearchConfig(**TINY, synchronous=True)
     with store.transaction() as session:
         run_id = create_run(session, "t", config.task, config.to_dict())
     executor = LocalExecutor(db_url, workers=2)
@@ -64,12 +65,13 @@ def test_driver_runs_a_search_to_its_budget(db_url):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("searcher", "settings"), [("ppo", {}), ("evolution", {"population": 4, "tournament": 2})])
-def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml, searcher, settings):
+def test_sigkill_of_the_synchronous_driver_mid_batch_then_resume(tmp_path, tiny_toml, searcher, settings):
     url = f"sqlite:///{tmp_path / 'killed.db'}"
     reference = f"sqlite:///{tmp_path / 'straight.db'}"
-    if settings:   # evolution: a population of 4, so batches 1 and 2 are children of scored members
-        table = "".join(f"{key} = {value}\n" for key, value in settings.items())
-        Path(tiny_toml).write_text(f"{TINY_TOML}\n[controller]\n{table}")
+    # The synchronous driver: the resumed run must sample exactly what the uninterrupted one did.
+    table = "".join(f"{key} = {value}\n" for key, value in settings.items())
+    # evolution: a population of 4, so batches 1 and 2 are children of scored members
+    Path(tiny_toml).write_text(f"synchronous = true\n{TINY_TOML}" + (f"\n[hyperparameters]\n{table}" if table else ""))
     assert nos("enqueue", "--config", tiny_toml, "--searcher", searcher, "--db", reference).returncode == 0
 
     driver = start_nos("enqueue", "--config", tiny_toml, "--searcher", searcher, "--db", url)
@@ -99,6 +101,25 @@ def test_sigkill_of_the_driver_mid_batch_then_resume(tmp_path, tiny_toml, search
     assert rule_sequence(url, 1) == rule_sequence(reference, 1)
     if searcher == "ppo":   # evolution's children of the built-ins all pass the probe here
         assert any(e.status == "rejected" for e in run_rows(reference, 1))
+
+
+@pytest.mark.slow
+def test_the_asynchronous_driver_killed_three_times_loses_and_repeats_nothing(tmp_path, tiny_toml):
+    """kill -9 of the driver and its workers at three points of one run, each time resumed: every
+    evaluation counted once, every result learned from by exactly one recorded update."""
+    url = f"sqlite:///{tmp_path / 'killed.db'}"
+    args = ("--db", url)
+    driver = start_nos("enqueue", "--config", tiny_toml, *args, "--budget", "24", "--train-size", "1200")
+    for threshold in (2, 9, 16):
+        wait_for(lambda: has_run(url) and finished_count(url, 1) >= threshold, timeout=300)
+        os.killpg(driver.pid, signal.SIGKILL)   # the driver and its workers, mid-run
+        driver.wait()
+        assert finished_count(url, 1) < 24
+        driver = start_nos("resume", "1", *args)
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0, out
+    assert_complete(url, 1, 24)
+    assert_learned_once(url, 1, 4)
 
 
 @pytest.mark.slow
@@ -134,7 +155,7 @@ def test_stopping_leaves_a_consistent_run_that_resumes(tmp_path, tiny_toml, how)
 def test_a_rule_scored_before_is_not_trained_again(sqlite_url):
     from nos.rules import parse
     from nos.store import NewEvaluation, RuleRecord, enqueue_batch, get_or_create_rules
-    from nos.work import run_evaluation, task_for, task_key
+    from nos.work import Outcome, run_evaluation, task_for, task_key
 
     upgrade(resolve_url(sqlite_url))
     store = open_store(sqlite_url)
@@ -144,8 +165,8 @@ def test_a_rule_scored_before_is_not_trained_again(sqlite_url):
         run_id = create_run(session, "cache", config.task, config.to_dict())
         rule_id = get_or_create_rules(session, [RuleRecord.from_tree(parse("g * exp(sign(g) * sign(m))"))])[0]
         first, again = enqueue_batch(session, run_id, 0, [NewEvaluation(rule_id, "digits", key)] * 2)
-    assert run_evaluation(store, first) == "done"
-    assert run_evaluation(store, again) == "cached"   # a repeat within the batch: copied, not trained
+    assert run_evaluation(store, first) is Outcome.DONE
+    assert run_evaluation(store, again) is Outcome.CACHED   # a repeat within the batch: copied, not trained
     rows = run_rows(sqlite_url, run_id)
     assert rows[1].cached_from == rows[0].id
     assert rows[1].reward == rows[0].reward
@@ -157,7 +178,8 @@ def test_a_rule_scored_before_is_not_trained_again(sqlite_url):
 def test_a_second_identical_run_is_served_from_the_cache(sqlite_url):
     upgrade(resolve_url(sqlite_url))
     store = open_store(sqlite_url)
-    config = SearchConfig(**{**TINY, "budget": 8})
+    # Synchronous: the second run's updates see the same results in the same groups, so it samples the same.
+    config = SearchConfig(**{**TINY, "budget": 8, "synchronous": True})
     for _ in range(2):
         with store.transaction() as session:
             run_id = create_run(session, "same", config.task, config.to_dict())
@@ -211,7 +233,7 @@ class _OnlyHopeless(Searcher):
         tree = parse("g - g")
         return [Proposal((0,) * 13, tree) for _ in range(n)]
 
-    def observe(self, tokens, rewards):
+    def observe(self, tokens, rewards, log_probs=None):
         pass
 
 

@@ -124,18 +124,18 @@ def test_evolution_climbs_where_random_search_cannot():
 
 
 def test_evolution_settings_and_bad_ones():
-    config = SearchConfig(searcher="evolution", controller={"population": 20, "tournament": 5})
-    searcher = make_searcher(config.searcher, config.depth, config.seed, **config.controller)
+    config = SearchConfig(searcher="evolution", hyperparameters={"population": 20, "tournament": 5})
+    searcher = make_searcher(config.searcher, config.depth, config.seed, **config.hyperparameters)
     assert isinstance(searcher, EvolutionSearcher)
     assert searcher.config.population == 20
-    with pytest.raises(ConfigError, match="unknown controller keys lr"):
-        SearchConfig(searcher="evolution", controller={"lr": 0.1})
+    with pytest.raises(ConfigError, match="unknown hyperparameters lr"):
+        SearchConfig(searcher="evolution", hyperparameters={"lr": 0.1})
     with pytest.raises(ConfigError, match="tournament"):
-        SearchConfig(searcher="evolution", controller={"population": 4, "tournament": 5})
+        SearchConfig(searcher="evolution", hyperparameters={"population": 4, "tournament": 5})
     with pytest.raises(ConfigError, match="population"):
-        SearchConfig(searcher="evolution", controller={"population": 0})
-    with pytest.raises(ConfigError, match="unknown controller keys population"):
-        SearchConfig(searcher="ppo", controller={"population": 4})
+        SearchConfig(searcher="evolution", hyperparameters={"population": 0})
+    with pytest.raises(ConfigError, match="unknown hyperparameters population"):
+        SearchConfig(searcher="ppo", hyperparameters={"population": 4})
     with pytest.raises(TypeError):
         make_searcher("evolution", lr=0.1)
     with pytest.raises(ValueError, match="hyperparameters"):

@@ -57,7 +57,7 @@ def one_line_error(result, message: str) -> None:
 
 
 def small_config(**changes) -> dict:
-    return SearchConfig(task="rosenbrock", budget=4, batch_size=2, depth=1, workers=1, stale_after=30.0,
+    return SearchConfig(task="rosenbrock", budget=4, update_every=2, depth=1, workers=1, stale_after=30.0,
                         heartbeat_every=1.0, task_options={"train_size": 5, "lrs": [0.01], "epochs": 1},
                         **changes).to_dict()
 
@@ -207,15 +207,20 @@ BAD_CONFIGS = [
     (b"task = 5\n", "task must be a string, got 5"),
     (b"task_options = 5\n", "task_options must be a table of options, got 5"),
     (b"\x00\xff\xfe\x89PNG binary", "is not UTF-8 text"),
-    (b"[controller]\nhidden = -1\n", "controller.hidden must be a whole number from 1 to 4,096, got -1"),
-    (b"controller = {hidden = -1}\n", "controller.hidden must be a whole number"),
+    (b"[hyperparameters]\nhidden = -1\n", "hyperparameters.hidden must be a whole number from 1 to 4,096, got -1"),
+    (b"controller = {hidden = -1}\n", "hyperparameters.hidden must be a whole number"),   # the earlier name
+    (b"controller = {}\n[hyperparameters]\n", "controller and hyperparameters are one key"),
     (b"seed = 99999999999999999999\n", "seed must be a whole number from 0 to 4,294,967,295"),
     (b"stale_after = nan\n", "stale_after must be a number of seconds above 0"),
     (b"stale_after = 1e308\n", "stale_after must be a number of seconds above 0"),
     (b"device = 'bogus'\n", "unknown device 'bogus': expected cpu, cuda, cuda:N or mps"),
     (b"name = \"a\\u0000b\"\n", "name must be printable text"),
     (b"[task_options]\ndevice = 'cpu'\n", "device is not a task option"),
-    (b"batch_size = 1000000000\n", "batch_size must be a whole number from 1 to 10,000"),
+    (b"update_every = 1000000000\n", "update_every must be a whole number from 1 to 10,000"),
+    (b"batch_size = 0\n", "update_every must be a whole number from 1 to 10,000"),   # its old name
+    (b"batch_size = 4\nupdate_every = 4\n", "batch_size is the old name of update_every"),
+    (b"in_flight = 0\n", "in_flight must be a whole number from 1 to 10,000"),
+    (b"synchronous = 1\n", "synchronous must be true or false"),
     (b"seed = 1979-05-27\n", "seed must be a whole number"),
 ]
 
@@ -449,9 +454,9 @@ def test_an_empty_csv_leaderboard_has_every_column(tmp_path):
 def test_the_search_batch_has_an_upper_bound(marked_up):
     url, _ = marked_up
     before = snapshot(url)
-    result = invoke("enqueue", "--task", "rosenbrock", "--batch-size", "100000000", "--budget", "100000000",
+    result = invoke("enqueue", "--task", "rosenbrock", "--update-every", "100000000", "--budget", "100000000",
                     "--db", url)
-    one_line_error(result, "batch_size must be a whole number from 1 to 10,000, got 100000000")
+    one_line_error(result, "update_every must be a whole number from 1 to 10,000, got 100000000")
     assert snapshot(url) == before
 
 

@@ -37,7 +37,7 @@ def environment() -> dict[str, str]:
 def config_file(folder, task: str, budget: int = 4, **options) -> str:
     path = folder / f"search-{task.replace(':', '-')}-{budget}-{len(options)}.toml"
     table = {**SMALL[task], **options}
-    lines = [f'task = "{task}"', 'searcher = "random"', f"budget = {budget}", "batch_size = 2", "workers = 2",
+    lines = [f'task = "{task}"', 'searcher = "random"', f"budget = {budget}", "update_every = 2", "workers = 2",
              "seed = 1", "[task_options]", *(f"{k} = {v!r}" for k, v in table.items())]
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -105,7 +105,7 @@ import nos
 from wave_mlp import wave
 
 if __name__ == "__main__":
-    run = nos.run_search(task=wave, searcher="random", budget={budget}, batch_size=2, workers=1, seed=1,
+    run = nos.run_search(task=wave, searcher="random", budget={budget}, update_every=2, workers=1, seed=1,
                      db=sys.argv[1], task_options={options!r})
     print("STATUS", run.id, run.status)
     best = run.leaderboard(top=3)

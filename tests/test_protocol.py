@@ -225,7 +225,7 @@ class _ScriptedSweep:
         self.running = [i for i in self.running if i not in children]
 
 
-def test_halving_ranks_its_early_round_by_validation(monkeypatch):
+def test_halving_ranks_its_early_round_by_validation():
     from nos.tasks import protocol
 
     # The largest rate's cross-entropy has climbed (confident logits) while it classifies best:
@@ -238,9 +238,8 @@ def test_halving_ranks_its_early_round_by_validation(monkeypatch):
     assert sorted(stopped) == [0, 1, 2]
     assert 6 in group.running
     assert stopped[2] == pytest.approx(1.5)   # a stopped trial keeps its round's mean loss
-    monkeypatch.setattr(protocol, "HALVING_RANK", "loss")   # what halving did before: it drops the winner
     stopped, group = {}, _ScriptedSweep(losses, scores)
-    protocol.halve(group, 7, 400, stopped, None)
+    protocol.halve(group, 7, 400, stopped, None, rank="loss")   # a loss ranking drops the winner
     assert 6 in stopped
 
 

@@ -67,7 +67,7 @@ def test_a_live_worker_on_a_busy_machine_is_never_retaken(sqlite_url):
     store = open_store(sqlite_url)
     # The defaults' ratio (a heartbeat every fifth of the limit), on a limit short enough to be outlived.
     # Evolution's first proposals are SGD and momentum: rules that train, neither diverges and ends early.
-    config = SearchConfig(**{**TINY, "searcher": "evolution", "depth": 2, "budget": 2, "batch_size": 2,
+    config = SearchConfig(**{**TINY, "searcher": "evolution", "depth": 2, "budget": 2, "update_every": 2,
                              "probe": False, "stale_after": 5.0, "heartbeat_every": 1.0,
                              "task_options": {"lrs": [0.001, 0.01], "epochs": 30, "sweep_epochs": 15,
                                               "batch_size": 4}})

@@ -12,6 +12,7 @@ from nos.rules import operands_read, parse
 from nos.rules.elementwise import delta_one
 from nos.rules.foreach import StepContext, Tensors, compute_update, step_numbers
 from nos.rules.tree import is_random
+from nos.rules.vocabulary import SCHEDULES
 
 from helpers.rule_strategies import trees
 
@@ -201,7 +202,7 @@ def _near_overflow(a, b):
 def test_schedule_numbers():
     for step, total, ld, cd, rd in [(1, 10, 1.0, 1.0, 1.0), (6, 10, 0.5, 0.0, 1.0), (11, 10, 0.0, 1.0, 1.0),
                                     (50, 10, 0.0, 1.0, 1.0), (3, 8, 0.75, 0.5, 0.5)]:
-        n = step_numbers(step, total, frozenset({"ld", "cd", "rd"}))
+        n = step_numbers(step, total, frozenset(SCHEDULES))
         assert n["ld"] == pytest.approx(ld)
         assert n["cd"] == pytest.approx(cd, abs=1e-12)
         assert n["rd"] == pytest.approx(rd, abs=1e-12)

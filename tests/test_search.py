@@ -145,3 +145,39 @@ def test_evolution_without_the_warm_start_begins_at_random():
     builtins = set(builtin_sequences(1))
     assert {p.tokens for p in warm.propose(len(builtins))} == builtins
     assert not {p.tokens for p in cold.propose(len(builtins))} >= builtins
+
+
+def _change(searcher, tokens, rewards, log_probs=None) -> float:
+    before = [p.detach().clone() for p in searcher.controller.parameters()]
+    searcher.observe(tokens, rewards, log_probs)
+    return sum(float((p - b).abs().sum()) for p, b in zip(searcher.controller.parameters(), before))
+
+
+@pytest.mark.parametrize("name", ["ppo", "reinforce"])
+def test_results_of_the_policy_as_it_is_learn_as_on_policy_ones(name):
+    # The asynchronous driver passes the log-probabilities rules were sampled with; when nothing was
+    # learned since, they are the policy's own, and the update is the synchronous one.
+    reward = target_reward(2)
+    a, b = make_searcher(name, depth=2, seed=7), make_searcher(name, depth=2, seed=7)
+    proposals = a.propose(10)
+    assert all(p.log_prob is not None and p.log_prob < 0 for p in proposals)
+    assert [p.log_prob for p in b.propose(10)] == [p.log_prob for p in proposals]
+    tokens, rewards = [p.tokens for p in proposals], [reward(p.tokens) for p in proposals]
+    a.observe(tokens, rewards)
+    b.observe(tokens, rewards, [p.log_prob for p in proposals])
+    for x, y in zip(a.controller.parameters(), b.controller.parameters()):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ppo", "reinforce"])
+def test_a_result_the_policy_has_moved_far_from_teaches_almost_nothing(name):
+    # Its weight min(1, pi_now / pi_sampled) is e^-30: a stale sample does not pass for the current policy's.
+    reward = target_reward(2)
+    fresh, stale = (make_searcher(name, depth=2, seed=7, entropy_weight=0.0) for _ in range(2))
+    proposals = fresh.propose(10)
+    stale.propose(10)
+    tokens, rewards = [p.tokens for p in proposals], [reward(p.tokens) for p in proposals]
+    moved = _change(fresh, tokens, rewards, [p.log_prob for p in proposals])
+    barely = _change(stale, tokens, rewards, [p.log_prob + 30 for p in proposals])
+    assert moved > 0
+    assert barely < moved * 1e-3

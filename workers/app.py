@@ -66,12 +66,12 @@ def _open_store():
 @app.task(name="nos.evaluate")
 def evaluate(evaluation_id: int) -> str:
     """Evaluate one evaluation id: the same function the local executor runs."""
-    from nos.work import run_evaluation
+    from nos.work import Outcome, run_evaluation
 
     outcome = run_evaluation(_open_store(), int(evaluation_id), device=os.environ.get(DEVICE_ENV_VAR) or None)
-    if outcome == "refused":   # left queued: the driver sends it again, for a worker with the device
+    if outcome is Outcome.REFUSED:   # left queued: the driver sends it again, for a worker with the device
         logger.warning("refused evaluation %s: this worker cannot train on the run's device", evaluation_id)
-    return outcome
+    return outcome.value
 
 
 @app.task(name="nos.drive")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .parser import parse
 from .tree import Node
+from .vocabulary import SCHEDULES
 
 # TensorFlow's PowerSign / AddSign with a sign decay f(t) in {ld, cd, rd}:
 # base^(f(t) * sign(g) * sign(m)) * g with base e, and (alpha + f(t) * sign(g) * sign(m)) * g with alpha 1.
@@ -16,8 +17,8 @@ BUILTINS: dict[str, str] = {
     "rmsprop": "rmsprop",
     "powersign": "g * exp(sign(g) * sign(m))",
     "addsign": "(1 + sign(g) * sign(m)) * g",
-    **{f"powersign-{d}": f"g * exp({d} * sign(g) * sign(m))" for d in ("ld", "cd", "rd")},
-    **{f"addsign-{d}": f"(1 + {d} * sign(g) * sign(m)) * g" for d in ("ld", "cd", "rd")},
+    **{f"powersign-{d}": f"g * exp({d} * sign(g) * sign(m))" for d in SCHEDULES},
+    **{f"addsign-{d}": f"(1 + {d} * sign(g) * sign(m)) * g" for d in SCHEDULES},
 }
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .tree import Binary, Const, Node, Operand, Unary
-from .vocabulary import BETA1, BETA2, BETA3, DIV_EPS, WEIGHT_SCALES
+from .vocabulary import BETA1, BETA2, BETA3, DIV_EPS, NOISE_STD, SCHEDULES, WEIGHT_SCALES
 
 Number = float | Tensor
 
@@ -122,10 +122,10 @@ def _operand(name: str, p: Tensor, g: Tensor, buffers, numbers, generator) -> Te
         return torch.sign(buffers["exp_avg"])
     if name in ("1", "2"):
         return _number(float(name), p)
-    if name in ("ld", "cd", "rd"):
+    if name in SCHEDULES:
         return _number(numbers[name], p)
     if name in ("eps", "eps_t"):
-        std = 0.1 if name == "eps" else numbers["eps_t"]
+        std = NOISE_STD if name == "eps" else numbers["eps_t"]
         return torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * std
     if name in WEIGHT_SCALES:
         return p * WEIGHT_SCALES[name]

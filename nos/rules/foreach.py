@@ -32,10 +32,10 @@ from .vocabulary import (
     NOISE_DECAY,
     NOISE_STD,
     RD_PERIODS,
+    SCHEDULES,
     WEIGHT_SCALES,
 )
 
-_SCHEDULES = frozenset({"ld", "cd", "rd"})
 _MOMENTS = {"m": ("exp_avg", "bc1"), "v": ("exp_avg_sq", "bc2"), "gamma": ("exp_avg_cube", "bc3")}
 # Unary ops too costly per element to run on a value that takes only three values.
 _TABULATED = frozenset({"exp", "log", "sqrt"})
@@ -64,7 +64,7 @@ def step_numbers(step: int, total_steps: int | None, reads: frozenset[str] = fro
         "bc3": 1.0 - BETA3 ** step,
         "eps_t": NOISE_STD * step ** (-NOISE_DECAY / 2),
     }
-    schedules = reads & _SCHEDULES
+    schedules = reads.intersection(SCHEDULES)
     if schedules and total_steps is None:
         raise ValueError(f"the rule reads {', '.join(sorted(schedules))}: "
                          "pass total_steps=T, the run's length in steps")
@@ -181,7 +181,7 @@ class StepContext:
             return g
         if name in ("1", "2"):
             return float(name)
-        if name in _SCHEDULES:
+        if name in SCHEDULES:
             return self.numbers[name]
         if name == "g^2":
             return self.apply(g, "mul", g.items)

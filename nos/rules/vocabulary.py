@@ -23,8 +23,11 @@ OPERANDS: tuple[str, ...] = (
     "ld", "cd", "rd", "eps_t",
 )
 
+# The schedules over a run's length (linear, cosine, restarts): they need the run's total steps.
+SCHEDULES: tuple[str, ...] = ("ld", "cd", "rd")
+
 # Operands that are one number per step rather than one value per element.
-SCALAR_OPERANDS = frozenset({"1", "2", "ld", "cd", "rd"})
+SCALAR_OPERANDS = frozenset({"1", "2", *SCHEDULES})
 
 # The scale of each weight operand, keyed by operand name.
 WEIGHT_SCALES: dict[str, float] = {"1e-4*w": 1e-4, "1e-3*w": 1e-3, "1e-2*w": 1e-2, "1e-1*w": 1e-1}

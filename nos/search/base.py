@@ -14,10 +14,12 @@ from nos.rules import Node, from_tokens, to_text
 
 @dataclass(frozen=True)
 class Proposal:
-    """One sampled rule: its controller tokens and the tree they decode to."""
+    """One sampled rule: its controller tokens, the tree they decode to, and the log-probability
+    the policy sampled the tokens with (None for searchers without a policy)."""
 
     tokens: tuple[int, ...]
     tree: Node
+    log_prob: float | None = None
 
     @property
     def text(self) -> str:
@@ -30,6 +32,9 @@ class Searcher(ABC):
     `observe` gets the tokens of proposals together with their rewards, not
     the proposal objects: after a crash the driver rebuilds them from the
     database and a searcher restored from its checkpoint must learn the same.
+    `log_probs`, when given, are the log-probabilities the tokens were sampled
+    with: the asynchronous driver passes them, since its results may come from
+    a policy older than the one learning from them.
     """
 
     name: str
@@ -44,7 +49,8 @@ class Searcher(ABC):
     def propose(self, n: int) -> list[Proposal]: ...
 
     @abstractmethod
-    def observe(self, tokens: Sequence[Sequence[int]], rewards: Sequence[float]) -> None: ...
+    def observe(self, tokens: Sequence[Sequence[int]], rewards: Sequence[float],
+                log_probs: Sequence[float] | None = None) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "depth": self.depth, "generator": self.generator.get_state()}
@@ -55,9 +61,10 @@ class Searcher(ABC):
                              f"not {self.name!r} depth {self.depth}")
         self.generator.set_state(state["generator"])
 
-    def _proposals(self, token_rows: torch.Tensor) -> list[Proposal]:
+    def _proposals(self, token_rows: torch.Tensor, log_probs: torch.Tensor | None = None) -> list[Proposal]:
         rows = [tuple(int(t) for t in row) for row in token_rows]
-        return [Proposal(row, from_tokens(row, self.depth)) for row in rows]
+        chances = [None] * len(rows) if log_probs is None else [float(x) for x in log_probs]
+        return [Proposal(row, from_tokens(row, self.depth), chance) for row, chance in zip(rows, chances)]
 
 
 def state_to_bytes(state: dict[str, Any]) -> bytes:

@@ -43,16 +43,18 @@ class Controller(nn.Module):
         return logits, (h, c)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n token sequences, (n, positions) int64."""
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """n token sequences, (n, positions) int64, and the log-probability of each, (n,)."""
         prev = torch.full((n,), self.start, dtype=torch.long)
         state = None
         out = []
+        log_prob = torch.zeros(n)
         for pos in range(self.positions):
             logits, state = self._logits(pos, prev, state)
             prev = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+            log_prob = log_prob + torch.log_softmax(logits, dim=-1).gather(1, prev.unsqueeze(1)).squeeze(1)
             out.append(prev)
-        return torch.stack(out, dim=1)
+        return torch.stack(out, dim=1), log_prob
 
     def log_prob_and_entropy(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Per sequence: the summed log-probability of `tokens` and the summed entropy, (n,) each."""

@@ -102,7 +102,10 @@ class EvolutionSearcher(Searcher):
         return child
 
     # -- learning ----------------------------------------------------------------
-    def observe(self, tokens: Sequence[Sequence[int]], rewards: Sequence[float]) -> None:
+    def observe(self, tokens: Sequence[Sequence[int]], rewards: Sequence[float],
+                log_probs: Sequence[float] | None = None) -> None:
+        # Children join in the order their results arrive, whenever they were proposed: the
+        # tournament draws from whatever has arrived, which is asynchronous evolution as Real et al. ran it.
         for row, reward in zip(tokens, rewards, strict=True):
             reward = float(reward)
             # A full deque drops its leftmost (oldest) member on append.

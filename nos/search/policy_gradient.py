@@ -9,10 +9,22 @@ says nothing about which rules are better: it leaves the policy as it is
 takes several epochs of clipped-surrogate steps on each batch; REINFORCE one
 plain policy-gradient step.
 
-The log-probabilities a batch was sampled with are recomputed in `observe`
-from the controller as it was when it proposed (no update happens in
-between), so a searcher restored from a checkpoint learns exactly what the
-uninterrupted one would have.
+Which policy sampled a batch: under the synchronous driver no update happens
+between proposing and observing, so the policy an update starts from is the one
+that sampled its batch. Under the asynchronous driver results arrive from
+policies several updates old; it passes the log-probabilities each rule was
+sampled with (`log_probs`), and each sample's advantage is weighted by
+min(1, pi_old / pi_sampled), where pi_old is the policy as the update finds it:
+a truncated importance weight (as in V-trace). Without it a stale sample
+counts as the current policy's; an untruncated ratio can blow up the update's
+variance, and truncating at 1 only ever weighs a stale sample down. PPO then
+clips its ratio pi / pi_old around the policy the update started from, not
+around the stale one (the decoupled objective of Hilton et al. 2021, "Batch
+size-invariance for policy optimization"): clipping around pi_sampled would
+zero the gradient of every sample the policy has moved more than `clip` from
+since it was sampled, which after a few updates in flight is most of them.
+REINFORCE takes its one step with the same weights. Without `log_probs` every
+weight is exactly 1, and both are what they were.
 """
 
 from __future__ import annotations
@@ -60,23 +72,28 @@ class PolicyGradientSearcher(Searcher):
         return warm_start(self.controller, self.depth, self.config.warm_steps, self.config.warm_mass)
 
     def propose(self, n: int) -> list[Proposal]:
-        return self._proposals(self.controller.sample(n, self.generator))
+        return self._proposals(*self.controller.sample(n, self.generator))
 
-    def observe(self, tokens: Sequence[Sequence[int]], rewards: Sequence[float]) -> None:
+    def observe(self, tokens: Sequence[Sequence[int]], rewards: Sequence[float],
+                log_probs: Sequence[float] | None = None) -> None:
         if not tokens:
             return
         seqs = torch.tensor([list(t) for t in tokens], dtype=torch.long)
         reward = torch.tensor(list(rewards), dtype=torch.float32)
+        sampled = None if log_probs is None else torch.tensor([float(x) for x in log_probs])
         mean = reward.mean().item()
         if bool((reward != reward[0]).any()):
-            self._step(seqs, advantages(reward, self._baseline(mean), self.config.advantage_floor))
+            self._step(seqs, advantages(reward, self._baseline(mean), self.config.advantage_floor), sampled)
         decay = self.config.baseline_decay
         self.baseline = mean if self.baseline is None else decay * self.baseline + (1 - decay) * mean
         self.observed += len(tokens)
 
-    def _step(self, seqs: Tensor, advantage: Tensor) -> None:
-        with torch.no_grad():
+    def _step(self, seqs: Tensor, advantage: Tensor, sampled: Tensor | None) -> None:
+        with torch.no_grad():   # the policy as this update finds it
             old_log_prob, _ = self.controller.log_prob_and_entropy(seqs)
+        # Each sample weighted by min(1, pi_old / pi_sampled): 1 when the controller as it is now sampled it.
+        weight = torch.ones_like(old_log_prob) if sampled is None else torch.exp(old_log_prob - sampled).clamp(max=1.0)
+        advantage = advantage * weight
         for _ in range(self._steps()):
             log_prob, entropy = self.controller.log_prob_and_entropy(seqs)
             loss = self._loss(log_prob, old_log_prob, advantage) - self.config.entropy_weight * entropy.mean()

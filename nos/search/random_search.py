@@ -22,5 +22,6 @@ class RandomSearcher(Searcher):
         tokens = torch.multinomial(probs, 1, generator=self.generator).view(n, -1)
         return self._proposals(tokens)
 
-    def observe(self, tokens: Sequence[Sequence[int]], rewards: Sequence[float]) -> None:
-        pass   # random search learns nothing
+    def observe(self, tokens: Sequence[Sequence[int]], rewards: Sequence[float],
+                log_probs: Sequence[float] | None = None) -> None:
+        pass   # random search learns nothing, so results from any time serve alike

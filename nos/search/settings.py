@@ -68,7 +68,7 @@ class EvolutionConfig:
             raise ValueError(f"tournament ({self.tournament}) must be at most population ({self.population})")
 
 
-# Each searcher's hyperparameters (the `[controller]` table of a config): None takes none.
+# Each searcher's hyperparameters (the `[hyperparameters]` table of a config): None takes none.
 SEARCHER_SETTINGS: dict[str, type | None] = {
     "ppo": PolicyGradientConfig, "reinforce": PolicyGradientConfig, "random": None, "evolution": EvolutionConfig,
 }

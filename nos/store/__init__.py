@@ -7,7 +7,17 @@
 
 from ..records import EpochRecord, EvaluationResult, TransferResult, TrialRecord  # what the writers take
 from .checkpoints import latest_checkpoint, save_checkpoint
-from .engine import DEFAULT_URL, URL_ENV_VAR, Store, StoreError, check_writable, create_engine, resolve_url, shown
+from .engine import (
+    DEFAULT_URL,
+    URL_ENV_VAR,
+    DatabaseMissing,
+    Store,
+    StoreError,
+    check_writable,
+    create_engine,
+    resolve_url,
+    shown,
+)
 from .evaluations import (
     NewEvaluation,
     StaleSweep,
@@ -70,6 +80,7 @@ from .transfers import (
 
 __all__ = [
     "DEFAULT_URL", "EVALUATION_STATUSES", "RUN_STATUSES", "SCORED_STATUSES", "URL_ENV_VAR", "Base", "Checkpoint",
+    "DatabaseMissing",
     "Evaluation", "EvaluationResult", "LeaderboardRow", "LrTrial", "NewEvaluation", "Rule", "RuleRecord", "Run",
     "RunProgress", "SchemaState", "StaleSweep", "Store", "StoreError", "TrialRecord", "batch_evaluations",
     "check_schema", "check_writable", "claim", "commit_cached", "commit_result", "create_engine", "create_run",

@@ -26,3 +26,10 @@ def latest_checkpoint(session: Session, run_id: int) -> Checkpoint | None:
     return session.execute(
         select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.step.desc()).limit(1)
     ).scalar_one_or_none()
+
+
+def checkpoint_states(session: Session, run_id: int) -> list[dict[str, Any]]:
+    """Every checkpoint's JSON state of a run, by step (the blobs are not read)."""
+    return list(session.execute(
+        select(Checkpoint.state).where(Checkpoint.run_id == run_id).order_by(Checkpoint.step)
+    ).scalars())

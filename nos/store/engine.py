@@ -35,6 +35,10 @@ class StoreError(Exception):
     """A problem with the database the user can fix; the message is one line."""
 
 
+class DatabaseMissing(StoreError):
+    """The SQLite file is not there (yet): `nos db upgrade` or a first write creates it."""
+
+
 def resolve_url(url: str | None = None) -> URL:
     """The database URL: `url`, else $NOS_DB_URL, else sqlite:///nos.db.
 

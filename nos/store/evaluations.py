@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from ..records import EvaluationResult
 from ..redact import mask_credentials
-from .models import Evaluation, LrTrial, Rule, utcnow
+from .models import PENDING_STATUSES, TRAINED_STATUSES, Evaluation, LrTrial, Rule, utcnow
 
 evaluations = Evaluation.__table__
 lr_trials = LrTrial.__table__
@@ -49,6 +49,8 @@ class NewEvaluation:
     cached_from: int | None = None
     rejected: bool = False
     reason: str | None = None
+    tokens: list[int] | None = None       # the sequence the searcher sampled
+    log_prob: float | None = None         # and the log-probability it was sampled with
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def enqueue_batch(session: Session, run_id: int, batch: int, entries: Sequence[N
         row = dict(run_id=run_id, rule_id=entry.rule_id, batch=batch, seq=next_seq + offset, task=entry.task,
                    task_key=entry.task_key, status="queued", attempts=0, created_at=now, cached_from=None,
                    best_lr=None, reward=None, test_acc=None, wall_seconds=None, finished_at=None,
-                   reason=entry.reason)
+                   reason=entry.reason, tokens=entry.tokens, log_prob=entry.log_prob)
         if entry.cached_from is not None:
             source = sources[entry.cached_from]
             row.update(status="cached", cached_from=source.id, best_lr=source.best_lr, reward=source.reward,
@@ -247,7 +249,7 @@ def batch_evaluations(session: Session, run_id: int, batch: int) -> list[Evaluat
 def unfinished_ids(session: Session, run_id: int) -> list[int]:
     """Ids of a run's evaluations still queued or running: what a resume re-dispatches."""
     return list(session.execute(
-        select(Evaluation.id).where(Evaluation.run_id == run_id, Evaluation.status.in_(("queued", "running")))
+        select(Evaluation.id).where(Evaluation.run_id == run_id, Evaluation.status.in_(PENDING_STATUSES))
         .order_by(Evaluation.id)
     ).scalars())
 
@@ -256,7 +258,7 @@ def find_cached(session: Session, rule_id: int, task_key: str) -> Evaluation | N
     """An earlier scored evaluation of this rule under the same task configuration (the first one)."""
     return session.execute(
         select(Evaluation).where(Evaluation.rule_id == rule_id, Evaluation.task_key == task_key,
-                                 Evaluation.status.in_(("done", "diverged")))
+                                 Evaluation.status.in_(TRAINED_STATUSES))
         .order_by(Evaluation.id).limit(1)
     ).scalar_one_or_none()
 
@@ -268,7 +270,7 @@ def find_equivalent(session: Session, fingerprint: str | None, task_key: str) ->
     return session.execute(
         select(Evaluation).join(Rule, Rule.id == Evaluation.rule_id)
         .where(Rule.fingerprint == fingerprint, Evaluation.task_key == task_key,
-               Evaluation.status.in_(("done", "diverged")))
+               Evaluation.status.in_(TRAINED_STATUSES))
         .order_by(Evaluation.id).limit(1)
     ).scalar_one_or_none()
 

@@ -12,10 +12,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .models import SCORED_STATUSES, Evaluation, LrTrial, Rule, Run
-
-# Evaluations that will not change any more.
-FINISHED_STATUSES = (*SCORED_STATUSES, "failed")
+from .models import FINISHED_STATUSES, TRAINED_STATUSES, Evaluation, LrTrial, Rule, Run
 
 
 @dataclass(frozen=True)
@@ -188,8 +185,8 @@ def run_timings(run: Run, rows: list[EvaluationRow]) -> Timings:
     """Timings of `rows` (a run's evaluations, from `run_evaluations`)."""
     finished = [r for r in rows if r.finished]
     seconds = sorted(r.wall_seconds for r in finished
-                     if r.status in ("done", "diverged") and r.wall_seconds is not None)
-    trained = sum(r.status in ("done", "diverged") for r in finished)
+                     if r.status in TRAINED_STATUSES and r.wall_seconds is not None)
+    trained = sum(r.status in TRAINED_STATUSES for r in finished)
     ends = [r.finished_at for r in finished if r.finished_at is not None]
     elapsed = (max(ends) - run.created_at).total_seconds() if ends else None
     median = None
@@ -206,6 +203,6 @@ def run_timings(run: Run, rows: list[EvaluationRow]) -> Timings:
 
 
 __all__ = [
-    "FINISHED_STATUSES", "EvaluationRow", "Sweep", "SweepPoint", "Timings", "TrialRow", "rule_sweeps",
+    "EvaluationRow", "Sweep", "SweepPoint", "Timings", "TrialRow", "rule_sweeps",
     "run_evaluations", "run_timings", "run_trials", "sweep_of",
 ]

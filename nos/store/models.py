@@ -33,8 +33,16 @@ from sqlalchemy.types import TypeDecorator
 
 RUN_STATUSES = ("running", "stopping", "stopped", "completed", "failed")
 EVALUATION_STATUSES = ("queued", "running", "done", "diverged", "failed", "cached", "rejected")
+# Waiting for a worker, or held by one.
+PENDING_STATUSES = ("queued", "running")
+# Trained by a worker, to the end or to divergence.
+TRAINED_STATUSES = ("done", "diverged")
 # Statuses whose reward is final: these count on the leaderboard.
-SCORED_STATUSES = ("done", "diverged", "cached", "rejected")
+SCORED_STATUSES = (*TRAINED_STATUSES, "cached", "rejected")
+# Evaluations that will not change any more.
+FINISHED_STATUSES = (*SCORED_STATUSES, "failed")
+# What a run's budget counts: every evaluation but the rejected ones.
+COUNTED_STATUSES = tuple(s for s in EVALUATION_STATUSES if s != "rejected")
 
 # Deterministic constraint names on both databases, so migrations can name them.
 NAMING_CONVENTION = {
@@ -163,6 +171,10 @@ class Evaluation(Base):
     cached_from: Mapped[int | None] = mapped_column(ForeignKey("evaluations.id", ondelete="SET NULL"))
     # Why a rule was rejected without training, or which equivalent rule a fingerprint hit reused.
     reason: Mapped[str | None] = mapped_column(Text)
+    # The token sequence the searcher sampled, and its log-probability under the policy that sampled it
+    # (None for searchers without one): what an update learns from after the policy has moved on.
+    tokens: Mapped[list[int] | None] = mapped_column(JSON)
+    log_prob: Mapped[float | None] = mapped_column(Float)
 
 
 class LrTrial(Base):

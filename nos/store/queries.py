@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
-from .models import EVALUATION_STATUSES, Evaluation, Rule, Run
+from .models import EVALUATION_STATUSES, PENDING_STATUSES, TRAINED_STATUSES, Evaluation, Rule, Run
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class RunProgress:
 
     @property
     def finished(self) -> int:
-        return self.total - self.counts["queued"] - self.counts["running"]
+        return self.total - sum(self.counts[s] for s in PENDING_STATUSES)
 
     @property
     def counted(self) -> int:
@@ -135,7 +135,7 @@ class RunProgress:
     @property
     def trained(self) -> int:
         """Finished evaluations a worker trained (done or diverged)."""
-        return self.counts["done"] + self.counts["diverged"]
+        return sum(self.counts[s] for s in TRAINED_STATUSES)
 
     @property
     def cache_hit_rate(self) -> float | None:

@@ -20,7 +20,7 @@ from alembic.util import CommandError
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError
 
-from .engine import Store, StoreError, create_engine, first_line, resolve_url, shown, sqlite_path
+from .engine import DatabaseMissing, Store, StoreError, create_engine, first_line, resolve_url, shown, sqlite_path
 
 UPGRADE_HINT = "run `nos db upgrade`"
 # Tables every revision of nos's schema has: a database holding them is one nos created.
@@ -106,7 +106,7 @@ def _read_revision(url: URL) -> tuple[str | None, set[str]]:
     """The database's revision and the names of its tables and views (in its default schema)."""
     path = sqlite_path(url)
     if path is not None and not path.exists():
-        raise StoreError(f"no database at {path}; create it with `nos db upgrade`")
+        raise DatabaseMissing(f"no database at {path}; create it with `nos db upgrade`")
     engine = _read_only_engine(url, path)
     try:
         with engine.connect() as connection:

@@ -56,7 +56,7 @@ def new_group(task: Task, initial: nn.Module, rule: Node, total_steps: int, seed
     return group(task, initial, rule, list(task.lrs), total_steps, seed)
 
 
-def _record(children: ChildGroup, index: int, stopped: dict[int, float]) -> TrialRecord:
+def trial_record(children: ChildGroup, index: int, stopped: dict[int, float]) -> TrialRecord:
     """Trial `index`'s record; one stopped by halving has no validation score, and its last round's mean loss."""
     record = children.record(index)
     if index in stopped:
@@ -66,8 +66,10 @@ def _record(children: ChildGroup, index: int, stopped: dict[int, float]) -> Tria
 
 # Successive halving stops a rate only if its score in the round is more than this far (relative) behind the best's.
 HALVING_TIE = 0.01
-# What ranks the rates after the early round: "val" (validation error) or "loss" (the round's mean training loss).
-HALVING_RANK = "val"
+# What can rank the rates after the early round: validation error, or the round's mean training loss.
+HALVING_RANKS = ("val", "loss")
+# An early round's verdict: (group, keep, steps, seen, stopped, scored, rank) -> losses so far (see halving_cut).
+Cut = Callable[[ChildGroup, int, int, dict[int, float], dict[int, float], OnScored | None, str], dict[int, float]]
 
 
 def halving_rounds(rates: int, steps: int) -> list[tuple[int, int]]:
@@ -83,39 +85,56 @@ def halving_rounds(rates: int, steps: int) -> list[tuple[int, int]]:
 
 
 def halve(group: ChildGroup, rates: int, sweep_steps: int, stopped: dict[int, float],
-          scored: OnScored | None) -> None:
-    """Successive halving: the early round keeps the rates that score best on validation.
+          scored: OnScored | None, rank: str = "val", cut: Cut | None = None) -> None:
+    """Successive halving: the early round keeps the rates that score best on validation (`halving_cut`).
 
-    Validation, as the reward itself, rather than the round's training loss:
-    a large rate can drive the cross-entropy far up (confident logits) while
-    its accuracy is the best of the sweep, and a loss ranking drops exactly
-    the rate the full sweep would pick (measured: see the README). A rate
-    outside the better half still goes on while its validation error is
-    within HALVING_TIE of the best one's: when no rate has pulled ahead (a
-    rule that learns nothing at any rate) the round cannot tell them apart,
-    and the sweep stays full. The last round, a full sweep trial for the
-    rates left, is scored as the full sweep is.
+    rank: "val", or "loss" (the round's mean training loss, kept for comparison).
+    cut: the early round's verdict, `halving_cut` by default; a pack of rules
+    (nos.tasks.packed) passes one that cuts each rule's rates on their own.
     """
-    done, seen = 0, {i: 0.0 for i in range(rates)}
+    if rank not in HALVING_RANKS:
+        raise ValueError(f"rank must be one of {', '.join(HALVING_RANKS)}, got {rank!r}")
+    cut = cut or halving_cut
+    done, seen = 0, {}
     for budget, keep in halving_rounds(rates, sweep_steps):
         if budget == sweep_steps:
             group.advance(budget - done, scored)
             return
-        group.advance(budget - done, validate=HALVING_RANK == "val")
-        now = {i: group.loss_seen(i) for i in group.running}
-        means = {i: (now[i] - seen[i]) / (budget - done) for i in group.running}
-        behind = {i: 1.0 - group.record(i).val_acc for i in group.running} if HALVING_RANK == "val" else means
-        ranked = sorted(group.running, key=lambda i: (behind[i] if math.isfinite(behind[i]) else math.inf, i))
-        best = behind[ranked[0]] if ranked else 0.0
-        tied = best + HALVING_TIE * abs(best)
-        out = [i for i in ranked[keep:] if not behind[i] <= tied]
-        for index in out:
-            stopped[index] = means[index]
-        group.stop(out)
-        if scored:
-            for index in sorted(out):
-                scored(index)
-        done, seen = budget, now
+        group.advance(budget - done, validate=rank == "val")
+        seen = cut(group, keep, budget - done, seen, stopped, scored, rank)
+        done = budget
+
+
+def halving_cut(group: ChildGroup, keep: int, steps: int, seen: dict[int, float], stopped: dict[int, float],
+                scored: OnScored | None, rank: str = "val") -> dict[int, float]:
+    """Stop the running rates outside the best `keep` after a round of `steps`; returns each one's loss so far.
+
+    Ranked by validation, as the reward itself, rather than the round's
+    training loss: a large rate can drive the cross-entropy far up (confident
+    logits) while its accuracy is the best of the sweep, and a loss ranking
+    drops exactly the rate the full sweep would pick (`rank="loss"` ranks by
+    the round's mean training loss, for comparison). A rate outside the better half still goes on while its
+    validation error is within HALVING_TIE of the best one's: when no rate has
+    pulled ahead (a rule that learns nothing at any rate) the round cannot
+    tell them apart, and the sweep stays full. The last round, a full sweep
+    trial for the rates left, is scored as the full sweep is. `seen` holds
+    the losses before the round (none: 0); a stopped rate's entry in
+    `stopped` is its round's mean loss.
+    """
+    now = {i: group.loss_seen(i) for i in group.running}
+    means = {i: (now[i] - seen.get(i, 0.0)) / steps for i in group.running}
+    behind = {i: 1.0 - group.record(i).val_acc for i in group.running} if rank == "val" else means
+    ranked = sorted(group.running, key=lambda i: (behind[i] if math.isfinite(behind[i]) else math.inf, i))
+    best = behind[ranked[0]] if ranked else 0.0
+    tied = best + HALVING_TIE * abs(best)
+    out = [i for i in ranked[keep:] if not behind[i] <= tied]
+    for index in out:
+        stopped[index] = means[index]
+    group.stop(out)
+    if scored:
+        for index in sorted(out):
+            scored(index)
+    return now
 
 
 OnTrial = Callable[[TrialRecord, str], None]
@@ -139,12 +158,12 @@ def evaluate_rule(rule: str | Node, task: Task, seed: int = 0, *, on_trial: OnTr
         initial = initial_child(task, seed)
         group = new_group(task, initial, tree, final_steps if reuse else sweep_steps, seed)
         stopped: dict[int, float] = {}   # trials halving stopped early -> their last round's mean loss
-        scored = (lambda index: on_trial(_record(group, index, stopped), "sweep")) if on_trial else None
+        scored = (lambda index: on_trial(trial_record(group, index, stopped), "sweep")) if on_trial else None
         if task.sweep == "full":
             group.advance(sweep_steps, scored)
         else:
             halve(group, len(task.lrs), sweep_steps, stopped, scored)
-        trials = [_record(group, index, stopped) for index in range(len(task.lrs))]
+        trials = [trial_record(group, index, stopped) for index in range(len(task.lrs))]
         best = best_index(trials, stopped)
 
         final, test_acc = None, 0.0
@@ -161,13 +180,20 @@ def evaluate_rule(rule: str | Node, task: Task, seed: int = 0, *, on_trial: OnTr
             if on_trial:
                 on_trial(final.record(), "final")
 
+    return evaluation_result(tree, task, seed, trials, best, final.record() if final else None, test_acc,
+                             time.perf_counter() - start)
+
+
+def evaluation_result(tree: Node, task: Task, seed: int, trials: list[TrialRecord], best: int | None,
+                      final: TrialRecord | None, test_acc: float, wall_seconds: float) -> EvaluationResult:
+    """A rule's result from its sweep's trials, the best one's index and its final run (None: every rate diverged)."""
     return EvaluationResult(
         rule=to_text(tree), task=task.name, task_key=task.config_key(), seed=seed, trials=trials,
         best_lr=trials[best].lr if best is not None else None,
         reward=final.val_acc if final else 0.0,
         test_acc=test_acc,
         diverged=final is None or final.diverged,
-        wall_seconds=time.perf_counter() - start,
-        final=final.record() if final else None,
+        wall_seconds=wall_seconds,
+        final=final,
         device=str(task.device),
     )

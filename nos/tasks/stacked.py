@@ -53,12 +53,11 @@ class StackedChildren:
         self.params = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
         self.buffers = {name: b.clone() for name, b in buffers.items()}
         self.skeleton = copy.deepcopy(initial).to("meta")
-        # vmap costs ~2 ms a step in Python: an MLP gets a hand-stacked forward instead.
+        # vmap's Python overhead per step outweighs an MLP's small matmuls: an MLP gets a hand-stacked forward.
         self.forward = _mlp_forward(self.skeleton) or vmap(self._call, in_dims=(0, 0, None))
         self.loss = task.objective.stacked_loss
         self.score_sum = vmap(task.objective.score_sum, in_dims=(0, None))
-        rates = torch.tensor(self.lrs, dtype=next(iter(self.params.values())).dtype, device=task.device)
-        self.optimizer = self._optimizer(rates)
+        self._start_optimizers()
         self.order = torch.Generator().manual_seed(seed)
         self.running = list(range(k))   # the child (index into lrs) at each position of the stack
         self.steps = [0] * k
@@ -73,17 +72,41 @@ class StackedChildren:
         self._seen = torch.zeros(k, device=task.device)   # every loss so far, summed, per running child
         self.limit: float | None = None   # as a lone child's, from the first loss (every child's: same weights, batch)
 
+    # -- the optimizer: one over the whole stack (nos.tasks.packed has one per rule) --
+    def _start_optimizers(self) -> None:
+        self.optimizer = self._optimizer(self._rate_tensor(self.lrs))
+
+    def _rate_tensor(self, lrs: list[float]) -> Tensor:
+        return torch.tensor(lrs, dtype=next(iter(self.params.values())).dtype, device=self.task.device)
+
     def _optimizer(self, rates: Tensor) -> SymbolicOptimizer:
         return SymbolicOptimizer(list(self.params.values()), self.rule, lr=1.0, total_steps=self.total_steps,
                                  seed=self.seed, rates=rates)
+
+    def _step(self) -> None:
+        self.optimizer.step()
+
+    def _keep_optimizers(self, positions: list[int]) -> None:
+        """The optimizer for the stack cut down to `positions` (self.params already is)."""
+        index = torch.tensor(positions, dtype=torch.long, device=self.task.device)
+        old = self.optimizer
+        self.optimizer = self._optimizer(old.rates.index_select(0, index))
+        carry_state(old, self.optimizer, index)
+
+    def _source(self, child: int, pos: int) -> tuple[SymbolicOptimizer, int, Node, int]:
+        """Where child `child` (at stack position `pos`) steps: its optimizer, its slice of it, rule and horizon."""
+        return self.optimizer, pos, self.rule, self.total_steps
 
     def _call(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.skeleton, (params, buffers), (x,))
 
     # -- training --------------------------------------------------------------
     def advance(self, steps: int, on_scored: OnScored | None = None, validate: bool = True) -> None:
-        """Train every running child `steps` more steps, then score each on validation."""
-        start = time.perf_counter()
+        """Train every running child `steps` more steps, then score each on validation.
+
+        `on_scored` follows for each of them, those that diverged meanwhile included (as a lone child's).
+        """
+        start, trained = time.perf_counter(), sorted(self.running)
         steps_per_epoch = self.task.steps_per_epoch
         while steps > 0 and self.running:
             if self._position == 0:
@@ -97,7 +120,7 @@ class StackedChildren:
             self._validate()
         self._charge(time.perf_counter() - start)
         if on_scored:
-            for child in sorted(self.running):
+            for child in trained:
                 on_scored(child)
 
     def _begin_epoch(self) -> None:
@@ -121,7 +144,7 @@ class StackedChildren:
         task = self.task
         x, y = self._data
         batch = task.batch_size
-        # Reading a CPU tensor costs nothing: check every step; on CUDA every 16, as a lone child does.
+        # Reading a CPU tensor costs nothing: check every step; on CUDA every CUDA_CHECK_EVERY, as a lone child does.
         check_every = 1 if task.device.type == "cpu" else CUDA_CHECK_EVERY
         window = torch.zeros(len(self.running), device=task.device)
         for i in range(self._position, self._position + n):
@@ -138,7 +161,7 @@ class StackedChildren:
             for p in self.params.values():
                 p.grad = None
             losses.sum().backward()
-            self.optimizer.step()
+            self._step()
             for pos, child in enumerate(self.running):
                 if pos not in bad:
                     self.steps[child] += 1
@@ -205,16 +228,9 @@ class StackedChildren:
         if len(positions) == len(self.running):
             return
         index = torch.tensor(positions, dtype=torch.long, device=self.task.device)
-        old = self.optimizer
         self.params = {n: p.detach().index_select(0, index).requires_grad_() for n, p in self.params.items()}
         self.buffers = {n: b.index_select(0, index) for n, b in self.buffers.items()}
-        self.optimizer = self._optimizer(old.rates.index_select(0, index))
-        for new, previous in zip(self.params.values(), old.param_groups[0]["params"]):
-            state = old.state.get(previous)
-            if state:
-                self.optimizer.state[new] = {k: v.index_select(0, index) if torch.is_tensor(v) else v
-                                             for k, v in state.items()}
-        self.optimizer.set_noise_state(old.noise_state())
+        self._keep_optimizers(positions)
         if self._total is not None:
             self._total = self._total.index_select(0, index)
         self._seen = self._seen.index_select(0, index)
@@ -228,24 +244,41 @@ class StackedChildren:
         if self._position:
             raise RuntimeError("children can be extracted only between epochs")
         pos = self.running.index(child)
-        model = copy.deepcopy(self.initial)
-        with torch.no_grad():
-            for name, tensor in (*model.named_parameters(), *model.named_buffers()):
-                source = self.params[name] if name in self.params else self.buffers[name]
-                tensor.copy_(source[pos])
-        optimizer = SymbolicOptimizer(model.parameters(), self.rule, lr=self.lrs[child],
-                                      total_steps=self.total_steps, seed=self.seed)
-        for p, stacked in zip(model.parameters(), self.params.values()):
-            state = self.optimizer.state.get(stacked)
+        model = self.model(child)
+        source, local, rule, total_steps = self._source(child, pos)
+        optimizer = SymbolicOptimizer(model.parameters(), rule, lr=self.lrs[child], total_steps=total_steps,
+                                      seed=self.seed)
+        for p, stacked in zip(model.parameters(), source.param_groups[0]["params"]):
+            state = source.state.get(stacked)
             if state:
-                optimizer.state[p] = {k: torch.empty_like(p).copy_(v[pos]) if torch.is_tensor(v) else v
+                optimizer.state[p] = {k: torch.empty_like(p).copy_(v[local]) if torch.is_tensor(v) else v
                                       for k, v in state.items()}
-        optimizer.set_noise_state(self.optimizer.noise_state())
+        optimizer.set_noise_state(source.noise_state())
         order = torch.Generator()
         order.set_state(self.order.get_state())
         return Child(self.task, model, optimizer, order, self.lrs[child], epochs=self.epochs[child],
                     steps=self.steps[child], val_acc=self.val_acc[child], train_loss=self.train_loss[child],
                     wall_seconds=self.wall_seconds[child])
+
+
+    def model(self, child: int) -> nn.Module:
+        """A plain network holding running child `child`'s weights and statistics now."""
+        pos = self.running.index(child)
+        model = copy.deepcopy(self.initial)
+        with torch.no_grad():
+            for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+                source = self.params[name] if name in self.params else self.buffers[name]
+                tensor.copy_(source[pos])
+        return model
+
+
+def carry_state(old: SymbolicOptimizer, new: SymbolicOptimizer, index: Tensor) -> None:
+    """`new` (over the survivors of `old`'s stack) takes their moments, picked by `index`, and the noise."""
+    for fresh, previous in zip(new.param_groups[0]["params"], old.param_groups[0]["params"]):
+        state = old.state.get(previous)
+        if state:
+            new.state[fresh] = {k: v.index_select(0, index) if torch.is_tensor(v) else v for k, v in state.items()}
+    new.set_noise_state(old.noise_state())
 
 
 # Layers that act elementwise, so they apply to a stack unchanged.

@@ -35,18 +35,16 @@ from torch import Tensor, nn
 from ..optim import SymbolicOptimizer
 from ..records import TrialRecord
 from ..rules import Node, operands_read
+from ..rules.vocabulary import SCHEDULES
 from .base import Task
 
-# Rules reading these depend on the run's length, so a 1-epoch trial is not
-# the first epoch of a 5-epoch run.
-SCHEDULES = frozenset({"ld", "cd", "rd"})
 # On CUDA, reading the loss each step stalls the GPU queue; check this often instead.
 CUDA_CHECK_EVERY = 16
 
 
 def reads_schedule(rule: Node) -> bool:
     """Whether the rule reads a schedule over the run's length (so a short trial is not a long run's start)."""
-    return bool(operands_read(rule) & SCHEDULES)
+    return not operands_read(rule).isdisjoint(SCHEDULES)
 
 
 # -- divergence -----------------------------------------------------------------
@@ -319,6 +317,6 @@ def initial_child(task: Task, seed: int) -> nn.Module:
 
 
 __all__ = [
-    "CUDA_CHECK_EVERY", "SCHEDULES", "Child", "ChildGroup", "OnScored", "SequentialChildren", "best_index",
+    "CUDA_CHECK_EVERY", "Child", "ChildGroup", "OnScored", "SequentialChildren", "best_index",
     "deterministic", "explosion_limit", "healthy", "initial_child", "reads_schedule",
 ]

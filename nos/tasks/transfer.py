@@ -105,12 +105,6 @@ def _restore(child: Child, data: bytes) -> None:
         child.limit = state["limit"]
 
 
-def snapshot_epoch(data: bytes) -> tuple[float, int]:
-    """(lr, epochs trained) of a snapshot."""
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    return float(state["lr"]), int(state["epochs"])
-
-
 def train_transfer(rule: str | Node, task: Task, seed: int = 0, *, trials_done: Sequence[TrialRecord] = (),
                    epochs_done: Sequence[EpochRecord] = (), resume: bytes | None = None,
                    on_trial: OnTrial | None = None, on_epoch: OnEpoch | None = None) -> TransferResult:
@@ -122,7 +116,6 @@ def train_transfer(rule: str | Node, task: Task, seed: int = 0, *, trials_done: 
     on_trial / on_epoch: called after each newly trained sweep trial / epoch.
     """
     tree = resolve_rule(rule)
-    text = to_text(tree)
     sweep_steps = task.sweep_epochs * task.steps_per_epoch
     final_steps = task.epochs * task.steps_per_epoch
     # As in the protocol: the best 1-epoch trial is the final run's first epoch, unless the rule
@@ -138,55 +131,76 @@ def train_transfer(rule: str | Node, task: Task, seed: int = 0, *, trials_done: 
         initial = initial_child(task, seed)
         # One child at a time, as a larger network is trained anyway; those stored are not trained again.
         sweep = SequentialChildren(task, initial, tree, missing, final_steps if reuse else sweep_steps, seed)
-        leader: list[int] = []   # the best trial trained so far: only its network is kept
-
-        def scored(index: int) -> None:
-            record = sweep.record(index)
-            if on_trial:
-                on_trial(record)
-            if record.diverged or (leader and record.val_acc <= sweep.record(leader[0]).val_acc):
-                sweep.release(index)
-                return
-            if leader:
-                sweep.release(leader.pop())
-            leader.append(index)
-
-        sweep.advance(sweep_steps, scored)
-        trials = [stored[lr] if lr in stored else sweep.record(missing.index(lr)) for lr in task.lrs]
-        index = best_index(trials)
-        best = trials[index] if index is not None else None
-        # The best trial's network, when trained in this call.
-        best_child = sweep.extract(missing.index(best.lr)) if best is not None and best.lr in missing else None
-
-        final: Child | None = None
+        trials, best, best_child = _sweep(task, sweep, stored, missing, sweep_steps, on_trial)
         if best is not None:
-            if resume is not None:
-                final = Child.fresh(task, initial, tree, best.lr, final_steps, seed)
-                _restore(final, resume)
-                if final.epochs != len(epochs):
-                    raise ValueError(f"the snapshot is after epoch {final.epochs}, "
-                                     f"but {len(epochs)} epochs are recorded")
-            elif reuse and best_child is not None and not epochs:
-                final = best_child
-                start = time.perf_counter()
-                record = EpochRecord(1, final.train_loss, final.val_acc, _test(task, final), False,
-                                     time.perf_counter() - start)
-                _epoch_done(record, final, epochs, on_epoch)
-            else:
-                epochs = []
-                final = Child.fresh(task, initial, tree, best.lr, final_steps, seed)
-            final.disable_explosion_stop()
-            while final.epochs < task.epochs and not (epochs and epochs[-1].diverged):
-                start = time.perf_counter()
-                final.train(1)
-                if final.diverged:
-                    record = EpochRecord(len(epochs) + 1, None, 0.0, 0.0, True, time.perf_counter() - start)
-                else:
-                    record = EpochRecord(final.epochs, final.train_loss, final.val_acc, _test(task, final), False,
-                                         time.perf_counter() - start)
-                _epoch_done(record, final, epochs, on_epoch)
+            def fresh() -> Child:
+                return Child.fresh(task, initial, tree, best.lr, final_steps, seed)
 
-    return TransferResult.build(text, task, seed, trials, best.lr if best else None, epochs, str(task.device))
+            final, epochs = _start_final(task, fresh, resume, best_child if reuse else None, epochs, on_epoch)
+            _train_epochs(task, final, epochs, on_epoch)
+
+    return TransferResult.build(to_text(tree), task, seed, trials, best.lr if best else None, epochs,
+                                str(task.device))
+
+
+def _sweep(task: Task, sweep: SequentialChildren, stored: dict[float, TrialRecord], missing: list[float],
+           sweep_steps: int, on_trial: OnTrial | None) -> tuple[list[TrialRecord], TrialRecord | None, Child | None]:
+    """Train the `missing` rates: every rate's trial (stored ones as stored), the best, and its network if trained here.
+
+    Only the best network trained so far is kept: the others are released as soon as they are scored.
+    """
+    leader: list[int] = []
+
+    def scored(index: int) -> None:
+        record = sweep.record(index)
+        if on_trial:
+            on_trial(record)
+        if record.diverged or (leader and record.val_acc <= sweep.record(leader[0]).val_acc):
+            sweep.release(index)
+            return
+        if leader:
+            sweep.release(leader.pop())
+        leader.append(index)
+
+    sweep.advance(sweep_steps, scored)
+    trials = [stored[lr] if lr in stored else sweep.record(missing.index(lr)) for lr in task.lrs]
+    index = best_index(trials)
+    best = trials[index] if index is not None else None
+    best_child = sweep.extract(missing.index(best.lr)) if best is not None and best.lr in missing else None
+    return trials, best, best_child
+
+
+def _start_final(task: Task, fresh: Callable[[], Child], resume: bytes | None, reusable: Child | None,
+                 epochs: list[EpochRecord], on_epoch: OnEpoch | None) -> tuple[Child, list[EpochRecord]]:
+    """The final run's child and its epochs so far: restored from `resume`, the best sweep trial
+    continued (`reusable`, its epoch scored now), or fresh (any recorded epochs dropped)."""
+    if resume is not None:
+        final = fresh()
+        _restore(final, resume)
+        if final.epochs != len(epochs):
+            raise ValueError(f"the snapshot is after epoch {final.epochs}, but {len(epochs)} epochs are recorded")
+        return final, epochs
+    if reusable is not None and not epochs:
+        start = time.perf_counter()
+        record = EpochRecord(1, reusable.train_loss, reusable.val_acc, _test(task, reusable), False,
+                             time.perf_counter() - start)
+        _epoch_done(record, reusable, epochs, on_epoch)
+        return reusable, epochs
+    return fresh(), []
+
+
+def _train_epochs(task: Task, final: Child, epochs: list[EpochRecord], on_epoch: OnEpoch | None) -> None:
+    """Train the final run to `task.epochs` one epoch at a time, scoring each; a diverged epoch ends it."""
+    final.disable_explosion_stop()
+    while final.epochs < task.epochs and not (epochs and epochs[-1].diverged):
+        start = time.perf_counter()
+        final.train(1)
+        if final.diverged:
+            record = EpochRecord(len(epochs) + 1, None, 0.0, 0.0, True, time.perf_counter() - start)
+        else:
+            record = EpochRecord(final.epochs, final.train_loss, final.val_acc, _test(task, final), False,
+                                 time.perf_counter() - start)
+        _epoch_done(record, final, epochs, on_epoch)
 
 
 def _test(task: Task, child: Child) -> float:
@@ -202,5 +216,5 @@ def _epoch_done(record: EpochRecord, child: Child, epochs: list[EpochRecord], on
 
 __all__ = [
     "DEFAULT_EPOCHS", "DEFAULT_MODEL", "OWN_CHILD", "TRANSFER_TASKS", "EpochRecord", "TransferResult", "snapshot",
-    "snapshot_epoch", "train_transfer", "transfer_task",
+    "train_transfer", "transfer_task",
 ]

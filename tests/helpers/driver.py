@@ -13,12 +13,12 @@ from nos.store import open_store
 from nos.store.models import Evaluation, Rule, Run
 
 # A few tenths of a second per evaluation: long enough to kill a driver mid-batch.
-TINY = dict(task="digits", budget=12, batch_size=4, depth=1, workers=2, seed=3, stale_after=3.0,
+TINY = dict(task="digits", budget=12, update_every=4, depth=1, workers=2, seed=3, stale_after=3.0,
             heartbeat_every=1.0, task_options={"train_size": 300, "lrs": [0.01, 0.1], "epochs": 1})
 TINY_TOML = """
 task = "digits"
 budget = 12
-batch_size = 4
+update_every = 4
 depth = 1
 workers = 2
 seed = 3
@@ -119,3 +119,56 @@ def has_run(url: str) -> bool:
             return session.get(Run, 1) is not None
     finally:
         store.dispose()
+
+
+class InlineExecutor:
+    """An executor that trains each evaluation in this process as it is dispatched, in dispatch order
+    (`nos.work.run_evaluation`, what every worker runs): results arrive in the order they were sent, so an
+    asynchronous run is reproducible. `crash_after` evaluations in, it raises Crash instead, as a driver
+    killed at that point leaves the database."""
+
+    class Crash(Exception):
+        pass
+
+    def __init__(self, url: str, crash_after: int | None = None):
+        self.store = open_store(url)
+        self.crash_after = crash_after
+        self.evaluated = 0
+
+    def dispatch(self, evaluation_ids) -> None:
+        from nos.work import run_evaluation
+
+        for evaluation_id in evaluation_ids:
+            if self.crash_after is not None and self.evaluated >= self.crash_after:
+                raise InlineExecutor.Crash(f"crashed after {self.evaluated} evaluations")
+            run_evaluation(self.store, evaluation_id, worker="inline:1")
+            self.evaluated += 1
+
+    def dead_workers(self) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        self.store.dispose()
+
+
+def learned_updates(url: str, run_id: int) -> list[list[int]]:
+    """The evaluation ids each update of an asynchronous run learned from, in order (its checkpoints' record)."""
+    from nos.store.checkpoints import checkpoint_states
+
+    store = open_store(url)
+    with store.reading() as session:
+        states = checkpoint_states(session, run_id)
+    store.dispose()
+    return [ids for state in states for ids in state["updates"]]
+
+
+def assert_learned_once(url: str, run_id: int, update_every: int) -> None:
+    """Every finished evaluation of the run was learned from by exactly one update, and every update but
+    the last took exactly `update_every` counted results."""
+    rows = {e.id: e for e in run_rows(url, run_id)}
+    updates = learned_updates(url, run_id)
+    consumed = [i for ids in updates for i in ids]
+    assert sorted(consumed) == sorted(rows)   # none lost, none twice
+    counted = [sum(rows[i].status != "rejected" for i in ids) for ids in updates]
+    assert all(n == update_every for n in counted[:-1]), counted
+    assert 0 < counted[-1] <= update_every

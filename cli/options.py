@@ -1,0 +1,75 @@
+"""Options that several commands take, each defined once: the same flag has the same type and help everywhere.
+
+(`--db` lives beside the database helpers, in cli/db.py.) Options whose default
+differs by command are made by a function that takes the default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+from .params import TEXT
+
+
+def learning_rates(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    """The --lrs callback: a comma-separated grid of positive, finite rates."""
+    if value is None:
+        return None
+    try:
+        rates = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers such as 1e-3,1e-2, got {value!r}") from None
+    if not rates or any(not 0 < rate < math.inf for rate in rates):
+        raise click.BadParameter("learning rates must be positive, finite numbers")
+    return rates
+
+
+def task_option(tasks: str, default: str | None = None, *, dest: str = "task", unset: str = "") -> click.Option:
+    """--task: the task whose networks train; `tasks` names them in the help, `unset` says what None means."""
+    default_text = f" [{unset}]" if unset else ""
+    return click.option("--task", dest, type=TEXT, default=default, show_default=default is not None,
+                        help=f"Task the networks train on: {tasks}{default_text}.")
+
+
+# A filter of the commands that read results.
+task_filter_option = click.option("--task", type=TEXT, help="Only evaluations on this task.")
+
+
+def device_option(default: str | None = "cpu", *, unset: str = "") -> click.Option:
+    """--device: `default` None leaves the choice to what `unset` says (a config file, the run)."""
+    default_text = f" [{unset}]" if unset else ""
+    return click.option("--device", default=default, show_default=default is not None, metavar="DEVICE",
+                        help=f"Where the networks train: cpu, cuda, cuda:N or mps{default_text}.")
+
+
+def epochs_option(default: int | None = None, *, unset: str = "") -> click.Option:
+    default_text = f" [{unset}]" if unset else ""
+    return click.option("--epochs", type=click.IntRange(min=1), default=default, show_default=default is not None,
+                        help=f"Epochs of the final run at the best learning rate{default_text}.")
+
+
+data_dir_option = click.option(
+    "--data-dir", type=click.Path(file_okay=False),
+    help="Folder with the data set's files [$NOS_DATA_DIR; Fashion-MNIST also /usr/share/datasets/fashion-mnist].")
+train_size_option = click.option(
+    "--train-size", type=click.IntRange(min=1),
+    help="Subsample the training split to N examples (rosenbrock, which has no data: N steps an epoch).")
+lrs_option = click.option("--lrs", callback=learning_rates,
+                          help="Learning-rate grid, comma-separated [1e-5,...,1e1].")
+sweep_option = click.option(
+    "--sweep", type=click.Choice(["full", "halving"]),
+    help="Learning-rate sweep: every rate for the sweep's epochs (the paper), or successive halving over them "
+         "[the task's: full, fashion-mlp halving].")
+training_batch_option = click.option("--batch-size", type=click.IntRange(min=1),
+                                     help="Training batch size [the task's].")
+threads_option = click.option("--threads", type=click.IntRange(min=1),
+                              help="Torch CPU threads (one is fastest per process when several train at once).")
+window_option = click.option("--window", type=click.IntRange(min=1), default=20, show_default=True,
+                             help="Evaluations in the curve's moving mean.")
+detach_option = click.option("--detach", is_flag=True,
+                             help="Send the driver loop to a worker on the `control` queue and return.")
+broker_option = click.option(
+    "--broker", "broker_url", envvar="NOS_BROKER_URL", default=None, metavar="URL",
+    help="Celery broker, redis://HOST:6379/0 [env NOS_BROKER_URL].")

@@ -1,0 +1,260 @@
+"""Several rules evaluated at once: one stacked network for all their children.
+
+    results = evaluate_rules(["powersign", "adam", "sgd"], get_task("digits"), seed=0)
+
+Evaluations that share a task key share the data and the seed, so every
+rule's sweep children start from the same initial weights and see the same
+batches in the same order; only the rule and the rate differ. So K rules'
+sweeps (K x 7 children) train as one stack (nos.tasks.stacked): one forward
+and one backward for all of them, while each rule's own `SymbolicOptimizer`
+steps that rule's slice of every stacked tensor, with its own noise generator
+seeded as when the rule trains alone. A child that diverges or is stopped
+(the explosion stop; successive halving, which cuts each rule's rates on
+their own) leaves the stack at once.
+
+Then the final runs, packed the same way: a rule whose best sweep child goes
+on (see nos.tasks.protocol) keeps that child in the stack while every other
+child leaves it; the rules that read a schedule (ld, cd, rd) retrain from
+scratch, together, in a second pack. Each rule's result equals
+`evaluate_rule`'s within rounding (tests/test_packed.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..optim import SymbolicOptimizer, resolve_rule
+from ..records import EvaluationResult, TrialRecord
+from ..rules import Node, to_text
+from .base import Task
+from .protocol import evaluate_rule, evaluation_result, halve, halving_cut, trial_record
+from .stacked import StackedChildren, carry_state
+from .training import OnScored, best_index, deterministic, initial_child, reads_schedule
+
+
+@dataclass(frozen=True)
+class Member:
+    """One rule of a pack: its children's rates and the horizon its schedules read."""
+
+    rule: Node
+    lrs: tuple[float, ...]
+    total_steps: int
+
+
+class PackedChildren(StackedChildren):
+    """The children of several rules, one rate each, from the same initial weights, trained as one stack.
+
+    Children are numbered member by member: member m's are `children(m)`, in
+    the order of its rates. Member m's optimizer holds views of its slice of
+    every stacked tensor, and its gradients are views of the stack's.
+    """
+
+    def __init__(self, task: Task, initial: nn.Module, members: Sequence[Member], seed: int):
+        self.members = list(members)
+        self.member_of = [m for m, member in enumerate(self.members) for _ in member.lrs]
+        sizes = [len(member.lrs) for member in self.members]
+        self.first = [sum(sizes[:m]) for m in range(len(sizes))]
+        # No rule nor horizon for the whole stack: each member brings its own (`_source`, `_optimizer_for`).
+        super().__init__(task, initial, None, [lr for member in self.members for lr in member.lrs], 0, seed)
+
+    def children(self, member: int) -> range:
+        return range(self.first[member], self.first[member] + len(self.members[member].lrs))
+
+    def disable_explosion_stop(self) -> None:
+        """Every child trains on whatever its loss does (a non-finite one still stops it): for final runs."""
+        self.limit = math.inf
+
+    # -- one optimizer per member, over its slice of the stack ------------------
+    def _start_optimizers(self) -> None:
+        self._spans = [(self.first[m], self.first[m] + len(member.lrs)) for m, member in enumerate(self.members)]
+        self.optimizers: list[SymbolicOptimizer | None] = [
+            self._optimizer_for(m, self._rate_tensor(list(member.lrs))) for m, member in enumerate(self.members)]
+
+    def _optimizer_for(self, member: int, rates: Tensor) -> SymbolicOptimizer:
+        start, end = self._spans[member]
+        views = [p.detach()[start:end] for p in self.params.values()]
+        rule, total_steps = self.members[member].rule, self.members[member].total_steps
+        return SymbolicOptimizer(views, rule, lr=1.0, total_steps=total_steps, seed=self.seed, rates=rates)
+
+    def _step(self) -> None:
+        for optimizer, (start, end) in zip(self.optimizers, self._spans):
+            if optimizer is None:
+                continue
+            for view, stacked in zip(optimizer.param_groups[0]["params"], self.params.values()):
+                view.grad = stacked.grad[start:end]
+            optimizer.step()
+
+    def _keep_optimizers(self, positions: list[int]) -> None:
+        kept, old_spans, start = set(positions), self._spans, 0
+        self._spans = []
+        for (first, end) in old_spans:
+            survivors = sum(1 for pos in range(first, end) if pos in kept)
+            self._spans.append((start, start + survivors))
+            start += survivors
+        for m, (old, (first, end)) in enumerate(zip(list(self.optimizers), old_spans)):
+            local = [pos - first for pos in range(first, end) if pos in kept]
+            if not local:
+                self.optimizers[m] = None
+                continue
+            index = torch.tensor(local, dtype=torch.long, device=self.task.device)
+            self.optimizers[m] = self._optimizer_for(m, old.rates.index_select(0, index))
+            carry_state(old, self.optimizers[m], index)
+
+    def _source(self, child: int, pos: int) -> tuple[SymbolicOptimizer, int, Node, int]:
+        m = self.member_of[child]
+        return self.optimizers[m], pos - self._spans[m][0], self.members[m].rule, self.members[m].total_steps
+
+
+class _MemberView:
+    """One member's children of a pack, as successive halving's cut sees a rule's sweep."""
+
+    def __init__(self, pack: PackedChildren, member: int):
+        self.pack, self.member = pack, member
+
+    @property
+    def running(self) -> list[int]:
+        return [c for c in self.pack.running if self.pack.member_of[c] == self.member]
+
+    def record(self, child: int) -> TrialRecord:
+        return self.pack.record(child)
+
+    def loss_seen(self, child: int) -> float:
+        return self.pack.loss_seen(child)
+
+    def stop(self, children: list[int]) -> None:
+        self.pack.stop(children)
+
+
+def _cut_each_rule(pack: PackedChildren, keep: int, steps: int, seen: dict[int, float],
+                   stopped: dict[int, float], scored: OnScored | None, rank: str = "val") -> dict[int, float]:
+    """Successive halving's early round, for each member on its own (a rule's rates compete with each other)."""
+    now: dict[int, float] = {}
+    for m in range(len(pack.members)):
+        now.update(halving_cut(_MemberView(pack, m), keep, steps, seen, stopped, scored, rank))
+    return now
+
+
+OnRuleTrial = Callable[[int, TrialRecord, str], None]
+Wanted = Callable[[int], bool]
+
+
+def evaluate_rules(rules: Sequence[str | Node], task: Task, seed: int = 0, *, on_trial: OnRuleTrial | None = None,
+                   reuse_sweep: bool = True, wanted: Wanted | None = None) -> list[EvaluationResult | None]:
+    """`evaluate_rule` for each of `rules` on `task` with `seed`, trained together (see the module doc).
+
+    Returns one result per rule, in order; equal to `evaluate_rule`'s within
+    rounding. A rule given twice trains once and both get its result. One
+    distinct rule goes through `evaluate_rule` itself.
+
+    on_trial(i, record, stage): called after each trial of rules[i], stage "sweep" or "final".
+    wanted(i): asked after the sweep and after the final runs; False takes
+        rules[i] out of the pack (its children stop) and its result is None.
+        A worker that lost its claim on one evaluation drops it, not the pack.
+        (An exception from either callback ends the whole pack.)
+    """
+    trees = [resolve_rule(rule) for rule in rules]   # a bad rule raises before anything trains
+    texts = [to_text(tree) for tree in trees]
+    distinct = list(dict.fromkeys(texts))
+    places = [[i for i, text in enumerate(texts) if text == member] for member in distinct]
+
+    def report(member: int, record: TrialRecord, stage: str) -> None:
+        for i in places[member] if on_trial else ():
+            on_trial(i, record, stage)
+
+    def still(member: int) -> bool:
+        return wanted is None or any(wanted(i) for i in places[member])
+
+    trees = [trees[texts.index(member)] for member in distinct]
+    if not trees:
+        return []
+    if len(trees) == 1:
+        found = [_alone(trees[0], task, seed, reuse_sweep, report, still)]
+    else:
+        found = _pack(trees, task, seed, reuse_sweep, report, still)
+    return [found[distinct.index(text)] for text in texts]
+
+
+class _Unwanted(Exception):
+    """The lone rule's evaluation is no longer wanted."""
+
+
+def _alone(tree: Node, task: Task, seed: int, reuse_sweep: bool, report: OnRuleTrial,
+           still: Wanted) -> EvaluationResult | None:
+    def on_trial(record: TrialRecord, stage: str) -> None:
+        report(0, record, stage)
+        if not still(0):
+            raise _Unwanted()
+
+    try:
+        return evaluate_rule(tree, task, seed, on_trial=on_trial, reuse_sweep=reuse_sweep)
+    except _Unwanted:
+        return None
+
+
+def _pack(trees: list[Node], task: Task, seed: int, reuse_sweep: bool, report: OnRuleTrial,
+          still: Wanted) -> list[EvaluationResult | None]:
+    start = time.perf_counter()
+    lrs = tuple(task.lrs)
+    sweep_steps = task.sweep_epochs * task.steps_per_epoch
+    final_steps = task.epochs * task.steps_per_epoch
+    reuse = [reuse_sweep and task.sweep_epochs <= task.epochs and not reads_schedule(tree) for tree in trees]
+    with deterministic(task.device):
+        initial = initial_child(task, seed)
+        pack = PackedChildren(task, initial, [Member(tree, lrs, final_steps if goes_on else sweep_steps)
+                                              for tree, goes_on in zip(trees, reuse)], seed)
+        stopped: dict[int, float] = {}   # children halving stopped early -> their last round's mean loss
+
+        def scored(child: int) -> None:
+            report(pack.member_of[child], trial_record(pack, child, stopped), "sweep")
+
+        if task.sweep == "full":
+            pack.advance(sweep_steps, scored)
+        else:
+            halve(pack, len(lrs), sweep_steps, stopped, scored, cut=_cut_each_rule)
+        trials = [[trial_record(pack, c, stopped) for c in pack.children(m)] for m in range(len(trees))]
+        wanted = [still(m) for m in range(len(trees))]
+        best = [best_index(trials[m], {c - pack.first[m] for c in stopped if pack.member_of[c] == m})
+                if wanted[m] else None for m in range(len(trees))]
+
+        # The rules whose best sweep child is the start of their final run: it trains on in the stack.
+        continuing = {m: pack.first[m] + b for m, b in enumerate(best) if b is not None and reuse[m]}
+        pack.stop([c for c in pack.running if c not in continuing.values()])
+        pack.disable_explosion_stop()
+        for child in continuing.values():
+            pack.wall_seconds[child] = 0.0
+        finals = _finish(pack, continuing, final_steps - sweep_steps, report)
+        # The others train their final run from the start, a pack of their own.
+        retrain = {m: b for m, b in enumerate(best) if b is not None and not reuse[m]}
+        if retrain:
+            fresh = PackedChildren(task, initial, [Member(trees[m], (lrs[b],), final_steps)
+                                                   for m, b in retrain.items()], seed)
+            fresh.disable_explosion_stop()
+            finals.update(_finish(fresh, {m: fresh.first[i] for i, m in enumerate(retrain)}, final_steps, report))
+
+    share = (time.perf_counter() - start) / len(trees)
+    return [evaluation_result(trees[m], task, seed, trials[m], best[m], *finals.get(m, (None, 0.0)), share)
+            if wanted[m] and still(m) else None for m in range(len(trees))]
+
+
+def _finish(pack: PackedChildren, finals: dict[int, int], steps: int,
+            report: OnRuleTrial) -> dict[int, tuple[TrialRecord, float]]:
+    """Train the final children (member -> child) `steps` more steps; each one's record and test score."""
+    if not finals:
+        return {}
+    pack.advance(steps)
+    task, done = pack.task, {}
+    for m, child in finals.items():
+        test_acc = 0.0 if pack.diverged[child] else task.objective.score(
+            pack.model(child), task.splits.test_x, task.splits.test_y)
+        done[m] = pack.record(child), test_acc
+        report(m, done[m][0], "final")
+    return done
+
+
+__all__ = ["Member", "PackedChildren", "evaluate_rules"]

@@ -1,0 +1,117 @@
+"""The asynchronous driver: every result learned from once, resumes from anywhere, and the old config key.
+
+Evaluations train in this process as they are dispatched (`helpers.driver.InlineExecutor`), so results
+arrive in the order they were sent and a run is reproducible: a driver that crashes anywhere must resume
+to exactly the run an uninterrupted driver makes. Killed drivers with real worker processes and Celery
+workers are in test_driver.py and test_celery.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from nos.config import SearchConfig
+from nos.driver import Driver
+from nos.store import create_run, get_run, open_store, resolve_url, set_run_status, upgrade
+from nos.store.models import Checkpoint
+
+from helpers.driver import TINY, InlineExecutor, assert_complete, assert_learned_once, rule_sequence, run_rows
+
+# Rosenbrock trains in milliseconds: the whole run takes about a second in this process.
+QUICK = {**TINY, "task": "rosenbrock", "budget": 14, "update_every": 3, "in_flight": 4,
+         "task_options": {"train_size": 5, "lrs": [0.01, 0.1], "epochs": 1}}
+
+
+def drive(url: str, run_id: int, config: SearchConfig, crash_after: int | None = None) -> str:
+    store = open_store(url)
+    executor = InlineExecutor(url, crash_after)
+    try:
+        return Driver(store, run_id, config, executor).run()
+    finally:
+        executor.close()
+        store.dispose()
+
+
+def new_run(url: str, config: dict) -> int:
+    upgrade(resolve_url(url))
+    store = open_store(url)
+    with store.transaction() as session:
+        run_id = create_run(session, "async", "rosenbrock", config)
+    store.dispose()
+    return run_id
+
+
+@pytest.mark.parametrize("searcher", ["ppo", "reinforce", "evolution", "random"])
+def test_every_result_is_learned_from_once_and_the_budget_is_exact(sqlite_url, searcher):
+    config = SearchConfig(**{**QUICK, "searcher": searcher})
+    run_id = new_run(sqlite_url, config.to_dict())
+    assert drive(sqlite_url, run_id, config) == "completed"
+    assert_complete(sqlite_url, run_id, 14)
+    assert_learned_once(sqlite_url, run_id, 3)
+    rows = run_rows(sqlite_url, run_id)
+    assert all(e.tokens for e in rows)   # what was sampled, for updates after a resume
+    assert all((e.log_prob is not None) == (searcher in ("ppo", "reinforce")) for e in rows)
+    assert all(e.log_prob is None or e.log_prob < 0 for e in rows)
+
+
+@pytest.mark.parametrize(("searcher", "crash_after"), [("ppo", 0), ("ppo", 5), ("ppo", 11), ("evolution", 5)])
+def test_a_driver_that_dies_anywhere_resumes_to_the_same_run(tmp_path, searcher, crash_after):
+    settings = {"population": 4, "tournament": 2} if searcher == "evolution" else {}
+    config = SearchConfig(**{**QUICK, "searcher": searcher, "controller": settings})
+    straight = f"sqlite:///{tmp_path / 'straight.db'}"
+    assert drive(straight, new_run(straight, config.to_dict()), config) == "completed"
+
+    url = f"sqlite:///{tmp_path / 'crashed.db'}"
+    run_id = new_run(url, config.to_dict())
+    with pytest.raises(InlineExecutor.Crash):
+        drive(url, run_id, config, crash_after)
+    store = open_store(url)
+    with store.transaction() as session:   # as `nos resume` leaves it for its driver
+        assert get_run(session, run_id).status == "failed"
+        set_run_status(session, run_id, "running")
+    store.dispose()
+    assert drive(url, run_id, config) == "completed"
+
+    assert_complete(url, run_id, 14)
+    assert_learned_once(url, run_id, 3)
+    # The replayed proposals and the re-learned updates put the searcher exactly where it was.
+    assert rule_sequence(url, run_id) == rule_sequence(straight, 1)
+
+
+def test_a_run_stored_with_batch_size_resumes_synchronously(sqlite_url):
+    # A run stored before update_every replaced batch_size: the synchronous driver made it, and
+    # its checkpoints are that driver's.
+    old = {key: value for key, value in SearchConfig(**QUICK).to_dict().items()
+           if key not in ("update_every", "synchronous", "in_flight")}
+    old["batch_size"] = 3
+    config = SearchConfig.from_dict(old)
+    assert (config.update_every, config.synchronous) == (3, True)
+    run_id = new_run(sqlite_url, old)
+    with pytest.raises(InlineExecutor.Crash):
+        drive(sqlite_url, run_id, config, crash_after=5)
+    store = open_store(sqlite_url)
+    with store.transaction() as session:
+        set_run_status(session, run_id, "running")
+        stored = SearchConfig.from_dict(get_run(session, run_id).config)
+    with store.reading() as session:
+        states = session.execute(select(Checkpoint.state).where(Checkpoint.run_id == run_id)).scalars().all()
+    store.dispose()
+    assert stored == config
+    assert all("tokens" in state for state in states)   # the synchronous driver's checkpoints
+    assert drive(sqlite_url, run_id, stored) == "completed"
+    assert_complete(sqlite_url, run_id, 14)
+
+
+def test_the_old_key_in_a_users_file_means_update_every(tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text("batch_size = 7\n")
+    config = SearchConfig.load(path)
+    assert (config.update_every, config.synchronous) == (7, False)   # a new run: today's default driver
+    assert "batch_size" not in config.to_dict()
+    assert SearchConfig.load(path, synchronous=True).synchronous
+
+
+def test_in_flight_defaults_to_twice_the_workers():
+    assert SearchConfig(workers=8).target_in_flight == 16
+    assert SearchConfig(workers=8, in_flight=3).target_in_flight == 3

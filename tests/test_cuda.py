@@ -1,0 +1,82 @@
+"""The CUDA path: the optimizer, the protocol, the stacked sweep and packs on a GPU.
+
+CI is CPU-only: without a CUDA device every test here skips, saying so. The
+tasks are synthetic (random inputs, labels from a fixed random teacher), so
+the module needs no data files; the convnet task brings batch norm. It
+needs nothing but torch, pytest and nos, and runs without the suite's
+conftest (which imports the storage stack) on a machine that has only those:
+
+    python -m pytest --noconftest tests/test_cuda.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nos.devices import device_problem
+from nos.optim import SymbolicOptimizer
+from nos.tasks import evaluate_rule
+from nos.tasks.packed import evaluate_rules
+
+from helpers.evaluations import assert_same, synthetic_task, without_times
+
+pytestmark = pytest.mark.skipif(device_problem("cuda") is not None,
+                                reason=f"CUDA tests need a GPU: {device_problem('cuda')}")
+
+# Rules without noise (CPU and CUDA generators draw different numbers): moments, signs, a schedule, weights.
+DETERMINISTIC = ("sgd", "adam", "powersign", "addsign-ld", "rmsprop", "clip(g, 1e-3) + 1e-3*w", "g^3 / (v + 1)")
+THREE = ("drop(g, 0.1) * exp(1e-3*w)", "addsign-ld", "log(g - g)")
+# cuDNN's convolutions round in TF32 by default on Ampere and later: a stacked and a lone convnet
+# drift further apart there than on the CPU, so the convnet gets a wider margin.
+MARGINS = {"mlp": dict(acc=0.02, loss=2e-3), "convnet": dict(acc=0.04, loss=2e-2)}
+
+
+def _steps(device: str, rule: str, rates: torch.Tensor | None = None, steps: int = 20) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    shape = (3, 40, 30) if rates is not None else (40, 30)
+    weight = torch.randn(shape, generator=gen).to(device).requires_grad_()
+    optimizer = SymbolicOptimizer([weight], rule, lr=1.0 if rates is not None else 1e-2, total_steps=steps,
+                                  seed=0, rates=None if rates is None else rates.to(device))
+    for _ in range(steps):
+        weight.grad = torch.randn(shape, generator=gen).to(device)
+        optimizer.step()
+    return weight.detach().cpu()
+
+
+@pytest.mark.parametrize("rule", DETERMINISTIC)
+def test_the_optimizer_on_cuda_moves_as_on_the_cpu(rule):
+    torch.testing.assert_close(_steps("cuda", rule), _steps("cpu", rule), rtol=1e-5, atol=1e-6)
+    rates = torch.tensor([1e-3, 1e-2, 1e-1])   # a stack's children, one rate each
+    torch.testing.assert_close(_steps("cuda", rule, rates), _steps("cpu", rule, rates), rtol=1e-5, atol=1e-6)
+
+
+def test_the_optimizers_noise_on_cuda_repeats_from_its_seed():
+    for rule in ("drop(g, 0.3)", "g + eps", "sign(g) * eps_t"):
+        assert torch.equal(_steps("cuda", rule), _steps("cuda", rule))
+
+
+@pytest.mark.parametrize("child", ["mlp", "convnet"])
+def test_evaluate_rule_on_cuda_is_deterministic(child):
+    task = synthetic_task(child, "cuda")
+    for rule in ("adam", "drop(g, 0.1) * exp(1e-3*w)"):
+        first, second = evaluate_rule(rule, task, seed=3), evaluate_rule(rule, task, seed=3)
+        assert without_times(first) == without_times(second)
+        assert not first.diverged
+
+
+@pytest.mark.parametrize("child", ["mlp", "convnet"])
+def test_the_stacked_sweep_on_cuda_agrees_with_one_child_at_a_time(child):
+    stacked, sequential = (synthetic_task(child, "cuda", stacked=flag) for flag in (True, False))
+    for rule in ("sgd", "powersign", "drop(g, 0.1) * exp(1e-3*w)", "addsign-ld"):
+        assert_same(evaluate_rule(rule, stacked, seed=2), evaluate_rule(rule, sequential, seed=2), **MARGINS[child])
+
+
+@pytest.mark.parametrize("child", ["mlp", "convnet"])
+def test_a_pack_on_cuda_agrees_with_one_rule_at_a_time(child):
+    packed_task, alone_task = synthetic_task(child, "cuda"), synthetic_task(child, "cuda", stacked=False)
+    packed = evaluate_rules(THREE, packed_task, seed=2)
+    for a, rule in zip(packed, THREE):
+        assert_same(a, evaluate_rule(rule, alone_task, seed=2), **MARGINS[child])
+    assert packed[2].diverged and not packed[0].diverged
+    assert packed[0].device == "cuda"

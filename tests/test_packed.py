@@ -1,0 +1,119 @@
+"""A pack: several rules' children trained as one stack give each rule the result it gets alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from nos.rules import RuleSyntaxError
+from nos.tasks import DataUnavailable, evaluate_rule, get_task
+from nos.tasks.packed import Member, PackedChildren, evaluate_rules
+from nos.tasks.training import deterministic, initial_child
+
+from helpers.evaluations import assert_same, without_times
+from helpers.services import unavailable
+
+SMALL = dict(lrs=[1e-3, 1e-2, 1e-1, 1.0, 10.0], epochs=2, train_size=400)
+# Within rounding on digits: a validation example or so (of 300), a loss to 1e-4.
+DIGITS = dict(acc=0.01, loss=1e-4)
+# A rule that draws noise, one that reads a schedule (its final run retrains), one that diverges at every rate.
+THREE = ("drop(g, 0.1) * exp(1e-3*w)", "addsign-ld", "log(g - g)")
+
+
+def _pack_and_alone(rules, task, seed=2):
+    seen: list[tuple[int, str]] = []
+    packed = evaluate_rules(rules, task, seed=seed, on_trial=lambda i, record, stage: seen.append((i, stage)))
+    return packed, [evaluate_rule(rule, task, seed=seed) for rule in rules], seen
+
+
+def test_a_pack_of_three_on_digits_equals_one_at_a_time():
+    task = get_task("digits", **SMALL)
+    packed, alone, seen = _pack_and_alone(THREE, task)
+    for a, b in zip(packed, alone):
+        assert_same(a, b, **DIGITS)
+    noise, schedule, hopeless = packed
+    assert noise.final.epochs == schedule.final.epochs == 2 and schedule.final.steps == 2 * task.steps_per_epoch
+    assert hopeless.diverged and hopeless.final is None and hopeless.reward == 0
+    assert all(t.diverged and t.steps <= 1 for t in hopeless.trials)
+    # Each rule reports its own trials: a sweep trial per rate, then its final run (none where all diverged).
+    rates = len(task.lrs)
+    assert sorted(seen) == sorted([(0, "sweep")] * rates + [(0, "final")] + [(1, "sweep")] * rates
+                                  + [(1, "final")] + [(2, "sweep")] * rates)
+
+
+def test_halving_cuts_each_rules_rates_on_their_own_inside_a_pack():
+    task = get_task("digits", sweep="halving", lrs=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], epochs=2,
+                    train_size=400)
+    packed, alone, _ = _pack_and_alone(("adam", "sgd", "1e-6 * sign(g)"), task, seed=0)
+    for a, b in zip(packed, alone):
+        assert_same(a, b, **DIGITS)
+    adam, _, timid = packed
+    assert any(t.val_acc is None for t in adam.trials)   # adam pulls ahead: halving stopped some rates
+    assert all(t.val_acc is not None for t in timid.trials)   # nothing learns: every rate went on
+
+
+def test_the_explosion_stop_inside_a_pack():
+    """SGD past the quadratic's stability limit stops as early in a pack as alone; the healthy rate goes on."""
+    options = dict(lrs=[1e-3, 0.05], epochs=1, train_size=2048)
+    task = get_task("quadratic", **options)
+    packed, alone, _ = _pack_and_alone(("sgd", "adam", "momentum"), task, seed=0)
+    for a, b in zip(packed, alone):
+        assert_same(a, b, acc=1e-6, loss=1e-5)
+    patient = evaluate_rule("sgd", get_task("quadratic", explode=0, **options), seed=0)
+    assert packed[0].trials[1].diverged
+    assert packed[0].trials[1].steps < patient.trials[1].steps
+    assert not packed[0].trials[0].diverged
+
+
+@pytest.mark.slow   # vmapped convolutions on the CPU, and four scorings of the 10,000 test images
+def test_a_pack_of_three_on_fashion_mnist_with_batch_norm():
+    """The paper's convnet (batch norm's running statistics, stacked by vmap) against one child at a time."""
+    try:
+        task = get_task("fashion-mnist", lrs=[1e-3, 1e-2, 1e-1, 10.0], epochs=2, train_size=128, val_size=256,
+                        batch_size=32, download=False)
+    except DataUnavailable as exc:
+        unavailable("Fashion-MNIST (Debian package dataset-fashion-mnist)", str(exc).splitlines()[0])
+    packed, alone, _ = _pack_and_alone(THREE, task)
+    for a, b in zip(packed, alone):
+        assert_same(a, b, acc=0.02, loss=2e-3)
+    assert packed[2].diverged and not packed[0].diverged
+
+
+def test_one_rule_is_evaluate_rule_and_a_repeat_trains_once():
+    task = get_task("digits", **SMALL)
+    alone = evaluate_rule("adam", task, seed=1)
+    one = evaluate_rules(["adam"], task, seed=1)[0]
+    assert without_times(one) == without_times(alone)
+    twice = evaluate_rules(["adam", "sgd", "adam"], task, seed=1)
+    assert twice[0] is twice[2]
+    assert_same(twice[0], alone, **DIGITS)
+
+
+def test_an_unwanted_rule_leaves_the_pack_and_the_rest_go_on():
+    """A worker that lost its claim on one evaluation drops it; the others' results are untouched."""
+    task = get_task("digits", **SMALL)
+    kept = evaluate_rules(["adam", "sgd"], task, seed=1, wanted=lambda i: i != 1)
+    assert kept[1] is None
+    assert_same(kept[0], evaluate_rule("adam", task, seed=1), **DIGITS)
+    assert evaluate_rules(["adam"], task, wanted=lambda i: False) == [None]
+
+
+def test_a_bad_rule_raises_before_anything_trains():
+    with pytest.raises(RuleSyntaxError):
+        evaluate_rules(["adam", "g +"], get_task("digits", **SMALL))
+
+
+def test_a_child_taken_out_of_a_pack_trains_on_as_its_rules_own():
+    """`extract` hands a child its own rule's moments, rate and noise: it goes on as in evaluate_rule."""
+    task = get_task("digits", **SMALL)
+    final_steps = task.epochs * task.steps_per_epoch
+    with deterministic(task.device):
+        pack = PackedChildren(task, initial_child(task, 3), [
+            Member(rule, tuple(task.lrs), final_steps) for rule in ("sgd", "drop(m, 0.3)")], seed=3)
+        pack.advance(task.steps_per_epoch)
+        alone = evaluate_rule("drop(m, 0.3)", task, seed=3)
+        best = pack.first[1] + task.lrs.index(alone.best_lr)
+        child = pack.extract(best)
+        child.disable_explosion_stop()
+        child.train(task.epochs - child.epochs)
+    assert child.val_acc == pytest.approx(alone.reward, abs=1e-9)
+    assert child.record().train_loss == pytest.approx(alone.final.train_loss, rel=1e-6)
