@@ -10,7 +10,6 @@ import click
 
 from nos.store import (
     URL_ENV_VAR,
-    DatabaseMissing,
     Store,
     StoreError,
     check_writable,
@@ -42,18 +41,12 @@ def open_store_or_exit(db_url: str | None, writing: bool = False) -> Store:
 
 def store_for_writing(db_url: str | None, say: Callable[[str], Any] = print) -> Store:
     """The store; a database with no nos schema yet (a new SQLite file) is created first, and `say` tells so."""
+    from nos.control import store_for_writing as writable_store
+
     try:
-        url = resolve_url(db_url)
-        try:
-            fresh = schema_state(url).current is None
-        except DatabaseMissing:
-            fresh = True
-        if fresh:
-            upgrade(url)
-            say(f"created database {shown(url)}")
+        return writable_store(db_url, say)
     except StoreError as exc:
         raise UsageProblem(str(exc)) from None
-    return open_store_or_exit(db_url, writing=True)
 
 
 def find_rule_or_exit(session: Any, rule: str) -> Any:

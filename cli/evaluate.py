@@ -11,7 +11,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from nos.tasks import TASKS, DataUnavailable, EvaluationResult, TrialRecord, UnknownTask, evaluate_rule, get_task
+from nos.tasks import (
+    TASKS,
+    DataUnavailable,
+    EvaluationResult,
+    TrialRecord,
+    UnknownTask,
+    evaluate_rule,
+    get_task,
+    registered_tasks,
+)
 
 from .console import make_console
 from .errors import UsageProblem
@@ -32,7 +41,8 @@ from .rules import parse_or_exit
 
 @click.command("eval")
 @click.argument("rule")
-@task_option(", ".join(TASKS), "digits", dest="task_name")
+@task_option(f"{', '.join([*TASKS, *registered_tasks()])} (`nos tasks` lists them), "
+             "or your own: package.module:function", "digits", dest="task_name")
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="Initial weights, data order and the rule's noise.")
 @device_option()
@@ -77,10 +87,10 @@ def eval_command(rule: str, task_name: str, seed: int, device: str, data_dir: st
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
-        _print_result(console, result)
+        _print_result(console, result, task.objective.reward)
 
 
-def _print_result(console: Console, result: EvaluationResult) -> None:
+def _print_result(console: Console, result: EvaluationResult, reward: str) -> None:
     table = Table(title=f"{result.rule} on {result.task} (seed {result.seed}, {result.device})")
     for column in ("run", "lr", "epochs", "val acc", "train loss", "seconds"):
         table.add_column(column, justify="right" if column != "run" else "left")
@@ -95,6 +105,6 @@ def _print_result(console: Console, result: EvaluationResult) -> None:
     if result.best_lr is None:
         console.print("diverged at every learning rate: reward 0")
         return
-    console.print(Text.assemble("reward (final validation accuracy) ", (f"{result.reward:.4f}", "bold"),
+    console.print(Text.assemble(f"reward (final {reward}) ", (f"{result.reward:.4f}", "bold"),
                                 f"   test accuracy {result.test_acc:.4f}   best lr {result.best_lr:g}   "
                                 f"{'diverged   ' if result.diverged else ''}{result.wall_seconds:.1f} s"))

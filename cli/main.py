@@ -13,6 +13,7 @@ COMMANDS = {   # name -> (where it lives, its one-line help: `nos --help` lists 
     "demo": (".demo:demo_command", "Train a small net on digits with each of the paper's rules."),
     "rule": (".rules:rule_group", "Parse and inspect update rules."),
     "eval": (".evaluate:eval_command", "Evaluate RULE: the learning-rate sweep, then the final run."),
+    "tasks": (".tasks:tasks_command", "List the built-in and registered tasks: sizes, child and reward."),
     "transfer": (".transfer:transfer_command", "Train a Wide ResNet with each RULE and the standard optimizers."),
     "db": (".db:db_group", "Create, upgrade and inspect nos's database."),
     "enqueue": (".search:enqueue_command", "Start a search and drive it until its budget is spent."),

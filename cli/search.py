@@ -7,22 +7,13 @@ import threading
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sqlalchemy.exc import DBAPIError
 
+from nos import control
 from nos.config import ConfigError, SearchConfig
 from nos.redact import mask_url
 from nos.search.settings import SEARCHERS
-from nos.store import Store, create_run, get_run, set_run_status, shown
-from nos.store.engine import first_line
-from nos.store.leases import (
-    DRIVABLE,
-    LeaseRefused,
-    clear_dead_lease,
-    read_lease,
-    release_lease,
-    take_lease,
-    this_process,
-)
+from nos.store import Store, shown
+from nos.store.leases import LeaseRefused
 
 from .console import console
 from .db import db_option, open_store_or_exit, store_for_writing
@@ -41,34 +32,11 @@ from .results import print_leaderboard
 from .worker import check_broker_or_exit
 
 
-def _check_task(config: SearchConfig, broker_url: str | None) -> None:
-    """Check the device and load the task's data now, so a bad run fails before anything is written.
-
-    Local workers train on this machine: its device must be here. Celery workers elsewhere check theirs.
-    """
-    from nos.devices import DeviceError, parse_device, usable_device
-    from nos.tasks import DataUnavailable, UnknownTask
-    from nos.work import task_for
-
-    check = parse_device if broker_url else usable_device
+def _refused_to_usage(check, *args, **kwargs):
+    """Run one of nos.control's checks; its refusal is the command's one-line error, exit 2."""
     try:
-        check(config.device)
-    except DeviceError as exc:
-        hint = "; to train on GPU workers elsewhere, give --broker" if check is usable_device else ""
-        raise UsageProblem(f"{exc}{hint if config.device.startswith('cuda') else ''}") from None
-    try:
-        task_for(config, "cpu")
-    except (UnknownTask, DataUnavailable, ValueError, TypeError) as exc:
-        raise UsageProblem(str(exc)) from None
-
-
-def _check_checkpoint(store: Store, run_id: int, config: SearchConfig) -> None:
-    """Load the run's latest checkpoint into a searcher now, so a damaged one fails before the run changes."""
-    from nos.resume import CheckpointUnreadable, check_resumable
-
-    try:
-        check_resumable(store, run_id, config)
-    except CheckpointUnreadable as exc:
+        return check(*args, **kwargs)
+    except control.RunRefused as exc:
         raise UsageProblem(str(exc)) from None
 
 
@@ -85,7 +53,7 @@ def _stop_on_sigterm() -> None:
 
 
 def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | None = None) -> None:
-    from nos.driver import Progress as DriverProgress, SearchStuck, drive_run, one_thread
+    from nos.driver import Progress as DriverProgress, SearchStuck, one_thread
     from nos.lease import LeaseLost
 
     _stop_on_sigterm()
@@ -100,10 +68,7 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
             bar.update(task, completed=p.finished, best="-" if p.best_reward is None else f"{p.best_reward:.4f}")
 
         try:
-            status = drive_run(store, run_id, broker_url, on_progress=show)
-        except KeyboardInterrupt:   # before the driver took over, or after it let go: nothing is in flight
-            _stopped_here(store, run_id)
-            status = "stopped"
+            status = control.drive_here(store, run_id, broker_url, on_progress=show)
         except SearchStuck as exc:   # the run is marked failed with this message
             raise click.ClickException(f"run {run_id} failed: {exc}") from None
         except LeaseRefused as exc:   # another driver took the run between our check and now
@@ -118,17 +83,9 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
         print_leaderboard(session, top=10, run_id=run_id, fmt="table")
 
 
-def _stopped_here(store: Store, run_id: int) -> None:
-    """Mark the run stopped and free its lease, unless another driver holds it or the run has ended."""
-    with store.transaction() as session:
-        lease = read_lease(session, run_id, lock=True)
-        if lease.status in DRIVABLE and lease.holder in (None, this_process()):
-            release_lease(session, run_id, this_process())
-            set_run_status(session, run_id, "stopped")
-
-
 @click.command("enqueue")
-@task_option("digits, fashion-mnist, fashion-mlp, cifar10, quadratic, rosenbrock", unset="digits")
+@task_option("digits, fashion-mnist, fashion-mlp, cifar10, quadratic, rosenbrock, a registered one (`nos tasks`), "
+             "or your own: package.module:function", unset="digits")
 @click.option("--searcher", type=click.Choice(list(SEARCHERS)), help="Search strategy [ppo].")
 @click.option("--budget", type=int, help="Evaluations trained or answered from the cache; rejections are free [200].")
 @click.option("--update-every", type=int, help="Counted results per controller update [5].")
@@ -172,15 +129,9 @@ def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_siz
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
     _check_executor(broker_url, detach)
-    _check_task(config, broker_url)
+    _refused_to_usage(control.check_task, config, broker_url)
     store = store_for_writing(db_url, console.print)
-    try:
-        with store.transaction() as session:
-            run_id = create_run(session, config.label, config.task, config.to_dict())
-            if not detach:   # this process drives it; a detached run's control worker takes the lease itself
-                take_lease(session, run_id, this_process())
-    except DBAPIError as exc:   # a database that refuses the write (read-only, full): nothing was stored
-        raise UsageProblem(f"cannot write to database {shown(store.url)}: {first_line(exc.orig)}") from None
+    run_id = _refused_to_usage(control.start_run, store, config, detach=detach)
     where = (f"Celery at {mask_url(broker_url)}" if broker_url
              else f"{config.workers} local worker{'s' if config.workers != 1 else ''}")
     console.print(f"RUN_ID {run_id}  ({config.label}: {config.searcher} on {config.task}, budget {config.budget}, "
@@ -213,46 +164,13 @@ def _start(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
 def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: str | None) -> None:
     """Continue a stopped (or crashed) run to its budget from its last checkpoint."""
     store = open_store_or_exit(db_url, writing=True)
-    with store.reading() as session:
-        run = get_run(session, run_id)
-        if run is None:
-            raise UsageProblem(f"no run {run_id} in {shown(store.url)}; `nos runs` lists them")
-        if run.status == "completed":
-            raise UsageProblem(_completed(run_id))
-        try:
-            config = SearchConfig.from_dict(run.config)
-        except ConfigError as exc:
-            raise UsageProblem(f"run {run_id} has a config this nos cannot read: {exc}") from None
+    config = _refused_to_usage(control.resumable_config, store, run_id)
     _check_executor(broker_url, detach)
-    _check_task(config, broker_url)
-    _check_checkpoint(store, run_id, config)
-    _take_over(store, run_id, detach)
+    _refused_to_usage(control.check_task, config, broker_url)
+    _refused_to_usage(control.check_checkpoint, store, run_id, config)
+    _refused_to_usage(control.take_over, store, run_id, detach=detach)
     console.print(f"resuming run {run_id} ({config.label})")
     _start(store, run_id, config, broker_url, detach)
-
-
-def _completed(run_id: int) -> str:
-    return f"run {run_id} is already completed; start a new one with `nos enqueue`"
-
-
-def _take_over(store: Store, run_id: int, detach: bool) -> None:
-    """Mark the run running and take its driver lease, all in one transaction that a refusal rolls back.
-
-    The run is read again under the write lock: it may have finished, or found a driver, since it was
-    checked. A detached run's control worker takes the lease itself.
-    """
-    with store.transaction() as session:
-        lease = read_lease(session, run_id, lock=True)
-        if lease.status == "completed":
-            raise UsageProblem(_completed(run_id))
-        if lease.live():
-            raise UsageProblem(lease.refusal())
-        set_run_status(session, run_id, "running")
-        if not detach:
-            try:
-                take_lease(session, run_id, this_process())
-            except LeaseRefused as exc:
-                raise UsageProblem(str(exc)) from None
 
 
 @click.command("stop")
@@ -264,14 +182,7 @@ def stop_command(run_id: int, db_url: str | None) -> None:
     A run whose driver is gone (killed, its machine lost) is marked stopped at once.
     """
     store = open_store_or_exit(db_url, writing=True)
-    with store.transaction() as session:
-        run = get_run(session, run_id)
-        if run is None:
-            raise UsageProblem(f"no run {run_id} in {shown(store.url)}; `nos runs` lists them")
-        if run.status not in DRIVABLE:
-            raise UsageProblem(f"run {run_id} is {run.status}, not running")
-        driverless = clear_dead_lease(session, run_id)
-        set_run_status(session, run_id, "stopped" if driverless else "stopping")
+    driverless = _refused_to_usage(control.request_stop, store, run_id)
     if driverless:
         console.print(f"run {run_id} had no live driver: marked stopped; continue it with:  nos resume {run_id}")
     else:

@@ -39,9 +39,10 @@ MAX_SEEDS = 1000
 
 @click.command("transfer")
 @click.argument("rules", nargs=-1, metavar="RULE...")
-@task_option(", ".join(TRANSFER_TASKS), "fashion-mnist", dest="task_name")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="Wide ResNet wrn-DEPTH-WIDTH (depth 6n+4: 10, 16, 22, 28, 40, ...).")
+@task_option(f"{', '.join(TRANSFER_TASKS)}, or your own: package.module:function", "fashion-mnist",
+             dest="task_name")
+@click.option("--model", help=f"Wide ResNet wrn-DEPTH-WIDTH (depth 6n+4: 10, 16, 22, 28, 40, ...) "
+              f"[{DEFAULT_MODEL}; your own task: the child its factory builds].")
 @epochs_option(DEFAULT_EPOCHS)
 @click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=3, show_default=True,
               help="Train each rule with seeds 0..K-1 (initial weights, data order, the rule's noise).")
@@ -57,8 +58,8 @@ MAX_SEEDS = 1000
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
               show_default=True, help="How to print the results.")
 @db_option
-def transfer_command(rules: tuple[str, ...], task_name: str, model: str, epochs: int, seeds: int, baselines: bool,
-                     lrs: tuple[float, ...] | None, train_size: int | None, val_size: int | None,
+def transfer_command(rules: tuple[str, ...], task_name: str, model: str | None, epochs: int, seeds: int,
+                     baselines: bool, lrs: tuple[float, ...] | None, train_size: int | None, val_size: int | None,
                      batch_size: int | None, data_dir: str | None, device: str, threads: int | None, fmt: str,
                      db_url: str | None) -> None:
     """Train a Wide ResNet with each RULE and with SGD, Momentum, Adam and RMSProp.

@@ -13,6 +13,7 @@ from hypothesis import settings
 from helpers import reports
 from helpers.driver import TINY_TOML
 from helpers.services import unavailable
+from helpers.workers import Workers
 
 # The test models are tiny: one thread is faster than two fighting over two cores.
 torch.set_num_threads(1)
@@ -89,6 +90,39 @@ def tiny_toml(tmp_path) -> str:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY_TOML)
     return str(path)
+
+
+# --- Celery: a Redis database of the test's own, and `nos worker` processes ---
+
+REDIS = "redis://127.0.0.1:6379"
+
+
+@pytest.fixture
+def broker():
+    """A Redis database of the test's own, empty, flushed again afterwards."""
+    import redis
+
+    client = redis.Redis.from_url(f"{REDIS}/0", socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unavailable("Redis", f"{REDIS} does not answer: {exc}")
+    index = 1 + uuid.uuid4().int % 15
+    db = redis.Redis.from_url(f"{REDIS}/{index}")
+    db.flushdb()
+    yield f"{REDIS}/{index}"
+    db.flushdb()
+
+
+@pytest.fixture
+def workers(db_url, broker):
+    """A pool of `nos worker` processes on `db_url` (migrated) and `broker`; all killed afterwards."""
+    from nos.store import resolve_url, upgrade
+
+    upgrade(resolve_url(db_url))
+    pool = Workers(db_url, broker)
+    yield pool
+    pool.stop_all()
 
 
 # --- Reporting (nos plot, nos report, frames): runs built directly in a store ---

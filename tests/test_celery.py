@@ -10,22 +10,19 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from contextlib import contextmanager
 
 import pytest
 
-from nos.store import open_store, resolve_url, upgrade
+from nos.store import open_store
 from nos.store.leases import LeaseRefused, take_lease
 from nos.store.models import Run
 
 from helpers.driver import assert_complete, assert_learned_once, finished_count, nos, run_rows, start_nos, wait_for
-from helpers.services import unavailable
 
 # Every test here starts Celery workers or `nos` processes against a real broker.
 pytestmark = pytest.mark.slow
 
-REDIS = "redis://127.0.0.1:6379"
 # Evaluations of a second or two: long enough to kill a worker in the middle of one.
 SLOW_TOML = """
 task = "digits"
@@ -41,23 +38,6 @@ train_size = 1200
 lrs = [0.001, 0.01, 0.1]
 epochs = 3
 """
-
-
-@pytest.fixture
-def broker():
-    """A Redis database of the test's own, empty, flushed again afterwards."""
-    import redis
-
-    client = redis.Redis.from_url(f"{REDIS}/0", socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        unavailable("Redis", f"{REDIS} does not answer: {exc}")
-    index = 1 + uuid.uuid4().int % 15
-    db = redis.Redis.from_url(f"{REDIS}/{index}")
-    db.flushdb()
-    yield f"{REDIS}/{index}"
-    db.flushdb()
 
 
 @pytest.fixture
@@ -81,54 +61,6 @@ def driving(*args: str):
 def expect_success(driver: subprocess.Popen) -> None:
     out, _ = driver.communicate(timeout=300)
     assert driver.returncode == 0, out
-
-
-class Workers:
-    """`nos worker` processes, each in its own process group so a test can kill one whole."""
-
-    def __init__(self, db_url: str, broker_url: str):
-        self.db_url, self.broker_url, self.processes = db_url, broker_url, {}
-
-    def start(self, name: str, queues: str = "cpu") -> subprocess.Popen:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "nos.cli.main", "worker", "--db", self.db_url, "--broker", self.broker_url,
-             "--queues", queues, "--concurrency", "1", "--name", f"{name}@test"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        self.processes[name] = process
-        return process
-
-    def kill(self, name: str) -> None:
-        os.killpg(self.processes[name].pid, signal.SIGKILL)
-        self.processes[name].wait()
-
-    def pids(self, name: str) -> set[int]:
-        """Every process in the worker's group: the Celery master and its pool children."""
-        group = self.processes[name].pid
-        pids = set()
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as stat:
-                        fields = stat.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[2]) == group:   # the process group id
-                    pids.add(int(entry))
-        return pids
-
-    def stop_all(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-@pytest.fixture
-def workers(db_url, broker):
-    upgrade(resolve_url(db_url))
-    pool = Workers(db_url, broker)
-    yield pool
-    pool.stop_all()
 
 
 def test_a_search_with_two_workers_completes(db_url, broker, workers, slow_toml):

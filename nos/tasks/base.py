@@ -97,12 +97,14 @@ class Task:
         """Whether the sweep trains its children stacked (see `stacked`)."""
         if self.stacked is not None:
             return self.stacked
+        with torch.random.fork_rng(devices=[]):   # building a child draws its initial weights
+            modules = list(self.make_child().modules())
+        if any(isinstance(m, nn.RNNBase) for m in modules):
+            return False   # vmap has no batching rule for torch's recurrent kernels (GRU, LSTM, RNN)
         if self.device.type == "cuda":
             return True
         # On the CPU grouped convolutions are no faster than separate ones, and vmap's are slower.
-        with torch.random.fork_rng(devices=[]):   # building a child draws its initial weights
-            child = self.make_child()
-        return not any(isinstance(m, nn.modules.conv._ConvNd) for m in child.modules())
+        return not any(isinstance(m, nn.modules.conv._ConvNd) for m in modules)
 
     def to_dict(self) -> dict[str, Any]:
         """The task's identity as plain JSON data.

@@ -24,6 +24,7 @@ def score_chunk(device: torch.device) -> int:
 
 class Objective:
     name: str
+    reward = "the score"   # what the reward is, in words (`nos tasks`)
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         raise NotImplementedError
@@ -57,6 +58,7 @@ class Accuracy(Objective):
     """Classification: cross-entropy while training, accuracy as the score."""
 
     name = "accuracy"
+    reward = "validation accuracy"
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(out, y)
@@ -83,6 +85,7 @@ class InverseLoss(Objective):
 
 class MeanSquaredError(InverseLoss):
     name = "mse"
+    reward = "1 / (1 + validation MSE)"
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         return F.mse_loss(out, y)
@@ -95,6 +98,7 @@ class ModelValue(InverseLoss):
     """The child's output is the loss itself (Rosenbrock): the batch is ignored."""
 
     name = "value"
+    reward = "1 / (1 + f(w))"
 
     def loss(self, out: Tensor, y: Tensor) -> Tensor:
         return out

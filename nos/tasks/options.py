@@ -68,10 +68,13 @@ def task_options(builder: Callable[..., Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(own + list(PROTOCOL_OPTIONS)))
 
 
-def check_options(task: str, builder: Callable[..., Any], options: dict[str, Any]) -> None:
-    """A ValueError naming the first unknown option or bad value; None options count as not given."""
-    known = task_options(builder)
-    unknown = sorted(str(k) for k in options if k not in known)
+def check_options(task: str, known: Callable[..., Any] | tuple[str, ...] | None,
+                  options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with the learning rates as a tuple of floats; a ValueError naming the first unknown option
+    or bad value. `known`: a builder (its options are `task_options`), the names, or None for any name."""
+    if callable(known):
+        known = task_options(known)
+    unknown = sorted(str(k) for k in options if known is not None and k not in known)
     if unknown:
         raise ValueError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
                          f"for task {task}; it takes: {', '.join(sorted(known))}")
@@ -81,6 +84,9 @@ def check_options(task: str, builder: Callable[..., Any], options: dict[str, Any
         what, ok = CHECKS[name]
         if not ok(value):
             raise ValueError(f"task option {name} must be {what}, got {value!r}")
+    if "lrs" in options:
+        return {**options, "lrs": tuple(float(lr) for lr in options["lrs"])}
+    return options
 
 
 __all__ = ["CHECKS", "PROTOCOL_OPTIONS", "check_options", "task_options"]

@@ -24,15 +24,12 @@ from torch import Tensor
 
 from . import data, networks
 from .base import PAPER_LRS, Splits, Task
+from .custom import UnknownTask, custom_task, normalized, recorded_options, registered_tasks
 from .objectives import Accuracy, MeanSquaredError, ModelValue
 from .options import check_options
 
 # The quadratic's examples are generated in memory: at most this many float32 numbers (400 MB).
 MAX_SYNTHETIC_NUMBERS = 100_000_000
-
-
-class UnknownTask(ValueError):
-    """No task of that name."""
 
 
 def _split(x: Tensor, y: Tensor, val_size: int, train_size: int | None, split_seed: int) -> tuple[Tensor, ...]:
@@ -189,24 +186,30 @@ TASKS: dict[str, Callable[..., Task]] = {
 
 
 def get_task(name: str, *, device: str | torch.device = "cpu", lrs=None, **options: Any) -> Task:
-    """The task `name` built with `options` (see the module doc); UnknownTask lists the names."""
-    key = name.strip().lower().replace("_", "-") if isinstance(name, str) else None
-    if key not in TASKS:
-        raise UnknownTask(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    """The task `name` built with `options` (see the module doc); UnknownTask lists the names.
+
+    `name` is a built-in's, a registered task's, or a factory's: "package.module:function" (nos.tasks.custom).
+    """
     options = {k: v for k, v in options.items() if v is not None}
     if lrs is not None:
         options["lrs"] = lrs
+    key = normalized(name) if isinstance(name, str) else None
+    if key in TASKS:
+        return _builtin(key, _device(device), options)
+    task = custom_task(name, _device(device), options) if isinstance(name, str) else None
+    if task is None:
+        known = ", ".join([*TASKS, *registered_tasks()])
+        raise UnknownTask(f"unknown task {name!r}; known tasks: {known}; or a factory of your own, "
+                          "package.module:function")
+    return task
+
+
+def _builtin(key: str, device: torch.device, options: dict[str, Any]) -> Task:
     builder = TASKS[key]
-    check_options(key, builder, options)
-    if "lrs" in options:
-        options["lrs"] = tuple(float(lr) for lr in options["lrs"])
-    task = builder(device=_device(device), **options)
+    options = check_options(key, builder, options)
+    task = builder(device=device, **options)
     # Record the defaults too, so the config key changes if a default does.
-    bound = inspect.signature(builder).bind(device=task.device, **options)
-    bound.apply_defaults()
-    full = {**bound.arguments.pop("protocol", {}), **bound.arguments}
-    task.options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in full.items()
-                    if k not in ("device", "data_dir", "download", "stacked")}
+    task.options = recorded_options(key, inspect.signature(builder), {"device": device, **options})
     return task
 
 

@@ -33,30 +33,43 @@ from ..optim import resolve_rule
 from ..records import EpochRecord, TransferResult, TrialRecord
 from ..rules import Node, to_text
 from .base import Task
-from .registry import get_task
+from .custom import normalized
+from .registry import TASKS, get_task
 from .training import Child, SequentialChildren, best_index, deterministic, initial_child, reads_schedule
 from .wrn import model_name, parse_model, wide_resnet
 
 # The data sets a Wide ResNet can read (images); the synthetic and digits tasks are for the small child.
 TRANSFER_TASKS = ("fashion-mnist", "cifar10")
 DEFAULT_MODEL = "wrn-16-4"
+# The model of a task of your own trained with the network its factory builds.
+OWN_CHILD = "own child"
 DEFAULT_EPOCHS = 10
 
 
-def transfer_task(name: str, model: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu", lrs=None,
+def transfer_task(name: str, model: str | None = None, *, device: str | torch.device = "cpu", lrs=None,
                   **options: Any) -> Task:
-    """An image task whose child is the Wide ResNet `model` (wrn-D-K); options as `get_task`'s.
+    """An image task whose child is the Wide ResNet `model` (wrn-D-K), or a task of your own; options as `get_task`'s.
 
-    The model's name joins the task's options, so it is part of `config_key()`.
-    `epochs` defaults to DEFAULT_EPOCHS (10) rather than the child's 5.
+    A task of your own (a factory, nos.tasks.custom) trains its own child unless `model` names a Wide
+    ResNet, which needs image inputs. The model's name joins the task's options, so it is part of
+    `config_key()`. `epochs` defaults to DEFAULT_EPOCHS (10) rather than the child's 5.
     """
-    key = name.strip().lower().replace("_", "-")
-    if key not in TRANSFER_TASKS:
-        raise ValueError(f"transfer needs an image task ({', '.join(TRANSFER_TASKS)}), got {name!r}")
-    depth, width = parse_model(model)
+    key = normalized(name)
+    own = key not in TASKS
+    if not own and key not in TRANSFER_TASKS:
+        raise ValueError(f"transfer needs an image task ({', '.join(TRANSFER_TASKS)}) or a task of your own, "
+                         f"got {name!r}")
+    depth_width = parse_model(model or DEFAULT_MODEL) if model or not own else None
     if options.get("epochs") is None:
         options["epochs"] = DEFAULT_EPOCHS
-    task = get_task(key, device=device, lrs=lrs, **options)
+    task = get_task(name if own else key, device=device, lrs=lrs, **options)
+    if depth_width is None:
+        task.options = {**task.options, "model": OWN_CHILD}
+        return task
+    depth, width = depth_width
+    if task.splits.train_x.dim() != 4:
+        raise ValueError(f"a Wide ResNet reads images (N, C, H, W), but task {task.name}'s inputs are shaped "
+                         f"{tuple(task.splits.train_x.shape)}; leave out the model to train the task's own child")
     channels = task.splits.train_x.shape[1]
     task = dataclasses.replace(task, make_child=lambda: wide_resnet(depth, width, channels))
     task.options = {**task.options, "model": model_name(depth, width)}
@@ -202,6 +215,6 @@ def _epoch_done(record: EpochRecord, child: Child, epochs: list[EpochRecord], on
 
 
 __all__ = [
-    "DEFAULT_EPOCHS", "DEFAULT_MODEL", "TRANSFER_TASKS", "EpochRecord", "TransferResult", "snapshot",
+    "DEFAULT_EPOCHS", "DEFAULT_MODEL", "OWN_CHILD", "TRANSFER_TASKS", "EpochRecord", "TransferResult", "snapshot",
     "train_transfer", "transfer_task",
 ]

@@ -13,8 +13,11 @@ A fenced block is an example when its info string is one of:
 - `sql`: run against a database created by `nos db upgrade`.
 - `toml`: a search config: it must load as a `SearchConfig`.
 
-A block whose nearest non-blank line before it is `<!-- not run: REASON -->`
-is listed and skipped with that reason; `<!-- needs: fashion-mnist -->` runs
+A block whose nearest non-blank line before it is `<!-- file: NAME -->` is a
+file the reader saves (a task file the later commands import): it is written
+to NAME in the folder, and a `python` one must compile. A block whose nearest
+non-blank line before it is `<!-- not run: REASON -->` is listed and skipped
+with that reason; `<!-- needs: fashion-mnist -->` runs
 it only where Debian's Fashion-MNIST files are (a skip, or a failure under
 NOS_REQUIRE_SERVICES=1, elsewhere). Other blocks (`text`, `sh`, none) are not
 examples.
@@ -42,6 +45,7 @@ VENV_BIN = Path(sys.executable).parent
 KINDS = ("console", "python", "sql", "toml")
 SKIP = re.compile(r"^<!--\s*not run:\s*(.+?)\s*-->$")
 NEEDS = re.compile(r"^<!--\s*needs:\s*(.+?)\s*-->$")
+FILE = re.compile(r"^<!--\s*file:\s*([\w.-]+)\s*-->$")
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
 BORDER = set("─━│┃┏┓┗┛┡┩┣┫╇╈┳┻┼╋└┘┌┐├┤┬┴═║ ")
@@ -60,6 +64,7 @@ class Example:
     text: str
     skip: str | None     # the reason it is not run, or None
     needs: str | None = None   # data it needs: "fashion-mnist"
+    file: str | None = None    # the name it is saved under, for a file the reader saves
 
     @property
     def id(self) -> str:
@@ -83,7 +88,7 @@ def examples(path: Path) -> list[Example]:
         i += 1
         if kind in KINDS:
             found.append(Example(path, start + 1, kind, "\n".join(body) + "\n", _marker(SKIP, lines, start),
-                                 _marker(NEEDS, lines, start)))
+                                 _marker(NEEDS, lines, start), _marker(FILE, lines, start)))
     return found
 
 
@@ -125,6 +130,11 @@ def run(example: Example, workdir: Path) -> None:
     if example.needs == "fashion-mnist" and not FASHION_MNIST.is_dir():
         unavailable("Fashion-MNIST", f"{example.id} needs {FASHION_MNIST} (Debian: dataset-fashion-mnist)")
     assert example.needs in (None, "fashion-mnist"), f"{example.id}: unknown need {example.needs!r}"
+    if example.file:
+        if example.kind == "python":
+            compile(example.text, example.file, "exec")
+        (workdir / example.file).write_text(example.text)
+        return
     {"console": _console, "python": _python, "sql": _sql, "toml": _toml}[example.kind](example, workdir)
 
 

@@ -1,0 +1,226 @@
+"""Tasks of your own: a factory named `package.module:function`, or one an installed package registers.
+
+    # mytasks.py, importable where the driver and every worker run
+    from nos.tasks import from_tensors, task_factory
+
+    @task_factory
+    def wave(*, device="cpu", train_size=512, split_seed=0, **protocol):
+        ...
+        return from_tensors(x, y, make_child, objective="mse", device=device, **protocol)
+
+    get_task("mytasks:wave", train_size=256)      # what `nos enqueue --task mytasks:wave` builds
+
+A factory takes the task options as keywords (`device` and the protocol's
+knobs too, when it names them or takes `**protocol`; those it does not take
+are applied to the Task it returns) and returns a `nos.tasks.Task`. The
+task's name becomes the factory's name and its options are recorded with
+their defaults, so both are part of the task key: results of another factory,
+or of other options, never answer for this one.
+
+A run's task name is stored in the database and every worker imports it:
+only functions marked with `@task_factory` are called, so that a name cannot
+make a worker call an arbitrary function with arguments of the database's
+choosing. Installed packages register tasks under the entry-point group
+`nos.tasks` (`name = "package.module:function"`); their factories need no mark,
+as the package's metadata declares them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+import json
+import os
+import sys
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from .base import Splits, Task
+from .options import PROTOCOL_OPTIONS, check_options
+
+ENTRY_POINT_GROUP = "nos.tasks"
+MARK = "__nos_task_factory__"
+# The runs.task and evaluations.task columns hold this many characters.
+MAX_TASK_NAME = 100
+# Options recorded in the task key are the factory's arguments less these: where the data lives and
+# how it trains, not what it computes.
+UNKEYED = ("device", "data_dir", "download", "stacked")
+
+Factory = TypeVar("Factory", bound=Callable[..., Any])
+
+
+class UnknownTask(ValueError):
+    """No task of that name: not a built-in, not an importable factory, not a registered one."""
+
+
+class TaskFactoryError(ValueError):
+    """A task factory that cannot build its task: it raised, or returned something that is not a Task."""
+
+
+def task_factory(factory: Factory) -> Factory:
+    """Mark `factory` as a task factory that `--task module:function` may name (see the module doc)."""
+    setattr(factory, MARK, True)
+    return factory
+
+
+def normalized(name: str) -> str:
+    """How task names compare: case and `_` against `-` do not matter."""
+    return name.strip().lower().replace("_", "-")
+
+
+def is_factory_name(name: str) -> bool:
+    return ":" in name
+
+
+@functools.lru_cache(maxsize=1)
+def registered_tasks() -> dict[str, EntryPoint]:
+    """The tasks installed packages register (entry-point group `nos.tasks`), by name."""
+    return {ep.name: ep for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)}
+
+
+def find_registered(name: str) -> EntryPoint | None:
+    key = normalized(name)
+    return next((ep for ep_name, ep in registered_tasks().items() if normalized(ep_name) == key), None)
+
+
+def load_factory(name: str) -> Callable[..., Any]:
+    """The marked callable `name` ("package.module:function") names; UnknownTask or TaskFactoryError says why not.
+
+    The current folder is searched last, as `python -m` would, so a task file beside the command is found.
+    """
+    module_name, _, attribute = name.strip().partition(":")
+    if not module_name or not attribute:
+        raise UnknownTask(f"task {name!r}: a factory is named package.module:function")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name) and module_name[len(exc.name):][:1] in ("", "."):
+            raise UnknownTask(f"task {name!r}: no module named {exc.name!r} (install it, put it on PYTHONPATH, "
+                              "or run nos from its folder; every worker must be able to import it)") from None
+        raise TaskFactoryError(f"task {name!r}: importing {module_name} failed: {exc}") from None
+    except Exception as exc:
+        raise TaskFactoryError(f"task {name!r}: importing {module_name} raised {_described(exc)}") from None
+    factory: Any = module
+    for part in attribute.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise UnknownTask(f"task {name!r}: module {module_name} has no {attribute!r}")
+    if not callable(factory):
+        raise TaskFactoryError(f"task {name!r} is a {type(factory).__name__}, not a function that builds a task")
+    if not getattr(factory, MARK, False):
+        raise TaskFactoryError(f"task {name!r} is not marked as a task factory: decorate it with "
+                               "@nos.tasks.task_factory (a run's task is called by every worker, so only "
+                               "marked functions are)")
+    return factory
+
+
+def _load_registered(entry: EntryPoint) -> Callable[..., Any]:
+    try:
+        factory = entry.load()
+    except Exception as exc:
+        raise TaskFactoryError(f"task {entry.name!r} ({entry.value}) cannot be loaded: {_described(exc)}") from None
+    if not callable(factory):
+        raise TaskFactoryError(f"task {entry.name!r} ({entry.value}) is not a function that builds a task")
+    return factory
+
+
+def custom_task(name: str, device: torch.device, options: dict[str, Any]) -> Task | None:
+    """The task built by factory `name` (module:function or a registered name); None when `name` is neither."""
+    if is_factory_name(name):
+        factory, label = load_factory(name), name.strip()
+    else:
+        entry = find_registered(name)
+        if entry is None:
+            return None
+        factory, label = _load_registered(entry), entry.name
+    if len(label) > MAX_TASK_NAME:
+        raise UnknownTask(f"task name {label[:40]!r}... is longer than {MAX_TASK_NAME} characters")
+    return build_with(label, factory, device, options)
+
+
+def factory_options(factory: Callable[..., Any]) -> tuple[tuple[str, ...], bool]:
+    """The option names `factory` takes by keyword (less device), and whether it takes any (`**options`)."""
+    named, anything = [], False
+    for parameter in inspect.signature(factory).parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            anything = True
+        elif parameter.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) \
+                and parameter.name != "device":
+            named.append(parameter.name)
+    return tuple(named), anything
+
+
+def build_with(label: str, factory: Callable[..., Any], device: torch.device, options: dict[str, Any]) -> Task:
+    """Call `factory` with `options`, check what it returns, and give the task its name and recorded options."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        raise TaskFactoryError(f"task {label!r}: cannot read the signature of {factory!r}") from None
+    named, anything = factory_options(factory)
+    options = check_options(label, None if anything else named + PROTOCOL_OPTIONS, options)
+    takes_device = anything or "device" in signature.parameters
+    passed = {k: v for k, v in options.items() if anything or k in named}
+    applied = {k: v for k, v in options.items() if k not in passed}   # protocol knobs it does not take
+    if takes_device:
+        passed["device"] = device
+    try:
+        task = factory(**passed)
+    except Exception as exc:
+        raise TaskFactoryError(f"task {label!r} raised {_described(exc)}") from None
+    if not isinstance(task, Task):
+        raise TaskFactoryError(f"task {label!r} returned a {type(task).__name__}, not a nos.tasks.Task")
+    try:
+        task = dataclasses.replace(task, name=label, **_moved(task, device), **applied)
+    except (TypeError, ValueError) as exc:
+        raise TaskFactoryError(f"task {label!r}: {exc}") from None
+    task.options = recorded_options(label, signature, passed, applied)
+    return task
+
+
+def _moved(task: Task, device: torch.device) -> dict[str, Any]:
+    """The fields that put a task built elsewhere (a factory that ignores `device`) on `device`."""
+    if task.device == device and all(t.device == device for t in dataclasses.astuple(task.splits)):
+        return {}
+    return {"device": device, "splits": Splits(*(t.to(device) for t in dataclasses.astuple(task.splits)))}
+
+
+def recorded_options(label: str, signature: inspect.Signature, passed: dict[str, Any],
+                     applied: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A builder's arguments with its defaults (and the knobs `applied` after it), as plain JSON data:
+    the options part of the task key, which thus changes when a default does."""
+    bound = signature.bind_partial(**passed)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    for parameter in signature.parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(parameter.name, {}))
+        elif parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            arguments.pop(parameter.name, None)
+    recorded = {k: (list(v) if isinstance(v, tuple) else v) for k, v in {**arguments, **(applied or {})}.items()
+                if k not in UNKEYED}
+    for key, value in recorded.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise TaskFactoryError(f"task {label!r}: option {key}'s value {value!r} is not plain data (numbers, "
+                                   "strings, true/false, lists): it cannot be part of the task key") from None
+    return recorded
+
+
+def _described(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "TaskFactoryError", "UnknownTask", "build_with", "custom_task", "factory_options",
+    "find_registered", "is_factory_name", "load_factory", "normalized", "recorded_options", "registered_tasks",
+    "task_factory",
+]

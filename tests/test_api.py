@@ -1,0 +1,63 @@
+"""nos.run_search and nos.Run: what they refuse before anything is written, and a run read back.
+
+Searches that train are in tests/test_own_task_search.py (real worker processes).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import nos
+from nos.config import ConfigError
+from nos.control import RunRefused
+from nos.store import create_run, open_store, resolve_url, upgrade
+
+
+def a_factory_in_main(**options):
+    return None
+
+
+@pytest.mark.parametrize("settings, error, message", [
+    ({"task": "mnist"}, RunRefused, "unknown task 'mnist'"),
+    ({"task": "nowhere_at_all:task"}, RunRefused, "no module named 'nowhere_at_all'"),
+    ({"task": "digits", "budget": 0}, ConfigError, "budget must be a whole number"),
+    ({"task": "digits", "searcher": "annealing"}, ConfigError, "searcher must be one of"),
+    ({"task": "digits", "momentum": 0.9}, ConfigError, "unknown config keys momentum"),
+    ({"task": "digits", "device": "cuda:7"}, RunRefused, "cuda"),
+    ({"task": "digits", "broker": "amqp://x"}, RunRefused, "must be redis://"),
+    ({"task": lambda **options: None}, ValueError, "not importable by name"),
+])
+def test_a_search_that_cannot_run_raises_before_anything_is_written(tmp_path, settings, error, message):
+    db = tmp_path / "api.db"
+    with pytest.raises(error, match=message):
+        nos.run_search(db=f"sqlite:///{db}", progress=False, **settings)
+    assert not db.exists()
+
+
+def test_a_factory_defined_in_a_script_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(a_factory_in_main, "__module__", "__main__")
+    with pytest.raises(ValueError, match="define the task factory in a module file"):
+        nos.run_search(task=a_factory_in_main, progress=False)
+
+
+def test_a_stored_run_reads_back_and_a_finished_one_refuses_stop_and_resume(tmp_path):
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    upgrade(resolve_url(url))
+    store = open_store(url)
+    with store.transaction() as session:
+        run_id = create_run(session, "done-already", "digits", {"task": "digits", "budget": 4})
+        from nos.store import set_run_status
+
+        set_run_status(session, run_id, "completed")
+    store.dispose()
+    run = nos.Run(run_id, db=url)
+    assert run.status == "completed"
+    assert run.config.budget == 4
+    assert run.leaderboard() == []
+    assert repr(run) == f"Run(id={run_id}, status='completed', db='{url}')"
+    with pytest.raises(RunRefused, match="is completed, not running"):
+        run.stop()
+    with pytest.raises(RunRefused, match="already completed"):
+        run.resume(progress=False)
+    with pytest.raises(LookupError, match="no run 99"):
+        nos.Run(99, db=url).status

@@ -1,0 +1,262 @@
+"""Tasks of your own: factories named package.module:function, and tasks an installed package registers.
+
+The task files are real modules written to a folder on sys.path; the registered task comes from a
+real wheel installed by pip into a folder that the `nos` subprocesses find on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from nos.cli.main import cli
+from nos.config import SearchConfig
+from nos.tasks import TaskFactoryError, UnknownTask, evaluate_rule, get_task
+from nos.work import task_for
+
+TASK_FILE = '''
+import torch
+from torch import nn
+
+from nos.tasks import from_tensors, task_factory
+
+
+@task_factory
+def blobs(*, device="cpu", train_size=None, width=8, split_seed=0, **protocol):
+    g = torch.Generator().manual_seed(split_seed)
+    x = torch.randn(400, 4, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    return from_tensors(x, y, lambda: nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 2)),
+                        val_size=100, test_size=100, train_size=train_size, split_seed=split_seed, device=device,
+                        **protocol)
+
+
+@task_factory
+def same_blobs(**options):
+    return blobs(**options)
+
+
+@task_factory
+def plain(width=8):
+    return blobs(width=width)
+
+
+def unmarked(**options):
+    return blobs(**options)
+
+
+@task_factory
+def broken(**options):
+    raise RuntimeError("no data today")
+
+
+@task_factory
+def not_a_task(**options):
+    return [1, 2]
+
+
+@task_factory
+def odd_default(*, device="cpu", dtype=torch.float64):
+    return blobs(device=device)
+'''
+
+
+@pytest.fixture
+def tasks_module(tmp_path, monkeypatch) -> str:
+    """The name of a fresh module holding TASK_FILE's factories, importable from sys.path."""
+    name = f"own_tasks_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(TASK_FILE)
+    (tmp_path / f"{name}_boom.py").write_text("1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_a_factory_builds_its_task_under_its_own_name(tasks_module):
+    task = get_task(f"{tasks_module}:blobs", train_size=150, lrs=[0.1], epochs=2)
+    assert task.name == f"{tasks_module}:blobs"
+    assert task.splits.sizes == {"train": 150, "val": 100, "test": 100}
+    assert task.options == {"train_size": 150, "width": 8, "split_seed": 0, "lrs": [0.1], "epochs": 2}
+    assert (task.lrs, task.epochs) == ((0.1,), 2)
+    result = evaluate_rule("adam", task, seed=0)
+    assert result.task == task.name
+    assert 0.5 < result.reward <= 1
+
+
+def test_the_task_key_holds_the_factory_name_and_every_option(tasks_module):
+    def key(name, **options):
+        return get_task(f"{tasks_module}:{name}", lrs=[0.1], **options).config_key()
+
+    assert key("blobs") == key("blobs", width=8)                # a default given or not: the same task
+    assert key("blobs") != key("blobs", width=16)
+    assert key("blobs") != key("blobs", split_seed=1)
+    assert key("blobs") != key("same_blobs")                    # the same data under another name: apart
+
+
+def test_protocol_knobs_a_factory_does_not_take_are_applied_to_its_task(tasks_module):
+    task = get_task(f"{tasks_module}:plain", width=4, epochs=3, lrs=[0.01, 0.1], sweep="halving")
+    assert (task.epochs, task.lrs, task.sweep) == (3, (0.01, 0.1), "halving")
+    assert task.options == {"width": 4, "epochs": 3, "lrs": [0.01, 0.1], "sweep": "halving"}
+
+
+@pytest.mark.parametrize("attribute, error, message", [
+    ("nowhere_at_all:blobs", UnknownTask, "no module named 'nowhere_at_all'"),
+    ("{m}:missing", UnknownTask, "has no 'missing'"),
+    ("{m}_boom:blobs", TaskFactoryError, "raised ZeroDivisionError"),
+    ("{m}:unmarked", TaskFactoryError, "not marked as a task factory"),
+    ("shutil:rmtree", TaskFactoryError, "not marked as a task factory"),   # a stored name calls no arbitrary code
+    ("os:sep", TaskFactoryError, "is a str, not a function"),
+    ("{m}:broken", TaskFactoryError, "raised RuntimeError: no data today"),
+    ("{m}:not_a_task", TaskFactoryError, "returned a list, not a nos.tasks.Task"),
+    ("{m}:odd_default", TaskFactoryError, "option dtype's value torch.float64 is not plain data"),
+    ("{m}:plain", ValueError, "unknown option 'hidden' for task"),
+    ("{m}:blobs", ValueError, "task option train_size must be a whole number"),
+])
+def test_a_factory_that_cannot_build_says_why(tasks_module, attribute, error, message):
+    options = {"hidden": 3} if attribute.endswith(":plain") else {"train_size": "many"} \
+        if attribute.endswith(":blobs") and "boom" not in attribute and "nowhere" not in attribute else {}
+    with pytest.raises(error, match=message.replace("(", r"\(")):
+        get_task(attribute.format(m=tasks_module), **options)
+
+
+def test_a_search_config_names_a_factory_and_workers_build_it_by_that_name(tasks_module):
+    config = SearchConfig.from_dict({"task": f"{tasks_module}:blobs", "task_options": {"width": 4, "lrs": [0.1]}})
+    task = task_for(config)
+    assert task.name == f"{tasks_module}:blobs"
+    assert task.options["width"] == 4
+
+
+def test_nos_eval_takes_a_factory_and_refuses_a_broken_one_with_exit_2(tasks_module):
+    ok = CliRunner().invoke(cli, ["eval", "adam", "--task", f"{tasks_module}:blobs", "--lrs", "1e-2,1e-1",
+                                  "--epochs", "1"])
+    assert ok.exit_code == 0, ok.output
+    assert f"adam on {tasks_module}:blobs" in ok.output
+    broken = CliRunner().invoke(cli, ["eval", "adam", "--task", f"{tasks_module}:broken"])
+    assert broken.exit_code == 2
+    assert "raised RuntimeError: no data today" in broken.output
+
+
+@pytest.mark.parametrize("factory, message", [
+    ("broken", "no data today"), ("not_a_task", "not a nos.tasks.Task"), ("unmarked", "not marked"),
+])
+def test_enqueue_refuses_a_factory_that_fails_and_stores_nothing(tasks_module, tmp_path, factory, message):
+    db = tmp_path / "runs.db"
+    result = CliRunner().invoke(cli, ["enqueue", "--task", f"{tasks_module}:{factory}", "--budget", "2",
+                                      "--db", f"sqlite:///{db}"])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not db.exists()
+
+
+def test_a_task_file_in_the_current_folder_is_found(tmp_path, monkeypatch):
+    name = f"here_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(TASK_FILE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert get_task(f"{name}:blobs", lrs=[0.1]).name == f"{name}:blobs"
+
+
+def test_nos_transfer_trains_the_factorys_own_child_and_a_wide_resnet_only_on_images(tasks_module, tmp_path):
+    common = ["sgd", "--task", f"{tasks_module}:blobs", "--epochs", "1", "--seeds", "1", "--lrs", "0.1",
+              "--no-baselines", "--db", f"sqlite:///{tmp_path / 'transfer.db'}"]
+    trained = CliRunner().invoke(cli, ["transfer", *common, "--format", "json"])
+    assert trained.exit_code == 0, trained.output
+    assert '"model": "own child"' in trained.stdout
+    assert f'"name": "{tasks_module}:blobs"' in trained.stdout
+    refused = CliRunner().invoke(cli, ["transfer", *common, "--model", "wrn-10-1"])
+    assert refused.exit_code == 2
+    assert "a Wide ResNet reads images" in refused.output
+
+
+def test_nos_tasks_describes_a_factory_and_refuses_an_unknown_one(tasks_module):
+    listed = CliRunner().invoke(cli, ["tasks", f"{tasks_module}:blobs", "digits"])
+    assert listed.exit_code == 0, listed.output
+    squashed = " ".join(listed.output.split())
+    assert "200 / 100 / 100" in squashed
+    assert "Linear 4-8, ReLU, Linear 8-2" in squashed
+    assert "1,200 / 300 / 297" in squashed
+    unknown = CliRunner().invoke(cli, ["tasks", "mnist"])
+    assert unknown.exit_code == 2
+    assert "unknown task 'mnist'" in unknown.output
+
+
+# --- a task registered by an installed package (entry-point group nos.tasks) ---
+
+PLUGIN = "nos_plugin_blobs"
+PLUGIN_MODULE = TASK_FILE.replace("def blobs(", "def blobs_factory(").replace("return blobs(", "return blobs_factory(")
+
+
+def _record_line(path: str, data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{path},sha256={digest},{len(data)}"
+
+
+def build_wheel(folder: Path) -> Path:
+    """A wheel of the package `nos_plugin_blobs` that registers `plugin-blobs` and `Plugin_Broken` under nos.tasks."""
+    info = f"{PLUGIN}-0.1.dist-info"
+    files = {
+        f"{PLUGIN}/__init__.py": PLUGIN_MODULE.encode(),
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {PLUGIN}\nVersion: 0.1\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: nos-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/entry_points.txt": textwrap.dedent(f"""\
+            [nos.tasks]
+            plugin-blobs = {PLUGIN}:blobs_factory
+            plugin-broken = {PLUGIN}:broken
+            """).encode(),
+    }
+    record = [_record_line(path, data) for path, data in files.items()] + [f"{info}/RECORD,,"]
+    files[f"{info}/RECORD"] = ("\n".join(record) + "\n").encode()
+    wheel = folder / f"{PLUGIN}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, data in files.items():
+            archive.writestr(path, data)
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory) -> Path:
+    """A folder pip installed the plugin's wheel into (with its .dist-info), as a site-packages."""
+    folder = tmp_path_factory.mktemp("plugin")
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                                "--target", str(folder / "site"), str(build_wheel(folder))],
+                               capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    assert (folder / "site" / f"{PLUGIN}-0.1.dist-info" / "entry_points.txt").is_file()
+    return folder / "site"
+
+
+def nos_with(site: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+           "COLUMNS": "250"}   # table cells on one line
+    return subprocess.run([sys.executable, "-m", "nos.cli.main", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_a_registered_task_is_listed_in_the_help_and_by_nos_tasks(plugin_site):
+    helped = nos_with(plugin_site, "eval", "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert "plugin-blobs" in "".join(helped.stdout.split())   # click wraps lines after a hyphen
+    listed = nos_with(plugin_site, "tasks", "plugin-blobs")
+    assert listed.returncode == 0, listed.stderr
+    squashed = " ".join(listed.stdout.split())
+    assert "200 / 100 / 100" in squashed   # its default train_size: everything the splits leave
+    assert f"{PLUGIN}:blobs_factory" in squashed
+
+
+def test_a_registered_task_evaluates_by_its_name_and_a_broken_one_exits_2(plugin_site):
+    evaluated = nos_with(plugin_site, "eval", "sgd", "--task", "Plugin_Blobs", "--lrs", "0.1", "--epochs", "1",
+                         "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert '"task": "plugin-blobs"' in evaluated.stdout
+    broken = nos_with(plugin_site, "eval", "sgd", "--task", "plugin-broken")
+    assert broken.returncode == 2
+    assert "raised RuntimeError: no data today" in broken.stderr
