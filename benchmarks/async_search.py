@@ -52,6 +52,7 @@ from collections import deque
 from pathlib import Path
 
 import torch
+from searchers import parse_config  # benchmarks/ is this script's folder, first on sys.path
 
 from nos.driver import POLL_SECONDS, sample_step
 from nos.rules.vocabulary import IDS_BY_KIND, position_kinds
@@ -105,14 +106,7 @@ class Clock:
 
 def searcher_of(spec: str, seed: int):
     """A searcher from `name key=value ...`: its hyperparameters, as `nos.search.settings` names them."""
-    name, *pairs = spec.split()
-    settings = {}
-    for pair in pairs:
-        key, value = pair.split("=", 1)
-        try:
-            settings[key] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key] = value
+    name, settings = parse_config(spec)
     return make_searcher(name, 2, seed, **settings)
 
 
