@@ -58,7 +58,7 @@ def test_every_result_is_learned_from_once_and_the_budget_is_exact(sqlite_url, s
 @pytest.mark.parametrize(("searcher", "crash_after"), [("ppo", 0), ("ppo", 5), ("ppo", 11), ("evolution", 5)])
 def test_a_driver_that_dies_anywhere_resumes_to_the_same_run(tmp_path, searcher, crash_after):
     settings = {"population": 4, "tournament": 2} if searcher == "evolution" else {}
-    config = SearchConfig(**{**QUICK, "searcher": searcher, "controller": settings})
+    config = SearchConfig(**{**QUICK, "searcher": searcher, "hyperparameters": settings})
     straight = f"sqlite:///{tmp_path / 'straight.db'}"
     assert drive(straight, new_run(straight, config.to_dict()), config) == "completed"
 
