@@ -118,3 +118,27 @@ def test_a_worker_killed_mid_pack_loses_nothing(sqlite_url):
     rows = run_rows(sqlite_url, run_id)
     assert all(r.status in ("done", "diverged") and r.worker == "heir:1" and r.attempts == 2 for r in rows)
     store.dispose()
+
+
+def test_status_shows_the_packs_in_flight(sqlite_url):
+    from click.testing import CliRunner
+
+    from nos.cli.main import cli
+    from nos.store import claim, utcnow
+
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "probe": False})
+    run_id, ids = _queue(store, config)
+    stale, now = timedelta(seconds=config.stale_after), utcnow()
+    with store.transaction() as session:   # as a worker with a pack of 3 claims, and one with a pack of 1
+        for evaluation_id in ids[:3]:
+            claim(session, evaluation_id, "gpu-host:7", stale, now=now)
+        claim(session, ids[3], "cpu-host:8", stale)
+    store.dispose()
+    result = CliRunner().invoke(cli, ["status", str(run_id), "--db", sqlite_url], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "2 packs in flight: 1 of 3, 1 of 1" in result.output
+    lines = [line for line in result.output.splitlines() if "host:" in line]
+    assert sum("1/3" in line and "gpu-host:7" in line for line in lines) == 3
+    assert sum("1/1" in line and "cpu-host:8" in line for line in lines) == 1
