@@ -21,8 +21,8 @@ import argparse
 import time
 
 import torch
-
 from gpu_sweep import synthetic_cifar
+
 from nos.tasks.base import Splits, Task
 from nos.tasks.networks import paper_convnet
 from nos.tasks.objectives import Accuracy
@@ -70,7 +70,7 @@ def run_pack(task: Task, k: int) -> tuple[float, float, int]:
 
 
 def largest_fit(device: torch.device, batch: int, start: int, limit: int) -> int:
-    """The largest K (doubling from `start`, up to `limit`) whose pack trains a few steps without running out of memory."""
+    """The largest K (doubling from `start`, up to `limit`) whose pack trains a few steps in memory."""
     probe = cifar_task(device, batch * 3, batch, batch, 1)
     fits, k = start, start * 2
     while k <= limit:
