@@ -142,3 +142,29 @@ def test_status_shows_the_packs_in_flight(sqlite_url):
     lines = [line for line in result.output.splitlines() if "host:" in line]
     assert sum("1/3" in line and "gpu-host:7" in line for line in lines) == 3
     assert sum("1/1" in line and "cpu-host:8" in line for line in lines) == 1
+
+
+@pytest.mark.slow
+def test_a_search_with_packed_local_workers_completes(db_url):
+    from collections import Counter
+
+    from nos.driver import Driver
+    from nos.executors import LocalExecutor
+
+    from helpers.driver import assert_complete
+
+    upgrade(resolve_url(db_url))
+    store = open_store(db_url)
+    config = SearchConfig(**{**TINY, "pack": 3})
+    assert config.target_in_flight == config.workers * 3 * 2
+    with store.transaction() as session:
+        run_id = create_run(session, "packed", config.task, config.to_dict())
+    executor = LocalExecutor(db_url, workers=config.workers, pack=config.pack)
+    try:
+        assert Driver(store, run_id, config, executor).run() == "completed"
+    finally:
+        executor.close()
+    store.dispose()
+    assert_complete(db_url, run_id, config.budget)
+    trained = [r for r in run_rows(db_url, run_id) if r.status in ("done", "diverged")]
+    assert max(Counter((r.worker, r.claimed_at) for r in trained).values()) > 1   # some trained as a pack
