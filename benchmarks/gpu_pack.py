@@ -10,9 +10,9 @@ but CIFAR-shaped (benchmarks/gpu_sweep.py) and resident on the device, so no
 download is needed. For each K, `evaluate_rules` on K distinct rules trains
 K x 7 sweep children as one stack, then the final runs packed; evaluations per
 hour is K over the wall time of that pack. Then the largest K that fits in
-memory is found by doubling on a few steps; it is timed on the full protocol
-when the time left (--seconds) allows. Prints one table; with --out, writes it
-there too (markdown).
+memory is found by doubling on a few steps, and timed on the full protocol.
+A K whose pack would not end within --seconds is left out, saying so. Prints
+one table; with --out, writes it there too (markdown), after each K.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5, help="final run's epochs (the sweep's: 1)")
     parser.add_argument("--packs", default="1,8,32")
     parser.add_argument("--max-pack", type=int, default=1024, help="largest K the memory probe tries")
-    parser.add_argument("--seconds", type=float, default=240, help="time for the whole benchmark; the largest "
-                        "K is timed only if its pack is expected to fit in what is left")
+    parser.add_argument("--seconds", type=float, default=240, help="time for the whole benchmark: a K is "
+                        "timed only if its pack is expected to end within it")
     parser.add_argument("--out", help="also write the table here (markdown)")
     args = parser.parse_args()
     began = time.perf_counter()
@@ -106,30 +106,42 @@ def main() -> None:
             f"batch {args.batch}, {len(task.lrs)} rates x 1 epoch then {args.epochs}")
     print(head, flush=True)
     run_pack(cifar_task(device, args.batch * 2, args.batch, args.batch, 1), 2)   # warm up kernels and cuDNN
-    rows = []
-    packs = [int(k) for k in args.packs.split(",")]
-    for k in packs:
+    rows: list[tuple] = []
+    notes: list[str] = []
+
+    def left() -> float:
+        return args.seconds - (time.perf_counter() - began)
+
+    def measure(k: int) -> None:
+        if rows:   # a pack's time grows at most about linearly in K
+            expected = rows[-1][1] * k / rows[-1][0]
+            if expected > left():
+                notes.append(f"K={k} not timed: about {expected:.0f} s, {left():.0f} s left of --seconds")
+                return
         seconds, peak, diverged = run_pack(task, k)
         rows.append((k, seconds, 3600 * k / seconds, peak, diverged))
         print(f"  K={k}: {seconds:.1f} s, {rows[-1][2]:.0f} evaluations/hour, {peak:.1f} GiB", flush=True)
+        report(head, rows, notes, args.out)   # a run cut short keeps what it measured
+
+    packs = [int(k) for k in args.packs.split(",")]
+    for k in packs:
+        measure(k)
     largest = largest_fit(device, args.batch, max(packs), args.max_pack)
-    note = f"largest K that fits (probed up to {args.max_pack}): {largest}"
+    notes.append(f"largest K that fits (probed by doubling up to {args.max_pack}): {largest}")
     if largest > max(packs):
-        expected = rows[-1][1] * largest / rows[-1][0]   # a pack's time grows at most linearly in K
-        if time.perf_counter() - began + expected <= args.seconds:
-            seconds, peak, diverged = run_pack(task, largest)
-            rows.append((largest, seconds, 3600 * largest / seconds, peak, diverged))
-        else:
-            note += f" (not timed: about {expected:.0f} s would pass --seconds {args.seconds:g})"
+        measure(largest)
+    print("\n".join(report(head, rows, notes, args.out)))
+
+
+def report(head: str, rows: list[tuple], notes: list[str], out: str | None) -> list[str]:
     table = [head, "", "| K | seconds per pack | evaluations/hour | peak GPU memory GiB | diverged |",
              "|---|---|---|---|---|"]
     table += [f"| {k} | {s:.1f} | {e:.0f} | {m:.2f} | {d} |" for k, s, e, m, d in rows]
-    table += ["", note]
-    print("\n".join(table))
-    if args.out:
-        with open(args.out, "w") as out:
-            out.write("\n".join(table) + "\n")
-
+    table += ["", *notes]
+    if out:
+        with open(out, "w") as file:
+            file.write("\n".join(table) + "\n")
+    return table
 
 if __name__ == "__main__":
     main()
