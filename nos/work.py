@@ -111,19 +111,22 @@ def run_pack(store: Store, evaluation_id: int, *, worker: str | None = None, dev
                 claims.append(taken)
             elif taken is Outcome.CACHED:
                 outcomes[companion] = taken
+    return outcomes | _settle(store, claims, device)
+
+
+def _settle(store: Store, claims: list[Claim], device: str | None) -> dict[int, Outcome]:
+    """Train the claimed evaluations together and commit each; what happened to each."""
     try:
         results = _train(store, claims, device)
     except ClaimLost:
-        return outcomes | {c.evaluation_id: Outcome.LOST for c in claims}
-    except Exception as exc:  # the error is stored on every evaluation of the pack; the worker lives on
-        error = _short_traceback(exc)
+        return {c.evaluation_id: Outcome.LOST for c in claims}
+    except Exception as exc:  # the evaluation's error is stored; the worker lives on
+        if len(claims) > 1:   # one rule's error must not fail the others: each trains alone
+            return {i: outcome for c in claims for i, outcome in _settle(store, [c], device).items()}
         with store.transaction() as session:
-            for c in claims:
-                fail(session, c.evaluation_id, c.attempt, error)
-        return outcomes | {c.evaluation_id: Outcome.FAILED for c in claims}
-    for c, result in zip(claims, results):
-        outcomes[c.evaluation_id] = _commit(store, c, result)
-    return outcomes
+            fail(session, claims[0].evaluation_id, claims[0].attempt, _short_traceback(exc))
+        return {claims[0].evaluation_id: Outcome.FAILED}
+    return {c.evaluation_id: _commit(store, c, result) for c, result in zip(claims, results)}
 
 
 def _companions(session: Session, first: Claim, n: int) -> list[int]:

@@ -168,3 +168,24 @@ def test_a_search_with_packed_local_workers_completes(db_url):
     assert_complete(db_url, run_id, config.budget)
     trained = [r for r in run_rows(db_url, run_id) if r.status in ("done", "diverged")]
     assert max(Counter((r.worker, r.claimed_at) for r in trained).values()) > 1   # some trained as a pack
+
+
+def test_a_rule_that_fails_in_a_pack_fails_alone(sqlite_url):
+    """An error in one evaluation (here a stored rule text that no longer parses) fails it, not its pack."""
+    from sqlalchemy import update
+
+    from nos.store.models import Evaluation, Rule
+
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "probe": False})
+    run_id, ids = _queue(store, config, RULES[:3])
+    with store.transaction() as session:
+        broken = session.get(Evaluation, ids[1]).rule_id
+        session.execute(update(Rule).where(Rule.id == broken).values(text="g +"))
+    outcomes = run_pack(store, ids[0], pack=3)
+    assert outcomes[ids[1]] is Outcome.FAILED
+    assert all(outcomes[i] in (Outcome.DONE, Outcome.DIVERGED) for i in (ids[0], ids[2]))
+    rows = run_rows(sqlite_url, run_id)
+    assert rows[1].error and rows[0].reward is not None and rows[2].reward is not None
+    store.dispose()
