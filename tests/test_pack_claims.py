@@ -11,17 +11,10 @@ import pytest
 
 from nos.config import SearchConfig
 from nos.rules import parse
-from nos.store import (
-    NewEvaluation,
-    RuleRecord,
-    create_run,
-    enqueue_batch,
-    get_or_create_rules,
-    open_store,
-    requeue_stale,
-    resolve_url,
-    upgrade,
-)
+from nos.store import open_store, resolve_url, upgrade
+from nos.store.evaluations import NewEvaluation, enqueue_batch, requeue_stale
+from nos.store.rules import RuleRecord, get_or_create_rules
+from nos.store.runs import create_run
 from nos.tasks import evaluate_rule
 from nos.work import Outcome, run_pack, task_for, task_key
 
