@@ -1,6 +1,6 @@
 """Optimizer step time on ResNet-18's parameters: nos rules against torch.optim.Adam.
 
-    python benchmarks/optimizer_step.py [--repeats 30] [--no-compile]
+    python benchmarks/optimizer_step.py [--repeats 30] [--no-compile] [--device cuda]
 
 Prints milliseconds per step and ratios against Adam(foreach=True) and
 Adam(fused=True), all measured in this process on the same parameters and
@@ -19,12 +19,17 @@ import torchvision
 from nos.optim import SymbolicOptimizer
 
 
-def make_params() -> list[torch.Tensor]:
+def make_params(device: str = "cpu") -> list[torch.Tensor]:
     torch.manual_seed(0)
-    params = [p.detach().clone().requires_grad_(True) for p in torchvision.models.resnet18().parameters()]
+    params = [p.detach().to(device).requires_grad_(True) for p in torchvision.models.resnet18().parameters()]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-2
     return params
+
+
+def sync() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()   # a CUDA step is timed to its end, not to its launch
 
 
 def time_interleaved(opts: list[torch.optim.Optimizer], repeats: int, warmup: int = 3) -> list[float]:
@@ -35,8 +40,10 @@ def time_interleaved(opts: list[torch.optim.Optimizer], repeats: int, warmup: in
     samples: list[list[float]] = [[] for _ in opts]
     for _ in range(repeats):
         for opt, times in zip(opts, samples):
+            sync()
             start = time.perf_counter()
             opt.step()
+            sync()
             times.append(time.perf_counter() - start)
     return [statistics.median(times) * 1e3 for times in samples]
 
@@ -50,11 +57,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (fused Adam runs on either)")
     args = parser.parse_args()
-    params = make_params()
+    params = make_params(args.device)
     n = sum(p.numel() for p in params)
-    print(f"ResNet-18: {len(params)} tensors, {n / 1e6:.1f}M parameters, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"ResNet-18: {len(params)} tensors, {n / 1e6:.1f}M parameters, torch {torch.__version__}, {where}\n")
     cases = [
         ("torch Adam(foreach=True)", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True)),
         ("torch Adam(fused=True)", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)),
@@ -70,9 +78,10 @@ def main() -> None:
         ]
     opts, firsts = [], []
     for _, make in cases:
-        opt = make(make_params())   # each its own copy, so none slows another's memory
+        opt = make(make_params(args.device))   # each its own copy, so none slows another's memory
         start = time.perf_counter()
         opt.step()   # first step: state allocation, and compilation where asked
+        sync()
         firsts.append(time.perf_counter() - start)
         opts.append(opt)
     times = time_interleaved(opts, args.repeats)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict, fields as dataclass_fields
 
 import click
@@ -141,14 +142,36 @@ def status_command(run_id, db_url, broker_url) -> None:
             select(Evaluation, Rule.text).join(Rule, Rule.id == Evaluation.rule_id)
             .where(Evaluation.run_id == run_id, Evaluation.status == "running").order_by(Evaluation.seq)).all()
         if in_flight:
+            packs = _packs([e for e, _ in in_flight])
             table = Table(title="in flight")
-            for column in ("evaluation", "seq", "rule", "worker", "attempt", "heartbeat age"):
+            for column in ("evaluation", "seq", "rule", "worker", "pack", "attempt", "heartbeat age"):
                 table.add_column(column)
             now = utcnow()
             for e, text in in_flight:
                 age = "-" if e.heartbeat_at is None else f"{(now - e.heartbeat_at).total_seconds():.0f} s"
-                table.add_row(str(e.id), str(e.seq), text, e.worker or "-", str(e.attempts), age)
+                table.add_row(str(e.id), str(e.seq), text, e.worker or "-", packs[e.id], str(e.attempts), age)
             console.print(table)
+            sizes = Counter((e.worker, e.claimed_at) for e, _ in in_flight)
+            if max(sizes.values()) > 1:
+                console.print(f"  {len(sizes)} packs in flight: " + ", ".join(
+                    f"{n} of {size}" for size, n in sorted(Counter(sizes.values()).items(), reverse=True)))
+
+
+def _packs(running: list[Evaluation]) -> dict[int, str]:
+    """Each running evaluation's pack, as "P/N" (pack P of its worker, N evaluations in it).
+
+    A worker claims a pack in one transaction, with one claim time: so the
+    evaluations of one worker and one claim time are one pack.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for e in running:
+        groups.setdefault((e.worker, e.claimed_at), []).append(e.id)
+    numbers: Counter = Counter()
+    labels: dict[int, str] = {}
+    for (worker, _), ids in sorted(groups.items(), key=lambda item: min(item[1])):
+        numbers[worker] += 1
+        labels.update({i: f"{numbers[worker]}/{len(ids)}" for i in ids})
+    return labels
 
 
 @click.command("show")

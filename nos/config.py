@@ -53,6 +53,7 @@ class SearchConfig:
     # running and learns whenever update_every new results have arrived.
     synchronous: bool = False
     in_flight: int | None = None           # evaluations kept queued or running; default workers x pack x 2
+    pack: int = 1                          # evaluations a local worker claims and trains together (same task key)
 
     def __post_init__(self) -> None:
         problems = [*_check_fields(self), *_check_hyperparameters(self.searcher, self.hyperparameters)]
@@ -72,7 +73,7 @@ class SearchConfig:
         """Evaluations the asynchronous driver keeps queued or running."""
         if self.in_flight is not None:
             return self.in_flight
-        return self.workers * getattr(self, "pack", 1) * 2
+        return self.workers * self.pack * 2
 
     @property
     def label(self) -> str:
@@ -152,6 +153,7 @@ MAX_AT_ONCE = 10_000
 # Evaluation numbers (`seq`) are 32-bit integers in the database.
 MAX_BUDGET = 2**31 - 1
 MAX_WORKERS = 1024
+MAX_PACK = 1024
 MAX_ATTEMPTS = 1000
 MAX_SECONDS = 10_000_000        # stale_after and heartbeat_every: about 115 days
 MAX_NAME = 200                  # the runs.name column
@@ -209,6 +211,7 @@ def _check_fields(config: "SearchConfig") -> list[str]:
     if config.in_flight is not None:
         problems += _whole("in_flight", config.in_flight, 1, MAX_AT_ONCE)
     problems += _whole("workers", config.workers, 1, MAX_WORKERS)
+    problems += _whole("pack", config.pack, 1, MAX_PACK)
     problems += _whole("max_attempts", config.max_attempts, 1, MAX_ATTEMPTS)
     problems += _whole("seed", config.seed, 0, MAX_SEED)
     if config.child_seed is not None:

@@ -347,7 +347,8 @@ def make_executor(store: Store, config: SearchConfig, broker_url: str | None) ->
         return CeleryExecutor(broker_url, queue="gpu" if config.device.startswith("cuda") else "cpu")
     from .executors import LocalExecutor
 
-    return LocalExecutor(store.url.render_as_string(hide_password=False), config.workers, config.device)
+    return LocalExecutor(store.url.render_as_string(hide_password=False), config.workers, config.device,
+                         config.pack)
 
 
 def one_thread() -> None:

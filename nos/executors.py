@@ -54,7 +54,7 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None, parent: int) -> None:
+def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None, parent: int, pack: int = 1) -> None:
     _die_with(parent)
     # Ctrl-C reaches the whole process group: the driver decides what stops, not each worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -70,20 +70,24 @@ def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None, pa
         evaluation_id = ids.get()
         if evaluation_id is None:
             return
-        run_evaluation(store, evaluation_id, worker=name, device=device)
+        run_evaluation(store, evaluation_id, worker=name, device=device, pack=pack)
 
 
 class LocalExecutor:
-    """N worker processes on this machine, fed evaluation ids through a queue."""
+    """N worker processes on this machine, fed evaluation ids through a queue.
 
-    def __init__(self, db_url: str, workers: int, device: str | None = None):
+    With `pack` K, a worker given an id claims it and up to K - 1 queued companions of the
+    same task key and trains them together; their own ids, when they come, are skipped.
+    """
+
+    def __init__(self, db_url: str, workers: int, device: str | None = None, pack: int = 1):
         if device is not None:   # DeviceError now, rather than workers that refuse every evaluation
             from .devices import usable_device
 
             usable_device(device)
         self._context = multiprocessing.get_context("spawn")   # no forked torch or database state
         self._ids: multiprocessing.Queue = self._context.Queue()
-        self._args = (db_url, self._ids, device, os.getpid())
+        self._args = (db_url, self._ids, device, os.getpid(), pack)
         self._processes = [self._start() for _ in range(workers)]
         self._closed = False
 

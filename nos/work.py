@@ -2,8 +2,14 @@
 
 1. claim it (one conditional UPDATE); if the claim fails, someone else has it;
    a worker that cannot use the run's device refuses it first, leaving it queued;
-2. train, heartbeating from a side thread; a lost claim stops the training;
-3. commit the result only if this attempt still holds the claim.
+   a worker with a pack of K also claims, in the same transaction, up to K - 1
+   more queued evaluations of the same run and task key (its pack);
+2. train them together (nos.tasks.packed), heartbeating every claim from one side
+   thread; an evaluation whose claim is lost leaves the pack, the others train on;
+3. commit each result only if its own attempt still holds its claim.
+
+A worker killed mid-pack leaves K claims whose heartbeats stop: each is retaken
+like any stale claim.
 
 Tasks (their data) are built once per process and reused across evaluations.
 """
@@ -14,20 +20,22 @@ import os
 import socket
 import traceback
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .beat import Beat
 from .config import SearchConfig
 from .devices import device_problem
 from .records import EvaluationResult
-from .store import Store, claim, commit_result, fail, find_cached, get_evaluation, get_run, heartbeat
+from .store import Store, claim, commit_result, fail, find_cached, get_evaluation, get_run, heartbeat, utcnow
 from .store.evaluations import commit_cached, equivalence_reason, find_equivalent
-from .store.models import Rule
-from .tasks import Task, evaluate_rule, get_task
+from .store.models import Evaluation, Rule
+from .tasks import Task, get_task
+from .tasks.packed import evaluate_rules
 
 _TASKS: dict[str, Task] = {}
 
@@ -75,31 +83,74 @@ class Claim:
     config: SearchConfig
     rule_text: str
     task_key: str
+    run_id: int
 
 
 def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = None,
-                   device: str | None = None) -> Outcome:
-    """Claim, train and commit one evaluation; returns what happened (see `Outcome`)."""
+                   device: str | None = None, pack: int = 1) -> Outcome:
+    """Claim, train and commit one evaluation (and up to `pack - 1` companions); what happened to it."""
+    return run_pack(store, evaluation_id, worker=worker, device=device, pack=pack)[evaluation_id]
+
+
+def run_pack(store: Store, evaluation_id: int, *, worker: str | None = None, device: str | None = None,
+             pack: int = 1) -> dict[int, Outcome]:
+    """Claim `evaluation_id` and up to `pack - 1` queued companions, train them together, commit each.
+
+    Returns each evaluation's outcome, by id; `evaluation_id` is always among them.
+    """
+    worker, now = worker or worker_name(), utcnow()   # one claim time marks a pack (`nos status`)
     with store.transaction() as session:
-        claimed = _claim_or_answer(session, evaluation_id, worker or worker_name(), device)
-    if isinstance(claimed, Outcome):
-        return claimed
+        first = _claim_or_answer(session, evaluation_id, worker, device, now)
+        if isinstance(first, Outcome):
+            return {evaluation_id: first}
+        outcomes: dict[int, Outcome] = {}
+        claims = [first]
+        for companion in _companions(session, first, pack - 1):
+            taken = _claim_or_answer(session, companion, worker, device, now)
+            if isinstance(taken, Claim):
+                claims.append(taken)
+            elif taken is Outcome.CACHED:
+                outcomes[companion] = taken
+    return outcomes | _settle(store, claims, device)
+
+
+def _settle(store: Store, claims: list[Claim], device: str | None) -> dict[int, Outcome]:
+    """Train the claimed evaluations together and commit each; what happened to each."""
     try:
-        result = _train(store, claimed, device)
+        results = _train(store, claims, device)
     except ClaimLost:
-        return Outcome.LOST
+        return {c.evaluation_id: Outcome.LOST for c in claims}
     except Exception as exc:  # the evaluation's error is stored; the worker lives on
+        if len(claims) > 1:   # one rule's error must not fail the others: each trains alone
+            return {i: outcome for c in claims for i, outcome in _settle(store, [c], device).items()}
         with store.transaction() as session:
-            fail(session, evaluation_id, claimed.attempt, _short_traceback(exc))
-        return Outcome.FAILED
+            fail(session, claims[0].evaluation_id, claims[0].attempt, _short_traceback(exc))
+        return {claims[0].evaluation_id: Outcome.FAILED}
+    return {c.evaluation_id: _commit(store, c, result) for c, result in zip(claims, results)}
+
+
+def _companions(session: Session, first: Claim, n: int) -> list[int]:
+    """Up to `n` (and a few spare, for those another worker takes first) queued evaluations to pack with `first`."""
+    if n <= 0:
+        return []
+    return list(session.execute(
+        select(Evaluation.id).where(Evaluation.run_id == first.run_id, Evaluation.task_key == first.task_key,
+                                    Evaluation.status == "queued", Evaluation.id != first.evaluation_id)
+        .order_by(Evaluation.id).limit(n)).scalars())
+
+
+def _commit(store: Store, claimed: Claim, result: EvaluationResult | None) -> Outcome:
+    if result is None:   # left the pack when its claim was lost
+        return Outcome.LOST
     with store.transaction() as session:
-        committed = commit_result(session, evaluation_id, claimed.attempt, result)
+        committed = commit_result(session, claimed.evaluation_id, claimed.attempt, result)
     if not committed:
         return Outcome.LOST
     return Outcome.DIVERGED if result.diverged else Outcome.DONE
 
 
-def _claim_or_answer(session: Session, evaluation_id: int, worker: str, device: str | None) -> Claim | Outcome:
+def _claim_or_answer(session: Session, evaluation_id: int, worker: str, device: str | None,
+                     now: datetime) -> Claim | Outcome:
     """Claim the evaluation, or say why not; one already answered by a stored result is committed as cached."""
     evaluation = get_evaluation(session, evaluation_id)
     if evaluation is None:
@@ -109,7 +160,7 @@ def _claim_or_answer(session: Session, evaluation_id: int, worker: str, device: 
         return Outcome.REFUSED
     rule = session.get(Rule, evaluation.rule_id)
     attempt = claim(session, evaluation_id, worker, timedelta(seconds=config.stale_after),
-                    max_attempts=config.max_attempts)
+                    max_attempts=config.max_attempts, now=now)
     if attempt is None:
         return Outcome.SKIPPED
     # The rule, or one that behaves the same, may have been scored since this was queued.
@@ -119,27 +170,45 @@ def _claim_or_answer(session: Session, evaluation_id: int, worker: str, device: 
         reason = equivalence_reason(session, source) if source is not None else None
     if source is not None and commit_cached(session, evaluation_id, attempt, source, reason=reason):
         return Outcome.CACHED
-    return Claim(evaluation_id, attempt, config, rule.text, evaluation.task_key)
+    return Claim(evaluation_id, attempt, config, rule.text, evaluation.task_key, evaluation.run_id)
 
 
-def _train(store: Store, claimed: Claim, device: str | None) -> EvaluationResult:
-    """Train the claimed evaluation, heartbeating from a side thread; ClaimLost once the claim is taken over."""
-    evaluation_id, attempt, config = claimed.evaluation_id, claimed.attempt, claimed.config
-    beat = Beat(store, lambda session: heartbeat(session, evaluation_id, attempt), config.heartbeat_every,
-                f"heartbeat-{evaluation_id}")
+def _train(store: Store, claims: list[Claim], device: str | None) -> list[EvaluationResult | None]:
+    """Train the claimed evaluations together, heartbeating all their claims from one side thread.
+
+    An evaluation whose claim is taken over leaves the pack (its result is None);
+    ClaimLost once every claim is.
+    """
+    config = claims[0].config
+    lost: set[int] = set()
+
+    def renew(session: Session) -> bool:
+        for c in claims:
+            if c.evaluation_id not in lost and not heartbeat(session, c.evaluation_id, c.attempt):
+                lost.add(c.evaluation_id)
+        return len(lost) < len(claims)
+
+    beat = Beat(store, renew, config.heartbeat_every, f"heartbeat-{claims[0].evaluation_id}")
     beat.start()
     try:
         task = task_for(config, device)
-        if task_key(task, config.children_seed) != claimed.task_key:
+        if task_key(task, config.children_seed) != claims[0].task_key:
             raise RuntimeError(f"this worker's {config.task} task differs from the driver's "
-                               f"(key {task_key(task, config.children_seed)} != {claimed.task_key}): "
+                               f"(key {task_key(task, config.children_seed)} != {claims[0].task_key}): "
                                "check its data and options")
 
-        def check_claim(*_: Any) -> None:
+        def check_claims(*_: Any) -> None:
             if beat.lost:
                 raise ClaimLost()
 
-        return evaluate_rule(claimed.rule_text, task, seed=config.children_seed, on_trial=check_claim)
+        def wanted(i: int) -> bool:
+            return claims[i].evaluation_id not in lost
+
+        results = evaluate_rules([c.rule_text for c in claims], task, seed=config.children_seed,
+                                 on_trial=check_claims, wanted=wanted)
+        if beat.lost:
+            raise ClaimLost()
+        return results
     finally:
         beat.stopped.set()
         beat.join()

@@ -1,6 +1,6 @@
 """The Celery app of nos workers, and its two thin tasks.
 
-    nos worker --broker redis://HOST:6379/0 --db postgresql://... [--queues cpu|gpu|control]
+    nos worker --broker redis://HOST:6379/0 --db postgresql://... [--queues cpu|gpu|control] [--pack K]
 
 Messages carry only ids, as JSON; every result lands in the database. Tasks
 are acknowledged late and rejected (so redelivered) when their worker process
@@ -20,6 +20,7 @@ from kombu import Queue
 
 BROKER_ENV_VAR = "NOS_BROKER_URL"
 DEVICE_ENV_VAR = "NOS_WORKER_DEVICE"
+PACK_ENV_VAR = "NOS_WORKER_PACK"     # evaluations claimed and trained together (`nos worker --pack`)
 QUEUES = ("cpu", "gpu", "control")
 
 # Redis redelivers a message not acknowledged within this many seconds. It must
@@ -65,10 +66,11 @@ def _open_store():
 
 @app.task(name="nos.evaluate")
 def evaluate(evaluation_id: int) -> str:
-    """Evaluate one evaluation id: the same function the local executor runs."""
+    """Evaluate one evaluation id (and, with a pack, queued companions): the function the local executor runs."""
     from nos.work import Outcome, run_evaluation
 
-    outcome = run_evaluation(_open_store(), int(evaluation_id), device=os.environ.get(DEVICE_ENV_VAR) or None)
+    outcome = run_evaluation(_open_store(), int(evaluation_id), device=os.environ.get(DEVICE_ENV_VAR) or None,
+                             pack=int(os.environ.get(PACK_ENV_VAR) or 1))
     if outcome is Outcome.REFUSED:   # left queued: the driver sends it again, for a worker with the device
         logger.warning("refused evaluation %s: this worker cannot train on the run's device", evaluation_id)
     return outcome.value

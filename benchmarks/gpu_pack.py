@@ -1,0 +1,147 @@
+"""Packed evaluation on the paper's CIFAR-10 protocol: evaluations per hour at several pack sizes K.
+
+    python benchmarks/gpu_pack.py                    # cuda: 45,000 / 5,000 CIFAR-shaped images, K = 1, 8, 32, largest
+    python benchmarks/gpu_pack.py --device cpu --train-size 256 --val-size 64 --batch 32 \\
+        --epochs 2 --packs 1,2 --max-pack 4          # a smoke run anywhere, in seconds
+
+The protocol: the paper's convnet child, batch 128, 7 learning rates for one
+epoch each (stacked), then the best rate for 5 epochs. The data is synthetic
+but CIFAR-shaped (benchmarks/gpu_sweep.py) and resident on the device, so no
+download is needed. For each K, `evaluate_rules` on K distinct rules trains
+K x 7 sweep children as one stack, then the final runs packed; evaluations per
+hour is K over the wall time of that pack. Then the largest K that fits in
+memory is found by doubling on a few steps, and timed on the full protocol.
+A K whose pack would not end within --seconds is left out, saying so. Prints
+one table; with --out, writes it there too (markdown), after each K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from gpu_sweep import synthetic_cifar
+
+from nos.tasks.base import Splits, Task
+from nos.tasks.networks import paper_convnet
+from nos.tasks.objectives import Accuracy
+from nos.tasks.packed import evaluate_rules
+
+# Shapes a search meets (moments, signs, weight decay, noise, a schedule); scaled by a constant
+# per round so that every rule of a pack is distinct, as a search's are.
+BASES = ("g", "sign(g)", "m", "sign(m)", "g * exp(sign(g) * sign(m))", "clip(g, 1e-3) + 1e-3 * w",
+         "drop(g, 0.1) * exp(1e-3 * w)", "m * ld")
+
+
+def rules(k: int) -> list[str]:
+    return [f"{1 + (i // len(BASES)) / 100:g} * ({BASES[i % len(BASES)]})" for i in range(k)]
+
+
+def cifar_task(device: torch.device, train: int, val: int, batch: int, epochs: int) -> Task:
+    train_x, train_y = synthetic_cifar(train, device, 0)
+    val_x, val_y = synthetic_cifar(val, device, 1)
+    test_x, test_y = synthetic_cifar(val, device, 2)
+    channels_last = device.type == "cpu"
+    if channels_last:
+        train_x, val_x, test_x = (t.contiguous(memory_format=torch.channels_last) for t in (train_x, val_x, test_x))
+    return Task("cifar10-synthetic", Splits(train_x, train_y, val_x, val_y, test_x, test_y),
+                lambda: paper_convnet(3, 32), Accuracy(), batch_size=batch, sweep_epochs=1, epochs=epochs,
+                device=device, channels_last=channels_last)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_pack(task: Task, k: int) -> tuple[float, float, int]:
+    """Seconds for a pack of K on the task, peak memory in GiB (cuda; 0 elsewhere), rules that diverged."""
+    device = task.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    start = time.perf_counter()
+    results = evaluate_rules(rules(k), task, seed=0)
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return seconds, peak, sum(r.diverged for r in results)
+
+
+def largest_fit(device: torch.device, batch: int, start: int, limit: int) -> int:
+    """The largest K (doubling from `start`, up to `limit`) whose pack trains a few steps in memory."""
+    probe = cifar_task(device, batch * 3, batch, batch, 1)
+    fits, k = start, start * 2
+    while k <= limit:
+        try:
+            run_pack(probe, k)
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        fits, k = k, k * 2
+    return fits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--train-size", type=int, default=45000)
+    parser.add_argument("--val-size", type=int, default=5000)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=5, help="final run's epochs (the sweep's: 1)")
+    parser.add_argument("--packs", default="1,8,32")
+    parser.add_argument("--max-pack", type=int, default=1024, help="largest K the memory probe tries")
+    parser.add_argument("--seconds", type=float, default=240, help="time for the whole benchmark: a K is "
+                        "timed only if its pack is expected to end within it")
+    parser.add_argument("--out", help="also write the table here (markdown)")
+    args = parser.parse_args()
+    began = time.perf_counter()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    task = cifar_task(device, args.train_size, args.val_size, args.batch, args.epochs)
+    head = (f"packed evaluation, torch {torch.__version__} on {name}: synthetic CIFAR-10 {task.splits.sizes}, "
+            f"batch {args.batch}, {len(task.lrs)} rates x 1 epoch then {args.epochs}")
+    print(head, flush=True)
+    run_pack(cifar_task(device, args.batch * 2, args.batch, args.batch, 1), 2)   # warm up kernels and cuDNN
+    rows: list[tuple] = []
+    notes: list[str] = []
+
+    def left() -> float:
+        return args.seconds - (time.perf_counter() - began)
+
+    def measure(k: int) -> None:
+        if rows:   # a pack's time grows at most about linearly in K
+            expected = rows[-1][1] * k / rows[-1][0]
+            if expected > left():
+                notes.append(f"K={k} not timed: about {expected:.0f} s, {left():.0f} s left of --seconds")
+                return
+        seconds, peak, diverged = run_pack(task, k)
+        rows.append((k, seconds, 3600 * k / seconds, peak, diverged))
+        print(f"  K={k}: {seconds:.1f} s, {rows[-1][2]:.0f} evaluations/hour, {peak:.1f} GiB", flush=True)
+        report(head, rows, notes, args.out)   # a run cut short keeps what it measured
+
+    packs = [int(k) for k in args.packs.split(",")]
+    for k in packs:
+        measure(k)
+    largest = largest_fit(device, args.batch, max(packs), args.max_pack)
+    notes.append(f"largest K that fits (probed by doubling up to {args.max_pack}): {largest}")
+    if largest > max(packs):
+        measure(largest)
+    print("\n".join(report(head, rows, notes, args.out)))
+
+
+def report(head: str, rows: list[tuple], notes: list[str], out: str | None) -> list[str]:
+    table = [head, "", "| K | seconds per pack | evaluations/hour | peak GPU memory GiB | diverged |",
+             "|---|---|---|---|---|"]
+    table += [f"| {k} | {s:.1f} | {e:.0f} | {m:.2f} | {d} |" for k, s, e, m, d in rows]
+    table += ["", *notes]
+    if out:
+        with open(out, "w") as file:
+            file.write("\n".join(table) + "\n")
+    return table
+
+if __name__ == "__main__":
+    main()

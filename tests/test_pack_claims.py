@@ -1,0 +1,184 @@
+"""A worker with a pack claims up to K queued evaluations of one task key and trains them together."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+
+from nos.config import SearchConfig
+from nos.rules import parse
+from nos.store import open_store, resolve_url, upgrade
+from nos.store.evaluations import NewEvaluation, enqueue_batch, requeue_stale
+from nos.store.rules import RuleRecord, get_or_create_rules
+from nos.store.runs import create_run
+from nos.tasks import evaluate_rule
+from nos.work import Outcome, run_pack, task_for, task_key
+
+from helpers.driver import TINY, run_rows
+
+RULES = ("g", "sign(g)", "g * exp(sign(g) * sign(m))", "m")
+
+
+def _queue(store, config: SearchConfig, rules=RULES, key: str | None = None) -> tuple[int, list[int]]:
+    key = key or task_key(task_for(config, "cpu"), config.children_seed)
+    with store.transaction() as session:
+        run_id = create_run(session, "pack", config.task, config.to_dict())
+        rule_ids = get_or_create_rules(session, [RuleRecord.from_tree(parse(r)) for r in rules])
+        ids = enqueue_batch(session, run_id, 0, [NewEvaluation(r, config.task, key) for r in rule_ids])
+    return run_id, ids
+
+
+def test_a_pack_claims_its_companions_and_commits_each_result(sqlite_url):
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "probe": False})
+    run_id, ids = _queue(store, config)
+    outcomes = run_pack(store, ids[0], worker="host:1", pack=3)
+    assert set(outcomes) == set(ids[:3])   # K = 3: the named one and the next two queued
+    assert all(o in (Outcome.DONE, Outcome.DIVERGED) for o in outcomes.values())
+    rows = run_rows(sqlite_url, run_id)
+    assert all(r.status in ("done", "diverged") for r in rows[:3]) and rows[3].status == "queued"
+    assert {r.worker for r in rows[:3]} == {"host:1"}
+    assert len({r.claimed_at for r in rows[:3]}) == 1   # claimed together, in one transaction
+    task = task_for(config, "cpu")
+    for row, rule in zip(rows[:3], RULES):
+        alone = evaluate_rule(rule, task, seed=config.children_seed)
+        assert row.reward == pytest.approx(alone.reward, abs=1e-6)
+    # The companions' own messages, when they come, find nothing to do.
+    assert run_pack(store, ids[1], pack=3) == {ids[1]: Outcome.SKIPPED}
+    store.dispose()
+
+
+def test_a_pack_takes_only_evaluations_of_the_same_run_and_task_key(sqlite_url):
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "probe": False})
+    run_id, ids = _queue(store, config, RULES[:1])
+    _queue(store, config, RULES[1:2], key="another-key")
+    _queue(store, config, RULES[2:3])
+    assert set(run_pack(store, ids[0], pack=8)) == {ids[0]}
+    assert [r.status for r in run_rows(sqlite_url, run_id + 1)] == ["queued"]
+    assert [r.status for r in run_rows(sqlite_url, run_id + 2)] == ["queued"]
+    store.dispose()
+
+
+WORKER = """
+import sys
+from nos.store import open_store
+from nos.work import run_pack
+run_pack(open_store(sys.argv[1]), int(sys.argv[2]), worker="doomed:1", pack=int(sys.argv[3]))
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_pack_loses_nothing(sqlite_url):
+    """All K claims of a killed worker go stale, are retaken, and finish."""
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "probe": False, "stale_after": 3.0, "heartbeat_every": 1.0,
+                             "task_options": {"train_size": 300, "lrs": [0.01, 0.1], "epochs": 40,
+                                              "batch_size": 4}})
+    run_id, ids = _queue(store, config, RULES[:3])
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, sqlite_url, str(ids[0]), "3"])
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            rows = run_rows(sqlite_url, run_id)
+            if all(r.status == "running" and r.worker == "doomed:1" for r in rows):
+                break
+            assert worker.poll() is None, "the worker ended before it was killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("the worker never held the whole pack")
+        time.sleep(2)   # mid-training, heartbeating
+        worker.kill()
+        worker.wait()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert {r.status for r in run_rows(sqlite_url, run_id)} == {"running"}   # nothing written, nothing lost
+    time.sleep(config.stale_after + 0.5)
+    with store.transaction() as session:
+        swept = requeue_stale(session, run_id, timedelta(seconds=config.stale_after), config.max_attempts)
+    assert sorted(swept.requeued) == sorted(ids)
+    outcomes = run_pack(store, ids[0], worker="heir:1", pack=3)
+    assert set(outcomes) == set(ids)
+    rows = run_rows(sqlite_url, run_id)
+    assert all(r.status in ("done", "diverged") and r.worker == "heir:1" and r.attempts == 2 for r in rows)
+    store.dispose()
+
+
+def test_status_shows_the_packs_in_flight(sqlite_url):
+    from click.testing import CliRunner
+
+    from nos.cli.main import cli
+    from nos.store import claim, utcnow
+
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "probe": False})
+    run_id, ids = _queue(store, config)
+    stale, now = timedelta(seconds=config.stale_after), utcnow()
+    with store.transaction() as session:   # as a worker with a pack of 3 claims, and one with a pack of 1
+        for evaluation_id in ids[:3]:
+            claim(session, evaluation_id, "gpu-host:7", stale, now=now)
+        claim(session, ids[3], "cpu-host:8", stale)
+    store.dispose()
+    result = CliRunner().invoke(cli, ["status", str(run_id), "--db", sqlite_url], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "2 packs in flight: 1 of 3, 1 of 1" in result.output
+    lines = [line for line in result.output.splitlines() if "host:" in line]
+    assert sum("1/3" in line and "gpu-host:7" in line for line in lines) == 3
+    assert sum("1/1" in line and "cpu-host:8" in line for line in lines) == 1
+
+
+@pytest.mark.slow
+def test_a_search_with_packed_local_workers_completes(db_url):
+    from collections import Counter
+
+    from nos.driver import Driver
+    from nos.executors import LocalExecutor
+
+    from helpers.driver import assert_complete
+
+    upgrade(resolve_url(db_url))
+    store = open_store(db_url)
+    config = SearchConfig(**{**TINY, "pack": 3})
+    assert config.target_in_flight == config.workers * 3 * 2
+    with store.transaction() as session:
+        run_id = create_run(session, "packed", config.task, config.to_dict())
+    executor = LocalExecutor(db_url, workers=config.workers, pack=config.pack)
+    try:
+        assert Driver(store, run_id, config, executor).run() == "completed"
+    finally:
+        executor.close()
+    store.dispose()
+    assert_complete(db_url, run_id, config.budget)
+    trained = [r for r in run_rows(db_url, run_id) if r.status in ("done", "diverged")]
+    assert max(Counter((r.worker, r.claimed_at) for r in trained).values()) > 1   # some trained as a pack
+
+
+def test_a_rule_that_fails_in_a_pack_fails_alone(sqlite_url):
+    """An error in one evaluation (here a stored rule text that no longer parses) fails it, not its pack."""
+    from sqlalchemy import update
+
+    from nos.store.models import Evaluation, Rule
+
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "probe": False})
+    run_id, ids = _queue(store, config, RULES[:3])
+    with store.transaction() as session:
+        broken = session.get(Evaluation, ids[1]).rule_id
+        session.execute(update(Rule).where(Rule.id == broken).values(text="g +"))
+    outcomes = run_pack(store, ids[0], pack=3)
+    assert outcomes[ids[1]] is Outcome.FAILED
+    assert all(outcomes[i] in (Outcome.DONE, Outcome.DIVERGED) for i in (ids[0], ids[2]))
+    rows = run_rows(sqlite_url, run_id)
+    assert rows[1].error and rows[0].reward is not None and rows[2].reward is not None
+    store.dispose()
