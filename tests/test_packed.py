@@ -97,6 +97,16 @@ def test_an_unwanted_rule_leaves_the_pack_and_the_rest_go_on():
     assert evaluate_rules(["adam"], task, wanted=lambda i: False) == [None]
 
 
+def test_a_task_whose_children_do_not_stack_evaluates_its_pack_one_rule_at_a_time():
+    """stacked=False stands for a child vmap cannot stack (a GRU): each rule alone, exactly, in its own place."""
+    task = get_task("digits", **SMALL, stacked=False)
+    seen: list[tuple[int, str]] = []
+    packed = evaluate_rules(["adam", "sgd"], task, seed=1, on_trial=lambda i, record, stage: seen.append((i, stage)))
+    for result, rule in zip(packed, ["adam", "sgd"]):
+        assert without_times(result) == without_times(evaluate_rule(rule, task, seed=1))
+    assert seen == [(0, "sweep")] * len(task.lrs) + [(0, "final"), *[(1, "sweep")] * len(task.lrs), (1, "final")]
+
+
 def test_a_bad_rule_raises_before_anything_trains():
     with pytest.raises(RuleSyntaxError):
         evaluate_rules(["adam", "g +"], get_task("digits", **SMALL))

@@ -150,7 +150,8 @@ def evaluate_rules(rules: Sequence[str | Node], task: Task, seed: int = 0, *, on
 
     Returns one result per rule, in order; equal to `evaluate_rule`'s within
     rounding. A rule given twice trains once and both get its result. One
-    distinct rule goes through `evaluate_rule` itself.
+    distinct rule, or any rules of a task whose children do not stack
+    (`Task.stacks`), go through `evaluate_rule` one at a time.
 
     on_trial(i, record, stage): called after each trial of rules[i], stage "sweep" or "final".
     wanted(i): asked after the sweep and after the final runs; False takes
@@ -173,8 +174,8 @@ def evaluate_rules(rules: Sequence[str | Node], task: Task, seed: int = 0, *, on
     trees = [trees[texts.index(member)] for member in distinct]
     if not trees:
         return []
-    if len(trees) == 1:
-        found = [_alone(trees[0], task, seed, reuse_sweep, report, still)]
+    if len(trees) == 1 or not task.stacks:   # a child vmap cannot stack (a GRU, say) trains one rule at a time
+        found = [_alone(m, tree, task, seed, reuse_sweep, report, still) for m, tree in enumerate(trees)]
     else:
         found = _pack(trees, task, seed, reuse_sweep, report, still)
     return [found[distinct.index(text)] for text in texts]
@@ -184,11 +185,11 @@ class _Unwanted(Exception):
     """The lone rule's evaluation is no longer wanted."""
 
 
-def _alone(tree: Node, task: Task, seed: int, reuse_sweep: bool, report: OnRuleTrial,
+def _alone(member: int, tree: Node, task: Task, seed: int, reuse_sweep: bool, report: OnRuleTrial,
            still: Wanted) -> EvaluationResult | None:
     def on_trial(record: TrialRecord, stage: str) -> None:
-        report(0, record, stage)
-        if not still(0):
+        report(member, record, stage)
+        if not still(member):
             raise _Unwanted()
 
     try:
