@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import struct
 
 import numpy as np
 import pytest
@@ -13,23 +12,14 @@ from torch import nn
 from nos.tasks import TASKS, DataUnavailable, evaluate_rule, get_task
 from nos.tasks.data import DEBIAN_FASHION_MNIST
 
+from helpers.fake_fashion import write_fashion
 from helpers.services import unavailable
-
-
-def _write_idx(path, array: np.ndarray) -> None:
-    header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture
 def tiny_fashion(tmp_path):
     """A plain folder of the four gzipped idx files: 60 train and 20 test images, random pixels and labels."""
-    rng = np.random.default_rng(0)
-    for stem, n in (("train", 60), ("t10k", 20)):
-        _write_idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
-    return tmp_path
+    return write_fashion(tmp_path, train=60, test=20)
 
 
 def _debian_fashion() -> None:

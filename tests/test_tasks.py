@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import pickle
-import struct
 
 import numpy as np
 import pytest
@@ -13,24 +11,14 @@ import torch
 from nos.tasks import TASKS, DataUnavailable, UnknownTask, get_task
 from nos.tasks.data import DEBIAN_FASHION_MNIST
 
+from helpers.fake_fashion import write_fashion
 from helpers.services import unavailable
-
-
-def _write_idx(path, array: np.ndarray) -> None:
-    header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture
 def tiny_fashion(tmp_path):
     """A Fashion-MNIST folder in torchvision's FashionMNIST/raw layout: 60 train and 20 test images."""
-    raw = tmp_path / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for stem, n in (("train", 60), ("t10k", 20)):
-        _write_idx(raw / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(raw / f"{stem}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    write_fashion(tmp_path / "FashionMNIST" / "raw", train=60, test=20)
     return tmp_path
 
 

@@ -6,11 +6,8 @@ WRN-10-1, two learning rates and a few epochs: seconds, not minutes.
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 
-import numpy as np
 import pytest
 import sqlalchemy as sa
 import torch
@@ -24,28 +21,19 @@ from nos.tasks.transfer import train_transfer, transfer_task
 from nos.tasks.wrn import WideResNet, parse_model, wide_resnet
 from nos.transfer import Stat, TransferSuperseded, run_transfer, summarize
 
+from helpers.fake_fashion import write_fashion
+
 LRS = [1e-2, 1e-1]
 EPOCHS = 3
 # Reads m (a state buffer) and draws dropout noise from the optimizer's generator: resuming must restore both.
 NOISY = "drop(m, 0.3) * exp(sign(g) * sign(m))"
 
 
-def _write_idx(path, array: np.ndarray) -> None:
-    header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def fashion_dir(tmp_path_factory):
     """A Fashion-MNIST folder (torchvision layout): 128 train and 32 test random images with random labels."""
     root = tmp_path_factory.mktemp("fashion")
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for stem, n in (("train", 128), ("t10k", 32)):
-        _write_idx(raw / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(raw / f"{stem}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    write_fashion(root / "FashionMNIST" / "raw", train=128, test=32)
     return root
 
 
