@@ -20,7 +20,8 @@ take on this machine is added to the simulated clock, so a driver too slow for
 its workers shows.
 
 Synchronous: propose update_every rules, wait for the slowest, learn, propose.
-Asynchronous: keep in_flight (2 x workers) queued or running, learn every
+Asynchronous: keep in_flight (--in-flight, default the driver's own default for that
+many workers, `nos.config.default_in_flight`) queued or running, learn every
 update_every results, refill at once.
 
 Printed per configuration (mean over seeds): worker utilization (simulated
@@ -28,7 +29,9 @@ training time over workers x wall time; over the whole run, and until the
 last proposal, before the workers drain at the end of the budget), wall time to the first moving mean of
 50 results at or above --threshold, and the mean reward over windows of
 results; the learning-curve table compares the modes at equal numbers of
-results, mean ± sd over seeds.
+results, mean ± sd over seeds: asynchronous, synchronous in steps of
+update_every, and synchronous in steps of one rule per worker (the barrier
+search that keeps as many workers going).
 
 `digits` runs real searches (`nos enqueue`, local workers, SQLite in a temporary
 folder), synchronous then asynchronous for each seed, and reads utilization
@@ -54,6 +57,7 @@ from pathlib import Path
 import torch
 from searchers import parse_config  # benchmarks/ is this script's folder, first on sys.path
 
+from nos.config import default_in_flight
 from nos.driver import POLL_SECONDS, sample_step
 from nos.rules.vocabulary import IDS_BY_KIND, position_kinds
 from nos.search import make_searcher
@@ -117,7 +121,7 @@ def simulate(searcher_name: str, seed: int, workers: int, update_every: int, res
     task = SimulatedTask(2, mean_seconds, seed)
     clock = Clock(random.Random(seed + 1000))
     run = (_synchronous if synchronous else _asynchronous)(searcher, task, clock, workers, update_every, results,
-                                                          in_flight or 2 * workers)
+                                                          in_flight or default_in_flight(workers))
     rewards, times, spans, last_proposal = run
     return {"searcher": searcher_name, "seed": seed, "workers": workers, "update_every": update_every,
             "mode": "sync" if synchronous else "async", "rewards": rewards, "times": times,
@@ -234,10 +238,10 @@ def simulate_main(args) -> None:
                                  args.mean_seconds, synchronous=True))
             for workers in args.workers:
                 runs.append(simulate(searcher, seed, workers, args.update_every, args.results, args.mean_seconds,
-                                     synchronous=False))
-                if searcher == args.searchers[0]:   # the synchronous alternative with one rule per worker
-                    runs.append(simulate(searcher, seed, workers, workers, args.results, args.mean_seconds,
-                                         synchronous=True))
+                                     synchronous=False, in_flight=args.in_flight))
+                # the synchronous alternative with one rule per worker
+                runs.append(simulate(searcher, seed, workers, workers, args.results, args.mean_seconds,
+                                     synchronous=True))
             print(f"{searcher} seed {seed} done", file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "a") as f:
@@ -273,12 +277,16 @@ def simulate_main(args) -> None:
     print("| searcher | mode | " + " | ".join(f"{a}-{b}" for a, b in zip(edges, edges[1:])) + " |")
     print("|---|---|" + "---|" * (len(edges) - 1))
     for searcher in args.searchers:
-        rows = [("sync", args.workers[0])] + [("async", w) for w in args.workers]
-        for mode, workers in rows:
+        rows = [("sync", args.workers[0], args.update_every, f"sync, steps of {args.update_every}")]
+        for w in args.workers:
+            rows += [("sync", w, w, f"sync, {w} workers, steps of {w}"), ("async", w, args.update_every,
+                                                                         f"async, {w} workers")]
+        for mode, workers, every, label in rows:
             group = [r for r in runs if r["searcher"] == searcher and r["mode"] == mode
-                     and r["update_every"] == args.update_every and r["workers"] == workers]
+                     and r["update_every"] == every and r["workers"] == workers]
+            if not group:
+                continue
             cells = [_mean_sd([statistics.mean(r["rewards"][a:b]) for r in group], 3) for a, b in zip(edges, edges[1:])]
-            label = "sync" if mode == "sync" else f"async, {workers} workers"
             print(f"| {searcher} | {label} | " + " | ".join(cells) + " |")
 
 
@@ -343,6 +351,7 @@ def main() -> None:
     sim.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     sim.add_argument("--results", type=int, default=1000)
     sim.add_argument("--update-every", type=int, default=5)
+    sim.add_argument("--in-flight", type=int, default=None, help="default: the driver's for that many workers")
     sim.add_argument("--mean-seconds", type=float, default=30.0)
     sim.add_argument("--searchers", nargs="+", default=["ppo", "reinforce", "evolution", "random"],
                      help='each a name, or "name key=value ..." with its hyperparameters')

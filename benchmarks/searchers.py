@@ -2,7 +2,7 @@
 
     python benchmarks/searchers.py --task digits --budget 1000 --seeds 0 1 2 3 4 \\
         [--config ppo --config "ppo update_every=5 lr=0.01" --config random ...] \\
-        [--jobs 2] [--memo FILE] [--json RUNS.jsonl] [--plot curves.png] [--recheck 3]
+        [--jobs 2] [--pack K] [--memo FILE] [--json RUNS.jsonl] [--plot curves.png] [--recheck 3]
 
 Each --config is a searcher name, then `key=value` settings: `update_every` (its old name
 `batch_size` is read too), `warm_start`
@@ -19,6 +19,9 @@ the jobs and by later invocations; benchmarks/memo/ keeps them in the repository
 checkout replays a landscape instead of training it again: delete a memo when the protocol
 changes, docs/changelog.md), as a run's database cache would: a rule is trained once,
 whoever proposes it. A killed benchmark restarted with the same memo replays what it had.
+With --pack K the new rules of a step train together, up to K at a time (`nos.tasks.packed`,
+as a packed worker does: equal to one at a time within rounding, and faster for MLP children
+on the CPU, docs/benchmarks.md).
 
 Prints one markdown row per config (mean and spread over seeds): the mean reward of the last
 200 counted evaluations (and each seed's), the mean over evaluations 300-500, the best
@@ -48,6 +51,7 @@ from nos.rules import to_text
 from nos.rules.builtins import BUILTINS
 from nos.search import make_searcher
 from nos.tasks import evaluate_rule, get_task
+from nos.tasks.packed import evaluate_rules
 
 DEFAULT_CONFIGS = ("ppo", "ppo warm_start=builtins", "reinforce", "reinforce warm_start=builtins", "random",
                    "evolution", "evolution warm_start=none")
@@ -114,7 +118,7 @@ class Memo:
 
 def search(job: tuple) -> dict:
     """One searcher run to `budget` counted evaluations: its rewards in order, and counts."""
-    task_name, task_options, child_seed, budget, label, seed, memo_file = job
+    task_name, task_options, child_seed, budget, label, seed, memo_file, pack = job
     torch.set_num_threads(1)
     task = task_of(task_name, task_options)
     memo = Memo(Path(memo_file))
@@ -128,6 +132,7 @@ def search(job: tuple) -> dict:
     start = time.perf_counter()
     while len(rewards) < budget:
         proposals, verdicts = sample_step(searcher, min(update_every, budget - len(rewards)))
+        trained += train_new(proposals, verdicts, task, child_seed, memo, pack)
         step_rewards = []
         for proposal, verdict in zip(proposals, verdicts):
             if verdict.rejection:
@@ -136,11 +141,6 @@ def search(job: tuple) -> dict:
                 continue
             text = to_text(proposal.tree)
             reward = memo.lookup(text, verdict.fingerprint)
-            if reward is None:
-                result = evaluate_rule(proposal.tree, task, seed=child_seed)
-                reward = result.reward
-                memo.add(text, verdict.fingerprint, reward, result.test_acc)
-                trained += 1
             texts.append(text)
             rewards.append(reward)
             step_rewards.append(reward)
@@ -151,6 +151,25 @@ def search(job: tuple) -> dict:
           f"{trained} trained here, {seconds:.0f} s", flush=True)
     return {"label": label, "seed": seed, "rewards": rewards, "texts": texts, "rejected": rejected,
             "trained": trained, "seconds": seconds}
+
+
+def train_new(proposals, verdicts, task, child_seed: int, memo: Memo, pack: int) -> int:
+    """Train the step's rules the memo does not hold (one per behaviour), `pack` at a time, into the memo."""
+    new: dict[str, tuple] = {}
+    for proposal, verdict in zip(proposals, verdicts):
+        text = to_text(proposal.tree)
+        if not verdict.rejection and memo.lookup(text, verdict.fingerprint) is None:
+            new.setdefault(verdict.fingerprint or text, (text, verdict.fingerprint, proposal.tree))
+    rules = list(new.values())
+    for first in range(0, len(rules), pack):
+        chunk = rules[first:first + pack]
+        if pack == 1:
+            results = [evaluate_rule(tree, task, seed=child_seed) for _, _, tree in chunk]
+        else:
+            results = evaluate_rules([tree for _, _, tree in chunk], task, seed=child_seed)
+        for (text, fingerprint, _), result in zip(chunk, results):
+            memo.add(text, fingerprint, result.reward, result.test_acc)
+    return len(rules)
 
 
 def _mean_sd(values: list[float], digits: int = 3) -> str:
@@ -226,6 +245,9 @@ def main() -> None:
     parser.add_argument("--memo", default=None, help="default: benchmarks/memo/TASK[-OPTIONS]-childSEED.jsonl")
     parser.add_argument("--json", default=None, help="append each run's record to this JSON-lines file as it "
                         "ends; runs it already holds (same task, options, children's seed, budget) are not rerun")
+    parser.add_argument("--pack", type=int, default=1, metavar="K",
+                        help="train up to K new rules of a step together (nos.tasks.packed; equal to one at a "
+                        "time within rounding, faster for MLP children on the CPU)")
     parser.add_argument("--plot", default=None, help="write the reward curves to this PNG")
     parser.add_argument("--recheck", type=int, default=0, metavar="K",
                         help="evaluate the K best found rules and the built-ins under 5 children's seeds")
@@ -234,7 +256,7 @@ def main() -> None:
     memo = args.memo or str(memo_path(args.task, options, args.child_seed))
     configs = args.config or list(DEFAULT_CONFIGS)
     done = recorded_runs(args.json, args.task, options, args.child_seed, args.budget)
-    jobs = [(args.task, options, args.child_seed, args.budget, label, seed, memo)
+    jobs = [(args.task, options, args.child_seed, args.budget, label, seed, memo, args.pack)
             for label in configs for seed in args.seeds if (label, seed) not in done]
     results = [done[label, seed] for label in configs for seed in args.seeds if (label, seed) in done]
     with Pool(args.jobs) as pool:

@@ -93,7 +93,7 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
               help="Propose, wait for every result, learn (reproducible), or keep --in-flight evaluations going "
                    "and learn every --update-every results [asynchronous].")
 @click.option("--in-flight", type=int, help="Evaluations the asynchronous driver keeps queued or running "
-                                            "[workers x pack x 2].")
+                                            "[workers x pack + max(2, pack, an eighth of that)].")
 @click.option("--pack", type=int, help="Queued evaluations of one task key a local worker claims and trains "
                                        "together, as one stacked network [1].")
 @click.option("--warm-start", type=click.Choice(["builtins", "none"]),

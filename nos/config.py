@@ -52,7 +52,7 @@ class SearchConfig:
     # again: bit-for-bit reproducible. The asynchronous one keeps in_flight evaluations queued or
     # running and learns whenever update_every new results have arrived.
     synchronous: bool = False
-    in_flight: int | None = None           # evaluations kept queued or running; default workers x pack x 2
+    in_flight: int | None = None           # evaluations kept queued or running; default: see target_in_flight
     pack: int = 1                          # evaluations a local worker claims and trains together (same task key)
 
     def __post_init__(self) -> None:
@@ -70,10 +70,18 @@ class SearchConfig:
 
     @property
     def target_in_flight(self) -> int:
-        """Evaluations the asynchronous driver keeps queued or running."""
+        """Evaluations the asynchronous driver keeps queued or running.
+
+        By default what the workers train at once (workers x pack) and a margin queued behind it, so
+        that a worker that finishes finds its next evaluation (or a full pack) already waiting: at
+        least 2, one pack, and an eighth of the total. Not more: every evaluation in flight is one
+        whose result the searcher learns from later, and in simulation (docs/benchmarks.md) halving
+        in_flight at 64 workers, from 2 x workers to this, learned markedly more per result at the
+        same utilization.
+        """
         if self.in_flight is not None:
             return self.in_flight
-        return self.workers * self.pack * 2
+        return default_in_flight(self.workers, self.pack)
 
     @property
     def label(self) -> str:
@@ -196,6 +204,12 @@ def _text(key: str, value: Any, longest: int, empty_ok: bool) -> list[str]:
     if not value.isprintable():
         return [f"{key} must be printable text (no control characters such as NUL or escape), got {value!r}"]
     return []
+
+
+def default_in_flight(workers: int, pack: int = 1) -> int:
+    """workers x pack training, and a margin of max(2, pack, an eighth of that) queued (`target_in_flight`)."""
+    busy = workers * pack
+    return busy + max(2, pack, -(-busy // 8))
 
 
 def _check_fields(config: "SearchConfig") -> list[str]:

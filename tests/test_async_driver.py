@@ -112,6 +112,10 @@ def test_the_old_key_in_a_users_file_means_update_every(tmp_path):
     assert SearchConfig.load(path, synchronous=True).synchronous
 
 
-def test_in_flight_defaults_to_twice_the_workers():
-    assert SearchConfig(workers=8).target_in_flight == 16
+def test_in_flight_defaults_to_the_workers_and_a_margin():
+    # What the workers train at once, and a margin of at least 2, a pack, and an eighth of that.
+    assert SearchConfig(workers=2).target_in_flight == 4
+    assert SearchConfig(workers=8).target_in_flight == 10
+    assert SearchConfig(workers=64).target_in_flight == 72
+    assert SearchConfig(workers=1, pack=32).target_in_flight == 64
     assert SearchConfig(workers=8, in_flight=3).target_in_flight == 3

@@ -251,8 +251,8 @@ def test_a_searcher_that_only_proposes_rejects_stops_the_run(sqlite_url, monkeyp
     driver = Driver(store, run_id, config, executor)
     driver.searcher = _OnlyHopeless(2, 0)
     try:
-        # The asynchronous driver asks for in_flight (1 worker x pack 1 x 2) rules at a time.
-        stuck = r"proposed 5\d rules in one step that the probe rejected before finding 2 to train"
+        # The asynchronous driver asks for in_flight (1 worker and a margin of 2) rules at a time.
+        stuck = r"proposed 5\d rules in one step that the probe rejected before finding 3 to train"
         with pytest.raises(nos.driver.SearchStuck, match=stuck):
             driver.run()
     finally:
