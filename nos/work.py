@@ -69,7 +69,7 @@ class Outcome(StrEnum):
     DIVERGED = "diverged"   # trained to divergence; the result is committed
     CACHED = "cached"       # already scored under the same task key: its result is copied, nothing trained
     FAILED = "failed"       # the evaluation raised; the error is stored
-    SKIPPED = "skipped"     # not ours to take (gone, finished, or claimed by another worker)
+    SKIPPED = "skipped"     # not ours to take (gone, finished, claimed by another worker, or its run not running)
     REFUSED = "refused"     # this machine lacks the run's device (`device_problem`): left queued for one that has it
     LOST = "lost"           # our claim was taken over while training; nothing written
 

@@ -131,6 +131,66 @@ def test_a_killed_driver_is_resumed(db_url, broker, workers, slow_toml):
     assert_learned_once(db_url, 1, 5)   # the asynchronous driver: no result learned from twice or lost
 
 
+# Fast evaluations, three kept queued: what `nos stop` leaves in the broker.
+QUEUED_TOML = """
+task = "digits"
+budget = 4
+update_every = 2
+in_flight = 3
+depth = 1
+seed = 5
+stale_after = 4.0
+heartbeat_every = 1.0
+
+[task_options]
+train_size = 300
+lrs = [0.01, 0.1]
+epochs = 1
+"""
+
+
+def drained(broker: str) -> bool:
+    """No message waiting in the `cpu` queue nor taken and not yet acknowledged, twice half a second apart."""
+    import redis
+
+    client = redis.Redis.from_url(broker)
+    for _ in range(2):
+        if client.llen("cpu") or client.hlen("unacked"):
+            return False
+        time.sleep(0.5)
+    return True
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_stopped_runs_queued_messages_wait_for_its_resume(db_url, broker, workers, tmp_path):
+    import redis
+
+    config = tmp_path / "queued.toml"
+    config.write_text(QUEUED_TOML)
+    # No worker yet: the driver's messages wait in Redis, as they would behind busy workers.
+    with driving("enqueue", "--config", str(config), "--db", db_url, "--broker", broker) as driver:
+        wait_for(lambda: sum(e.status == "queued" for e in run_rows(db_url, 1)) >= 3)
+        stop = nos("stop", "1", "--db", db_url)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        out, _ = driver.communicate(timeout=120)
+        assert driver.returncode == 0, out
+    before = run_rows(db_url, 1)
+    queued = {e.id for e in before if e.status == "queued"}
+    assert len(queued) >= 3 and all(e.status in ("queued", "rejected") for e in before)
+    assert redis.Redis.from_url(broker).llen("cpu") >= 1
+    workers.start("w1")   # takes every waiting message, and drops it: the run is stopped
+    wait_for(lambda: drained(broker), timeout=180, every=0.2)
+    after = run_rows(db_url, 1)
+    assert [(e.id, e.status, e.attempts, e.worker) for e in after] == \
+        [(e.id, e.status, e.attempts, e.worker) for e in before]
+    assert all(e.reward is None for e in after if e.id in queued)
+    resumed = nos("resume", "1", "--db", db_url, "--broker", broker)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_complete(db_url, 1, 4)
+    trained = [e for e in run_rows(db_url, 1) if e.id in queued]
+    assert all(e.status in ("done", "diverged", "cached") and e.attempts == 1 for e in trained)
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_detached_runs_are_driven_by_a_control_worker(db_url, broker, workers, slow_toml):
     workers.start("w1")

@@ -14,7 +14,7 @@ from nos.rules import parse
 from nos.store import open_store, resolve_url, upgrade
 from nos.store.evaluations import NewEvaluation, enqueue_batch, requeue_stale
 from nos.store.rules import RuleRecord, get_or_create_rules
-from nos.store.runs import create_run
+from nos.store.runs import create_run, set_run_status
 from nos.tasks import evaluate_rule
 from nos.work import Outcome, run_pack, task_for, task_key
 
@@ -75,6 +75,18 @@ run_pack(open_store(sys.argv[1]), int(sys.argv[2]), worker="doomed:1", pack=int(
 
 
 @pytest.mark.slow
+def test_a_stopped_runs_pack_is_left_queued(store, migrated_url):
+    config = SearchConfig(**{**TINY, "probe": False})
+    run_id, ids = _queue(store, config)
+    with store.transaction() as session:
+        set_run_status(session, run_id, "stopping")   # `nos stop` asked: its driver has not stopped yet
+    assert run_pack(store, ids[0], worker="host:1", pack=3) == {ids[0]: Outcome.SKIPPED}
+    assert {(r.status, r.attempts, r.worker) for r in run_rows(migrated_url, run_id)} == {("queued", 0, None)}
+    with store.transaction() as session:
+        set_run_status(session, run_id, "running")
+    assert set(run_pack(store, ids[0], worker="host:1", pack=3)) == set(ids[:3])
+
+
 def test_a_worker_killed_mid_pack_loses_nothing(sqlite_url):
     """All K claims of a killed worker go stale, are retaken, and finish."""
     upgrade(resolve_url(sqlite_url))

@@ -163,6 +163,37 @@ def test_max_attempts_stops_retaking(store):
         assert claim(session, ids[0], "w", STALE, max_attempts=2, now=t) is None
 
 
+def test_only_a_running_runs_evaluations_can_be_claimed(store):
+    # After `nos stop` (or the run's end) the messages still in the broker must not be trained.
+    run_id, ids = new_run_with_batch(store)
+    other, others = new_run_with_batch(store, name="other")
+    t0 = utcnow()
+    with store.transaction() as session:
+        assert claim(session, ids[1], "dead", STALE, now=t0) == 1   # stale later
+    for status in ("stopping", "stopped", "completed", "failed"):
+        with store.transaction() as session:
+            set_run_status(session, run_id, status)
+        with store.transaction() as session:
+            assert claim(session, ids[0], "w", STALE) is None, status
+            assert claim(session, ids[1], "w", STALE, now=t0 + 2 * STALE) is None, status
+    queued, stale = row(store, ids[0]), row(store, ids[1])
+    assert (queued.status, queued.attempts, queued.worker) == ("queued", 0, None)
+    assert (stale.status, stale.attempts, stale.worker) == ("running", 1, "dead")
+    with store.transaction() as session:   # the status is the evaluation's own run's, not any run's
+        assert claim(session, others[0], "w", STALE) == 1
+    with store.transaction() as session:   # `nos resume`: running again, its queue is taken again
+        set_run_status(session, run_id, "running")
+    with store.transaction() as session:
+        assert claim(session, ids[0], "w", STALE) == 1
+        assert claim(session, ids[1], "w", STALE, now=t0 + 2 * STALE) == 2
+    with store.transaction() as session:
+        set_run_status(session, other, "stopped")
+    with store.transaction() as session:   # a claim already held still commits: its worker finishes it
+        assert heartbeat(session, others[0], 1)
+        assert commit_result(session, others[0], 1, result(0.6))
+    assert row(store, others[0]).status == "done"
+
+
 def test_requeue_stale_requeues_or_gives_up(store):
     run_id, ids = new_run_with_batch(store)
     t0 = utcnow()

@@ -8,7 +8,8 @@ conditional UPDATE whose WHERE clause states who may make it, and whose row
 count says whether it happened:
 
 - `claim` takes a queued row, or a running row whose heartbeat went stale,
-  and bumps `attempts`; the new attempt number is the worker's ticket.
+  of a run that is `running`, and bumps `attempts`; the new attempt number
+  is the worker's ticket.
 - `heartbeat`, `commit_result` and `fail` act only while the row is still
   running under that ticket. A superseded worker is refused and writes nothing.
 
@@ -29,10 +30,11 @@ from sqlalchemy.orm import Session
 
 from ..records import EvaluationResult
 from ..redact import mask_credentials
-from .models import PENDING_STATUSES, TRAINED_STATUSES, Evaluation, LrTrial, Rule, utcnow
+from .models import PENDING_STATUSES, TRAINED_STATUSES, Evaluation, LrTrial, Rule, Run, utcnow
 
 evaluations = Evaluation.__table__
 lr_trials = LrTrial.__table__
+runs = Run.__table__
 
 
 @dataclass(frozen=True)
@@ -115,13 +117,19 @@ def claim(session: Session, evaluation_id: int, worker: str, stale_after: timede
     Takes it when queued, or when running but its heartbeat is older than
     `stale_after` (its worker is presumed dead). With `max_attempts`, a row
     that has used them all is left alone.
+
+    Only while its run is `running`: once `nos stop` is asked (`stopping`) or
+    the run has ended, the messages still in the broker are dropped untrained
+    and their evaluations stay queued, for `nos resume` to send again. The
+    run's status is read inside the same UPDATE: no window between reading it
+    and taking the row.
     """
     now = now or utcnow()
     takeable = or_(
         evaluations.c.status == "queued",
         and_(evaluations.c.status == "running", evaluations.c.heartbeat_at < now - stale_after),
     )
-    condition = and_(evaluations.c.id == evaluation_id, takeable)
+    condition = and_(evaluations.c.id == evaluation_id, takeable, _run_is_running())
     if max_attempts is not None:
         condition = and_(condition, evaluations.c.attempts < max_attempts)
     attempt = session.execute(
@@ -131,6 +139,12 @@ def claim(session: Session, evaluation_id: int, worker: str, stale_after: timede
         .returning(evaluations.c.attempts)
     ).scalar_one_or_none()
     return attempt
+
+
+def _run_is_running():
+    """EXISTS: the evaluation's run is `running` (correlated with the row being updated)."""
+    return select(runs.c.id).where(runs.c.id == evaluations.c.run_id, runs.c.status == "running") \
+        .correlate(evaluations).exists()
 
 
 def _held(evaluation_id: int, attempt: int):
