@@ -26,6 +26,11 @@ def fashion_mlp(inputs: int = 196, hidden: int = 64, classes: int = 10) -> nn.Mo
     return nn.Sequential(nn.Linear(inputs, hidden), nn.Sigmoid(), nn.Linear(hidden, classes))
 
 
+def softmax_regression(inputs: int, classes: int) -> nn.Module:
+    """The ill-conditioned child: one linear layer from `inputs` features to `classes` logits."""
+    return nn.Linear(inputs, classes)
+
+
 def paper_convnet(in_channels: int, image_size: int, filters: int = 32, classes: int = 10) -> nn.Module:
     """The paper's child: two 3x3 convolutions of 32 filters, each with batch norm and ReLU.
 

@@ -35,6 +35,12 @@ def _real(least: float, strict: bool = False) -> tuple[str, Callable[[Any], bool
     return (f"a finite number {'above' if strict else 'of at least'} {least:g}", ok)
 
 
+def _between(least: float, most: float) -> tuple[str, Callable[[Any], bool]]:
+    # Bounded so that 10 ** value stays a finite float32.
+    return (f"a number from {least:g} to {most:g}",
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and least <= v <= most)
+
+
 def _lrs_ok(value: Any) -> bool:
     return (isinstance(value, (list, tuple)) and 0 < len(value) <= MAX_LRS
             and all(_real(0.0, strict=True)[1](lr) for lr in value))
@@ -50,6 +56,10 @@ CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "split_seed": _whole(0, MAX_SEED),
     "hidden": _whole(1, MAX_HIDDEN),
     "dim": _whole(1, MAX_DIM),
+    "classes": _whole(2, MAX_HIDDEN),
+    "low": _between(-30.0, 30.0),
+    "high": _between(-30.0, 30.0),
+    "temperature": _real(0.0, strict=True),
     "condition": _real(1.0),
     "noise": _real(0.0),
     "explode": _real(0.0),

@@ -160,6 +160,51 @@ def quadratic(*, device: torch.device, data_dir=None, train_size: int | None = N
                 device=device, **protocol)
 
 
+def ill_conditioned(*, device: torch.device, data_dir=None, train_size: int | None = None, val_size: int = 8192,
+                    dim: int = 64, classes: int = 10, low: float = -2.0, high: float = 1.0, temperature: float = 0.5,
+                    split_seed: int = 0, **protocol: Any) -> Task:
+    """Softmax regression on synthetic features whose scales span three decades: 16,384 train, 8,192 val, 4,096 test.
+
+    Each example is z * s: z standard normal in `dim` dimensions, s running
+    from 10^low to 10^high. The label is drawn from a softmax teacher over z at
+    `temperature`, so every feature carries as much of the signal whatever its
+    scale, and the loss's curvature spans six decades. A rule must make
+    progress along the small-scale features in 80 large-batch steps (batch
+    2,048, 10 epochs, every rate trained to the end by halving): adaptive
+    rules do, momentum gets 10x more than SGD from the same stability limit,
+    and plain gradient scaling crawls. Chosen by measurement
+    (benchmarks/separation.py, docs/tasks.md): SGD, momentum, RMSProp, Adam
+    and PowerSign land more than 3 standard deviations of seed noise apart,
+    and a third of a second to two thirds an evaluation on one CPU thread.
+    """
+    n_train, n_test = train_size or 16384, 4096
+    total = n_train + val_size + n_test
+    if total * dim > MAX_SYNTHETIC_NUMBERS:
+        raise ValueError(f"ill-conditioned's data would hold {total * dim:,} numbers; keep it under "
+                         f"{MAX_SYNTHETIC_NUMBERS:,}")
+    if not low <= high:
+        raise ValueError(f"low must not exceed high, got low={low}, high={high}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    teacher = torch.randn(dim, classes, generator=torch.Generator().manual_seed(1000 * split_seed))
+    scales = torch.logspace(low, high, dim)
+
+    def examples(count: int, stream: int) -> tuple[Tensor, Tensor]:
+        # Each split draws from its own stream, so train_size never changes the validation or test examples.
+        gen = torch.Generator().manual_seed(1000 * split_seed + stream)
+        z = torch.randn(count, dim, generator=gen)
+        logits = z @ teacher / temperature / math.sqrt(dim)
+        # Gumbel-max: one draw from softmax(logits) per example.
+        gumbel = -torch.log(-torch.log(torch.rand(count, classes, generator=gen).clamp_min(1e-12)))
+        return z * scales, (logits + gumbel).argmax(1)
+
+    arrays = (*examples(n_train, 1), *examples(val_size, 2), *examples(n_test, 3))
+    for knob, value in (("batch_size", 2048), ("sweep_epochs", 10), ("epochs", 10), ("sweep", "halving")):
+        protocol.setdefault(knob, value)
+    return Task("ill-conditioned", _splits(arrays, device), lambda: networks.softmax_regression(dim, classes),
+                Accuracy(), device=device, **protocol)
+
+
 def rosenbrock(*, device: torch.device, data_dir=None, train_size: int | None = None, dim: int = 2, split_seed: int = 0,
                **protocol: Any) -> Task:
     """The Rosenbrock function from (-1.2, 1); score 1 / (1 + f(w)). An epoch is train_size steps (default 100).
@@ -181,6 +226,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "fashion-mlp": fashion_mlp,
     "cifar10": cifar10,
     "quadratic": quadratic,
+    "ill-conditioned": ill_conditioned,
     "rosenbrock": rosenbrock,
 }
 
