@@ -28,7 +28,7 @@ def default_workers() -> int:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    task: str = "digits"                   # child task: digits, fashion-mnist, cifar10, quadratic, rosenbrock
+    task: str = "digits"                   # child task: `nos tasks` lists them
     searcher: str = "ppo"                  # ppo, reinforce, random or evolution
     budget: int = 200                      # evaluations trained or answered from the cache (rejections are free)
     update_every: int = 5                  # counted results per controller update

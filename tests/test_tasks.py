@@ -58,6 +58,37 @@ def test_digits_splits_partition_the_data_and_subsample():
     assert torch.equal(small.splits.val_x, task.splits.val_x)
 
 
+def test_ill_conditioned_features_span_three_decades_and_splits_stay_put():
+    task = get_task("ill-conditioned")
+    s = task.splits
+    assert s.sizes == {"train": 16384, "val": 8192, "test": 4096}
+    spread = s.train_x.std(0)
+    assert 0.008 < spread[0] < 0.012 and 8 < spread[-1] < 12   # scales 10^-2 ... 10^1
+    assert set(s.train_y.unique().tolist()) == set(range(10))
+    assert task.batch_size == 2048 and (task.sweep_epochs, task.epochs, task.sweep) == (10, 10, "halving")
+    small = get_task("ill-conditioned", train_size=4096)
+    assert small.splits.sizes["train"] == 4096
+    assert torch.equal(small.splits.val_x, s.val_x) and torch.equal(small.splits.test_y, s.test_y)
+    assert torch.equal(get_task("ill-conditioned").splits.train_x, s.train_x)   # the same data every build
+    assert not torch.equal(get_task("ill-conditioned", split_seed=1).splits.val_x, s.val_x)
+
+
+@pytest.mark.parametrize("options", [{"temperature": 0}, {"low": 2.0, "high": 1.0}, {"classes": 1},
+                                     {"high": 1e9}, {"train_size": 1000}])
+def test_ill_conditioned_refuses_bad_options(options):
+    with pytest.raises(ValueError):
+        get_task("ill-conditioned", **options)
+
+
+def test_ill_conditioned_orders_plain_momentum_and_adaptive_rules():
+    """What the task is for: on one seed, SGD < momentum < Adam by margins several times the seed noise."""
+    from nos.tasks import evaluate_rule
+
+    task = get_task("ill-conditioned")
+    sgd, momentum, adam = (evaluate_rule(rule, task, seed=0).reward for rule in ("sgd", "momentum", "adam"))
+    assert sgd + 0.02 < momentum and momentum + 0.05 < adam, (sgd, momentum, adam)
+
+
 def test_config_key_is_stable_and_tracks_options():
     assert get_task("digits").config_key() == get_task("digits").config_key()
     assert get_task("digits").config_key() != get_task("digits", lrs=[0.1]).config_key()
