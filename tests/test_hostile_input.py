@@ -417,7 +417,8 @@ def test_infinite_learning_rates(args, message):
     (b"[task_options]\nbogus = 1\n", "unknown option 'bogus' for task digits; it takes: batch_size, data_dir"),
     (b"[task_options]\ntrain_size = 'many'\n", "task option train_size must be a whole number"),
     (b"task = 'quadratic'\n[task_options]\ntrain_size = 9000000\ndim = 100\n", "quadratic's data would hold"),
-    (b"task = 'ill-conditioned'\n[task_options]\ntemperature = 0\n", "task option temperature must be a finite number above 0"),
+    (b"task = 'ill-conditioned'\n[task_options]\ntemperature = 0\n",
+     "task option temperature must be a finite number above 0"),
     (b"task = 'ill-conditioned'\n[task_options]\nhigh = 1e9\n", "task option high must be a number from -30 to 30"),
 ])
 def test_config_messages_name_the_key(marked_up, tmp_path, content, message):
