@@ -94,7 +94,7 @@ class SearchConfig:
     def from_dict(cls, data: dict[str, Any]) -> "SearchConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"a config is a table of keys, got {type(data).__name__}")
-        data = _renamed_keys(_renamed(data))
+        data = _renamed_keys(data)
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -125,30 +125,23 @@ class SearchConfig:
 
 
 # Keys read under an earlier name (runs store their config, users keep their files): old -> new.
-RENAMED_KEYS = {"controller": "hyperparameters"}
+RENAMED_KEYS = {"controller": "hyperparameters", "batch_size": "update_every"}
 
 
 def _renamed_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """`data` with each earlier key under its present name; both names at once is an error."""
+    """`data` with each earlier key under its present name; both names at once is an error.
+
+    A config that says `batch_size` was written before `update_every` replaced it, when the
+    synchronous driver was the only one: its checkpoints are the synchronous driver's, so it
+    resumes synchronously.
+    """
     both = [old for old, new in RENAMED_KEYS.items() if old in data and new in data]
     if both:
-        raise ConfigError("; ".join(f"{old} and {RENAMED_KEYS[old]} are one key (give it once, "
-                                    f"as {RENAMED_KEYS[old]})" for old in both))
-    return {RENAMED_KEYS.get(key, key): value for key, value in data.items()}
-
-
-def _renamed(data: dict[str, Any]) -> dict[str, Any]:
-    """A config written before `update_every` replaced `batch_size`, in today's keys.
-
-    Such a config was stored by a run of the synchronous driver, the only one there was then,
-    and its checkpoints are the synchronous driver's: it resumes synchronously.
-    """
-    if "batch_size" not in data:
-        return data
-    if "update_every" in data:
-        raise ConfigError("batch_size is the old name of update_every: give one of them")
-    renamed = {("update_every" if key == "batch_size" else key): value for key, value in data.items()}
-    renamed.setdefault("synchronous", True)
+        raise ConfigError("; ".join(f"{old} is the old name of {RENAMED_KEYS[old]}: give one of them"
+                                    for old in both))
+    renamed = {RENAMED_KEYS.get(key, key): value for key, value in data.items()}
+    if "batch_size" in data:
+        renamed.setdefault("synchronous", True)
     return renamed
 
 

@@ -209,7 +209,7 @@ BAD_CONFIGS = [
     (b"\x00\xff\xfe\x89PNG binary", "is not UTF-8 text"),
     (b"[hyperparameters]\nhidden = -1\n", "hyperparameters.hidden must be a whole number from 1 to 4,096, got -1"),
     (b"controller = {hidden = -1}\n", "hyperparameters.hidden must be a whole number"),   # the earlier name
-    (b"controller = {}\n[hyperparameters]\n", "controller and hyperparameters are one key"),
+    (b"controller = {}\n[hyperparameters]\n", "controller is the old name of hyperparameters: give one of them"),
     (b"seed = 99999999999999999999\n", "seed must be a whole number from 0 to 4,294,967,295"),
     (b"stale_after = nan\n", "stale_after must be a number of seconds above 0"),
     (b"stale_after = 1e308\n", "stale_after must be a number of seconds above 0"),
