@@ -19,6 +19,9 @@ the jobs and by later invocations; benchmarks/memo/ keeps them in the repository
 checkout replays a landscape instead of training it again: delete a memo when the protocol
 changes, docs/changelog.md), as a run's database cache would: a rule is trained once,
 whoever proposes it. A killed benchmark restarted with the same memo replays what it had.
+A rule's reward is exact on one machine but can differ on a CPU with other vector
+instructions (entries record theirs as "cpu"), so a replay that must train rules the memo
+lacks may follow another path than the recorded run did.
 With --pack K the new rules of a step train together, up to K at a time (`nos.tasks.packed`,
 as a packed worker does: equal to one at a time within rounding, and faster for MLP children
 on the CPU, docs/benchmarks.md).
@@ -52,6 +55,11 @@ from nos.rules.builtins import BUILTINS
 from nos.search import make_searcher
 from nos.tasks import evaluate_rule, get_task
 from nos.tasks.packed import evaluate_rules
+
+# torch's CPU kernels round differently on different instruction sets (AVX-512, AVX2), and a
+# chaotic rule amplifies that into a different reward: a memo entry and a run say where they
+# were computed, so a replay that drifts from a recorded run can be traced (docs/benchmarks.md).
+CPU = torch.backends.cpu.get_cpu_capability()
 
 DEFAULT_CONFIGS = ("ppo", "ppo warm_start=builtins", "reinforce", "reinforce warm_start=builtins", "random",
                    "evolution", "evolution warm_start=none")
@@ -113,7 +121,8 @@ class Memo:
         if fingerprint:
             self.by_fingerprint[fingerprint] = reward
         with open(self.path, "a") as f:
-            f.write(json.dumps({"text": text, "fingerprint": fingerprint, "reward": reward, "test": test}) + "\n")
+            f.write(json.dumps({"text": text, "fingerprint": fingerprint, "reward": reward, "test": test,
+                                "cpu": CPU}) + "\n")
 
 
 def search(job: tuple) -> dict:
@@ -150,7 +159,7 @@ def search(job: tuple) -> dict:
     print(f"{label} seed {seed}: last-200 mean {statistics.mean(rewards[-200:]):.3f}, best {max(rewards):.3f}, "
           f"{trained} trained here, {seconds:.0f} s", flush=True)
     return {"label": label, "seed": seed, "rewards": rewards, "texts": texts, "rejected": rejected,
-            "trained": trained, "seconds": seconds}
+            "trained": trained, "seconds": seconds, "cpu": CPU}
 
 
 def train_new(proposals, verdicts, task, child_seed: int, memo: Memo, pack: int) -> int:
@@ -186,7 +195,7 @@ def summary(label: str, runs: list[dict], threshold: float) -> str:
         " ".join(f"{x:.2f}" for x in last),
         _mean_sd(middle) if middle else "-",
         _mean_sd([max(r["rewards"]) for r in runs]),
-        f"{statistics.mean(sum(x >= threshold for x in r['rewards']) for r in runs):.1f}",
+        f"{statistics.mean(sum(x >= threshold for x in r['rewards']) for r in runs):.0f}",
         f"{statistics.mean(len(set(r['texts'])) for r in runs):.0f}",
         f"{statistics.mean(r['rejected'] / len(r['rewards']) for r in runs):.2f}",
         f"{statistics.mean(r['seconds'] for r in runs):.0f}",
