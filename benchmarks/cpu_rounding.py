@@ -12,11 +12,12 @@ the same rule differently, and a benchmark memo filled on several machines mixes
 This script measures it on this machine: the built-ins and the first `--rules` rules of a
 searchers.py memo with rewards above 0.3 (so that they train), each evaluated in a process with
 torch's own choice of kernels and in one limited to `--capability` (ATEN_CPU_CAPABILITY).
-It prints how many rewards differ and by how much, and how many of `--probes` rules from the
-memo get another fingerprint from the probe (and how many differ from those the memo stored,
-computed on whatever machine first trained them) (nos.rules.fingerprint: the key the caches answer
-by, hashed from the probe's float64 updates rounded to float32). Only torch's own kernels are switched;
-its matrix-multiply library may choose by CPU model too, so two real machines can differ more.
+It prints how many rewards differ and by how much. It also probes the memo's first `--probes`
+rules under both (nos.rules.fingerprint: the key the caches answer by, hashed from the probe's
+float64 updates rounded to float32) and counts the fingerprints that differ between the two,
+and those that differ from the ones the memo stored, which were computed on whatever machine
+first trained each rule. Only torch's own kernels are switched; its matrix-multiply library
+may choose by CPU model too, so two real machines can differ more.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from searchers import memo_path  # benchmarks/ is this script's folder, first on sys.path
 
 STANDARD = ["sgd", "momentum", "adam", "rmsprop", "powersign"]
 
@@ -71,7 +74,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(rewards_here(args.child, *json.loads(sys.stdin.read()))))
         return
-    memo = Path(args.memo or Path(__file__).parent / "memo" / f"{args.task}-child0.jsonl")
+    memo = Path(args.memo) if args.memo else memo_path(args.task, {}, 0)
     entries = [json.loads(line) for line in memo.read_text().splitlines()]
     trained = [e["text"] for e in entries if e["reward"] > 0.3]
     rules = STANDARD + trained[:args.rules]   # the memo only grows: its first rules stay the same
@@ -87,12 +90,11 @@ def main() -> None:
         differences.append(abs(a - b))
         if rule in STANDARD or a != b:
             print(f"| `{rule}` | {a:.4f} | {b:.4f} |")
-    moved = [d for d in differences if d > 0]
-    print(f"\n{len(moved)} of {len(rules)} rewards differ; mean |difference| {statistics.mean(differences):.4f}, "
-          f"largest {max(differences):.4f}")
-    moved = [rule for rule, a, b in zip(probed, native["fingerprints"], limited["fingerprints"]) if a != b]
-    print(f"{len(moved)} of {len(probed)} fingerprints differ between the two" +
-          "".join(f"\n  `{rule}`" for rule in moved))
+    print(f"\n{sum(d > 0 for d in differences)} of {len(rules)} rewards differ; "
+          f"mean |difference| {statistics.mean(differences):.4f}, largest {max(differences):.4f}")
+    switched = [rule for rule, a, b in zip(probed, native["fingerprints"], limited["fingerprints"]) if a != b]
+    print(f"{len(switched)} of {len(probed)} fingerprints differ between the two" +
+          "".join(f"\n  `{rule}`" for rule in switched))
     # The memo's fingerprints were computed wherever its rules were first trained: another machine's rounding.
     elsewhere = [e["text"] for e, here in zip(stored, native["fingerprints"]) if e["fingerprint"] != here]
     print(f"{len(elsewhere)} of {len(stored)} fingerprints stored in the memo differ from this machine's" +
