@@ -12,44 +12,86 @@
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, build/gpu-carry carried along
 #   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh      # here: every step on the CPU, tiny, this venv
+#   GPU_CHECK_STEPS="cuda-tests gpu-pack" bash benchmarks/gpu_check.sh   # only those steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-CARRY=$ROOT/build/gpu-carry
+CARRY=${GPU_CARRY:-$ROOT/build/gpu-carry}
 WORK=$(mktemp -d /tmp/nos-gpu-check.XXXXXX)
 LOGS=${OUT:-$WORK}
 mkdir -p "$LOGS"
+STEPS=$LOGS/steps.log   # every step's whole log, one after another: few files travel back from a GPU machine
 PORT=${GPU_CHECK_REDIS_PORT:-6391}
 SUMMARY=()
 
-if [[ -n "${GPU_CHECK_DRY:-}" ]]; then   # the CPU, tiny sizes, this checkout's venv: the plumbing, not the figures
+# install: a venv beside the machine's own packages (torch above all), the carried wheels in it, nos editable.
+install() {
+  local base=${GPU_CHECK_PYTHON:-python3}
+  VENV=$ROOT/build/gpu-venv
+  rm -rf "$VENV"
+  # --without-pip: the base's ensurepip may be missing; the base's own pip installs into the venv below.
+  "$base" -m venv --system-site-packages --without-pip "$VENV" || return 1
+  PY=$VENV/bin/python
+  # python3 may itself be a venv (it is on the GPU machines): a nested venv's --system-site-packages
+  # reaches the interpreter's installation, not that venv, so name the base's own folders in a .pth file.
+  "$base" -c 'import site; print("\n".join(site.getsitepackages()))' \
+    >"$("$PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/gpu_check_base.pth" || return 1
+  "$PY" -c "import torch, pip" || return 1
+  # By name, not by file: what the machine already has at a fitting version stays as it is.
+  "$PY" -m pip install --quiet --disable-pip-version-check --no-index --find-links "$CARRY/wheels" \
+    sqlalchemy alembic 'celery[redis]' redis 'setuptools>=64' wheel || return 1
+  "$PY" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --no-build-isolation -e . \
+    || return 1
+  "$PY" -c "import nos.cli.main, nos.store, celery, torch; print('nos', nos.__version__, 'torch', torch.__version__)"
+}
+
+if [[ -n "${GPU_CHECK_DRY:-}" ]]; then   # the CPU, tiny sizes: the plumbing, not the figures
   DEVICE=cpu
-  PY=${PYTHON:-$ROOT/.venv/bin/python}
   PACK_FLAGS=(--device cpu --train-size 256 --val-size 64 --batch 32 --epochs 1 --packs 1,2 --max-pack 2)
   SWEEP_FLAGS=(--device cpu --train-size 256 --epochs 1 --rules sgd)
   STEP_FLAGS=(--device cpu --repeats 2 --no-compile)
 else
   DEVICE=cuda
-  VENV=$ROOT/build/gpu-venv
-  python3 -m venv --system-site-packages "$VENV"
-  PY=$VENV/bin/python
-  "$PY" -m pip install --quiet --no-index --find-links "$CARRY/wheels" "$CARRY"/wheels/*.whl
-  "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
-  PACK_FLAGS=(--device cuda --seconds 140)
+  PACK_FLAGS=(--device cuda --seconds 150)
   SWEEP_FLAGS=(--device cuda --rules powersign)
   STEP_FLAGS=(--device cuda --repeats 30)
 fi
+# A rerun may narrow the tests (GPU_CHECK_TESTS="-k compiled") or change the packs (GPU_PACK_FLAGS="...").
+read -ra TEST_FLAGS <<<"${GPU_CHECK_TESTS:-}"
+[[ -n "${GPU_PACK_FLAGS:-}" ]] && read -ra PACK_FLAGS <<<"$GPU_PACK_FLAGS"
+if [[ -n "${GPU_CHECK_DRY:-}" && -z "${GPU_CHECK_PYTHON:-}" ]]; then
+  PY=${PYTHON:-$ROOT/.venv/bin/python}   # the dry run's quick form: this checkout's venv as it is
+else
+  {
+    echo "== machine"
+    uname -a; nvidia-smi -L 2>&1; df -h /tmp | tail -n 1
+    echo "== install"
+  } >>"$STEPS" 2>&1
+  if ! install >>"$STEPS" 2>&1; then
+    echo "install failed:" >&2
+    tail -n 30 "$STEPS" >&2
+    exit 1
+  fi
+fi
 export NOS_DB_URL=sqlite:///$WORK/check.db
+
+# GPU_CHECK_STEPS="gpu-pack optimizer-step" runs only those steps (a rerun on scarce GPU time).
+wanted() { [[ -z "${GPU_CHECK_STEPS:-}" || " $GPU_CHECK_STEPS " == *" $1 "* ]]; }
 
 # step NAME SECONDS COMMAND...: runs it with a time limit, logs it, records pass or fail in the summary.
 step() {
   local name=$1 limit=$2
   shift 2
+  wanted "$name" || return 0
   local start=$SECONDS
   echo "== $name" >&2
-  timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  echo "== $name" >>"$STEPS"
+  # Into steps.log as it goes: a call cut short still brings back what the step had printed.
+  timeout --kill-after=10 "$limit" "$@" > >(tee "$WORK/$name.log" >>"$STEPS") 2>&1
   local rc=$?
-  tail -n 25 "$LOGS/$name.log" >&2
+  sleep 0.2   # the tee's last lines
+  echo "== $name: exit $rc" >>"$STEPS"
+  tail -n 25 "$WORK/$name.log" >&2
   local verdict=ok
   [[ $rc -eq 124 ]] && verdict="timed out (${limit} s)"
   [[ $rc -ne 0 && $rc -ne 124 ]] && verdict="failed (exit $rc)"
@@ -61,15 +103,15 @@ redis_up() {
   if [[ -n "${GPU_CHECK_DRY:-}" && ! -x $dir/usr/bin/redis-server ]]; then
     dir=""   # here: this machine's redis-server, if the carry folder was not made
   fi
-  LD_LIBRARY_PATH=${dir:+$dir/usr/lib/x86_64-linux-gnu} "${dir:+$dir/usr/bin/}redis-server" \
+  LD_LIBRARY_PATH=${dir:+$dir/usr/lib/x86_64-linux-gnu:$dir/lib/x86_64-linux-gnu} "${dir:+$dir/usr/bin/}redis-server" \
     --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" --daemonize no \
-    >"$LOGS/redis.log" 2>&1 &
+    >"$WORK/redis.log" 2>&1 &
   REDIS_PID=$!
   for _ in $(seq 50); do
     "$PY" -c "import redis, sys; redis.Redis(port=$PORT).ping()" 2>/dev/null && return 0
     sleep 0.2
   done
-  echo "redis did not start: $(tail -n 3 "$LOGS/redis.log")" >&2
+  echo "redis did not start: $(tail -n 3 "$WORK/redis.log")" >&2
   return 1
 }
 
@@ -80,8 +122,9 @@ celery_search() {
   local db=sqlite:///$WORK/celery.db broker=redis://127.0.0.1:$PORT/0 queue=cpu
   [[ $DEVICE == cuda ]] && queue=gpu
   nos db upgrade --db "$db" || return 1
-  nos worker --queues $queue --device "$DEVICE" --pack 2 --concurrency 1 --db "$db" --broker "$broker" \
-    >"$LOGS/celery-worker.log" 2>&1 &
+  # exec: $! is the worker itself, not a subshell around it, so that the TERM below reaches it.
+  (exec "$PY" -m nos.cli.main worker --queues $queue --device "$DEVICE" --pack 2 --concurrency 1 --db "$db" \
+    --broker "$broker" >"$WORK/celery-worker.log" 2>&1) &
   local worker=$!
   # shellcheck disable=SC2086  # SEARCH is words without spaces
   nos enqueue --db "$db" --broker "$broker" --device "$DEVICE" $SEARCH --name celery
@@ -94,21 +137,27 @@ export -f nos celery_search
 export PY DEVICE WORK PORT LOGS
 export SEARCH="--task digits --train-size 300 --searcher random --budget 4 --update-every 2 --pack 2"
 
-if "$PY" -c "import pytest" 2>/dev/null; then
-  step cuda-tests 80 "$PY" -m pytest -q --noconftest -p no:cacheprovider tests/test_cuda.py
+if ! wanted cuda-tests; then
+  :
+elif "$PY" -c "import pytest" 2>/dev/null; then
+  step cuda-tests 100 "$PY" -m pytest -q -rs --durations=5 --noconftest -p no:cacheprovider tests/test_cuda.py \
+    ${TEST_FLAGS[@]+"${TEST_FLAGS[@]}"}
 else
   echo "pytest is not installed for $PY: tests/test_cuda.py skipped" >&2
   SUMMARY+=("| cuda-tests     | skipped: no pytest     |     0 s |")
 fi
-step gpu-sweep 60 "$PY" benchmarks/gpu_sweep.py "${SWEEP_FLAGS[@]}"
+step gpu-sweep 50 "$PY" benchmarks/gpu_sweep.py "${SWEEP_FLAGS[@]}"
 step gpu-pack 170 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --out "$LOGS/gpu-pack.md"
-step optimizer-step 60 "$PY" benchmarks/optimizer_step.py "${STEP_FLAGS[@]}"
+step optimizer-step 150 "$PY" benchmarks/optimizer_step.py "${STEP_FLAGS[@]}"
 nos db upgrade >/dev/null
 # shellcheck disable=SC2086
 step local-search 45 "$PY" -m nos.cli.main enqueue --device "$DEVICE" --workers 1 $SEARCH --name local
-if redis_up; then
+if ! wanted celery-search; then
+  :
+elif redis_up; then
   step celery-search 55 bash -c celery_search
   kill "$REDIS_PID" 2>/dev/null
+  { echo "== celery worker"; cat "$WORK/celery-worker.log"; echo "== redis"; cat "$WORK/redis.log"; } >>"$STEPS" 2>&1
 else
   SUMMARY+=("| celery-search  | skipped: no redis      |     0 s |")
 fi
@@ -122,6 +171,6 @@ fi
   echo
   [[ -f $LOGS/gpu-pack.md ]] && cat "$LOGS/gpu-pack.md"
   echo
-  grep -E "evaluations per hour" "$LOGS/gpu-sweep.log" 2>/dev/null
-  grep -E "^(optimizer|torch Adam|nos (adam|powersign))" "$LOGS/optimizer-step.log" 2>/dev/null
+  grep -E "evaluations per hour" "$WORK/gpu-sweep.log" 2>/dev/null
+  grep -E "^(optimizer|torch Adam|nos (adam|powersign))|failed:" "$WORK/optimizer-step.log" 2>/dev/null
 } | tee "$LOGS/summary.md"

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${GPU_PYTHON:-3.12}
-OUT=build/gpu-carry
+OUT=${GPU_CARRY:-build/gpu-carry}
 PIP=${PIP:-.venv/bin/pip}
 rm -rf "$OUT" && mkdir -p "$OUT/wheels" "$OUT/debs" "$OUT/redis"
 
@@ -17,11 +17,16 @@ rm -rf "$OUT" && mkdir -p "$OUT/wheels" "$OUT/debs" "$OUT/redis"
   --platform manylinux2014_x86_64 --platform any -c constraints.txt -d "$OUT/wheels" \
   sqlalchemy alembic 'celery[redis]' redis setuptools wheel
 
-# Redis from Debian, unpacked: gpu_check.sh runs it from this folder with its libraries beside it.
+# Redis from Debian, unpacked: gpu_check.sh runs it from this folder with its libraries beside it,
+# all but the C library and libstdc++, which any machine that runs torch has.
 chmod a+rwx "$OUT/debs"   # apt fetches as its own user
-(cd "$OUT/debs" && apt-get download redis-server redis-tools liblzf1 libjemalloc2 >/dev/null)
+(cd "$OUT/debs" && apt-get download redis-server redis-tools liblzf1 libjemalloc2 libatomic1 libssl3 \
+  libsystemd0 libcap2 libgcrypt20 libgpg-error0 liblzma5 libzstd1 liblz4-1 >/dev/null)
 for deb in "$OUT"/debs/*.deb; do dpkg -x "$deb" "$OUT/redis"; done
-rm -rf "$OUT/debs"
+rm -rf "$OUT/debs" "$OUT"/redis/{etc,usr/share,usr/lib/x86_64-linux-gnu/{engines-3,ossl-modules}} \
+  "$OUT"/redis/usr/bin/redis-{benchmark,check-aof}   # what travels is size-limited
+# redis-server is a link to redis-check-rdb (one binary, its role read from its name): make it the file.
+mv -f "$OUT/redis/usr/bin/redis-check-rdb" "$OUT/redis/usr/bin/redis-server"
 
 du -sh "$OUT" "$OUT"/wheels "$OUT"/redis
 ls "$OUT/wheels"

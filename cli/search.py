@@ -95,7 +95,7 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
 @click.option("--in-flight", type=int, help="Evaluations the asynchronous driver keeps queued or running "
                                             "[workers x pack + max(2, pack, an eighth of that)].")
 @click.option("--pack", type=int, help="Queued evaluations of one task key a local worker claims and trains "
-                                       "together, as one stacked network [1].")
+                                       "together, as one stacked network [32 on cuda, else 1].")
 @click.option("--warm-start", type=click.Choice(["builtins", "none"]),
               help="Start the searcher from the built-in rules [builtins for evolution, none otherwise].")
 @click.option("--depth", type=click.IntRange(1, 3), help="Rule depth: 1, 2 or 3 [2].")

@@ -41,8 +41,9 @@ def _check_device(device: str | None, queues: list[str]) -> None:
               help="Comma-separated queues to take work from: cpu, gpu, control.")
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
               help="Evaluations trained at once (worker processes).")
-@click.option("--pack", type=click.IntRange(1, 1024), default=1, show_default=True,
-              help="Queued evaluations of one task key each process claims and trains together.")
+@click.option("--pack", type=click.IntRange(1, 1024),
+              help="Queued evaluations of one task key each process claims and trains together "
+                   "[the run's pack: 32 on cuda, else 1].")
 @device_option(None, unset="the run's device")
 @click.option("--name", default=None, help="Worker name [nos-QUEUES@HOST].")
 @db_option
@@ -68,7 +69,8 @@ def worker_command(queues, concurrency, pack, device, name, db_url, broker_url) 
     os.environ[URL_ENV_VAR] = url.render_as_string(hide_password=False)
     if device:
         os.environ[DEVICE_ENV_VAR] = device
-    os.environ[PACK_ENV_VAR] = str(pack)
+    if pack:
+        os.environ[PACK_ENV_VAR] = str(pack)
     app.conf.broker_url = broker_url
     hostname = name or f"nos-{'-'.join(wanted)}@{socket.gethostname()}"
     app.worker_main(["worker", "--loglevel=INFO", "-Q", ",".join(wanted), "-c", str(concurrency),

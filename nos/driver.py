@@ -348,7 +348,7 @@ def make_executor(store: Store, config: SearchConfig, broker_url: str | None) ->
     from .executors import LocalExecutor
 
     return LocalExecutor(store.url.render_as_string(hide_password=False), config.workers, config.device,
-                         config.pack)
+                         config.pack_size)
 
 
 def one_thread() -> None:

@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .beat import Beat
-from .config import SearchConfig
+from .config import SearchConfig, default_pack
 from .devices import device_problem
 from .records import EvaluationResult
 from .store import Store, claim, commit_result, fail, find_cached, get_evaluation, get_run, heartbeat, utcnow
@@ -87,13 +87,16 @@ class Claim:
 
 
 def run_evaluation(store: Store, evaluation_id: int, *, worker: str | None = None,
-                   device: str | None = None, pack: int = 1) -> Outcome:
-    """Claim, train and commit one evaluation (and up to `pack - 1` companions); what happened to it."""
+                   device: str | None = None, pack: int | None = 1) -> Outcome:
+    """Claim, train and commit one evaluation (and up to `pack - 1` companions); what happened to it.
+
+    `pack` None: the run's (its config's `pack_size`, or the default for `device` where one is given).
+    """
     return run_pack(store, evaluation_id, worker=worker, device=device, pack=pack)[evaluation_id]
 
 
 def run_pack(store: Store, evaluation_id: int, *, worker: str | None = None, device: str | None = None,
-             pack: int = 1) -> dict[int, Outcome]:
+             pack: int | None = 1) -> dict[int, Outcome]:
     """Claim `evaluation_id` and up to `pack - 1` queued companions, train them together, commit each.
 
     Returns each evaluation's outcome, by id; `evaluation_id` is always among them.
@@ -105,6 +108,9 @@ def run_pack(store: Store, evaluation_id: int, *, worker: str | None = None, dev
             return {evaluation_id: first}
         outcomes: dict[int, Outcome] = {}
         claims = [first]
+        if pack is None:   # the run's pack, else the default for the device this worker trains on
+            config = first.config
+            pack = config.pack if config.pack is not None else default_pack(device or config.device)
         for companion in _companions(session, first, pack - 1):
             taken = _claim_or_answer(session, companion, worker, device, now)
             if isinstance(taken, Claim):
@@ -121,12 +127,15 @@ def _settle(store: Store, claims: list[Claim], device: str | None) -> dict[int, 
     except ClaimLost:
         return {c.evaluation_id: Outcome.LOST for c in claims}
     except Exception as exc:  # the evaluation's error is stored; the worker lives on
-        if len(claims) > 1:   # one rule's error must not fail the others: each trains alone
-            return {i: outcome for c in claims for i, outcome in _settle(store, [c], device).items()}
-        with store.transaction() as session:
-            fail(session, claims[0].evaluation_id, claims[0].attempt, _short_traceback(exc))
-        return {claims[0].evaluation_id: Outcome.FAILED}
-    return {c.evaluation_id: _commit(store, c, result) for c, result in zip(claims, results)}
+        failure = _short_traceback(exc)
+    else:
+        return {c.evaluation_id: _commit(store, c, result) for c, result in zip(claims, results)}
+    # Out of the except clause: the traceback, and with it the pack's tensors (GPU memory), is gone.
+    if len(claims) > 1:   # one rule's error (or a pack too big for the GPU) must not fail the others
+        return {i: outcome for c in claims for i, outcome in _settle(store, [c], device).items()}
+    with store.transaction() as session:
+        fail(session, claims[0].evaluation_id, claims[0].attempt, failure)
+    return {claims[0].evaluation_id: Outcome.FAILED}
 
 
 def _companions(session: Session, first: Claim, n: int) -> list[int]:

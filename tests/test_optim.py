@@ -201,12 +201,40 @@ def test_foreach_step_equals_per_tensor_step(tree):
 
 
 @pytest.mark.slow
-def test_compiled_step_matches_eager():
+@pytest.mark.parametrize("rule, compile", [
+    ("powersign-ld", True), ("powersign-ld", {}), ("powersign-ld", {"mode": "reduce-overhead"})],
+    ids=["combo", "inductor-defaults", "cudagraphs-mode"])
+def test_compiled_step_matches_eager(rule, compile):
     eager, compiled = small_convnet(), small_convnet()
-    train(eager, SymbolicOptimizer(eager.parameters(), "powersign-ld", lr=0.01, total_steps=6), 6)
-    opt = SymbolicOptimizer(compiled.parameters(), "powersign-ld", lr=0.01, total_steps=6, compile=True)
+    train(eager, SymbolicOptimizer(eager.parameters(), rule, lr=0.01, total_steps=6), 6)
+    opt = SymbolicOptimizer(compiled.parameters(), rule, lr=0.01, total_steps=6, compile=compile)
     train(compiled, opt, 6)
     torch.testing.assert_close(flat(compiled), flat(eager), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_adam_matches_eager_adam():
+    # Random unit gradients: a convnet's tiny ones make Adam's first steps hang on rounding (m / sqrt(v)).
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(s, generator=gen) for s in [(40, 30), (30,), (8, 3, 3, 3)]]
+    eager, compiled = ([w.clone().requires_grad_() for w in weights] for _ in range(2))
+    optimizers = [SymbolicOptimizer(ws, "adam", lr=1e-2, compile=flag)
+                  for ws, flag in ((eager, False), (compiled, True))]
+    for _ in range(5):
+        for e, c in zip(eager, compiled):
+            e.grad = c.grad = torch.randn(e.shape, generator=gen)
+        for opt in optimizers:
+            opt.step()
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c.detach(), e.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_compile_takes_true_false_or_torch_compiles_arguments():
+    w = torch.zeros(3, requires_grad=True)
+    with pytest.raises(TypeError, match="compile must be True, False or a dict"):
+        SymbolicOptimizer([w], "sgd", compile="yes")
+    with pytest.raises(ValueError, match="per-slice rates need the foreach step"):
+        SymbolicOptimizer([w], "sgd", compile={"mode": "default"}, rates=torch.ones(3))
 
 
 @pytest.mark.parametrize("rule", ["powersign", "adam", "g * ld"])

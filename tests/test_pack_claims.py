@@ -53,6 +53,25 @@ def test_a_pack_claims_its_companions_and_commits_each_result(sqlite_url):
     store.dispose()
 
 
+def test_a_worker_without_a_pack_takes_the_runs(sqlite_url):
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    run_id, ids = _queue(store, SearchConfig(**{**TINY, "probe": False, "pack": 2}))
+    assert set(run_pack(store, ids[0], pack=None)) == set(ids[:2])
+    _, unset = _queue(store, SearchConfig(**{**TINY, "probe": False}))   # no pack: the cpu's default, 1
+    assert set(run_pack(store, unset[0], pack=None)) == {unset[0]}
+    store.dispose()
+
+
+def test_the_default_pack_is_the_devices():
+    assert SearchConfig(**TINY).pack_size == 1
+    assert SearchConfig(**{**TINY, "device": "cuda"}).pack_size == 32   # the best K measured on a GPU
+    assert SearchConfig(**{**TINY, "device": "cuda:1", "pack": 4}).pack_size == 4
+    assert SearchConfig(**{**TINY, "device": "cuda", "workers": 1}).target_in_flight == 64   # one training, one queued
+    with pytest.raises(ValueError, match="pack must be a whole number"):
+        SearchConfig(**{**TINY, "pack": 0})
+
+
 def test_a_pack_takes_only_evaluations_of_the_same_run_and_task_key(sqlite_url):
     upgrade(resolve_url(sqlite_url))
     store = open_store(sqlite_url)

@@ -70,7 +70,7 @@ def evaluate(evaluation_id: int) -> str:
     from nos.work import Outcome, run_evaluation
 
     outcome = run_evaluation(_open_store(), int(evaluation_id), device=os.environ.get(DEVICE_ENV_VAR) or None,
-                             pack=int(os.environ.get(PACK_ENV_VAR) or 1))
+                             pack=int(os.environ.get(PACK_ENV_VAR) or 0) or None)
     if outcome is Outcome.REFUSED:   # left queued: the driver sends it again, for a worker with the device
         logger.warning("refused evaluation %s: this worker cannot train on the run's device", evaluation_id)
     return outcome.value

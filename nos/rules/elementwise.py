@@ -150,6 +150,9 @@ def step_one(
     # torch.optim.Adam's own order of operations, to the last bit.
     if isinstance(node, Operand) and node.name == "adam":
         denom = torch.sqrt(buffers["exp_avg_sq"]) / numbers["bc2"] ** 0.5 + DIV_EPS
-        p.addcdiv_(buffers["exp_avg"], denom, value=-lr / numbers["bc1"])
+        if isinstance(lr, Tensor):   # a compiled step's: `value` takes a number, which would cost a sync
+            p.addcdiv_(buffers["exp_avg"] * (-lr / numbers["bc1"]), denom)
+        else:
+            p.addcdiv_(buffers["exp_avg"], denom, value=-lr / numbers["bc1"])
         return
     p.sub_(lr * delta_one(node, p, g, buffers, numbers, generator))

@@ -17,9 +17,15 @@ from torch import Tensor, nn
 CPU_SCORE_CHUNK, SCORE_CHUNK = 256, 2048
 
 
-def score_chunk(device: torch.device) -> int:
-    """How many examples one validation forward pass takes on `device`."""
-    return CPU_SCORE_CHUNK if device.type == "cpu" else SCORE_CHUNK
+def score_chunk(device: torch.device, children: int = 1) -> int:
+    """How many examples one validation forward pass takes on `device`, for a stack of `children`.
+
+    A stack's pass holds every child's activations at once: the chunk shrinks with the stack so
+    that a pass stays within one lone network's 8 chunks. cuDNN refuses a batch norm whose input
+    has 2^31 elements or more (a stack of 56 convnet children at 2,048 examples each would).
+    """
+    chunk = CPU_SCORE_CHUNK if device.type == "cpu" else SCORE_CHUNK
+    return max(1, min(chunk, 8 * chunk // children))
 
 
 class Objective:

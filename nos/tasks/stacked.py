@@ -186,7 +186,7 @@ class StackedChildren:
             return
         task = self.task
         x, y = task.splits.val_x, task.splits.val_y
-        chunk = score_chunk(task.device)
+        chunk = score_chunk(task.device, len(self.running))
         self.skeleton.eval()   # batch norm reads its running statistics
         try:
             total = sum((self.score_sum(self.forward(self.params, self.buffers, x[i:i + chunk]), y[i:i + chunk])

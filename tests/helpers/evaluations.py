@@ -28,13 +28,14 @@ def assert_same(one: EvaluationResult, other: EvaluationResult, acc: float, loss
     for x, y in zip(one.trials + [one.final], other.trials + [other.final]):
         if x is None:
             continue
-        assert (x.lr, x.diverged, x.steps, x.epochs) == (y.lr, y.diverged, y.steps, y.epochs), one.rule
-        assert (x.val_acc is None) == (y.val_acc is None), one.rule
+        where = f"{one.rule} at lr {x.lr}: {x} against {y}"
+        assert (x.lr, x.diverged, x.steps, x.epochs) == (y.lr, y.diverged, y.steps, y.epochs), where
+        assert (x.val_acc is None) == (y.val_acc is None), where
         if x.val_acc is not None:
-            assert x.val_acc == pytest.approx(y.val_acc, abs=acc), one.rule
-        assert (x.train_loss is None) == (y.train_loss is None), one.rule
+            assert x.val_acc == pytest.approx(y.val_acc, abs=acc), where
+        assert (x.train_loss is None) == (y.train_loss is None), where
         if x.train_loss is not None:
-            assert x.train_loss == pytest.approx(y.train_loss, rel=loss, abs=loss), one.rule
+            assert x.train_loss == pytest.approx(y.train_loss, rel=loss, abs=loss), where
     assert one.reward == pytest.approx(other.reward, abs=acc)
     assert one.test_acc == pytest.approx(other.test_acc, abs=acc)
 
