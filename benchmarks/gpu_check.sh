@@ -4,6 +4,7 @@
 #   1. tests/test_cuda.py (skipped, saying so, where pytest is missing);
 #   2. benchmarks/gpu_sweep.py: the stacked sweep against one child at a time;
 #   3. benchmarks/gpu_pack.py: packs on the paper's CIFAR-10 protocol, evaluations per hour by K;
+#   3b. benchmarks/gpu_pack.py --profile 32: where a pack's host and device time goes;
 #   4. benchmarks/optimizer_step.py on CUDA: PowerSign and Adam (eager, compiled) against Adam(fused=True);
 #   5. a local search on CUDA end to end (`nos enqueue --device cuda --pack 2`, SQLite);
 #   6. `nos worker --device cuda --pack 2` over a Redis of its own, with a search end to end.
@@ -48,11 +49,13 @@ install() {
 if [[ -n "${GPU_CHECK_DRY:-}" ]]; then   # the CPU, tiny sizes: the plumbing, not the figures
   DEVICE=cpu
   PACK_FLAGS=(--device cpu --train-size 256 --val-size 64 --batch 32 --epochs 1 --packs 1,2 --max-pack 2)
+  PROFILE_K=2
   SWEEP_FLAGS=(--device cpu --train-size 256 --epochs 1 --rules sgd)
   STEP_FLAGS=(--device cpu --repeats 2 --no-compile)
 else
   DEVICE=cuda
   PACK_FLAGS=(--device cuda --seconds 150)
+  PROFILE_K=32
   SWEEP_FLAGS=(--device cuda --rules powersign)
   STEP_FLAGS=(--device cuda --repeats 30)
 fi
@@ -148,6 +151,7 @@ else
 fi
 step gpu-sweep 50 "$PY" benchmarks/gpu_sweep.py "${SWEEP_FLAGS[@]}"
 step gpu-pack 170 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --out "$LOGS/gpu-pack.md"
+step gpu-profile 60 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --profile "$PROFILE_K"
 step optimizer-step 150 "$PY" benchmarks/optimizer_step.py "${STEP_FLAGS[@]}"
 nos db upgrade >/dev/null
 # shellcheck disable=SC2086
@@ -172,5 +176,6 @@ fi
   [[ -f $LOGS/gpu-pack.md ]] && cat "$LOGS/gpu-pack.md"
   echo
   grep -E "evaluations per hour" "$WORK/gpu-sweep.log" 2>/dev/null
+  grep -E "^profile of" "$WORK/gpu-profile.log" 2>/dev/null
   grep -E "^(optimizer|torch Adam|nos (adam|powersign))|failed:" "$WORK/optimizer-step.log" 2>/dev/null
 } | tee "$LOGS/summary.md"

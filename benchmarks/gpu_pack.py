@@ -104,6 +104,8 @@ def main() -> None:
                         "timed only if its pack is expected to end within it")
     parser.add_argument("--channels-last", action="store_true", help="images and convolutions in NHWC "
                         "(always on the CPU)")
+    parser.add_argument("--profile", type=int, metavar="K", help="instead: profile one pack of K on a tenth of "
+                        "the training images (torch.profiler): where the host's and the device's time goes")
     parser.add_argument("--out", help="also write the table here (markdown)")
     args = parser.parse_args()
     began = time.perf_counter()
@@ -115,6 +117,10 @@ def main() -> None:
             f"batch {args.batch}, {len(task.lrs)} rates x 1 epoch then {args.epochs}")
     print(head, flush=True)
     run_pack(cifar_task(device, args.batch * 2, args.batch, args.batch, 1), 2)   # warm up kernels and cuDNN
+    if args.profile:
+        profile(cifar_task(device, max(args.train_size // SCALE, args.batch * 2), args.val_size, args.batch, args.epochs,
+                           args.channels_last), args.profile)
+        return
     rows: list[tuple] = []
     notes: list[str] = []
 
@@ -153,6 +159,30 @@ def main() -> None:
             notes.append(f"K={largest} failed on the full protocol: {type(error).__name__}: "
                          f"{str(error).splitlines()[0][:120]}")
     print("\n".join(report(head, rows, notes, args.out)))
+
+
+def profile(task: Task, k: int) -> None:
+    """One pack of K under torch.profiler: the busiest ops by device time, and host against device time.
+
+    A pack whose host time (Python, dispatch, launches) nears its wall time is bound by the K optimizers'
+    launches, not by the card; one whose device time does is bound by the card's kernels.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if task.device.type == "cuda" else [])
+    start = time.perf_counter()
+    with profiler(activities=activities) as prof:
+        run_pack(task, k)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events)
+    host_us = sum(e.self_cpu_time_total for e in events)
+    sort = "self_cuda_time_total" if task.device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=15, max_name_column_width=50))
+    print(f"profile of K={k} on {task.splits.sizes['train']} training images: wall {wall:.1f} s (profiled), "
+          f"device busy {device_us / 1e6:.1f} s, host ops {host_us / 1e6:.1f} s, "
+          f"{sum(e.count for e in events if e.key.startswith('aten::'))} aten calls", flush=True)
 
 
 def report(head: str, rows: list[tuple], notes: list[str], out: str | None) -> list[str]:
