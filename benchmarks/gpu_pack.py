@@ -118,8 +118,8 @@ def main() -> None:
     print(head, flush=True)
     run_pack(cifar_task(device, args.batch * 2, args.batch, args.batch, 1), 2)   # warm up kernels and cuDNN
     if args.profile:
-        profile(cifar_task(device, max(args.train_size // SCALE, args.batch * 2), args.val_size, args.batch, args.epochs,
-                           args.channels_last), args.profile)
+        train = max(args.train_size // SCALE, args.batch * 2)
+        profile(cifar_task(device, train, args.val_size, args.batch, args.epochs, args.channels_last), args.profile)
         return
     rows: list[tuple] = []
     notes: list[str] = []
@@ -167,8 +167,7 @@ def profile(task: Task, k: int) -> None:
     A pack whose host time (Python, dispatch, launches) nears its wall time is bound by the K optimizers'
     launches, not by the card; one whose device time does is bound by the card's kernels.
     """
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as profiler
+    from torch.profiler import ProfilerActivity, profile as profiler
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if task.device.type == "cuda" else [])
     start = time.perf_counter()

@@ -100,7 +100,7 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
               help="Start the searcher from the built-in rules [builtins for evolution, none otherwise].")
 @click.option("--depth", type=click.IntRange(1, 3), help="Rule depth: 1, 2 or 3 [2].")
 @click.option("--seed", type=SEED, help="Seeds the searcher and the children's initial weights [0].")
-@click.option("--workers", type=int, help="Local worker processes [number of cores].")
+@click.option("--workers", type=int, help="Local worker processes [one per core; 1 on cuda or mps].")
 @device_option(None, unset="cpu")
 @click.option("--name", type=TEXT, help="A label for the run.")
 @data_dir_option

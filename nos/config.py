@@ -21,7 +21,10 @@ class ConfigError(ValueError):
     """A search configuration that cannot run: the message says which key and why."""
 
 
-def default_workers() -> int:
+def default_workers(device: str = "cpu") -> int:
+    """Local workers: one per core on the CPU; one on a GPU, which more would only share (and run out of)."""
+    if isinstance(device, str) and device.startswith(("cuda", "mps")):
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(MAX_WORKERS, max(1, cores))
 
@@ -36,7 +39,7 @@ class SearchConfig:
     seed: int = 0                          # seeds the searcher (and the children, unless child_seed is set)
     child_seed: int | None = None          # seeds every child's initial weights and batch order; default: seed
     warm_start: str | None = None          # builtins or none; unset: builtins for evolution, none for the rest
-    workers: int = field(default_factory=default_workers)   # local worker processes
+    workers: int | None = None             # local worker processes; default: default_workers(device)
     device: str = "cpu"                    # where children train: cpu, cuda, cuda:1
     name: str = ""                         # a label for `nos runs`; defaults to TASK-SEARCHER
     task_options: dict[str, Any] = field(default_factory=dict)   # data_dir, train_size, lrs, epochs, ...
@@ -57,6 +60,8 @@ class SearchConfig:
                                            # default: default_pack(device)
 
     def __post_init__(self) -> None:
+        if self.workers is None:   # resolved here, so that a run's stored config names its workers
+            object.__setattr__(self, "workers", default_workers(self.device))
         problems = [*_check_fields(self), *_check_hyperparameters(self.searcher, self.hyperparameters)]
         if _is_seconds(self.heartbeat_every) and _is_seconds(self.stale_after) \
                 and self.heartbeat_every * 2 > self.stale_after:

@@ -206,7 +206,6 @@ class SymbolicOptimizer(torch.optim.Optimizer):
             step_one(self.rule, p, p.grad, bufs, numbers, lr, generator)
 
 
-
 def _compile_arguments(compile: bool | dict[str, Any] | None) -> dict[str, Any] | None:
     """torch.compile's keyword arguments for `compile`, or None for no compilation."""
     if compile is False or compile is None:

@@ -63,6 +63,13 @@ def test_a_worker_without_a_pack_takes_the_runs(sqlite_url):
     store.dispose()
 
 
+def test_a_gpu_run_gets_one_local_worker_by_default():
+    assert SearchConfig(**{**TINY, "workers": None}).workers >= 1   # one per core
+    assert SearchConfig(**{**TINY, "workers": None, "device": "cuda"}).workers == 1
+    assert SearchConfig(**{**TINY, "workers": None, "device": "cuda"}).to_dict()["workers"] == 1   # stored resolved
+    assert SearchConfig(**{**TINY, "device": "cuda:1"}).workers == 2   # as given
+
+
 def test_the_default_pack_is_the_devices():
     assert SearchConfig(**TINY).pack_size == 1
     assert SearchConfig(**{**TINY, "device": "cuda"}).pack_size == 32   # the best K measured on a GPU

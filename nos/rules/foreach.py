@@ -14,6 +14,7 @@ holds the same semantics one tensor at a time; the tests hold the two equal.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -287,11 +288,19 @@ def _scaled_ternary(node: Node) -> tuple[Node | None, Node] | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
+def _table(op: str, k: float, param: float | None, dtype: torch.dtype) -> tuple[float, float, float]:
+    """op at -k, 0 and k on 0-dim tensors of `dtype` (a pure op: exp, log or sqrt), kept from step to
+    step: building and reading nine tiny tensors each step cost PowerSign's eager step a sixth of its host time."""
+    evaluator = _Evaluator(StepContext([], [], {}, {}), dtype)
+    return tuple(evaluator.on_numbers(op, x, param=param) for x in (-k, 0.0, k))
+
+
 class _Evaluator:
-    def __init__(self, ctx: StepContext):
+    def __init__(self, ctx: StepContext, dtype: torch.dtype | None = None):
         self.ctx = ctx
         self.scalar_ctx = StepContext([], [], {}, ctx.numbers)
-        self.dtype = ctx.params[0].dtype if ctx.params else torch.float64
+        self.dtype = dtype or (ctx.params[0].dtype if ctx.params else torch.float64)
 
     def on_numbers(self, op: str, *xs: float, param: float | None = None) -> float:
         # The op on 0-dim tensors of the parameters' dtype: numbers follow torch's semantics
@@ -311,7 +320,7 @@ class _Evaluator:
             return None
         k_node, s_node = split
         k = 1.0 if k_node is None else self.value(k_node)
-        f_minus, f_zero, f_plus = (self.on_numbers(node.op, x, param=node.param) for x in (-k, 0.0, k))
+        f_minus, f_zero, f_plus = _table(node.op, k, node.param, self.dtype)
         c1, c2 = (f_plus - f_minus) / 2, (f_plus + f_minus) / 2 - f_zero
         if not all(map(math.isfinite, (f_zero, c1, c2))):
             return None
