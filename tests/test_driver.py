@@ -109,7 +109,13 @@ def test_the_asynchronous_driver_killed_three_times_loses_and_repeats_nothing(tm
     evaluation counted once, every result learned from by exactly one recorded update."""
     url = f"sqlite:///{tmp_path / 'killed.db'}"
     args = ("--db", url)
-    driver = start_nos("enqueue", "--config", tiny_toml, *args, "--budget", "24", "--train-size", "1200")
+    # Each kill takes the workers' claims with it, and one evaluation can be in flight at all three
+    # (a fresh worker's first evaluation is its slowest): with the default max_attempts of 3 it is
+    # then rightly failed, as an evaluation that kills its worker would be. Four attempts let the
+    # test ask what it means to: that nothing is lost or repeated.
+    config = tmp_path / "four-attempts.toml"
+    config.write_text("max_attempts = 4\n" + Path(tiny_toml).read_text())
+    driver = start_nos("enqueue", "--config", str(config), *args, "--budget", "24", "--train-size", "1200")
     for threshold in (2, 9, 16):
         wait_for(lambda: has_run(url) and finished_count(url, 1) >= threshold, timeout=300)
         os.killpg(driver.pid, signal.SIGKILL)   # the driver and its workers, mid-run
