@@ -37,6 +37,11 @@ BASES = ("g", "sign(g)", "m", "sign(m)", "g * exp(sign(g) * sign(m))", "clip(g, 
 
 
 SCALE = 10   # a K too slow for the time left is timed on 1/SCALE of the training set
+TOO_BIG = (torch.cuda.OutOfMemoryError, RuntimeError)   # memory, and cuDNN's and indexing's size limits
+
+
+def first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
 
 
 def rules(k: int) -> list[str]:
@@ -82,8 +87,8 @@ def largest_fit(device: torch.device, batch: int, start: int, limit: int) -> tup
     while k <= limit:
         try:
             run_pack(probe, k)
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:   # cuDNN and indexing limits too
-            return fits, f"K={k}: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        except TOO_BIG as error:
+            return fits, f"K={k}: {first_line(error)}"
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -143,7 +148,7 @@ def main() -> None:
         rows.append((k, seconds, 3600 * k / seconds, peak, diverged))
         if scale > 1:
             notes.append(f"K={k} estimated: a pack on {args.train_size // scale} training images, its time x{scale} "
-                         "(the validation passes counted x10 too: an underestimate of evaluations/hour)")
+                         f"(the validation passes counted x{scale} too: an underestimate of evaluations/hour)")
         print(f"  K={k}: {seconds:.1f} s, {rows[-1][2]:.0f} evaluations/hour, {peak:.1f} GiB", flush=True)
         report(head, rows, notes, args.out)   # a run cut short keeps what it measured
 
@@ -155,9 +160,8 @@ def main() -> None:
     if largest > max(packs):
         try:
             measure(largest)
-        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:   # the full data may not fit where the probe did
-            notes.append(f"K={largest} failed on the full protocol: {type(error).__name__}: "
-                         f"{str(error).splitlines()[0][:120]}")
+        except TOO_BIG as error:   # the full data may not fit where the probe did
+            notes.append(f"K={largest} failed on the full protocol: {first_line(error)}")
     print("\n".join(report(head, rows, notes, args.out)))
 
 

@@ -113,5 +113,6 @@ def show(rows: list[tuple[str, float, float, int]], base_foreach: float, base_fu
         print(f"{name:28} {ms:8.2f} {ms / base_foreach:14.2f} {ms / base_fused:12.2f} "
               f"{first:13.1f} {nbytes / 2**20:9.1f}", flush=True)
 
+
 if __name__ == "__main__":
     main()

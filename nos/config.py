@@ -76,8 +76,12 @@ class SearchConfig:
 
     @property
     def pack_size(self) -> int:
-        """The pack a worker trains for this run: `pack` where set, else the device's default."""
-        return self.pack if self.pack is not None else default_pack(self.device)
+        """The pack a worker trains for this run: `pack` where set, else the run's device's default."""
+        return self.pack_on(self.device)
+
+    def pack_on(self, device: str) -> int:
+        """The pack a worker training on `device` takes for this run: `pack` where set, else the default."""
+        return self.pack if self.pack is not None else default_pack(device)
 
     @property
     def target_in_flight(self) -> int:

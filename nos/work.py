@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .beat import Beat
-from .config import SearchConfig, default_pack
+from .config import SearchConfig
 from .devices import device_problem
 from .records import EvaluationResult
 from .store import Store, claim, commit_result, fail, find_cached, get_evaluation, get_run, heartbeat, utcnow
@@ -109,8 +109,7 @@ def run_pack(store: Store, evaluation_id: int, *, worker: str | None = None, dev
         outcomes: dict[int, Outcome] = {}
         claims = [first]
         if pack is None:   # the run's pack, else the default for the device this worker trains on
-            config = first.config
-            pack = config.pack if config.pack is not None else default_pack(device or config.device)
+            pack = first.config.pack_on(device or first.config.device)
         for companion in _companions(session, first, pack - 1):
             taken = _claim_or_answer(session, companion, worker, device, now)
             if isinstance(taken, Claim):
