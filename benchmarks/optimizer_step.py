@@ -1,10 +1,15 @@
 """Optimizer step time on ResNet-18's parameters: nos rules against torch.optim.Adam.
 
-    python benchmarks/optimizer_step.py [--repeats 30] [--no-compile] [--device cuda]
+    python benchmarks/optimizer_step.py [--repeats 30] [--no-compile] [--device cuda] [--host]
 
 Prints milliseconds per step and ratios against Adam(foreach=True) and
 Adam(fused=True), all measured in this process on the same parameters and
 random gradients, and the optimizer state each rule keeps.
+
+--host gives every tensor one element: the step then costs what the host
+spends on it (Python, dispatch, guards, launches) and nothing else, which is
+what bounds a step of a model of this size on a fast GPU; it measures on a
+CPU what a GPU run would otherwise be needed for.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import torchvision
 from nos.optim import SymbolicOptimizer
 
 
-def make_params(device: str = "cpu") -> list[torch.Tensor]:
+def make_params(device: str = "cpu", host: bool = False) -> list[torch.Tensor]:
     torch.manual_seed(0)
     params = [p.detach().to(device).requires_grad_(True) for p in torchvision.models.resnet18().parameters()]
+    if host:   # the same tensors, one element each
+        params = [torch.zeros((1,) * p.dim(), device=device, requires_grad=True) for p in params]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-2
     return params
@@ -58,11 +65,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fused Adam runs on either)")
+    parser.add_argument("--host", action="store_true", help="one element per tensor: the host's cost alone")
     args = parser.parse_args()
-    params = make_params(args.device)
+    params = make_params(args.device, args.host)
     n = sum(p.numel() for p in params)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
-    print(f"ResNet-18: {len(params)} tensors, {n / 1e6:.1f}M parameters, torch {torch.__version__}, {where}\n")
+    size = "one element each (--host)" if args.host else f"{n / 1e6:.1f}M parameters"
+    print(f"ResNet-18: {len(params)} tensors, {size}, torch {torch.__version__}, {where}\n")
     eager = [
         ("torch Adam(foreach=True)", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True)),
         ("torch Adam(fused=True)", lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)),
@@ -71,37 +80,48 @@ def main() -> None:
         ("nos addsign", lambda ps: SymbolicOptimizer(ps, "addsign", lr=1e-3)),
         ("nos sgd", lambda ps: SymbolicOptimizer(ps, "sgd", lr=1e-3)),
     ]
-    plain = {}                            # inductor's defaults: a launch per tensor
     graphs = {"mode": "reduce-overhead"}  # CUDA graphs: one launch for the whole step
-    compiled = [   # compile=True: combo kernels, one launch for many tensors' kernels
-        ("nos powersign, compile", lambda ps: SymbolicOptimizer(ps, "powersign", lr=1e-3, compile=True)),
-        ("nos powersign, inductor plain", lambda ps: SymbolicOptimizer(ps, "powersign", lr=1e-3, compile=plain)),
+
+    def powersign(flat: bool, compile=True):
+        return lambda ps: laid_out(SymbolicOptimizer(ps, "powersign", lr=1e-3, compile=compile), flat)
+
+    # compile=True runs flat on a GPU and per tensor (inductor's combo kernels) on a CPU; both are timed
+    # on either. The CUDA-graph rows take the device's own layout.
+    compiled = [
+        ("nos powersign, compile flat", powersign(flat=True)),
+        ("nos powersign, compile per-tensor", powersign(flat=False)),
         ("nos powersign, cudagraphs", lambda ps: SymbolicOptimizer(ps, "powersign", lr=1e-3, compile=graphs)),
         ("nos adam, cudagraphs", lambda ps: SymbolicOptimizer(ps, "adam", lr=1e-3, compile=graphs)),
     ]
-    print(f"{'optimizer':28} {'ms/step':>8} {'/Adam foreach':>14} {'/Adam fused':>12} "
+    print(f"{'optimizer':33} {'ms/step':>8} {'/Adam foreach':>14} {'/Adam fused':>12} "
           f"{'first step s':>13} {'state MB':>9}", flush=True)
     # The eager rows first and printed at once: compilation is slow, and a run cut short keeps them.
-    rows = measure(eager, args.device, args.repeats)
+    rows = measure(eager, args.device, args.repeats, args.host)
     base_foreach, base_fused = rows[0][1], rows[1][1]
     show(rows, base_foreach, base_fused)
     if not args.no_compile:
         # Timed again beside both Adams, so that their ratios are of the same moment.
-        again = measure(eager[:2] + compiled, args.device, args.repeats)
+        again = measure(eager[:2] + compiled, args.device, args.repeats, args.host)
         show(again[2:], again[0][1], again[1][1])
 
 
-def measure(cases: list, device: str, repeats: int) -> list[tuple[str, float, float, int]]:
+def laid_out(opt: SymbolicOptimizer, flat: bool) -> SymbolicOptimizer:
+    """The compiled step over flat tensors or over every tensor, whatever nos.optim.FLAT_DEVICES says."""
+    opt._flat_devices = ("cpu", "cuda") if flat else ()
+    return opt
+
+
+def measure(cases: list, device: str, repeats: int, host: bool) -> list[tuple[str, float, float, int]]:
     """(name, median ms per step, first step's seconds, state bytes) of each case that builds and steps."""
     built = []
     for name, make in cases:
-        opt = make(make_params(device))   # each its own copy, so none slows another's memory
+        opt = make(make_params(device, host))   # each its own copy, so none slows another's memory
         start = time.perf_counter()
         try:
             opt.step()   # first step: state allocation, and compilation where asked
             sync()
         except Exception as error:   # a compiler that fails here must not cost the other rows
-            print(f"{name:28} failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
+            print(f"{name:33} failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
             continue
         built.append((name, opt, time.perf_counter() - start))
     times = time_interleaved([opt for _, opt, _ in built], repeats)
@@ -110,7 +130,7 @@ def measure(cases: list, device: str, repeats: int) -> list[tuple[str, float, fl
 
 def show(rows: list[tuple[str, float, float, int]], base_foreach: float, base_fused: float) -> None:
     for name, ms, first, nbytes in rows:
-        print(f"{name:28} {ms:8.2f} {ms / base_foreach:14.2f} {ms / base_fused:12.2f} "
+        print(f"{name:33} {ms:8.2f} {ms / base_foreach:14.2f} {ms / base_fused:12.2f} "
               f"{first:13.1f} {nbytes / 2**20:9.1f}", flush=True)
 
 

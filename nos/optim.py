@@ -9,7 +9,7 @@ a step works on all of a group's tensors at once.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -17,9 +17,15 @@ from torch import Tensor
 
 from .rules import Node, operands_read, state_buffers, to_text
 from .rules.builtins import BUILTINS, resolve_rule  # noqa: F401  (BUILTINS: part of nos.optim's API)
-from .rules.elementwise import step_one
+from .rules.elementwise import change_one, numbers_read, step_one, update_moments_one
 from .rules.foreach import Scratch, StepContext, apply_update, operand_uses, step_numbers, update_moments
 from .rules.tree import is_random
+from .rules.vocabulary import WEIGHT_SCALES
+
+# Devices whose compiled step runs over flat tensors (SymbolicOptimizer._flatten). Three inputs per
+# parameter cost a GPU step more host time, in guards and wrappers, than its kernels take; on a CPU the
+# two copies it adds cost more than that (ResNet-18, 2 cores: 17.3 ms a step flat against 12.0).
+FLAT_DEVICES = ("cuda", "xpu", "mps")
 
 
 class SymbolicOptimizer(torch.optim.Optimizer):
@@ -80,13 +86,18 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, total_steps=total_steps, foreach=foreach))
         for group in self.param_groups:   # fail now, not at the first step
             step_numbers(1, group["total_steps"], self._reads)
-        # compile traces the plain per-tensor step for the whole bucket into one graph: each
-        # parameter's moments, rule and update become one kernel (combo kernels: one launch for many).
+        # compile traces the plain per-tensor step into one graph, fused by inductor. On a GPU a
+        # rule that reads neither w nor noise is traced over flat tensors instead (see _flatten).
         arguments = _compile_arguments(compile)
         self._compiled = None if arguments is None else torch.compile(self._step_each, **arguments)
+        self._compiled_flat = None if arguments is None else torch.compile(self._step_flat, **arguments)
+        self._flat_devices = FLAT_DEVICES if not (self._random or self._reads.intersection(WEIGHT_SCALES)) else ()
         # CUDA graphs (these modes) replay fixed addresses: parameters, moments and the step's numbers stay put.
         self._static = arguments is not None and arguments.get("mode") in ("reduce-overhead", "max-autotune")
+        self._numbers = numbers_read(self._reads)   # what the compiled step takes of step_numbers
         self._held: dict[str, dict[str, Tensor]] = {}   # the compiled step's numbers, by device
+        self._filled: dict[str, dict[str, float]] = {}   # the values last put in them
+        self._plans: dict[int, tuple] = {}   # each group's buckets (see _buckets)
 
     def __repr__(self) -> str:
         return f"SymbolicOptimizer({self.rule_text!r}, lr={self.defaults['lr']})"
@@ -137,6 +148,7 @@ class SymbolicOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state_dict was saved for rule {rule!r}, this optimizer runs {self.rule_text!r}")
         generators = state_dict.pop("generators", {})
         super().load_state_dict(state_dict)
+        self._plans.clear()   # the state now lives in new tensors
         self.set_noise_state(generators)
 
     # -- the step ------------------------------------------------------------
@@ -146,64 +158,150 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            buckets: dict[tuple, list[Tensor]] = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SymbolicOptimizer does not support sparse gradients; "
-                                       "use dense gradients (e.g. nn.Embedding(sparse=False))")
-                state = self._init_state(p)
-                state["step"] += 1
-                buckets[(p.device, p.dtype, state["step"])].append(p)
-            for (device, _, step), params in buckets.items():
-                numbers = step_numbers(step, group["total_steps"], self._reads)
-                generator = self._generator(device)
+        for index, group in enumerate(self.param_groups):
+            for bucket in self._buckets(index, group):
+                for state in bucket.states:
+                    state["step"] += 1
+                numbers = step_numbers(bucket.states[0]["step"], group["total_steps"], self._reads)
+                grads = [p.grad for p in bucket.params]
+                generator = self._generator(bucket.device)
                 if self._compiled is not None:
-                    held = self._numbers_on(device, numbers, group["lr"])
-                    self._compiled(params, self._buffers_of(params), {k: held[k] for k in numbers}, held["lr"],
-                                   generator)
+                    self._step_compiled(bucket, grads, numbers, group["lr"], generator)
                 elif not group["foreach"]:
-                    self._step_each(params, self._buffers_of(params), numbers, group["lr"], generator)
+                    self._step_each(bucket.params, grads, bucket.buffers, numbers, group["lr"], generator)
                 else:
-                    self._foreach(params, numbers, group["lr"], generator)
+                    self._foreach(bucket, grads, numbers, group["lr"], generator)
         return loss
 
-    def _foreach(self, params: list[Tensor], numbers, lr, generator) -> None:
-        grads = [p.grad for p in params]
-        buffers = {buf: [self.state[p][buf] for p in params] for buf in self._buffers}
-        update_moments(buffers, grads)
+    def _buckets(self, index: int, group: dict[str, Any]) -> list[_Bucket]:
+        """The group's tensors that have gradients, bucketed by device, dtype and step count.
+
+        Kept from step to step while the same tensors have gradients: the per-tensor
+        bookkeeping cost more host time than a large model's whole step on a GPU.
+        """
+        params = group["params"]
+        has_grad = tuple(p.grad is not None for p in params)
+        kept = self._plans.get(index)
+        if kept is not None and kept[0] is params and kept[1] == has_grad:
+            return kept[2]
+        buckets: dict[tuple, _Bucket] = {}
+        for p, has in zip(params, has_grad):
+            if not has:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("SymbolicOptimizer does not support sparse gradients; "
+                                   "use dense gradients (e.g. nn.Embedding(sparse=False))")
+            state = self._init_state(p)
+            key = (p.device, p.dtype, state["step"])
+            if key not in buckets:
+                buckets[key] = _Bucket(p.device, [], [], {buf: [] for buf in self._buffers})
+            bucket = buckets[key]
+            bucket.params.append(p)
+            bucket.states.append(state)
+            for buf in self._buffers:
+                bucket.buffers[buf].append(state[buf])
+        for bucket in buckets.values():
+            if self._compiled is not None and bucket.device.type in self._flat_devices:
+                self._flatten(bucket)
+        self._plans[index] = (params, has_grad, list(buckets.values()))
+        return self._plans[index][2]
+
+    def _flatten(self, bucket: _Bucket) -> None:
+        """Each moment buffer of the bucket as views of one tensor, and one tensor to take its gradients.
+
+        The compiled step then takes a few large tensors whatever the number of parameters, so its
+        guards, wrappers and launches stop growing with it; the price is a tensor the size of the
+        bucket and two passes over it (gradients copied in, changes added to the parameters).
+        Done whenever buckets are made, so it also takes in state that load_state_dict brought.
+        """
+        sizes = [p.numel() for p in bucket.params]
+        first = bucket.params[0]
+
+        def views(flat: Tensor) -> list[Tensor]:
+            return [piece.view_as(p) for piece, p in zip(flat.split(sizes), bucket.params)]
+
+        for buf, tensors in bucket.buffers.items():
+            bucket.flat[buf] = torch.cat([t.reshape(-1) for t in tensors])
+            bucket.buffers[buf] = views(bucket.flat[buf])
+            for state, view in zip(bucket.states, bucket.buffers[buf]):
+                state[buf] = view
+        bucket.grad = first.new_empty(sum(sizes))
+        bucket.grad_views = views(bucket.grad)
+        if self._static:
+            for t in [bucket.grad, *bucket.flat.values()]:
+                torch._dynamo.mark_static_address(t)
+
+    def _step_compiled(self, bucket: _Bucket, grads: list[Tensor], numbers, lr, generator) -> None:
+        held = self._numbers_on(bucket.device, numbers, lr)
+        taken = {name: held[name] for name in self._numbers}
+        if bucket.grad is None:
+            self._compiled(bucket.params, grads, bucket.buffers, taken, held["lr"], generator)
+            return
+        torch._foreach_copy_(bucket.grad_views, grads)
+        self._compiled_flat(bucket.grad, bucket.flat, taken, held["lr"])   # leaves each parameter's change in grad
+        torch._foreach_add_(bucket.params, bucket.grad_views)
+
+    def _foreach(self, bucket: _Bucket, grads: list[Tensor], numbers, lr, generator) -> None:
+        update_moments(bucket.buffers, grads)
         if self.rates is None:
-            scratch = self._scratch if params[0].device.type == "cpu" else None
+            scratch = self._scratch if bucket.device.type == "cpu" else None
             rates = None
         else:   # no scratch: a stack's tensors change shape as its members leave
-            scratch, rates = None, [self.rates.view(-1, *[1] * (p.dim() - 1)) for p in params]
-        apply_update(self.rule, StepContext(params, grads, buffers, numbers, generator, self._uses, scratch, rates),
-                     lr)
+            scratch, rates = None, [self.rates.view(-1, *[1] * (p.dim() - 1)) for p in bucket.params]
+        apply_update(self.rule, StepContext(bucket.params, grads, bucket.buffers, numbers, generator, self._uses,
+                                            scratch, rates), lr)
 
     def _numbers_on(self, device: torch.device, numbers: dict[str, float], lr: float) -> dict[str, Tensor]:
-        """The step's numbers and lr as tensors on `device`, refilled in place each step.
+        """The step numbers the rule reads, and lr, as tensors on `device`, refilled in place when they change.
 
         Tensors, not floats, or the compiled step would recompile as they change; on the
         parameters' device, so that a kernel reads them without a copy from the host; the same
-        tensors every step, so that a CUDA graph finds them where it captured them.
+        tensors every step, so that a CUDA graph finds them where it captured them. One element,
+        not 0-dim: dynamo takes a 0-dim tensor for a number and guards on its value with `.item()`
+        at every call, which on a GPU waits for the device.
         """
         held = self._held.setdefault(str(device), {})
-        for name, value in dict(numbers, lr=lr).items():
+        filled = self._filled.setdefault(str(device), {})
+        for name in (*self._numbers, "lr"):
+            value = lr if name == "lr" else numbers[name]
             if name not in held:
-                held[name] = torch.zeros((), dtype=torch.float64, device=device)
+                held[name] = torch.zeros(1, dtype=torch.float64, device=device)
                 if self._static:
                     torch._dynamo.mark_static_address(held[name])
-            held[name].fill_(value)
+            if filled.get(name) != value:   # a fill is a kernel launch on a GPU
+                held[name].fill_(value)
+                filled[name] = value
         return held
 
-    def _buffers_of(self, params: list[Tensor]) -> list[dict[str, Tensor]]:
-        return [{buf: self.state[p][buf] for buf in self._buffers} for p in params]
+    def _step_each(self, params, grads, buffers, numbers, lr, generator) -> None:
+        if isinstance(lr, Tensor):   # the compiled step's numbers: see _numbers_on
+            lr, numbers = _as_numbers(lr, numbers)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            step_one(self.rule, p, g, {buf: tensors[i] for buf, tensors in buffers.items()}, numbers, lr, generator)
 
-    def _step_each(self, params, buffers, numbers, lr, generator) -> None:
-        for p, bufs in zip(params, buffers):
-            step_one(self.rule, p, p.grad, bufs, numbers, lr, generator)
+    def _step_flat(self, grad: Tensor, buffers: dict[str, Tensor], numbers: dict[str, Tensor], lr: Tensor) -> None:
+        lr, numbers = _as_numbers(lr, numbers)
+        update_moments_one(buffers, grad)
+        grad.copy_(change_one(self.rule, grad, buffers, numbers, lr))
+
+
+def _as_numbers(lr: Tensor, numbers: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """The held one-element tensors as 0-dim ones, which broadcast against a 0-dim parameter too."""
+    return lr.view(()), {name: x.view(()) for name, x in numbers.items()}
+
+
+@dataclass
+class _Bucket:
+    """Tensors that step together: one device and dtype, one step count."""
+
+    device: torch.device
+    params: list[Tensor]
+    states: list[dict[str, Any]]
+    buffers: dict[str, list[Tensor]]   # each moment buffer's tensors, in the order of params
+    # A flat compiled step's (see SymbolicOptimizer._flatten): buffers and gradients, one tensor each.
+    flat: dict[str, Tensor] = field(default_factory=dict)
+    grad: Tensor | None = None
+    grad_views: list[Tensor] = field(default_factory=list)
 
 
 def _compile_arguments(compile: bool | dict[str, Any] | None) -> dict[str, Any] | None:

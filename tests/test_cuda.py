@@ -63,8 +63,9 @@ def test_the_optimizer_on_cuda_moves_as_on_the_cpu(rule):
 
 @pytest.mark.parametrize("rule, compile", [
     ("powersign-ld", True), ("powersign-ld", {}),
-    ("powersign-ld", {"mode": "reduce-overhead"}), ("adam", {"mode": "reduce-overhead"})],
-    ids=["combo", "inductor-defaults", "cudagraphs", "adam-cudagraphs"])
+    ("powersign-ld", {"mode": "reduce-overhead"}), ("adam", {"mode": "reduce-overhead"}),
+    ("clip(g, 1e-3) + 1e-3*w", True)],
+    ids=["flat", "inductor-defaults", "cudagraphs", "adam-cudagraphs", "reads-w-per-tensor"])
 def test_the_compiled_step_on_cuda_moves_as_the_eager_one(rule, compile):
     gen = torch.Generator().manual_seed(0)
     shapes = [(40, 30), (30,), (8, 3, 3, 3)]
@@ -80,6 +81,30 @@ def test_the_compiled_step_on_cuda_moves_as_the_eager_one(rule, compile):
         compiled.step()
     for w, c in zip(*weights):   # Triton's kernels may round sqrt and division differently from eager ones
         torch.testing.assert_close(c.detach(), w.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule, compile", [
+    ("powersign", False), ("adam", False), ("addsign-ld", False), ("g + eps", False),
+    ("powersign-ld", True), ("powersign", {"mode": "reduce-overhead"})],
+    ids=["powersign", "adam", "addsign-ld", "noise", "compiled", "cudagraphs"])
+def test_a_step_on_cuda_never_waits_for_the_gpu(rule, compile):
+    """The host queues a step and goes on: no op of it reads a value back (which would wait for the device)."""
+    weights = [torch.randn(s, device="cuda").requires_grad_() for s in [(40, 30), (30,), ()]]
+    opt = SymbolicOptimizer(weights, rule, lr=1e-2, total_steps=10, compile=compile)
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(6)]
+    for step, gs in enumerate(grads):
+        for w, g in zip(weights, gs):
+            w.grad = g
+        opt.param_groups[0]["lr"] = 1e-2 * (step + 1)
+        if step < 3:   # state, compilation and capture first
+            opt.step()
+            continue
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(w).all() for w in weights)
 
 
 def test_the_optimizers_noise_on_cuda_repeats_from_its_seed():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
+import nos.optim
 from nos.optim import BUILTINS, SymbolicOptimizer
 from nos.rules import RuleSyntaxError
 from nos.rules.builtins import PAPER_EXAMPLES
@@ -213,7 +214,7 @@ def test_compiled_step_matches_eager(rule, compile):
 
 
 @pytest.mark.slow
-def test_compiled_adam_matches_eager_adam():
+def test_compiled_adam_matches_eager_adam(layout):
     # Random unit gradients: a convnet's tiny ones make Adam's first steps hang on rounding (m / sqrt(v)).
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(s, generator=gen) for s in [(40, 30), (30,), (8, 3, 3, 3)]]
@@ -227,6 +228,106 @@ def test_compiled_adam_matches_eager_adam():
             opt.step()
     for e, c in zip(eager, compiled):
         torch.testing.assert_close(c.detach(), e.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(params=["per-tensor", "flat"])
+def layout(request, monkeypatch):
+    """The compiled step as it runs on a CPU (a graph over every parameter) and as on a GPU (flat tensors)."""
+    if request.param == "flat":
+        monkeypatch.setattr(nos.optim, "FLAT_DEVICES", ("cpu",))
+    return request.param
+
+
+@pytest.mark.slow
+def test_a_compiled_step_reads_no_number_back(monkeypatch, layout):
+    """Nothing reads a tensor's value back at a step: on a GPU that waits for the device.
+
+    Dynamo's guards once did, on the 0-dim tensor that held lr."""
+    scalar = torch.zeros((), requires_grad=True)   # a 0-dim parameter steps too
+    weights = [torch.randn(4, 3, requires_grad=True), scalar]
+    opt = SymbolicOptimizer(weights, "powersign-ld", lr=1e-2, total_steps=10, compile=True)
+    reads = []
+    item = torch.Tensor.item
+    for step in range(4):
+        if step == 2:   # compiled by now
+            monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(self) or item(self))
+        for w in weights:
+            w.grad = torch.ones_like(w)
+        opt.param_groups[0]["lr"] = 1e-2 * (step + 1)   # a new lr is not a new graph
+        opt.step()
+    assert reads == []
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert scalar.item() != 0.0
+
+
+def test_steps_follow_gradients_that_come_and_go():
+    """Each tensor counts its own steps, whichever others have gradients: as one optimizer per tensor would."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, generator=gen) for _ in range(3)]
+    together = [w.clone().requires_grad_() for w in start]
+    apart = [w.clone().requires_grad_() for w in start]
+    one = SymbolicOptimizer(together, "adam", lr=0.1)
+    each = [SymbolicOptimizer([w], "adam", lr=0.1) for w in apart]
+    for who in ([0], [0, 1], [0, 1, 2], [1, 2], [2], [0, 1, 2]):
+        for ws in (together, apart):
+            for i, w in enumerate(ws):
+                w.grad = (w ** 3).detach() + 1.0 if i in who else None
+        one.step()
+        for i in who:
+            each[i].step()
+    for a, b in zip(together, apart):
+        assert torch.equal(a, b)
+    assert [one.state[w]["step"] for w in together] == [4, 4, 4]
+
+
+def test_loading_a_state_dict_into_a_stepping_optimizer_takes_effect():
+    model = small_convnet()
+    opt = SymbolicOptimizer(model.parameters(), "adam", lr=0.01)
+    train(model, opt, 3)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = io.BytesIO()
+    torch.save(opt.state_dict(), saved_opt)
+    first = train(model, opt, 3)
+    model.load_state_dict(saved_model)
+    saved_opt.seek(0)
+    opt.load_state_dict(torch.load(saved_opt, weights_only=True))
+    assert train(model, opt, 3) == first
+
+
+@pytest.mark.slow
+def test_a_compiled_step_keeps_its_state_through_changing_gradients_and_state_dict(layout):
+    """The compiled step keeps a rule's moments in one flat tensor per buffer: tensors whose gradients
+    come and go, and state saved from it or loaded into it, step as the eager optimizer steps them."""
+    gen = torch.Generator().manual_seed(4)
+    start = [torch.randn(s, generator=gen) for s in [(6, 5), (5,), ()]]
+    pattern = ([0, 1, 2], [0, 2], [1, 2], [0, 1, 2], [0], [0, 1, 2])
+    grads = [[torch.randn(w.shape, generator=gen) for w in start] for _ in pattern]
+
+    def run(compile, steps=range(len(pattern)), weights=None, state=None):
+        weights = weights or [w.clone().requires_grad_() for w in start]
+        opt = SymbolicOptimizer(weights, "adam", lr=1e-2, compile=compile)
+        if state is not None:
+            opt.load_state_dict(state)
+        for step in steps:
+            for i, w in enumerate(weights):
+                w.grad = grads[step][i].clone() if i in pattern[step] else None
+            opt.step()
+        return weights, opt
+
+    eager, _ = run(False)
+    compiled, _ = run(True)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+    half, opt = run(True, range(3))   # save from the compiled step, resume both ways
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    for compile in (False, True):
+        saved.seek(0)
+        weights = [w.detach().clone().requires_grad_() for w in half]
+        resumed, _ = run(compile, range(3, len(pattern)), weights, torch.load(saved, weights_only=True))
+        for a, b in zip(resumed, eager):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_compile_takes_true_false_or_torch_compiles_arguments():

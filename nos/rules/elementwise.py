@@ -99,6 +99,16 @@ def delta_one(
     return value(node)
 
 
+# The step numbers (see foreach.step_numbers) each operand reads.
+_NUMBERS_OF = {"m": ("bc1",), "v": ("bc2",), "gamma": ("bc3",), "adam": ("bc1", "bc2"), "rmsprop": ("bc2",),
+               "eps_t": ("eps_t",), **{name: (name,) for name in SCHEDULES}}
+
+
+def numbers_read(operands: frozenset[str]) -> tuple[str, ...]:
+    """The step numbers a rule reading `operands` needs, in a fixed order."""
+    return tuple(sorted({n for op in operands for n in _NUMBERS_OF.get(op, ())}))
+
+
 def _number(x: Number, like: Tensor) -> Tensor:
     return torch.as_tensor(x, dtype=like.dtype, device=like.device)
 
@@ -130,10 +140,13 @@ def _operand(name: str, p: Tensor, g: Tensor, buffers, numbers, generator) -> Te
     if name in WEIGHT_SCALES:
         return p * WEIGHT_SCALES[name]
     if name in ("adam", "rmsprop"):
-        denom = torch.sqrt(buffers["exp_avg_sq"]) / numbers["bc2"] ** 0.5 + DIV_EPS
         top = buffers["exp_avg"] / numbers["bc1"] if name == "adam" else g
-        return top / denom
+        return top / _adam_denominator(buffers, numbers)
     raise KeyError(name)
+
+
+def _adam_denominator(buffers: Mapping[str, Tensor], numbers: Mapping[str, Number]) -> Tensor:
+    return torch.sqrt(buffers["exp_avg_sq"]) / numbers["bc2"] ** 0.5 + DIV_EPS
 
 
 def step_one(
@@ -149,10 +162,20 @@ def step_one(
     update_moments_one(buffers, g)
     # torch.optim.Adam's own order of operations, to the last bit.
     if isinstance(node, Operand) and node.name == "adam":
-        denom = torch.sqrt(buffers["exp_avg_sq"]) / numbers["bc2"] ** 0.5 + DIV_EPS
         if isinstance(lr, Tensor):   # a compiled step's: `value` takes a number, which would cost a sync
-            p.addcdiv_(buffers["exp_avg"] * (-lr / numbers["bc1"]), denom)
+            p.addcdiv_(buffers["exp_avg"] * (-lr / numbers["bc1"]), _adam_denominator(buffers, numbers))
         else:
-            p.addcdiv_(buffers["exp_avg"], denom, value=-lr / numbers["bc1"])
+            p.addcdiv_(buffers["exp_avg"], _adam_denominator(buffers, numbers), value=-lr / numbers["bc1"])
         return
     p.sub_(lr * delta_one(node, p, g, buffers, numbers, generator))
+
+
+def change_one(node: Node, g: Tensor, buffers: Mapping[str, Tensor], numbers: Mapping[str, Number],
+               lr: Tensor) -> Tensor:
+    """What a step adds to w, -lr * delta, for a rule that reads neither w nor noise; moments already updated.
+
+    w + change_one(...) rounds exactly as step_one's update (x - y is x + (-y) to the bit).
+    """
+    if isinstance(node, Operand) and node.name == "adam":
+        return buffers["exp_avg"] * (-lr / numbers["bc1"]) / _adam_denominator(buffers, numbers)
+    return -(lr * delta_one(node, g, g, buffers, numbers))
