@@ -247,9 +247,9 @@ class SymbolicOptimizer(torch.optim.Optimizer):
             scratch = self._scratch if bucket.device.type == "cpu" else None
             rates = None
         else:   # no scratch: a stack's tensors change shape as its members leave
-            if not bucket.rates:
-                bucket.rates = [self.rates.view(-1, *[1] * (p.dim() - 1)) for p in bucket.params]
-            scratch, rates = None, bucket.rates
+            if bucket.rates is None or bucket.rates[0] is not self.rates:
+                bucket.rates = (self.rates, [self.rates.view(-1, *[1] * (p.dim() - 1)) for p in bucket.params])
+            scratch, rates = None, bucket.rates[1]
         apply_update(self.rule, StepContext(bucket.params, grads, bucket.buffers, numbers, generator, self._uses,
                                             scratch, rates), lr)
 
@@ -304,7 +304,7 @@ class _Bucket:
     flat: dict[str, Tensor] = field(default_factory=dict)
     grad: Tensor | None = None
     grad_views: list[Tensor] = field(default_factory=list)
-    rates: list[Tensor] = field(default_factory=list)   # per-slice rates, shaped to each parameter
+    rates: tuple[Tensor, list[Tensor]] | None = None   # SymbolicOptimizer.rates, and it shaped to each parameter
 
 
 def _compile_arguments(compile: bool | dict[str, Any] | None) -> dict[str, Any] | None:
