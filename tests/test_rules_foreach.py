@@ -9,10 +9,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from nos.rules import operands_read, parse
-from nos.rules.elementwise import delta_one
+from nos.rules.elementwise import delta_one, numbers_read
 from nos.rules.foreach import StepContext, Tensors, compute_update, step_numbers
 from nos.rules.tree import is_random
-from nos.rules.vocabulary import SCHEDULES
+from nos.rules.vocabulary import OPERANDS, SCHEDULES
 
 from helpers.rule_strategies import trees
 
@@ -218,3 +218,16 @@ def test_tensors_marked_shared_are_never_written(inputs):
     assert all(torch.equal(a, b) for a, b in zip(shared.items, grads))
     assert out.owned
     assert out.items[0] is not shared.items[0]
+
+
+@pytest.mark.parametrize("name", OPERANDS)
+def test_each_operand_needs_only_the_step_numbers_it_is_said_to_read(name, inputs):
+    """A compiled step passes only numbers_read's numbers: every operand computes from those alone."""
+    params, grads, buffers = inputs
+    every = step_numbers(STEP, HORIZON, frozenset(SCHEDULES))
+    only = {k: every[k] for k in numbers_read(frozenset({name}))}
+    tree = parse(name)
+    bufs = {k: v[0] for k, v in buffers.items()}
+    gen = torch.Generator().manual_seed(1)
+    alone = delta_one(tree, params[0], grads[0], bufs, only, gen)
+    torch.testing.assert_close(alone, delta_one(tree, params[0], grads[0], bufs, every, gen.manual_seed(1)))
