@@ -180,13 +180,14 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         bookkeeping cost more host time than a large model's whole step on a GPU.
         """
         params = group["params"]
-        has_grad = tuple(p.grad is not None for p in params)
+        # Which tensors step, by identity (the plan holds them, so no id is reused while it is kept).
+        stepping = tuple(id(p) if p.grad is not None else 0 for p in params)
         kept = self._plans.get(index)
-        if kept is not None and kept[0] is params and kept[1] == has_grad:
-            return kept[2]
+        if kept is not None and kept[0] == stepping:
+            return kept[1]
         buckets: dict[tuple, _Bucket] = {}
-        for p, has in zip(params, has_grad):
-            if not has:
+        for p, steps in zip(params, stepping):
+            if not steps:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("SymbolicOptimizer does not support sparse gradients; "
@@ -203,8 +204,8 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         for bucket in buckets.values():
             if self._compiled is not None and bucket.device.type in self._flat_devices:
                 self._flatten(bucket)
-        self._plans[index] = (params, has_grad, list(buckets.values()))
-        return self._plans[index][2]
+        self._plans[index] = (stepping, list(buckets.values()))
+        return self._plans[index][1]
 
     def _flatten(self, bucket: _Bucket) -> None:
         """Each moment buffer of the bucket as views of one tensor, and one tensor to take its gradients.

@@ -282,6 +282,18 @@ def test_steps_follow_gradients_that_come_and_go():
     assert [one.state[w]["step"] for w in together] == [4, 4, 4]
 
 
+def test_a_tensor_put_in_a_group_in_place_of_another_steps():
+    a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    opt = SymbolicOptimizer([a], "sgd", lr=0.5)
+    a.grad = torch.ones(3)
+    opt.step()
+    opt.param_groups[0]["params"][0] = b   # the same list, another tensor
+    b.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(a.detach(), torch.full((3,), 0.5))
+    assert torch.equal(b.detach(), torch.full((3,), 0.5))
+
+
 def test_loading_a_state_dict_into_a_stepping_optimizer_takes_effect():
     model = small_convnet()
     opt = SymbolicOptimizer(model.parameters(), "adam", lr=0.01)
