@@ -21,6 +21,7 @@ import time
 import torch
 import torchvision
 
+import nos.optim
 from nos.optim import SymbolicOptimizer
 
 
@@ -82,8 +83,8 @@ def main() -> None:
     ]
     graphs = {"mode": "reduce-overhead"}  # CUDA graphs: one launch for the whole step
 
-    def powersign(flat: bool, compile=True):
-        return lambda ps: laid_out(SymbolicOptimizer(ps, "powersign", lr=1e-3, compile=compile), flat)
+    def powersign(flat: bool):
+        return lambda ps: laid_out(SymbolicOptimizer(ps, "powersign", lr=1e-3, compile=True), flat)
 
     # compile=True runs flat on a GPU and per tensor (inductor's combo kernels) on a CPU; both are timed
     # on either. The CUDA-graph rows take the device's own layout.
@@ -107,7 +108,7 @@ def main() -> None:
 
 def laid_out(opt: SymbolicOptimizer, flat: bool) -> SymbolicOptimizer:
     """The compiled step over flat tensors or over every tensor, whatever nos.optim.FLAT_DEVICES says."""
-    opt._flat_devices = ("cpu", "cuda") if flat else ()
+    opt._flat_devices = ("cpu", *nos.optim.FLAT_DEVICES) if flat else ()
     return opt
 
 
