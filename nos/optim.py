@@ -95,7 +95,7 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         # CUDA graphs (these modes) replay fixed addresses: parameters, moments and the step's numbers stay put.
         self._static = arguments is not None and arguments.get("mode") in ("reduce-overhead", "max-autotune")
         self._numbers = numbers_read(self._reads)   # what the compiled step takes of step_numbers
-        self._held: dict[str, dict[str, Tensor]] = {}   # the compiled step's numbers, by device
+        self._held: dict[str, tuple[dict[str, Tensor], Tensor]] = {}   # the compiled step's numbers and lr, by device
         self._filled: dict[str, dict[str, float]] = {}   # the values last put in them
         self._plans: dict[int, tuple] = {}   # each group's buckets (see _buckets)
 
@@ -233,13 +233,12 @@ class SymbolicOptimizer(torch.optim.Optimizer):
                 torch._dynamo.mark_static_address(t)
 
     def _step_compiled(self, bucket: _Bucket, grads: list[Tensor], numbers, lr, generator) -> None:
-        held = self._numbers_on(bucket.device, numbers, lr)
-        taken = {name: held[name] for name in self._numbers}
+        held, lr = self._numbers_on(bucket.device, numbers, lr)
         if bucket.grad is None:
-            self._compiled(bucket.params, grads, bucket.buffers, taken, held["lr"], generator)
+            self._compiled(bucket.params, grads, bucket.buffers, held, lr, generator)
             return
         torch._foreach_copy_(bucket.grad_views, grads)
-        self._compiled_flat(bucket.grad, bucket.flat, taken, held["lr"])   # leaves each parameter's change in grad
+        self._compiled_flat(bucket.grad, bucket.flat, held, lr)   # leaves each parameter's change in grad
         torch._foreach_add_(bucket.params, bucket.grad_views)
 
     def _foreach(self, bucket: _Bucket, grads: list[Tensor], numbers, lr, generator) -> None:
@@ -254,7 +253,8 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         apply_update(self.rule, StepContext(bucket.params, grads, bucket.buffers, numbers, generator, self._uses,
                                             scratch, rates), lr)
 
-    def _numbers_on(self, device: torch.device, numbers: dict[str, float], lr: float) -> dict[str, Tensor]:
+    def _numbers_on(self, device: torch.device, numbers: dict[str, float],
+                    lr: float) -> tuple[dict[str, Tensor], Tensor]:
         """The step numbers the rule reads, and lr, as tensors on `device`, refilled in place when they change.
 
         Tensors, not floats, or the compiled step would recompile as they change; on the
@@ -263,18 +263,26 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         not 0-dim: dynamo takes a 0-dim tensor for a number and guards on its value with `.item()`
         at every call, which on a GPU waits for the device.
         """
-        held = self._held.setdefault(str(device), {})
-        filled = self._filled.setdefault(str(device), {})
-        for name in (*self._numbers, "lr"):
-            value = lr if name == "lr" else numbers[name]
-            if name not in held:
-                held[name] = torch.zeros(1, dtype=torch.float64, device=device)
-                if self._static:
-                    torch._dynamo.mark_static_address(held[name])
+        key = str(device)
+        if key not in self._held:
+            tensors = {name: torch.zeros(1, dtype=torch.float64, device=device) for name in (*self._numbers, "lr")}
+            if self._static:
+                for t in tensors.values():
+                    torch._dynamo.mark_static_address(t)
+            lr_held = tensors.pop("lr")
+            self._held[key], self._filled[key] = (tensors, lr_held), {}
+        held, lr_held = self._held[key]
+        filled = self._filled[key]
+
+        def fill(name: str, t: Tensor, value: float) -> None:
             if filled.get(name) != value:   # a fill is a kernel launch on a GPU
-                held[name].fill_(value)
+                t.fill_(value)
                 filled[name] = value
-        return held
+
+        for name, t in held.items():
+            fill(name, t, numbers[name])
+        fill("lr", lr_held, lr)
+        return held, lr_held
 
     def _step_each(self, params, grads, buffers, numbers, lr, generator) -> None:
         if isinstance(lr, Tensor):   # the compiled step's numbers: see _numbers_on
