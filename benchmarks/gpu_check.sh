@@ -5,6 +5,7 @@
 #   2. benchmarks/gpu_sweep.py: the stacked sweep against one child at a time;
 #   3. benchmarks/gpu_pack.py: packs on the paper's CIFAR-10 protocol, evaluations per hour by K;
 #   3b. benchmarks/gpu_pack.py --profile 32: where a pack's host and device time goes;
+#   3c. benchmarks/pack_host.py: a pack's host time per training step, its K optimizers' part;
 #   4. benchmarks/optimizer_step.py on CUDA: PowerSign and Adam (eager, compiled) against Adam(fused=True);
 #   5. a local search on CUDA end to end (`nos enqueue --device cuda --pack 2`, SQLite);
 #   6. `nos worker --device cuda --pack 2` over a Redis of its own, with a search end to end.
@@ -53,12 +54,14 @@ if [[ -n "${GPU_CHECK_DRY:-}" ]]; then   # the CPU, tiny sizes: the plumbing, no
   PROFILE_K=2
   SWEEP_FLAGS=(--device cpu --train-size 256 --epochs 1 --rules sgd)
   STEP_FLAGS=(--device cpu --repeats 2 --no-compile)
+  HOST_FLAGS=(--device cpu --packs 2 --repeats 20)
 else
   DEVICE=cuda
   PACK_FLAGS=(--device cuda --seconds 150)
   PROFILE_K=32
   SWEEP_FLAGS=(--device cuda --rules powersign)
   STEP_FLAGS=(--device cuda --repeats 30)
+  HOST_FLAGS=(--device cuda --packs 8,32 --repeats 100)
 fi
 # A rerun may narrow the tests (GPU_CHECK_TESTS="-k compiled") or change the packs (GPU_PACK_FLAGS="...").
 read -ra TEST_FLAGS <<<"${GPU_CHECK_TESTS:-}"
@@ -153,6 +156,7 @@ fi
 step gpu-sweep 50 "$PY" benchmarks/gpu_sweep.py "${SWEEP_FLAGS[@]}"
 step gpu-pack 170 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --out "$LOGS/gpu-pack.md"
 step gpu-profile 45 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --profile "$PROFILE_K"
+step pack-host 30 "$PY" benchmarks/pack_host.py "${HOST_FLAGS[@]}"
 step optimizer-step 130 "$PY" benchmarks/optimizer_step.py "${STEP_FLAGS[@]}"
 nos db upgrade >/dev/null
 # shellcheck disable=SC2086
@@ -178,5 +182,6 @@ fi
   echo
   grep -E "evaluations per hour" "$WORK/gpu-sweep.log" 2>/dev/null
   grep -E "^profile of" "$WORK/gpu-profile.log" 2>/dev/null
+  grep -E "^(pack host|\| )" "$WORK/pack-host.log" 2>/dev/null
   grep -E "^(optimizer|torch Adam|nos (adam|powersign))|failed:" "$WORK/optimizer-step.log" 2>/dev/null
 } | tee "$LOGS/summary.md"

@@ -7,6 +7,7 @@ import io
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import nos.optim
 from nos.optim import BUILTINS, SymbolicOptimizer
@@ -394,3 +395,47 @@ def test_noise_state_hands_the_noise_over():
     second.step()
     torch.testing.assert_close(w1.detach() - before, w2.detach())
     assert SymbolicOptimizer([w1], "g", seed=3).noise_state() == {}   # a rule without noise has none
+
+
+def _stepped_pairs(rules: list[str]) -> tuple[list[SymbolicOptimizer], list[SymbolicOptimizer]]:
+    """Two copies of the same optimizers over the same (leaf, requires-grad) parameters and gradients."""
+    copies = []
+    for _ in range(2):
+        gen = torch.Generator().manual_seed(4)
+        optimizers = []
+        for rule in rules:
+            params = [torch.randn(3, 5, 4, generator=gen).requires_grad_(), torch.randn(3, generator=gen)]
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizers.append(SymbolicOptimizer(params, rule, lr=1.0, total_steps=10, seed=5,
+                                                rates=torch.tensor([1e-3, 1e-2, 1e-1])))
+        copies.append(optimizers)
+    return copies[0], copies[1]
+
+
+def test_step_together_steps_each_optimizer_as_its_own_step_would():
+    rules = ["powersign", "adam", "drop(g, 0.3) * exp(1e-3 * w)", "g * ld", "1"]
+    one_by_one, together = _stepped_pairs(rules)   # leaves that require grad: stepping them needs no_grad
+    for _ in range(3):
+        for opt in one_by_one:
+            opt.step()
+        nos.optim.step_together(together)
+    for a, b in zip(one_by_one, together):
+        for p, q in zip(a.param_groups[0]["params"], b.param_groups[0]["params"]):
+            assert torch.equal(p, q), a.rule_text
+        assert a.state_dict()["state"][0]["step"] == b.state_dict()["state"][0]["step"] == 3
+
+
+def test_step_together_calls_the_step_hooks_an_optimizer_has():
+    plain, hooked = _stepped_pairs(["sgd", "sgd"])[1]
+    called = []
+    hooked.register_step_pre_hook(lambda opt, args, kwargs: called.append("own pre"))
+    hooked.register_step_post_hook(lambda opt, args, kwargs: called.append("own post"))
+    nos.optim.step_together([plain, hooked])
+    assert called == ["own pre", "own post"]
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: called.append(opt))
+    try:
+        nos.optim.step_together([plain])
+    finally:
+        handle.remove()
+    assert called[2:] == [plain]

@@ -409,11 +409,10 @@ def apply_update(tree: Node, ctx: StepContext, lr: float) -> None:
     alpha = _fit(alpha, params[0].dtype)
     if ctx.rates is not None:   # stacked children: one rate per child, so no fused root
         delta = evaluator.value(node)
-        for p, rate, d in zip(params, ctx.rates, delta.items if isinstance(delta, Tensors) else params):
-            if isinstance(delta, Tensors):
-                p.addcmul_(d, rate, value=alpha)
-            else:
-                p.add_(rate * _fit(alpha * delta, p.dtype))
+        if isinstance(delta, Tensors):
+            torch._foreach_addcmul_(params, delta.items, list(ctx.rates), alpha)
+        else:
+            torch._foreach_add_(params, [rate * _fit(alpha * delta, p.dtype) for p, rate in zip(params, ctx.rates)])
     elif node == Operand("adam"):
         torch._foreach_addcdiv_(params, ctx.buffers["exp_avg"], ctx.adam_denominator().items,
                                 alpha / ctx.numbers["bc1"])

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..optim import SymbolicOptimizer, resolve_rule
+from ..optim import SymbolicOptimizer, resolve_rule, step_together
 from ..records import EvaluationResult, TrialRecord
 from ..rules import Node, to_text
 from .base import Task
@@ -83,12 +83,14 @@ class PackedChildren(StackedChildren):
         return SymbolicOptimizer(views, rule, lr=1.0, total_steps=total_steps, seed=self.seed, rates=rates)
 
     def _step(self) -> None:
-        for optimizer, (start, end) in zip(self.optimizers, self._spans):
-            if optimizer is None:
-                continue
-            for view, stacked in zip(optimizer.param_groups[0]["params"], self.params.values()):
-                view.grad = stacked.grad[start:end]
-            optimizer.step()
+        # Each stacked gradient cut into the members' slices at once: one call per tensor, not per member.
+        sizes = [end - start for start, end in self._spans]
+        slices = [stacked.grad.split(sizes) for stacked in self.params.values()]
+        stepping = [(m, optimizer) for m, optimizer in enumerate(self.optimizers) if optimizer is not None]
+        for m, optimizer in stepping:
+            for view, grads in zip(optimizer.param_groups[0]["params"], slices):
+                view.grad = grads[m]
+        step_together(optimizer for _, optimizer in stepping)
 
     def _keep_optimizers(self, positions: list[int]) -> None:
         kept, old_spans, start = set(positions), self._spans, 0

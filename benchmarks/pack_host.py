@@ -1,0 +1,119 @@
+"""Host time of one training step of a pack: how much of it is the K rules' optimizer steps.
+
+    python benchmarks/pack_host.py [--device cpu] [--packs 8,32] [--repeats 200]
+
+A pack of K rules (nos.tasks.packed) trains as one stacked network, but each
+rule steps its own slice with its own optimizer: K optimizer calls per
+training step, launched from Python. Here the paper's convnet child is cut to
+one filter on 4 x 4 images and a batch of 2, so the device has next to no
+work and what is timed is the host's: the stacked forward and backward, and
+the optimizers' steps, taken the way a pack takes them (`nos.optim.step_together`)
+and, as the reference in the same process, by each optimizer's own `step()`.
+Both take turns, 10 steps at a time; the medians are printed for a sweep
+(7 rates per rule) and a final run (1 rate per rule). On CUDA every timed
+block ends with a synchronize, so the figures include the launches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from gpu_pack import rules
+from gpu_sweep import synthetic_cifar
+
+from nos.optim import resolve_rule
+from nos.tasks.base import Splits, Task
+from nos.tasks.networks import paper_convnet
+from nos.tasks.objectives import Accuracy
+from nos.tasks.packed import Member, PackedChildren
+from nos.tasks.training import initial_child
+
+BLOCK = 10   # steps per timed block
+
+
+def tiny_task(device: torch.device) -> Task:
+    x, y = synthetic_cifar(16, device, 0)
+    x = x[:, :, :4, :4].contiguous()
+    return Task("tiny-convnet", Splits(x, y, x, y, x, y), lambda: paper_convnet(3, 4, filters=1), Accuracy(),
+                batch_size=2, sweep_epochs=1, epochs=1, device=device, stacked=True)
+
+
+def pack_of(task: Task, k: int, lrs: tuple[float, ...]) -> tuple[PackedChildren, torch.Tensor, torch.Tensor]:
+    members = [Member(resolve_rule(rule), lrs, 100) for rule in rules(k)]
+    pack = PackedChildren(task, initial_child(task, 0), members, seed=0)
+    return pack, task.splits.train_x[:2], task.splits.train_y[:2]
+
+
+def forward_backward(pack: PackedChildren, x: torch.Tensor, y: torch.Tensor) -> None:
+    for p in pack.params.values():
+        p.grad = None
+    pack.loss(pack.forward(pack.params, pack.buffers, x), y).sum().backward()
+
+
+def one_by_one(pack: PackedChildren) -> None:
+    """The reference: the same gradients handed over, then each rule's optimizer's own step()."""
+    sizes = [end - start for start, end in pack._spans]
+    slices = [stacked.grad.split(sizes) for stacked in pack.params.values()]
+    for m, optimizer in enumerate(pack.optimizers):
+        for view, grads in zip(optimizer.param_groups[0]["params"], slices):
+            view.grad = grads[m]
+        optimizer.step()
+
+
+def timed(device: torch.device, run) -> float:
+    """Milliseconds per step over a block of BLOCK steps."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(BLOCK):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3 / BLOCK
+
+
+def measure(task: Task, k: int, lrs: tuple[float, ...], repeats: int) -> dict[str, float]:
+    pack, x, y = pack_of(task, k, lrs)
+    device = task.device
+    forward_backward(pack, x, y)
+    runs = {"forward + backward": lambda: forward_backward(pack, x, y),
+            "optimizers, together": pack._step,
+            "optimizers, one by one": lambda: one_by_one(pack)}
+    for run in runs.values():   # warm up: first calls allocate and build the kept buckets
+        timed(device, run)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(max(repeats // BLOCK, 1)):
+        names = list(runs) if i % 2 == 0 else list(reversed(runs))   # neither side always goes first
+        for name in names:
+            times[name].append(timed(device, runs[name]))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--packs", default="8,32")
+    parser.add_argument("--repeats", type=int, default=200, help="timed steps of each kind per row")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    task = tiny_task(device)
+    print(f"pack host time, torch {torch.__version__} on {name}: the convnet child cut to 1 filter, 4x4 images, "
+          f"batch 2; medians of {args.repeats} steps, ms per training step")
+    print("| K | rates per rule | forward + backward | optimizers, together | one by one | together / one by one |")
+    print("|---|---|---|---|---|---|")
+    for k in (int(k) for k in args.packs.split(",")):
+        for lrs in (tuple(task.lrs), (0.01,)):
+            t = measure(task, k, lrs, args.repeats)
+            together, apart = t["optimizers, together"], t["optimizers, one by one"]
+            print(f"| {k} | {len(lrs)} | {t['forward + backward']:.2f} | {together:.2f} | {apart:.2f} "
+                  f"| {together / apart:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
