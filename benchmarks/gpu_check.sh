@@ -5,13 +5,14 @@
 #   2. benchmarks/gpu_sweep.py: the stacked sweep against one child at a time;
 #   3. benchmarks/gpu_pack.py: packs on the paper's CIFAR-10 protocol, evaluations per hour by K;
 #   3b. benchmarks/gpu_pack.py --profile 32: where a pack's host and device time goes;
-#   3c. benchmarks/pack_host.py: a pack's host time per training step, its K optimizers' part;
+#   3c. benchmarks/gpu_pack.py --cudnn-compare 32: a pack under cuDNN's other settings (speed, rewards);
+#   3d. benchmarks/pack_host.py: a pack's host time per training step, its K optimizers' part;
 #   4. benchmarks/optimizer_step.py on CUDA: PowerSign and Adam (eager, compiled) against Adam(fused=True);
 #   5. a local search on CUDA end to end (`nos enqueue --device cuda --pack 2`, SQLite);
 #   6. `nos worker --device cuda --pack 2` over a Redis of its own, with a search end to end.
 # Prints a summary table at the end (and writes it, with every step's log, to $OUT if set).
-# Made to finish within 8 minutes on one H100 (it took 3.6 on an H200); each step also has a time limit of
-# its own, so that a stuck step cannot cost the rest.
+# Made to finish within 8 minutes on one H100 (it took 3.6 on an H200, before steps 3c and 3d); each step
+# also has a time limit of its own, so that a stuck step cannot cost the rest.
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, build/gpu-carry carried along
 #   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh      # here: every step on the CPU, tiny, this venv
@@ -156,6 +157,7 @@ fi
 step gpu-sweep 50 "$PY" benchmarks/gpu_sweep.py "${SWEEP_FLAGS[@]}"
 step gpu-pack 170 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --out "$LOGS/gpu-pack.md"
 step gpu-profile 45 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --profile "$PROFILE_K"
+step cudnn-modes 75 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --cudnn-compare "$PROFILE_K"
 step pack-host 30 "$PY" benchmarks/pack_host.py "${HOST_FLAGS[@]}"
 step optimizer-step 130 "$PY" benchmarks/optimizer_step.py "${STEP_FLAGS[@]}"
 nos db upgrade >/dev/null
@@ -182,6 +184,7 @@ fi
   echo
   grep -E "evaluations per hour" "$WORK/gpu-sweep.log" 2>/dev/null
   grep -E "^profile of" "$WORK/gpu-profile.log" 2>/dev/null
+  grep -E "^(cuDNN settings|\| )" "$WORK/cudnn-modes.log" 2>/dev/null
   grep -E "^(pack host|\| )" "$WORK/pack-host.log" 2>/dev/null
   grep -E "^(optimizer|torch Adam|nos (adam|powersign))|failed:" "$WORK/optimizer-step.log" 2>/dev/null
 } | tee "$LOGS/summary.md"

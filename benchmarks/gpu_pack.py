@@ -15,11 +15,13 @@ A K whose pack would not end within --seconds is timed on a tenth of the
 training images and its time taken ten times (marked as an estimate), or left
 out if even that would not end in time, saying so. Prints
 one table; with --out, writes it there too (markdown), after each K.
+--profile K and --cudnn-compare K look into one pack of K instead (see each).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -111,6 +113,9 @@ def main() -> None:
                         "(always on the CPU)")
     parser.add_argument("--profile", type=int, metavar="K", help="instead: profile one pack of K on a tenth of "
                         "the training images (torch.profiler): where the host's and the device's time goes")
+    parser.add_argument("--cudnn-compare", type=int, metavar="K", help="instead: time one pack of K on a tenth "
+                        "of the training images under each cuDNN setting (CUDNN_MODES), taking turns: what "
+                        "deterministic kernels and cuDNN's heuristic pick cost")
     parser.add_argument("--out", help="also write the table here (markdown)")
     args = parser.parse_args()
     began = time.perf_counter()
@@ -122,9 +127,13 @@ def main() -> None:
             f"batch {args.batch}, {len(task.lrs)} rates x 1 epoch then {args.epochs}")
     print(head, flush=True)
     run_pack(cifar_task(device, args.batch * 2, args.batch, args.batch, 1), 2)   # warm up kernels and cuDNN
-    if args.profile:
+    if args.profile or args.cudnn_compare:
         train = max(args.train_size // SCALE, args.batch * 2)
-        profile(cifar_task(device, train, args.val_size, args.batch, args.epochs, args.channels_last), args.profile)
+        small = cifar_task(device, train, args.val_size, args.batch, args.epochs, args.channels_last)
+        if args.profile:
+            profile(small, args.profile)
+        else:
+            compare_cudnn(small, args.cudnn_compare)
         return
     rows: list[tuple] = []
     notes: list[str] = []
@@ -186,6 +195,57 @@ def profile(task: Task, k: int) -> None:
     print(f"profile of K={k} on {task.splits.sizes['train']} training images: wall {wall:.1f} s (profiled), "
           f"device busy {device_us / 1e6:.1f} s, host ops {host_us / 1e6:.1f} s, "
           f"{sum(e.count for e in events if e.key.startswith('aten::'))} aten calls", flush=True)
+
+
+# cuDNN's (deterministic, benchmark) flags: nos evaluates under the first (nos.tasks.training.deterministic).
+CUDNN_MODES = {"deterministic": (True, False), "deterministic, timed pick": (True, True), "free": (False, True)}
+
+
+def compare_cudnn(task: Task, k: int, rounds: int = 1) -> None:
+    """A pack of K under each of CUDNN_MODES, `rounds` times each, taking turns; seconds and rewards against nos's.
+
+    cuDNN's heuristic may pick a slow algorithm for the grouped convolutions a stack becomes, and
+    deterministic ones may be slower than the rest; a timed pick (cudnn.benchmark) may differ from run
+    to run, and so may the results of non-deterministic kernels, which is why nos uses neither.
+    """
+    import nos.tasks.packed as packed
+
+    def under(mode: str):
+        @contextlib.contextmanager
+        def flags(device: torch.device):
+            cudnn = torch.backends.cudnn
+            saved = cudnn.deterministic, cudnn.benchmark
+            cudnn.deterministic, cudnn.benchmark = CUDNN_MODES[mode]
+            try:
+                yield
+            finally:
+                cudnn.deterministic, cudnn.benchmark = saved
+        return flags
+
+    seconds: dict[str, list[float]] = {mode: [] for mode in CUDNN_MODES}
+    rewards: dict[str, list[float]] = {}
+    original = packed.deterministic
+    try:
+        for r in range(rounds + 1):   # the first round warms each mode up (a timed pick times at its first call)
+            for mode in CUDNN_MODES if r % 2 == 0 else reversed(CUDNN_MODES):
+                packed.deterministic = under(mode)
+                sync(task.device)
+                start = time.perf_counter()
+                results = evaluate_rules(rules(k), task, seed=0)
+                sync(task.device)
+                if r:
+                    seconds[mode].append(time.perf_counter() - start)
+                rewards[mode] = [result.reward for result in results]
+    finally:
+        packed.deterministic = original
+    base = min(seconds["deterministic"])
+    print(f"cuDNN settings, a pack of K={k} on {task.splits.sizes['train']} training images, "
+          f"best of {rounds} after a warm-up:")
+    print("| cuDNN | seconds per pack | / deterministic | largest reward difference |")
+    print("|---|---|---|---|")
+    for mode, times in seconds.items():
+        gap = max(abs(a - b) for a, b in zip(rewards[mode], rewards["deterministic"]))
+        print(f"| {mode} | {min(times):.1f} | {min(times) / base:.2f}x | {gap:.4f} |", flush=True)
 
 
 def report(head: str, rows: list[tuple], notes: list[str], out: str | None) -> list[str]:
