@@ -28,8 +28,9 @@ from .rules.vocabulary import WEIGHT_SCALES
 # two copies it adds cost more than that (ResNet-18, 2 cores: 17.3 ms a step flat against 12.0).
 FLAT_DEVICES = ("cuda", "xpu", "mps")
 
-# Where torch keeps the step hooks registered for every optimizer (see step_together).
+# Where torch keeps the step hooks registered for every optimizer, and for one (see step_together).
 _GLOBAL_HOOKS = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+_OWN_HOOKS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
 
 
 class SymbolicOptimizer(torch.optim.Optimizer):
@@ -309,14 +310,19 @@ def step_together(optimizers: Iterable[SymbolicOptimizer]) -> None:
     One `no_grad` for all, and none of torch's per-call wrapper (a profiler range, hook lookups), which
     cost a small optimizer's step a fifth of its host time. An optimizer with step hooks gets its `step()`.
     """
-    hooked = any(hooks is None or len(hooks) for hooks in (   # a torch without these names: no shortcut
-        getattr(torch_optimizer, name, None) for name in _GLOBAL_HOOKS))
+    global_hooks = _hooked(torch_optimizer, _GLOBAL_HOOKS)
     with torch.no_grad():
         for optimizer in optimizers:
-            if hooked or optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+            if global_hooks or _hooked(optimizer, _OWN_HOOKS):
                 optimizer.step()
             else:
                 optimizer._step_groups()
+
+
+def _hooked(holder: Any, names: tuple[str, ...]) -> bool:
+    """Whether any of the hook dicts `names` of `holder` holds a hook; True where one is missing (an unknown torch)."""
+    hooks = [getattr(holder, name, None) for name in names]
+    return any(found is None or len(found) > 0 for found in hooks)
 
 
 def _as_numbers(lr: Tensor, numbers: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
