@@ -184,7 +184,7 @@ fi
   echo
   grep -E "evaluations per hour" "$WORK/gpu-sweep.log" 2>/dev/null
   grep -E "^profile of" "$WORK/gpu-profile.log" 2>/dev/null
-  grep -E "^(cuDNN settings|\| )" "$WORK/cudnn-modes.log" 2>/dev/null
-  grep -E "^(pack host|\| )" "$WORK/pack-host.log" 2>/dev/null
+  grep -E "^(cuDNN settings|\|)" "$WORK/cudnn-modes.log" 2>/dev/null
+  grep -E "^(pack host|\|)" "$WORK/pack-host.log" 2>/dev/null
   grep -E "^(optimizer|torch Adam|nos (adam|powersign))|failed:" "$WORK/optimizer-step.log" 2>/dev/null
 } | tee "$LOGS/summary.md"
