@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .tree import Binary, Const, Node, Operand, Unary
-from .vocabulary import BETA1, BETA2, BETA3, DIV_EPS, NOISE_STD, SCHEDULES, WEIGHT_SCALES
+from .vocabulary import BETA1, BETA2, BETA3, DIV_EPS, MOMENTS, NOISE_STD, NUMBERS_READ, SCHEDULES, WEIGHT_SCALES
 
 Number = float | Tensor
 
@@ -99,14 +99,9 @@ def delta_one(
     return value(node)
 
 
-# The step numbers (see foreach.step_numbers) each operand reads.
-_NUMBERS_OF = {"m": ("bc1",), "v": ("bc2",), "gamma": ("bc3",), "adam": ("bc1", "bc2"), "rmsprop": ("bc2",),
-               "eps_t": ("eps_t",), **{name: (name,) for name in SCHEDULES}}
-
-
 def numbers_read(operands: frozenset[str]) -> tuple[str, ...]:
     """The step numbers a rule reading `operands` needs, in a fixed order."""
-    return tuple(sorted({n for op in operands for n in _NUMBERS_OF.get(op, ())}))
+    return tuple(sorted({n for op in operands for n in NUMBERS_READ.get(op, ())}))
 
 
 def _number(x: Number, like: Tensor) -> Tensor:
@@ -120,12 +115,9 @@ def _operand(name: str, p: Tensor, g: Tensor, buffers, numbers, generator) -> Te
         return g * g
     if name == "g^3":
         return g * g * g
-    if name == "m":
-        return buffers["exp_avg"] / numbers["bc1"]
-    if name == "v":
-        return buffers["exp_avg_sq"] / numbers["bc2"]
-    if name == "gamma":
-        return buffers["exp_avg_cube"] / numbers["bc3"]
+    if name in MOMENTS:
+        buf, bc = MOMENTS[name]
+        return buffers[buf] / numbers[bc]
     if name == "sign(g)":
         return torch.sign(g)
     if name == "sign(m)":

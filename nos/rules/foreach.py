@@ -30,6 +30,7 @@ from .vocabulary import (
     BETA3,
     CD_PERIODS,
     DIV_EPS,
+    MOMENTS,
     NOISE_DECAY,
     NOISE_STD,
     RD_PERIODS,
@@ -37,7 +38,6 @@ from .vocabulary import (
     WEIGHT_SCALES,
 )
 
-_MOMENTS = {"m": ("exp_avg", "bc1"), "v": ("exp_avg_sq", "bc2"), "gamma": ("exp_avg_cube", "bc3")}
 # Unary ops too costly per element to run on a value that takes only three values.
 _TABULATED = frozenset({"exp", "log", "sqrt"})
 
@@ -190,8 +190,8 @@ class StepContext:
             cube = self.apply(g, "mul", g.items)
             torch._foreach_mul_(cube.items, g.items)
             return cube
-        if name in _MOMENTS:
-            buf, bc = _MOMENTS[name]
+        if name in MOMENTS:
+            buf, bc = MOMENTS[name]
             return self.apply(Tensors(self.buffers[buf], owned=False), "div", self.numbers[bc])
         if name == "sign(g)":
             return self.apply(g, "sign")

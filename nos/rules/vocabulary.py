@@ -40,6 +40,17 @@ MOMENT_BUFFERS: dict[str, tuple[str, ...]] = {
     "exp_avg_cube": ("gamma",),
 }
 
+# The bias-corrected moments: each one's buffer, and the step number (foreach.step_numbers) it is divided by.
+MOMENTS: dict[str, tuple[str, str]] = {
+    "m": ("exp_avg", "bc1"), "v": ("exp_avg_sq", "bc2"), "gamma": ("exp_avg_cube", "bc3"),
+}
+
+# The step numbers each operand reads (the others read none).
+NUMBERS_READ: dict[str, tuple[str, ...]] = {
+    **{name: (bc,) for name, (_, bc) in MOMENTS.items()},
+    "adam": ("bc1", "bc2"), "rmsprop": ("bc2",), "eps_t": ("eps_t",), **{name: (name,) for name in SCHEDULES},
+}
+
 BETA1, BETA2, BETA3 = 0.9, 0.999, 0.999
 DIV_EPS = 1e-8          # x / y is x / (y + DIV_EPS); adam and rmsprop use it too
 NOISE_STD = 0.1         # eps: Gaussian noise of variance 0.01
