@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--profile", type=int, metavar="K", help="instead: profile one pack of K on a tenth of "
                         "the training images (torch.profiler): where the host's and the device's time goes")
     parser.add_argument("--cudnn-compare", type=int, metavar="K", help="instead: time one pack of K on a tenth "
-                        "of the training images under each cuDNN setting (CUDNN_MODES), taking turns: what "
+                        "of the training images under each cuDNN setting (CUDNN_MODES) in turn: what "
                         "deterministic kernels and cuDNN's heuristic pick cost")
     parser.add_argument("--out", help="also write the table here (markdown)")
     args = parser.parse_args()
@@ -201,12 +201,14 @@ def profile(task: Task, k: int) -> None:
 CUDNN_MODES = {"deterministic": (True, False), "deterministic, timed pick": (True, True), "free": (False, True)}
 
 
-def compare_cudnn(task: Task, k: int, rounds: int = 1) -> None:
-    """A pack of K under each of CUDNN_MODES, `rounds` times each, taking turns; seconds and rewards against nos's.
+def compare_cudnn(task: Task, k: int) -> None:
+    """A pack of K under each of CUDNN_MODES in turn; seconds and rewards against nos's own setting.
 
     cuDNN's heuristic may pick a slow algorithm for the grouped convolutions a stack becomes, and
     deterministic ones may be slower than the rest; a timed pick (cudnn.benchmark) may differ from run
-    to run, and so may the results of non-deterministic kernels, which is why nos uses neither.
+    to run, and so may the results of non-deterministic kernels, which is why nos uses neither. Each
+    mode first trains one untimed pack (a timed pick times its candidates at the first call of each
+    shape); each row is printed as it is measured, so a run cut short keeps what it measured.
     """
     import nos.tasks.packed as packed
 
@@ -222,30 +224,26 @@ def compare_cudnn(task: Task, k: int, rounds: int = 1) -> None:
                 cudnn.deterministic, cudnn.benchmark = saved
         return flags
 
-    seconds: dict[str, list[float]] = {mode: [] for mode in CUDNN_MODES}
-    rewards: dict[str, list[float]] = {}
+    print(f"cuDNN settings, a pack of K={k} on {task.splits.sizes['train']} training images, "
+          "each timed after an untimed pack:")
+    print("| cuDNN | seconds per pack | / deterministic | largest reward difference |")
+    print("|---|---|---|---|", flush=True)
+    base, first = 0.0, []
     original = packed.deterministic
     try:
-        for r in range(rounds + 1):   # the first round warms each mode up (a timed pick times at its first call)
-            for mode in CUDNN_MODES if r % 2 == 0 else reversed(CUDNN_MODES):
-                packed.deterministic = under(mode)
-                sync(task.device)
-                start = time.perf_counter()
-                results = evaluate_rules(rules(k), task, seed=0)
-                sync(task.device)
-                if r:
-                    seconds[mode].append(time.perf_counter() - start)
-                rewards[mode] = [result.reward for result in results]
+        for mode in CUDNN_MODES:   # "deterministic", nos's own, first: the others are compared with it
+            packed.deterministic = under(mode)
+            evaluate_rules(rules(k), task, seed=0)
+            sync(task.device)
+            start = time.perf_counter()
+            rewards = [result.reward for result in evaluate_rules(rules(k), task, seed=0)]
+            sync(task.device)
+            seconds = time.perf_counter() - start
+            base, first = base or seconds, first or rewards
+            gap = max(abs(a - b) for a, b in zip(rewards, first))
+            print(f"| {mode} | {seconds:.1f} | {seconds / base:.2f}x | {gap:.4f} |", flush=True)
     finally:
         packed.deterministic = original
-    base = min(seconds["deterministic"])
-    print(f"cuDNN settings, a pack of K={k} on {task.splits.sizes['train']} training images, "
-          f"best of {rounds} after a warm-up:")
-    print("| cuDNN | seconds per pack | / deterministic | largest reward difference |")
-    print("|---|---|---|---|")
-    for mode, times in seconds.items():
-        gap = max(abs(a - b) for a, b in zip(rewards[mode], rewards["deterministic"]))
-        print(f"| {mode} | {min(times):.1f} | {min(times) / base:.2f}x | {gap:.4f} |", flush=True)
 
 
 def report(head: str, rows: list[tuple], notes: list[str], out: str | None) -> list[str]:
