@@ -55,11 +55,7 @@ def forward_backward(pack: PackedChildren, x: torch.Tensor, y: torch.Tensor) -> 
 
 def one_by_one(pack: PackedChildren) -> None:
     """The reference: the same gradients handed over, then each rule's optimizer's own step()."""
-    sizes = [end - start for start, end in pack._spans]
-    slices = [stacked.grad.split(sizes) for stacked in pack.params.values()]
-    for m, optimizer in enumerate(pack.optimizers):
-        for view, grads in zip(optimizer.param_groups[0]["params"], slices):
-            view.grad = grads[m]
+    for optimizer in pack.hand_gradients():
         optimizer.step()
 
 

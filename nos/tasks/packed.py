@@ -83,14 +83,19 @@ class PackedChildren(StackedChildren):
         return SymbolicOptimizer(views, rule, lr=1.0, total_steps=total_steps, seed=self.seed, rates=rates)
 
     def _step(self) -> None:
+        step_together(self.hand_gradients())
+
+    def hand_gradients(self) -> list[SymbolicOptimizer]:
+        """Give each member's optimizer its slices of the stack's gradients; the optimizers that step."""
         # Each stacked gradient cut into the members' slices at once: one call per tensor, not per member.
-        sizes = [end - start for start, end in self._spans]
-        slices = [stacked.grad.split(sizes) for stacked in self.params.values()]
-        stepping = [(m, optimizer) for m, optimizer in enumerate(self.optimizers) if optimizer is not None]
-        for m, optimizer in stepping:
-            for view, grads in zip(optimizer.param_groups[0]["params"], slices):
-                view.grad = grads[m]
-        step_together(optimizer for _, optimizer in stepping)
+        slices = [stacked.grad.split([end - start for start, end in self._spans]) for stacked in self.params.values()]
+        stepping = []
+        for m, optimizer in enumerate(self.optimizers):
+            if optimizer is not None:
+                for view, grads in zip(optimizer.param_groups[0]["params"], slices):
+                    view.grad = grads[m]
+                stepping.append(optimizer)
+        return stepping
 
     def _keep_optimizers(self, positions: list[int]) -> None:
         kept, old_spans, start = set(positions), self._spans, 0
