@@ -7,11 +7,12 @@
 #   3b. benchmarks/gpu_pack.py --profile 32: where a pack's host and device time goes;
 #   3c. benchmarks/gpu_pack.py --cudnn-compare 32: a pack under cuDNN's other settings (speed, rewards);
 #   3d. benchmarks/pack_host.py: a pack's host time per training step, its K optimizers' part;
+#   3e. benchmarks/pack_host.py --whole: the host's time for whole packs (the device next to idle);
 #   4. benchmarks/optimizer_step.py on CUDA: PowerSign and Adam (eager, compiled) against Adam(fused=True);
 #   5. a local search on CUDA end to end (`nos enqueue --device cuda --pack 2`, SQLite);
 #   6. `nos worker --device cuda --pack 2` over a Redis of its own, with a search end to end.
 # Prints a summary table at the end (and writes it, with every step's log, to $OUT if set).
-# Made to finish within 8 minutes on one H100 (it took 3.6 on an H200, before steps 3c and 3d); each step
+# Made to finish within 8 minutes on one H100 (it took 3.6 on an H200, before steps 3c to 3e); each step
 # also has a time limit of its own, so that a stuck step cannot cost the rest.
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, build/gpu-carry carried along
@@ -56,6 +57,7 @@ if [[ -n "${GPU_CHECK_DRY:-}" ]]; then   # the CPU, tiny sizes: the plumbing, no
   SWEEP_FLAGS=(--device cpu --train-size 256 --epochs 1 --rules sgd)
   STEP_FLAGS=(--device cpu --repeats 2 --no-compile)
   HOST_FLAGS=(--device cpu --packs 2 --repeats 20)
+  WHOLE_FLAGS=(--device cpu --packs 2)
 else
   DEVICE=cuda
   PACK_FLAGS=(--device cuda --seconds 150)
@@ -63,6 +65,7 @@ else
   SWEEP_FLAGS=(--device cuda --rules powersign)
   STEP_FLAGS=(--device cuda --repeats 30)
   HOST_FLAGS=(--device cuda --packs 8,32 --repeats 100)
+  WHOLE_FLAGS=(--device cuda --packs 8,32)
 fi
 # A rerun may narrow the tests (GPU_CHECK_TESTS="-k compiled") or change the packs (GPU_PACK_FLAGS="...").
 read -ra TEST_FLAGS <<<"${GPU_CHECK_TESTS:-}"
@@ -159,6 +162,7 @@ step gpu-pack 170 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --out "$LOGS/g
 step gpu-profile 45 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --profile "$PROFILE_K"
 step cudnn-modes 75 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --cudnn-compare "$PROFILE_K"
 step pack-host 30 "$PY" benchmarks/pack_host.py "${HOST_FLAGS[@]}"
+step pack-whole 40 "$PY" benchmarks/pack_host.py --whole "${WHOLE_FLAGS[@]}"
 step optimizer-step 130 "$PY" benchmarks/optimizer_step.py "${STEP_FLAGS[@]}"
 nos db upgrade >/dev/null
 # shellcheck disable=SC2086
@@ -186,5 +190,6 @@ fi
   grep -E "^profile of" "$WORK/gpu-profile.log" 2>/dev/null
   grep -E "^(cuDNN settings|\|)" "$WORK/cudnn-modes.log" 2>/dev/null
   grep -E "^(pack host|\|)" "$WORK/pack-host.log" 2>/dev/null
+  grep -E "^(whole packs|\|)" "$WORK/pack-whole.log" 2>/dev/null
   grep -E "^(optimizer|torch Adam|nos (adam|powersign))|failed:" "$WORK/optimizer-step.log" 2>/dev/null
 } | tee "$LOGS/summary.md"

@@ -25,7 +25,7 @@ import torch
 from nos.tasks import Task, evaluate_rule, get_task
 from nos.tasks.packed import evaluate_rules
 
-# Built-ins and searched shapes: moments, noise, a schedule (its final run retrains in a pack of its own).
+# Built-ins and searched shapes: moments, noise, a schedule (its final run retrains from the start).
 RULES = ("powersign", "adam", "sgd", "drop(g, 0.1) * exp(1e-3*w)", "addsign-ld", "rmsprop", "momentum",
          "g * exp(sign(g) * sign(m))")
 

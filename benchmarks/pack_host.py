@@ -1,6 +1,7 @@
 """Host time of one training step of a pack: how much of it is the K rules' optimizer steps.
 
     python benchmarks/pack_host.py [--device cpu] [--packs 8,32] [--repeats 200]
+    python benchmarks/pack_host.py --whole [--device cpu] [--packs 8,32]
 
 A pack of K rules (nos.tasks.packed) trains as one stacked network, but each
 rule steps its own slice with its own optimizer: K optimizer calls per
@@ -12,6 +13,12 @@ and, as the reference in the same process, by each optimizer's own `step()`.
 Both take turns, 10 steps at a time; the medians are printed for a sweep
 (7 rates per rule) and a final run (1 rate per rule). On CUDA every timed
 block ends with a synchronize, so the figures include the launches.
+
+--whole times whole packs instead: `evaluate_rules` on K rules, the protocol
+(7 rates for one epoch, then the best for 5) on 128 such images, so each
+pack is some 64 x 6 steps of a stack that shrinks from K x 7 children to K.
+Its seconds are the host's time for a pack's whole life; its reward sum
+tells whether two checkouts trained alike, to compare their times.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from nos.optim import resolve_rule
 from nos.tasks.base import Splits, Task
 from nos.tasks.networks import paper_convnet
 from nos.tasks.objectives import Accuracy
-from nos.tasks.packed import Member, PackedChildren
+from nos.tasks.packed import Member, PackedChildren, evaluate_rules
 from nos.tasks.training import initial_child
 
 BLOCK = 10   # steps per timed block
@@ -39,6 +46,31 @@ def tiny_task(device: torch.device) -> Task:
     x = x[:, :, :4, :4].contiguous()
     return Task("tiny-convnet", Splits(x, y, x, y, x, y), lambda: paper_convnet(3, 4, filters=1), Accuracy(),
                 batch_size=2, sweep_epochs=1, epochs=1, device=device, stacked=True)
+
+
+def whole_task(device: torch.device) -> Task:
+    x, y = synthetic_cifar(128, device, 0)
+    x = x[:, :, :4, :4].contiguous()
+    return Task("tiny-convnet", Splits(x, y, x[:16], y[:16], x[:16], y[:16]),
+                lambda: paper_convnet(3, 4, filters=1), Accuracy(), batch_size=2, sweep_epochs=1, epochs=5,
+                device=device, stacked=True)
+
+
+def whole_packs(device: torch.device, packs: list[int], repeats: int) -> None:
+    task = whole_task(device)
+    print("| K | seconds per pack (median) | evaluations per second | reward sum |")
+    print("|---|---|---|---|")
+    for k in packs:
+        seconds, rewards = [], 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            results = evaluate_rules(rules(k), task, seed=0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds.append(time.perf_counter() - start)
+            rewards = sum(result.reward for result in results)
+        median = statistics.median(seconds)
+        print(f"| {k} | {median:.2f} | {k / median:.1f} | {rewards:.4f} |", flush=True)
 
 
 def pack_of(task: Task, k: int, lrs: tuple[float, ...]) -> tuple[PackedChildren, torch.Tensor, torch.Tensor]:
@@ -94,10 +126,17 @@ def main() -> None:
     parser.add_argument("--packs", default="8,32")
     parser.add_argument("--repeats", type=int, default=200, help="timed steps of each kind per row")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU)")
+    parser.add_argument("--whole", action="store_true", help="instead: whole packs, the protocol end to end "
+                        "(3 of each K; --repeats is ignored)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if args.whole:
+        print(f"whole packs' host time, torch {torch.__version__} on {name}: the convnet child cut to 1 filter, "
+              "4x4 images, batch 2; 128 images, 7 rates x 1 epoch then 5")
+        whole_packs(device, [int(k) for k in args.packs.split(",")], 3)
+        return
     task = tiny_task(device)
     print(f"pack host time, torch {torch.__version__} on {name}: the convnet child cut to 1 filter, 4x4 images, "
           f"batch 2; medians of {args.repeats} steps, ms per training step")

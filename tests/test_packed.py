@@ -127,3 +127,46 @@ def test_a_child_taken_out_of_a_pack_trains_on_as_its_rules_own():
         child.train(task.epochs - child.epochs)
     assert child.val_acc == pytest.approx(alone.reward, abs=1e-9)
     assert child.record().train_loss == pytest.approx(alone.final.train_loss, rel=1e-6)
+
+
+def _trained(task, members, epochs, seed=3):
+    pack = PackedChildren(task, initial_child(task, seed), members, seed)
+    pack.advance(epochs * task.steps_per_epoch, validate=False)
+    return pack
+
+
+def test_two_packs_joined_between_epochs_train_on_as_each_would_alone():
+    """A schedule rule's fresh final run joins the continuing children: each child's own state, rate and noise go on."""
+    task = get_task("digits", **SMALL)
+    steps = 2 * task.steps_per_epoch
+    first = [Member("drop(m, 0.3)", (1e-2, 1e-1), steps), Member("sgd", (1e-1,), steps)]
+    second = [Member("addsign-ld", (1e-1,), steps), Member("drop(g, 0.5)", (1.0, 1e-2), steps)]
+    with deterministic(task.device):
+        apart = [_trained(task, members, 2) for members in (first, second)]
+        joined, other = _trained(task, first, 1), _trained(task, second, 1)
+        joined.stop([1])   # a stopped child stays out, and its records stay
+        offset = joined.join(other)
+        joined.advance(task.steps_per_epoch)
+        for pack in apart:
+            pack.advance(0)   # score on validation
+    assert offset == 3 and joined.running == [0, 2, 3, 4, 5]
+    assert [joined.member_of[c] for c in range(6)] == [0, 0, 1, 2, 3, 3] and joined.lrs[3:] == [1e-1, 1.0, 1e-2]
+    for child, (pack, own) in zip([0, 2, 3, 4, 5], [(0, 0), (0, 2), (1, 0), (1, 1), (1, 2)]):
+        mine, theirs = joined.record(child), apart[pack].record(own)
+        assert (mine.epochs, mine.steps, mine.lr) == (theirs.epochs, theirs.steps, theirs.lr) == (2, steps, theirs.lr)
+        assert mine.val_acc == pytest.approx(theirs.val_acc, abs=DIGITS["acc"])
+        assert mine.train_loss == pytest.approx(theirs.train_loss, abs=DIGITS["loss"])
+    assert joined.record(1).steps == task.steps_per_epoch and joined.record(1).val_acc == 0.0
+
+
+def test_packs_join_only_at_the_same_point_of_the_data_order():
+    task = get_task("digits", **SMALL)
+    members = [Member("sgd", (1e-1,), 2 * task.steps_per_epoch)]
+    with deterministic(task.device):
+        ahead, behind = _trained(task, members, 1), _trained(task, members, 0)
+        midway = _trained(task, members, 0)
+        midway.advance(1, validate=False)
+        for pack, other in ((ahead, behind), (behind, midway)):
+            with pytest.raises(RuntimeError, match="between epochs"):
+                pack.join(other)
+    assert len(ahead.running) == len(behind.running) == 1   # a refused join changes neither

@@ -15,7 +15,9 @@ their own) leaves the stack at once.
 Then the final runs, packed the same way: a rule whose best sweep child goes
 on (see nos.tasks.protocol) keeps that child in the stack while every other
 child leaves it; the rules that read a schedule (ld, cd, rd) retrain from
-scratch, together, in a second pack. Each rule's result equals
+scratch, together, in a second pack, which joins the first once it has
+caught up (the sweep's epochs trained: the same point of the same data
+order), so that the two do not step in turn for the rest. Each rule's result equals
 `evaluate_rule`'s within rounding (tests/test_packed.py).
 """
 
@@ -112,6 +114,38 @@ class PackedChildren(StackedChildren):
             index = torch.tensor(local, dtype=torch.long, device=self.task.device)
             self.optimizers[m] = self._optimizer_for(m, old.rates.index_select(0, index))
             carry_state(old, self.optimizers[m], index)
+
+    def join(self, other: PackedChildren) -> int:
+        """Take `other`'s members and running children into this stack; returns the number added to its children's.
+
+        Both stacks must stand between epochs at the same point of the same
+        data order: every child then goes on seeing the batches it would have
+        seen in its own stack, with its own optimizer's state and noise.
+        """
+        if self._position or other._position or not torch.equal(self.order.get_state(), other.order.get_state()):
+            raise RuntimeError("packs join only between epochs, at the same point of the same data order")
+        offset, members, positions = len(self.lrs), len(self.members), len(self.running)
+        self.members += other.members
+        self.member_of += [members + m for m in other.member_of]
+        self.first += [offset + first for first in other.first]
+        for name in ("lrs", "steps", "epochs", "val_acc", "train_loss", "diverged", "wall_seconds"):
+            getattr(self, name).extend(getattr(other, name))
+        self.params = {n: torch.cat([p.detach(), other.params[n].detach()]).requires_grad_()
+                       for n, p in self.params.items()}
+        self.buffers = {n: torch.cat([b, other.buffers[n]]) for n, b in self.buffers.items()}
+        self._seen = torch.cat([self._seen, other._seen])
+        self._total = None   # an epoch's running sum: the next epoch starts it afresh
+        self.running += [offset + child for child in other.running]
+        self._spans += [(positions + start, positions + end) for start, end in other._spans]
+        old = self.optimizers + other.optimizers
+        self.optimizers = [None if previous is None else self._moved(m, previous) for m, previous in enumerate(old)]
+        return offset
+
+    def _moved(self, member: int, previous: SymbolicOptimizer) -> SymbolicOptimizer:
+        """Member `member`'s optimizer over its slice of the stack now, with `previous`'s state."""
+        optimizer = self._optimizer_for(member, previous.rates)
+        carry_state(previous, optimizer, torch.arange(len(previous.rates), device=self.task.device))
+        return optimizer
 
     def _source(self, child: int, pos: int) -> tuple[SymbolicOptimizer, int, Node, int]:
         m = self.member_of[child]
@@ -236,14 +270,23 @@ def _pack(trees: list[Node], task: Task, seed: int, reuse_sweep: bool, report: O
         pack.disable_explosion_stop()
         for child in continuing.values():
             pack.wall_seconds[child] = 0.0
-        finals = _finish(pack, continuing, final_steps - sweep_steps, report)
-        # The others train their final run from the start, a pack of their own.
+        # The others train their final run from the start, a pack of their own ...
         retrain = {m: b for m, b in enumerate(best) if b is not None and not reuse[m]}
-        if retrain:
-            fresh = PackedChildren(task, initial, [Member(trees[m], (lrs[b],), final_steps)
-                                                   for m, b in retrain.items()], seed)
+        fresh = PackedChildren(task, initial, [Member(trees[m], (lrs[b],), final_steps)
+                                               for m, b in retrain.items()], seed) if retrain else None
+        fresh_finals = {m: fresh.first[i] for i, m in enumerate(retrain)} if fresh else {}
+        if fresh:
             fresh.disable_explosion_stop()
-            finals.update(_finish(fresh, {m: fresh.first[i] for i, m in enumerate(retrain)}, final_steps, report))
+        if fresh and continuing:
+            # ... which, once it has trained the sweep's epochs, stands where the continuing children do (an
+            # epoch boundary of the same data order): the two go on as one stack rather than stepping in turn.
+            fresh.advance(sweep_steps, validate=False)
+            offset = pack.join(fresh)
+            continuing.update({m: offset + child for m, child in fresh_finals.items()})
+            fresh = None
+        finals = _finish(pack, continuing, final_steps - sweep_steps, report)
+        if fresh:
+            finals.update(_finish(fresh, fresh_finals, final_steps, report))
 
     share = (time.perf_counter() - start) / len(trees)
     return [evaluation_result(trees[m], task, seed, trials[m], best[m], *finals.get(m, (None, 0.0)), share)
