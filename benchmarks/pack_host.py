@@ -12,7 +12,10 @@ the optimizers' steps, taken the way a pack takes them (`nos.optim.step_together
 and, as the reference in the same process, by each optimizer's own `step()`.
 Both take turns, 10 steps at a time; the medians are printed for a sweep
 (7 rates per rule) and a final run (1 rate per rule). On CUDA every timed
-block ends with a synchronize, so the figures include the launches.
+block ends with a synchronize, so the figures include the launches. The last
+column times the same optimizers with the stack's per-child rates shaped the
+other way (nos.optim.FULL_RATE_DEVICES: full copies, one foreach launch for
+all of a rule's tensors on a GPU, or views that broadcast, one per tensor).
 
 --whole times whole packs instead: `evaluate_rules` on K rules, the protocol
 (7 rates for one epoch, then the best for 5) on 128 such images, so each
@@ -24,6 +27,7 @@ tells whether two checkouts trained alike, to compare their times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -31,6 +35,7 @@ import torch
 from gpu_pack import rules
 from gpu_sweep import synthetic_cifar
 
+import nos.optim
 from nos.optim import resolve_rule
 from nos.tasks.base import Splits, Task
 from nos.tasks.networks import paper_convnet
@@ -103,13 +108,34 @@ def timed(device: torch.device, run) -> float:
     return (time.perf_counter() - start) * 1e3 / BLOCK
 
 
+def full_rates(device: torch.device) -> bool:
+    """Whether nos keeps a stack's per-child rates at each parameter's full shape on `device`."""
+    return device.type in nos.optim.FULL_RATE_DEVICES
+
+
+@contextlib.contextmanager
+def rates_shaped_otherwise(device: torch.device):
+    """Optimizers that build their buckets meanwhile shape the rates the way nos does not on `device`."""
+    saved = nos.optim.FULL_RATE_DEVICES
+    nos.optim.FULL_RATE_DEVICES = () if full_rates(device) else (device.type,)
+    try:
+        yield
+    finally:
+        nos.optim.FULL_RATE_DEVICES = saved
+
+
 def measure(task: Task, k: int, lrs: tuple[float, ...], repeats: int) -> dict[str, float]:
     pack, x, y = pack_of(task, k, lrs)
+    other, _, _ = pack_of(task, k, lrs)
     device = task.device
     forward_backward(pack, x, y)
+    forward_backward(other, x, y)
+    with rates_shaped_otherwise(device):
+        timed(device, other._step)   # builds (and keeps) its buckets' rates the other way
     runs = {"forward + backward": lambda: forward_backward(pack, x, y),
             "optimizers, together": pack._step,
-            "optimizers, one by one": lambda: one_by_one(pack)}
+            "optimizers, one by one": lambda: one_by_one(pack),
+            "rates shaped otherwise": other._step}
     for run in runs.values():   # warm up: first calls allocate and build the kept buckets
         timed(device, run)
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -140,14 +166,18 @@ def main() -> None:
     task = tiny_task(device)
     print(f"pack host time, torch {torch.__version__} on {name}: the convnet child cut to 1 filter, 4x4 images, "
           f"batch 2; medians of {args.repeats} steps, ms per training step")
-    print("| K | rates per rule | forward + backward | optimizers, together | one by one | together / one by one |")
-    print("|---|---|---|---|---|---|")
+    shapes = ("full copies", "views") if full_rates(device) else ("views", "full copies")
+    print(f"per-child rates: {shapes[0]} here (nos.optim.FULL_RATE_DEVICES); the last column steps the same "
+          f"optimizers with the rates as {shapes[1]}")
+    print("| K | rates per rule | forward + backward | optimizers, together | one by one | together / one by one "
+          f"| rates as {shapes[1]} / together |")
+    print("|---|---|---|---|---|---|---|")
     for k in (int(k) for k in args.packs.split(",")):
         for lrs in (tuple(task.lrs), (0.01,)):
             t = measure(task, k, lrs, args.repeats)
             together, apart = t["optimizers, together"], t["optimizers, one by one"]
             print(f"| {k} | {len(lrs)} | {t['forward + backward']:.2f} | {together:.2f} | {apart:.2f} "
-                  f"| {together / apart:.2f}x |", flush=True)
+                  f"| {together / apart:.2f}x | {t['rates shaped otherwise'] / together:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

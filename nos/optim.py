@@ -28,6 +28,12 @@ from .rules.vocabulary import WEIGHT_SCALES
 # two copies it adds cost more than that (ResNet-18, 2 cores: 17.3 ms a step flat against 12.0).
 FLAT_DEVICES = ("cuda", "xpu", "mps")
 
+# Devices whose per-slice rates (a stack's, see `rates`) are kept at each parameter's full shape. A
+# foreach kernel launches once for all its tensors only when every list's tensors match in shape (else
+# it launches per tensor, which on a GPU costs a pack host time per rule); the price is one tensor the
+# size of the parameters. A CPU has no fused foreach kernels, so there the rates stay views.
+FULL_RATE_DEVICES = ("cuda",)
+
 # Where torch keeps the step hooks registered for every optimizer, and for one (see step_together).
 _GLOBAL_HOOKS = ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
 _OWN_HOOKS = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks")
@@ -255,11 +261,20 @@ class SymbolicOptimizer(torch.optim.Optimizer):
             scratch = self._scratch if bucket.device.type == "cpu" else None
             rates = None
         else:   # no scratch: a stack's tensors change shape as its members leave
-            if bucket.rates is None or bucket.rates[0] is not self.rates:
-                bucket.rates = (self.rates, [self.rates.view(-1, *[1] * (p.dim() - 1)) for p in bucket.params])
-            scratch, rates = None, bucket.rates[1]
+            # Kept from step to step, and made again if the rates are replaced or changed in place.
+            kept = bucket.rates
+            if kept is None or kept[0] is not self.rates or kept[1] != self.rates._version:
+                bucket.rates = (self.rates, self.rates._version, self._shaped_rates(bucket.params))
+            scratch, rates = None, bucket.rates[2]
         apply_update(self.rule, StepContext(bucket.params, grads, bucket.buffers, numbers, generator, self._uses,
                                             scratch, rates), lr)
+
+    def _shaped_rates(self, params: list[Tensor]) -> list[Tensor]:
+        """`rates` shaped to multiply each parameter: views that broadcast, or full copies (FULL_RATE_DEVICES)."""
+        views = [self.rates.view(-1, *[1] * (p.dim() - 1)) for p in params]
+        if params[0].device.type not in FULL_RATE_DEVICES:
+            return views
+        return [torch.empty_like(p).copy_(view.expand_as(p)) for p, view in zip(params, views)]
 
     def _numbers_on(self, device: torch.device, numbers: dict[str, float],
                     lr: float) -> tuple[dict[str, Tensor], Tensor]:
@@ -342,7 +357,8 @@ class _Bucket:
     flat: dict[str, Tensor] = field(default_factory=dict)
     grad: Tensor | None = None
     grad_views: list[Tensor] = field(default_factory=list)
-    rates: tuple[Tensor, list[Tensor]] | None = None   # SymbolicOptimizer.rates, and it shaped to each parameter
+    # SymbolicOptimizer.rates, its version counter then, and it shaped to each parameter (_shaped_rates).
+    rates: tuple[Tensor, int, list[Tensor]] | None = None
 
 
 def _compile_arguments(compile: bool | dict[str, Any] | None) -> dict[str, Any] | None:

@@ -353,9 +353,15 @@ def test_compile_takes_true_false_or_torch_compiles_arguments():
         SymbolicOptimizer([w], "sgd", compile={"mode": "default"}, rates=torch.ones(3))
 
 
+@pytest.mark.parametrize("shaped", ["views", "full"])
 @pytest.mark.parametrize("rule", ["powersign", "adam", "g * ld"])
-def test_per_slice_rates_train_each_slice_as_its_own_optimizer(rule):
-    """A stack of K tensors with one rate each moves as K optimizers at those rates would."""
+def test_per_slice_rates_train_each_slice_as_its_own_optimizer(rule, shaped, monkeypatch):
+    """A stack of K tensors with one rate each moves as K optimizers at those rates would.
+
+    "full": the rates copied to each parameter's shape, as on a GPU (FULL_RATE_DEVICES).
+    """
+    if shaped == "full":
+        monkeypatch.setattr(nos.optim, "FULL_RATE_DEVICES", ("cpu",))
     rates = torch.tensor([1e-3, 1e-2, 1e-1])
     start = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(2))
     stacked = start.clone().requires_grad_()
@@ -373,6 +379,38 @@ def test_per_slice_rates_train_each_slice_as_its_own_optimizer(rule):
             p.grad = None
     for k in range(3):
         torch.testing.assert_close(stacked[k].detach(), alone[k].detach())
+
+
+@pytest.mark.parametrize("devices", [(), ("cpu",)], ids=["views", "full"])
+def test_per_slice_rates_changed_or_replaced_take_effect_at_the_next_step(devices, monkeypatch):
+    monkeypatch.setattr(nos.optim, "FULL_RATE_DEVICES", devices)
+    stacked = torch.zeros(2, 3, requires_grad=True)
+    optimizer = SymbolicOptimizer([stacked], "g", lr=1.0, rates=torch.tensor([1.0, 2.0]))
+    moves = []
+    for change in (None, lambda: optimizer.rates.mul_(10), lambda: setattr(optimizer, "rates", torch.ones(2))):
+        if change:
+            change()
+        before = stacked.detach().clone()
+        stacked.grad = torch.ones(2, 3)
+        optimizer.step()
+        moves.append((before - stacked.detach())[:, 0].tolist())
+    assert moves == [[1.0, 2.0], [10.0, 20.0], [1.0, 1.0]]
+
+
+def test_full_shaped_rates_step_exactly_as_views_do(monkeypatch):
+    """On the CPU both shapes run the same kernels: the parameters agree to the bit."""
+    ends = []
+    for devices in ((), ("cpu",)):
+        monkeypatch.setattr(nos.optim, "FULL_RATE_DEVICES", devices)
+        gen = torch.Generator().manual_seed(6)
+        params = [torch.randn(3, 8, 5, generator=gen).requires_grad_(), torch.randn(3, 5, generator=gen)]
+        optimizer = SymbolicOptimizer(params, "powersign", lr=1.0, rates=torch.tensor([1e-3, 1e-2, 1e-1]))
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizer.step()
+        ends.append([p.detach() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*ends))
 
 
 def test_per_slice_rates_need_the_foreach_step():
