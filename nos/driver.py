@@ -55,7 +55,7 @@ from .store import (
     save_checkpoint,
     set_run_status,
 )
-from .store.evaluations import release_claims
+from .store.evaluations import release_claims, release_the_departed
 from .store.models import COUNTED_STATUSES as COUNTED, FINISHED_STATUSES as FINISHED, Evaluation
 from .work import task_for, task_key
 
@@ -137,6 +137,10 @@ class Driver:
         LeaseRefused: another driver is alive; LeaseLost: another took over, and this one wrote nothing more.
         """
         with self.lease:
+            # Claims of workers that died with the driver before this one: queued again, uncounted, and
+            # sent as the loop resumes (not left to the stale-claim sweep).
+            with self.store.transaction() as session:
+                release_the_departed(session, self.run_id)
             if self.config.synchronous:
                 return self._guarded(self._drive)
             from .asynchronous import AsynchronousLoop

@@ -108,3 +108,33 @@ def test_workers_die_with_a_killed_driver_and_stop_marks_the_driverless_run_stop
     assert again.returncode == 2
     assert "run 1 is stopped, not running" in again.stderr
     assert run_row(url) == ("stopped", None, None)
+
+
+def test_a_resumed_run_takes_back_uncounted_the_claims_its_killed_drivers_workers_held(url, tiny_toml):
+    """Workers die with their driver: their claims were lost to it, not to the rules, so no attempt is spent."""
+    driver = start_nos(*long_run(url, tiny_toml))
+    try:
+        wait_for(lambda: has_run(url) and finished_count(url, 1) >= 2
+                 and any(e.status == "running" for e in run_rows(url, 1)))
+        workers = group(driver.pid) - {driver.pid}
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        wait_for(lambda: not group(driver.pid) & workers, timeout=30)
+    finally:
+        if group(driver.pid):
+            os.killpg(driver.pid, signal.SIGKILL)
+    lost = {e.id for e in run_rows(url, 1) if e.status == "running"}
+    assert lost and all(e.attempts == 1 for e in run_rows(url, 1) if e.id in lost)
+
+    resumed = start_nos("resume", "1", "--db", url)
+    try:
+        wait_for(lambda: all(e.status in ("done", "diverged", "failed") for e in run_rows(url, 1) if e.id in lost))
+        resumed.send_signal(signal.SIGTERM)
+        out, _ = resumed.communicate(timeout=120)
+    finally:
+        if resumed.poll() is None:
+            os.killpg(resumed.pid, signal.SIGKILL)
+    assert resumed.returncode == 0, out
+    # Claimed once by a worker that died with the first driver (given back uncounted), once after the resume.
+    assert [(e.status in ("done", "diverged"), e.attempts) for e in run_rows(url, 1) if e.id in lost] \
+        == [(True, 1)] * len(lost)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 from datetime import timedelta
 
 import pytest
@@ -32,6 +35,7 @@ from nos.store import (
     unfinished_ids,
     utcnow,
 )
+from nos.store.evaluations import release_the_departed
 
 from helpers.store import LRS, RULES, new_run_with_batch, result
 
@@ -213,6 +217,26 @@ def test_requeue_stale_requeues_or_gives_up(store):
         assert not heartbeat(session, ids[0], 1)  # the dead worker's ticket is void
         assert claim(session, ids[0], "new", STALE) == 2
         assert unfinished_ids(session, run_id) == sorted([ids[0], ids[2], *ids[3:]])
+
+
+def test_claims_of_processes_gone_from_this_host_are_given_back_uncounted(store):
+    """What a driver taking a run over does first: its predecessor's workers died with it."""
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    here = socket.gethostname()
+    run_id, ids = new_run_with_batch(store)
+    holders = [f"{here}:{exited.pid}", f"{here}:{os.getpid()}", "elsewhere:1", f"{here}:{exited.pid}"]
+    with store.transaction() as session:
+        for evaluation_id, worker in zip(ids, holders):
+            claim(session, evaluation_id, worker, STALE)
+        commit_result(session, ids[3], 1, result(0.9))   # a finished evaluation stays as it is
+    with store.transaction() as session:
+        assert release_the_departed(session, run_id) == [ids[0]]
+    assert [(row(store, i).status, row(store, i).attempts) for i in ids[:4]] == [
+        ("queued", 0), ("running", 1), ("running", 1), ("done", 1)]
+    with store.transaction() as session:
+        assert release_the_departed(session, run_id) == []
+        assert claim(session, ids[0], "new", STALE) == 1
 
 
 def test_cached_evaluations_copy_a_scored_result(store):

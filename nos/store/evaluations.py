@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from ..records import EvaluationResult
 from ..redact import mask_credentials
+from .leases import gone_from_this_host
 from .models import PENDING_STATUSES, TRAINED_STATUSES, Evaluation, LrTrial, Rule, Run, utcnow
 
 evaluations = Evaluation.__table__
@@ -247,6 +248,23 @@ def release_claims(session: Session, run_id: int, workers: Sequence[str], *, ref
                evaluations.c.worker.in_(list(workers)))
         .values(**values).returning(evaluations.c.id)
     ).scalars().all())
+
+
+def release_the_departed(session: Session, run_id: int) -> list[int]:
+    """Put back in the queue, uncounted, the run's claims held by processes of this host that have exited.
+
+    For a driver taking a run over: its local workers died with the driver
+    before it (they do not outlive the process that started them), so their
+    claims were lost to that driver, not to the rules they were training,
+    which is what `max_attempts` counts. (A worker that dies on its own
+    while its driver lives is released by that driver, counted.) Returns
+    the ids, to dispatch now rather than after the stale-claim sweep.
+    """
+    holders = session.execute(
+        select(evaluations.c.worker).distinct()
+        .where(evaluations.c.run_id == run_id, evaluations.c.status == "running", evaluations.c.worker.isnot(None))
+    ).scalars().all()
+    return release_claims(session, run_id, [w for w in holders if gone_from_this_host(w)], refund=True)
 
 
 def get_evaluation(session: Session, evaluation_id: int) -> Evaluation | None:

@@ -17,8 +17,8 @@ on (see nos.tasks.protocol) keeps that child in the stack while every other
 child leaves it; the rules that read a schedule (ld, cd, rd) retrain from
 scratch, together, in a second pack, which joins the first once it has
 caught up (the sweep's epochs trained: the same point of the same data
-order), so that the two do not step in turn for the rest. Each rule's result equals
-`evaluate_rule`'s within rounding (tests/test_packed.py).
+order), so that the two do not step in turn for the rest. Each rule's
+result equals `evaluate_rule`'s within rounding (tests/test_packed.py).
 """
 
 from __future__ import annotations
