@@ -86,9 +86,11 @@ def test_a_second_driver_is_refused_and_sigterm_stops_the_first_cleanly(url, tin
 
 
 def test_workers_die_with_a_killed_driver_and_stop_marks_the_driverless_run_stopped(url, tiny_toml):
+    """And the resume takes back their claims at once, uncounted: they were lost to the driver, not the rules."""
     driver = start_nos(*long_run(url, tiny_toml))
     try:
-        wait_for(lambda: has_run(url) and finished_count(url, 1) >= 2)
+        wait_for(lambda: has_run(url) and finished_count(url, 1) >= 2
+                 and any(e.status == "running" for e in run_rows(url, 1)))
         workers = group(driver.pid) - {driver.pid}
         assert workers
         os.kill(driver.pid, signal.SIGKILL)   # the driver alone: nothing signals its workers
@@ -98,6 +100,8 @@ def test_workers_die_with_a_killed_driver_and_stop_marks_the_driverless_run_stop
         if group(driver.pid):   # whatever the test left alive
             os.killpg(driver.pid, signal.SIGKILL)
     assert run_row(url)[0] == "running"
+    lost = {e.id for e in run_rows(url, 1) if e.status == "running"}
+    assert lost and all(e.attempts == 1 for e in run_rows(url, 1) if e.id in lost)
 
     stop = nos("stop", "1", "--db", url)
     assert stop.returncode == 0, stop.stderr
@@ -108,23 +112,6 @@ def test_workers_die_with_a_killed_driver_and_stop_marks_the_driverless_run_stop
     assert again.returncode == 2
     assert "run 1 is stopped, not running" in again.stderr
     assert run_row(url) == ("stopped", None, None)
-
-
-def test_a_resumed_run_takes_back_uncounted_the_claims_its_killed_drivers_workers_held(url, tiny_toml):
-    """Workers die with their driver: their claims were lost to it, not to the rules, so no attempt is spent."""
-    driver = start_nos(*long_run(url, tiny_toml))
-    try:
-        wait_for(lambda: has_run(url) and finished_count(url, 1) >= 2
-                 and any(e.status == "running" for e in run_rows(url, 1)))
-        workers = group(driver.pid) - {driver.pid}
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-        wait_for(lambda: not group(driver.pid) & workers, timeout=30)
-    finally:
-        if group(driver.pid):
-            os.killpg(driver.pid, signal.SIGKILL)
-    lost = {e.id for e in run_rows(url, 1) if e.status == "running"}
-    assert lost and all(e.attempts == 1 for e in run_rows(url, 1) if e.id in lost)
 
     resumed = start_nos("resume", "1", "--db", url)
     try:
