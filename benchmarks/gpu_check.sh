@@ -5,7 +5,7 @@
 #   2. benchmarks/gpu_sweep.py: the stacked sweep against one child at a time;
 #   3. benchmarks/gpu_pack.py: packs on the paper's CIFAR-10 protocol, evaluations per hour by K;
 #   3b. benchmarks/gpu_pack.py --profile 32: where a pack's host and device time goes;
-#   3c. benchmarks/gpu_pack.py --cudnn-compare 32: a pack under cuDNN's other settings (speed, rewards);
+#   3c. benchmarks/gpu_pack.py --cudnn-compare 32: a pack under cuDNN's other settings and NHWC (speed, rewards);
 #   3d. benchmarks/pack_host.py: a pack's host time per training step, its K optimizers' part;
 #   3e. benchmarks/pack_host.py --whole: the host's time for whole packs (the device next to idle);
 #   4. benchmarks/optimizer_step.py on CUDA: PowerSign and Adam (eager, compiled) against Adam(fused=True);
@@ -160,7 +160,7 @@ fi
 step gpu-sweep 50 "$PY" benchmarks/gpu_sweep.py "${SWEEP_FLAGS[@]}"
 step gpu-pack 170 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --out "$LOGS/gpu-pack.md"
 step gpu-profile 45 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --profile "$PROFILE_K"
-step cudnn-modes 75 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --cudnn-compare "$PROFILE_K"
+step cudnn-modes 100 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --cudnn-compare "$PROFILE_K"
 step pack-host 30 "$PY" benchmarks/pack_host.py "${HOST_FLAGS[@]}"
 step pack-whole 40 "$PY" benchmarks/pack_host.py --whole "${WHOLE_FLAGS[@]}"
 step optimizer-step 130 "$PY" benchmarks/optimizer_step.py "${STEP_FLAGS[@]}"

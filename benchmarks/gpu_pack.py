@@ -115,7 +115,7 @@ def main() -> None:
                         "the training images (torch.profiler): where the host's and the device's time goes")
     parser.add_argument("--cudnn-compare", type=int, metavar="K", help="instead: time one pack of K on a tenth "
                         "of the training images under each cuDNN setting (CUDNN_MODES) in turn: what "
-                        "deterministic kernels and cuDNN's heuristic pick cost")
+                        "deterministic kernels, cuDNN's heuristic pick and contiguous images cost")
     parser.add_argument("--out", help="also write the table here (markdown)")
     args = parser.parse_args()
     began = time.perf_counter()
@@ -133,7 +133,8 @@ def main() -> None:
         if args.profile:
             profile(small, args.profile)
         else:
-            compare_cudnn(small, args.cudnn_compare)
+            nhwc = cifar_task(device, train, args.val_size, args.batch, args.epochs, channels_last=True)
+            compare_cudnn(small, nhwc, args.cudnn_compare)
         return
     rows: list[tuple] = []
     notes: list[str] = []
@@ -197,16 +198,19 @@ def profile(task: Task, k: int) -> None:
           f"{sum(e.count for e in events if e.key.startswith('aten::'))} aten calls", flush=True)
 
 
-# cuDNN's (deterministic, benchmark) flags: nos evaluates under the first (nos.tasks.training.deterministic).
-CUDNN_MODES = {"deterministic": (True, False), "deterministic, timed pick": (True, True), "free": (False, True)}
+# cuDNN's (deterministic, benchmark) flags, and whether the images are channels-last: nos evaluates
+# under the first (nos.tasks.training.deterministic), with the task's own memory format.
+CUDNN_MODES = {"deterministic": (True, False), "deterministic, timed pick": (True, True), "free": (False, True),
+               "deterministic, channels last": (True, False)}
 
 
-def compare_cudnn(task: Task, k: int) -> None:
+def compare_cudnn(task: Task, nhwc: Task, k: int) -> None:
     """A pack of K under each of CUDNN_MODES in turn; seconds and rewards against nos's own setting.
 
     cuDNN's heuristic may pick a slow algorithm for the grouped convolutions a stack becomes, and
     deterministic ones may be slower than the rest; a timed pick (cudnn.benchmark) may differ from run
-    to run, and so may the results of non-deterministic kernels, which is why nos uses neither. Each
+    to run, and so may the results of non-deterministic kernels, which is why nos uses neither. The
+    last row trains `nhwc`, the same task with channels-last images (cuDNN's NHWC kernels). Each
     mode first trains one untimed pack (a timed pick times its candidates at the first call of each
     shape); each row is printed as it is measured, so a run cut short keeps what it measured.
     """
@@ -224,7 +228,7 @@ def compare_cudnn(task: Task, k: int) -> None:
                 cudnn.deterministic, cudnn.benchmark = saved
         return flags
 
-    print(f"cuDNN settings, a pack of K={k} on {task.splits.sizes['train']} training images, "
+    print(f"cuDNN settings and memory formats, a pack of K={k} on {task.splits.sizes['train']} training images, "
           "each timed after an untimed pack:")
     print("| cuDNN | seconds per pack | / deterministic | largest reward difference |")
     print("|---|---|---|---|", flush=True)
@@ -233,10 +237,11 @@ def compare_cudnn(task: Task, k: int) -> None:
     try:
         for mode in CUDNN_MODES:   # "deterministic", nos's own, first: the others are compared with it
             packed.deterministic = under(mode)
-            evaluate_rules(rules(k), task, seed=0)
+            trained = nhwc if mode.endswith("channels last") else task
+            evaluate_rules(rules(k), trained, seed=0)
             sync(task.device)
             start = time.perf_counter()
-            rewards = [result.reward for result in evaluate_rules(rules(k), task, seed=0)]
+            rewards = [result.reward for result in evaluate_rules(rules(k), trained, seed=0)]
             sync(task.device)
             seconds = time.perf_counter() - start
             base, first = base or seconds, first or rewards

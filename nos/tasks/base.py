@@ -103,7 +103,7 @@ class Task:
             return False   # vmap has no batching rule for torch's recurrent kernels (GRU, LSTM, RNN)
         if self.device.type == "cuda":
             return True
-        # On the CPU grouped convolutions are no faster than separate ones, and vmap's are slower.
+        # On the CPU a stack's grouped convolutions take about twice the time of separate ones.
         return not any(isinstance(m, nn.modules.conv._ConvNd) for m in modules)
 
     def to_dict(self) -> dict[str, Any]:

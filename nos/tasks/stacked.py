@@ -2,9 +2,10 @@
 
 Every trial of a sweep starts from the same weights and sees the same batches
 in the same order; only the learning rate differs. So K children are K
-copies of the weights stacked along a new first dimension, run by
-`torch.func.vmap` over `functional_call`: one forward, one backward and one
-optimizer step for all of them. Each child's loss is its own mean, and the
+copies of the weights stacked along a new first dimension, run as one
+network (written out by nos.tasks.stacking for a Sequential of common
+layers, else `torch.func.vmap` over `functional_call`): one forward, one
+backward and one optimizer step for all of them. Each child's loss is its own mean, and the
 backward of their sum gives each child exactly its own gradient, so a child
 that diverges poisons nobody; it is dropped from the stack at once.
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ from ..records import TrialRecord
 from ..rules import Node
 from .base import Task
 from .objectives import score_chunk
+from .stacking import stacked_forward
 from .training import CUDA_CHECK_EVERY, Child, OnScored, explosion_limit, healthy
 
 
@@ -53,8 +54,8 @@ class StackedChildren:
         self.params = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
         self.buffers = {name: b.clone() for name, b in buffers.items()}
         self.skeleton = copy.deepcopy(initial).to("meta")
-        # vmap's Python overhead per step outweighs an MLP's small matmuls: an MLP gets a hand-stacked forward.
-        self.forward = _mlp_forward(self.skeleton) or vmap(self._call, in_dims=(0, 0, None))
+        # vmap's host time per op outweighs a small child's kernels: common layers get a forward written out.
+        self.forward = stacked_forward(self.skeleton) or vmap(self._call, in_dims=(0, 0, None))
         self.loss = task.objective.stacked_loss
         self.score_sum = vmap(task.objective.score_sum, in_dims=(0, None))
         self._start_optimizers()
@@ -279,36 +280,6 @@ def carry_state(old: SymbolicOptimizer, new: SymbolicOptimizer, index: Tensor) -
         if state:
             new.state[fresh] = {k: v.index_select(0, index) if torch.is_tensor(v) else v for k, v in state.items()}
     new.set_noise_state(old.noise_state())
-
-
-# Layers that act elementwise, so they apply to a stack unchanged.
-_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity)
-
-
-def _mlp_forward(skeleton: nn.Module) -> Callable[..., Tensor] | None:
-    """A forward for K stacked copies of a Sequential of Linear and elementwise layers, as batched matmuls.
-
-    None for any other network: vmap handles those.
-    """
-    if not isinstance(skeleton, nn.Sequential):
-        return None
-    layers: list[tuple[str, nn.Module]] = list(skeleton.named_children())
-    if not all(isinstance(m, (nn.Linear, *_ELEMENTWISE)) for _, m in layers):
-        return None
-
-    def forward(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
-        h = x   # [batch, in], shared by every child; [K, batch, features] after the first layer
-        for name, layer in layers:
-            if isinstance(layer, nn.Linear):
-                weight = params[f"{name}.weight"].transpose(1, 2)
-                bias = params.get(f"{name}.bias")
-                h = torch.matmul(h, weight) if bias is None else torch.baddbmm(
-                    bias.unsqueeze(1), h.expand(weight.shape[0], *h.shape) if h.dim() == 2 else h, weight)
-            else:
-                h = layer(h)
-        return h
-
-    return forward
 
 
 def _finite_children(tensors: list[Tensor]) -> list[bool]:
