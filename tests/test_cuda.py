@@ -11,13 +11,18 @@ conftest (which imports the storage stack) on a machine that has only those:
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch.func import stack_module_state
 
 from nos.devices import device_problem
 from nos.optim import SymbolicOptimizer
 from nos.tasks import evaluate_rule
+from nos.tasks.networks import paper_convnet
 from nos.tasks.packed import evaluate_rules
+from nos.tasks.stacking import stacked_forward
 
 from helpers.evaluations import assert_same, synthetic_task, without_times
 
@@ -136,3 +141,22 @@ def test_a_pack_on_cuda_agrees_with_one_rule_at_a_time(child, float32):
         assert_same(a, evaluate_rule(rule, alone_task, seed=2), **MARGINS[child])
     assert packed[2].diverged and not packed[0].diverged
     assert packed[0].device == "cuda"
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_a_stacks_forward_on_cuda_computes_as_on_the_cpu(memory_format, float32):
+    """The stack's written-out forward (nos.tasks.stacking), channels-last images included (vmap refuses
+    batch norm on those on CUDA): outputs, gradients and batch norm's running statistics as on the CPU."""
+    children = [paper_convnet(3, 16, filters=8) for _ in range(4)]
+    params, buffers = stack_module_state(children)
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    forward = stacked_forward(copy.deepcopy(children[0]).to("meta"))
+    found = []
+    for device in ("cpu", "cuda"):
+        p = {n: t.detach().to(device).requires_grad_() for n, t in params.items()}
+        b = {n: t.to(device) for n, t in buffers.items()}
+        out = forward(p, b, x.to(device).contiguous(memory_format=memory_format))
+        (out * out).sum().backward()
+        found.append([out.detach().cpu(), *(t.grad.cpu() for t in p.values()), *(t.cpu() for t in b.values())])
+    for on_cpu, on_cuda in zip(*found):
+        torch.testing.assert_close(on_cuda, on_cpu, rtol=1e-4, atol=1e-4)
