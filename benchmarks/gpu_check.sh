@@ -4,16 +4,18 @@
 #   1. tests/test_cuda.py (skipped, saying so, where pytest is missing);
 #   2. benchmarks/gpu_sweep.py: the stacked sweep against one child at a time;
 #   3. benchmarks/gpu_pack.py: packs on the paper's CIFAR-10 protocol, evaluations per hour by K;
-#   3b. benchmarks/gpu_pack.py --profile 32: where a pack's host and device time goes;
-#   3c. benchmarks/gpu_pack.py --cudnn-compare 32: a pack under cuDNN's other settings and NHWC (speed, rewards);
-#   3d. benchmarks/pack_host.py: a pack's host time per training step, its K optimizers' part;
-#   3e. benchmarks/pack_host.py --whole: the host's time for whole packs (the device next to idle);
 #   4. benchmarks/optimizer_step.py on CUDA: PowerSign and Adam (eager, compiled) against Adam(fused=True);
 #   5. a local search on CUDA end to end (`nos enqueue --device cuda --pack 2`, SQLite);
-#   6. `nos worker --device cuda --pack 2` over a Redis of its own, with a search end to end.
+#   6. `nos worker --device cuda --pack 2` over a Redis of its own, with a search end to end;
+#   then where a pack's time goes:
+#   7. benchmarks/gpu_pack.py --profile 32: the host's and the device's time under torch.profiler;
+#   8. benchmarks/gpu_pack.py --cudnn-compare 32: a pack under cuDNN's other settings and NHWC (speed, rewards);
+#   9. benchmarks/pack_host.py: a pack's host time per training step, its K optimizers' part;
+#   10. benchmarks/pack_host.py --whole: the host's time for whole packs (the device next to idle).
 # Prints a summary table at the end (and writes it, with every step's log, to $OUT if set).
-# Made to finish within 8 minutes on one H100 (it took 3.6 on an H200, before steps 3c to 3e); each step
-# also has a time limit of its own, so that a stuck step cannot cost the rest.
+# Made to finish within 8 minutes on one H100 (it took 3.6 on an H200, before steps 7 to 10): each step
+# has a time limit of its own, so that a stuck step cannot cost the rest, and the whole check stops
+# starting steps GPU_CHECK_SECONDS (470) after the install, so that its summary always comes back.
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, build/gpu-carry carried along
 #   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh      # here: every step on the CPU, tiny, this venv
@@ -89,11 +91,21 @@ export NOS_DB_URL=sqlite:///$WORK/check.db
 # GPU_CHECK_STEPS="gpu-pack optimizer-step" runs only those steps (a rerun on scarce GPU time).
 wanted() { [[ -z "${GPU_CHECK_STEPS:-}" || " $GPU_CHECK_STEPS " == *" $1 "* ]]; }
 
+# The whole check ends within GPU_CHECK_SECONDS (from here): a step gets at most the time left, and none
+# starts with less than 15 s left, so that the summary is printed before the caller's own time limit.
+DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-470}))
+
 # step NAME SECONDS COMMAND...: runs it with a time limit, logs it, records pass or fail in the summary.
 step() {
   local name=$1 limit=$2
   shift 2
   wanted "$name" || return 0
+  local left=$((DEADLINE - SECONDS))
+  if ((left < 15)); then
+    SUMMARY+=("$(printf '| %-14s | %-22s | %5d s |' "$name" "skipped: out of time" 0)")
+    return 0
+  fi
+  ((limit > left)) && limit=$left
   local start=$SECONDS
   echo "== $name" >&2
   echo "== $name" >>"$STEPS"
@@ -159,10 +171,6 @@ else
 fi
 step gpu-sweep 50 "$PY" benchmarks/gpu_sweep.py "${SWEEP_FLAGS[@]}"
 step gpu-pack 170 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --out "$LOGS/gpu-pack.md"
-step gpu-profile 45 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --profile "$PROFILE_K"
-step cudnn-modes 100 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --cudnn-compare "$PROFILE_K"
-step pack-host 30 "$PY" benchmarks/pack_host.py "${HOST_FLAGS[@]}"
-step pack-whole 40 "$PY" benchmarks/pack_host.py --whole "${WHOLE_FLAGS[@]}"
 step optimizer-step 130 "$PY" benchmarks/optimizer_step.py "${STEP_FLAGS[@]}"
 nos db upgrade >/dev/null
 # shellcheck disable=SC2086
@@ -176,6 +184,11 @@ elif redis_up; then
 else
   SUMMARY+=("| celery-search  | skipped: no redis      |     0 s |")
 fi
+# Where a pack's time goes: last, so that a check short of time loses these rather than the above.
+step gpu-profile 45 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --profile "$PROFILE_K"
+step cudnn-modes 100 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --cudnn-compare "$PROFILE_K"
+step pack-host 30 "$PY" benchmarks/pack_host.py "${HOST_FLAGS[@]}"
+step pack-whole 40 "$PY" benchmarks/pack_host.py --whole "${WHOLE_FLAGS[@]}"
 
 {
   echo
