@@ -15,6 +15,11 @@ from nos.tasks.stacking import stacked_forward
 K = 3
 
 
+class _Scaled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
 def _image_nets() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     return {
         "paper convnet": (paper_convnet(3, 8, filters=4), (5, 3, 8, 8)),
@@ -100,7 +105,23 @@ def test_feature_networks_stack_as_vmap_stacks_them(name):
     nn.Sequential(nn.Conv2d(2, 2, 3), nn.Flatten(2)),
     nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)),                                   # no parameters
     nn.GRU(4, 4),
+    nn.Sequential(_Scaled(4, 2)),                                                 # a subclass's own forward
 ], ids=["dropout", "grouped conv", "cumulative batch norm", "batch norm 1d", "batch norm first",
-        "partial flatten", "no parameters", "not sequential"])
+        "partial flatten", "no parameters", "not sequential", "subclass"])
 def test_other_networks_are_left_to_vmap(net):
     assert stacked_forward(net) is None
+
+
+def test_a_network_with_forward_hooks_is_left_to_vmap():
+    """Written out, the forward would skip them."""
+    net = digits_mlp(8)
+    assert stacked_forward(net) is not None
+    handle = net[0].register_forward_hook(lambda module, args, out: out * 2)
+    assert stacked_forward(net) is None
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
+    try:
+        assert stacked_forward(net) is None
+    finally:
+        handle.remove()
+    assert stacked_forward(net) is not None

@@ -257,8 +257,8 @@ def release_the_departed(session: Session, run_id: int) -> list[int]:
     before it (they do not outlive the process that started them), so their
     claims were lost to that driver, not to the rules they were training,
     which is what `max_attempts` counts. (A worker that dies on its own
-    while its driver lives is released by that driver, counted.) Returns
-    the ids, to dispatch now rather than after the stale-claim sweep.
+    while its driver lives is released by that driver, counted.) They are
+    queued at once, not after the stale-claim sweep. Returns their ids.
     """
     holders = session.execute(
         select(evaluations.c.worker).distinct()

@@ -43,7 +43,7 @@ StackedForward = Callable[[dict[str, Tensor], dict[str, Tensor], Tensor], Tensor
 
 def stacked_forward(skeleton: nn.Module) -> StackedForward | None:
     """forward(params, buffers, x) for K stacked copies of `skeleton`, or None where vmap must do it."""
-    if not isinstance(skeleton, nn.Sequential) or next(skeleton.parameters(), None) is None:
+    if type(skeleton) is not nn.Sequential or next(skeleton.parameters(), None) is None or _hooked(skeleton):
         return None
     layers = list(skeleton.named_children())
     kind = SHARED
@@ -64,21 +64,34 @@ def stacked_forward(skeleton: nn.Module) -> StackedForward | None:
     return forward
 
 
+def _hooked(skeleton: nn.Module) -> bool:
+    """Whether a forward hook could run in the network: written out, the forward would skip it."""
+    from torch.nn.modules import module
+
+    if module._global_forward_hooks or module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in skeleton.modules())
+
+
 def _after(layer: nn.Module, kind: str) -> str | None:
-    """What the running tensor holds after `layer` reads one holding `kind`; None where unsupported."""
-    if isinstance(layer, ELEMENTWISE):
+    """What the running tensor holds after `layer` reads one holding `kind`; None where unsupported.
+
+    Layers are matched by their exact class: a subclass may compute something else.
+    """
+    cls = type(layer)
+    if cls in ELEMENTWISE:
         return kind
-    if isinstance(layer, nn.Linear):
+    if cls is nn.Linear:
         return FEATURES if kind in (SHARED, FEATURES) else None
-    if isinstance(layer, nn.Conv2d):
+    if cls is nn.Conv2d:
         plain = layer.groups == 1 and layer.padding_mode == "zeros"
         return IMAGES if plain and kind in (SHARED, IMAGES) else None
-    if isinstance(layer, nn.BatchNorm2d):
+    if cls is nn.BatchNorm2d:
         # A cumulative average (momentum None) would need each child's own batch count in one call.
         return IMAGES if kind == IMAGES and layer.momentum is not None else None
-    if isinstance(layer, POOLS):
+    if cls in POOLS:
         return kind if kind in (SHARED, IMAGES) and not getattr(layer, "return_indices", False) else None
-    if isinstance(layer, nn.Flatten):
+    if cls is nn.Flatten:
         if (layer.start_dim, layer.end_dim) != (1, -1):
             return None
         return FEATURES if kind == IMAGES else kind
