@@ -32,7 +32,7 @@ import statistics
 import time
 
 import torch
-from gpu_pack import rules
+from gpu_pack import rules, sync
 from gpu_sweep import synthetic_cifar
 
 import nos.optim
@@ -46,23 +46,17 @@ from nos.tasks.training import initial_child
 BLOCK = 10   # steps per timed block
 
 
-def tiny_task(device: torch.device) -> Task:
-    x, y = synthetic_cifar(16, device, 0)
-    x = x[:, :, :4, :4].contiguous()
-    return Task("tiny-convnet", Splits(x, y, x, y, x, y), lambda: paper_convnet(3, 4, filters=1), Accuracy(),
-                batch_size=2, sweep_epochs=1, epochs=1, device=device, stacked=True)
-
-
-def whole_task(device: torch.device) -> Task:
-    x, y = synthetic_cifar(128, device, 0)
+def tiny_task(device: torch.device, images: int = 16, epochs: int = 1) -> Task:
+    """The one-filter child on `images` 4x4 images (validation and test: the first 16)."""
+    x, y = synthetic_cifar(images, device, 0)
     x = x[:, :, :4, :4].contiguous()
     return Task("tiny-convnet", Splits(x, y, x[:16], y[:16], x[:16], y[:16]),
-                lambda: paper_convnet(3, 4, filters=1), Accuracy(), batch_size=2, sweep_epochs=1, epochs=5,
+                lambda: paper_convnet(3, 4, filters=1), Accuracy(), batch_size=2, sweep_epochs=1, epochs=epochs,
                 device=device, stacked=True)
 
 
 def whole_packs(device: torch.device, packs: list[int], repeats: int) -> None:
-    task = whole_task(device)
+    task = tiny_task(device, images=128, epochs=5)
     print("| K | seconds per pack (median) | evaluations per second | reward sum |")
     print("|---|---|---|---|")
     for k in packs:
@@ -70,8 +64,7 @@ def whole_packs(device: torch.device, packs: list[int], repeats: int) -> None:
         for _ in range(repeats):
             start = time.perf_counter()
             results = evaluate_rules(rules(k), task, seed=0)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             seconds.append(time.perf_counter() - start)
             rewards = sum(result.reward for result in results)
         median = statistics.median(seconds)
@@ -98,13 +91,11 @@ def one_by_one(pack: PackedChildren) -> None:
 
 def timed(device: torch.device, run) -> float:
     """Milliseconds per step over a block of BLOCK steps."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(BLOCK):
         run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return (time.perf_counter() - start) * 1e3 / BLOCK
 
 

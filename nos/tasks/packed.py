@@ -111,9 +111,7 @@ class PackedChildren(StackedChildren):
             if not local:
                 self.optimizers[m] = None
                 continue
-            index = torch.tensor(local, dtype=torch.long, device=self.task.device)
-            self.optimizers[m] = self._optimizer_for(m, old.rates.index_select(0, index))
-            carry_state(old, self.optimizers[m], index)
+            self.optimizers[m] = self._moved(m, old, torch.tensor(local, dtype=torch.long, device=self.task.device))
 
     def join(self, other: PackedChildren) -> int:
         """Take `other`'s members and running children into this stack; returns the number added to its children's.
@@ -138,13 +136,14 @@ class PackedChildren(StackedChildren):
         self.running += [offset + child for child in other.running]
         self._spans += [(positions + start, positions + end) for start, end in other._spans]
         old = self.optimizers + other.optimizers
-        self.optimizers = [None if previous is None else self._moved(m, previous) for m, previous in enumerate(old)]
+        self.optimizers = [None if previous is None else self._moved(
+            m, previous, torch.arange(len(previous.rates), device=self.task.device)) for m, previous in enumerate(old)]
         return offset
 
-    def _moved(self, member: int, previous: SymbolicOptimizer) -> SymbolicOptimizer:
-        """Member `member`'s optimizer over its slice of the stack now, with `previous`'s state."""
-        optimizer = self._optimizer_for(member, previous.rates)
-        carry_state(previous, optimizer, torch.arange(len(previous.rates), device=self.task.device))
+    def _moved(self, member: int, previous: SymbolicOptimizer, index: Tensor) -> SymbolicOptimizer:
+        """Member `member`'s optimizer over its slice of the stack now: `previous`'s children at `index`."""
+        optimizer = self._optimizer_for(member, previous.rates.index_select(0, index))
+        carry_state(previous, optimizer, index)
         return optimizer
 
     def _source(self, child: int, pos: int) -> tuple[SymbolicOptimizer, int, Node, int]:
@@ -272,21 +271,21 @@ def _pack(trees: list[Node], task: Task, seed: int, reuse_sweep: bool, report: O
             pack.wall_seconds[child] = 0.0
         # The others train their final run from the start, a pack of their own ...
         retrain = {m: b for m, b in enumerate(best) if b is not None and not reuse[m]}
-        fresh = PackedChildren(task, initial, [Member(trees[m], (lrs[b],), final_steps)
-                                               for m, b in retrain.items()], seed) if retrain else None
-        fresh_finals = {m: fresh.first[i] for i, m in enumerate(retrain)} if fresh else {}
-        if fresh:
+        finals = {}
+        if retrain:
+            fresh = PackedChildren(task, initial, [Member(trees[m], (lrs[b],), final_steps)
+                                                   for m, b in retrain.items()], seed)
             fresh.disable_explosion_stop()
-        if fresh and continuing:
-            # ... which, once it has trained the sweep's epochs, stands where the continuing children do (an
-            # epoch boundary of the same data order): the two go on as one stack rather than stepping in turn.
-            fresh.advance(sweep_steps, validate=False)
-            offset = pack.join(fresh)
-            continuing.update({m: offset + child for m, child in fresh_finals.items()})
-            fresh = None
-        finals = _finish(pack, continuing, final_steps - sweep_steps, report)
-        if fresh:
-            finals.update(_finish(fresh, fresh_finals, final_steps, report))
+            at = {m: fresh.first[i] for i, m in enumerate(retrain)}
+            if continuing:
+                # ... which, once it has trained the sweep's epochs, stands where the continuing children do (an
+                # epoch boundary of the same data order): the two go on as one stack rather than stepping in turn.
+                fresh.advance(sweep_steps, validate=False)
+                offset = pack.join(fresh)
+                continuing.update({m: offset + child for m, child in at.items()})
+            else:
+                finals = _finish(fresh, at, final_steps, report)
+        finals.update(_finish(pack, continuing, final_steps - sweep_steps, report))
 
     share = (time.perf_counter() - start) / len(trees)
     return [evaluation_result(trees[m], task, seed, trials[m], best[m], *finals.get(m, (None, 0.0)), share)

@@ -5,9 +5,10 @@ in the same order; only the learning rate differs. So K children are K
 copies of the weights stacked along a new first dimension, run as one
 network (written out by nos.tasks.stacking for a Sequential of common
 layers, else `torch.func.vmap` over `functional_call`): one forward, one
-backward and one optimizer step for all of them. Each child's loss is its own mean, and the
-backward of their sum gives each child exactly its own gradient, so a child
-that diverges poisons nobody; it is dropped from the stack at once.
+backward and one optimizer step for all of them. Each child's loss is its
+own mean, and the backward of their sum gives each child exactly its own
+gradient, so a child that diverges poisons nobody; it is dropped from the
+stack at once.
 
 The optimizer is a `SymbolicOptimizer` over the stacked tensors, with one
 rate per child and noise drawn per child from the same seed: child k follows

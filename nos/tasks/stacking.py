@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module
 
 # What the running tensor holds: the input itself, shared by every child; the children's images side by
 # side along the channels, [batch, K x channels, ...]; or their features, [K, batch, ...].
@@ -66,8 +67,6 @@ def stacked_forward(skeleton: nn.Module) -> StackedForward | None:
 
 def _hooked(skeleton: nn.Module) -> bool:
     """Whether a forward hook could run in the network: written out, the forward would skip it."""
-    from torch.nn.modules import module
-
     if module._global_forward_hooks or module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in skeleton.modules())
