@@ -20,6 +20,12 @@ class _Scaled(nn.Linear):
         return 2 * super().forward(x)
 
 
+def _untracked(norm: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """Batch norm that keeps running statistics but no longer tracks them: training leaves them be."""
+    norm.track_running_stats = False
+    return norm
+
+
 def _image_nets() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     return {
         "paper convnet": (paper_convnet(3, 8, filters=4), (5, 3, 8, 8)),
@@ -29,6 +35,8 @@ def _image_nets() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
         "fully convolutional": (nn.Sequential(
             nn.MaxPool2d(2), nn.ReLU(inplace=True), nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, affine=False),
             nn.Conv2d(3, 2, 3, dilation=2, bias=False), nn.BatchNorm2d(2, track_running_stats=False)), (4, 2, 10, 10)),
+        "statistics kept, not tracked": (nn.Sequential(
+            nn.Conv2d(2, 3, 3), _untracked(nn.BatchNorm2d(3)), nn.Flatten(), nn.Linear(48, 2)), (4, 2, 6, 6)),
     }
 
 
@@ -112,7 +120,31 @@ def test_other_networks_are_left_to_vmap(net):
     assert stacked_forward(net) is None
 
 
-def test_a_network_with_forward_hooks_is_left_to_vmap():
+def _shared_layer() -> nn.Module:
+    act = nn.Tanh()
+    return nn.Sequential(nn.Linear(4, 4), act, nn.Linear(4, 4), act)
+
+
+def _tied(name: str) -> nn.Module:
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    setattr(second, name, getattr(first, name))
+    return nn.Sequential(first, nn.ReLU(), second)
+
+
+def _own_forward() -> nn.Module:
+    net = digits_mlp(8)
+    net[0].forward = lambda x: 2 * nn.Linear.forward(net[0], x)
+    return net
+
+
+@pytest.mark.parametrize("make", [_shared_layer, lambda: _tied("weight"), lambda: _tied("bias"), _own_forward],
+                         ids=["a layer used twice", "tied weights", "tied biases", "a forward of the layer's own"])
+def test_networks_written_out_would_run_otherwise_are_left_to_vmap(make):
+    """Each layer once, each tensor under its own name, each class's forward: else vmap runs the network as it is."""
+    assert stacked_forward(make()) is None
+
+
+def test_a_network_with_hooks_is_left_to_vmap():
     """Written out, the forward would skip them."""
     net = digits_mlp(8)
     assert stacked_forward(net) is not None
@@ -120,6 +152,15 @@ def test_a_network_with_forward_hooks_is_left_to_vmap():
     assert stacked_forward(net) is None
     handle.remove()
     handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
+    try:
+        assert stacked_forward(net) is None
+    finally:
+        handle.remove()
+    assert stacked_forward(net) is not None
+    handle = net[2].register_full_backward_hook(lambda module, grad_in, grad_out: grad_in)
+    assert stacked_forward(net) is None
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_full_backward_pre_hook(lambda module, grad_out: None)
     try:
         assert stacked_forward(net) is None
     finally:

@@ -18,7 +18,8 @@ layers `stacked_forward` writes the same computation out directly:
 
 The output is [K, batch, ...], as vmap's. Any other network, layer or
 setting (dropout, a convolution with groups of its own, batch norm with a
-cumulative average, ...) gets None: vmap runs those.
+cumulative average, a layer used twice or a parameter two layers share, a
+hook, ...) gets None: vmap runs those.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ StackedForward = Callable[[dict[str, Tensor], dict[str, Tensor], Tensor], Tensor
 
 def stacked_forward(skeleton: nn.Module) -> StackedForward | None:
     """forward(params, buffers, x) for K stacked copies of `skeleton`, or None where vmap must do it."""
-    if type(skeleton) is not nn.Sequential or next(skeleton.parameters(), None) is None or _hooked(skeleton):
+    if (type(skeleton) is not nn.Sequential or next(skeleton.parameters(), None) is None or _hooked(skeleton)
+            or _shares(skeleton)):
         return None
     layers = list(skeleton.named_children())
     kind = SHARED
@@ -66,10 +68,22 @@ def stacked_forward(skeleton: nn.Module) -> StackedForward | None:
 
 
 def _hooked(skeleton: nn.Module) -> bool:
-    """Whether a forward hook could run in the network: written out, the forward would skip it."""
-    if module._global_forward_hooks or module._global_forward_pre_hooks:
+    """Whether a hook or a forward of a module's own could run in the network: written out, it would be skipped."""
+    if (module._global_forward_hooks or module._global_forward_pre_hooks or module._global_backward_hooks
+            or module._global_backward_pre_hooks):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in skeleton.modules())
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               or "forward" in vars(m) for m in skeleton.modules())
+
+
+def _shares(skeleton: nn.Module) -> bool:
+    """Whether a layer, parameter or buffer appears twice in the network.
+
+    Written out, the layers run once each, in `named_children`'s order, and each finds its
+    tensors under its own name; a stack's state names a shared tensor once, as its first holder's.
+    """
+    listings = (skeleton.named_modules, skeleton.named_parameters, skeleton.named_buffers)
+    return any(len(list(listing(remove_duplicate=False))) != len(list(listing())) for listing in listings)
 
 
 def _after(layer: nn.Module, kind: str) -> str | None:
@@ -133,6 +147,8 @@ def _batch_norm(name: str, layer: nn.BatchNorm2d, params: dict[str, Tensor], buf
                 h: Tensor) -> Tensor:
     """As `nn.BatchNorm2d.forward` does, over the stack's K x channels at once."""
     mean, var = buffers.get(f"{name}.running_mean"), buffers.get(f"{name}.running_var")
+    if layer.training and not layer.track_running_stats:   # statistics kept but not tracked: left as they are
+        mean = var = None
     if layer.training and layer.track_running_stats and f"{name}.num_batches_tracked" in buffers:
         buffers[f"{name}.num_batches_tracked"].add_(1)
     training = layer.training or (mean is None and var is None)
