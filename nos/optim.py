@@ -19,7 +19,7 @@ from torch.optim import optimizer as torch_optimizer
 from .rules import Node, operands_read, state_buffers, to_text
 from .rules.builtins import BUILTINS, resolve_rule  # noqa: F401  (BUILTINS: part of nos.optim's API)
 from .rules.elementwise import change_one, numbers_read, step_one, update_moments_one
-from .rules.foreach import Scratch, StepContext, apply_update, operand_uses, step_numbers, update_moments
+from .rules.foreach import Scratch, StepContext, TreeFacts, apply_update, operand_uses, step_numbers, update_moments
 from .rules.tree import is_random
 from .rules.vocabulary import WEIGHT_SCALES
 
@@ -87,6 +87,7 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         self._reads = operands_read(self.rule)
         self._buffers = state_buffers(self.rule)
         self._uses = operand_uses(self.rule)
+        self._facts = TreeFacts()   # what each step asks of the tree, worked out at the first
         self._random = is_random(self.rule)
         self._seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
         self._generators: dict[str, torch.Generator] = {}
@@ -267,7 +268,7 @@ class SymbolicOptimizer(torch.optim.Optimizer):
                 bucket.rates = (self.rates, self.rates._version, self._shaped_rates(bucket.params))
             scratch, rates = None, bucket.rates[2]
         apply_update(self.rule, StepContext(bucket.params, grads, bucket.buffers, numbers, generator, self._uses,
-                                            scratch, rates), lr)
+                                            scratch, rates, self._facts), lr)
 
     def _shaped_rates(self, params: list[Tensor]) -> list[Tensor]:
         """`rates` shaped to multiply each parameter: views that broadcast, or full copies (FULL_RATE_DEVICES)."""

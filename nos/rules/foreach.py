@@ -41,6 +41,9 @@ from .vocabulary import (
 # Unary ops too costly per element to run on a value that takes only three values.
 _TABULATED = frozenset({"exp", "log", "sqrt"})
 
+# The root operands apply_update writes straight into the parameters.
+_ADAM, _M = Operand("adam"), Operand("m")
+
 
 @dataclass
 class Tensors:
@@ -75,6 +78,33 @@ def step_numbers(step: int, total_steps: int | None, reads: frozenset[str] = fro
         numbers["cd"] = 0.5 * (1.0 + math.cos(2.0 * math.pi * CD_PERIODS * frac))
         numbers["rd"] = 0.5 * (1.0 + math.cos(math.pi * ((RD_PERIODS * frac) % 1.0)))
     return numbers
+
+
+class TreeFacts:
+    """What a step asks of a rule's tree that does not change from step to step, worked out once.
+
+    Keyed by the nodes' identity: the caller keeps one per tree, with the tree,
+    for as long as it steps with that tree (the tree holds the nodes, so no id
+    is reused meanwhile). A pack steps dozens of small optimizers per training
+    step, each in Python: walking each tree again at every step is host time
+    the card waits for.
+    """
+
+    def __init__(self) -> None:
+        self._scalar: dict[int, bool] = {}
+        self._split: dict[int, tuple[Node | None, Node] | None] = {}
+
+    def scalar(self, node: Node) -> bool:
+        known = self._scalar.get(id(node))
+        if known is None:
+            known = self._scalar[id(node)] = is_scalar(node)
+        return known
+
+    def split(self, node: Node) -> tuple[Node | None, Node] | None:
+        key = id(node)
+        if key not in self._split:
+            self._split[key] = _scaled_ternary(node)
+        return self._split[key]
 
 
 class Scratch:
@@ -122,6 +152,7 @@ class StepContext:
     # Stacked children (dim 0 of every tensor is a child, see nos.tasks.stacked): each
     # tensor's per-child step sizes, shaped to broadcast; noise is drawn per child.
     rates: Sequence[Tensor] | None = None
+    facts: TreeFacts = field(default_factory=TreeFacts)   # kept with the tree from step to step, where it can be
     _cache: dict[str, Value] = field(default_factory=dict)
 
     def operand(self, name: str) -> Value:
@@ -136,14 +167,15 @@ class StepContext:
     def apply(self, x: Tensors, name: str, *args) -> Tensors:
         """torch._foreach_<name>_(x, *args) on x, or on a copy when others hold x."""
         args = tuple(_fit(a, x.items[0].dtype) if isinstance(a, float) else a for a in args)
+        in_place, out_of_place = _foreach_ops(name)
         if x.owned:
-            getattr(torch, f"_foreach_{name}_")(x.items, *args)
+            in_place(x.items, *args)
             return x
         if self.scratch is None:
-            return Tensors(getattr(torch, f"_foreach_{name}")(x.items, *args), owned=True)
+            return Tensors(out_of_place(x.items, *args), owned=True)
         out = self.scratch.take(x.items)
         torch._foreach_copy_(out, x.items)
-        getattr(torch, f"_foreach_{name}_")(out, *args)
+        in_place(out, *args)
         return Tensors(out, owned=True)
 
     def random(self, kind: str, arg: float) -> list[Tensor]:
@@ -177,24 +209,23 @@ class StepContext:
         return denom
 
     def _compute(self, name: str) -> Value:
-        g = Tensors(list(self.grads), owned=False)
         if name == "g":
-            return g
+            return self._g()
         if name in ("1", "2"):
             return float(name)
         if name in SCHEDULES:
             return self.numbers[name]
         if name == "g^2":
-            return self.apply(g, "mul", g.items)
+            return self.apply(self._g(), "mul", self.grads)
         if name == "g^3":
-            cube = self.apply(g, "mul", g.items)
-            torch._foreach_mul_(cube.items, g.items)
+            cube = self.apply(self._g(), "mul", self.grads)
+            torch._foreach_mul_(cube.items, self.grads)
             return cube
         if name in MOMENTS:
             buf, bc = MOMENTS[name]
             return self.apply(Tensors(self.buffers[buf], owned=False), "div", self.numbers[bc])
         if name == "sign(g)":
-            return self.apply(g, "sign")
+            return self.apply(self._g(), "sign")
         if name == "sign(m)":   # bias correction is positive: the raw buffer has the same sign
             return self.apply(Tensors(self.buffers["exp_avg"], owned=False), "sign")
         if name == "eps":
@@ -212,12 +243,21 @@ class StepContext:
         if name == "rmsprop":
             denom = self.adam_denominator()
             torch._foreach_reciprocal_(denom.items)
-            torch._foreach_mul_(denom.items, g.items)
+            torch._foreach_mul_(denom.items, self.grads)
             return denom
         raise KeyError(name)
 
+    def _g(self) -> Tensors:
+        return Tensors(list(self.grads), owned=False)
+
 
 # -- ops on values ---------------------------------------------------------------
+
+@functools.cache
+def _foreach_ops(name: str) -> tuple:
+    """torch._foreach_<name>_ and torch._foreach_<name>."""
+    return getattr(torch, f"_foreach_{name}_"), getattr(torch, f"_foreach_{name}")
+
 
 def _fit(x: float, dtype: torch.dtype) -> float:
     """A number as the tensors' dtype holds it: torch refuses a Python float it would overflow."""
@@ -299,14 +339,15 @@ def _table(op: str, k: float, param: float | None, dtype: torch.dtype) -> tuple[
 class _Evaluator:
     def __init__(self, ctx: StepContext, dtype: torch.dtype | None = None):
         self.ctx = ctx
-        self.scalar_ctx = StepContext([], [], {}, ctx.numbers)
+        self.facts = ctx.facts
         self.dtype = dtype or (ctx.params[0].dtype if ctx.params else torch.float64)
 
     def on_numbers(self, op: str, *xs: float, param: float | None = None) -> float:
         # The op on 0-dim tensors of the parameters' dtype: numbers follow torch's semantics
         # (inf, nan, rounding) exactly as the same op on the parameters would.
         ts = [Tensors([torch.tensor(x, dtype=self.dtype)], owned=True) for x in xs]
-        out = _unary(op, ts[0], param, self.scalar_ctx) if len(ts) == 1 else _binary_lists(op, *ts, self.scalar_ctx)
+        scalar_ctx = StepContext([], [], {}, self.ctx.numbers)
+        out = _unary(op, ts[0], param, scalar_ctx) if len(ts) == 1 else _binary_lists(op, *ts, scalar_ctx)
         return out.items[0].item()
 
     def tabulated(self, node: Unary) -> Value | None:
@@ -315,7 +356,7 @@ class _Evaluator:
         PowerSign's exp(sign(g) * sign(m)) costs as much as the rest of its
         step together; this is where its eager step gets ahead of Adam's.
         """
-        split = _scaled_ternary(node.child)
+        split = self.facts.split(node.child)
         if split is None:
             return None
         k_node, s_node = split
@@ -336,7 +377,7 @@ class _Evaluator:
         if isinstance(node, Const):
             return node.value
         if isinstance(node, Unary):
-            if node.op in _TABULATED and not is_scalar(node):
+            if node.op in _TABULATED and not self.facts.scalar(node):
                 out = self.tabulated(node)
                 if out is not None:
                     return out
@@ -395,13 +436,14 @@ def apply_update(tree: Node, ctx: StepContext, lr: float) -> None:
         ctx.uses = operand_uses(tree)
     params = list(ctx.params)
     evaluator = _Evaluator(ctx)
+    scalar = ctx.facts.scalar
     alpha, node = -lr, tree
     while True:
         if isinstance(node, Unary) and node.op == "neg":
             alpha, node = -alpha, node.child
-        elif isinstance(node, Binary) and node.op == "mul" and is_scalar(node.left):
+        elif isinstance(node, Binary) and node.op == "mul" and scalar(node.left):
             alpha, node = alpha * evaluator.value(node.left), node.right
-        elif isinstance(node, Binary) and node.op in ("mul", "div") and is_scalar(node.right):
+        elif isinstance(node, Binary) and node.op in ("mul", "div") and scalar(node.right):
             s = evaluator.value(node.right)
             alpha, node = (alpha * s if node.op == "mul" else alpha / (s + DIV_EPS)), node.left
         else:
@@ -413,12 +455,12 @@ def apply_update(tree: Node, ctx: StepContext, lr: float) -> None:
             torch._foreach_addcmul_(params, delta.items, list(ctx.rates), alpha)
         else:
             torch._foreach_add_(params, [rate * _fit(alpha * delta, p.dtype) for p, rate in zip(params, ctx.rates)])
-    elif node == Operand("adam"):
+    elif node == _ADAM:
         torch._foreach_addcdiv_(params, ctx.buffers["exp_avg"], ctx.adam_denominator().items,
                                 alpha / ctx.numbers["bc1"])
-    elif node == Operand("m"):
+    elif node == _M:
         torch._foreach_add_(params, ctx.buffers["exp_avg"], alpha=alpha / ctx.numbers["bc1"])
-    elif isinstance(node, Binary) and node.op in ("mul", "div") and not is_scalar(node.left):
+    elif isinstance(node, Binary) and node.op in ("mul", "div") and not scalar(node.left):
         x, y = evaluator.value(node.left), evaluator.value(node.right)
         if node.op == "mul":
             torch._foreach_addcmul_(params, x.items, y.items, alpha)
@@ -435,6 +477,6 @@ def apply_update(tree: Node, ctx: StepContext, lr: float) -> None:
 
 
 __all__ = [
-    "Scratch", "StepContext", "Tensors", "apply_update", "compute_update", "operand_uses", "step_numbers",
+    "Scratch", "StepContext", "Tensors", "TreeFacts", "apply_update", "compute_update", "operand_uses", "step_numbers",
     "update_moments",
 ]
