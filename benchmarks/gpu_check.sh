@@ -8,12 +8,13 @@
 #   5. a local search on CUDA end to end (`nos enqueue --device cuda --pack 2`, SQLite);
 #   6. `nos worker --device cuda --pack 2` over a Redis of its own, with a search end to end;
 #   then where a pack's time goes:
-#   7. benchmarks/gpu_pack.py --profile 32: the host's and the device's time under torch.profiler;
-#   8. benchmarks/gpu_pack.py --cudnn-compare 32: a pack under cuDNN's other settings and NHWC (speed, rewards);
-#   9. benchmarks/pack_host.py: a pack's host time per training step, its K optimizers' part;
-#   10. benchmarks/pack_host.py --whole: the host's time for whole packs (the device next to idle).
+#   7. benchmarks/gpu_pack.py --concurrent 32: packs in one process, then in two at once on the card;
+#   8. benchmarks/gpu_pack.py --profile 32: the host's and the device's time under torch.profiler;
+#   9. benchmarks/gpu_pack.py --cudnn-compare 32: a pack under cuDNN's other settings and NHWC (speed, rewards);
+#   10. benchmarks/pack_host.py: a pack's host time per training step, its K optimizers' part;
+#   11. benchmarks/pack_host.py --whole: the host's time for whole packs (the device next to idle).
 # Prints a summary table at the end (and writes it, with every step's log, to $OUT if set).
-# Made to finish within 8 minutes on one H100 (it took 3.6 on an H200, before steps 7 to 10): each step
+# Made to finish within 8 minutes on one H100 (it took 3.6 on an H200, before steps 7 to 11): each step
 # has a time limit of its own, so that a stuck step cannot cost the rest, and the whole check stops
 # starting steps GPU_CHECK_SECONDS (470) after the install, so that its summary always comes back.
 #
@@ -185,6 +186,7 @@ else
   SUMMARY+=("| celery-search  | skipped: no redis      |     0 s |")
 fi
 # Where a pack's time goes: last, so that a check short of time loses these rather than the above.
+step pack-pair 90 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --concurrent "$PROFILE_K"
 step gpu-profile 45 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --profile "$PROFILE_K"
 step cudnn-modes 100 "$PY" benchmarks/gpu_pack.py "${PACK_FLAGS[@]}" --cudnn-compare "$PROFILE_K"
 step pack-host 30 "$PY" benchmarks/pack_host.py "${HOST_FLAGS[@]}"
@@ -200,6 +202,7 @@ step pack-whole 40 "$PY" benchmarks/pack_host.py --whole "${WHOLE_FLAGS[@]}"
   [[ -f $LOGS/gpu-pack.md ]] && cat "$LOGS/gpu-pack.md"
   echo
   grep -E "evaluations per hour" "$WORK/gpu-sweep.log" 2>/dev/null
+  grep -E "^(packs of K|\|)" "$WORK/pack-pair.log" 2>/dev/null
   grep -E "^profile of" "$WORK/gpu-profile.log" 2>/dev/null
   grep -E "^(cuDNN settings|\|)" "$WORK/cudnn-modes.log" 2>/dev/null
   grep -E "^(pack host|\|)" "$WORK/pack-host.log" 2>/dev/null

@@ -15,13 +15,15 @@ A K whose pack would not end within --seconds is timed on a tenth of the
 training images and its time taken ten times (marked as an estimate), or left
 out if even that would not end in time, saying so. Prints
 one table; with --out, writes it there too (markdown), after each K.
---profile K and --cudnn-compare K look into one pack of K instead (see each).
+--profile K and --cudnn-compare K look into one pack of K instead (see each);
+--concurrent K times packs of K in several processes on the card at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import time
 
 import torch
@@ -116,6 +118,10 @@ def main() -> None:
     parser.add_argument("--cudnn-compare", type=int, metavar="K", help="instead: time one pack of K on a tenth "
                         "of the training images under each cuDNN setting (CUDNN_MODES) in turn: what "
                         "deterministic kernels, cuDNN's heuristic pick and contiguous images cost")
+    parser.add_argument("--concurrent", type=int, metavar="K", help="instead: on a tenth of the training images, "
+                        "a pack of K in this process alone, then one in each of --processes processes at once: "
+                        "whether the card does more work for two workers than for one")
+    parser.add_argument("--processes", type=int, default=2, help="processes for --concurrent")
     parser.add_argument("--out", help="also write the table here (markdown)")
     args = parser.parse_args()
     began = time.perf_counter()
@@ -127,11 +133,13 @@ def main() -> None:
             f"batch {args.batch}, {len(task.lrs)} rates x 1 epoch then {args.epochs}")
     print(head, flush=True)
     run_pack(cifar_task(device, args.batch * 2, args.batch, args.batch, 1), 2)   # warm up kernels and cuDNN
-    if args.profile or args.cudnn_compare:
+    if args.profile or args.cudnn_compare or args.concurrent:
         train = max(args.train_size // SCALE, args.batch * 2)
         small = cifar_task(device, train, args.val_size, args.batch, args.epochs, args.channels_last)
         if args.profile:
             profile(small, args.profile)
+        elif args.concurrent:
+            concurrent(small, args.concurrent, args.processes, vars(args) | {"train_size": train})
         else:
             nhwc = cifar_task(device, train, args.val_size, args.batch, args.epochs, channels_last=True)
             compare_cudnn(small, nhwc, args.cudnn_compare)
@@ -196,6 +204,47 @@ def profile(task: Task, k: int) -> None:
     print(f"profile of K={k} on {task.splits.sizes['train']} training images: wall {wall:.1f} s (profiled), "
           f"device busy {device_us / 1e6:.1f} s, host ops {host_us / 1e6:.1f} s, "
           f"{sum(e.count for e in events if e.key.startswith('aten::'))} aten calls", flush=True)
+
+
+def concurrent(task: Task, k: int, processes: int, args: dict) -> None:
+    """A pack of K alone, then one in each of `processes` processes at once (this one and others, started together).
+
+    One worker process per card is nos's default. Where a pack's own step leaves the card idle while
+    the host launches its kernels (Python, dispatch), a second process's kernels can run meanwhile:
+    the card's evaluations per hour then grow with the processes; where the card is busy, they do not.
+    """
+    run_pack(task, k)   # untimed, as the other processes' first
+    alone, _, _ = run_pack(task, k)
+    print(f"packs of K={k} on {task.splits.sizes['train']} training images, in several processes on one device:")
+    print("| processes | seconds (all packs done) | evaluations/hour | / one process |")
+    print("|---|---|---|---|")
+    print(f"| 1 | {alone:.1f} | {3600 * k / alone:.0f} | 1.00x |", flush=True)
+    spawn = multiprocessing.get_context("spawn")   # a CUDA process cannot fork
+    ready, done = spawn.Barrier(processes), spawn.Queue()
+    others = [spawn.Process(target=concurrent_pack, args=(args, k, ready, done)) for _ in range(processes - 1)]
+    for other in others:
+        other.start()
+    ready.wait(timeout=300)   # each has built its task and trained an untimed pack
+    start = time.perf_counter()
+    run_pack(task, k)
+    seconds = [time.perf_counter() - start] + [done.get(timeout=600) for _ in others]
+    for other in others:
+        other.join()
+    wall = max(seconds)
+    rate = 3600 * k * processes / wall
+    print(f"| {processes} | {wall:.1f} | {rate:.0f} | {rate / (3600 * k / alone):.2f}x |", flush=True)
+
+
+def concurrent_pack(args: dict, k: int, ready, done) -> None:
+    """One of --concurrent's other processes: the same task, an untimed pack, then the timed one."""
+    device = torch.device(args["device"])
+    task = cifar_task(device, args["train_size"], args["val_size"], args["batch"], args["epochs"],
+                      args["channels_last"])
+    run_pack(task, k)
+    ready.wait(timeout=300)
+    start = time.perf_counter()
+    run_pack(task, k)
+    done.put(time.perf_counter() - start)
 
 
 # cuDNN's (deterministic, benchmark) flags, and whether the images are channels-last: nos evaluates
