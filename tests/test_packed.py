@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
+import nos.tasks.stacked
+import nos.tasks.training
 from nos.rules import RuleSyntaxError
-from nos.tasks import DataUnavailable, evaluate_rule, get_task
+from nos.tasks import DataUnavailable, evaluate_rule, from_tensors, get_task
+from nos.tasks.objectives import MeanSquaredError
 from nos.tasks.packed import Member, PackedChildren, evaluate_rules
-from nos.tasks.training import deterministic, initial_child
+from nos.tasks.training import CUDA_CHECK_EVERY, deterministic, initial_child
 
 from helpers.evaluations import assert_same, without_times
 from helpers.services import unavailable
@@ -174,3 +180,93 @@ def test_packs_join_only_at_the_same_point_of_the_data_order():
             with pytest.raises(RuntimeError, match="between epochs"):
                 pack.join(other)
     assert len(ahead.running) == len(behind.running) == 1   # a refused join changes neither
+
+
+def test_retrained_finals_that_all_diverge_before_joining_keep_their_records():
+    """A stack stops where its last child diverges, short of the continuing children's place: nothing joins."""
+    # Plain SGD, but NaN at one step of the final run's horizon (ld = 1 - 1/64 at step 2 of 64), in its
+    # second epoch: the catch-up to the sweep's two epochs ends there.
+    nan_at_step_two = "g * (1 + 0 * log(ld - 0.984375))"
+    task = get_task("digits", lrs=[1e-2, 1e-1, 1.0], sweep_epochs=2, epochs=8, train_size=128)
+    packed, alone, _ = _pack_and_alone(["sgd", nan_at_step_two], task, seed=0)
+    for a, b in zip(packed, alone):
+        assert_same(a, b, **DIGITS)
+    assert packed[1].final.diverged and packed[1].final.steps == 2 and not packed[0].final.diverged
+
+
+class _Headed(nn.Module):
+    """A network with a head its forward never uses: that parameter gets no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.unused = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_parameter_without_a_gradient_stays_put_in_a_pack_as_alone():
+    x = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    task = from_tensors(x, y, _Headed, val_size=100, test_size=100, batch_size=16, lrs=[1e-2, 1e-1, 1.0], epochs=2,
+                        stacked=True)
+    packed, alone, _ = _pack_and_alone(["adam", "sgd"], task, seed=0)
+    for a, b in zip(packed, alone):
+        assert_same(a, b, **DIGITS)
+
+
+def test_a_stacks_losses_sum_past_float32s_range_as_a_lone_childs_do():
+    """Each loss finite (some 5e36), an epoch's sum past 3.4e38: a float32 sum would read inf, and diverge."""
+    task = get_task("digits", lrs=[1.0], sweep_epochs=1, epochs=5, train_size=1200, explode=0)
+    packed, alone, _ = _pack_and_alone(["m * ld", "-1e-1*w * ld * 2.51"], task, seed=0)
+    for a, b in zip(packed, alone):
+        assert_same(a, b, **DIGITS)
+    grown = packed[1].final
+    assert not grown.diverged and grown.epochs == 5 and grown.train_loss > 1e36
+
+
+class _ShiftedSquares(MeanSquaredError):
+    """A loss that starts below zero: no explosion limit until a child's loss turns positive."""
+
+    def loss(self, out, y):
+        return F.mse_loss(out, y) - 1.0
+
+
+def _zero_linear():
+    child = nn.Linear(8, 1)
+    nn.init.zeros_(child.weight)
+    nn.init.zeros_(child.bias)
+    return child
+
+
+def test_each_stacked_child_takes_its_explosion_limit_from_its_own_losses():
+    """Alone, a child without a limit takes one from its first positive loss; in a stack each child does too."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 8, generator=generator)
+    y = x @ torch.randn(8, 1, generator=generator) * 0.3
+    task = from_tensors(x, y, _zero_linear, objective=_ShiftedSquares(), val_size=100, test_size=100, batch_size=20,
+                        lrs=[1e-2, 1e-1, 1.0, 2.5], epochs=2, stacked=True, explode=3.0)
+    packed, alone, _ = _pack_and_alone(["-1 * g", "sgd"], task, seed=0)
+    for a, b in zip(packed, alone):
+        assert_same(a, b, acc=1e-4, loss=1e-4)
+    # SGD at 1.0 explodes past its own limit early (before, a stack took every child's limit from
+    # its first child's loss: member 0's, another rule's, and SGD ran on for 18 steps).
+    assert packed[1].trials[2].diverged and packed[1].trials[2].steps < task.steps_per_epoch
+
+
+def test_on_a_gpus_check_schedule_a_stack_counts_a_diverging_childs_steps_as_alone(monkeypatch):
+    """On CUDA losses are checked every CUDA_CHECK_EVERY steps, and at the end of a run; here on the CPU.
+
+    25 steps an epoch: windows of 16 and 9. A lone child checks the short window after taking its
+    steps, so a child found diverged there has taken (and counted) them all; so does the stack's.
+    """
+    for module in (nos.tasks.training, nos.tasks.stacked):
+        monkeypatch.setattr(module, "check_every", lambda device: CUDA_CHECK_EVERY)
+    task = get_task("digits", lrs=[1.0], sweep_epochs=1, epochs=4, train_size=400, explode=0)
+    assert task.steps_per_epoch == 25
+    packed, alone, _ = _pack_and_alone(["sgd", "-1e-1*w * 6", "-1e-1*w * 15"], task, seed=0)
+    for a, b in zip(packed, alone):
+        assert_same(a, b, **DIGITS)
+    assert {r.final.steps % task.steps_per_epoch for r in packed[1:]} == {0}   # found at the short window's end
+    assert all(r.final.diverged for r in packed[1:])

@@ -23,7 +23,6 @@ result equals `evaluate_rule`'s within rounding (tests/test_packed.py).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -68,10 +67,6 @@ class PackedChildren(StackedChildren):
     def children(self, member: int) -> range:
         return range(self.first[member], self.first[member] + len(self.members[member].lrs))
 
-    def disable_explosion_stop(self) -> None:
-        """Every child trains on whatever its loss does (a non-finite one still stops it): for final runs."""
-        self.limit = math.inf
-
     # -- one optimizer per member, over its slice of the stack ------------------
     def _start_optimizers(self) -> None:
         self._spans = [(self.first[m], self.first[m] + len(member.lrs)) for m, member in enumerate(self.members)]
@@ -90,7 +85,10 @@ class PackedChildren(StackedChildren):
     def hand_gradients(self) -> list[SymbolicOptimizer]:
         """Give each member's optimizer its slices of the stack's gradients; the optimizers that step."""
         # Each stacked gradient cut into the members' slices at once: one call per tensor, not per member.
-        slices = [stacked.grad.split([end - start for start, end in self._spans]) for stacked in self.params.values()]
+        # A parameter the loss does not reach has none: no member's slice of it steps, as for a lone optimizer.
+        sizes = [end - start for start, end in self._spans]
+        slices = [[None] * len(sizes) if stacked.grad is None else stacked.grad.split(sizes)
+                  for stacked in self.params.values()]
         stepping = []
         for m, optimizer in enumerate(self.optimizers):
             if optimizer is not None:
@@ -132,6 +130,8 @@ class PackedChildren(StackedChildren):
                        for n, p in self.params.items()}
         self.buffers = {n: torch.cat([b, other.buffers[n]]) for n, b in self.buffers.items()}
         self._seen = torch.cat([self._seen, other._seen])
+        self._limits = torch.cat([self._limits, other._limits])
+        self._limits_open = self._limits_open or other._limits_open
         self._total = None   # an epoch's running sum: the next epoch starts it afresh
         self.running += [offset + child for child in other.running]
         self._spans += [(positions + start, positions + end) for start, end in other._spans]
@@ -277,12 +277,15 @@ def _pack(trees: list[Node], task: Task, seed: int, reuse_sweep: bool, report: O
                                                    for m, b in retrain.items()], seed)
             fresh.disable_explosion_stop()
             at = {m: fresh.first[i] for i, m in enumerate(retrain)}
-            if continuing:
+            if pack.running:
                 # ... which, once it has trained the sweep's epochs, stands where the continuing children do (an
                 # epoch boundary of the same data order): the two go on as one stack rather than stepping in turn.
                 fresh.advance(sweep_steps, validate=False)
-                offset = pack.join(fresh)
-                continuing.update({m: offset + child for m, child in at.items()})
+                if fresh.running:
+                    offset = pack.join(fresh)
+                    continuing.update({m: offset + child for m, child in at.items()})
+                else:   # all diverged on the way (a stack stops where its last child does): their records stand
+                    finals = _finish(fresh, at, 0, report)
             else:
                 finals = _finish(fresh, at, final_steps, report)
         finals.update(_finish(pack, continuing, final_steps - sweep_steps, report))

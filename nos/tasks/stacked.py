@@ -35,7 +35,7 @@ from ..rules import Node
 from .base import Task
 from .objectives import score_chunk
 from .stacking import stacked_forward
-from .training import CUDA_CHECK_EVERY, Child, OnScored, explosion_limit, healthy
+from .training import Child, OnScored, check_every, explosion_limits, healthy
 
 
 class StackedChildren:
@@ -70,9 +70,12 @@ class StackedChildren:
         self.wall_seconds = [0.0] * k
         self._data: tuple[Tensor, Tensor] | None = None
         self._position = 0
+        # Losses summed in float64, as a lone child sums them: a float32 sum of finite losses can overflow.
         self._total: Tensor | None = None
-        self._seen = torch.zeros(k, device=task.device)   # every loss so far, summed, per running child
-        self.limit: float | None = None   # as a lone child's, from the first loss (every child's: same weights, batch)
+        self._seen = torch.zeros(k, dtype=torch.float64, device=task.device)   # every loss so far, per running child
+        # Each running child's explosion limit, as a lone child's: from its first positive finite loss (nan: none yet).
+        self._limits = torch.full((k,), math.nan, dtype=torch.float64, device=task.device)
+        self._limits_open = bool(task.explode)   # whether some child may still be waiting for its limit
 
     # -- the optimizer: one over the whole stack (nos.tasks.packed has one per rule) --
     def _start_optimizers(self) -> None:
@@ -94,6 +97,11 @@ class StackedChildren:
         old = self.optimizer
         self.optimizer = self._optimizer(old.rates.index_select(0, index))
         carry_state(old, self.optimizer, index)
+
+    def disable_explosion_stop(self) -> None:
+        """Every child trains on whatever its loss does (a non-finite one still stops it): for final runs."""
+        self._limits.fill_(math.inf)
+        self._limits_open = False
 
     def _source(self, child: int, pos: int) -> tuple[SymbolicOptimizer, int, Node, int]:
         """Where child `child` (at stack position `pos`) steps: its optimizer, its slice of it, rule and horizon."""
@@ -129,7 +137,7 @@ class StackedChildren:
         task = self.task
         order = torch.randperm(len(task.splits.train_x), generator=self.order).to(task.device)
         self._data = task.splits.train_x[order], task.splits.train_y[order]
-        self._total = torch.zeros(len(self.running), device=task.device)
+        self._total = torch.zeros(len(self.running), dtype=torch.float64, device=task.device)
 
     def _end_epoch(self) -> None:
         totals = self._total.tolist()
@@ -146,31 +154,32 @@ class StackedChildren:
         task = self.task
         x, y = self._data
         batch = task.batch_size
-        # Reading a CPU tensor costs nothing: check every step; on CUDA every CUDA_CHECK_EVERY, as a lone child does.
-        check_every = 1 if task.device.type == "cpu" else CUDA_CHECK_EVERY
-        window = torch.zeros(len(self.running), device=task.device)
+        every = check_every(task.device)   # as a lone child checks its losses
+        window = torch.zeros(len(self.running), dtype=torch.float64, device=task.device)
         for i in range(self._position, self._position + n):
             rows = slice(i * batch, (i + 1) * batch)
             losses = self.loss(self.forward(self.params, self.buffers, x[rows]), y[rows])
-            if self.limit is None and task.explode:
-                self.limit = explosion_limit(float(losses[0].detach()), task.explode)
+            if self._limits_open:
+                self._limits, self._limits_open = explosion_limits(self._limits, losses.detach(), task.explode)
             window += losses.detach()
             taken = i + 1 - self._position
-            check = taken % check_every == 0 or taken == n
-            bad = self._bad(window, (taken - 1) % check_every + 1) if check else []
-            # Children found bad take this step with the rest (their gradients reach nobody
-            # else) and leave the stack after it, uncounted: as a lone child stops before it.
+            full = taken % every == 0
+            check = full or taken == n
+            bad = self._bad(window, (taken - 1) % every + 1) if check else []
+            # Children found bad take this step with the rest (their gradients reach nobody else) and leave
+            # the stack after it. A full window's are not counted for it: a lone child stops before that step.
+            # The last, shorter window of a run is checked after its steps, as a lone child checks it.
             for p in self.params.values():
                 p.grad = None
             losses.sum().backward()
             self._step()
             for pos, child in enumerate(self.running):
-                if pos not in bad:
+                if pos not in bad or not full:
                     self.steps[child] += 1
             if check:
                 self._total += window
                 self._seen += window
-                window = torch.zeros(len(self.running) - len(bad), device=task.device)
+                window = torch.zeros(len(self.running) - len(bad), dtype=torch.float64, device=task.device)
                 if bad:
                     self._diverge(bad)
                     if not self.running:
@@ -179,7 +188,7 @@ class StackedChildren:
 
     def _bad(self, window: Tensor, steps: int) -> list[int]:
         """Stack positions whose losses in the window were non-finite or exploded (one host sync)."""
-        ok = healthy(window, steps, self.limit)
+        ok = healthy(window, steps, self._limits)
         return [pos for pos, good in enumerate(ok.tolist()) if not good]
 
     @torch.no_grad()
@@ -236,6 +245,7 @@ class StackedChildren:
         if self._total is not None:
             self._total = self._total.index_select(0, index)
         self._seen = self._seen.index_select(0, index)
+        self._limits = self._limits.index_select(0, index)
         self.running = [self.running[pos] for pos in positions]
 
     def extract(self, child: int) -> Child:
@@ -258,9 +268,10 @@ class StackedChildren:
         optimizer.set_noise_state(source.noise_state())
         order = torch.Generator()
         order.set_state(self.order.get_state())
+        limit = float(self._limits[pos])
         return Child(self.task, model, optimizer, order, self.lrs[child], epochs=self.epochs[child],
                     steps=self.steps[child], val_acc=self.val_acc[child], train_loss=self.train_loss[child],
-                    wall_seconds=self.wall_seconds[child])
+                    wall_seconds=self.wall_seconds[child], limit=None if math.isnan(limit) else limit)
 
 
     def model(self, child: int) -> nn.Module:

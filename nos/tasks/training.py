@@ -42,6 +42,11 @@ from .base import Task
 CUDA_CHECK_EVERY = 16
 
 
+def check_every(device: torch.device) -> int:
+    """Steps between a child's loss checks: every step where reading a loss costs nothing (the CPU)."""
+    return 1 if device.type == "cpu" else CUDA_CHECK_EVERY
+
+
 def reads_schedule(rule: Node) -> bool:
     """Whether the rule reads a schedule over the run's length (so a short trial is not a long run's start)."""
     return not operands_read(rule).isdisjoint(SCHEDULES)
@@ -53,11 +58,24 @@ def explosion_limit(first_loss: float, factor: float) -> float | None:
     return factor * first_loss if math.isfinite(first_loss) and first_loss > 0 else None
 
 
-def healthy(losses: Any, steps: int, limit: float | None) -> Any:
+def explosion_limits(limits: Tensor, losses: Tensor, factor: float) -> tuple[Tensor, bool]:
+    """`explosion_limit` for each child of a stack that has none yet (nan), from its loss; whether any still has none.
+
+    A lone child without a limit takes one from each loss until one is positive; so does each child here.
+    """
+    losses = losses.to(limits.dtype)
+    limits = torch.where(limits.isnan() & losses.isfinite() & (losses > 0), factor * losses, limits)
+    return limits, bool(limits.isnan().any())
+
+
+def healthy(losses: Any, steps: int, limit: float | Tensor | None) -> Any:
     """Whether `losses`, the sum of `steps` training losses, are finite and on average within `limit`.
 
-    A float gives a bool; a tensor (one sum per child of a stack) gives a bool tensor.
+    A float gives a bool; a tensor (one sum per child of a stack) gives a bool tensor, against one
+    limit for all or, as a tensor, one per child (nan: none yet).
     """
+    if isinstance(limit, Tensor):
+        return torch.isfinite(losses) & ~(losses > limit * steps)
     bound = math.inf if limit is None else limit * steps
     if isinstance(losses, float):
         return math.isfinite(losses) and losses <= bound
@@ -151,7 +169,7 @@ class Child:
         task = self.task
         order = torch.randperm(len(task.splits.train_x), generator=self.order).to(task.device)
         self._data = task.splits.train_x[order], task.splits.train_y[order]
-        self._total = 0.0 if task.device.type == "cpu" else torch.zeros((), device=task.device)
+        self._total = 0.0 if check_every(task.device) == 1 else torch.zeros((), dtype=torch.float64, device=task.device)
 
     def _end_epoch(self) -> None:
         total = float(self._total)
@@ -168,14 +186,15 @@ class Child:
         x, y = self._data
         objective, batch = task.objective, task.batch_size
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        on_cpu = task.device.type == "cpu"
-        window = None if on_cpu else torch.zeros((), device=task.device)
+        every = check_every(task.device)
+        # Summed in float64, as the CPU sums Python floats: a float32 sum of finite losses can overflow.
+        window = None if every == 1 else torch.zeros((), dtype=torch.float64, device=task.device)
         for i in range(self._position, self._position + n):
             rows = slice(i * batch, (i + 1) * batch)
             loss = objective.loss(model(x[rows]), y[rows])
             if self.limit is None and task.explode:
                 self.limit = explosion_limit(float(loss.detach()), task.explode)
-            if on_cpu:   # reading a CPU scalar costs nothing: check every step
+            if window is None:   # reading a CPU scalar costs nothing: check every step
                 value = loss.item()
                 if not healthy(value, 1, self.limit):
                     return False
@@ -183,19 +202,19 @@ class Child:
                 self.loss_seen += value
             else:
                 window += loss.detach()
-                if (i + 1 - self._position) % CUDA_CHECK_EVERY == 0:
-                    if not healthy(window, CUDA_CHECK_EVERY, self.limit):
+                if (i + 1 - self._position) % every == 0:
+                    if not healthy(window, every, self.limit):
                         return False
                     self._total += window
                     self.loss_seen += window
-                    window = torch.zeros((), device=task.device)
+                    window = torch.zeros((), dtype=torch.float64, device=task.device)
             for p in params:   # zero_grad(set_to_none=True) without its per-call profiler bookkeeping
                 p.grad = None
             loss.backward()
             optimizer.step()
             self.steps += 1
         if window is not None:
-            left = n % CUDA_CHECK_EVERY
+            left = n % every
             if left and not healthy(window, left, self.limit):
                 return False
             self._total += window
@@ -318,5 +337,5 @@ def initial_child(task: Task, seed: int) -> nn.Module:
 
 __all__ = [
     "CUDA_CHECK_EVERY", "Child", "ChildGroup", "OnScored", "SequentialChildren", "best_index",
-    "deterministic", "explosion_limit", "healthy", "initial_child", "reads_schedule",
+    "check_every", "deterministic", "explosion_limit", "explosion_limits", "healthy", "initial_child", "reads_schedule",
 ]
