@@ -166,3 +166,26 @@ def test_a_network_with_hooks_is_left_to_vmap():
     finally:
         handle.remove()
     assert stacked_forward(net) is not None
+
+
+def _hooked_mlp() -> nn.Module:
+    net = digits_mlp(8)
+    net[2].register_full_backward_hook(lambda module, grad_in, grad_out: tuple(
+        None if g is None else g / 2 for g in grad_in))
+    return net
+
+
+def test_a_child_with_backward_hooks_trains_one_rate_at_a_time():
+    """No stack runs a backward hook per child (vmap's gradients then differ from each child's own)."""
+    from nos.tasks import from_tensors
+
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    plain = from_tensors(x, y, lambda: digits_mlp(8), val_size=16, test_size=16)
+    assert plain.stacks   # an MLP stacks on the CPU
+    assert not from_tensors(x, y, _hooked_mlp, val_size=16, test_size=16).stacks
+    handle = torch.nn.modules.module.register_module_full_backward_hook(lambda module, grad_in, grad_out: None)
+    try:
+        assert not plain.stacks
+    finally:
+        handle.remove()
+    assert plain.stacks

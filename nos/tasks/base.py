@@ -101,6 +101,8 @@ class Task:
             modules = list(self.make_child().modules())
         if any(isinstance(m, nn.RNNBase) for m in modules):
             return False   # vmap has no batching rule for torch's recurrent kernels (GRU, LSTM, RNN)
+        if _backward_hooked(modules):
+            return False   # a stack runs backward hooks on all its children at once, or not at all
         if self.device.type == "cuda":
             return True
         # On the CPU a stack's grouped convolutions take about twice the time of separate ones.
@@ -130,3 +132,10 @@ class Task:
         """A stable short hash of `to_dict()`: equal keys, same protocol on the same data."""
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _backward_hooked(modules: list[nn.Module]) -> bool:
+    """Whether a backward hook, the network's own or one for every module, would run in the child's backward."""
+    if nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks:
+        return True
+    return any(m._backward_hooks or m._backward_pre_hooks for m in modules)
