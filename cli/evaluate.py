@@ -87,12 +87,14 @@ def eval_command(rule: str, task_name: str, seed: int, device: str, data_dir: st
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
-        _print_result(console, result, task.objective.reward)
+        _print_result(console, result, task.objective.reward, task.objective.name == "accuracy")
 
 
-def _print_result(console: Console, result: EvaluationResult, reward: str) -> None:
+def _print_result(console: Console, result: EvaluationResult, reward: str, accuracy: bool = True) -> None:
+    """The trials and the reward; `accuracy`: the scores are accuracies (else another objective's scores)."""
+    score = "acc" if accuracy else "score"
     table = Table(title=f"{result.rule} on {result.task} (seed {result.seed}, {result.device})")
-    for column in ("run", "lr", "epochs", "val acc", "train loss", "seconds"):
+    for column in ("run", "lr", "epochs", f"val {score}", "train loss", "seconds"):
         table.add_column(column, justify="right" if column != "run" else "left")
     runs = [("sweep", t) for t in result.trials] + ([("final", result.final)] if result.final else [])
     for stage, trial in runs:
@@ -105,6 +107,7 @@ def _print_result(console: Console, result: EvaluationResult, reward: str) -> No
     if result.best_lr is None:
         console.print("diverged at every learning rate: reward 0")
         return
+    test = "test accuracy" if accuracy else "test score"
     console.print(Text.assemble(f"reward (final {reward}) ", (f"{result.reward:.4f}", "bold"),
-                                f"   test accuracy {result.test_acc:.4f}   best lr {result.best_lr:g}   "
+                                f"   {test} {result.test_acc:.4f}   best lr {result.best_lr:g}   "
                                 f"{'diverged   ' if result.diverged else ''}{result.wall_seconds:.1f} s"))

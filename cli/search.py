@@ -40,6 +40,10 @@ def _refused_to_usage(check, *args, **kwargs):
         raise UsageProblem(str(exc)) from None
 
 
+# The exit status of `nos enqueue` and `nos resume` when the run stopped before its budget (resumable).
+STOPPED = 3
+
+
 def _stop_on_sigterm() -> None:
     """SIGTERM (`kill`, a service manager, a batch system) stops the run as cleanly as Ctrl-C."""
     if threading.current_thread() is not threading.main_thread():
@@ -77,7 +81,8 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
             raise click.ClickException(str(exc)) from None
     if status == "stopped":
         console.print(f"run {run_id} stopped; continue it with:  nos resume {run_id}")
-        return
+        # Not 0: `nos enqueue ... && nos report ...`, or a batch system, must not take it for a finished run.
+        raise SystemExit(STOPPED)
     console.print(f"run {run_id} completed")
     with store.reading() as session:
         print_leaderboard(session, top=10, run_id=run_id, fmt="table")

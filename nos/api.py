@@ -89,6 +89,7 @@ class Run:
 
     def resume(self, progress: bool = True) -> "Run":
         """Continue the run from its last checkpoint until its budget is spent, or Ctrl-C; returns the run."""
+        control.refuse_in_a_starting_worker("Run.resume")
         store = control.store_for_writing(self.db, _quiet)
         try:
             config = control.resumable_config(store, self.id)
@@ -120,6 +121,7 @@ def run_search(task: str | Callable[..., Any] | None = None, *, searcher: str | 
     Bad settings raise ConfigError, a run that cannot start RunRefused (both ValueErrors), before
     anything is written.
     """
+    control.refuse_in_a_starting_worker("nos.run_search")
     name = task if task is None or isinstance(task, str) else factory_name(task)
     chosen = SearchConfig.load(config, task=name, searcher=searcher, budget=budget, workers=workers, **settings)
     if broker:

@@ -7,6 +7,7 @@ whose message is the one line the command line prints (exit 2).
 
 from __future__ import annotations
 
+import multiprocessing
 from typing import Any, Callable
 
 from sqlalchemy.exc import DBAPIError
@@ -19,6 +20,17 @@ from .store.leases import DRIVABLE, LeaseRefused, clear_dead_lease, read_lease, 
 
 class RunRefused(ValueError):
     """A run that cannot be started, resumed or stopped as asked; nothing was written."""
+
+
+def refuse_in_a_starting_worker(call: str) -> None:
+    """RunRefused where this process is a worker still importing its parent's main module.
+
+    Local workers are new interpreters that import the script which started them before they
+    work; a search started at its top level would start again in each of them, for ever.
+    """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RunRefused(f"{call} ran in a worker process as it started: put the script's search under "
+                         "`if __name__ == \"__main__\":` (worker processes import the script again)")
 
 
 def check_task(config: SearchConfig, broker_url: str | None) -> None:

@@ -24,6 +24,10 @@ PR_SET_PDEATHSIG = 1
 PARENT_CHECK_SECONDS = 1.0
 
 
+class WorkerStartError(RuntimeError):
+    """A local worker process failed before it could take any work: a new one would fail the same way."""
+
+
 class Executor(Protocol):
     def dispatch(self, evaluation_ids: Iterable[int]) -> None: ...
 
@@ -54,7 +58,10 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None, parent: int, pack: int = 1) -> None:
+def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None, parent: int, pack: int = 1,
+                 started: multiprocessing.Event | None = None) -> None:
+    if started is not None:   # the process came up (its interpreter, the caller's main module re-imported)
+        started.set()
     _die_with(parent)
     # Ctrl-C reaches the whole process group: the driver decides what stops, not each worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -88,12 +95,16 @@ class LocalExecutor:
         self._context = multiprocessing.get_context("spawn")   # no forked torch or database state
         self._ids: multiprocessing.Queue = self._context.Queue()
         self._args = (db_url, self._ids, device, os.getpid(), pack)
+        self._started: dict[multiprocessing.Process, multiprocessing.Event] = {}
         self._processes = [self._start() for _ in range(workers)]
         self._closed = False
 
     def _start(self) -> multiprocessing.Process:
-        process = self._context.Process(target=_worker_main, args=self._args, daemon=True, name="nos-worker")
+        started = self._context.Event()
+        process = self._context.Process(target=_worker_main, args=(*self._args, started), daemon=True,
+                                        name="nos-worker")
         process.start()
+        self._started[process] = started
         return process
 
     @property
@@ -106,12 +117,22 @@ class LocalExecutor:
             self._ids.put(evaluation_id)
 
     def dead_workers(self) -> list[str]:
-        """Replace workers that died (killed, out of memory) and name the dead ones."""
+        """Replace workers that died (killed, out of memory) and name the dead ones.
+
+        WorkerStartError where one failed on its own before it started: replacing it would only
+        fail again, for ever.
+        """
         host, dead = socket.gethostname(), []
         for i, process in enumerate(self._processes):
             if not process.is_alive():
-                dead.append(f"{host}:{process.pid}")
                 process.join(timeout=0)
+                if not self._started.pop(process).is_set() and process.exitcode and process.exitcode > 0:
+                    raise WorkerStartError(
+                        f"a local worker process failed while starting (exit code {process.exitcode}; its error is "
+                        "printed above). From a Python script this is most often a call to nos.run_search that "
+                        "is not under `if __name__ == \"__main__\":`: each worker process imports the script "
+                        "again, and so starts a search of its own.")
+                dead.append(f"{host}:{process.pid}")
                 self._processes[i] = self._start()
         return dead
 

@@ -1,4 +1,4 @@
-"""A rule as a short, self-contained Python snippet that trains with it in any PyTorch loop.
+"""A rule as a short Python snippet that trains with it in any PyTorch loop.
 
     print(export_snippet("powersign", lr=0.1))
 
@@ -55,11 +55,10 @@ def export_snippet(rule: str | Node, *, lr: float = 1e-3, total_steps: int | Non
                      "pass total_steps, the training run's length in optimizer steps.")
         args.append("total_steps=TOTAL_STEPS" if total_steps is not None else "total_steps=None")
         call.append("total_steps=total_steps")
-    if seed is not None:
-        lines.append(f"SEED = {seed!r}   # seeds the optimizer's own noise")
-        call.append("seed=SEED")
-    elif is_random(tree):
-        lines.append("# The rule draws noise (eps, eps_t or drop): pass seed=N to SymbolicOptimizer to fix it.")
+    if seed is not None or is_random(tree):
+        lines.append(f"SEED = {seed!r}   # seeds the rule's noise (eps, eps_t, drop); None: a new seed each time")
+        args.append("seed=SEED")
+        call.append("seed=seed")
     lines += [
         "",
         "",

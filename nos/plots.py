@@ -111,7 +111,7 @@ def curve_figure(curves: Sequence[Curve], *, window: int = 20, title: str | None
         best = f", best {data.best[-1]:.4f}" if data.best else ", nothing finished"
         runs.append(Line2D([], [], color=color, linewidth=3, label=f"{curve.label}{best}"))
     ax.set_xlabel("evaluation (trained or from the cache; rejections not shown)")
-    ax.set_ylabel("reward (final validation accuracy)")
+    ax.set_ylabel("reward (final validation score)")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(True, alpha=0.3)
     if title:
@@ -148,7 +148,7 @@ def sweep_figure(sweeps: Sequence[Sweep], *, labels: Sequence[str] | None = None
                        linewidths=0.5, zorder=4, label="reward (final run at the best rate)" if i == 0 else None)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("validation accuracy (sweep)")
+    ax.set_ylabel("validation score (sweep)")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(True, which="major", alpha=0.3)
     if title:

@@ -5,6 +5,10 @@ Searches that train are in tests/test_own_task_search.py (real worker processes)
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 import nos
@@ -61,3 +65,26 @@ def test_a_stored_run_reads_back_and_a_finished_one_refuses_stop_and_resume(tmp_
         run.resume(progress=False)
     with pytest.raises(LookupError, match="no run 99"):
         nos.Run(99, db=url).status
+
+
+def test_a_script_without_a_main_guard_fails_its_one_run_at_once(tmp_path):
+    """Worker processes import the script that started them: an unguarded search must not start again in each."""
+    db = tmp_path / "unguarded.db"
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(f"""
+        import nos
+        nos.run_search(task="quadratic", searcher="random", budget=2, update_every=2, workers=1,
+                       db="sqlite:///{db}", progress=False)
+    """))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0
+    assert 'if __name__ == "__main__":' in done.stderr and "WorkerStartError" in done.stderr
+    store = open_store(f"sqlite:///{db}")
+    try:
+        with store.reading() as session:
+            from nos.store.models import Run
+
+            statuses = [run.status for run in session.query(Run).all()]
+    finally:
+        store.dispose()
+    assert statuses == ["failed"]   # the script's own run, marked failed; none started by its workers

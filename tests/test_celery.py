@@ -173,7 +173,7 @@ def test_a_stopped_runs_queued_messages_wait_for_its_resume(db_url, broker, work
         stop = nos("stop", "1", "--db", db_url)
         assert stop.returncode == 0, stop.stdout + stop.stderr
         out, _ = driver.communicate(timeout=120)
-        assert driver.returncode == 0, out
+        assert driver.returncode == 3, out   # stopped, resumable
     before = run_rows(db_url, 1)
     queued = {e.id for e in before if e.status == "queued"}
     assert len(queued) >= 3 and all(e.status in ("queued", "rejected") for e in before)

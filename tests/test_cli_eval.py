@@ -21,6 +21,14 @@ def test_eval_prints_the_sweep_and_the_reward():
     assert "reward" in result.output
     assert "sweep" in result.output
     assert "final" in result.output
+    assert "val acc" in result.output and "test accuracy" in result.output
+
+
+def test_eval_calls_a_regression_tasks_scores_scores_not_accuracies():
+    result = run("sgd", "--task", "quadratic", "--lrs", "1e-2,1e-1", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "1 / (1 + validation MSE)" in result.output
+    assert "val score" in result.output and "test score" in result.output and "accura" not in result.output
 
 
 def test_eval_json_is_the_evaluation_result():

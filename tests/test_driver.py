@@ -143,7 +143,7 @@ def test_stopping_leaves_a_consistent_run_that_resumes(tmp_path, tiny_toml, how)
     else:
         os.killpg(driver.pid, signal.SIGINT)   # what Ctrl-C in a terminal sends
     out, _ = driver.communicate(timeout=120)
-    assert driver.returncode == 0, out
+    assert driver.returncode == 3, out   # stopped, resumable: not 0
     assert "nos resume 1" in out
     rows = run_rows(url, 1)
     assert sum(e.status != "rejected" for e in rows) < 100

@@ -52,7 +52,7 @@ def test_export_snippet_trains_in_a_fresh_python():
     ("addsign-ld", ["--lr", "0.01"], "pass total_steps"),              # reads ld: the demo passes its length
     ("addsign-ld", ["--lr", "0.01", "--total-steps", "150"], "TOTAL_STEPS = 150"),
     ("drop(m, 0.3) * exp(1e-3*w)", ["--lr", "0.05", "--seed", "7"], "SEED = 7"),
-    ("drop(m, 0.3) * exp(1e-3*w)", ["--lr", "0.05"], "pass seed=N"),
+    ("drop(m, 0.3) * exp(1e-3*w)", ["--lr", "0.05"], "SEED = None"),
 ])
 def test_export_variants_train(rule, flags, expect):
     result = invoke("export", rule, *flags)
@@ -88,3 +88,22 @@ def test_export_bad_input_exits_2(args, message):
     result = invoke("export", *args)
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_an_exported_noise_rule_takes_its_seed_and_draws_the_same_noise_again():
+    import torch
+
+    result = invoke("export", "g + eps", "--no-demo")
+    assert result.exit_code == 0
+    namespace: dict = {}
+    exec(compile(result.output, "exported", "exec"), namespace)
+
+    def trained(seed):
+        model = torch.nn.Linear(2, 1)
+        torch.nn.init.zeros_(model.weight)
+        optimizer = namespace["make_optimizer"](model.parameters(), lr=0.1, seed=seed)
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        return model.weight.detach().clone()
+
+    assert torch.equal(trained(3), trained(3)) and not torch.equal(trained(3), trained(4))

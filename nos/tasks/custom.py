@@ -173,7 +173,7 @@ def build_with(label: str, factory: Callable[..., Any], device: torch.device, op
     try:
         task = factory(**passed)
     except Exception as exc:
-        raise TaskFactoryError(f"task {label!r} raised {_described(exc)}") from None
+        raise TaskFactoryError(f"task {label!r} raised {_described(exc)}{_strays(named, options)}") from None
     if not isinstance(task, Task):
         raise TaskFactoryError(f"task {label!r} returned a {type(task).__name__}, not a nos.tasks.Task")
     try:
@@ -212,6 +212,15 @@ def recorded_options(label: str, signature: inspect.Signature, passed: dict[str,
             raise TaskFactoryError(f"task {label!r}: option {key}'s value {value!r} is not plain data (numbers, "
                                    "strings, true/false, lists): it cannot be part of the task key") from None
     return recorded
+
+
+def _strays(named: tuple[str, ...], options: dict[str, Any]) -> str:
+    """For a factory that failed: the options given that are neither its own nor the protocol's (a typo?)."""
+    strays = sorted(k for k in options if k not in named and k not in PROTOCOL_OPTIONS)
+    if not strays:
+        return ""
+    return (f" (given {', '.join(map(repr, strays))}, which it does not name; its own options: "
+            f"{', '.join(named) or 'none'}; the protocol's: {', '.join(PROTOCOL_OPTIONS)})")
 
 
 def _described(exc: BaseException) -> str:
