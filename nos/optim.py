@@ -110,6 +110,13 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         self._held: dict[str, tuple[dict[str, Tensor], Tensor]] = {}   # the compiled step's numbers and lr, by device
         self._filled: dict[str, dict[str, float]] = {}   # the values last put in them
         self._plans: dict[int, tuple] = {}   # each group's buckets (see _buckets)
+        self._states_seen = 0   # len(self.state) after the last step: if it changed, the plans hold old state
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # The per-tensor step has no rates: a group of its own would step every slice alike.
+        if self.rates is not None and not param_group.get("foreach", self.defaults["foreach"]):
+            raise ValueError("per-slice rates need the foreach step: a param group cannot set foreach=False")
+        super().add_param_group(param_group)
 
     def __repr__(self) -> str:
         return f"SymbolicOptimizer({self.rule_text!r}, lr={self.defaults['lr']})"
@@ -156,7 +163,9 @@ class SymbolicOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         rule = state_dict.pop("rule", None)
-        if rule is not None and rule != self.rule_text:
+        if rule is None:   # another optimizer's (torch.optim.Adam's): its state is not what the rule reads
+            raise ValueError("state_dict has no 'rule': it was not saved by a SymbolicOptimizer")
+        if rule != self.rule_text:
             raise ValueError(f"state_dict was saved for rule {rule!r}, this optimizer runs {self.rule_text!r}")
         generators = state_dict.pop("generators", {})
         super().load_state_dict(state_dict)
@@ -174,6 +183,8 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step_groups(self) -> None:
+        if len(self.state) != self._states_seen:   # state.clear(), del state[p]: the plans hold what went
+            self._plans.clear()
         for index, group in enumerate(self.param_groups):
             for bucket in self._buckets(index, group):
                 for state in bucket.states:
@@ -187,6 +198,7 @@ class SymbolicOptimizer(torch.optim.Optimizer):
                     self._step_each(bucket.params, grads, bucket.buffers, numbers, group["lr"], generator)
                 else:
                     self._foreach(bucket, grads, numbers, group["lr"], generator)
+        self._states_seen = len(self.state)
 
     def _buckets(self, index: int, group: dict[str, Any]) -> list[_Bucket]:
         """The group's tensors that have gradients, bucketed by device, dtype and step count.
@@ -198,7 +210,7 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         # Which tensors step, by identity (the plan holds them, so no id is reused while it is kept).
         stepping = tuple(id(p) if p.grad is not None else 0 for p in params)
         kept = self._plans.get(index)
-        if kept is not None and kept[0] == stepping:
+        if kept is not None and kept[0] == stepping and self._holds_state(kept[1]):
             return kept[1]
         buckets: dict[tuple, _Bucket] = {}
         for p, steps in zip(params, stepping):
@@ -221,6 +233,11 @@ class SymbolicOptimizer(torch.optim.Optimizer):
                 self._flatten(bucket)
         self._plans[index] = (stepping, list(buckets.values()))
         return self._plans[index][1]
+
+    def _holds_state(self, buckets: list[_Bucket]) -> bool:
+        """Whether kept buckets still hold the state dicts of self.state, by the first one: a state dict put in
+        place of another (state[p] = {...}) leaves len(self.state), which _step_groups watches, as it was."""
+        return not buckets or self.state.get(buckets[0].params[0]) is buckets[0].states[0]
 
     def _flatten(self, bucket: _Bucket) -> None:
         """Each moment buffer of the bucket as views of one tensor, and one tensor to take its gradients.

@@ -111,6 +111,44 @@ def test_state_dict_of_another_rule_is_refused():
         other.load_state_dict(opt.state_dict())
 
 
+def test_a_state_dict_not_saved_by_a_symbolic_optimizer_is_refused():
+    """torch.optim.Adam's state dict (no "rule") would load, and the next step fail on a missing buffer."""
+    w = torch.zeros(3, requires_grad=True)
+    adam = torch.optim.Adam([w], lr=0.1)
+    w.grad = torch.ones(3)
+    adam.step()
+    opt = SymbolicOptimizer([w], "adam", lr=0.1)
+    with pytest.raises(ValueError, match="not saved by a SymbolicOptimizer"):
+        opt.load_state_dict(adam.state_dict())
+    opt.step()   # refused before anything was loaded: the optimizer still steps
+    assert opt.state[w]["step"] == 1
+
+
+@pytest.mark.parametrize("touch", [False, True], ids=["cleared", "cleared-then-read"])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_clearing_the_state_starts_the_optimizer_afresh(foreach, touch):
+    """opt.state.clear() resets a torch optimizer: the next steps move as a new optimizer's would.
+
+    "cleared-then-read": reading state[w] after clear() makes a new entry, so len(state) is as before.
+    """
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    opt = SymbolicOptimizer([w], "adam", lr=0.1, foreach=foreach)
+    for _ in range(3):
+        w.grad = torch.ones(4, 3)
+        opt.step()
+    opt.state.clear()
+    if touch:
+        assert opt.state[w] == {}
+    again = w.detach().clone().requires_grad_()
+    fresh = SymbolicOptimizer([again], "adam", lr=0.1, foreach=foreach)
+    for grad in (-torch.ones(4, 3), torch.randn(4, 3, generator=torch.Generator().manual_seed(1))):
+        w.grad, again.grad = grad.clone(), grad.clone()
+        opt.step()
+        fresh.step()
+    assert torch.equal(w, again)
+    assert opt.state[w]["step"] == 2
+
+
 def test_param_groups_closure_and_zero_grad():
     model = small_convnet()
     conv, rest = list(model[0].parameters()), [p for m in list(model)[1:] for p in m.parameters()]
@@ -417,6 +455,40 @@ def test_per_slice_rates_need_the_foreach_step():
     w = torch.zeros(2, 3, requires_grad=True)
     with pytest.raises(ValueError, match="foreach"):
         SymbolicOptimizer([w], "g", rates=torch.ones(2), foreach=False)
+
+
+def test_per_slice_rates_refuse_a_group_that_sets_foreach_false():
+    """The per-tensor step has no rates: such a group would move every slice alike."""
+    w, other = torch.zeros(2, 3, requires_grad=True), torch.zeros(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="foreach"):
+        SymbolicOptimizer([{"params": [w], "foreach": False}], "g", rates=torch.ones(2))
+    opt = SymbolicOptimizer([w], "g", rates=torch.ones(2))
+    with pytest.raises(ValueError, match="foreach"):
+        opt.add_param_group({"params": [other], "foreach": False})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [other]})
+
+
+@pytest.mark.parametrize(("rule", "dtype", "lr"), [
+    ("g / -1e-8", torch.float64, 1e-3),                      # folded: -lr / (s + 1e-8) = -lr / 0
+    ("sign(g) * g / (1e-8 - 2e-8)", torch.float64, 1e-3),
+    ("1e38 * g", torch.float32, 10.0),                       # folded: -lr * 1e38 overflows float32
+    ("-(2 * (exp(exp(2) + 2) * g))", torch.float16, 10.0),   # overflows float16 at the second factor
+    ("g * 1e38 / 0.5", torch.float32, 10.0),
+    ("m", torch.float16, 1e4),                               # -lr / bc1 overflows float16
+    ("adam", torch.float16, 1e4),
+])
+def test_a_step_size_folded_from_the_root_gives_what_the_per_tensor_step_gives(rule, dtype, lr):
+    """The foreach step folds the root's scalar factors into the step size: where that would divide by 0 or
+    overflow the dtype (0 * inf = nan for a zero gradient), it computes delta as the per-tensor step does."""
+    moved = []
+    for foreach in (True, False):
+        w = torch.zeros(4, dtype=dtype, requires_grad=True)
+        opt = SymbolicOptimizer([w], rule, lr=lr, foreach=foreach)
+        w.grad = torch.tensor([0.0, 1e-3, -0.5, 1.0], dtype=dtype)
+        opt.step()
+        moved.append(w.detach())
+    torch.testing.assert_close(*moved, equal_nan=True)
 
 
 def test_noise_state_hands_the_noise_over():

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 
 from nos.rules import operands_read, parse
 from nos.rules.elementwise import delta_one, numbers_read
-from nos.rules.foreach import StepContext, Tensors, compute_update, step_numbers
+from nos.rules.foreach import StepContext, Tensors, _table, compute_update, step_numbers
 from nos.rules.tree import is_random
 from nos.rules.vocabulary import OPERANDS, SCHEDULES
 
@@ -231,3 +231,35 @@ def test_each_operand_needs_only_the_step_numbers_it_is_said_to_read(name, input
     gen = torch.Generator().manual_seed(1)
     alone = delta_one(tree, params[0], grads[0], bufs, only, gen)
     torch.testing.assert_close(alone, delta_one(tree, params[0], grads[0], bufs, every, gen.manual_seed(1)))
+
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def _cast(inputs, dtype):
+    params, grads, buffers = inputs
+    return ([p.to(dtype) for p in params], [g.to(dtype) for g in grads],
+            {k: [t.to(dtype) for t in v] for k, v in buffers.items()})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("text", ["g * exp((2 + 2) * sign(g))", "g * exp(exp(2) * sign(g))",
+                                  "g * exp(exp(2) * 2 * sign(g))", "exp(exp(2 + 1) * (sign(g) * sign(m)))"])
+def test_exp_of_a_large_multiple_of_a_sign_is_as_faithful_as_the_plain_op(text, dtype, inputs):
+    """exp(k * s) tabulated as f0 + c1 * s + c2 * s * s cancels at s = -1 down to the rounding of c1 and c2,
+    which are near e^k / 2: e^-7.4 came out -1 in bfloat16, e^-14.8 0 in float32. Those run the plain op."""
+    fast, plain = both_paths(text, _cast(inputs, dtype))
+    eps = torch.finfo(dtype).eps
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=4 * eps, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_powersigns_table_is_kept_where_it_is_faithful(dtype, inputs):
+    """exp(k * sign(g) * sign(m)) for k up to 1 (PowerSign, its sign decays) keeps its three cheap passes."""
+    for k in (1.0, 0.75, 0.5, 0.1, 0.0):
+        assert _table("exp", k, None, dtype) is not None
+    assert _table("sqrt", 2.0, None, dtype) is not None
+    fast, plain = both_paths("g * exp(sign(g) * sign(m))", _cast(inputs, dtype))
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=4 * torch.finfo(dtype).eps, atol=0)

@@ -329,11 +329,38 @@ def _scaled_ternary(node: Node) -> tuple[Node | None, Node] | None:
 
 
 @functools.lru_cache(maxsize=1024)
-def _table(op: str, k: float, param: float | None, dtype: torch.dtype) -> tuple[float, float, float]:
-    """op at -k, 0 and k on 0-dim tensors of `dtype` (a pure op: exp, log or sqrt), kept from step to
-    step: building and reading nine tiny tensors each step cost PowerSign's eager step a sixth of its host time."""
+def _table(op: str, k: float, param: float | None, dtype: torch.dtype) -> tuple[float, float, float] | None:
+    """(f0, c1, c2) with op(k * s) = f0 + c1 * s + c2 * s * s for s in {-1, 0, 1}, in `dtype` (a pure op: exp,
+    log or sqrt), or None where the three terms do not give op's own values to a few ulps.
+
+    Kept from step to step: building and reading nine tiny tensors each step cost PowerSign's eager step a
+    sixth of its host time.
+    """
     evaluator = _Evaluator(StepContext([], [], {}, {}), dtype)
-    return tuple(evaluator.on_numbers(op, x, param=param) for x in (-k, 0.0, k))
+    exact = [evaluator.on_numbers(op, x, param=param) for x in (-k, 0.0, k)]
+    f_minus, f_zero, f_plus = exact
+    c1, c2 = (f_plus - f_minus) / 2, (f_plus + f_minus) / 2 - f_zero
+    if not all(map(math.isfinite, (f_zero, c1, c2))):
+        return None
+    # The terms cancel: exp(k * s) at s = -1 is 1 - c1 + c2 with c1, c2 near e^k / 2, so for a large k
+    # only their rounding is left (e^-7.4 came out -1 in bfloat16, e^-14.8 0 in float32). The step's ops on
+    # the three values of s show what it would give; off by more than a few ulps, the plain op runs.
+    signs = Tensors([torch.tensor([s], dtype=dtype) for s in (-1.0, 0.0, 1.0)], owned=False)
+    got = _three_terms(StepContext([], [], {}, {}), signs, f_zero, c1, c2)
+    info = torch.finfo(dtype)
+    for value, want in zip(got.items, exact):
+        # Relative, so that a subnormal e^-k is not taken for 0; an exact 0 takes the smallest normal.
+        if not abs(value.item() - want) <= (4 * info.eps * abs(want) if want else info.tiny):
+            return None   # (`not <=`: a nan fails too)
+    return f_zero, c1, c2
+
+
+def _three_terms(ctx: StepContext, s: Tensors, f_zero: float, c1: float, c2: float) -> Tensors:
+    """f0 + c1 * s + c2 * s * s: three cheap passes over s, which others may hold."""
+    out = ctx.apply(Tensors(s.items, owned=False), "mul", c1)
+    out = ctx.apply(out, "add", f_zero)
+    torch._foreach_addcmul_(out.items, s.items, s.items, _fit(c2, s.items[0].dtype))
+    return out
 
 
 class _Evaluator:
@@ -361,15 +388,10 @@ class _Evaluator:
             return None
         k_node, s_node = split
         k = 1.0 if k_node is None else self.value(k_node)
-        f_minus, f_zero, f_plus = _table(node.op, k, node.param, self.dtype)
-        c1, c2 = (f_plus - f_minus) / 2, (f_plus + f_minus) / 2 - f_zero
-        if not all(map(math.isfinite, (f_zero, c1, c2))):
+        table = _table(node.op, k, node.param, self.dtype)
+        if table is None:
             return None
-        s = self.value(s_node)
-        out = self.ctx.apply(Tensors(s.items, owned=False), "mul", c1)
-        out = self.ctx.apply(out, "add", f_zero)
-        torch._foreach_addcmul_(out.items, s.items, s.items, _fit(c2, self.dtype))
-        return out
+        return _three_terms(self.ctx, self.value(s_node), *table)
 
     def value(self, node: Node) -> Value:
         if isinstance(node, Operand):
@@ -430,37 +452,49 @@ def apply_update(tree: Node, ctx: StepContext, lr: float) -> None:
 
     Scalar factors of the root fold into the step size, and a root product or
     quotient becomes one addcmul/addcdiv: one or two passes over the
-    parameters saved, and for `adam` the exact ops of torch.optim.Adam.
+    parameters saved, and for `adam` the exact ops of torch.optim.Adam. A
+    factor that would divide by 0 or take the step size past the dtype's
+    range stays in the tree, which then gives inf or nan where the
+    per-tensor step does, not 0 * inf = nan for every zero delta.
     """
     if not ctx.uses:
         ctx.uses = operand_uses(tree)
     params = list(ctx.params)
+    dtype = params[0].dtype
     evaluator = _Evaluator(ctx)
     scalar = ctx.facts.scalar
     alpha, node = -lr, tree
     while True:
         if isinstance(node, Unary) and node.op == "neg":
-            alpha, node = -alpha, node.child
+            folded, factor, rest = -alpha, -1.0, node.child
         elif isinstance(node, Binary) and node.op == "mul" and scalar(node.left):
-            alpha, node = alpha * evaluator.value(node.left), node.right
+            factor = evaluator.value(node.left)
+            folded, rest = alpha * factor, node.right
         elif isinstance(node, Binary) and node.op in ("mul", "div") and scalar(node.right):
             s = evaluator.value(node.right)
-            alpha, node = (alpha * s if node.op == "mul" else alpha / (s + DIV_EPS)), node.left
+            if node.op == "div" and s + DIV_EPS == 0:
+                break   # x / 0 gives inf or nan per element, as the tree computed as it stands does
+            factor = s if node.op == "mul" else 1.0 / (s + DIV_EPS)
+            folded, rest = (alpha * s if node.op == "mul" else alpha / (s + DIV_EPS)), node.left
         else:
             break
-    alpha = _fit(alpha, params[0].dtype)
+        if math.isfinite(factor) and not math.isfinite(_fit(folded, dtype)):
+            break   # a step size the dtype cannot hold: the rest is computed as delta
+        alpha, node = folded, rest
+    alpha = _fit(alpha, dtype)
     if ctx.rates is not None:   # stacked children: one rate per child, so no fused root
         delta = evaluator.value(node)
         if isinstance(delta, Tensors):
             torch._foreach_addcmul_(params, delta.items, list(ctx.rates), alpha)
         else:
             torch._foreach_add_(params, [rate * _fit(alpha * delta, p.dtype) for p, rate in zip(params, ctx.rates)])
-    elif node == _ADAM:
-        torch._foreach_addcdiv_(params, ctx.buffers["exp_avg"], ctx.adam_denominator().items,
-                                alpha / ctx.numbers["bc1"])
-    elif node == _M:
-        torch._foreach_add_(params, ctx.buffers["exp_avg"], alpha=alpha / ctx.numbers["bc1"])
-    elif isinstance(node, Binary) and node.op in ("mul", "div") and not scalar(node.left):
+    elif node in (_ADAM, _M) and math.isfinite(scaled := _fit(alpha / ctx.numbers["bc1"], dtype)):
+        # m_hat = m / bc1 with 1 / bc1 in the step size; where that overflows, m_hat is computed as delta.
+        if node == _ADAM:
+            torch._foreach_addcdiv_(params, ctx.buffers["exp_avg"], ctx.adam_denominator().items, scaled)
+        else:
+            torch._foreach_add_(params, ctx.buffers["exp_avg"], alpha=scaled)
+    elif isinstance(node, Binary) and node.op in ("mul", "div") and not (scalar(node.left) or scalar(node.right)):
         x, y = evaluator.value(node.left), evaluator.value(node.right)
         if node.op == "mul":
             torch._foreach_addcmul_(params, x.items, y.items, alpha)
@@ -469,7 +503,7 @@ def apply_update(tree: Node, ctx: StepContext, lr: float) -> None:
     else:
         delta = evaluator.value(node)
         if isinstance(delta, float):
-            torch._foreach_add_(params, _fit(alpha * delta, params[0].dtype))
+            torch._foreach_add_(params, _fit(alpha * delta, dtype))
         else:
             torch._foreach_add_(params, delta.items, alpha=alpha)
     if ctx.scratch is not None:
