@@ -268,7 +268,8 @@ class Driver:
         with self.store.transaction() as session:
             if get_run(session, self.run_id).status == "stopping":
                 raise StopRequested()
-            redo = release_claims(session, self.run_id, self.executor.dead_workers())
+            redo = release_claims(session, self.run_id, self.executor.dead_workers(),
+                                  max_attempts=self.config.max_attempts)
             sweep = requeue_stale(session, self.run_id, timedelta(seconds=self.config.stale_after),
                                   self.config.max_attempts)
         self._dispatch(redo + sweep.requeued)

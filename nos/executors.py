@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from typing import Iterable, Protocol
 
 # prctl(2): deliver a signal to this process when its parent dies (Linux).
@@ -77,7 +78,10 @@ def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None, pa
         evaluation_id = ids.get()
         if evaluation_id is None:
             return
-        run_evaluation(store, evaluation_id, worker=name, device=device, pack=pack)
+        try:
+            run_evaluation(store, evaluation_id, worker=name, device=device, pack=pack)
+        except Exception:   # the database, briefly: a claim it left is retaken when stale; this worker goes on
+            traceback.print_exc()
 
 
 class LocalExecutor:

@@ -16,6 +16,7 @@ Tasks (their data) are built once per process and reused across evaluations.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import traceback
@@ -32,12 +33,14 @@ from .config import SearchConfig
 from .devices import device_problem
 from .records import EvaluationResult
 from .store import Store, claim, commit_result, fail, find_cached, get_evaluation, get_run, heartbeat, utcnow
+from .store.engine import first_line
 from .store.evaluations import commit_cached, equivalence_reason, find_equivalent
 from .store.models import Evaluation, Rule
 from .tasks import Task, get_task
 from .tasks.packed import evaluate_rules
 
 _TASKS: dict[str, Task] = {}
+_LOG = logging.getLogger(__name__)
 
 
 def worker_name() -> str:
@@ -70,7 +73,7 @@ class Outcome(StrEnum):
     CACHED = "cached"       # already scored under the same task key: its result is copied, nothing trained
     FAILED = "failed"       # the evaluation raised; the error is stored
     SKIPPED = "skipped"     # not ours to take (gone, finished, claimed by another worker, or its run not running)
-    REFUSED = "refused"     # this machine lacks the run's device (`device_problem`): left queued for one that has it
+    REFUSED = "refused"     # this machine lacks the run's device or its task (data): left queued for one that has it
     LOST = "lost"           # our claim was taken over while training; nothing written
 
 
@@ -131,20 +134,53 @@ def _settle(store: Store, claims: list[Claim], device: str | None) -> dict[int, 
         return {c.evaluation_id: _commit(store, c, result) for c, result in zip(claims, results)}
     # Out of the except clause: the traceback, and with it the pack's tensors (GPU memory), is gone.
     if len(claims) > 1:   # one rule's error (or a pack too big for the GPU) must not fail the others
-        return {i: outcome for c in claims for i, outcome in _settle(store, [c], device).items()}
+        return _settle_each(store, claims, device)
     with store.transaction() as session:
         fail(session, claims[0].evaluation_id, claims[0].attempt, failure)
     return {claims[0].evaluation_id: Outcome.FAILED}
 
 
+def _settle_each(store: Store, claims: list[Claim], device: str | None) -> dict[int, Outcome]:
+    """Each claim trained and committed alone, in turn; the claims waiting their turn are heartbeated meanwhile."""
+    waiting = list(claims)
+
+    def renew(session: Session) -> bool:
+        for c in list(waiting):
+            heartbeat(session, c.evaluation_id, c.attempt)   # a lost one finds out when its turn comes
+        return True
+
+    beat = Beat(store, renew, claims[0].config.heartbeat_every, f"heartbeat-waiting-{claims[0].evaluation_id}")
+    beat.start()
+    outcomes: dict[int, Outcome] = {}
+    try:
+        for c in claims:
+            waiting.remove(c)   # its own training heartbeats it now
+            outcomes |= _settle(store, [c], device)
+    finally:
+        beat.stopped.set()
+        beat.join()
+    return outcomes
+
+
 def _companions(session: Session, first: Claim, n: int) -> list[int]:
-    """Up to `n` (and a few spare, for those another worker takes first) queued evaluations to pack with `first`."""
+    """Up to `n` queued evaluations to pack with `first`, free to take now, none of them on its last attempt.
+
+    Where the database locks rows (PostgreSQL), rows another worker is claiming are skipped, not
+    waited for: two workers packing at once would otherwise each wait for a row the other holds.
+    An evaluation's last attempt trains alone: a worker that dies charges every rule of its pack,
+    and a rule that kills its worker must not use up its companions' attempts as well as its own.
+    """
+    last = first.config.max_attempts
     if n <= 0:
         return []
+    if last > 1 and session.execute(select(Evaluation.attempts)
+                                    .where(Evaluation.id == first.evaluation_id)).scalar() >= last:
+        return []
+    fresh = Evaluation.attempts < last - 1 if last > 1 else Evaluation.attempts >= 0
     return list(session.execute(
         select(Evaluation.id).where(Evaluation.run_id == first.run_id, Evaluation.task_key == first.task_key,
-                                    Evaluation.status == "queued", Evaluation.id != first.evaluation_id)
-        .order_by(Evaluation.id).limit(n)).scalars())
+                                    Evaluation.status == "queued", Evaluation.id != first.evaluation_id, fresh)
+        .order_by(Evaluation.id).limit(n).with_for_update(skip_locked=True)).scalars())
 
 
 def _commit(store: Store, claimed: Claim, result: EvaluationResult | None) -> Outcome:
@@ -166,6 +202,10 @@ def _claim_or_answer(session: Session, evaluation_id: int, worker: str, device: 
     config = SearchConfig.from_dict(get_run(session, evaluation.run_id).config)
     if device_problem(device or config.device):
         return Outcome.REFUSED
+    problem = _task_problem(config, device)
+    if problem:   # this worker's, not the rule's: another worker may have the data
+        _LOG.warning("evaluation %s refused, left queued: %s", evaluation_id, problem)
+        return Outcome.REFUSED
     rule = session.get(Rule, evaluation.rule_id)
     attempt = claim(session, evaluation_id, worker, timedelta(seconds=config.stale_after),
                     max_attempts=config.max_attempts, now=now)
@@ -179,6 +219,20 @@ def _claim_or_answer(session: Session, evaluation_id: int, worker: str, device: 
     if source is not None and commit_cached(session, evaluation_id, attempt, source, reason=reason):
         return Outcome.CACHED
     return Claim(evaluation_id, attempt, config, rule.text, evaluation.task_key, evaluation.run_id)
+
+
+def _task_problem(config: SearchConfig, device: str | None) -> str | None:
+    """Why this worker cannot build the run's task (its data missing here, say), or None.
+
+    Built once per process (`task_for`): later evaluations of the run cost nothing. A task that
+    builds but differs from the driver's (another nos, other data) fails the evaluation in `_train`
+    instead: no worker of that version would ever train it.
+    """
+    try:
+        task_for(config, device)
+    except Exception as exc:
+        return f"its {config.task} task cannot be built here: {first_line(exc)}"
+    return None
 
 
 def _train(store: Store, claims: list[Claim], device: str | None) -> list[EvaluationResult | None]:

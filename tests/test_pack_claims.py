@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -94,6 +95,7 @@ def test_a_pack_takes_only_evaluations_of_the_same_run_and_task_key(sqlite_url):
 
 WORKER = """
 import sys
+import threading
 from nos.store import open_store
 from nos.work import run_pack
 run_pack(open_store(sys.argv[1]), int(sys.argv[2]), worker="doomed:1", pack=int(sys.argv[3]))
@@ -219,4 +221,124 @@ def test_a_rule_that_fails_in_a_pack_fails_alone(sqlite_url):
     assert all(outcomes[i] in (Outcome.DONE, Outcome.DIVERGED) for i in (ids[0], ids[2]))
     rows = run_rows(sqlite_url, run_id)
     assert rows[1].error and rows[0].reward is not None and rows[2].reward is not None
+    store.dispose()
+
+
+def _spend_attempts(store, run_id, ids, n):
+    """n claims of each evaluation, each released by the death of its worker (counted)."""
+    from nos.store import claim
+    from nos.store.evaluations import release_claims
+
+    for i in range(n):
+        with store.transaction() as session:
+            for evaluation_id in ids:
+                claim(session, evaluation_id, f"dead:{i}", timedelta(seconds=30))
+            release_claims(session, run_id, [f"dead:{i}"], max_attempts=3)
+
+
+def test_an_evaluations_last_attempt_trains_alone(sqlite_url):
+    """A worker's death charges its whole pack: on the last attempt no rule shares the charge of another's."""
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "probe": False, "max_attempts": 3})
+    run_id, ids = _queue(store, config)
+    _spend_attempts(store, run_id, ids[:2], 1)   # one death: the retry still packs
+    _spend_attempts(store, run_id, ids[2:3], 2)   # two deaths: its next claim is its last
+    outcomes = run_pack(store, ids[0], worker="heir:1", pack=3)
+    assert set(outcomes) == {ids[0], ids[1], ids[3]}   # the one on its last attempt is left out
+    assert run_pack(store, ids[2], worker="heir:1", pack=3) .keys() == {ids[2]}   # and takes no companion
+    rows = {r.id: r for r in run_rows(sqlite_url, run_id)}
+    assert rows[ids[2]].attempts == 3 and rows[ids[2]].status in ("done", "diverged")
+    store.dispose()
+
+
+def test_a_pack_that_fails_whole_keeps_the_claims_waiting_their_turn_alive(sqlite_url, monkeypatch):
+    """Retrained one by one after the pack raised, each claim is heartbeated while the others train."""
+    import nos.work
+
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "probe": False, "stale_after": 0.8, "heartbeat_every": 0.2,
+                             "task_options": {"train_size": 300, "lrs": [0.01, 0.1], "epochs": 24,
+                                              "batch_size": 4}})
+    run_id, ids = _queue(store, config, RULES[:3])
+    trained = nos.work.evaluate_rules
+
+    def no_packs(rules, *args, **kwargs):   # as a pack too big for the card fails, and one rule does not
+        if len(rules) > 1:
+            raise RuntimeError("CUDA out of memory (a pack of several)")
+        return trained(rules, *args, **kwargs)
+
+    monkeypatch.setattr(nos.work, "evaluate_rules", no_packs)
+    swept: list[int] = []
+    stop = threading.Event()
+
+    def sweep():   # the driver's stale sweep, running all along
+        while not stop.wait(0.3):
+            with store.transaction() as session:
+                swept.extend(requeue_stale(session, run_id, timedelta(seconds=0.8), 3).requeued)
+
+    sweeper = threading.Thread(target=sweep)
+    sweeper.start()
+    try:
+        outcomes = run_pack(store, ids[0], worker="w:1", pack=3)
+    finally:
+        stop.set()
+        sweeper.join()
+    assert set(outcomes) == set(ids) and all(o in (Outcome.DONE, Outcome.DIVERGED) for o in outcomes.values())
+    assert swept == []   # each training alone outlasts stale_after: the last waited for two of them
+    assert all(r.attempts == 1 for r in run_rows(sqlite_url, run_id))
+    store.dispose()
+
+
+def test_packing_workers_on_postgresql_skip_rows_another_is_claiming(pg_url):
+    """Two workers packing at once must not wait for each other's rows (they deadlocked: each held one)."""
+    from nos.store import claim
+
+    upgrade(resolve_url(pg_url))
+    store, other = open_store(pg_url), open_store(pg_url)
+    config = SearchConfig(**{**TINY, "probe": False})
+    run_id, ids = _queue(store, config, RULES[:3])
+    done = threading.Event()
+    outcomes: dict = {}
+
+    def pack_the_rest():
+        outcomes.update(run_pack(store, ids[0], worker="b:1", pack=3))
+        done.set()
+
+    with other.transaction() as session:   # worker A, mid-claim: its row is locked until it commits
+        claim(session, ids[1], "a:1", timedelta(seconds=30))
+        packer = threading.Thread(target=pack_the_rest)
+        packer.start()
+        finished_first = done.wait(timeout=60)
+    packer.join()
+    assert finished_first   # B packed without waiting for A's row ...
+    assert set(outcomes) == {ids[0], ids[2]}   # ... and left it to A
+    assert {r.id: r.worker for r in run_rows(pg_url, run_id)}[ids[1]] == "a:1"
+    store.dispose()
+    other.dispose()
+
+
+def test_a_worker_without_the_tasks_data_refuses_and_leaves_the_evaluation_queued(sqlite_url, tmp_path):
+    """Its data missing here is this worker's problem, not the rule's: nothing is failed or counted."""
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "task": "fashion-mlp", "probe": False,
+                             "task_options": {"data_dir": str(tmp_path / "no-data-here")}})
+    run_id, ids = _queue(store, config, RULES[:2], key="the-drivers-key")
+    assert run_pack(store, ids[0], worker="w:1", pack=2) == {ids[0]: Outcome.REFUSED}
+    assert [(r.status, r.attempts, r.error) for r in run_rows(sqlite_url, run_id)] == [("queued", 0, None)] * 2
+    store.dispose()
+
+
+
+def test_a_worker_whose_task_differs_from_the_drivers_fails_the_evaluation(sqlite_url):
+    """Another nos or other data: no worker like this one would ever train it as the driver meant."""
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "probe": False})
+    run_id, ids = _queue(store, config, RULES[:1], key="another-version-of-the-task")
+    assert run_pack(store, ids[0], worker="w:1") == {ids[0]: Outcome.FAILED}
+    [row] = run_rows(sqlite_url, run_id)
+    assert row.status == "failed" and "differs from the driver's" in row.error
     store.dispose()

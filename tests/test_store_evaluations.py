@@ -35,7 +35,7 @@ from nos.store import (
     unfinished_ids,
     utcnow,
 )
-from nos.store.evaluations import release_the_departed
+from nos.store.evaluations import release_claims, release_the_departed
 
 from helpers.store import LRS, RULES, new_run_with_batch, result
 
@@ -236,7 +236,29 @@ def test_claims_of_processes_gone_from_this_host_are_given_back_uncounted(store)
         ("queued", 0), ("running", 1), ("running", 1), ("done", 1)]
     with store.transaction() as session:
         assert release_the_departed(session, run_id) == []
-        assert claim(session, ids[0], "new", STALE) == 1
+        assert claim(session, ids[0], "new", STALE) == 2   # a new ticket, though the attempt was refunded
+    assert (row(store, ids[0]).attempts, row(store, ids[0]).worker) == (1, "new")
+    # The first holder, if it lives after all (a process of another PID namespace under the same host
+    # name), holds a ticket that no longer opens anything: it cannot heartbeat, commit or fail the new claim.
+    with store.transaction() as session:
+        assert not heartbeat(session, ids[0], 1)
+        assert not commit_result(session, ids[0], 1, result(0.1))
+        assert not fail(session, ids[0], 1, "not mine to fail")
+        assert commit_result(session, ids[0], 2, result(0.8))
+    assert (row(store, ids[0]).status, row(store, ids[0]).reward) == ("done", 0.8)
+
+
+def test_a_counted_release_past_max_attempts_fails_the_evaluation(store):
+    """A rule that kills its worker every time: failed once its attempts are used, not queued for no one."""
+    run_id, ids = new_run_with_batch(store)
+    for attempt in range(1, 4):
+        with store.transaction() as session:
+            assert claim(session, ids[0], f"w{attempt}", STALE, max_attempts=3) == attempt
+            released = release_claims(session, run_id, [f"w{attempt}"], max_attempts=3)
+        assert released == ([ids[0]] if attempt < 3 else [])
+    failed = row(store, ids[0])
+    assert (failed.status, failed.attempts) == ("failed", 3)
+    assert "gave up after 3 attempts: its worker died" in failed.error
 
 
 def test_cached_evaluations_copy_a_scored_result(store):

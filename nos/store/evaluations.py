@@ -113,7 +113,7 @@ def _cached_sources(session: Session, ids: list[int]) -> dict[int, Evaluation]:
 
 def claim(session: Session, evaluation_id: int, worker: str, stale_after: timedelta, *,
           max_attempts: int | None = None, now: datetime | None = None) -> int | None:
-    """Take an evaluation to run; returns the new attempt number, or None if not ours to take.
+    """Take an evaluation to run; returns the claim's ticket (`claims`, which only grows), or None if not ours.
 
     Takes it when queued, or when running but its heartbeat is older than
     `stale_after` (its worker is presumed dead). With `max_attempts`, a row
@@ -135,9 +135,9 @@ def claim(session: Session, evaluation_id: int, worker: str, stale_after: timede
         condition = and_(condition, evaluations.c.attempts < max_attempts)
     attempt = session.execute(
         update(evaluations).where(condition)
-        .values(status="running", attempts=evaluations.c.attempts + 1, worker=worker,
-                claimed_at=now, heartbeat_at=now, error=None)
-        .returning(evaluations.c.attempts)
+        .values(status="running", attempts=evaluations.c.attempts + 1, claims=evaluations.c.claims + 1,
+                worker=worker, claimed_at=now, heartbeat_at=now, error=None)
+        .returning(evaluations.c.claims)
     ).scalar_one_or_none()
     return attempt
 
@@ -149,9 +149,13 @@ def _run_is_running():
 
 
 def _held(evaluation_id: int, attempt: int):
-    """The WHERE clause that says: this attempt still holds the claim."""
+    """The WHERE clause that says: this claim (`attempt`: its ticket, from `claim`) still holds the row.
+
+    The ticket is `claims`, not `attempts`: a claim given back uncounted takes one off `attempts`,
+    and the next claim must not get the same number as one whose holder may still be alive.
+    """
     return and_(evaluations.c.id == evaluation_id, evaluations.c.status == "running",
-                evaluations.c.attempts == attempt)
+                evaluations.c.claims == attempt)
 
 
 def heartbeat(session: Session, evaluation_id: int, attempt: int, *, now: datetime | None = None) -> bool:
@@ -230,24 +234,31 @@ def requeue_stale(session: Session, run_id: int, stale_after: timedelta, max_att
     return StaleSweep(requeued=sorted(requeued), abandoned=sorted(abandoned))
 
 
-def release_claims(session: Session, run_id: int, workers: Sequence[str], *, refund: bool = False) -> list[int]:
+def release_claims(session: Session, run_id: int, workers: Sequence[str], *, refund: bool = False,
+                   max_attempts: int | None = None, now: datetime | None = None) -> list[int]:
     """Put back in the queue the run's evaluations that these workers hold; returns their ids.
 
     For workers known to be gone: a local worker process that died, or all of
     them when the driver stops cleanly. With `refund` the attempt is not
-    counted against max_attempts (a clean stop is no failure of the rule's).
+    counted against max_attempts (a clean stop is no failure of the rule's);
+    without, one that has used `max_attempts` is failed, not queued (no worker
+    would take it again).
     """
     if not workers:
         return []
+    held = and_(evaluations.c.run_id == run_id, evaluations.c.status == "running",
+                evaluations.c.worker.in_(list(workers)))
     values = dict(status="queued", worker=None)
     if refund:
         values["attempts"] = evaluations.c.attempts - 1
-    return sorted(session.execute(
-        update(evaluations)
-        .where(evaluations.c.run_id == run_id, evaluations.c.status == "running",
-               evaluations.c.worker.in_(list(workers)))
-        .values(**values).returning(evaluations.c.id)
-    ).scalars().all())
+    elif max_attempts is not None:
+        session.execute(
+            update(evaluations).where(held, evaluations.c.attempts >= max_attempts)
+            .values(status="failed", finished_at=now or utcnow(),
+                    error=f"gave up after {max_attempts} attempts: its worker died each time")
+        )
+    return sorted(session.execute(update(evaluations).where(held).values(**values)
+                                  .returning(evaluations.c.id)).scalars().all())
 
 
 def release_the_departed(session: Session, run_id: int) -> list[int]:

@@ -126,7 +126,7 @@ def gone_from_this_host(holder: str) -> bool:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):   # OverflowError: no process can have that number
         return False
     except PermissionError:   # someone else's process: it exists
         return True

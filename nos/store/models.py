@@ -157,7 +157,9 @@ class Evaluation(Base):
     # Hash of the task's full configuration: a cached result is reused only under the same key.
     task_key: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))
-    attempts: Mapped[int] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer)   # claims counted against max_attempts
+    # Every claim, counted or given back: the ticket its holder heartbeats and commits with (never reused).
+    claims: Mapped[int] = mapped_column(Integer, server_default="0")
     worker: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
