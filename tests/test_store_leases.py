@@ -14,6 +14,7 @@ from nos.store.leases import (
     LEASE_STALE_AFTER,
     LeaseRefused,
     clear_dead_lease,
+    gone_from_this_host,
     read_lease,
     release_lease,
     renew_lease,
@@ -74,6 +75,16 @@ def test_a_driver_gone_from_this_host_frees_its_lease_at_once(store, run_id):
     with store.transaction() as session:
         release_lease(session, run_id, f"{here}:{os.getppid()}")
     take(store, run_id, f"{here}:{exited.pid}")   # then one that has exited: no waiting for staleness
+    take(store, run_id, B)
+    with store.reading() as session:
+        assert read_lease(session, run_id).holder == B
+
+
+def test_a_holder_named_with_an_impossible_pid_is_taken_for_gone(store, run_id):
+    """A hand-edited or foreign holder string must not crash `nos resume` (os.kill raised OverflowError)."""
+    here = socket.gethostname()
+    take(store, run_id, f"{here}:{2**40}")
+    assert gone_from_this_host(f"{here}:{2**40}")
     take(store, run_id, B)
     with store.reading() as session:
         assert read_lease(session, run_id).holder == B
