@@ -1,7 +1,7 @@
 """Evaluate one evaluation id: the one function every worker runs, local process or Celery.
 
 1. claim it (one conditional UPDATE); if the claim fails, someone else has it;
-   a worker that cannot use the run's device refuses it first, leaving it queued;
+   a worker that cannot use the run's device, or build its task, refuses it first, leaving it queued;
    a worker with a pack of K also claims, in the same transaction, up to K - 1
    more queued evaluations of the same run and task key (its pack);
 2. train them together (nos.tasks.packed), heartbeating every claim from one side
@@ -104,7 +104,12 @@ def run_pack(store: Store, evaluation_id: int, *, worker: str | None = None, dev
 
     Returns each evaluation's outcome, by id; `evaluation_id` is always among them.
     """
-    worker, now = worker or worker_name(), utcnow()   # one claim time marks a pack (`nos status`)
+    worker = worker or worker_name()
+    problem = _task_problem_of(store, evaluation_id, device)
+    if problem:   # this worker's, not the rule's: another worker may have the data
+        _LOG.warning("evaluation %s refused, left queued: %s", evaluation_id, problem)
+        return {evaluation_id: Outcome.REFUSED}
+    now = utcnow()   # one claim time marks a pack (`nos status`); taken after the task is built, which is slow
     with store.transaction() as session:
         first = _claim_or_answer(session, evaluation_id, worker, device, now)
         if isinstance(first, Outcome):
@@ -202,10 +207,6 @@ def _claim_or_answer(session: Session, evaluation_id: int, worker: str, device: 
     config = SearchConfig.from_dict(get_run(session, evaluation.run_id).config)
     if device_problem(device or config.device):
         return Outcome.REFUSED
-    problem = _task_problem(config, device)
-    if problem:   # this worker's, not the rule's: another worker may have the data
-        _LOG.warning("evaluation %s refused, left queued: %s", evaluation_id, problem)
-        return Outcome.REFUSED
     rule = session.get(Rule, evaluation.rule_id)
     attempt = claim(session, evaluation_id, worker, timedelta(seconds=config.stale_after),
                     max_attempts=config.max_attempts, now=now)
@@ -221,13 +222,21 @@ def _claim_or_answer(session: Session, evaluation_id: int, worker: str, device: 
     return Claim(evaluation_id, attempt, config, rule.text, evaluation.task_key, evaluation.run_id)
 
 
-def _task_problem(config: SearchConfig, device: str | None) -> str | None:
-    """Why this worker cannot build the run's task (its data missing here, say), or None.
+def _task_problem_of(store: Store, evaluation_id: int, device: str | None) -> str | None:
+    """Why this worker cannot build the task of the evaluation's run (its data missing here, say), or None.
 
-    Built once per process (`task_for`): later evaluations of the run cost nothing. A task that
-    builds but differs from the driver's (another nos, other data) fails the evaluation in `_train`
-    instead: no worker of that version would ever train it.
+    Before any claim, outside any transaction: the first build of a run's task (its data loaded) takes
+    seconds. Built once per process (`task_for`); the pack's companions share it. A task that builds
+    but differs from the driver's (another nos, other data) fails the evaluation in `_train` instead:
+    no worker of that version would ever train it.
     """
+    with store.reading() as session:
+        evaluation = get_evaluation(session, evaluation_id)
+        if evaluation is None:
+            return None   # the claim answers it
+        config = SearchConfig.from_dict(get_run(session, evaluation.run_id).config)
+    if device_problem(device or config.device):
+        return None   # refused for its device, as the claim says
     try:
         task_for(config, device)
     except Exception as exc:
