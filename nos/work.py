@@ -178,14 +178,14 @@ def _companions(session: Session, first: Claim, n: int) -> list[int]:
     last = first.config.max_attempts
     if n <= 0:
         return []
-    if last > 1 and session.execute(select(Evaluation.attempts)
-                                    .where(Evaluation.id == first.evaluation_id)).scalar() >= last:
-        return []
-    fresh = Evaluation.attempts < last - 1 if last > 1 else Evaluation.attempts >= 0
-    return list(session.execute(
-        select(Evaluation.id).where(Evaluation.run_id == first.run_id, Evaluation.task_key == first.task_key,
-                                    Evaluation.status == "queued", Evaluation.id != first.evaluation_id, fresh)
-        .order_by(Evaluation.id).limit(n).with_for_update(skip_locked=True)).scalars())
+    alike = [Evaluation.run_id == first.run_id, Evaluation.task_key == first.task_key,
+             Evaluation.status == "queued", Evaluation.id != first.evaluation_id]
+    if last > 1:   # with one attempt in all, every attempt is the last: packing goes on
+        if session.execute(select(Evaluation.attempts).where(Evaluation.id == first.evaluation_id)).scalar() >= last:
+            return []
+        alike.append(Evaluation.attempts < last - 1)   # its next claim would not be its last
+    return list(session.execute(select(Evaluation.id).where(*alike).order_by(Evaluation.id).limit(n)
+                                .with_for_update(skip_locked=True)).scalars())
 
 
 def _commit(store: Store, claimed: Claim, result: EvaluationResult | None) -> Outcome:

@@ -147,24 +147,18 @@ def test_networks_written_out_would_run_otherwise_are_left_to_vmap(make):
 def test_a_network_with_hooks_is_left_to_vmap():
     """Written out, the forward would skip them."""
     net = digits_mlp(8)
-    assert stacked_forward(net) is not None
-    handle = net[0].register_forward_hook(lambda module, args, out: out * 2)
-    assert stacked_forward(net) is None
-    handle.remove()
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
-    try:
-        assert stacked_forward(net) is None
-    finally:
-        handle.remove()
-    assert stacked_forward(net) is not None
-    handle = net[2].register_full_backward_hook(lambda module, grad_in, grad_out: grad_in)
-    assert stacked_forward(net) is None
-    handle.remove()
-    handle = torch.nn.modules.module.register_module_full_backward_pre_hook(lambda module, grad_out: None)
-    try:
-        assert stacked_forward(net) is None
-    finally:
-        handle.remove()
+    module = torch.nn.modules.module
+    hooks = [lambda: net[0].register_forward_hook(lambda m, args, out: out * 2),
+             lambda: module.register_module_forward_pre_hook(lambda m, args: None),
+             lambda: net[2].register_full_backward_hook(lambda m, grad_in, grad_out: grad_in),
+             lambda: module.register_module_full_backward_pre_hook(lambda m, grad_out: None)]
+    for register in hooks:
+        assert stacked_forward(net) is not None
+        handle = register()
+        try:
+            assert stacked_forward(net) is None
+        finally:
+            handle.remove()
     assert stacked_forward(net) is not None
 
 
