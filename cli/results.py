@@ -13,7 +13,7 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from nos.store import LeaderboardRow, get_run, leaderboard, list_runs, run_progress, trials_of, utcnow
+from nos.store import LeaderboardRow, database_now, get_run, leaderboard, list_runs, run_progress, trials_of
 from nos.store.models import Evaluation, Rule
 
 from .console import console
@@ -146,7 +146,7 @@ def status_command(run_id, db_url, broker_url) -> None:
             table = Table(title="in flight")
             for column in ("evaluation", "seq", "rule", "worker", "pack", "attempt", "heartbeat age"):
                 table.add_column(column)
-            now = utcnow()
+            now = database_now(session)   # the clock the heartbeats were written by
             for e, text in in_flight:
                 age = "-" if e.heartbeat_at is None else f"{(now - e.heartbeat_at).total_seconds():.0f} s"
                 table.add_row(str(e.id), str(e.seq), text, e.worker or "-", packs[e.id], str(e.attempts), age)

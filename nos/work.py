@@ -32,7 +32,7 @@ from .beat import Beat
 from .config import SearchConfig
 from .devices import device_problem
 from .records import EvaluationResult
-from .store import Store, claim, commit_result, fail, find_cached, get_evaluation, get_run, heartbeat, utcnow
+from .store import Store, claim, commit_result, database_now, fail, find_cached, get_evaluation, get_run, heartbeat
 from .store.engine import first_line
 from .store.evaluations import commit_cached, equivalence_reason, find_equivalent
 from .store.models import Evaluation, Rule
@@ -109,8 +109,8 @@ def run_pack(store: Store, evaluation_id: int, *, worker: str | None = None, dev
     if problem:   # this worker's, not the rule's: another worker may have the data
         _LOG.warning("evaluation %s refused, left queued: %s", evaluation_id, problem)
         return {evaluation_id: Outcome.REFUSED}
-    now = utcnow()   # one claim time marks a pack (`nos status`); taken after the task is built, which is slow
     with store.transaction() as session:
+        now = database_now(session)   # one claim time marks a pack (`nos status`); after the slow task build
         first = _claim_or_answer(session, evaluation_id, worker, device, now)
         if isinstance(first, Outcome):
             return {evaluation_id: first}

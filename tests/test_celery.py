@@ -11,12 +11,15 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 
 import pytest
+from sqlalchemy import update
 
-from nos.store import open_store
+from nos.store import database_now, open_store
 from nos.store.leases import LeaseRefused, take_lease
 from nos.store.models import Run
+from nos.workers.executor import live_workers
 
 from helpers.driver import assert_complete, assert_learned_once, finished_count, nos, run_rows, start_nos, wait_for
 
@@ -239,6 +242,41 @@ def test_detached_runs_are_driven_by_a_control_worker(db_url, broker, workers, s
     assert "live workers" in status.stdout
     assert "w1@test" in status.stdout
     assert "driver@test" in status.stdout
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_detached_run_meeting_a_dead_hosts_fresh_lease_is_driven_when_it_goes_stale(db_url, broker, workers,
+                                                                                      slow_toml):
+    """A control worker killed on one host has its `nos.drive` redelivered to another while the dead
+    driver's lease still looks live there: the message waits for the lease to go stale, then drives."""
+    workers.start("w1")
+    sent = nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker, "--detach")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    store = open_store(db_url)
+
+    def renew_as_the_other_host():   # 20 s old at each renewal: live, and stale 10 s after the last
+        with store.transaction() as session:
+            session.execute(update(Run).where(Run.id == 1).values(
+                driver="gone-host:1", driver_heartbeat_at=database_now(session) - timedelta(seconds=20)))
+
+    renew_as_the_other_host()
+    workers.start("driver", queues="control")
+    # The other host lives until the control worker is up (it takes the queued message as it starts), then dies.
+    wait_for(lambda: renew_as_the_other_host() or "driver@test" in live_workers(broker), timeout=120, every=0.2)
+    store.dispose()
+
+    def status():
+        store = open_store(db_url)
+        with store.reading() as session:
+            run = session.get(Run, 1)
+            answer = run.status, run.driver
+        store.dispose()
+        return answer
+
+    wait_for(lambda: status()[1] not in (None, "gone-host:1"), timeout=120, every=0.2)
+    assert int(status()[1].rsplit(":", 1)[1]) in workers.pids("driver")
+    wait_for(lambda: status()[0] == "completed", timeout=300, every=0.5)
+    assert_complete(db_url, 1, 10)
 
 
 def test_bad_broker_or_database_exits_2_and_writes_nothing(tmp_path, broker, slow_toml):

@@ -27,6 +27,9 @@ QUEUES = ("cpu", "gpu", "control")
 # exceed the longest evaluation (CIFAR-10's full protocol on a slow CPU is well
 # under an hour); a redelivery of a live evaluation is refused by its claim anyway.
 VISIBILITY_TIMEOUT = 6 * 3600
+# A refused `nos.drive` is tried again this many times, each when the lease it met would go stale:
+# a dead driver's lease is free after one wait; a live one is renewed, and the duplicate gives up.
+DRIVE_RETRIES = 3
 
 app = Celery("nos", broker=os.environ.get(BROKER_ENV_VAR))
 app.conf.update(
@@ -76,11 +79,14 @@ def evaluate(evaluation_id: int) -> str:
     return outcome.value
 
 
-@app.task(name="nos.drive")
-def drive(run_id: int) -> str:
+@app.task(name="nos.drive", bind=True, max_retries=DRIVE_RETRIES)
+def drive(self, run_id: int) -> str:
     """Drive a run's search loop (`nos enqueue --detach`), dispatching its evaluations through Celery.
 
-    Takes the run's driver lease first: a run another driver holds, or one stopped meanwhile, is left alone.
+    Takes the run's driver lease first. A run stopped meanwhile is left alone. A run another driver
+    holds is tried again when that lease would go stale: a control worker's process killed mid-run
+    has its message redelivered at once, possibly to another host, while the dead driver's lease
+    still looks live there; refused for good, the run would wait undriven for a `nos resume`.
     """
     from nos.driver import drive_run
     from nos.store.leases import LeaseRefused
@@ -88,5 +94,20 @@ def drive(run_id: int) -> str:
     try:
         return drive_run(_open_store(), int(run_id), broker_url=app.conf.broker_url)
     except LeaseRefused as exc:
+        wait = _lease_wait(int(run_id))
+        if wait is not None and self.request.retries < self.max_retries:
+            logger.warning("run %s: %s; trying again in %.0f s, when that lease would go stale", run_id, exc, wait)
+            raise self.retry(countdown=wait) from None
         logger.warning("not driving run %s: %s", run_id, exc)
         return "refused"
+
+
+def _lease_wait(run_id: int) -> float | None:
+    """Seconds until the run's lease goes stale if it is still to be driven by someone; None if it is not."""
+    from nos.store.leases import DRIVABLE, read_lease
+
+    with _open_store().reading() as session:
+        lease = read_lease(session, run_id)
+    if lease is None or lease.status not in DRIVABLE or lease.holder is None:
+        return None
+    return lease.seconds_to_stale() + 1.0

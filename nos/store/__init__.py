@@ -7,6 +7,7 @@
 
 from ..records import EpochRecord, EvaluationResult, TransferResult, TrialRecord  # what the writers take
 from .checkpoints import latest_checkpoint, save_checkpoint
+from .clock import database_now
 from .engine import (
     DEFAULT_URL,
     URL_ENV_VAR,
@@ -84,6 +85,7 @@ __all__ = [
     "Evaluation", "EvaluationResult", "LeaderboardRow", "LrTrial", "NewEvaluation", "Rule", "RuleRecord", "Run",
     "RunProgress", "SchemaState", "StaleSweep", "Store", "StoreError", "TrialRecord", "batch_evaluations",
     "check_schema", "check_writable", "claim", "commit_cached", "commit_result", "create_engine", "create_run",
+    "database_now",
     "enqueue_batch", "equivalence_reason", "fail", "find_cached", "find_equivalent",
     "find_rule", "get_evaluation", "get_or_create_rule", "get_or_create_rules", "get_run", "heartbeat",
     "latest_checkpoint", "leaderboard", "list_runs", "open_store", "requeue_stale", "resolve_url", "run_progress",

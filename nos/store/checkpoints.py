@@ -8,14 +8,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .models import Checkpoint, utcnow
+from .clock import database_now
+from .models import Checkpoint
 
 
 def save_checkpoint(session: Session, run_id: int, step: int, state: dict[str, Any], rng_state: dict[str, Any],
                     blob: bytes | None = None, *, now: datetime | None = None) -> int:
     """Store the state after `step`; a second save of the same step fails (IntegrityError)."""
     checkpoint = Checkpoint(run_id=run_id, step=step, state=state, rng_state=rng_state, blob=blob,
-                            created_at=now or utcnow())
+                            created_at=now or database_now(session))
     session.add(checkpoint)
     session.flush()
     return checkpoint.id

@@ -15,8 +15,9 @@ count says whether it happened:
 
 Each function works inside the caller's transaction (`Store.transaction()`),
 so a worker's call is one short transaction and the driver can insert a batch
-of rules and evaluations atomically. `now` defaults to this machine's UTC
-clock; it is a parameter so that callers (and tests) can decide time.
+of rules and evaluations atomically. `now` defaults to the database's clock
+(`clock.database_now`), which every host agrees on; it is a parameter so
+that callers (and tests) can decide time.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from sqlalchemy.orm import Session
 
 from ..records import EvaluationResult
 from ..redact import mask_credentials
+from .clock import database_now
 from .leases import gone_from_this_host
-from .models import PENDING_STATUSES, TRAINED_STATUSES, Evaluation, LrTrial, Rule, Run, utcnow
+from .models import PENDING_STATUSES, TRAINED_STATUSES, Evaluation, LrTrial, Rule, Run
 
 evaluations = Evaluation.__table__
 lr_trials = LrTrial.__table__
@@ -73,7 +75,7 @@ def enqueue_batch(session: Session, run_id: int, batch: int, entries: Sequence[N
     """
     if not entries:
         return []
-    now = now or utcnow()
+    now = now or database_now(session)
     next_seq = session.execute(
         select(func.coalesce(func.max(evaluations.c.seq), -1) + 1).where(evaluations.c.run_id == run_id)
     ).scalar_one()
@@ -125,7 +127,7 @@ def claim(session: Session, evaluation_id: int, worker: str, stale_after: timede
     run's status is read inside the same UPDATE: no window between reading it
     and taking the row.
     """
-    now = now or utcnow()
+    now = now or database_now(session)
     takeable = or_(
         evaluations.c.status == "queued",
         and_(evaluations.c.status == "running", evaluations.c.heartbeat_at < now - stale_after),
@@ -161,7 +163,7 @@ def _held(evaluation_id: int, attempt: int):
 def heartbeat(session: Session, evaluation_id: int, attempt: int, *, now: datetime | None = None) -> bool:
     """Say the worker holding `attempt` is alive; False means the claim is lost: stop working."""
     result = session.execute(update(evaluations).where(_held(evaluation_id, attempt))
-                             .values(heartbeat_at=now or utcnow()))
+                             .values(heartbeat_at=now or database_now(session)))
     return result.rowcount == 1
 
 
@@ -176,7 +178,7 @@ def commit_result(session: Session, evaluation_id: int, attempt: int, result: Ev
         update(evaluations).where(_held(evaluation_id, attempt))
         .values(status="diverged" if result.diverged else "done", reward=result.reward,
                 test_acc=result.test_acc, best_lr=result.best_lr, wall_seconds=result.wall_seconds,
-                finished_at=now or utcnow(), error=None)
+                finished_at=now or database_now(session), error=None)
     )
     if updated.rowcount != 1:
         return False
@@ -198,7 +200,7 @@ def commit_cached(session: Session, evaluation_id: int, attempt: int, source: Ev
     updated = session.execute(
         update(evaluations).where(_held(evaluation_id, attempt))
         .values(status="cached", cached_from=source.id, reward=source.reward, test_acc=source.test_acc,
-                best_lr=source.best_lr, wall_seconds=0.0, finished_at=now or utcnow(), error=None,
+                best_lr=source.best_lr, wall_seconds=0.0, finished_at=now or database_now(session), error=None,
                 reason=reason)
     )
     return updated.rowcount == 1
@@ -206,8 +208,9 @@ def commit_cached(session: Session, evaluation_id: int, attempt: int, source: Ev
 
 def fail(session: Session, evaluation_id: int, attempt: int, error: str, *, now: datetime | None = None) -> bool:
     """Mark the evaluation failed with `error`, if `attempt` still holds the claim."""
+    finished_at = now or database_now(session)
     result = session.execute(update(evaluations).where(_held(evaluation_id, attempt))
-                             .values(status="failed", error=mask_credentials(error), finished_at=now or utcnow()))
+                             .values(status="failed", error=mask_credentials(error), finished_at=finished_at))
     return result.rowcount == 1
 
 
@@ -219,7 +222,7 @@ def requeue_stale(session: Session, run_id: int, stale_after: timedelta, max_att
     re-dispatches the requeued ids. The dead worker's attempt can no longer
     heartbeat or commit.
     """
-    now = now or utcnow()
+    now = now or database_now(session)
     stale = and_(evaluations.c.run_id == run_id, evaluations.c.status == "running",
                  evaluations.c.heartbeat_at < now - stale_after)
     abandoned = session.execute(
@@ -254,7 +257,7 @@ def release_claims(session: Session, run_id: int, workers: Sequence[str], *, ref
     elif max_attempts is not None:
         session.execute(
             update(evaluations).where(held, evaluations.c.attempts >= max_attempts)
-            .values(status="failed", finished_at=now or utcnow(),
+            .values(status="failed", finished_at=now or database_now(session),
                     error=f"gave up after {max_attempts} attempts: its worker died each time")
         )
     return sorted(session.execute(update(evaluations).where(held).values(**values)

@@ -3,7 +3,7 @@
 `runs.driver` names the holder ("host:pid") and `runs.driver_heartbeat_at`
 says when it last renewed the lease. Taking it is one conditional UPDATE
 that succeeds only when the lease is free, already ours, or dead: its
-heartbeat is older than `stale_after`, or its holder is a process of this
+heartbeat is older than `stale_after` by the database's clock, or its holder is a process of this
 host that no longer exists (so `nos resume` right after a `kill -9` need not
 wait). Renewing and releasing act only while the caller still holds it.
 
@@ -22,7 +22,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from .models import Run, utcnow
+from .clock import database_now
+from .models import Run
 
 # A driver renews its lease every LEASE_RENEW_SECONDS; one silent for LEASE_STALE_AFTER is presumed dead.
 LEASE_RENEW_SECONDS = 3.0
@@ -45,19 +46,26 @@ class Lease:
     status: str
     holder: str | None
     heartbeat_at: datetime | None
+    read_at: datetime   # the database's time when the lease was read: what `live` judges by
 
     def live(self, stale_after: timedelta = LEASE_STALE_AFTER, now: datetime | None = None) -> bool:
         """Is a driver holding the run now: renewed recently, and not a process this host knows is gone."""
         if self.holder is None or self.heartbeat_at is None:
             return False
-        if self.heartbeat_at < (now or utcnow()) - stale_after:
+        if self.heartbeat_at < (now or self.read_at) - stale_after:
             return False
         return not gone_from_this_host(self.holder)
+
+    def seconds_to_stale(self, stale_after: timedelta = LEASE_STALE_AFTER) -> float:
+        """Seconds until the lease is free for want of renewal, as of when it was read (0: already)."""
+        if self.heartbeat_at is None:
+            return 0.0
+        return max((self.heartbeat_at + stale_after - self.read_at).total_seconds(), 0.0)
 
     def refusal(self, now: datetime | None = None) -> str:
         if self.status not in DRIVABLE:
             return f"run {self.run_id} is {self.status}, not running"
-        age = ((now or utcnow()) - self.heartbeat_at).total_seconds() if self.heartbeat_at else 0.0
+        age = ((now or self.read_at) - self.heartbeat_at).total_seconds() if self.heartbeat_at else 0.0
         return (f"run {self.run_id} is already driven by {self.holder} (lease renewed {max(age, 0):.0f} s ago); "
                 f"stop it first with `nos stop {self.run_id}`")
 
@@ -67,13 +75,13 @@ def read_lease(session: Session, run_id: int, *, lock: bool = False) -> Lease | 
     transaction holds the whole database already)."""
     query = select(Run.status, Run.driver, Run.driver_heartbeat_at).where(Run.id == run_id)
     row = session.execute(query.with_for_update() if lock else query).one_or_none()
-    return None if row is None else Lease(run_id, *row)
+    return None if row is None else Lease(run_id, *row, read_at=database_now(session))
 
 
 def take_lease(session: Session, run_id: int, holder: str, *, stale_after: timedelta = LEASE_STALE_AFTER,
                now: datetime | None = None) -> None:
     """Make `holder` the run's driver, or raise LeaseRefused naming the live one (nothing written)."""
-    now = now or utcnow()
+    now = now or database_now(session)
     before = read_lease(session, run_id)
     if before is None:
         raise LookupError(f"no run {run_id}")
@@ -91,7 +99,7 @@ def renew_lease(session: Session, run_id: int, holder: str, *, now: datetime | N
     """Say the holder is alive; False: it no longer holds the lease (released, or taken over)."""
     renewed = session.execute(
         update(Run).where(Run.id == run_id, Run.driver == holder)
-        .values(driver_heartbeat_at=now or utcnow()).execution_options(synchronize_session=False))
+        .values(driver_heartbeat_at=now or database_now(session)).execution_options(synchronize_session=False))
     return renewed.rowcount == 1
 
 

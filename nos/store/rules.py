@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 
 from nos.rules import Node, min_depth, rule_hash, to_text, to_tokens
 
-from .models import Rule, utcnow
+from .clock import database_now
+from .models import Rule
 
 # Bound parameters per IN (...) list: well under SQLite's and PostgreSQL's limits.
 CHUNK = 500
@@ -44,7 +45,7 @@ def get_or_create_rules(session: Session, records: Sequence[RuleRecord]) -> list
         return []
     unique = {r.text: r for r in records}
     insert = (postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert)(Rule)
-    now = utcnow()
+    now = database_now(session)
     rows = [dict(text=r.text, hash=r.hash, depth=r.depth, tokens=r.tokens, fingerprint=r.fingerprint,
                  created_at=now) for r in unique.values()]
     # Sorted inserts take PostgreSQL's row locks in one order: no deadlock between two batches.

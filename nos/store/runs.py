@@ -9,7 +9,8 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from ..redact import mask_credentials
-from .models import RUN_STATUSES, Run, utcnow
+from .clock import database_now
+from .models import RUN_STATUSES, Run
 
 # A run in one of these is over: it gets a finished_at time.
 FINISHED_RUN_STATUSES = ("stopped", "completed", "failed")
@@ -18,7 +19,7 @@ FINISHED_RUN_STATUSES = ("stopped", "completed", "failed")
 def create_run(session: Session, name: str, task: str, config: dict[str, Any], *,
                now: datetime | None = None) -> int:
     """Insert a run in status 'running'; returns its id."""
-    now = now or utcnow()
+    now = now or database_now(session)
     run = Run(name=name, status="running", task=task, config=config, created_at=now, updated_at=now)
     session.add(run)
     session.flush()
@@ -30,7 +31,7 @@ def set_run_status(session: Session, run_id: int, status: str, *, error: str | N
     """Move a run to `status`; finishing statuses stamp finished_at, 'running' clears it (resume)."""
     if status not in RUN_STATUSES:
         raise ValueError(f"unknown run status {status!r}; expected one of {', '.join(RUN_STATUSES)}")
-    now = now or utcnow()
+    now = now or database_now(session)
     finished_at = now if status in FINISHED_RUN_STATUSES else None
     result = session.execute(
         update(Run).where(Run.id == run_id)

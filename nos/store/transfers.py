@@ -27,7 +27,8 @@ from sqlalchemy.orm import Session
 
 from ..records import EpochRecord, TransferResult, TrialRecord
 from ..redact import mask_credentials
-from .models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial, utcnow
+from .clock import database_now
+from .models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial
 
 transfer_runs = TransferRun.__table__
 transfer_trials = TransferTrial.__table__
@@ -67,7 +68,7 @@ def open_transfer(session: Session, rule_id: int, *, task: str, model: str, task
     Safe when several processes open the same run at once (INSERT ... ON
     CONFLICT DO NOTHING, then one conditional UPDATE): the last to open holds it.
     """
-    now = now or utcnow()
+    now = now or database_now(session)
     dialect = session.get_bind().dialect.name
     insert_ = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(TransferRun)
     session.execute(insert_.on_conflict_do_nothing(index_elements=["rule_id", "task_key", "seed"]), [dict(
@@ -119,7 +120,7 @@ def _hold(session: Session, transfer_id: int, attempt: int, now: datetime, **val
 def record_trial(session: Session, transfer_id: int, attempt: int, trial: TrialRecord, *,
                  now: datetime | None = None) -> bool:
     """Store a sweep trial, if `attempt` holds the run; False (nothing written) if it does not."""
-    if not _hold(session, transfer_id, attempt, now or utcnow()):
+    if not _hold(session, transfer_id, attempt, now or database_now(session)):
         return False
     session.execute(insert(transfer_trials), [dict(transfer_id=transfer_id, **asdict(trial))])
     return True
@@ -132,7 +133,7 @@ def record_epoch(session: Session, transfer_id: int, attempt: int, epoch: EpochR
     Epochs after this one left by an earlier attempt (which could only have
     come from a different run of the same numbers) are removed first.
     """
-    now = now or utcnow()
+    now = now or database_now(session)
     if not _hold(session, transfer_id, attempt, now):
         return False
     session.execute(delete(transfer_epochs).where(transfer_epochs.c.transfer_id == transfer_id,
@@ -146,7 +147,7 @@ def record_epoch(session: Session, transfer_id: int, attempt: int, epoch: EpochR
 
 def restart_final(session: Session, transfer_id: int, attempt: int, *, now: datetime | None = None) -> bool:
     """Forget the final run's epochs and snapshot (it will be trained again from its start)."""
-    if not _hold(session, transfer_id, attempt, now or utcnow()):
+    if not _hold(session, transfer_id, attempt, now or database_now(session)):
         return False
     session.execute(delete(transfer_epochs).where(transfer_epochs.c.transfer_id == transfer_id))
     session.execute(delete(transfer_checkpoints).where(transfer_checkpoints.c.transfer_id == transfer_id))
@@ -156,7 +157,7 @@ def restart_final(session: Session, transfer_id: int, attempt: int, *, now: date
 def finish_transfer(session: Session, transfer_id: int, attempt: int, result: TransferResult, *,
                     now: datetime | None = None) -> bool:
     """Store the result: the run's figures, the epochs not stored yet; the snapshot is dropped."""
-    now = now or utcnow()
+    now = now or database_now(session)
     figures = {name: getattr(result, name) for name in _FIGURES}
     if not _hold(session, transfer_id, attempt, now, status="done", finished_at=now, error=None, **figures):
         return False
@@ -172,7 +173,7 @@ def finish_transfer(session: Session, transfer_id: int, attempt: int, result: Tr
 def fail_transfer(session: Session, transfer_id: int, attempt: int, error: str, *,
                   now: datetime | None = None) -> bool:
     """Mark the run failed with `error` (its trials, epochs and snapshot stay: a re-run continues it)."""
-    now = now or utcnow()
+    now = now or database_now(session)
     return _hold(session, transfer_id, attempt, now, status="failed", error=mask_credentials(error), finished_at=now)
 
 
