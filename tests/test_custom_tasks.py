@@ -68,6 +68,61 @@ def not_a_task(**options):
 @task_factory
 def odd_default(*, device="cpu", dtype=torch.float64):
     return blobs(device=device)
+
+
+def _points(n=300):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    return x, (x[:, 0] > 0).long()
+
+
+@task_factory
+def child_of(*, child="ok", device="cpu", **protocol):
+    x, y = _points()
+    shared = nn.Linear(4, 2)
+    frozen = nn.Linear(4, 2).requires_grad_(False)
+    make = {"ok": lambda: nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+            "too_wide": lambda: nn.Linear(7, 2),
+            "frozen": lambda: nn.Linear(4, 2).requires_grad_(False),
+            "parameterless": lambda: nn.ReLU(),
+            "one_output": lambda: nn.Linear(4, 1),
+            "the_same": lambda: shared,
+            "detached": lambda: nn.Sequential(frozen, nn.Linear(2, 2).requires_grad_(False)),
+            "dropout": lambda: nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 2)),
+            "drawing": lambda: Drawing()}[child]
+    return from_tensors(x, y, make, device=device, **protocol)
+
+
+class Drawing(nn.Module):
+    """Random draws in a forward of its own (no dropout layer to see)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.dropout(self.a(x).relu(), 0.3, self.training))
+
+
+@task_factory
+def data_of(*, kind="nan", device="cpu", **protocol):
+    x, y = _points()
+    if kind == "nan":
+        x[5, 1] = float("nan")
+        return from_tensors(x, y, lambda: nn.Linear(4, 2), device=device, **protocol)
+    if kind == "labels":
+        return from_tensors(x, y * 3, lambda: nn.Linear(4, 2), device=device, **protocol)
+    if kind == "flat_targets":   # one output per example against targets of shape (N,): would broadcast to (N, N)
+        return from_tensors(x, x[:, 0], lambda: nn.Linear(4, 1), objective="mse", device=device, **protocol)
+    return from_tensors(x, x[:, :1], lambda: nn.Linear(4, 1), objective="mse", device=device, **protocol)
+
+
+@task_factory
+def named_like_builtins(*, hidden=(8, 8), classes=1, noise=-0.5, val_size=0.25, name="mine", device="cpu",
+                        **protocol):
+    x, y = _points()
+    return from_tensors(x, y, lambda: nn.Sequential(nn.Linear(4, hidden[0]), nn.ReLU(), nn.Linear(hidden[0], 2)),
+                        val_size=val_size, device=device, **protocol)
 '''
 
 
@@ -129,6 +184,58 @@ def test_a_factory_that_cannot_build_says_why(tasks_module, attribute, error, me
         and "nowhere" not in attribute else {}
     with pytest.raises(error, match=message.replace("(", r"\(")):
         get_task(attribute.format(m=tasks_module), **options)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"child": "too_wide"}, "the child cannot take a batch of the training inputs (shape (32, 4), torch.float32): "
+                            "RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+    ({"child": "frozen"}, "the child has no trainable parameters"),
+    ({"child": "parameterless"}, "the child has no trainable parameters"),
+    ({"child": "one_output"}, "the labels run from 0 to 1, but the child outputs 1 scores per example"),
+    ({"child": "the_same"}, "make_child returned the same network twice"),
+    ({"kind": "nan"}, "the train x data holds NaN or infinite values"),
+    ({"kind": "labels"}, "the labels run from 0 to 3, but the child outputs 2 scores per example"),
+    ({"kind": "flat_targets"}, "the child outputs shape (32, 1) for targets of shape (32,): give the targets"),
+    ({"child": "drawing", "stacked": True}, "the child draws random numbers while training"),
+])
+def test_a_child_that_cannot_train_is_refused_before_anything_trains(tasks_module, options, message):
+    factory = "data_of" if "kind" in options else "child_of"
+    with pytest.raises(TaskFactoryError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        get_task(f"{tasks_module}:{factory}", **options)
+
+
+def test_a_child_that_draws_random_numbers_trains_one_rate_at_a_time(tasks_module):
+    import torch
+
+    from nos.tasks.checks import check_task
+
+    for child in ("dropout", "drawing"):
+        task = get_task(f"{tasks_module}:child_of", child=child, lrs=[0.01, 0.1], epochs=1)
+        assert not task.stacks
+        torch.manual_seed(7)
+        check_task(task)
+        after_check = torch.rand(())
+        torch.manual_seed(7)
+        assert after_check == torch.rand(())   # the check's draws left no trace
+        result = evaluate_rule("adam", task, seed=0)   # a stack would raise vmap's randomness error
+        assert 0.5 < result.reward <= 1
+        again = evaluate_rule("adam", task, seed=0)   # each child's draws follow from the seed
+        assert (again.reward, again.test_acc, again.best_lr) == (result.reward, result.test_acc, result.best_lr)
+        afresh = evaluate_rule("adam", task, seed=0, reuse_sweep=False)   # whatever trained in between
+        assert (afresh.reward, afresh.test_acc) == (result.reward, result.test_acc)
+    assert get_task(f"{tasks_module}:child_of").stacks   # the same child without dropout stacks
+    assert 0 < evaluate_rule("adam", get_task(f"{tasks_module}:data_of", kind="columns", lrs=[0.1])).reward <= 1
+
+
+def test_a_factorys_own_options_are_its_own_whatever_their_names(tasks_module):
+    """Names the built-in tasks check (hidden, classes, noise, val_size) mean what the factory says; a
+    factory may even take `name`. The options nos gives a meaning to are still checked."""
+    task = get_task(f"{tasks_module}:named_like_builtins", hidden=[16, 16], classes=1, noise=-0.5,
+                    val_size=0.3, name="yours")
+    assert task.splits.sizes["val"] == 90
+    assert task.options["name"] == "yours"
+    with pytest.raises(ValueError, match="task option epochs must be a whole number"):
+        get_task(f"{tasks_module}:named_like_builtins", epochs=0)
 
 
 def test_a_search_config_names_a_factory_and_workers_build_it_by_that_name(tasks_module):

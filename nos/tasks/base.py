@@ -21,6 +21,9 @@ SWEEPS = ("full", "halving")
 # so that results of the old protocol never answer for the new one. 2: the explosion stop is
 # for sweep trials only; halving ranks its early round by validation.
 PROTOCOL = 2
+# Layers that draw random numbers while training (dropout masks, RReLU's slopes): their children
+# train one at a time, drawing from the global generator as the paper's one-network protocol does.
+_RANDOM_LAYERS = (nn.modules.dropout._DropoutNd, nn.RReLU)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class Task:
             return False   # vmap has no batching rule for torch's recurrent kernels (GRU, LSTM, RNN)
         if _backward_hooked(modules):
             return False   # a stack runs backward hooks on all its children at once, or not at all
+        if any(isinstance(m, _RANDOM_LAYERS) for m in modules):
+            return False   # vmap refuses a random draw in a stack; allowed, it would not draw each child's own
         if self.device.type == "cuda":
             return True
         # On the CPU a stack's grouped convolutions take about twice the time of separate ones.

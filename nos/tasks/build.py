@@ -56,6 +56,8 @@ def from_tensors(x: Tensor, y: Tensor, make_child: Callable[[], nn.Module], *, o
     x, y = torch.as_tensor(x), _targets(torch.as_tensor(y), judge)
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} examples but y has {len(y)}")
+    if len(x) == 0:
+        raise ValueError("x and y hold no examples")
     unknown = sorted(set(protocol) - set(KNOBS))
     if unknown:
         raise ValueError(f"unknown task setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "

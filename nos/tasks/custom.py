@@ -40,7 +40,8 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from .base import Splits, Task
-from .options import PROTOCOL_OPTIONS, check_options
+from .checks import UnfitTask, check_task
+from .options import COMMON_OPTIONS, PROTOCOL_OPTIONS, check_options
 
 ENTRY_POINT_GROUP = "nos.tasks"
 MARK = "__nos_task_factory__"
@@ -164,7 +165,8 @@ def build_with(label: str, factory: Callable[..., Any], device: torch.device, op
     except (TypeError, ValueError):
         raise TaskFactoryError(f"task {label!r}: cannot read the signature of {factory!r}") from None
     named, anything = factory_options(factory)
-    options = check_options(label, None if anything else named + PROTOCOL_OPTIONS, options)
+    # Only the options nos gives a meaning to are judged here; the factory's own are its to judge.
+    options = check_options(label, None if anything else named + PROTOCOL_OPTIONS, options, checked=COMMON_OPTIONS)
     takes_device = anything or "device" in signature.parameters
     passed = {k: v for k, v in options.items() if anything or k in named}
     applied = {k: v for k, v in options.items() if k not in passed}   # protocol knobs it does not take
@@ -181,7 +183,10 @@ def build_with(label: str, factory: Callable[..., Any], device: torch.device, op
     except (TypeError, ValueError) as exc:
         raise TaskFactoryError(f"task {label!r}: {exc}") from None
     task.options = recorded_options(label, signature, passed, applied)
-    return task
+    try:
+        return check_task(task)
+    except UnfitTask as exc:
+        raise TaskFactoryError(f"task {label!r}: {exc}") from None
 
 
 def _moved(task: Task, device: torch.device) -> dict[str, Any]:

@@ -47,6 +47,10 @@ class Objective:
         """The score from the summed chunk values over n examples."""
         raise NotImplementedError
 
+    def output_problem(self, out: Tensor, y: Tensor, splits) -> str | None:
+        """What is wrong with a child's output `out` for a batch of targets `y` (None: nothing), in one line."""
+        return None
+
     @torch.inference_mode()
     def score(self, model: nn.Module, x: Tensor, y: Tensor) -> float:
         was_training = model.training
@@ -77,6 +81,16 @@ class Accuracy(Objective):
     def score_sum(self, out: Tensor, y: Tensor) -> Tensor:
         return (out.argmax(1) == y).sum()
 
+    def output_problem(self, out: Tensor, y: Tensor, splits) -> str | None:
+        if out.dim() != 2 or not out.is_floating_point():
+            return (f"a classification child must output a float [batch, classes] tensor of scores; this one gives "
+                    f"{out.dtype} of shape {tuple(out.shape)}")
+        labels = torch.cat([splits.train_y, splits.val_y, splits.test_y])
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= out.shape[1]:
+            return f"the labels run from {low} to {high}, but the child outputs {out.shape[1]} scores per example"
+        return None
+
     def finish(self, total: float, n: int) -> float:
         return total / n
 
@@ -98,6 +112,12 @@ class MeanSquaredError(InverseLoss):
 
     def score_sum(self, out: Tensor, y: Tensor) -> Tensor:
         return F.mse_loss(out, y, reduction="sum")
+
+    def output_problem(self, out: Tensor, y: Tensor, splits) -> str | None:
+        if out.shape != y.shape:   # mse_loss would broadcast them against each other, and train wrong
+            return (f"the child outputs shape {tuple(out.shape)} for targets of shape {tuple(y.shape)}: give the "
+                    f"targets the output's shape (y.unsqueeze(1) for one output per example)")
+        return None
 
 
 class ModelValue(InverseLoss):

@@ -14,6 +14,9 @@ from typing import Any, Callable
 
 # The protocol's knobs every task takes (fields of Task), beside each builder's own keywords.
 PROTOCOL_OPTIONS = ("batch_size", "lrs", "sweep_epochs", "epochs", "explode", "sweep", "stacked")
+# The options nos itself gives a meaning to (the protocol's, and what `--train-size`, `--data-dir` pass):
+# checked by CHECKS for every task. A factory's other options are its own, whatever their names.
+COMMON_OPTIONS = (*PROTOCOL_OPTIONS, "train_size", "split_seed", "data_dir")
 SWEEPS = ("full", "halving")
 MAX_SEED = 2**32 - 1
 # Sizes beyond these cannot fit in memory (hidden: the digits MLP's width; dim: the quadratic's).
@@ -79,9 +82,10 @@ def task_options(builder: Callable[..., Any]) -> tuple[str, ...]:
 
 
 def check_options(task: str, known: Callable[..., Any] | tuple[str, ...] | None,
-                  options: dict[str, Any]) -> dict[str, Any]:
+                  options: dict[str, Any], *, checked: tuple[str, ...] | None = None) -> dict[str, Any]:
     """`options` with the learning rates as a tuple of floats; a ValueError naming the first unknown option
-    or bad value. `known`: a builder (its options are `task_options`), the names, or None for any name."""
+    or bad value. `known`: a builder (its options are `task_options`), the names, or None for any name;
+    `checked`: the names whose values CHECKS judge (None: every name CHECKS knows)."""
     if callable(known):
         known = task_options(known)
     unknown = sorted(str(k) for k in options if known is not None and k not in known)
@@ -89,7 +93,7 @@ def check_options(task: str, known: Callable[..., Any] | tuple[str, ...] | None,
         raise ValueError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
                          f"for task {task}; it takes: {', '.join(sorted(known))}")
     for name, value in options.items():
-        if value is None or name not in CHECKS:
+        if value is None or name not in CHECKS or (checked is not None and name not in checked):
             continue
         what, ok = CHECKS[name]
         if not ok(value):
@@ -99,4 +103,4 @@ def check_options(task: str, known: Callable[..., Any] | tuple[str, ...] | None,
     return options
 
 
-__all__ = ["CHECKS", "PROTOCOL_OPTIONS", "check_options", "task_options"]
+__all__ = ["CHECKS", "COMMON_OPTIONS", "PROTOCOL_OPTIONS", "check_options", "task_options"]

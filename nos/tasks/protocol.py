@@ -22,7 +22,8 @@ trial simply trains on for the remaining epochs. The reward is the one a
 fresh run gives (tests check it) and the evaluation is an epoch shorter.
 
 Same rule, seed, task and device give the same result: the initial weights,
-the data order and the optimizer's noise are all drawn from the seed.
+the data order, the optimizer's noise and a child's own random draws
+(dropout) all follow from the seed.
 """
 
 from __future__ import annotations

@@ -229,7 +229,7 @@ TASKS: dict[str, Callable[..., Task]] = {
 }
 
 
-def get_task(name: str, *, device: str | torch.device = "cpu", lrs=None, **options: Any) -> Task:
+def get_task(name: str, /, *, device: str | torch.device = "cpu", lrs=None, **options: Any) -> Task:
     """The task `name` built with `options` (see the module doc); UnknownTask lists the names.
 
     `name` is a built-in's, a registered task's, or a factory's: "package.module:function" (nos.tasks.custom).

@@ -110,6 +110,10 @@ class Child:
     wall_seconds: float = 0.0
     limit: float | None = None      # a loss above this has exploded (None: set from the first loss)
     loss_seen: Any = 0.0            # every training loss so far, summed (halving ranks by it)
+    # The child's own state of torch's global generator (and its CUDA device's), for the random draws
+    # of its forward (dropout): swapped in while it trains, so that its masks follow from the seed
+    # whatever trains between its steps. None: not kept (a child from a stack, which never draws).
+    draws: list[Tensor] | None = field(default=None, repr=False)
     _data: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     _position: int = 0              # steps taken in the current epoch
     _total: Any = 0.0               # their summed loss
@@ -118,7 +122,8 @@ class Child:
     def fresh(cls, task: Task, initial: nn.Module, rule: Node, lr: float, total_steps: int, seed: int) -> Child:
         model = copy.deepcopy(initial)
         optimizer = SymbolicOptimizer(model.parameters(), rule, lr=lr, total_steps=total_steps, seed=seed)
-        return cls(task, model, optimizer, torch.Generator().manual_seed(seed), lr)
+        draws = _seeded_draws(seed, task.device)
+        return cls(task, model, optimizer, torch.Generator().manual_seed(seed), lr, draws=draws)
 
     def disable_explosion_stop(self) -> None:
         """Train on whatever the loss does (a non-finite one still stops it): for the run at the chosen rate.
@@ -135,6 +140,15 @@ class Child:
 
     def train_steps(self, n: int) -> None:
         """Take `n` more steps, across epoch ends, stopping at divergence; no validation."""
+        if self.draws is None:
+            self._train_steps(n)
+            return
+        with torch.random.fork_rng(devices=_cuda(self.task.device)):
+            _set_draws(self.draws, self.task.device)
+            self._train_steps(n)
+            self.draws = _get_draws(self.task.device)
+
+    def _train_steps(self, n: int) -> None:
         start = time.perf_counter()
         steps_per_epoch = self.task.steps_per_epoch
         while n > 0 and not self.diverged:
@@ -326,6 +340,24 @@ def deterministic(device: torch.device) -> Iterator[None]:
         yield
     finally:
         cudnn.deterministic, cudnn.benchmark = saved
+
+
+def _cuda(device: torch.device) -> list[torch.device]:
+    return [device] if device.type == "cuda" else []
+
+
+def _get_draws(device: torch.device) -> list[Tensor]:
+    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in _cuda(device)]
+
+
+def _set_draws(states: list[Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    for d, state in zip(_cuda(device), states[1:]):
+        torch.cuda.set_rng_state(state, d)
+
+
+def _seeded_draws(seed: int, device: torch.device) -> list[Tensor]:
+    return [torch.Generator(device=d).manual_seed(seed).get_state() for d in [torch.device("cpu"), *_cuda(device)]]
 
 
 def initial_child(task: Task, seed: int) -> nn.Module:
