@@ -6,6 +6,7 @@ import signal
 import threading
 
 import click
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nos import control
@@ -175,6 +176,9 @@ def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: st
     _check_executor(broker_url, detach)
     _refused_to_usage(control.check_task, config, broker_url)
     _refused_to_usage(control.check_checkpoint, store, run_id, config)
+    changed = control.changed_task(store, run_id, config)
+    if changed:
+        console.print(f"[yellow]warning:[/] {escape(changed)}")
     _refused_to_usage(control.take_over, store, run_id, detach=detach)
     console.print(f"resuming run {run_id} ({config.label})")
     _start(store, run_id, config, broker_url, detach)

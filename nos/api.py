@@ -17,6 +17,7 @@ script, call `run_search` under `if __name__ == "__main__":`.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -95,6 +96,9 @@ class Run:
             config = control.resumable_config(store, self.id)
             control.check_task(config, self.broker)
             control.check_checkpoint(store, self.id, config)
+            changed = control.changed_task(store, self.id, config)
+            if changed:
+                warnings.warn(changed, stacklevel=2)
             control.take_over(store, self.id)
             _drive(store, self, config, progress)
         finally:

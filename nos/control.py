@@ -97,6 +97,29 @@ def resumable_config(store: Store, run_id: int) -> SearchConfig:
             raise RunRefused(f"run {run_id} has a config this nos cannot read: {exc}") from None
 
 
+def changed_task(store: Store, run_id: int, config: SearchConfig) -> str | None:
+    """One line of warning when the run's task now builds another task (key) than its evaluations had.
+
+    Its factory's code or defaults, its data's sizes, or nos's protocol changed since the run began.
+    A resume still goes on (an upgrade of nos must not strand a run), but the search's rewards are
+    then judged on two tasks, and evaluations queued under the old key fail.
+    """
+    from sqlalchemy import select
+
+    from .store.models import Evaluation
+    from .work import task_for, task_key
+
+    now = task_key(task_for(config, "cpu"), config.children_seed)
+    with store.reading() as session:
+        before = session.execute(select(Evaluation.task_key).where(Evaluation.run_id == run_id)
+                                 .order_by(Evaluation.id.desc()).limit(1)).scalar()
+    if before is None or before == now:
+        return None
+    return (f"run {run_id}'s task {config.task} no longer builds the task its evaluations were trained on (its "
+            f"code, defaults or data sizes, or nos's protocol, changed): rewards from here on are judged on "
+            f"another task than the earlier ones; to keep one task, restore it, or start a new run")
+
+
 def check_checkpoint(store: Store, run_id: int, config: SearchConfig) -> None:
     """Load the run's latest checkpoint into a searcher now, so a damaged one fails before the run changes."""
     from .resume import CheckpointUnreadable, check_resumable
@@ -171,6 +194,6 @@ def request_stop(store: Store, run_id: int) -> bool:
 
 
 __all__ = [
-    "RunRefused", "check_checkpoint", "check_task", "completed", "drive_here", "request_stop", "resumable_config",
-    "start_run", "stopped_here", "store_for_writing", "take_over",
+    "RunRefused", "changed_task", "check_checkpoint", "check_task", "completed", "drive_here", "request_stop",
+    "resumable_config", "start_run", "stopped_here", "store_for_writing", "take_over",
 ]

@@ -370,3 +370,24 @@ def test_a_registered_task_evaluates_by_its_name_and_a_broken_one_exits_2(plugin
     broken = nos_with(plugin_site, "eval", "sgd", "--task", "plugin-broken")
     assert broken.returncode == 2
     assert "raised RuntimeError: no data today" in broken.stderr
+
+
+def test_a_resume_warns_when_the_task_no_longer_builds_what_the_run_trained_on(tasks_module, sqlite_store):
+    """An edited factory (here: another width) would silently mix two tasks' rewards in one search."""
+    from nos import control
+    from nos.rules import parse
+    from nos.store import NewEvaluation, RuleRecord, create_run, enqueue_batch, get_or_create_rules
+    from nos.work import task_key
+
+    def config(width):
+        return SearchConfig.from_dict({"task": f"{tasks_module}:blobs", "task_options": {"width": width}})
+
+    before = config(8)
+    with sqlite_store.transaction() as session:
+        run_id = create_run(session, "edited", before.task, before.to_dict())
+        rule_id, = get_or_create_rules(session, [RuleRecord.from_tree(parse("adam"))])
+        enqueue_batch(session, run_id, 0, [NewEvaluation(rule_id, before.task,
+                                                         task_key(task_for(before), before.children_seed))])
+    assert control.changed_task(sqlite_store, run_id, before) is None
+    warning = control.changed_task(sqlite_store, run_id, config(16))
+    assert warning.startswith(f"run {run_id}'s task {tasks_module}:blobs no longer builds the task its evaluations")
