@@ -14,7 +14,9 @@ Proposals the probe rejects cost milliseconds: they are stored (status
 proposing until it has `update_every` counted evaluations (or what is left of
 the budget). A step that meets MAX_REJECTED_PER_STEP rejections first stops
 the run with SearchStuck. Evaluations that `failed` (a crashed worker, a bug:
-not the rule's fault) count toward the budget but are left out of learning.
+not the rule's fault) count toward the budget but are left out of learning;
+FAILING_START of them with none trained since the driver began stop the run
+with SearchStuck too (a broken task or fleet would fail the whole budget).
 
 Checkpoint k is written with batch k: the searcher's state after proposing it
 (its generator included) and the batch's sampled token sequences. A driver
@@ -62,6 +64,9 @@ from .work import task_for, task_key
 POLL_SECONDS = 0.2
 # Rejected proposals a step may make before the run stops: a searcher stuck on hopeless rules.
 MAX_REJECTED_PER_STEP = 1000
+# Evaluations failed, none trained, since a driver began: the task or the workers are broken (a
+# rule's own trouble ends as `diverged`, not `failed`), and the rest of the budget would fail alike.
+FAILING_START = 5
 
 
 @dataclass
@@ -80,7 +85,8 @@ class StopRequested(Exception):
 
 
 class SearchStuck(RuntimeError):
-    """The searcher proposed MAX_REJECTED_PER_STEP rules in one step that the probe rejected."""
+    """The search cannot go anywhere: the searcher proposed MAX_REJECTED_PER_STEP rules in one step that
+    the probe rejected, or FAILING_START evaluations failed and none trained since the driver began."""
 
 
 def sample_step(searcher: Searcher, n: int, use_probe: bool = True) -> tuple[list[Proposal], list[Verdict | None]]:
@@ -128,6 +134,7 @@ class Driver:
         self.held: dict[int, int] = {}
         self.dispatched_at: dict[int, float] = {}   # evaluation id -> when last sent (monotonic)
         self.lease = DriverLease(store, run_id)   # one driver per run (nos/lease.py)
+        self.outcomes_before: tuple[int, int] | None = None   # (failed, trained) when this driver began
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> str:
@@ -272,7 +279,25 @@ class Driver:
                                   max_attempts=self.config.max_attempts)
             sweep = requeue_stale(session, self.run_id, timedelta(seconds=self.config.stale_after),
                                   self.config.max_attempts)
+            self._check_not_all_failing(session)
         self._dispatch(redo + sweep.requeued)
+
+    def _check_not_all_failing(self, session) -> None:
+        """SearchStuck when FAILING_START evaluations failed and none trained since this driver began."""
+        counts = dict(session.execute(
+            select(Evaluation.status, func.count()).where(Evaluation.run_id == self.run_id)
+            .where(Evaluation.status.in_(("failed", "done", "diverged", "cached"))).group_by(Evaluation.status)).all())
+        failed, trained = counts.pop("failed", 0), sum(counts.values())
+        if self.outcomes_before is None:
+            self.outcomes_before = failed, trained
+        failed, trained = failed - self.outcomes_before[0], trained - self.outcomes_before[1]
+        if failed >= FAILING_START and trained == 0:
+            error = session.execute(select(Evaluation.error).where(
+                Evaluation.run_id == self.run_id, Evaluation.status == "failed")
+                .order_by(Evaluation.finished_at.desc()).limit(1)).scalar()
+            said = (error or "no error recorded").strip().splitlines()[-1][:300]   # a traceback's last line
+            raise SearchStuck(f"{failed} evaluations failed and none trained (the last: {said}); fix the cause, "
+                              f"then `nos resume {self.run_id}`")
 
     def _release(self, rows: list[Evaluation]) -> None:
         """Send the held repeats whose first has finished (one not among `rows` has), and ids lost on

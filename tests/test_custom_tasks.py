@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -115,6 +116,26 @@ def data_of(*, kind="nan", device="cpu", **protocol):
     if kind == "flat_targets":   # one output per example against targets of shape (N,): would broadcast to (N, N)
         return from_tensors(x, x[:, 0], lambda: nn.Linear(4, 1), objective="mse", device=device, **protocol)
     return from_tensors(x, x[:, :1], lambda: nn.Linear(4, 1), objective="mse", device=device, **protocol)
+
+
+class FailsAfterOneBatch(nn.Module):
+    """Takes one batch (the start-up check's), then fails every training step: a bug only training finds."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.calls = nn.Linear(4, 2), 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.training and self.calls > 1:
+            raise RuntimeError("out of memory, say")
+        return self.layer(x)
+
+
+@task_factory
+def fails_in_training(*, device="cpu", **protocol):
+    x, y = _points()
+    return from_tensors(x, y, FailsAfterOneBatch, device=device, **protocol)
 
 
 @task_factory
@@ -391,3 +412,25 @@ def test_a_resume_warns_when_the_task_no_longer_builds_what_the_run_trained_on(t
     assert control.changed_task(sqlite_store, run_id, before) is None
     warning = control.changed_task(sqlite_store, run_id, config(16))
     assert warning.startswith(f"run {run_id}'s task {tasks_module}:blobs no longer builds the task its evaluations")
+
+
+def test_a_search_whose_evaluations_all_fail_stops_instead_of_spending_its_budget(tasks_module, tmp_path):
+    from nos.driver import FAILING_START
+    from nos.store import open_store
+    from nos.store.models import Evaluation, Run
+
+    db = f"sqlite:///{tmp_path / 'failing.db'}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "nos.cli.main", "enqueue", "--task",
+                           f"{tasks_module}:fails_in_training", "--budget", "30", "--workers", "1", "--db", db],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(r"run 1 failed: \d+ evaluations failed and none trained \(the last: RuntimeError: out of "
+                     r"memory, say\); fix the cause, then `nos resume 1`", done.stderr), done.stderr
+    store = open_store(db)
+    with store.reading() as session:
+        assert session.get(Run, 1).status == "failed"
+        statuses = [e.status for e in session.query(Evaluation).filter(Evaluation.run_id == 1)]
+    store.dispose()
+    assert FAILING_START <= statuses.count("failed") < 30
+    assert "done" not in statuses
