@@ -29,6 +29,11 @@ class WorkerStartError(RuntimeError):
     """A local worker process failed before it could take any work: a new one would fail the same way."""
 
 
+# A local worker's exit status when it refused an evaluation (the run's task does not build in it, or
+# its device is missing): every local worker is alike, so no other would take it either.
+REFUSED_EXIT = 3
+
+
 class Executor(Protocol):
     def dispatch(self, evaluation_ids: Iterable[int]) -> None: ...
 
@@ -69,7 +74,7 @@ def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None, pa
     import torch
 
     from .store import open_store
-    from .work import run_evaluation, worker_name
+    from .work import Outcome, run_evaluation, worker_name
 
     torch.set_num_threads(1)   # one thread per process: processes, not threads, share the cores
     store = open_store(db_url)
@@ -79,9 +84,13 @@ def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None, pa
         if evaluation_id is None:
             return
         try:
-            run_evaluation(store, evaluation_id, worker=name, device=device, pack=pack)
+            outcome = run_evaluation(store, evaluation_id, worker=name, device=device, pack=pack)
         except Exception:   # the database, briefly: a claim it left is retaken when stale; this worker goes on
             traceback.print_exc()
+            continue
+        if outcome is Outcome.REFUSED:   # its reason is logged: left queued, for no local worker would take it
+            sys.stderr.flush()
+            os._exit(REFUSED_EXIT)
 
 
 class LocalExecutor:
@@ -136,6 +145,11 @@ class LocalExecutor:
                         "printed above). From a Python script this is most often a call to nos.run_search that "
                         "is not under `if __name__ == \"__main__\":`: each worker process imports the script "
                         "again, and so starts a search of its own.")
+                if process.exitcode == REFUSED_EXIT:
+                    raise WorkerStartError(
+                        "a local worker refused the run's evaluations: the task does not build in a worker process, "
+                        "or its device is missing there (the reason is logged above); the workers import the "
+                        "task's module afresh, from the folder and PYTHONPATH the search started with")
                 dead.append(f"{host}:{process.pid}")
                 self._processes[i] = self._start()
         return dead

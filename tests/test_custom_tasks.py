@@ -139,6 +139,15 @@ def fails_in_training(*, device="cpu", **protocol):
 
 
 @task_factory
+def only_in_the_driver(*, device="cpu", **protocol):
+    import multiprocessing
+
+    if multiprocessing.current_process().name == "nos-worker":
+        raise RuntimeError("the data is not here")
+    return blobs(device=device, **protocol)
+
+
+@task_factory
 def named_like_builtins(*, hidden=(8, 8), classes=1, noise=-0.5, val_size=0.25, name="mine", device="cpu",
                         **protocol):
     x, y = _points()
@@ -434,3 +443,16 @@ def test_a_search_whose_evaluations_all_fail_stops_instead_of_spending_its_budge
     store.dispose()
     assert FAILING_START <= statuses.count("failed") < 30
     assert "done" not in statuses
+
+
+def test_a_local_search_whose_workers_cannot_build_the_task_fails_at_once(tasks_module, tmp_path):
+    """Left queued for another worker, as a Celery worker does, the evaluation would wait for ever: every
+    local worker is alike."""
+    db = f"sqlite:///{tmp_path / 'refused.db'}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "nos.cli.main", "enqueue", "--task",
+                           f"{tasks_module}:only_in_the_driver", "--budget", "4", "--workers", "1", "--db", db],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cannot be built here" in done.stderr and "the data is not here" in done.stderr
+    assert "a local worker refused the run's evaluations" in done.stderr
