@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 
 import click
 import torch
@@ -69,8 +71,10 @@ def eval_command(rule: str, task_name: str, seed: int, device: str, data_dir: st
     if threads:
         torch.set_num_threads(threads)
     try:
-        task = get_task(task_name, device=device, data_dir=data_dir, train_size=train_size, lrs=lrs,
-                        epochs=epochs, sweep_epochs=sweep_epochs, batch_size=batch_size, sweep=sweep)
+        # What a task's own code prints goes to stderr: with --json, stdout holds the JSON alone.
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            task = get_task(task_name, device=device, data_dir=data_dir, train_size=train_size, lrs=lrs,
+                            epochs=epochs, sweep_epochs=sweep_epochs, batch_size=batch_size, sweep=sweep)
     except (UnknownTask, DataUnavailable, ValueError) as exc:
         raise UsageProblem(str(exc)) from None
 

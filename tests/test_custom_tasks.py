@@ -148,6 +148,17 @@ def only_in_the_driver(*, device="cpu", **protocol):
 
 
 @task_factory
+def chatty(**options):
+    print("loading my data...")
+    return blobs(**options)
+
+
+@task_factory
+def exits(**options):
+    raise SystemExit(0)
+
+
+@task_factory
 def named_like_builtins(*, hidden=(8, 8), classes=1, noise=-0.5, val_size=0.25, name="mine", device="cpu",
                         **protocol):
     x, y = _points()
@@ -456,3 +467,16 @@ def test_a_local_search_whose_workers_cannot_build_the_task_fails_at_once(tasks_
     assert done.returncode == 1, done.stdout + done.stderr
     assert "cannot be built here" in done.stderr and "the data is not here" in done.stderr
     assert "a local worker refused the run's evaluations" in done.stderr
+
+
+def test_what_a_factory_prints_stays_out_of_json_and_its_exit_is_an_error(tasks_module):
+    import json
+
+    done = CliRunner().invoke(cli, ["eval", "adam", "--task", f"{tasks_module}:chatty", "--lrs", "0.1", "--epochs",
+                                    "1", "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["rule"] == "adam"
+    assert "loading my data..." in done.stderr
+    ended = CliRunner().invoke(cli, ["eval", "adam", "--task", f"{tasks_module}:exits"])
+    assert ended.exit_code == 2
+    assert "raised SystemExit: 0" in ended.output

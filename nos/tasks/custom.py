@@ -174,7 +174,7 @@ def build_with(label: str, factory: Callable[..., Any], device: torch.device, op
         passed["device"] = device
     try:
         task = factory(**passed)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:   # sys.exit() in a factory would end the command, or a worker, silently
         raise TaskFactoryError(f"task {label!r} raised {_described(exc)}{_strays(named, options)}") from None
     if not isinstance(task, Task):
         raise TaskFactoryError(f"task {label!r} returned a {type(task).__name__}, not a nos.tasks.Task")
