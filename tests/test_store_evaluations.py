@@ -324,3 +324,22 @@ def test_checkpoints_keep_json_and_bytes_and_the_latest_wins(store):
     with pytest.raises(sa.exc.IntegrityError):
         with store.transaction() as session:
             save_checkpoint(session, run_id, 2, {}, {})
+
+
+def test_only_the_latest_checkpoint_keeps_its_searcher_bytes(store):
+    """A resume reads the latest blob and every checkpoint's JSON: earlier blobs (370 kB a PPO step) go."""
+    from nos.store.models import Checkpoint
+
+    with store.transaction() as session:
+        run_id, other = (create_run(session, name, "digits", {}) for name in ("search", "other"))
+        save_checkpoint(session, other, 1, {"n": 0}, {}, blob=b"other run")
+        for step in (1, 2, 3):
+            save_checkpoint(session, run_id, step, {"updates": [[step]]}, {}, blob=b"state %d" % step)
+        save_checkpoint(session, run_id, 4, {"updates": []}, {})   # a checkpoint without bytes drops none
+    with store.reading() as session:
+        rows = session.execute(sa.select(Checkpoint.run_id, Checkpoint.step, Checkpoint.state, Checkpoint.blob)
+                               .order_by(Checkpoint.run_id, Checkpoint.step)).all()
+    assert [tuple(r) for r in rows] == [
+        (run_id, 1, {"updates": [[1]]}, None), (run_id, 2, {"updates": [[2]]}, None),
+        (run_id, 3, {"updates": [[3]]}, b"state 3"), (run_id, 4, {"updates": []}, None),
+        (other, 1, {"n": 0}, b"other run")]
