@@ -7,16 +7,19 @@ with their driver, however it dies (`kill -9` included): none is left behind.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import multiprocessing
 import os
-import queue as queue_module
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
+from multiprocessing import connection
+from multiprocessing.connection import Connection
 from typing import Iterable, Protocol
 
 # prctl(2): deliver a signal to this process when its parent dies (Linux).
@@ -64,7 +67,7 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None, parent: int, pack: int = 1,
+def _worker_main(db_url: str, device: str | None, parent: int, pack: int, orders: Connection,
                  started: multiprocessing.Event | None = None) -> None:
     if started is not None:   # the process came up (its interpreter, the caller's main module re-imported)
         started.set()
@@ -80,7 +83,11 @@ def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None, pa
     store = open_store(db_url)
     name = worker_name()
     while True:
-        evaluation_id = ids.get()
+        try:
+            orders.send(None)   # ready for the next id
+            evaluation_id = orders.recv()
+        except (EOFError, OSError):   # the driver is gone
+            return
         if evaluation_id is None:
             return
         try:
@@ -93,8 +100,20 @@ def _worker_main(db_url: str, ids: multiprocessing.Queue, device: str | None, pa
             os._exit(REFUSED_EXIT)
 
 
+@dataclass
+class _Worker:
+    process: multiprocessing.Process
+    orders: Connection                      # the driver's end of the worker's own pipe
+    started: multiprocessing.Event          # set once the process came up
+
+
 class LocalExecutor:
-    """N worker processes on this machine, fed evaluation ids through a queue.
+    """N worker processes on this machine, each fed evaluation ids through a pipe of its own.
+
+    A worker says it is ready on its pipe and is sent the next id; a thread of the driver's
+    process hands ids out as workers ask. Not one queue that all workers read: a process killed
+    while it waits in a shared queue's get() holds the queue's lock for good, and no worker
+    would get work again.
 
     With `pack` K, a worker given an id claims it and up to K - 1 queued companions of the
     same task key and trains them together; their own ids, when they come, are skipped.
@@ -106,28 +125,64 @@ class LocalExecutor:
 
             usable_device(device)
         self._context = multiprocessing.get_context("spawn")   # no forked torch or database state
-        self._ids: multiprocessing.Queue = self._context.Queue()
-        self._args = (db_url, self._ids, device, os.getpid(), pack)
-        self._started: dict[multiprocessing.Process, multiprocessing.Event] = {}
-        self._processes = [self._start() for _ in range(workers)]
+        self._args = (db_url, device, os.getpid(), pack)
+        self._lock = threading.Lock()          # guards what follows, shared with the handing-out thread
+        self._pending: collections.deque[int] = collections.deque()
+        self._ready: list[Connection] = []     # pipes of workers waiting for an id
         self._closed = False
+        self._workers = [self._start() for _ in range(workers)]
+        self._hands = threading.Thread(target=self._hand_out_forever, daemon=True, name="nos-local-dispatch")
+        self._hands.start()
 
-    def _start(self) -> multiprocessing.Process:
+    def _start(self) -> _Worker:
         started = self._context.Event()
-        process = self._context.Process(target=_worker_main, args=(*self._args, started), daemon=True,
+        ours, theirs = self._context.Pipe(duplex=True)
+        process = self._context.Process(target=_worker_main, args=(*self._args, theirs, started), daemon=True,
                                         name="nos-worker")
         process.start()
-        self._started[process] = started
-        return process
+        theirs.close()   # the worker holds its end alone: when it dies, ours reads the end of the pipe
+        return _Worker(process, ours, started)
 
     @property
     def worker_names(self) -> list[str]:
         host = socket.gethostname()
-        return [f"{host}:{p.pid}" for p in self._processes]
+        return [f"{host}:{w.process.pid}" for w in self._workers]
 
     def dispatch(self, evaluation_ids: Iterable[int]) -> None:
-        for evaluation_id in evaluation_ids:
-            self._ids.put(evaluation_id)
+        with self._lock:
+            self._pending.extend(evaluation_ids)
+            self._hand_out()
+
+    def _hand_out(self) -> None:
+        """Send pending ids to ready workers (under the lock)."""
+        while self._ready and self._pending and not self._closed:
+            orders, evaluation_id = self._ready.pop(), self._pending.popleft()
+            try:
+                orders.send(evaluation_id)
+            except OSError:   # it died waiting: the id goes to another
+                self._pending.appendleft(evaluation_id)
+
+    def _hand_out_forever(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                pipes = [w.orders for w in self._workers if not w.orders.closed]
+            try:
+                answered = connection.wait(pipes, timeout=0.2)
+            except (OSError, ValueError):   # a pipe closed as it was taken up: look again
+                continue
+            for orders in answered:
+                with self._lock:
+                    if orders.closed:   # its worker was replaced meanwhile
+                        continue
+                    try:
+                        orders.recv()
+                    except (EOFError, OSError):   # its worker died: `dead_workers` replaces it
+                        orders.close()
+                        continue
+                    self._ready.append(orders)
+                    self._hand_out()
 
     def dead_workers(self) -> list[str]:
         """Replace workers that died (killed, out of memory) and name the dead ones.
@@ -136,10 +191,13 @@ class LocalExecutor:
         fail again, for ever.
         """
         host, dead = socket.gethostname(), []
-        for i, process in enumerate(self._processes):
-            if not process.is_alive():
+        with self._lock:
+            for i, worker in enumerate(self._workers):
+                process = worker.process
+                if process.is_alive():
+                    continue
                 process.join(timeout=0)
-                if not self._started.pop(process).is_set() and process.exitcode and process.exitcode > 0:
+                if not worker.started.is_set() and process.exitcode and process.exitcode > 0:
                     raise WorkerStartError(
                         f"a local worker process failed while starting (exit code {process.exitcode}; its error is "
                         "printed above). From a Python script this is most often a call to nos.run_search that "
@@ -151,31 +209,31 @@ class LocalExecutor:
                         "or its device is missing there (the reason is logged above); the workers import the "
                         "task's module afresh, from the folder and PYTHONPATH the search started with")
                 dead.append(f"{host}:{process.pid}")
-                self._processes[i] = self._start()
+                if worker.orders in self._ready:
+                    self._ready.remove(worker.orders)
+                worker.orders.close()
+                self._workers[i] = self._start()
         return dead
 
     def close(self, wait: bool = False) -> None:
         """Stop the workers: after their current evaluation (wait) or now."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._pending.clear()
+        self._hands.join()
         if wait:
-            for _ in self._processes:
-                self._ids.put(None)
-            for process in self._processes:
-                process.join()
-        for process in self._processes:
-            if process.is_alive():
-                process.terminate()
-        for process in self._processes:
-            process.join(timeout=10)
-        self._drain()
-
-    def _drain(self) -> None:
-        try:
-            while True:
-                self._ids.get_nowait()
-        except (queue_module.Empty, OSError, ValueError):
-            pass
-        self._ids.close()
-        self._ids.join_thread()
+            for worker in self._workers:
+                try:
+                    worker.orders.send(None)   # read once it is done with its evaluation
+                except OSError:
+                    pass
+            for worker in self._workers:
+                worker.process.join()
+        for worker in self._workers:
+            if worker.process.is_alive():
+                worker.process.terminate()
+        for worker in self._workers:
+            worker.process.join(timeout=10)
+            worker.orders.close()

@@ -125,3 +125,44 @@ def test_workers_die_with_a_killed_driver_and_stop_marks_the_driverless_run_stop
     # Claimed once by a worker that died with the first driver (given back uncounted), once after the resume.
     assert [(e.status in ("done", "diverged"), e.attempts) for e in run_rows(url, 1) if e.id in lost] \
         == [(True, 1)] * len(lost)
+
+
+def _workers_of(driver_pid: int) -> list[int]:
+    with open(f"/proc/{driver_pid}/task/{driver_pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    found = []
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline") as f:
+                if "spawn_main" in f.read():   # not the resource tracker
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def _waiting_for_work(pid: int) -> bool:
+    """Blocked in read(2): an idle worker waits on its pipe (a busy one trains, on the CPU)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split()[0] == "0"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_worker_killed_while_it_waits_for_work_is_replaced_and_the_run_finishes(url, tiny_toml):
+    """Fed from one shared queue, a worker killed in its get() held the queue's lock for good: no worker got
+    work again, and the run hung. Steps of 4 on 2 workers leave them idle while the driver learns."""
+    driver = start_nos("enqueue", "--config", tiny_toml, "--db", url, "--synchronous")
+    try:
+        idle = wait_for(lambda: has_run(url) and finished_count(url, 1) >= 1
+                        and next((pid for pid in _workers_of(driver.pid) if _waiting_for_work(pid)), None),
+                        timeout=120, every=0.01)
+        os.kill(idle, signal.SIGKILL)
+        out, _ = driver.communicate(timeout=180)
+    finally:
+        if group(driver.pid):
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, out
+    assert run_row(url)[0] == "completed"
+    assert finished_count(url, 1) == 12

@@ -215,3 +215,32 @@ def test_a_server_that_is_down_is_a_one_line_error():
 def test_a_sqlite_file_in_a_missing_folder_is_a_one_line_error(tmp_path):
     with pytest.raises(StoreError, match="folder .* does not exist"):
         upgrade(resolve_url(f"sqlite:///{tmp_path}/no/such/dir/nos.db"))
+
+
+@pytest.mark.parametrize("revision", ["0001", "0002", "0003", "0004", "0005"])
+def test_an_upgrade_keeps_every_stored_row(tmp_path, revision):
+    """A batch migration on SQLite copies a table and drops the old one: with foreign keys on, the drop
+    cascaded and deleted every learning-rate trial (schema 0001 -> 0002 rebuilds `evaluations`)."""
+    path = tmp_path / "old.db"
+    url = resolve_url(f"sqlite:///{path}")
+    upgrade(url, revision)
+    db = sqlite3.connect(path)
+    stamp = "2024-01-01 00:00:00"
+    db.execute("INSERT INTO runs (id, name, status, task, config, created_at, updated_at) "
+               f"VALUES (1, 'r', 'completed', 'digits', '{{}}', '{stamp}', '{stamp}')")
+    columns = [row[1] for row in db.execute("PRAGMA table_info(rules)")]
+    rule = {"id": 1, "text": "g", "hash": "h", "depth": 1, "tokens": "[0]", "created_at": stamp}
+    db.execute(f"INSERT INTO rules ({', '.join(c for c in columns if c in rule)}) "
+               f"VALUES ({', '.join('?' for c in columns if c in rule)})", [rule[c] for c in columns if c in rule])
+    db.execute("INSERT INTO evaluations (id, run_id, rule_id, batch, seq, task, task_key, status, attempts, "
+               f"created_at, reward) VALUES (1, 1, 1, 0, 0, 'digits', 'k', 'done', 1, '{stamp}', 0.9)")
+    db.executemany("INSERT INTO lr_trials (evaluation_id, lr, val_acc, diverged) VALUES (1, ?, 0.5, 0)",
+                   [(1e-3,), (1e-2,), (1e-1,)])
+    db.commit()
+    db.close()
+    upgrade(url)
+    db = sqlite3.connect(path)
+    counts = [db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+              for table in ("runs", "rules", "evaluations", "lr_trials")]
+    db.close()
+    assert counts == [1, 1, 1, 3]

@@ -158,12 +158,23 @@ def upgrade(url: URL, revision: str = "head") -> SchemaState:
     engine = create_engine(url)
     config = alembic_config(url)
     try:
-        with engine.begin() as connection:
-            if connection.dialect.name == "postgresql":
-                # Two `nos db upgrade` at once: the second waits, then finds nothing to do.
-                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK_KEY})")
-            config.attributes["connection"] = connection
-            command.upgrade(config, revision)
+        with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                # A batch migration copies a table and drops the old one: with foreign keys on, the drop
+                # cascades (ON DELETE CASCADE) and deletes every row that refers to the table, every
+                # learning-rate trial of `evaluations`. The pragma does nothing inside a transaction:
+                # it is set on the raw connection, before the migration's BEGIN.
+                connection.connection.dbapi_connection.execute("PRAGMA foreign_keys = OFF")
+            with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    # Two `nos db upgrade` at once: the second waits, then finds nothing to do.
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK_KEY})")
+                config.attributes["connection"] = connection
+                command.upgrade(config, revision)
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise StoreError(f"cannot upgrade {shown(url)}: the migration would leave rows whose "
+                                     "references are broken; nothing was changed")
     except DBAPIError as exc:
         raise StoreError(f"cannot upgrade {shown(url)}: {first_line(exc.orig)}") from None
     except CommandError as exc:
