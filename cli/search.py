@@ -45,23 +45,35 @@ def _refused_to_usage(check, *args, **kwargs):
 STOPPED = 3
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM (`kill`, a service manager, a batch system) stops the run as cleanly as Ctrl-C."""
+def _stop_on_signals() -> None:
+    """Ctrl-C, SIGTERM (`kill`, a service manager, a batch system) and SIGHUP (a closed terminal) stop the
+    run cleanly: the handler only sets `nos.driver.STOP_ASKED`, which the driver reads at its next poll
+    (a fraction of a second), wherever the signal lands, before the run exists or as it completes.
+    A second signal changes nothing: the first one's stop goes on."""
     if threading.current_thread() is not threading.main_thread():
         return   # signal handlers belong to the main thread
+    from nos.driver import STOP_ASKED
 
-    def interrupt(signum, frame) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # one clean stop; a second TERM must not cut it short
-        raise KeyboardInterrupt
+    def ask_to_stop(signum, frame) -> None:
+        STOP_ASKED.set()
 
-    signal.signal(signal.SIGTERM, interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, ask_to_stop)
+
+
+def _stop_if_asked(what: str) -> None:
+    """Exit STOPPED, having changed nothing, when a signal asked to stop before `what` began."""
+    from nos.driver import STOP_ASKED
+
+    if STOP_ASKED.is_set():
+        console.print(f"stopped before {what} began")
+        raise SystemExit(STOPPED)
 
 
 def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | None = None) -> None:
     from nos.driver import Progress as DriverProgress, SearchStuck, one_thread
     from nos.lease import LeaseLost
 
-    _stop_on_sigterm()
     one_thread()
 
     columns = (TextColumn("run {task.fields[run]}", markup=False), BarColumn(), MofNCompleteColumn(),
@@ -136,9 +148,11 @@ def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_siz
             config = SearchConfig.from_dict({**config.to_dict(), "task_options": options})
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
+    _stop_on_signals()
     _check_executor(broker_url, detach)
     _refused_to_usage(control.check_task, config, broker_url)
     store = store_for_writing(db_url, console.print)
+    _stop_if_asked("the run")
     run_id = _refused_to_usage(control.start_run, store, config, detach=detach)
     where = (f"Celery at {mask_url(broker_url)}" if broker_url
              else f"{config.workers} local worker{'s' if config.workers != 1 else ''}")
@@ -171,6 +185,7 @@ def _start(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
 @broker_option
 def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: str | None) -> None:
     """Continue a stopped (or crashed) run to its budget from its last checkpoint."""
+    _stop_on_signals()
     store = open_store_or_exit(db_url, writing=True)
     config = _refused_to_usage(control.resumable_config, store, run_id)
     _check_executor(broker_url, detach)
@@ -179,6 +194,7 @@ def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: st
     changed = control.changed_task(store, run_id, config)
     if changed:
         console.print(f"[yellow]warning:[/] {escape(changed)}")
+    _stop_if_asked("the resume")
     _refused_to_usage(control.take_over, store, run_id, detach=detach)
     console.print(f"resuming run {run_id} ({config.label})")
     _start(store, run_id, config, broker_url, detach)

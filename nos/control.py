@@ -167,17 +167,18 @@ def drive_here(store: Store, run_id: int, broker_url: str | None = None,
     try:
         return drive_run(store, run_id, broker_url, on_progress=on_progress)
     except KeyboardInterrupt:
-        stopped_here(store, run_id)
-        return "stopped"
+        return stopped_here(store, run_id)
 
 
-def stopped_here(store: Store, run_id: int) -> None:
-    """Mark the run stopped and free its lease, unless another driver holds it or the run has ended."""
+def stopped_here(store: Store, run_id: int) -> str:
+    """Mark the run stopped and free its lease, unless another driver holds it or the run has ended;
+    "completed" where it had (an interrupt as the driver let go of a finished run), else "stopped"."""
     with store.transaction() as session:
         lease = read_lease(session, run_id, lock=True)
         if lease.status in DRIVABLE and lease.holder in (None, this_process()):
             release_lease(session, run_id, this_process())
             set_run_status(session, run_id, "stopped")
+    return "completed" if lease.status == "completed" else "stopped"
 
 
 def request_stop(store: Store, run_id: int) -> bool:

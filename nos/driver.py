@@ -27,6 +27,7 @@ would have; if not (the final checkpoint) there is nothing left to do.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -62,6 +63,11 @@ from .store.models import COUNTED_STATUSES as COUNTED, FINISHED_STATUSES as FINI
 from .work import task_for, task_key
 
 POLL_SECONDS = 0.2
+# Set by the command line's signal handlers (Ctrl-C, SIGTERM, SIGHUP): the driver stops cleanly at
+# its next poll. A flag, not the KeyboardInterrupt Python raises by default: that lands wherever the
+# main thread happens to be, in a `finally` half done, or in a garbage collector's callback, where it
+# is printed and lost (and a run asked to stop went on to its end).
+STOP_ASKED = threading.Event()
 # Rejected proposals a step may make before the run stops: a searcher stuck on hopeless rules.
 MAX_REJECTED_PER_STEP = 1000
 # Evaluations failed, none trained, since a driver began: the task or the workers are broken (a
@@ -271,6 +277,8 @@ class Driver:
 
     def _tend(self) -> None:
         """One poll's upkeep: the lease, `nos stop`, and dead workers' and stale claims back in the queue."""
+        if STOP_ASKED.is_set():
+            raise StopRequested()
         self.lease.check()
         with self.store.transaction() as session:
             if get_run(session, self.run_id).status == "stopping":

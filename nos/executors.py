@@ -72,8 +72,10 @@ def _worker_main(db_url: str, device: str | None, parent: int, pack: int, orders
     if started is not None:   # the process came up (its interpreter, the caller's main module re-imported)
         started.set()
     _die_with(parent)
-    # Ctrl-C reaches the whole process group: the driver decides what stops, not each worker.
+    # Ctrl-C, and a closed terminal's SIGHUP, reach the whole process group: the driver decides what
+    # stops, not each worker (it ends them with SIGTERM).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     import torch
 
     from .store import open_store

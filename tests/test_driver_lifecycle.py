@@ -166,3 +166,35 @@ def test_a_worker_killed_while_it_waits_for_work_is_replaced_and_the_run_finishe
     assert driver.returncode == 0, out
     assert run_row(url)[0] == "completed"
     assert finished_count(url, 1) == 12
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_as_the_run_is_created_stops_it_cleanly(url, tiny_toml, signum):
+    """Raised as KeyboardInterrupt the moment the run row existed, before the driver's loop, a signal
+    left the run `running` with a dead driver (exit 1, or killed by the signal)."""
+    driver = start_nos(*long_run(url, tiny_toml))
+    try:
+        wait_for(lambda: has_run(url), timeout=120, every=0.001)
+        driver.send_signal(signum)
+        out, _ = driver.communicate(timeout=120)
+    finally:
+        if group(driver.pid):
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 3, out
+    assert "run 1 stopped; continue it with:  nos resume 1" in out
+    assert run_row(url) == ("stopped", None, None)
+    assert not any(e.status == "running" for e in run_rows(url, 1))
+
+
+def test_a_signal_as_the_run_completes_leaves_it_completed(url, tiny_toml):
+    """It reported `stopped` (exit 3) for a completed run, whose `nos resume` then failed."""
+    driver = start_nos("enqueue", "--config", tiny_toml, "--db", url)
+    try:
+        wait_for(lambda: has_run(url) and run_row(url)[0] == "completed", timeout=180, every=0.001)
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=120)
+    finally:
+        if group(driver.pid):
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, out
+    assert "run 1 completed" in out
