@@ -141,6 +141,7 @@ class Driver:
         self.dispatched_at: dict[int, float] = {}   # evaluation id -> when last sent (monotonic)
         self.lease = DriverLease(store, run_id)   # one driver per run (nos/lease.py)
         self.outcomes_before: tuple[int, int] | None = None   # (failed, trained) when this driver began
+        self.trained_since_start = False
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> str:
@@ -292,6 +293,8 @@ class Driver:
 
     def _check_not_all_failing(self, session) -> None:
         """SearchStuck when FAILING_START evaluations failed and none trained since this driver began."""
+        if self.trained_since_start:   # then it can never fire: no need to count at every poll
+            return
         counts = dict(session.execute(
             select(Evaluation.status, func.count()).where(Evaluation.run_id == self.run_id)
             .where(Evaluation.status.in_(("failed", "done", "diverged", "cached"))).group_by(Evaluation.status)).all())
@@ -299,7 +302,8 @@ class Driver:
         if self.outcomes_before is None:
             self.outcomes_before = failed, trained
         failed, trained = failed - self.outcomes_before[0], trained - self.outcomes_before[1]
-        if failed >= FAILING_START and trained == 0:
+        self.trained_since_start = trained > 0
+        if failed >= FAILING_START and not self.trained_since_start:
             error = session.execute(select(Evaluation.error).where(
                 Evaluation.run_id == self.run_id, Evaluation.status == "failed")
                 .order_by(Evaluation.finished_at.desc()).limit(1)).scalar()

@@ -434,16 +434,21 @@ def test_a_resume_warns_when_the_task_no_longer_builds_what_the_run_trained_on(t
     assert warning.startswith(f"run {run_id}'s task {tasks_module}:blobs no longer builds the task its evaluations")
 
 
+def _enqueue(folder, task: str, budget: int, db: str) -> subprocess.CompletedProcess:
+    """`nos enqueue` of `task` with one local worker, in a process that finds the task file in `folder`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "nos.cli.main", "enqueue", "--task", task, "--budget", str(budget),
+                           "--workers", "1", "--db", db], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=folder)
+
+
 def test_a_search_whose_evaluations_all_fail_stops_instead_of_spending_its_budget(tasks_module, tmp_path):
     from nos.driver import FAILING_START
     from nos.store import open_store
     from nos.store.models import Evaluation, Run
 
     db = f"sqlite:///{tmp_path / 'failing.db'}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "nos.cli.main", "enqueue", "--task",
-                           f"{tasks_module}:fails_in_training", "--budget", "30", "--workers", "1", "--db", db],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    done = _enqueue(tmp_path, f"{tasks_module}:fails_in_training", 30, db)
     assert done.returncode == 1, done.stdout + done.stderr
     assert re.search(r"run 1 failed: \d+ evaluations failed and none trained \(the last: RuntimeError: out of "
                      r"memory, say\); fix the cause, then `nos resume 1`", done.stderr), done.stderr
@@ -459,11 +464,7 @@ def test_a_search_whose_evaluations_all_fail_stops_instead_of_spending_its_budge
 def test_a_local_search_whose_workers_cannot_build_the_task_fails_at_once(tasks_module, tmp_path):
     """Left queued for another worker, as a Celery worker does, the evaluation would wait for ever: every
     local worker is alike."""
-    db = f"sqlite:///{tmp_path / 'refused.db'}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "nos.cli.main", "enqueue", "--task",
-                           f"{tasks_module}:only_in_the_driver", "--budget", "4", "--workers", "1", "--db", db],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    done = _enqueue(tmp_path, f"{tasks_module}:only_in_the_driver", 4, f"sqlite:///{tmp_path / 'refused.db'}")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "cannot be built here" in done.stderr and "the data is not here" in done.stderr
     assert "a local worker refused the run's evaluations" in done.stderr

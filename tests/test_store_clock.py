@@ -13,27 +13,21 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 import nos.store.models
-from nos.store import claim, database_now, heartbeat, open_store, requeue_stale, resolve_url, upgrade, utcnow
+from nos.store import claim, database_now, heartbeat, requeue_stale, utcnow
 from nos.store.leases import LeaseRefused, read_lease, renew_lease, take_lease
 
 from helpers.store import new_run_with_batch
 
 SKEW = timedelta(hours=1)
 STALE = timedelta(seconds=30)
+# The hosts share a PostgreSQL server, whose clock they read (SQLite's clock is its host's).
+pytestmark = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 
 
 class _HourBehind(datetime):
     @classmethod
     def now(cls, tz=None):
         return datetime.now(tz) - SKEW
-
-
-@pytest.fixture
-def pg_store(pg_url):
-    upgrade(resolve_url(pg_url))
-    store = open_store(pg_url)
-    yield store
-    store.dispose()
 
 
 @pytest.fixture
@@ -44,40 +38,40 @@ def hour_behind(monkeypatch):
     return monkeypatch
 
 
-def test_a_slow_hosts_heartbeats_keep_its_claims(pg_store, hour_behind):
-    run_id, ids = new_run_with_batch(pg_store)
-    with pg_store.transaction() as session:   # the slow host claims and beats
+def test_a_slow_hosts_heartbeats_keep_its_claims(store, hour_behind):
+    run_id, ids = new_run_with_batch(store)
+    with store.transaction() as session:   # the slow host claims and beats
         attempt = claim(session, ids[0], "slow-host:1", STALE)
         assert attempt == 1
         assert heartbeat(session, ids[0], attempt)
     hour_behind.undo()                          # another host, on time, looks for stale work
-    with pg_store.transaction() as session:
+    with store.transaction() as session:
         assert requeue_stale(session, run_id, STALE, max_attempts=3).requeued == []
         assert claim(session, ids[0], "fast-host:2", STALE) is None
-    with pg_store.reading() as session:
+    with store.reading() as session:
         beat = session.get(nos.store.models.Evaluation, ids[0]).heartbeat_at
         assert abs(beat - database_now(session)) < STALE
 
 
-def test_a_slow_hosts_lease_holds(pg_store, hour_behind):
-    run_id, _ = new_run_with_batch(pg_store)
-    with pg_store.transaction() as session:
+def test_a_slow_hosts_lease_holds(store, hour_behind):
+    run_id, _ = new_run_with_batch(store)
+    with store.transaction() as session:
         take_lease(session, run_id, "slow-host:1")
         assert renew_lease(session, run_id, "slow-host:1")
     hour_behind.undo()
-    with pg_store.transaction() as session:
+    with store.transaction() as session:
         assert read_lease(session, run_id).live()
         with pytest.raises(LeaseRefused, match=r"driven by slow-host:1 \(lease renewed \d s ago\)"):
             take_lease(session, run_id, "fast-host:2")
 
 
-def test_a_fast_host_does_not_see_live_work_as_stale(pg_store, monkeypatch):
+def test_a_fast_host_does_not_see_live_work_as_stale(store, monkeypatch):
     """The other way round: a host an hour ahead judges by the database's clock, not its own."""
-    run_id, ids = new_run_with_batch(pg_store)
-    with pg_store.transaction() as session:
+    run_id, ids = new_run_with_batch(store)
+    with store.transaction() as session:
         assert claim(session, ids[0], "on-time:1", STALE) == 1
     monkeypatch.setattr(nos.store.models, "datetime", type("HourAhead", (datetime,), {
         "now": classmethod(lambda cls, tz=None: datetime.now(tz) + SKEW)}))
-    with pg_store.transaction() as session:
+    with store.transaction() as session:
         assert requeue_stale(session, run_id, STALE, max_attempts=3).requeued == []
         assert claim(session, ids[0], "fast-host:2", STALE) is None
