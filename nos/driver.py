@@ -60,6 +60,7 @@ from .store import (
 )
 from .store.evaluations import release_claims, release_the_departed
 from .store.models import COUNTED_STATUSES as COUNTED, FINISHED_STATUSES as FINISHED, Evaluation
+from .store.outages import retrying
 from .work import task_for, task_key
 
 POLL_SECONDS = 0.2
@@ -132,8 +133,7 @@ class Driver:
         # The driver only needs the task's configuration key; it loads the data on the CPU.
         self.task = task_for(config, "cpu")
         self.task_key = task_key(self.task, config.children_seed)
-        self.searcher: Searcher = make_searcher(config.searcher, config.depth, config.seed,
-                                                warm_start=config.warm_start, **config.hyperparameters)
+        self.searcher: Searcher = self._new_searcher()
         self.best: float | None = None
         # Repeats of a rule within the open batch, held back until the first is scored
         # (then a worker copies its result): evaluation id -> the first one's id.
@@ -159,12 +159,25 @@ class Driver:
                 return self._guarded(self._drive)
             from .asynchronous import AsynchronousLoop
 
-            return self._guarded(AsynchronousLoop(self).drive)
+            return self._guarded(lambda: AsynchronousLoop(self).drive())
 
     def _guarded(self, drive: Callable[[], None]) -> str:
-        """Run `drive` to the end of the budget; a stop or an error leaves the run consistent."""
-        try:
+        """Run `drive` to the end of the budget; a stop or an error leaves the run consistent.
+
+        A database briefly away (nos.store.outages) is waited for, then `drive` starts over from
+        the latest checkpoint, as a resume would; workers go on meanwhile, their results kept.
+        """
+        tries = 0
+
+        def attempt() -> None:
+            nonlocal tries
+            if tries:
+                self._start_over()
+            tries += 1
             drive()
+
+        try:
+            retrying(self.store, attempt, what=f"the driver of run {self.run_id}", stop=STOP_ASKED.is_set)
         except (KeyboardInterrupt, StopRequested):
             self._stop()
             return "stopped"
@@ -172,6 +185,18 @@ class Driver:
             self._fail(exc)
             raise
         return "completed"
+
+    def _start_over(self) -> None:
+        """Forget what the loop held in memory: the next starts from the latest checkpoint with a searcher made
+        afresh (this one may have learned from results that checkpoint does not record)."""
+        self.searcher = self._new_searcher()
+        self.held.clear()
+        self.dispatched_at.clear()
+
+    def _new_searcher(self) -> Searcher:
+        config = self.config
+        return make_searcher(config.searcher, config.depth, config.seed, warm_start=config.warm_start,
+                             **config.hyperparameters)
 
     def _drive(self) -> None:
         step, tokens = self._restore()

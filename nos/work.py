@@ -36,6 +36,7 @@ from .store import Store, claim, commit_result, database_now, fail, find_cached,
 from .store.engine import first_line
 from .store.evaluations import commit_cached, equivalence_reason, find_equivalent
 from .store.models import Evaluation, Rule
+from .store.outages import retrying
 from .tasks import Task, get_task
 from .tasks.packed import evaluate_rules
 
@@ -189,10 +190,16 @@ def _companions(session: Session, first: Claim, n: int) -> list[int]:
 
 
 def _commit(store: Store, claimed: Claim, result: EvaluationResult | None) -> Outcome:
+    """Store the result, waiting for a database that is briefly away: the training cost minutes. Safe
+    to repeat: a commit whose answer was lost finds the claim settled and stores nothing twice."""
     if result is None:   # left the pack when its claim was lost
         return Outcome.LOST
-    with store.transaction() as session:
-        committed = commit_result(session, claimed.evaluation_id, claimed.attempt, result)
+
+    def write() -> bool:
+        with store.transaction() as session:
+            return commit_result(session, claimed.evaluation_id, claimed.attempt, result)
+
+    committed = retrying(store, write, what=f"the result of evaluation {claimed.evaluation_id}")
     if not committed:
         return Outcome.LOST
     return Outcome.DIVERGED if result.diverged else Outcome.DONE
