@@ -24,6 +24,7 @@ from nos.store import (
     leaderboard,
     run_progress,
 )
+from nos.store.models import Rule
 from nos.tasks import evaluate_rule, get_task
 
 from helpers.rule_strategies import trees as rule_trees
@@ -52,6 +53,40 @@ def test_equal_behaviour_gives_equal_fingerprints(a, b):
 ])
 def test_different_behaviour_gives_different_fingerprints(a, b):
     assert fingerprint(a) != fingerprint(b)
+
+
+@pytest.mark.parametrize("task, a, b", [
+    ("digits", "m / (sign(g) * sign(g))", "m / 1"),      # differ where a gradient is exactly zero (dead units)
+    ("quadratic", "sign(1e-1*w) * sign(1e-1*w) * g", "g"),   # differ where a weight is exactly zero (its start)
+    ("quadratic", "sign(1 - g^2) * g", "g"),              # differ where |g| > 1 (its first steps reach hundreds)
+])
+def test_rules_that_differ_only_on_inputs_a_network_meets_are_told_apart(task, a, b):
+    """Each pair trains to different rewards, so neither may be answered with the other's result."""
+    assert fingerprint(a) != fingerprint(b)
+    chosen = get_task(task, lrs=[1e-3, 1e-1, 10.0], epochs=1, train_size=300) if task == "digits" \
+        else get_task(task, lrs=[1e-3, 1e-2], epochs=1)
+    assert abs(evaluate_rule(a, chosen, seed=0).reward - evaluate_rule(b, chosen, seed=0).reward) > 0.05
+
+
+def test_a_rule_that_learns_only_from_large_gradients_is_kept():
+    """Zero on gradients below 1 (those of a classifier), it learns on the quadratic, where they are larger."""
+    rule = "g - g * sign(1 - g^2)"
+    assert probe(parse(rule)).rejection is None
+    task = get_task("quadratic", lrs=[1e-3, 1e-2], epochs=1)
+    assert evaluate_rule(rule, task, seed=0).reward > evaluate_rule("g", task, seed=0).reward
+
+
+def test_a_stored_rule_takes_the_fingerprint_it_lacked_or_the_one_it_is_given_now(store):
+    """The proposer's probe is the current one; workers look equivalents up by the stored fingerprint."""
+    with store.transaction() as session:
+        (rule_id,) = get_or_create_rules(session, [RuleRecord.from_tree(parse("m"))])   # a --no-probe run's
+        assert session.get(Rule, rule_id).fingerprint is None
+        get_or_create_rules(session, [RuleRecord.from_tree(parse("m"), fingerprint("m"))])
+        assert session.get(Rule, rule_id).fingerprint == fingerprint("m")
+        get_or_create_rules(session, [RuleRecord.from_tree(parse("m"), "an older probe's")])
+        assert session.get(Rule, rule_id).fingerprint == "an older probe's"
+        get_or_create_rules(session, [RuleRecord.from_tree(parse("m"))])   # none given: the stored one stays
+        assert session.get(Rule, rule_id).fingerprint == "an older probe's"
 
 
 def test_every_built_in_is_kept_and_told_apart():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -38,8 +38,9 @@ class RuleRecord:
 def get_or_create_rules(session: Session, records: Sequence[RuleRecord]) -> list[int]:
     """The ids of `records`, in order, inserting those not stored yet.
 
-    INSERT ... ON CONFLICT DO NOTHING, then SELECT: safe when several
-    processes insert the same rule at once, on SQLite and PostgreSQL alike.
+    INSERT ... ON CONFLICT DO UPDATE (the fingerprint alone, where the stored one is missing or an older
+    probe's), then SELECT: safe when several processes insert the same rule at once, on SQLite and
+    PostgreSQL alike.
     """
     if not records:
         return []
@@ -50,7 +51,12 @@ def get_or_create_rules(session: Session, records: Sequence[RuleRecord]) -> list
                  created_at=now) for r in unique.values()]
     # Sorted inserts take PostgreSQL's row locks in one order: no deadlock between two batches.
     rows.sort(key=lambda row: row["text"])
-    session.execute(insert.on_conflict_do_nothing(index_elements=["text"]), rows)
+    # A rule stored before with no fingerprint (a --no-probe run) or an older probe's takes the new one:
+    # workers look equivalents up by the stored fingerprint.
+    given = insert.excluded.fingerprint
+    newer = and_(given.is_not(None), Rule.fingerprint.is_distinct_from(given))
+    session.execute(insert.on_conflict_do_update(index_elements=["text"], set_={"fingerprint": given}, where=newer),
+                    rows)
     texts = list(unique)
     ids: dict[str, int] = {}
     for start in range(0, len(texts), CHUNK):
