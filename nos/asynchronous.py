@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 
-from .driver import COUNTED, FINISHED, POLL_SECONDS, Progress, sample_step
+from .driver import COUNTED, FINISHED, POLL_SECONDS, UNFINISHED, Progress, sample_step
 from .search import state_to_bytes
 from .search.updates import Result, UpdateQueue, learn, to_propose
 from .store import latest_checkpoint, save_checkpoint
@@ -52,7 +52,6 @@ from .store.rules import CHUNK
 if TYPE_CHECKING:
     from .driver import Driver
 
-UNFINISHED = ("queued", "running")
 
 
 class AsynchronousLoop:
@@ -170,7 +169,7 @@ class AsynchronousLoop:
         self._replay([e for e, _ in rows if e.batch > self.batch])
         # What no recorded update learned from arrives at the first poll, in the order it was proposed.
         self.waiting = {e.id for e, _ in rows if e.id not in consumed}
-        self._resend([(e, fingerprint) for e, fingerprint in rows if e.status in UNFINISHED])
+        driver._resend([(e, fingerprint) for e, fingerprint in rows if e.status in UNFINISHED], self.first)
 
     def _replay(self, later: list[Evaluation]) -> None:
         """Propose again what the batches stored after the checkpoint proposed, so the searcher's
@@ -181,19 +180,6 @@ class AsynchronousLoop:
         for batch in sorted(counts):
             sample_step(self.driver.searcher, counts[batch], self.config.probe)
             self.batch = batch
-
-    def _resend(self, unfinished: list[tuple[Evaluation, str | None]]) -> None:
-        """Send the queued evaluations again, the first of each rule (or behaviour) only; its repeats wait."""
-        send = []
-        for e, fingerprint in unfinished:
-            key = fingerprint if self.config.probe and fingerprint else e.rule_id
-            if key in self.first:
-                self.driver.held[e.id] = self.first[key]
-                continue
-            self.first[key] = e.id
-            if e.status == "queued":
-                send.append(e.id)
-        self.driver._dispatch(send)
 
 
 def _rows(session, ids: list[int]) -> list[Evaluation]:

@@ -66,8 +66,17 @@ class SearchConfig:
         if _is_seconds(self.heartbeat_every) and _is_seconds(self.stale_after) \
                 and self.heartbeat_every * 2 > self.stale_after:
             problems.append("heartbeat_every must be at most half of stale_after, or live workers look dead")
+        if not problems and self._learns_nothing():
+            problems.append(f"update_every = 1 with the {self.searcher} searcher's batch baseline learns nothing "
+                            "(each result is its own baseline): raise update_every, or set "
+                            "hyperparameters.baseline = \"ema\"")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _learns_nothing(self) -> bool:
+        """A policy-gradient searcher centring each one-result update on its own mean: every advantage is 0."""
+        return (self.update_every == 1 and self.searcher in ("ppo", "reinforce")
+                and self.hyperparameters.get("baseline", "batch") == "batch")
 
     @property
     def children_seed(self) -> int:

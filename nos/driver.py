@@ -59,11 +59,12 @@ from .store import (
     set_run_status,
 )
 from .store.evaluations import release_claims, release_the_departed
-from .store.models import COUNTED_STATUSES as COUNTED, FINISHED_STATUSES as FINISHED, Evaluation
+from .store.models import COUNTED_STATUSES as COUNTED, FINISHED_STATUSES as FINISHED, Evaluation, Rule
 from .store.outages import retrying
 from .work import task_for, task_key
 
 POLL_SECONDS = 0.2
+UNFINISHED = ("queued", "running")
 # Set by the command line's signal handlers (Ctrl-C, SIGTERM, SIGHUP): the driver stops cleanly at
 # its next poll. A flag, not the KeyboardInterrupt Python raises by default: that lands wherever the
 # main thread happens to be, in a `finally` half done, or in a garbage collector's callback, where it
@@ -206,8 +207,8 @@ class Driver:
                 if self._count(statuses=COUNTED) >= self.config.budget:
                     break
                 tokens = self._propose(step)
-            else:   # resumed in the middle of this batch
-                self._dispatch([e.id for e in batch if e.status == "queued"])
+            else:   # resumed in the middle of this batch: its repeats wait for their first, as they did
+                self._resend(self._unfinished(step), {})
             scored = self._wait(step)
             self.searcher.observe([tokens[i] for i in scored], [scored[i] for i in scored])
             step += 1
@@ -273,6 +274,28 @@ class Driver:
             else:
                 first[key] = evaluation_id
                 dispatch.append(evaluation_id)
+        self._dispatch(dispatch)
+
+    def _unfinished(self, batch: int) -> list[tuple[Evaluation, str | None]]:
+        """The batch's queued and running evaluations in proposal order, each with its rule's fingerprint."""
+        with self.store.reading() as session:
+            return list(session.execute(
+                select(Evaluation, Rule.fingerprint).join(Rule, Rule.id == Evaluation.rule_id)
+                .where(Evaluation.run_id == self.run_id, Evaluation.batch == batch,
+                       Evaluation.status.in_(UNFINISHED)).order_by(Evaluation.seq)).all())
+
+    def _resend(self, unfinished: list[tuple[Evaluation, str | None]], first: dict[object, int]) -> None:
+        """After a resume, send the queued evaluations again: the first of each rule (or behaviour) only,
+        its repeats held until it is scored, as `_send` did when they were proposed."""
+        dispatch = []
+        for e, fingerprint in unfinished:
+            key = fingerprint if self.config.probe and fingerprint else e.rule_id
+            if key in first:
+                self.held[e.id] = first[key]
+                continue
+            first[key] = e.id
+            if e.status == "queued":
+                dispatch.append(e.id)
         self._dispatch(dispatch)
 
     def _entry(self, session, rule_id: int, verdict: Verdict | None, proposal: Proposal) -> NewEvaluation:

@@ -307,3 +307,52 @@ def test_failed_evaluations_are_left_out_of_learning(sqlite_url):
         executor.close()
     assert scored == {0: 0.5, 2: 0.25}   # the failed one is neither a 0 nor anything else
     store.dispose()
+
+
+class _Recorder:
+    """An executor that records what the driver sends, and dies with it at the first send (a killed driver)."""
+
+    class Died(Exception):
+        pass
+
+    def __init__(self):
+        self.sent: list[list[int]] = []
+
+    def dispatch(self, evaluation_ids) -> None:
+        if evaluation_ids:
+            self.sent.append(list(evaluation_ids))
+            raise _Recorder.Died()
+
+    def dead_workers(self) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_resumed_synchronous_batch_still_trains_a_repeated_rule_once(sqlite_url):
+    """Repeats of a rule within a batch wait for the first; after a resume mid-batch they still do (they were
+    all sent again, and two free workers each trained the rule)."""
+    from nos.rules import to_tokens
+    from nos.store import set_run_status
+
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "synchronous": True, "update_every": 3})
+    with store.transaction() as session:
+        run_id = create_run(session, "repeats", config.task, config.to_dict())
+    tree = parse("sign(m) * g")
+    first = Driver(store, run_id, config, _Recorder())
+    first.searcher.propose = lambda n: [Proposal(tuple(to_tokens(tree, config.depth)), tree)] * n
+    with pytest.raises(_Recorder.Died):
+        first.run()
+    ids = [e.id for e in run_rows(sqlite_url, run_id)]
+    assert first.executor.sent == [ids[:1]]   # the repeats wait for the first
+    with store.transaction() as session:
+        set_run_status(session, run_id, "running")
+    resumed = Driver(store, run_id, config, _Recorder())
+    with pytest.raises(_Recorder.Died):
+        resumed.run()
+    assert resumed.executor.sent == [ids[:1]]
+    assert resumed.held == {ids[1]: ids[0], ids[2]: ids[0]}
+    store.dispose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nos.config import ConfigError, SearchConfig
 from nos.rules import from_tokens
 from nos.rules.vocabulary import TOKENS, position_kinds, sequence_length
 from nos.search import SEARCHERS, make_searcher, state_from_bytes, state_to_bytes
@@ -113,6 +114,28 @@ def test_a_batch_of_equal_rewards_leaves_the_policy_unchanged():
     assert not all(torch.equal(a, b) for a, b in zip(before, searcher.controller.parameters()))
 
 
+@pytest.mark.parametrize("name", ["ppo", "reinforce"])
+def test_with_the_ema_baseline_a_one_result_update_teaches(name):
+    """A result above the running mean makes its rule likelier; one at a time, as update_every = 1 sends them."""
+    searcher = make_searcher(name, depth=2, seed=0, baseline="ema")
+    first = searcher.propose(8)
+    searcher.observe([p.tokens for p in first], [0.1] * 8)   # sets the EMA
+    (good,) = searcher.propose(1)
+    before = searcher.controller.log_prob_and_entropy(torch.tensor([good.tokens]))[0].item()
+    searcher.observe([good.tokens], [0.9])
+    assert searcher.controller.log_prob_and_entropy(torch.tensor([good.tokens]))[0].item() > before
+
+
+def test_update_every_1_with_the_batch_baseline_is_refused():
+    """Each one-result update would be centred on itself: the policy would never move."""
+    with pytest.raises(ConfigError, match="update_every = 1 with the ppo searcher's batch baseline learns nothing"):
+        SearchConfig(update_every=1)
+    with pytest.raises(ConfigError, match="reinforce"):
+        SearchConfig(update_every=1, searcher="reinforce", hyperparameters={"baseline": "batch"})
+    SearchConfig(update_every=1, hyperparameters={"baseline": "ema"})
+    SearchConfig(update_every=1, searcher="evolution")
+
+
 def test_advantages_are_centred_and_their_spread_floored():
     from nos.search.policy_gradient import advantages
 
@@ -150,7 +173,7 @@ def test_evolution_without_the_warm_start_begins_at_random():
 def _change(searcher, tokens, rewards, log_probs=None) -> float:
     before = [p.detach().clone() for p in searcher.controller.parameters()]
     searcher.observe(tokens, rewards, log_probs)
-    return sum(float((p - b).abs().sum()) for p, b in zip(searcher.controller.parameters(), before))
+    return sum(float((p.detach() - b).abs().sum()) for p, b in zip(searcher.controller.parameters(), before))
 
 
 @pytest.mark.parametrize("name", ["ppo", "reinforce"])

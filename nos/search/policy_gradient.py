@@ -3,11 +3,13 @@
 Both centre each batch's rewards on a baseline (the batch's own mean, or an
 EMA of batch means) and divide by the batch's reward spread, floored so that
 rewards that barely differ (rules all at chance, say) give small advantages
-rather than noise blown up to unit size. A batch whose rewards are all equal
-says nothing about which rules are better: it leaves the policy as it is
-(the baseline still moves). An entropy bonus keeps the policy exploring. PPO
-takes several epochs of clipped-surrogate steps on each batch; REINFORCE one
-plain policy-gradient step.
+rather than noise blown up to unit size. With the batch baseline, a batch
+whose rewards are all equal says nothing about which rules are better: its
+advantages are all zero, and it leaves the policy as it is (the EMA still
+moves). With the EMA baseline every result teaches, a batch of one included.
+An entropy bonus keeps the policy exploring. PPO takes several epochs of
+clipped-surrogate steps on each batch; REINFORCE one plain policy-gradient
+step.
 
 Which policy sampled a batch: under the synchronous driver no update happens
 between proposing and observing, so the policy an update starts from is the one
@@ -82,8 +84,9 @@ class PolicyGradientSearcher(Searcher):
         reward = torch.tensor(list(rewards), dtype=torch.float32)
         sampled = None if log_probs is None else torch.tensor([float(x) for x in log_probs])
         mean = reward.mean().item()
-        if bool((reward != reward[0]).any()):
-            self._step(seqs, advantages(reward, self._baseline(mean), self.config.advantage_floor), sampled)
+        advantage = advantages(reward, self._baseline(mean), self.config.advantage_floor)
+        if bool(advantage.any()):   # all zero (equal rewards on the batch's own mean): nothing to learn
+            self._step(seqs, advantage, sampled)
         decay = self.config.baseline_decay
         self.baseline = mean if self.baseline is None else decay * self.baseline + (1 - decay) * mean
         self.observed += len(tokens)
