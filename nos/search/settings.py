@@ -26,7 +26,7 @@ class PolicyGradientConfig:
     epochs: int = 4               # PPO: gradient steps per observed batch
     max_grad_norm: float = 1.0    # gradient clipping of each controller step
     warm_steps: int = 100         # warm start: at most this many likelihood steps on the built-ins
-    warm_mass: float = 0.1        # warm start: stop once the built-ins' share of samples reaches this
+    warm_mass: float = 0.1        # warm start: stop once the built-ins' own sequences have this probability
 
     def __post_init__(self) -> None:
         _check_whole(self, ("hidden", "embedding", "epochs", "warm_steps"))

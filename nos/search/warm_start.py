@@ -2,8 +2,10 @@
 
 Evolution seeds its population with them; the policy-gradient searchers take
 a few maximum-likelihood steps on their token sequences, stopping while the
-controller still explores: once the built-ins' share of its samples reaches
-`warm_mass`, or after `warm_steps` steps.
+controller still explores: once those sequences' probability reaches
+`warm_mass`, or after `warm_steps` steps. Other sequences write the same
+rules and rise with them, so the built-ins' share of samples ends 2 to 3.5
+times `warm_mass` (docs/searching.md).
 """
 
 from __future__ import annotations
