@@ -1,10 +1,12 @@
 """Reading a run's latest checkpoint back into its searcher, or saying clearly why it cannot be.
 
-A checkpoint's blob is read with `torch.load(weights_only=True)` (tensors and
-plain containers only; see docs/security.md). A damaged blob, a state of
+A checkpoint's blob is read by nos.tensor_state (JSON and raw tensor bytes;
+nothing is unpickled, see docs/security.md). A damaged blob, a state of
 another searcher, a `state` without its tokens (synchronous driver) or without
 its batch and updates (asynchronous driver) is a CheckpointUnreadable with one
-line, raised before anything about the run is changed.
+line, raised before anything about the run is changed. So is a blob written by
+an earlier nos with torch.save: reading it would mean unpickling it, so such a
+run cannot be resumed by this version (its stored results stay).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from .config import SearchConfig
 from .search import Searcher, make_searcher, state_from_bytes
 from .store import Store, latest_checkpoint
 from .store.models import Checkpoint
+from .tensor_state import PickledState
 
 
 class CheckpointUnreadable(Exception):
@@ -48,8 +51,13 @@ def restore_searcher(searcher: Searcher, checkpoint: Checkpoint, synchronous: bo
         if not isinstance(checkpoint.blob, bytes) or not checkpoint.blob:
             raise ValueError("its blob is empty")
         searcher.load_state_dict(state_from_bytes(checkpoint.blob))
-    # torch.load and load_state_dict fail in many ways on damaged bytes (UnpicklingError,
-    # RuntimeError, EOFError, KeyError, ...); each means the same thing here.
+    except PickledState:
+        raise CheckpointUnreadable(
+            f"run {checkpoint.run_id}: its checkpoint of step {checkpoint.step} cannot be read: it was written by "
+            f"an earlier nos with torch.save, and this nos unpickles nothing it reads from the database, so the "
+            f"run cannot resume from it in this version (its stored results stay; start a new run)") from None
+    # A readable blob can still be another searcher's, or lack what load_state_dict looks up
+    # (ValueError, KeyError, RuntimeError, TypeError, ...); each means the same thing here.
     except Exception as exc:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointUnreadable(

@@ -9,7 +9,10 @@ A (rule, configuration, seed) is trained once: a second call reads the
 stored result back. A call that finds the run unfinished (a crash, Ctrl-C, a
 failure) keeps its stored sweep trials and continues the final run from the
 snapshot after its last stored epoch, which gives the numbers an
-uninterrupted run gives.
+uninterrupted run gives. A snapshot it cannot continue from (damaged, or
+written by an earlier nos with torch.save, which is never unpickled) is
+dropped, and the final run is trained again from its start: the same numbers,
+later.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ from __future__ import annotations
 import statistics
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .optim import resolve_rule
 from .records import EpochRecord, TransferResult, TrialRecord
 from .rules import Node, to_text
 from .store import (
     Store,
+    StoredTransfer,
     fail_transfer,
     finish_transfer,
     get_or_create_rule,
@@ -34,7 +38,7 @@ from .store import (
     restart_final,
 )
 from .tasks.base import Task
-from .tasks.transfer import train_transfer
+from .tasks.transfer import SnapshotUnreadable, read_snapshot, train_transfer
 
 
 class TransferSuperseded(RuntimeError):
@@ -73,9 +77,7 @@ def run_transfer(store: Store, rule: str | Node, task: Task, seed: int = 0, *,
                                                                   epochs, stored.run.device or device), True)
 
     transfer_id, attempt = opened.id, opened.attempt
-    resume = stored.checkpoint
-    if resume is not None and (len(trials) < len(task.lrs) or stored.checkpoint_epoch != len(epochs)):
-        resume = None   # not a snapshot this run can continue from: retrain the final run
+    resume = _continuable(stored, task)
     if resume is None and (epochs or stored.checkpoint is not None):
         epochs = []
         _write(store, lambda s: restart_final(s, transfer_id, attempt))
@@ -105,6 +107,21 @@ def run_transfer(store: Store, rule: str | Node, task: Task, seed: int = 0, *,
         raise
     _write(store, lambda s: finish_transfer(s, transfer_id, attempt, result))
     return TransferRunOutcome(transfer_id, result, False, resumed=bool(stored.trials))
+
+
+def _continuable(stored: StoredTransfer, task: Task) -> dict[str, Any] | None:
+    """The stored snapshot, read, if the final run can continue from it; None: train the final run again.
+
+    It cannot continue from a snapshot without the whole sweep stored or of another epoch than the
+    last one stored, nor from one that cannot be read (damaged, or torch.save's zip of an earlier nos,
+    which is never unpickled). A snapshot saves time only: the run trained again gives the same numbers.
+    """
+    if stored.checkpoint is None or len(stored.trials) < len(task.lrs) or stored.checkpoint_epoch != len(stored.epochs):
+        return None
+    try:
+        return read_snapshot(stored.checkpoint)
+    except SnapshotUnreadable:
+        return None
 
 
 def _write(store: Store, write: Callable) -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
 from nos.config import ConfigError, SearchConfig
+from nos.resume import CheckpointUnreadable, restore_searcher
 from nos.rules import from_tokens
 from nos.rules.vocabulary import TOKENS, position_kinds, sequence_length
 from nos.search import SEARCHERS, make_searcher, state_from_bytes, state_to_bytes
+from nos.store.models import Checkpoint
+from nos.tensor_state import MAGIC, PickledState, TensorStateError
 
 from helpers.search import run, same_state, target_reward
 
@@ -52,6 +57,50 @@ def test_restored_state_continues_identically(name):
     restored.load_state_dict(state_from_bytes(saved))
     assert run(restored, reward, 3) == after
     assert same_state(restored.state_dict(), straight.state_dict())
+
+
+@pytest.mark.parametrize("name", sorted(SEARCHERS))
+def test_a_checkpoint_is_json_and_raw_tensors_not_a_pickle(name, monkeypatch):
+    searcher = make_searcher(name, depth=2, seed=4)
+    run(searcher, target_reward(2), 2)
+    saved = state_to_bytes(searcher.state_dict())
+    assert saved.startswith(MAGIC)
+
+    def never(*args, **kwargs):
+        raise AssertionError("unpickled")
+
+    monkeypatch.setattr(torch, "load", never)
+    monkeypatch.setattr("pickle.loads", never)
+    monkeypatch.setattr("pickle.Unpickler", never)
+    assert same_state(state_from_bytes(saved), searcher.state_dict())
+
+
+def _checkpoint(blob: bytes) -> Checkpoint:
+    return Checkpoint(run_id=7, step=3, state={"tokens": [[1, 2]]}, rng_state={}, blob=blob)
+
+
+def test_a_checkpoint_of_an_earlier_nos_is_refused_unread_with_what_to_do():
+    searcher = make_searcher("ppo", depth=2, seed=4)
+    buffer = io.BytesIO()
+    torch.save(searcher.state_dict(), buffer)   # how nos stored a searcher's state before
+    with pytest.raises(PickledState):
+        state_from_bytes(buffer.getvalue())
+    with pytest.raises(CheckpointUnreadable) as refused:
+        restore_searcher(searcher, _checkpoint(buffer.getvalue()), synchronous=True)
+    message = str(refused.value)
+    assert message.startswith("run 7: its checkpoint of step 3 cannot be read: it was written by an earlier nos")
+    assert "unpickles nothing" in message and "the run cannot resume from it" in message
+    assert "start a new run" in message
+
+
+@pytest.mark.parametrize("blob", [MAGIC + b"\x00damaged", b"\x00damaged", state_to_bytes([1, 2])])
+def test_a_damaged_checkpoint_is_one_clear_error(blob):
+    if not blob.startswith(b"\x00"):
+        with pytest.raises(TensorStateError):
+            state_from_bytes(blob)
+    with pytest.raises(CheckpointUnreadable, match="run 7: its checkpoint of step 3 cannot be read "
+                                                   r"\(TensorStateError: .*\); the run cannot resume from it"):
+        restore_searcher(make_searcher("ppo", depth=2, seed=4), _checkpoint(blob), synchronous=True)
 
 
 def test_observe_learns_the_same_from_rebuilt_tokens():

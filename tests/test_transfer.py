@@ -6,7 +6,9 @@ WRN-10-1, two learning rates and a few epochs: seconds, not minutes.
 
 from __future__ import annotations
 
+import io
 import json
+import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -17,8 +19,9 @@ from nos.cli.main import cli
 from nos.rules import parse
 from nos.store import TrialRecord, get_or_create_rule, load_transfer, open_transfer, record_trial
 from nos.store.models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial
-from nos.tasks.transfer import train_transfer, transfer_task
+from nos.tasks.transfer import SnapshotUnreadable, read_snapshot, train_transfer, transfer_task
 from nos.tasks.wrn import WideResNet, parse_model, wide_resnet
+from nos.tensor_state import MAGIC, to_bytes
 from nos.transfer import Stat, TransferSuperseded, run_transfer, summarize
 
 from helpers.fake_fashion import write_fashion
@@ -128,6 +131,35 @@ def test_resuming_from_a_snapshot_or_a_stored_sweep_gives_the_uninterrupted_numb
 
 
 @pytest.mark.slow
+def test_a_snapshot_holds_no_pickle_and_one_of_an_earlier_nos_without_the_draws_still_loads(task):
+    snapshots = []
+    whole = train_transfer(NOISY, task, seed=0, on_epoch=lambda record, snap: snapshots.append(snap()))
+    assert snapshots[0].startswith(MAGIC)
+    state = read_snapshot(snapshots[0])
+    assert all(t.dtype == torch.uint8 and t.device.type == "cpu" for t in [state["order"], *state["draws"]])
+    del state["draws"]   # as written before the child's own draws were kept (a Wide ResNet draws none)
+    resumed = train_transfer(NOISY, task, seed=0, trials_done=whole.trials, epochs_done=whole.epochs[:1],
+                             resume=to_bytes(state))
+    assert numbers(resumed) == numbers(whole)
+
+
+def test_bytes_that_are_not_a_snapshot_are_refused_clearly():
+    buffer = io.BytesIO()
+    torch.save({"lr": 0.1}, buffer)
+    with pytest.raises(SnapshotUnreadable, match="written by torch.save"):
+        read_snapshot(buffer.getvalue())
+    with pytest.raises(SnapshotUnreadable, match="cannot be read"):
+        read_snapshot(MAGIC + b"damaged")
+    with pytest.raises(SnapshotUnreadable, match="does not hold all of lr, epochs"):
+        read_snapshot(to_bytes({"lr": 0.1}))
+    fields = {"lr": 0.1, "epochs": 1, "steps": 8, "val_acc": 0.5, "train_loss": 1.0, "model": {}, "optimizer": {}}
+    with pytest.raises(SnapshotUnreadable, match="generator states"):
+        read_snapshot(to_bytes({**fields, "order": torch.zeros(3)}))
+    with pytest.raises(SnapshotUnreadable, match="generator states"):
+        read_snapshot(to_bytes({**fields, "order": torch.zeros(3, dtype=torch.uint8), "draws": [torch.zeros(2)]}))
+
+
+@pytest.mark.slow
 def test_a_run_that_diverges_at_every_rate_scores_zero(task):
     result = train_transfer("exp(g) * 1e4", task, seed=0)   # overflows at once
     assert result.diverged
@@ -204,6 +236,87 @@ def test_a_crash_in_the_final_run_loses_nothing_stored_and_the_rerun_matches(sto
     assert _counts(store)["transfer_checkpoints"] == 0
     with store.reading() as session:
         assert session.get(TransferRun, rerun.transfer_id).attempts == 2
+
+
+DROPOUT_TASK = """
+import torch
+from torch import nn
+
+from nos.tasks import from_tensors, task_factory
+
+
+@task_factory
+def dropout(*, device="cpu", **protocol):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(240, 10, generator=g)
+    y = (x[:, :3].sum(1) > 0).long()
+    child = lambda: nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 2))
+    protocol.setdefault("batch_size", 16)
+    return from_tensors(x, y, child, val_size=0.25, test_size=0.25, split_seed=0, device=device, **protocol)
+"""
+
+
+@pytest.fixture
+def dropout_task(tmp_path, monkeypatch):
+    """A task of our own whose child draws dropout masks from torch's generator as it trains."""
+    name = f"dropout_task_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(DROPOUT_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return transfer_task(f"{name}:dropout", lrs=LRS, epochs=4)
+
+
+@pytest.mark.parametrize("crash_after", [1, 2])
+def test_a_child_with_dropout_resumes_with_the_uninterrupted_numbers(store, dropout_task, crash_after):
+    # The snapshot keeps the child's own generator states (Child.draws): the masks after the resume
+    # are those the uninterrupted run draws, not the seed's first ones again.
+    whole = train_transfer("adam", dropout_task, seed=0)
+
+    def crash(record):
+        if record.epoch == crash_after:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_transfer(store, "adam", dropout_task, seed=0, on_epoch=crash)
+    assert _counts(store)["transfer_checkpoints"] == 1
+    epochs = []
+    rerun = run_transfer(store, "adam", dropout_task, seed=0, on_epoch=epochs.append)
+    assert rerun.resumed
+    assert [e.epoch for e in epochs] == list(range(crash_after + 1, 5))   # continued from the snapshot
+    assert numbers(rerun.result) == numbers(whole)
+
+
+def _replace_snapshot(store, blob: bytes) -> None:
+    with store.transaction() as session:
+        session.execute(sa.update(TransferCheckpoint).values(blob=blob))
+
+
+@pytest.mark.parametrize("kind", ["torch.save", "damaged"])
+def test_a_snapshot_that_cannot_be_read_is_dropped_and_the_final_run_trained_again(store, dropout_task, kind,
+                                                                                   monkeypatch):
+    whole = train_transfer("adam", dropout_task, seed=0)
+
+    def crash(record):
+        if record.epoch == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_transfer(store, "adam", dropout_task, seed=0, on_epoch=crash)
+    with store.reading() as session:
+        state = read_snapshot(session.execute(sa.select(TransferCheckpoint.blob)).scalar_one())
+    buffer = io.BytesIO()
+    torch.save(state, buffer)   # what an earlier nos stored
+    _replace_snapshot(store, buffer.getvalue() if kind == "torch.save" else MAGIC + b"\x00" * 20)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a snapshot was unpickled")
+
+    monkeypatch.setattr(torch, "load", never)
+    trials, epochs = [], []
+    rerun = run_transfer(store, "adam", dropout_task, seed=0, on_trial=trials.append, on_epoch=epochs.append)
+    assert trials == []   # the sweep stays
+    assert [e.epoch for e in epochs] == [1, 2, 3, 4]   # the final run from its start
+    assert numbers(rerun.result) == numbers(whole)
+    assert _counts(store)["transfer_checkpoints"] == 0
 
 
 @pytest.mark.slow

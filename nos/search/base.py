@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -10,6 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from nos.rules import Node, from_tokens, to_text
+from nos.tensor_state import TensorStateError, from_bytes, to_bytes
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,16 @@ class Searcher(ABC):
 
 
 def state_to_bytes(state: dict[str, Any]) -> bytes:
-    """A searcher state as bytes that `state_from_bytes` reads back without unpickling code."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
+    """A searcher state as the bytes of a checkpoint (nos.tensor_state's format: JSON and raw tensors, no pickle)."""
+    return to_bytes(state)
 
 
 def state_from_bytes(data: bytes) -> dict[str, Any]:
-    return torch.load(io.BytesIO(data), weights_only=True)
+    """The searcher state `state_to_bytes` wrote; TensorStateError (a ValueError) if `data` is not one.
+
+    A checkpoint written by an earlier nos (torch.save's zip) is a PickledState: it is never unpickled.
+    """
+    state = from_bytes(data)
+    if not isinstance(state, dict):
+        raise TensorStateError(f"it holds a {type(state).__name__}, not a searcher's state")
+    return state

@@ -16,6 +16,9 @@ def save_checkpoint(session: Session, run_id: int, step: int, state: dict[str, A
                     blob: bytes | None = None, *, now: datetime | None = None) -> int:
     """Store the state after `step`; a second save of the same step fails (IntegrityError).
 
+    `blob` is the searcher's state as `nos.search.state_to_bytes` writes it (nos.tensor_state: JSON and
+    raw tensor bytes, never a pickle); this module stores and returns it as bytes without reading it.
+
     With a blob, the run's earlier checkpoints lose theirs, in the same transaction: a resume reads
     the latest blob only (and every checkpoint's JSON), and a PPO searcher's state is some 370 kB a
     step, which grew a 10,000-evaluation run's database by most of a gigabyte.

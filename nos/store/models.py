@@ -197,9 +197,8 @@ class LrTrial(Base):
 class Checkpoint(Base):
     """The searcher's state after a step, so a run resumes where it stopped.
 
-    `state` and `rng_state` are JSON; `blob` is the searcher's state written by
-    torch.save and read back only with torch.load(weights_only=True), torch's
-    restricted unpickler (tensors and plain containers; see docs/security.md).
+    `state` and `rng_state` are JSON; `blob` is the searcher's state in nos.tensor_state's format (a JSON
+    header, then raw tensor bytes), never unpickled (docs/security.md).
     """
 
     __tablename__ = "checkpoints"
@@ -298,7 +297,7 @@ class TransferCheckpoint(Base):
     """The latest snapshot of an unfinished transfer run's final training (weights, optimizer, data order).
 
     Written with each epoch's row, in the same transaction; deleted when the
-    run finishes. Read back with torch.load(weights_only=True), never a full unpickle.
+    run finishes. Read back by nos.tasks.transfer.read_snapshot (nos.tensor_state), never unpickled.
     """
 
     __tablename__ = "transfer_checkpoints"

@@ -57,6 +57,7 @@ class StoredTransfer:
     run: TransferRun
     trials: list[TrialRecord] = field(default_factory=list)
     epochs: list[EpochRecord] = field(default_factory=list)
+    # nos.tasks.transfer.snapshot's bytes (nos.tensor_state: no pickle), read by read_snapshot
     checkpoint: bytes | None = None
     checkpoint_epoch: int | None = None
 

@@ -15,14 +15,14 @@ The run can stop and go on: `trials_done` are sweep trials already trained
 (not trained again), and `resume` is a snapshot written after an epoch of the
 final run (`on_epoch` hands out a function that makes one), from which
 training continues exactly where it stopped: the same weights, optimizer
-state, data order and optimizer noise, so the numbers are those of an
-uninterrupted run.
+state, data order, optimizer noise and the child's own random draws (dropout),
+so the numbers are those of an uninterrupted run. A snapshot is JSON and raw
+tensor bytes (nos.tensor_state), never a pickle.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import time
 from typing import Any, Callable, Sequence
@@ -32,6 +32,7 @@ import torch
 from ..optim import resolve_rule
 from ..records import EpochRecord, TransferResult, TrialRecord
 from ..rules import Node, to_text
+from ..tensor_state import TensorStateError, from_bytes, to_bytes
 from .base import Task
 from .custom import normalized
 from .registry import TASKS, get_task
@@ -81,38 +82,88 @@ OnTrial = Callable[[TrialRecord], None]
 OnEpoch = Callable[[EpochRecord, Callable[[], bytes]], None]
 
 
+# What every snapshot holds; "limit" and "draws" came later, and a snapshot without them still loads.
+SNAPSHOT_FIELDS = ("lr", "epochs", "steps", "val_acc", "train_loss", "model", "optimizer", "order")
+
+
+class SnapshotUnreadable(ValueError):
+    """A snapshot the final run cannot continue from: damaged, or written by an earlier nos with torch.save."""
+
+
 def snapshot(child: Child) -> bytes:
-    """The final run's whole state after an epoch, as bytes `torch.load(weights_only=True)` reads back."""
-    buffer = io.BytesIO()
-    torch.save({
+    """The final run's whole state after an epoch, as bytes (nos.tensor_state's format: no pickle)."""
+    return to_bytes({
         "lr": child.lr, "epochs": child.epochs, "steps": child.steps, "val_acc": child.val_acc,
         "train_loss": child.train_loss, "limit": child.limit, "model": child.model.state_dict(),
         "optimizer": child.optimizer.state_dict(), "order": child.order.get_state(),
-    }, buffer)
-    return buffer.getvalue()
+        # The child's own generator states for its forward's random draws (dropout): without them a
+        # resumed run would draw other masks than the uninterrupted one.
+        "draws": child.draws,
+    })
 
 
-def _restore(child: Child, data: bytes) -> None:
-    state = torch.load(io.BytesIO(data), map_location=child.task.device, weights_only=True)
+def read_snapshot(data: bytes) -> dict[str, Any]:
+    """The state `snapshot` wrote, its tensors on the CPU; SnapshotUnreadable if `data` is not one.
+
+    A snapshot written by an earlier nos (torch.save's zip) is refused, never unpickled.
+    """
+    try:
+        state = from_bytes(data)
+    except TensorStateError as exc:
+        raise SnapshotUnreadable(f"the snapshot cannot be read: {exc}") from None
+    if not isinstance(state, dict) or any(name not in state for name in SNAPSHOT_FIELDS):
+        raise SnapshotUnreadable(f"the snapshot does not hold all of {', '.join(SNAPSHOT_FIELDS)}")
+    draws = state.get("draws")
+    if not _rng_state(state["order"]) or not (draws is None or isinstance(draws, list) and all(map(_rng_state, draws))):
+        raise SnapshotUnreadable("the snapshot's generator states are not byte tensors")
+    return state
+
+
+def _rng_state(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+
+def _on(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in it moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _on(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on(v, device) for v in value)
+    return value
+
+
+def _restore(child: Child, data: bytes | dict[str, Any]) -> None:
+    state = read_snapshot(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if state["lr"] != child.lr:
         raise ValueError(f"the snapshot is of a run at lr {state['lr']}, not {child.lr}")
-    child.model.load_state_dict(state["model"])
-    child.optimizer.load_state_dict(state["optimizer"])
-    child.order.set_state(state["order"].cpu())
+    device = child.task.device
+    child.model.load_state_dict(_on(state["model"], device))
+    # The rule's buffers go to the device; its noise generators' states stay CPU byte tensors.
+    optimizer = state["optimizer"]
+    child.optimizer.load_state_dict({**optimizer, "state": _on(optimizer.get("state", {}), device)})
+    child.order.set_state(state["order"])
     child.epochs, child.steps = int(state["epochs"]), int(state["steps"])
     child.val_acc, child.train_loss = float(state["val_acc"]), state["train_loss"]
     if state.get("limit") is not None:   # the explosion limit, set from the run's first loss
         child.limit = state["limit"]
+    draws = state.get("draws")
+    # None: the child kept none (a stack's), or a snapshot written without them; the child's stay as seeded
+    if draws is not None and child.draws is not None:
+        # The CPU's state comes first; a snapshot from another device has more or fewer CUDA ones.
+        child.draws = [*draws[:len(child.draws)], *child.draws[len(draws):]]
 
 
 def train_transfer(rule: str | Node, task: Task, seed: int = 0, *, trials_done: Sequence[TrialRecord] = (),
-                   epochs_done: Sequence[EpochRecord] = (), resume: bytes | None = None,
+                   epochs_done: Sequence[EpochRecord] = (), resume: bytes | dict[str, Any] | None = None,
                    on_trial: OnTrial | None = None, on_epoch: OnEpoch | None = None) -> TransferResult:
     """The sweep, then the final run at the best rate, scoring validation and test after every epoch.
 
     trials_done: sweep trials stored earlier (same rule, task and seed): reused, not retrained.
     epochs_done, resume: the final run's epochs so far and the snapshot after the last of them
-        (the sweep must be complete then); training continues from there.
+        (the sweep must be complete then), as bytes or as `read_snapshot` read them (SnapshotUnreadable
+        if the bytes are not a snapshot); training continues from there.
     on_trial / on_epoch: called after each newly trained sweep trial / epoch.
     """
     tree = resolve_rule(rule)
@@ -170,7 +221,7 @@ def _sweep(task: Task, sweep: SequentialChildren, stored: dict[float, TrialRecor
     return trials, best, best_child
 
 
-def _start_final(task: Task, fresh: Callable[[], Child], resume: bytes | None, reusable: Child | None,
+def _start_final(task: Task, fresh: Callable[[], Child], resume: bytes | dict[str, Any] | None, reusable: Child | None,
                  epochs: list[EpochRecord], on_epoch: OnEpoch | None) -> tuple[Child, list[EpochRecord]]:
     """The final run's child and its epochs so far: restored from `resume`, the best sweep trial
     continued (`reusable`, its epoch scored now), or fresh (any recorded epochs dropped)."""
@@ -215,6 +266,6 @@ def _epoch_done(record: EpochRecord, child: Child, epochs: list[EpochRecord], on
 
 
 __all__ = [
-    "DEFAULT_EPOCHS", "DEFAULT_MODEL", "OWN_CHILD", "TRANSFER_TASKS", "EpochRecord", "TransferResult", "snapshot",
-    "train_transfer", "transfer_task",
+    "DEFAULT_EPOCHS", "DEFAULT_MODEL", "OWN_CHILD", "SNAPSHOT_FIELDS", "TRANSFER_TASKS", "EpochRecord",
+    "SnapshotUnreadable", "TransferResult", "read_snapshot", "snapshot", "train_transfer", "transfer_task",
 ]
