@@ -12,9 +12,13 @@ import click
 
 from .params import TEXT
 
+# The most rows --top asks for: far more than a page or a terminal shows, and small enough that
+# the query's LIMIT (and the grouped leaderboard's 4x of it) stays a 64-bit integer.
+MAX_TOP = 10**6
+
 
 def learning_rates(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
-    """The --lrs callback: a comma-separated grid of positive, finite rates."""
+    """The --lrs callback: a comma-separated grid of different positive, finite rates."""
     if value is None:
         return None
     try:
@@ -23,6 +27,10 @@ def learning_rates(ctx: click.Context, param: click.Parameter, value: str | None
         raise click.BadParameter(f"expected comma-separated numbers such as 1e-3,1e-2, got {value!r}") from None
     if not rates or any(not 0 < rate < math.inf for rate in rates):
         raise click.BadParameter("learning rates must be positive, finite numbers")
+    # Trials are stored by rate: a rate given twice would be two rows under one key.
+    twice = sorted({rate for rate in rates if rates.count(rate) > 1})
+    if twice:
+        raise click.BadParameter(f"learning rates must differ; given more than once: {', '.join(map(repr, twice))}")
     return rates
 
 

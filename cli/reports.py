@@ -16,7 +16,7 @@ from nos.store.history import rule_sweeps, run_evaluations
 from .console import console
 from .db import db_option, find_rule_or_exit, open_store_or_exit
 from .errors import UsageProblem
-from .options import task_filter_option, window_option
+from .options import MAX_TOP, task_filter_option, window_option
 from .params import ID, SEED
 
 
@@ -91,8 +91,8 @@ def plot_command(run_ids, sweep_rule, task, output, window, db_url) -> None:
 @click.argument("run_id", type=ID)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="HTML file to write [nos-run-RUN_ID.html].")
-@click.option("--top", type=click.IntRange(min=0), default=5, show_default=True,
-              help="Rules shown with their sweeps.")
+@click.option("--top", type=click.IntRange(0, MAX_TOP), default=5, show_default=True,
+              help="Rules shown with their sweeps (0: none; the best rule's line stays).")
 @window_option
 @db_option
 def report_command(run_id, output, top, window, db_url) -> None:

@@ -19,7 +19,7 @@ from nos.store.models import Evaluation, Rule
 from .console import console
 from .db import db_option, find_rule_or_exit, open_store_or_exit
 from .errors import UsageProblem
-from .options import broker_option, task_filter_option
+from .options import MAX_TOP, broker_option, task_filter_option
 from .params import ID
 from .worker import check_broker_or_exit
 
@@ -63,7 +63,7 @@ def print_leaderboard(session: Session, top: int, run_id: int | None = None, tas
 @click.command("leaderboard")
 @click.option("--run", "run_id", type=ID, help="Only this run.")
 @task_filter_option
-@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--top", type=click.IntRange(1, MAX_TOP), default=20, show_default=True, help="Rows shown.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--group-equivalent", is_flag=True,
               help="One row per behaviour: rules with the same fingerprint count once.")

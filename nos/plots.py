@@ -37,6 +37,12 @@ def _figure(**kwargs) -> Figure:
     return Figure(**kwargs)
 
 
+def _as_written(text: str) -> str:
+    """`text` for matplotlib to draw as it is: it reads what lies between two `$` as a formula,
+    so a run named `lr $10^$` would stop the drawing (a mathtext error) and `$x^2$` would be typeset."""
+    return text.replace("$", r"\$")
+
+
 def available() -> bool:
     """Whether matplotlib can be imported."""
     try:
@@ -109,13 +115,13 @@ def curve_figure(curves: Sequence[Curve], *, window: int = 20, title: str | None
         ax.plot(data.counted, data.mean, color=color, linewidth=2)
         ax.step(data.counted, data.best, where="post", color=color, linewidth=1.3, linestyle="--")
         best = f", best {data.best[-1]:.4f}" if data.best else ", nothing finished"
-        runs.append(Line2D([], [], color=color, linewidth=3, label=f"{curve.label}{best}"))
+        runs.append(Line2D([], [], color=color, linewidth=3, label=f"{_as_written(curve.label)}{best}"))
     ax.set_xlabel("evaluation (trained or from the cache; rejections not shown)")
     ax.set_ylabel("reward (final validation score)")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(True, alpha=0.3)
     if title:
-        ax.set_title(title)
+        ax.set_title(_as_written(title))
     if curves:
         gray = "0.35"
         kinds = [Line2D([], [], color=gray, marker="o", markersize=4, linestyle="none", label="an evaluation"),
@@ -130,29 +136,49 @@ def curve_figure(curves: Sequence[Curve], *, window: int = 20, title: str | None
 
 def sweep_figure(sweeps: Sequence[Sweep], *, labels: Sequence[str] | None = None, title: str | None = None,
                  size: tuple[float, float] = (7.0, 4.5), legend: bool = True) -> Figure:
-    """Validation accuracy against learning rate (log x), one line per sweep; diverged rates are crosses at 0."""
+    """Validation accuracy against learning rate (log x), one line per sweep.
+
+    Diverged rates are crosses at 0 (the score the protocol gives them). Rates that successive
+    halving stopped early were never scored: the line has a gap there, and a hollow circle on
+    the x axis marks each one. Each kind of mark is named in the legend once, by the first sweep
+    that has it.
+    """
     fig = _figure(figsize=size, dpi=100, layout="constrained")
     ax = fig.add_subplot()
+    named: set[str] = set()
+
+    def once(label: str) -> str | None:
+        if label in named:
+            return None
+        named.add(label)
+        return label
+
     for i, sweep in enumerate(sweeps):
         color = f"C{i % 10}"
         label = labels[i] if labels else f"run {sweep.run_id}, seq {sweep.seq} ({sweep.task})"
-        lrs = [p.lr for p in sweep.points]
-        accs = [0.0 if p.diverged or p.val_acc is None else p.val_acc for p in sweep.points]
-        ax.plot(lrs, accs, marker="o", markersize=4, color=color, linewidth=1.5, label=label)
+        # NaN breaks the line: an unscored rate has no accuracy to draw, not an accuracy of 0.
+        accs = [0.0 if p.diverged else math.nan if p.val_acc is None else p.val_acc for p in sweep.points]
+        ax.plot([p.lr for p in sweep.points], accs, marker="o", markersize=4, color=color, linewidth=1.5,
+                label=_as_written(label))
         diverged = [p.lr for p in sweep.points if p.diverged]
         if diverged:
             ax.scatter(diverged, [0.0] * len(diverged), marker="x", s=40, color="black", zorder=3,
-                       label="diverged" if i == 0 else None)
+                       label=once("diverged"))
+        unscored = [p.lr for p in sweep.points if p.val_acc is None and not p.diverged]
+        if unscored:   # on the x axis itself (axes y = 0), below any score
+            ax.scatter(unscored, [0.0] * len(unscored), marker="o", s=36, facecolors="none", edgecolors=color,
+                       linewidths=1.3, zorder=4, clip_on=False, transform=ax.get_xaxis_transform(),
+                       label=once("stopped early by halving (not scored)"))
         if sweep.best_lr is not None and sweep.reward is not None:
             ax.scatter([sweep.best_lr], [sweep.reward], marker="*", s=110, color=color, edgecolors="black",
-                       linewidths=0.5, zorder=4, label="reward (final run at the best rate)" if i == 0 else None)
+                       linewidths=0.5, zorder=4, label=once("reward (final run at the best rate)"))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("validation score (sweep)")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(True, which="major", alpha=0.3)
     if title:
-        ax.set_title(title, fontsize="medium")
+        ax.set_title(_as_written(title), fontsize="medium")
     if legend and sweeps:
         ax.legend(fontsize="small", framealpha=0.85)
     return fig

@@ -43,6 +43,7 @@ class RunReport:
     timings: Timings
     top: list[TopRule]
     generated_at: datetime
+    best: LeaderboardRow | None = None   # the run's best rule, whether or not `top` shows any
 
     @property
     def failures(self) -> list[EvaluationRow]:
@@ -55,9 +56,10 @@ def gather(session: Session, run_id: int, top: int = 5) -> RunReport | None:
     if run is None:
         return None
     rows = run_evaluations(session, run_id)
-    best = leaderboard(session, top, run_id=run_id) if top > 0 else []
+    best = leaderboard(session, max(top, 1), run_id=run_id)   # the best rule's line is there even at top 0
     return RunReport(run=run, progress=run_progress(session, run_id), rows=rows, timings=run_timings(run, rows),
-                     top=[TopRule(r, sweep_of(session, r.evaluation_id)) for r in best], generated_at=utcnow())
+                     top=[TopRule(r, sweep_of(session, r.evaluation_id)) for r in best[:top]], generated_at=utcnow(),
+                     best=best[0] if best else None)
 
 
 def write_report(store: Store, run_id: int, path: str | Path, *, top: int = 5, window: int = 20,
@@ -216,9 +218,9 @@ def _cards(report: RunReport, budget: int | None) -> str:
 
 
 def _best_rule(report: RunReport) -> list[str]:
-    if not report.top:
+    best = report.best or (report.top[0].row if report.top else None)
+    if best is None:
         return []
-    best = report.top[0].row
     return [f'<p>Best rule: <code class="rule">{escape(best.rule)}</code> '
             f"(reward {_num(best.reward)}, test accuracy {_num(best.test_acc)}, "
             f"best learning rate {_lr(best.best_lr)})</p>"]
@@ -243,9 +245,11 @@ def _curve(report: RunReport, window: int, images: bool, why: str) -> list[str]:
 
 def _top_rules(report: RunReport, images: bool) -> list[str]:
     """The top rules' table, then each one with its sweep."""
-    parts = [f'<h2 id="top">Top {len(report.top)} rules</h2>']
     if not report.top:
-        return [*parts, '<p class="note">No scored evaluations yet.</p>']
+        # Nothing to show: either nothing is scored, or the caller asked for no rules (--top 0).
+        why = "Left out on request (--top 0)." if report.best else "No scored evaluations yet."
+        return ['<h2 id="top">Top rules</h2>', f'<p class="note">{why}</p>']
+    parts = [f'<h2 id="top">Top {len(report.top)} rules</h2>']
     parts.append(_table(
         ["#", "rule", "reward", "test acc", "best lr", "evaluations"],
         [[str(t.row.place), f'<code class="rule">{escape(t.row.rule)}</code>', _num(t.row.reward),

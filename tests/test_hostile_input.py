@@ -409,9 +409,27 @@ def test_infinite_learning_rates(args, message):
     assert message in result.output, result.output
 
 
+# Small enough that the commands would finish (or crash) quickly if the grid got through.
+_TWICE_COMMANDS = [("eval", "g", "--epochs", "1", "--train-size", "100"),
+                   ("transfer", "adam", "--task", "fashion-mnist", "--model", "wrn-10-1", "--epochs", "1",
+                    "--seeds", "1", "--train-size", "100", "--no-baselines")]
+
+
+@pytest.mark.parametrize("command", _TWICE_COMMANDS, ids=["eval", "transfer"])
+@pytest.mark.parametrize("lrs", ["0.1,0.01,0.1", "1e-1,0.01,0.10"])
+def test_a_learning_rate_given_twice_is_refused(tmp_path, command, lrs):
+    """Trials are stored by rate: a rate twice crashed the transfer when its second trial was stored."""
+    db = tmp_path / "nos.db"
+    result = invoke(*command, "--lrs", lrs, *(("--db", f"sqlite:///{db}") if command[0] == "transfer" else ()))
+    one_line_error(result, "Invalid value for '--lrs': learning rates must differ; given more than once: 0.1")
+    assert not db.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("content", "message"), [
     (b'depth = "2"\n', "depth must be 1, 2 or 3, got '2'"),
+    (b"[task_options]\nlrs = [0.1, 0.01, 0.1]\n", "task option lrs must be a list of 1 to 100 positive, finite "
+                                                   "learning rates, each given once"),
     (b'[task_options]\nlrs = "abc"\n', "task option lrs must be a list of 1 to 100 positive, finite learning rates"),
     (b"[task_options]\nlrs = [1e-3, inf]\n", "task option lrs must be a list"),
     (b"[task_options]\nbogus = 1\n", "unknown option 'bogus' for task digits; it takes: batch_size, data_dir"),
@@ -435,6 +453,23 @@ def test_leaderboard_of_a_task_without_results(marked_up):
     url, _ = marked_up
     result = invoke("leaderboard", "--task", "typo", "--db", url)
     one_line_error(result, "no task 'typo' has results in this database; tasks with results: rosenbrock")
+
+
+@pytest.mark.parametrize("command", ["leaderboard", "report"])
+def test_top_beyond_any_page(tmp_path, command):
+    """A --top past 64 bits overflowed SQLite's LIMIT with a traceback."""
+    url, page = f"sqlite:///{tmp_path / 'nos.db'}", tmp_path / "r.html"
+    upgrade(resolve_url(url))
+    store = open_store(url)
+    with store.transaction() as session:
+        create_run(session, "r", "rosenbrock", small_config())
+    store.dispose()
+    before = snapshot(url)
+    run = ("1", "-o", str(page)) if command == "report" else ()
+    result = invoke(command, *run, "--top", "99999999999999999999", "--db", url)
+    one_line_error(result, "Invalid value for '--top': 99999999999999999999 is not in the range")
+    assert snapshot(url) == before
+    assert not page.exists()
 
 
 def test_an_empty_csv_leaderboard_has_every_column(tmp_path):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import math
 import sys
+from xml.sax.saxutils import escape as xml_escape
 
 import pytest
 
-from helpers.reports import invoke, pixels
+from helpers.reports import build_run, invoke, pixels
 
 
 def test_curve_data():
@@ -102,3 +105,68 @@ def test_plot_and_report_without_matplotlib(two_runs, tmp_path, monkeypatch):
     assert "data:image/png" not in page
     assert "pip install &#x27;nos[plot]&#x27;" in page
     assert '<code class="rule">adam</code>' in page
+
+
+
+def _svg_text(fig) -> str:
+    """The figure as SVG with its text kept as text, not glyph outlines: what a reader sees, searchable."""
+    import matplotlib
+
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(buffer, format="svg")
+    return buffer.getvalue()
+
+
+def _sweep(seq: int, points: list[tuple[float, float | None, bool]], best_lr=None, reward=None, task="digits"):
+    from nos.store.history import Sweep, SweepPoint
+
+    return Sweep(seq, 1, seq, task, "done", reward, best_lr, [SweepPoint(*p) for p in points])
+
+
+def _legend(fig) -> list[str]:
+    return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+@pytest.mark.parametrize("name", ["lr sweep $10^$", r"lr $\foo$ test", "lr $x^2$ & co", r"a\$b$c"])
+def test_names_with_dollar_signs_are_drawn_as_written(sqlite_store, sqlite_url, tmp_path, name):
+    """matplotlib reads text between two `$` as a formula: a bad one crashed `nos plot`, a good one was typeset."""
+    from nos.plots import Curve, curve_figure, sweep_figure
+
+    ids = build_run(sqlite_store, name, "random", [0.2, 0.4, 0.6, 0.1, 0.3], extra=False)
+    out = tmp_path / "curve.png"
+    result = invoke("plot", str(ids["run_id"]), "-o", str(out), "--db", sqlite_url)
+    assert result.exit_code == 0, result.output
+    assert pixels(out)[..., :3].std() > 0.05
+    curve = _svg_text(curve_figure([Curve(name, [])], title=f"title {name}"))
+    sweep = _svg_text(sweep_figure([_sweep(0, [(0.01, 0.3, False)], task=f"task {name}")], title=f"sweeps of {name}"))
+    for svg, texts in ((curve, [f"{name}, nothing finished", f"title {name}"]),
+                       (sweep, [f"run 1, seq 0 (task {name})", f"sweeps of {name}"])):
+        for text in texts:
+            assert f">{xml_escape(text)}<" in svg, text   # one text element, character for character
+
+
+def test_rates_halving_stopped_are_drawn_as_not_scored():
+    """A rate successive halving stopped early has no score: a gap in the line and a mark of its own, not 0."""
+    from nos.plots import sweep_figure
+
+    halved = _sweep(0, [(1e-3, 0.6, False), (1e-2, None, False), (1e-1, 0.8, False), (1.0, 0.0, True)], 1e-1, 0.9)
+    fig = sweep_figure([halved])
+    accs = list(fig.axes[0].get_lines()[0].get_ydata())
+    assert accs[0] == 0.6 and accs[2] == 0.8
+    assert math.isnan(accs[1])   # a gap: no accuracy to draw, not an accuracy of 0
+    assert accs[3] == 0.0        # a diverged rate scores 0, as the protocol says
+    assert "stopped early by halving (not scored)" in _legend(fig)
+    full = sweep_figure([_sweep(1, [(1e-3, 0.6, False), (1e-2, 0.7, False)])])
+    assert "stopped early by halving (not scored)" not in _legend(full)
+
+
+def test_the_sweep_legend_explains_every_mark_whichever_sweep_has_it():
+    from nos.plots import sweep_figure
+
+    plain = _sweep(0, [(1e-2, 0.3, False), (1e-1, 0.5, False)])   # no cross, no star, no gap
+    marked = _sweep(1, [(1e-2, 0.6, False), (1e-1, 0.0, True), (1.0, None, False)], 1e-2, 0.65)
+    for sweeps in ([plain, marked], [marked, plain]):
+        labels = _legend(sweep_figure(sweeps))
+        for kind in ("diverged", "reward (final run at the best rate)", "stopped early by halving (not scored)"):
+            assert labels.count(kind) == 1, (kind, labels)

@@ -206,8 +206,9 @@ def test_the_final_run_has_no_explosion_stop():
 class _ScriptedSweep:
     """A sweep group whose children's round losses and validation scores are given, for halving's choice alone."""
 
-    def __init__(self, losses: list[float], scores: list[float]):
+    def __init__(self, losses: list[float], scores: list[float], lrs: list[float] | None = None):
         self.losses, self.val, self.steps = losses, scores, 0
+        self.lrs = lrs or [10.0 ** (i - 5) for i in range(len(losses))]
         self.running = list(range(len(losses)))
 
     def advance(self, steps, on_scored=None, validate=True):
@@ -219,7 +220,7 @@ class _ScriptedSweep:
     def record(self, index):
         from nos.records import TrialRecord
 
-        return TrialRecord(1.0, self.val[index], None, False, 0.0, 0, self.steps)
+        return TrialRecord(self.lrs[index], self.val[index], None, False, 0.0, 0, self.steps)
 
     def stop(self, children):
         self.running = [i for i in self.running if i not in children]
@@ -250,6 +251,35 @@ def test_halving_keeps_every_rate_when_none_pulls_ahead():
     halving = evaluate_rule("1e-6 * sign(g)", get_task("digits", sweep="halving", **options), seed=0)
     assert all(t.val_acc is not None for t in halving.trials)
     assert (halving.best_lr, halving.reward) == (full.best_lr, full.reward)
+
+
+def test_halving_keeps_the_smaller_rates_of_equals_whatever_the_grids_order():
+    from nos.tasks import protocol
+
+    # The largest rate pulls ahead; the six others tie, and three of them go on: the three smallest.
+    descending = [10.0 ** (1 - i) for i in range(7)]   # 10, 1, ..., 1e-5
+    scores = [0.9] + [0.5] * 6
+    for lrs, order in ((descending, scores), (descending[::-1], scores[::-1])):
+        stopped: dict[int, float] = {}
+        group = _ScriptedSweep([1.0] * 7, order, lrs)
+        protocol.halve(group, 7, 400, stopped, None)
+        assert sorted(lrs[i] for i in group.running) == [1e-5, 1e-4, 1e-3, 10.0]
+
+
+def test_the_best_rate_is_the_smallest_of_equals_whatever_the_grids_order():
+    from nos.records import TrialRecord
+    from nos.tasks.training import best_index
+
+    trials = [TrialRecord(lr, acc, 1.0, False, 0.0, 1, 10) for lr, acc in ((1e-1, 0.5), (1e-3, 0.5), (1e-2, 0.5))]
+    assert best_index(trials) == 1
+    assert best_index(trials, left_out={1}) == 2
+    # A rule that learns nothing ties at every rate: an unsorted grid picks what the sorted one does.
+    options = dict(epochs=1, train_size=400)
+    unsorted = evaluate_rule("g * 0", get_task("digits", lrs=[1e-1, 1e-2], **options), seed=0)
+    ordered = evaluate_rule("g * 0", get_task("digits", lrs=[1e-2, 1e-1], **options), seed=0)
+    assert unsorted.trials[0].val_acc == unsorted.trials[1].val_acc
+    assert unsorted.best_lr == ordered.best_lr == 1e-2
+    assert unsorted.reward == ordered.reward
 
 
 def test_one_divergence_test_for_a_lone_child_and_a_stack():

@@ -52,6 +52,24 @@ def test_report_is_self_contained_and_escaped(two_runs, tmp_path):
     assert "&quot;searcher&quot;: &quot;ppo&quot;" in page
 
 
+def test_report_at_top_0_leaves_the_rules_out_and_keeps_the_best(two_runs, tmp_path):
+    page = _report(two_runs, tmp_path, "--top", "0")
+    top = page.split('id="top"')[1].split('id="timings"')[0]
+    assert "Left out on request (--top 0)." in top
+    assert "No scored evaluations yet" not in page   # the run has them
+    assert '<p>Best rule: <code class="rule">adam</code> (reward 0.9500' in page
+    assert page.count('src="data:image/png;base64,') == 1   # the curve, no sweeps
+
+
+def test_report_of_a_run_named_with_dollar_signs(sqlite_store, sqlite_url, tmp_path):
+    """matplotlib reads text between two `$` as a formula: the run's name in the curve's legend crashed the page."""
+    ids = build_run(sqlite_store, "lr sweep $10^$", "ppo", [0.9, 0.1, 0.1, 0.1, 0.1], extra=False)
+    out = tmp_path / "r.html"
+    result = invoke("report", str(ids["run_id"]), "-o", str(out), "--db", sqlite_url)
+    assert result.exit_code == 0, result.output
+    assert "<h1>Run 1: lr sweep $10^$</h1>" in out.read_text()
+
+
 def test_report_of_a_cached_best_shows_the_source_sweep(sqlite_store, sqlite_url, tmp_path):
     first = build_run(sqlite_store, "first", "ppo", [0.9, 0.1, 0.1, 0.1, 0.1], extra=False)
     with sqlite_store.transaction() as session:   # a second run that only reuses run 1's best result

@@ -103,6 +103,18 @@ def test_bad_options_are_value_errors():
         get_task("digits", lrs=[0.1, -1])
 
 
+def test_a_learning_rate_given_twice_is_refused():
+    """Trials are stored by rate: a grid with a rate twice would fail when its second trial is stored."""
+    import dataclasses
+
+    with pytest.raises(ValueError, match="each given once"):
+        get_task("digits", lrs=[0.1, 0.01, 0.1])
+    with pytest.raises(ValueError, match="each given once"):
+        get_task("digits", lrs=[1e-1, 0.1])   # equal as numbers
+    with pytest.raises(ValueError, match="learning rates must differ"):
+        dataclasses.replace(get_task("digits", train_size=100), lrs=(0.1, 0.01, 0.1))   # a Task made in Python
+
+
 def test_fashion_mnist_from_a_torchvision_style_folder(tiny_fashion):
     task = get_task("fashion-mnist", data_dir=tiny_fashion, val_size=10, batch_size=8)
     assert task.splits.sizes == {"train": 50, "val": 10, "test": 20}

@@ -14,6 +14,8 @@ from sqlalchemy.orm import Session, aliased
 
 from .models import EVALUATION_STATUSES, PENDING_STATUSES, TRAINED_STATUSES, Evaluation, Rule, Run
 
+_SQL_INT_MAX = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class LeaderboardRow:
@@ -51,6 +53,7 @@ def leaderboard(session: Session, top: int = 20, *, run_id: int | None = None, t
     """
     if top < 1:
         return []
+    top = min(top, _SQL_INT_MAX)   # a LIMIT beyond a signed 64-bit integer overflows the driver, not the board
     if group_equivalent:
         return _grouped_leaderboard(session, top, run_id, task)
     best_of_rule = aliased(Evaluation)

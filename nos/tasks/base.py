@@ -74,6 +74,9 @@ class Task:
     def __post_init__(self) -> None:
         if not self.lrs or any(not (0 < lr < math.inf) for lr in self.lrs):
             raise ValueError(f"learning rates must be positive, finite numbers, got {self.lrs}")
+        if len({float(lr) for lr in self.lrs}) != len(self.lrs):
+            # Trials are stored and resumed by rate: a rate given twice would be two rows under one key.
+            raise ValueError(f"learning rates must differ, got {self.lrs}")
         if self.batch_size < 1 or self.sweep_epochs < 1 or self.epochs < 1:
             raise ValueError("batch_size, sweep_epochs and epochs must be at least 1")
         if self.batch_size > len(self.splits.train_x):

@@ -45,8 +45,9 @@ def _between(least: float, most: float) -> tuple[str, Callable[[Any], bool]]:
 
 
 def _lrs_ok(value: Any) -> bool:
+    # Different rates: trials are stored by rate, so a rate given twice cannot be stored.
     return (isinstance(value, (list, tuple)) and 0 < len(value) <= MAX_LRS
-            and all(_real(0.0, strict=True)[1](lr) for lr in value))
+            and all(_real(0.0, strict=True)[1](lr) for lr in value) and len({float(lr) for lr in value}) == len(value))
 
 
 CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
@@ -66,7 +67,8 @@ CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "condition": _real(1.0),
     "noise": _real(0.0),
     "explode": _real(0.0),
-    "lrs": (f"a list of 1 to {MAX_LRS} positive, finite learning rates such as [1e-3, 1e-2]", _lrs_ok),
+    "lrs": (f"a list of 1 to {MAX_LRS} positive, finite learning rates, each given once, such as [1e-3, 1e-2]",
+            _lrs_ok),
     "sweep": (f"one of {', '.join(SWEEPS)}", lambda v: v in SWEEPS),
     "stacked": ("true or false", lambda v: isinstance(v, bool)),
     "download": ("true or false", lambda v: isinstance(v, bool)),

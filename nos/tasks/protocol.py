@@ -6,7 +6,7 @@
    child from the same initial weights for `sweep_epochs` (1) epoch and
    record its validation accuracy.
 2. Train a fresh child from those weights for `epochs` (5) at the best rate
-   (the first of equals).
+   (the smallest of equals).
 3. reward = its validation accuracy; its test accuracy is stored beside it.
 4. A non-finite loss or weight ends that trial at once: diverged, accuracy 0.
    A rule that diverges at every rate gets reward 0. A sweep trial whose loss
@@ -125,7 +125,9 @@ def halving_cut(group: ChildGroup, keep: int, steps: int, seen: dict[int, float]
     now = {i: group.loss_seen(i) for i in group.running}
     means = {i: (now[i] - seen.get(i, 0.0)) / steps for i in group.running}
     behind = {i: 1.0 - group.record(i).val_acc for i in group.running} if rank == "val" else means
-    ranked = sorted(group.running, key=lambda i: (behind[i] if math.isfinite(behind[i]) else math.inf, i))
+    # Equals go by rate, smallest first, as `best_index` does: the grid's order must not matter.
+    ranked = sorted(group.running, key=lambda i: (behind[i] if math.isfinite(behind[i]) else math.inf,
+                                                  group.record(i).lr))
     best = behind[ranked[0]] if ranked else 0.0
     tied = best + HALVING_TIE * abs(best)
     out = [i for i in ranked[keep:] if not behind[i] <= tied]

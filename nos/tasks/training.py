@@ -321,9 +321,12 @@ class SequentialChildren:
 
 
 def best_index(trials: Sequence[TrialRecord], left_out: Any = ()) -> int | None:
-    """The trial with the best validation score (the first of equals) among those not diverged nor left out."""
+    """The trial with the best validation score (the smallest rate of equals) among those not diverged nor left out.
+
+    Ties go by rate, not by place in the grid, so that an unsorted grid (`--lrs 1e-4,1e-5`) picks
+    what the sorted one does."""
     return max((i for i, t in enumerate(trials) if not t.diverged and i not in left_out),
-               key=lambda i: (trials[i].val_acc, -i), default=None)
+               key=lambda i: (trials[i].val_acc, -trials[i].lr), default=None)
 
 
 # -- the evaluation's setting -----------------------------------------------------------

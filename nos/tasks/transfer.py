@@ -6,7 +6,7 @@
 
 The protocol is the child's (`nos.tasks.protocol`) with the paper's Table 1
 bookkeeping: each rate of the grid trains a fresh network from the same
-initial weights for one epoch; the best rate (the first of equals) trains for
+initial weights for one epoch; the best rate (the smallest of equals) trains for
 `task.epochs`, and after every epoch of that run both validation and test
 accuracy are measured. Final = after the last epoch; best = the highest over
 the run's epochs (validation and test each on their own).
