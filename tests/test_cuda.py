@@ -126,6 +126,15 @@ def test_evaluate_rule_on_cuda_is_deterministic(child):
         assert not first.diverged
 
 
+def test_an_evaluation_on_cuda_leaves_the_global_generators_alone():
+    task = synthetic_task("mlp", "cuda")
+    torch.manual_seed(11)
+    cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state()
+    evaluate_rule("drop(g, 0.1)", task, seed=3)
+    assert torch.equal(torch.get_rng_state(), cpu)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda)
+
+
 @pytest.mark.parametrize("child", ["mlp", "convnet"])
 def test_the_stacked_sweep_on_cuda_agrees_with_one_child_at_a_time(child, float32):
     stacked, sequential = (synthetic_task(child, "cuda", stacked=flag) for flag in (True, False))

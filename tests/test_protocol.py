@@ -28,6 +28,17 @@ def digits():
     return get_task("digits", **SMALL)
 
 
+@pytest.mark.parametrize("stacked", [True, False])
+def test_under_halving_every_trial_is_reported_once(stacked):
+    """Those that diverge in the early round too (adam at 1 and 10): `nos eval`'s progress counts them."""
+    task = get_task("digits", sweep="halving", stacked=stacked, train_size=300)
+    seen = []
+    result = evaluate_rule("adam", task, seed=0, on_trial=lambda record, stage: seen.append((stage, record.lr)))
+    assert any(t.diverged for t in result.trials)
+    assert sorted(lr for stage, lr in seen if stage == "sweep") == sorted(t.lr for t in result.trials)
+    assert [stage for stage, _ in seen].count("final") == 1
+
+
 def test_end_to_end_on_digits(digits):
     seen = []
     result = evaluate_rule("powersign", digits, seed=0, on_trial=lambda record, stage: seen.append(stage))

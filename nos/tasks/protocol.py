@@ -101,9 +101,17 @@ def halve(group: ChildGroup, rates: int, sweep_steps: int, stopped: dict[int, fl
         if budget == sweep_steps:
             group.advance(budget - done, scored)
             return
-        group.advance(budget - done, validate=rank == "val")
+        # A child that diverges in an early round is finished: it is reported now, as the cut ones are.
+        group.advance(budget - done, _diverged_only(group, scored), validate=rank == "val")
         seen = cut(group, keep, budget - done, seen, stopped, scored, rank)
         done = budget
+
+
+def _diverged_only(group: ChildGroup, scored: OnScored | None) -> OnScored | None:
+    """`scored`, passed on for the children that diverged only."""
+    if scored is None:
+        return None
+    return lambda index: scored(index) if group.record(index).diverged else None
 
 
 def halving_cut(group: ChildGroup, keep: int, steps: int, seen: dict[int, float], stopped: dict[int, float],

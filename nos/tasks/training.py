@@ -364,9 +364,16 @@ def _seeded_draws(seed: int, device: torch.device) -> list[Tensor]:
 
 
 def initial_child(task: Task, seed: int) -> nn.Module:
-    """The child every trial starts from, drawn from `seed` without touching torch's global generator."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    """The child every trial starts from, drawn from `seed` without touching torch's global generators.
+
+    The CPU's is seeded, and the task's CUDA device's for a child built there; both are put back after.
+    (torch.manual_seed would seed every CUDA device's, and leave them so.)
+    """
+    with torch.random.fork_rng(devices=_cuda(task.device)):
+        torch.random.default_generator.manual_seed(seed)
+        for device in _cuda(task.device):
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
         return task.new_child()
 
 
