@@ -58,6 +58,11 @@ def worker_command(queues, concurrency, pack, device, name, db_url, broker_url) 
     unknown = set(wanted) - set(QUEUES)
     if unknown or not wanted:
         raise UsageProblem(f"unknown queue {', '.join(sorted(unknown)) or '(none)'}; queues: {', '.join(QUEUES)}")
+    if "control" in wanted and len(wanted) > 1:
+        # A process that takes a run's nos.drive is busy with it until the run ends: beside cpu or gpu work,
+        # as many detached runs as processes would leave nothing to train their evaluations.
+        raise UsageProblem("the control queue needs a worker of its own (nos worker --queues control): a "
+                           "process driving a run is busy until it ends, and could leave none to train")
     _check_device(device, wanted)
     check_broker_or_exit(broker_url)
     try:

@@ -181,6 +181,16 @@ def stopped_here(store: Store, run_id: int) -> str:
     return "completed" if lease.status == "completed" else "stopped"
 
 
+def fail_undriven(store: Store, run_id: int, error: str) -> bool:
+    """Mark the run failed (resumable) with `error` unless it has ended or a live driver holds it; whether it was."""
+    with store.transaction() as session:
+        lease = read_lease(session, run_id, lock=True)
+        if lease is None or lease.status not in DRIVABLE or lease.live():
+            return False
+        set_run_status(session, run_id, "failed", error=error[:2000])
+    return True
+
+
 def request_stop(store: Store, run_id: int) -> bool:
     """Ask a running run to stop; True when it had no live driver and is marked stopped at once."""
     with store.transaction() as session:
@@ -195,6 +205,7 @@ def request_stop(store: Store, run_id: int) -> bool:
 
 
 __all__ = [
-    "RunRefused", "changed_task", "check_checkpoint", "check_task", "completed", "drive_here", "request_stop",
+    "RunRefused", "changed_task", "check_checkpoint", "check_task", "completed", "drive_here", "fail_undriven",
+    "request_stop",
     "resumable_config", "start_run", "stopped_here", "store_for_writing", "take_over",
 ]

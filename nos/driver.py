@@ -72,6 +72,8 @@ UNFINISHED = ("queued", "running")
 STOP_ASKED = threading.Event()
 # Rejected proposals a step may make before the run stops: a searcher stuck on hopeless rules.
 MAX_REJECTED_PER_STEP = 1000
+# The longest wait, in seconds, before a still-queued evaluation is sent again (see Driver._resend_after).
+RESEND_AT_MOST = 600.0
 # Evaluations failed, none trained, since a driver began: the task or the workers are broken (a
 # rule's own trouble ends as `diverged`, not `failed`), and the rest of the budget would fail alike.
 FAILING_START = 5
@@ -140,6 +142,7 @@ class Driver:
         # (then a worker copies its result): evaluation id -> the first one's id.
         self.held: dict[int, int] = {}
         self.dispatched_at: dict[int, float] = {}   # evaluation id -> when last sent (monotonic)
+        self.resent: dict[int, int] = {}            # evaluation id -> times sent again as lost
         self.lease = DriverLease(store, run_id)   # one driver per run (nos/lease.py)
         self.outcomes_before: tuple[int, int] | None = None   # (failed, trained) when this driver began
         self.trained_since_start = False
@@ -193,6 +196,7 @@ class Driver:
         self.searcher = self._new_searcher()
         self.held.clear()
         self.dispatched_at.clear()
+        self.resent.clear()
 
     def _new_searcher(self) -> Searcher:
         config = self.config
@@ -369,8 +373,17 @@ class Driver:
             del self.held[i]
         now = time.monotonic()
         lost = [e.id for e in rows if e.status == "queued" and e.id not in self.held
-                and now - self.dispatched_at.get(e.id, now) > self.config.stale_after]
+                and now - self.dispatched_at.get(e.id, now) > self._resend_after(e.id)]
+        for i in lost:
+            self.resent[i] = self.resent.get(i, 0) + 1
         self._dispatch(ready + lost)
+
+    def _resend_after(self, evaluation_id: int) -> float:
+        """Seconds after its last send that a still-queued evaluation is taken for lost: stale_after, doubled at
+        each send again up to RESEND_AT_MOST. An evaluation that merely waits for a busy or absent fleet would
+        otherwise add a message to the broker's queue every stale_after for as long as it waits."""
+        return min(self.config.stale_after * 2 ** self.resent.get(evaluation_id, 0),
+                   max(RESEND_AT_MOST, self.config.stale_after))
 
     def _wait(self, step: int) -> dict[int, float]:
         """Block until batch `step` is finished; the rewards of its scored evaluations by position

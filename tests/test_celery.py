@@ -279,6 +279,67 @@ def test_a_detached_run_meeting_a_dead_hosts_fresh_lease_is_driven_when_it_goes_
     assert_complete(db_url, 1, 10)
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_malformed_message_is_refused_and_the_worker_trains_on(db_url, broker, workers, slow_toml):
+    """A JSON body of another shape than Celery's [args, kwargs, embed] made the worker's main process exit,
+    and went back to the queue for the next worker: one message stopped every worker."""
+    import json
+    import uuid
+
+    import redis
+    from kombu import Connection, Producer
+
+    with Connection(broker) as connection:
+        for body in ({"a": 1}, [[1], {}], [["1"], {}, {}], [[1], {"x": 2}, {}]):
+            tid = str(uuid.uuid4())
+            headers = {"lang": "py", "task": "nos.evaluate", "id": tid, "root_id": tid, "parent_id": None,
+                       "group": None, "argsrepr": "?", "kwargsrepr": "{}", "origin": "test", "retries": 0,
+                       "eta": None, "expires": None}
+            Producer(connection.channel()).publish(json.dumps(body), routing_key="cpu", exchange="",
+                                                   content_type="application/json", content_encoding="utf-8",
+                                                   headers=headers, serializer=None)
+    worker = workers.start("w1")
+    queue = redis.Redis.from_url(broker)
+    wait_for(lambda: queue.llen("cpu") == 0 and not queue.hlen("unacked"), timeout=120, every=0.2)
+    result = nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_complete(db_url, 1, 10)
+    assert worker.poll() is None
+    assert queue.llen("cpu") == 0 and not queue.hlen("unacked")   # refused for good, not put back
+
+
+def test_the_broker_away_as_the_driver_sends_is_one_line_and_the_evaluations_stay_queued(tmp_path):
+    """A Redis restart while a driver dispatches: it used to raise out of the driver, failing the run."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_for(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
+                                        text=True).stdout.strip() == "PONG", timeout=30)
+        # The executor meets the broker, then the broker goes away before it sends.
+        sent = subprocess.run([sys.executable, "-c", f"""
+import subprocess
+from nos.workers.executor import CeleryExecutor
+executor = CeleryExecutor({url!r})
+subprocess.run(["redis-cli", "-p", "{port}", "shutdown", "nosave"])
+executor.dispatch([7, 8, 9])
+print("dispatched")
+"""], capture_output=True, text=True, timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+    assert sent.returncode == 0, sent.stderr
+    assert "dispatched" in sent.stdout
+    said = [line for line in sent.stderr.splitlines() if line.startswith("nos:")]
+    assert len(said) == 1 and "the broker is unreachable" in said[0] and "3 evaluations stay queued" in said[0]
+
+
 def test_bad_broker_or_database_exits_2_and_writes_nothing(tmp_path, broker, slow_toml):
     db = tmp_path / "never.db"
     for args, message in [
@@ -287,6 +348,7 @@ def test_bad_broker_or_database_exits_2_and_writes_nothing(tmp_path, broker, slo
         (("enqueue", "--config", slow_toml, "--detach"), "--detach needs a broker"),
         (("worker", "--broker", "redis://127.0.0.1:1/0"), "cannot reach the broker"),
         (("worker",), "needs a broker"),
+        (("worker", "--queues", "cpu,control", "--broker", broker), "the control queue needs a worker of its own"),
     ]:
         result = nos(*args, "--db", f"sqlite:///{db}")
         assert result.returncode == 2, result.stderr

@@ -356,3 +356,50 @@ def test_a_resumed_synchronous_batch_still_trains_a_repeated_rule_once(sqlite_ur
     assert resumed.executor.sent == [ids[:1]]
     assert resumed.held == {ids[1]: ids[0], ids[2]: ids[0]}
     store.dispose()
+
+
+class _Sent:
+    """An executor that records every send, as a broker's queue would hold them."""
+
+    def __init__(self):
+        self.sent: list[int] = []
+
+    def dispatch(self, evaluation_ids) -> None:
+        self.sent += list(evaluation_ids)
+
+    def dead_workers(self) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_evaluation_left_waiting_is_sent_again_ever_less_often(sqlite_url, monkeypatch):
+    """With no worker free for an hour, a queued evaluation used to be sent again every stale_after (144
+    messages an hour at 25 s); the waits now double, to RESEND_AT_MOST."""
+    from types import SimpleNamespace
+
+    import nos.driver
+
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "stale_after": 25.0, "heartbeat_every": 5.0})
+    with store.transaction() as session:
+        run_id = create_run(session, "waiting", config.task, config.to_dict())
+    driver = Driver(store, run_id, config, _Sent())
+    now = [0.0]
+    monkeypatch.setattr(nos.driver.time, "monotonic", lambda: now[0])
+    driver._dispatch([7])
+    waiting = SimpleNamespace(id=7, status="queued")
+    sends = []
+    for second in range(1, 3601):
+        now[0] = float(second)
+        before = len(driver.executor.sent)
+        driver._release([waiting])
+        if len(driver.executor.sent) > before:
+            sends.append(second)
+    gaps = [b - a for a, b in zip([0, *sends], sends)]
+    assert gaps[:5] == [26, 51, 101, 201, 401]   # just past 25, 50, 100, 200 and 400 s
+    assert set(gaps[5:]) == {601}                # then every RESEND_AT_MOST
+    assert len(sends) < 10
+    store.dispose()

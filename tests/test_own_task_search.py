@@ -98,6 +98,39 @@ def test_an_example_task_searches_with_celery_workers(sqlite_url, broker, tmp_pa
     assert {row[0] for row in leaderboard_view(sqlite_url.removeprefix("sqlite:///"))} == {ZEN}
 
 
+def test_a_detached_run_whose_control_worker_cannot_build_its_task_fails_saying_why(sqlite_url, broker, tmp_path):
+    """The task file is on the enqueuing shell's path, not on the control worker's: the run is marked failed
+    with the reason, where it used to sit `running` with no driver and no word, its message acknowledged."""
+    from nos.store import open_store, resolve_url, upgrade
+    from nos.store.models import Run
+
+    upgrade(resolve_url(sqlite_url))
+    pool = Workers(sqlite_url, broker)   # the tests' environment: examples/ is not on its PYTHONPATH
+    try:
+        pool.start("control", queues="control")
+        sent = nos("enqueue", "--config", config_file(tmp_path, WAVE), "--db", sqlite_url, "--broker", broker,
+                   "--detach", cwd=tmp_path, env=environment())
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+
+        def run_row():
+            store = open_store(sqlite_url)
+            with store.reading() as session:
+                run = session.get(Run, 1)
+                row = run.status, run.driver, run.error
+            store.dispose()
+            return row
+
+        wait_for(lambda: run_row()[0] != "running", timeout=120, every=0.5)
+    finally:
+        pool.stop_all()
+    status, driver, error = run_row()
+    assert (status, driver) == ("failed", None)
+    assert error.startswith("its control worker could not drive it: UnknownTask")
+    assert "wave_mlp" in error
+    shown = nos("status", "1", "--db", sqlite_url)
+    assert "failed" in shown.stdout
+
+
 SEARCH_SCRIPT = """
 import sys
 

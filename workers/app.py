@@ -67,7 +67,40 @@ def _open_store():
     return _store
 
 
-@app.task(name="nos.evaluate")
+def message_problem(payload: object) -> str | None:
+    """What is wrong with a task message's decoded body, or None: nos sends `[[id], {}, {...}]` only."""
+    if not isinstance(payload, (list, tuple)) or len(payload) != 3:
+        return "its body is not [args, kwargs, embed]"
+    args, kwargs, embed = payload
+    if not isinstance(args, list) or len(args) != 1 or type(args[0]) is not int or not 0 < args[0] < 2**63:
+        return "its arguments are not one id"
+    if kwargs != {} or not isinstance(embed, dict):
+        return "it carries keyword arguments or a malformed embed"
+    return None
+
+
+def checked_strategy(task, app, consumer, **options):
+    """Celery's default strategy behind a check of the message's shape. A JSON body of another shape made
+    the worker's main process raise (an unrecoverable error: the worker exited) and went back to the queue
+    for the next worker, so one message stopped a whole fleet; InvalidTaskError rejects it for good instead."""
+    from celery.exceptions import InvalidTaskError
+    from celery.worker.strategy import default
+
+    handle = default(task, app, consumer, **options)
+
+    def checked(message, body, *args, **kwargs):
+        problem = message_problem(message.payload)
+        if problem:
+            raise InvalidTaskError(f"{task.name} message refused: {problem}")
+        return handle(message, body, *args, **kwargs)
+
+    return checked
+
+
+STRATEGY = f"{__name__}:checked_strategy"
+
+
+@app.task(name="nos.evaluate", Strategy=STRATEGY)
 def evaluate(evaluation_id: int) -> str:
     """Evaluate one evaluation id (and, with a pack, queued companions): the function the local executor runs."""
     from nos.work import Outcome, run_evaluation
@@ -79,7 +112,7 @@ def evaluate(evaluation_id: int) -> str:
     return outcome.value
 
 
-@app.task(name="nos.drive", bind=True, max_retries=DRIVE_RETRIES)
+@app.task(name="nos.drive", bind=True, max_retries=DRIVE_RETRIES, Strategy=STRATEGY)
 def drive(self, run_id: int) -> str:
     """Drive a run's search loop (`nos enqueue --detach`), dispatching its evaluations through Celery.
 
@@ -100,6 +133,15 @@ def drive(self, run_id: int) -> str:
             raise self.retry(countdown=wait) from None
         logger.warning("not driving run %s: %s", run_id, exc)
         return "refused"
+    except Exception as exc:
+        # Failed before its driver took the run (the task does not build here, its data is missing): the
+        # acknowledged message is gone, and the run would sit `running` with no driver and no word why.
+        from nos.control import fail_undriven
+
+        if fail_undriven(_open_store(), int(run_id), f"its control worker could not drive it: "
+                                                     f"{type(exc).__name__}: {exc}"):
+            logger.error("run %s failed before its driver started: %s", run_id, exc)
+        raise
 
 
 def _lease_wait(run_id: int) -> float | None:

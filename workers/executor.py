@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Iterable
 
 from kombu.exceptions import OperationalError
@@ -37,8 +38,16 @@ class CeleryExecutor:
         self.queue = queue
 
     def dispatch(self, evaluation_ids: Iterable[int]) -> None:
-        for evaluation_id in evaluation_ids:
-            app.send_task("nos.evaluate", args=[int(evaluation_id)], queue=self.queue)
+        """Send each id; with the broker away (a restart), say so and go on: the evaluations stay queued in
+        the database, and the driver sends them again once they have waited past stale_after."""
+        ids = [int(i) for i in evaluation_ids]
+        for done, evaluation_id in enumerate(ids):
+            try:
+                app.send_task("nos.evaluate", args=[evaluation_id], queue=self.queue)
+            except (OperationalError, OSError) as exc:
+                print(f"nos: the broker is unreachable ({mask_credentials(str(exc))}); {len(ids) - done} "
+                      "evaluations stay queued and are sent again later", file=sys.stderr, flush=True)
+                return
 
     def dead_workers(self) -> list[str]:
         return []   # remote workers are reaped by their stale heartbeats instead
