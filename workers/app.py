@@ -108,7 +108,8 @@ def evaluate(evaluation_id: int) -> str:
     outcome = run_evaluation(_open_store(), int(evaluation_id), device=os.environ.get(DEVICE_ENV_VAR) or None,
                              pack=int(os.environ.get(PACK_ENV_VAR) or 0) or None)
     if outcome is Outcome.REFUSED:   # left queued: the driver sends it again, for a worker with the device
-        logger.warning("refused evaluation %s: this worker cannot train on the run's device", evaluation_id)
+        logger.warning("refused evaluation %s: this worker lacks the run's device or cannot build its task "
+                       "(the reason is logged above)", evaluation_id)
     return outcome.value
 
 
