@@ -253,3 +253,15 @@ def test_a_result_the_policy_has_moved_far_from_teaches_almost_nothing(name):
     barely = _change(stale, tokens, rewards, [p.log_prob + 30 for p in proposals])
     assert moved > 0
     assert barely < moved * 1e-3
+
+
+@pytest.mark.parametrize("name", ["ppo", "reinforce"])
+def test_making_a_searcher_leaves_the_global_generator_alone(name):
+    """Its controller's weights come from its seed all the same (a script's own draws must not be reseeded)."""
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    first = make_searcher(name, depth=2, seed=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(999)
+    second = make_searcher(name, depth=2, seed=4)
+    assert same_state(first.controller.state_dict(), second.controller.state_dict())

@@ -63,8 +63,10 @@ class PolicyGradientSearcher(Searcher):
                  warm_start: bool = False, **overrides):
         super().__init__(depth, seed)
         self.config = config or PolicyGradientConfig(**overrides)
-        torch.manual_seed(seed)   # controller initialisation
-        self.controller = Controller(depth, self.config.hidden, self.config.embedding)
+        # The controller's initial weights come from `seed`; the caller's global generator is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            self.controller = Controller(depth, self.config.hidden, self.config.embedding)
         self.warm_steps = self._warm_start() if warm_start else 0
         self.optimizer = torch.optim.Adam(self.controller.parameters(), lr=self.config.lr)
         self.baseline: float | None = None
