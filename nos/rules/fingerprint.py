@@ -79,7 +79,7 @@ def probe(tree: Node) -> Verdict:
 
 def _inputs(stream: int) -> tuple[Tensor, Tensor, Tensor]:
     """The stream's gradients [STEPS, SIZE], its starting weights [SIZE], and where gradients are forced
-    to zero [STEPS, SIZE]; the two streams of a kind share their weights and their dead entries."""
+    to zero [STEPS, SIZE]; the two streams of a kind share their weights and their zeros."""
     gen = torch.Generator().manual_seed(1000 + stream)
     sign = torch.randint(0, 2, (STEPS, SIZE), generator=gen).to(torch.float64) * 2 - 1
     fixed = torch.Generator().manual_seed(7)
@@ -91,7 +91,9 @@ def _inputs(stream: int) -> tuple[Tensor, Tensor, Tensor]:
     scale = 10.0 ** (torch.rand(SIZE, generator=fixed, dtype=torch.float64) * 5 - 3)
     w0 = torch.where(torch.rand(SIZE, generator=fixed) < DEAD, 0.0, w0 * scale)
     dead = torch.rand(SIZE, generator=fixed) < DEAD
-    zero = dead | (torch.rand(STEPS, SIZE, generator=gen) < GAPS)
+    # Shared by both hard streams: a rule that reads only where gradients are zero (`sign(g) ^ 2`: 1, or 0
+    # at a dead unit) gives both the same updates, and is rejected as not depending on the gradient.
+    zero = dead | (torch.rand(STEPS, SIZE, generator=fixed) < GAPS)
     return magnitude * sign, w0, zero
 
 
