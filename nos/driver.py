@@ -176,6 +176,8 @@ class Driver:
         def attempt() -> None:
             nonlocal tries
             if tries:
+                if self._completed():   # its end was committed, and the answer lost with the connection
+                    return
                 self._start_over()
             tries += 1
             drive()
@@ -189,6 +191,10 @@ class Driver:
             self._fail(exc)
             raise
         return "completed"
+
+    def _completed(self) -> bool:
+        with self.store.reading() as session:
+            return get_run(session, self.run_id).status == "completed"
 
     def _start_over(self) -> None:
         """Forget what the loop held in memory: the next starts from the latest checkpoint with a searcher made

@@ -119,3 +119,27 @@ def test_in_flight_defaults_to_the_workers_and_a_margin():
     assert SearchConfig(workers=64).target_in_flight == 72
     assert SearchConfig(workers=1, pack=32).target_in_flight == 64
     assert SearchConfig(workers=8, in_flight=3).target_in_flight == 3
+
+
+@pytest.mark.parametrize("synchronous", [False, True])
+def test_a_run_whose_end_was_committed_as_its_connection_dropped_completes(sqlite_url, monkeypatch, synchronous):
+    """The run's final transaction commits, then the connection's error arrives: the driver, waiting the
+    database out, finds the run completed instead of trying to end it again (which met its own released lease)."""
+    from sqlalchemy.exc import OperationalError
+
+    import nos.driver
+
+    config = SearchConfig(**{**QUICK, "synchronous": synchronous})
+    run_id = new_run(sqlite_url, config.to_dict())
+    complete, dropped = nos.driver.Driver._complete, []
+
+    def complete_then_drop(self, *args):
+        complete(self, *args)
+        if not dropped:
+            dropped.append(True)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(nos.driver.Driver, "_complete", complete_then_drop)
+    assert drive(sqlite_url, run_id, config) == "completed"
+    assert dropped
+    assert_complete(sqlite_url, run_id, 14)
