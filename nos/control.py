@@ -206,6 +206,5 @@ def request_stop(store: Store, run_id: int) -> bool:
 
 __all__ = [
     "RunRefused", "changed_task", "check_checkpoint", "check_task", "completed", "drive_here", "fail_undriven",
-    "request_stop",
-    "resumable_config", "start_run", "stopped_here", "store_for_writing", "take_over",
+    "request_stop", "resumable_config", "start_run", "stopped_here", "store_for_writing", "take_over",
 ]

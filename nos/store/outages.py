@@ -54,7 +54,7 @@ def wait_for(store: Store, deadline: float, stop: Callable[[], bool] = lambda: F
     return True
 
 
-def say_away(store: Store, exc: BaseException, what: str, patience: float) -> None:
+def say_away(exc: BaseException, what: str, patience: float) -> None:
     """One line on stderr: the database is away, and how long `what` will wait for it."""
     print(f"nos: the database is unreachable or busy ({first_line(exc)}); {what} waits up to {patience:.0f} s "
           "for it", file=sys.stderr, flush=True)
@@ -75,8 +75,7 @@ def retrying(store: Store, work: Callable[[], T], *, patience: float = PATIENCE_
                 raise
             if deadline is None or time.monotonic() - started > patience:   # a new outage, long after the last
                 deadline, pause = time.monotonic() + patience, _FIRST_PAUSE
-                deadline = time.monotonic() + patience
-                say_away(store, exc, what, patience)
+                say_away(exc, what, patience)
             # Paused even when the database answers: what failed may fail again at once.
             if stop() or time.monotonic() + pause > deadline:
                 raise
