@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -21,7 +20,16 @@ from nos.store.leases import LeaseRefused, take_lease
 from nos.store.models import Run
 from nos.workers.executor import live_workers
 
-from helpers.driver import assert_complete, assert_learned_once, finished_count, nos, run_rows, start_nos, wait_for
+from helpers.driver import (
+    assert_complete,
+    assert_learned_once,
+    driving,
+    finished_count,
+    nos,
+    run_rows,
+    start_nos,
+    wait_for,
+)
 
 # Every test here starts Celery workers or `nos` processes against a real broker.
 pytestmark = pytest.mark.slow
@@ -48,17 +56,6 @@ def slow_toml(tmp_path) -> str:
     path = tmp_path / "slow.toml"
     path.write_text(SLOW_TOML)
     return str(path)
-
-
-@contextmanager
-def driving(*args: str):
-    """A `nos` driver process for the block; killed at the end if it is still running."""
-    driver = start_nos(*args)
-    try:
-        yield driver
-    finally:
-        if driver.poll() is None:
-            driver.kill()
 
 
 def expect_success(driver: subprocess.Popen) -> None:

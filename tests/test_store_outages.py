@@ -22,7 +22,7 @@ from nos.store.models import Evaluation
 from nos.store.outages import retrying
 from nos.work import Claim, Outcome, _commit
 
-from helpers.driver import assert_complete, finished_count, has_run, start_nos, wait_for
+from helpers.driver import assert_complete, driving, finished_count, has_run, wait_for
 from helpers.services import unavailable
 from helpers.store import new_run_with_batch, result
 
@@ -140,14 +140,10 @@ def test_a_search_rides_out_its_database_going_away(own_pg_database, tiny_toml):
     """The driver and its local workers all lose their connections mid-run and cannot connect for 4 s;
     the run then completes, every evaluation counted once, nothing failed."""
     url, outage = own_pg_database
-    driver = start_nos("enqueue", "--config", tiny_toml, "--db", url, "--budget", "16", "--no-probe")
-    try:
+    with driving("enqueue", "--config", tiny_toml, "--db", url, "--budget", "16", "--no-probe") as driver:
         wait_for(lambda: has_run(url) and finished_count(url, 1) >= 3)
         assert outage(4.0) >= 3   # the driver's and both workers' connections
         out, _ = driver.communicate(timeout=240)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
     assert driver.returncode == 0, out
     assert "the driver of run 1 waits up to 300 s" in out
     assert "answers again" in out

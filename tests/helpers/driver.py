@@ -6,6 +6,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from sqlalchemy import select
 
@@ -48,6 +50,17 @@ def start_nos(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "nos.cli.main", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             preexec_fn=_as_from_a_terminal)
+
+
+@contextmanager
+def driving(*args: str) -> Iterator[subprocess.Popen]:
+    """A `nos` driver process (`start_nos`) for the block; killed at the end if it is still running."""
+    driver = start_nos(*args)
+    try:
+        yield driver
+    finally:
+        if driver.poll() is None:
+            driver.kill()
 
 
 def run_rows(url: str, run_id: int) -> list[Evaluation]:
