@@ -120,7 +120,7 @@ def test_a_worker_killed_mid_pack_loses_nothing(sqlite_url):
     upgrade(resolve_url(sqlite_url))
     store = open_store(sqlite_url)
     config = SearchConfig(**{**TINY, "probe": False, "stale_after": 3.0, "heartbeat_every": 1.0,
-                             "task_options": {"train_size": 300, "lrs": [0.01, 0.1], "epochs": 40,
+                             "task_options": {"train_size": 300, "lrs": [0.01, 0.1], "epochs": 120,
                                               "batch_size": 4}})
     run_id, ids = _queue(store, config, RULES[:3])
     worker = subprocess.Popen([sys.executable, "-c", WORKER, sqlite_url, str(ids[0]), "3"])
