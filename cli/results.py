@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from nos.store import LeaderboardRow, database_now, get_run, leaderboard, list_runs, run_progress, trials_of
+from nos.store.leases import DRIVABLE, Lease, read_lease
 from nos.store.models import Evaluation, Rule
 
 from .console import console
@@ -133,6 +134,8 @@ def status_command(run_id, db_url, broker_url) -> None:
                       f"{progress.counts['rejected']} more rejected before training, free), "
                       f"best reward {_fmt(progress.best_reward)}")
         console.print("  " + ", ".join(f"{status} {n}" for status, n in progress.counts.items()))
+        if run.status in DRIVABLE:
+            console.print("  " + _driver_line(read_lease(session, run_id), run))
         if progress.finished:
             console.print(f"  cache hit rate {progress.cache_hit_rate:.1%} "
                           f"({progress.counts['cached'] - progress.equivalent} same rule, "
@@ -155,6 +158,21 @@ def status_command(run_id, db_url, broker_url) -> None:
             if max(sizes.values()) > 1:
                 console.print(f"  {len(sizes)} packs in flight: " + ", ".join(
                     f"{n} of {size}" for size, n in sorted(Counter(sizes.values()).items(), reverse=True)))
+
+
+def _driver_line(lease: Lease, run) -> str:
+    """Who drives the run, or what will drive it again."""
+    detached = run.drive_sent_at is not None
+    if lease.live():
+        age = max((lease.read_at - lease.heartbeat_at).total_seconds(), 0)
+        return (f"driven by {lease.holder} (lease renewed {age:.0f} s ago)"
+                f"{', a control worker of a detached run' if detached else ''}")
+    last = f" (the last, {lease.holder}, is gone)" if lease.holder else ""
+    if detached:
+        again = f"; sent again {run.drive_sends} times" if run.drive_sends else ""
+        return (f"no live driver{last}: waiting for a control worker, which sends its driver loop again if it "
+                f"was lost{again}")
+    return f"no live driver{last}: continue it with `nos resume {run.id}`"
 
 
 def _packs(running: list[Evaluation]) -> dict[int, str]:

@@ -14,6 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .config import ConfigError, SearchConfig
 from .store import Store, create_run, get_run, set_run_status, shown
+from .store.detached import hand_to_control, take_back
 from .store.engine import first_line
 from .store.leases import DRIVABLE, LeaseRefused, clear_dead_lease, read_lease, release_lease, take_lease, this_process
 
@@ -72,11 +73,13 @@ def store_for_writing(db_url: str | None, say: Callable[[str], Any] = print) -> 
 
 
 def start_run(store: Store, config: SearchConfig, *, detach: bool = False) -> int:
-    """Store a new run and, unless a control worker will drive it (`detach`), take its driver lease here."""
+    """Store a new run and take its driver lease here, or mark it for control workers to drive (`detach`)."""
     try:
         with store.transaction() as session:
             run_id = create_run(session, config.label, config.task, config.to_dict())
-            if not detach:
+            if detach:
+                hand_to_control(session, run_id)
+            else:
                 take_lease(session, run_id, this_process())
     except DBAPIError as exc:   # a database that refuses the write (read-only, full): nothing was stored
         raise RunRefused(f"cannot write to database {shown(store.url)}: {first_line(exc.orig)}") from None
@@ -134,7 +137,8 @@ def take_over(store: Store, run_id: int, *, detach: bool = False) -> None:
     """Mark the run running and take its driver lease, all in one transaction that a refusal rolls back.
 
     The run is read again under the write lock: it may have finished, or found a driver, since it was
-    checked. A detached run's control worker takes the lease itself.
+    checked. A detached run's control worker takes the lease itself; a run taken to the foreground is
+    left alone by control workers from now on.
     """
     with store.transaction() as session:
         lease = read_lease(session, run_id, lock=True)
@@ -143,7 +147,10 @@ def take_over(store: Store, run_id: int, *, detach: bool = False) -> None:
         if lease.live():
             raise RunRefused(lease.refusal())
         set_run_status(session, run_id, "running")
-        if not detach:
+        if detach:
+            hand_to_control(session, run_id)
+        else:
+            take_back(session, run_id)
             try:
                 take_lease(session, run_id, this_process())
             except LeaseRefused as exc:

@@ -276,6 +276,52 @@ def test_a_detached_run_meeting_a_dead_hosts_fresh_lease_is_driven_when_it_goes_
     assert_complete(db_url, 1, 10)
 
 
+def run_state(db_url: str, run_id: int = 1) -> tuple[str, str | None]:
+    store = open_store(db_url)
+    with store.reading() as session:
+        run = session.get(Run, run_id)
+        answer = run.status, run.driver
+    store.dispose()
+    return answer
+
+
+def holder_pid(holder: str | None) -> int | None:
+    return None if holder is None else int(holder.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_control_worker_killed_whole_has_its_run_driven_by_the_next(db_url, broker, workers, slow_toml):
+    """Its main process killed too, the control worker leaves its `nos.drive` unacknowledged in Redis for the
+    6-hour visibility timeout; another control worker sends the driverless run's driver loop again."""
+    workers.start("w1")
+    workers.start("driver", queues="control")
+    sent = nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker, "--detach")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_for(lambda: finished_count(db_url, 1) >= 2, timeout=180)
+    assert holder_pid(run_state(db_url)[1]) in workers.pids("driver")
+    workers.kill("driver")
+    assert run_state(db_url)[0] == "running" and finished_count(db_url, 1) < 10
+    workers.start("other", queues="control")
+    wait_for(lambda: holder_pid(run_state(db_url)[1]) in workers.pids("other"), timeout=120, every=0.2)
+    wait_for(lambda: run_state(db_url)[0] == "completed", timeout=300, every=0.5)
+    assert_complete(db_url, 1, 10)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_detached_run_whose_message_the_broker_lost_is_driven(db_url, broker, workers, slow_toml):
+    """The broker flushed before any control worker took the run's `nos.drive`: a control worker started
+    later finds the run without a driver and sends its driver loop again."""
+    import redis
+
+    workers.start("w1")
+    sent = nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker, "--detach")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    redis.Redis.from_url(broker).flushdb()
+    workers.start("driver", queues="control")
+    wait_for(lambda: run_state(db_url)[0] == "completed", timeout=300, every=0.5)
+    assert_complete(db_url, 1, 10)
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_malformed_message_is_refused_and_the_worker_trains_on(db_url, broker, workers, slow_toml):
     """A JSON body of another shape than Celery's [args, kwargs, embed] made the worker's main process exit,

@@ -186,3 +186,26 @@ def test_bad_database_urls(tmp_path):
     result = invoke("enqueue", "--db", f"sqlite:///{tmp_path}/no/such/folder/x.db")
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+def test_status_says_who_drives_a_run_or_what_will(sqlite_store, sqlite_url):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from nos.store import create_run, utcnow
+    from nos.store.detached import hand_to_control
+    from nos.store.leases import take_lease
+    from nos.store.models import Run
+
+    with sqlite_store.transaction() as session:
+        ids = [create_run(session, "r", "digits", {"budget": 4}) for _ in range(3)]
+        take_lease(session, ids[0], "elsewhere:1")                                 # driven in a shell
+        take_lease(session, ids[1], "elsewhere:2", now=utcnow() - timedelta(minutes=5))   # its driver died
+        hand_to_control(session, ids[2])                                           # detached, lost twice
+        session.execute(update(Run).where(Run.id == ids[2]).values(drive_sends=2))
+    lines = [invoke("status", str(i), "--db", sqlite_url).output.splitlines()[2] for i in ids]
+    assert lines[0].startswith("  driven by elsewhere:1 (lease renewed ")
+    assert lines[1] == "  no live driver (the last, elsewhere:2, is gone): continue it with `nos resume 2`"
+    assert lines[2] == ("  no live driver: waiting for a control worker, which sends its driver loop again if it "
+                        "was lost; sent again 2 times")

@@ -18,6 +18,8 @@ from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 from kombu import Queue
 
+from .adopter import Adopter
+
 BROKER_ENV_VAR = "NOS_BROKER_URL"
 DEVICE_ENV_VAR = "NOS_WORKER_DEVICE"
 PACK_ENV_VAR = "NOS_WORKER_PACK"     # evaluations claimed and trained together (`nos worker --pack`)
@@ -46,6 +48,9 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
+
+# Control workers send again the driver loop of detached runs left without a driver.
+app.steps["worker"].add(Adopter)
 
 _store = None
 logger = get_task_logger(__name__)

@@ -111,6 +111,10 @@ class Run(Base):
     # The driver lease (store/leases.py): who drives the run, and when it last renewed the lease.
     driver: Mapped[str | None] = mapped_column(String(200))
     driver_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A detached run (store/detached.py): when its driver loop was last sent to the control queue (NULL: driven
+    # in the foreground), and how many times control workers sent it again since the user last did.
+    drive_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    drive_sends: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class Rule(Base):
