@@ -116,10 +116,34 @@ def report_command(run_id, output, top, window, db_url) -> None:
     console.print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)", markup=False, highlight=False)
 
 
+DEFAULT_EXPORT_LR = 1e-3
+
+
+def _stored_rule(rule_id: str, db_url: str | None) -> tuple[str, float | None]:
+    """The text of stored rule `rule_id` and the best rate of its best-scoring evaluation (None: none scored)."""
+    from sqlalchemy import select
+
+    from nos.store.models import SCORED_STATUSES, Evaluation
+
+    store = open_store_or_exit(db_url)
+    try:
+        with store.reading() as session:
+            found = find_rule_or_exit(session, rule_id)
+            best_lr = session.execute(
+                select(Evaluation.best_lr).where(Evaluation.rule_id == found.id, Evaluation.reward.is_not(None),
+                                                 Evaluation.best_lr.is_not(None),
+                                                 Evaluation.status.in_(SCORED_STATUSES))
+                .order_by(Evaluation.reward.desc(), Evaluation.id).limit(1)).scalar()
+            return found.text, best_lr
+    finally:
+        store.dispose()
+
+
 @click.command("export")
 @click.argument("rule")
-@click.option("--lr", type=float, default=1e-3, show_default=True,
-              help="Learning rate written into the snippet (`nos show RULE` lists the rule's sweep).")
+@click.option("--lr", type=float,
+              help="Learning rate written into the snippet [a stored rule's best rate, else 0.001] "
+                   "(`nos show RULE` lists the rule's sweep).")
 @click.option("--total-steps", type=click.IntRange(min=1),
               help="The run's length in steps, for rules that read the schedules ld, cd or rd.")
 @click.option("--seed", type=SEED, help="Seed of the optimizer's own noise, for rules that read eps, eps_t or drop.")
@@ -127,15 +151,22 @@ def report_command(run_id, output, top, window, db_url) -> None:
               help="End the snippet with a quick check that trains a tiny model when run as a script.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
               help="Write the snippet to this file instead of printing it.")
-def export_command(rule, lr, total_steps, seed, demo, output) -> None:
+@db_option
+def export_command(rule, lr, total_steps, seed, demo, output, db_url) -> None:
     """Print a short Python snippet that trains with RULE in any PyTorch loop.
 
-    RULE is rule text or a built-in name (`nos rule builtins`). The snippet
-    needs torch and nos: `make_optimizer(model.parameters())` returns a
-    nos.optim.SymbolicOptimizer for the rule.
+    RULE is rule text, a built-in name (`nos rule builtins`), or the id of a
+    rule stored in the database (a number, as `nos show` and the
+    leaderboard's rule_id take it). The snippet needs torch and nos:
+    `make_optimizer(model.parameters())` returns a nos.optim.SymbolicOptimizer
+    for the rule.
     """
     from nos.export import export_snippet
 
+    if rule.strip().isascii() and rule.strip().isdigit():
+        rule, best_lr = _stored_rule(rule, db_url)
+        lr = best_lr if lr is None else lr
+    lr = DEFAULT_EXPORT_LR if lr is None else lr
     try:
         source = export_snippet(rule, lr=lr, total_steps=total_steps, seed=seed, demo=demo)
     except RuleSyntaxError as exc:

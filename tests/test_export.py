@@ -107,3 +107,26 @@ def test_an_exported_noise_rule_takes_its_seed_and_draws_the_same_noise_again():
         return model.weight.detach().clone()
 
     assert torch.equal(trained(3), trained(3)) and not torch.equal(trained(3), trained(4))
+
+
+def test_a_number_exports_the_stored_rule_with_its_best_rate(two_runs):
+    """`nos export 17` reads a rule id, as `nos show 17` does: it exported the constant rule 17 before."""
+    from sqlalchemy import update
+
+    from nos.store.models import Evaluation, Rule
+
+    store, url, first, _ = two_runs
+    best = first["trained"][1]   # reward 0.95: its rule's best evaluation
+    with store.transaction() as session:
+        session.execute(update(Evaluation).where(Evaluation.id == best).values(best_lr=0.0316))
+    with store.reading() as session:
+        rule_id = session.get(Evaluation, best).rule_id
+        text = session.get(Rule, rule_id).text
+    exported = invoke("export", str(rule_id), "--db", url, "--no-demo")
+    assert exported.exit_code == 0, exported.output
+    assert f"delta = {text}\n" in exported.output
+    assert "LR = 0.0316\n" in exported.output
+    assert "LR = 0.25" in invoke("export", str(rule_id), "--lr", "0.25", "--db", url).output
+    missing = invoke("export", "424242", "--db", url)
+    assert (missing.exit_code, "rule '424242' has not been evaluated" in missing.output) == (2, True)
+    assert "LR = 0.001" in invoke("export", "g * 3", "--db", url).output   # text: no database read
