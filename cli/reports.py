@@ -34,6 +34,8 @@ def _save(plots, fig, output: str) -> None:
         plots.save(fig, output)
     except OSError as exc:
         raise UsageProblem(f"cannot write {output}: {exc.strerror or exc}") from None
+    except ValueError as exc:   # a suffix that names no image format
+        raise UsageProblem(str(exc)) from None
 
 
 @click.command("plot")

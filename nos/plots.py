@@ -191,10 +191,18 @@ def png_bytes(fig: Figure) -> bytes:
 
 
 def save(fig: Figure, path: str | Path) -> Path:
-    """Write the figure; the format follows the file's suffix (png, svg, pdf), PNG without one."""
+    """Write the figure in the format its suffix names (png, svg, pdf, jpg, ...), PNG without one.
+
+    ValueError, before anything is written, for a suffix matplotlib cannot write: `out.jpg` was once
+    written as a PNG, which a viewer trusting the name then refused.
+    """
     path = Path(path)
-    suffix = path.suffix.lower().lstrip(".")
-    fig.savefig(path, format=suffix if suffix in ("png", "svg", "pdf") else "png")
+    suffix = path.suffix.lower().lstrip(".") or "png"
+    formats = fig.canvas.get_supported_filetypes()
+    if suffix not in formats:
+        raise ValueError(f"cannot write {path.name}: .{suffix} is no image format matplotlib writes; "
+                         f"use one of {', '.join('.' + f for f in sorted(formats))}")
+    fig.savefig(path, format=suffix)
     return path
 
 

@@ -45,6 +45,19 @@ def test_plot_curves_of_several_runs(two_runs, tmp_path):
     assert (tmp_path / "c.svg").read_text().lstrip().startswith("<?xml")
 
 
+def test_the_suffix_picks_the_format_and_an_unknown_one_is_refused(two_runs, tmp_path):
+    _, url, first, _ = two_runs
+    run = str(first["run_id"])
+    assert invoke("plot", run, "-o", str(tmp_path / "c.jpg"), "--db", url).exit_code == 0
+    assert (tmp_path / "c.jpg").read_bytes()[:3] == b"\xff\xd8\xff"   # JPEG, not a PNG under a .jpg name
+    assert invoke("plot", run, "-o", str(tmp_path / "c"), "--db", url).exit_code == 0
+    assert (tmp_path / "c").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    refused = invoke("plot", run, "-o", str(tmp_path / "c.v2"), "--db", url)
+    assert refused.exit_code == 2
+    assert "cannot write c.v2: .v2 is no image format matplotlib writes; use one of " in refused.output
+    assert not (tmp_path / "c.v2").exists()
+
+
 def test_plot_sweeps_of_a_rule(two_runs, tmp_path):
     _, url, first, second = two_runs
     out = tmp_path / "sweep.png"
