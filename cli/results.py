@@ -10,7 +10,7 @@ from dataclasses import asdict, fields as dataclass_fields
 
 import click
 from rich.table import Table
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from nos.store import LeaderboardRow, database_now, get_run, leaderboard, list_runs, run_progress, trials_of
@@ -136,6 +136,16 @@ def status_command(run_id, db_url, broker_url) -> None:
         console.print("  " + ", ".join(f"{status} {n}" for status, n in progress.counts.items()))
         if run.status in DRIVABLE:
             console.print("  " + _driver_line(read_lease(session, run_id), run))
+        elif run.status == "failed" and run.error:
+            console.print(f"  failed: {run.error.strip().splitlines()[-1][:500]}; fix the cause, then "
+                          f"`nos resume {run_id}`")
+        refused = session.execute(
+            select(func.count(), func.max(Evaluation.id)).where(
+                Evaluation.run_id == run_id, Evaluation.status == "queued", Evaluation.error.is_not(None))).one()
+        if refused[0]:
+            last = session.get(Evaluation, refused[1]).error
+            console.print(f"  {refused[0]} queued evaluation{'s' if refused[0] != 1 else ''} refused by a worker "
+                          f"(the last: {last.strip().splitlines()[-1][:300]})")
         if progress.finished:
             console.print(f"  cache hit rate {progress.cache_hit_rate:.1%} "
                           f"({progress.counts['cached'] - progress.equivalent} same rule, "

@@ -6,7 +6,6 @@ import signal
 import threading
 
 import click
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nos import control
@@ -16,7 +15,7 @@ from nos.search.settings import SEARCHERS
 from nos.store import Store, shown
 from nos.store.leases import LeaseRefused
 
-from .console import console
+from .console import console, printable
 from .db import db_option, open_store_or_exit, store_for_writing
 from .errors import UsageProblem
 from .options import (
@@ -72,6 +71,7 @@ def _stop_if_asked(what: str) -> None:
 
 def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | None = None) -> None:
     from nos.driver import Progress as DriverProgress, SearchStuck, one_thread
+    from nos.executors import WorkerStartError
     from nos.lease import LeaseLost
 
     one_thread()
@@ -92,6 +92,8 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
             raise UsageProblem(str(exc)) from None
         except LeaseLost as exc:
             raise click.ClickException(str(exc)) from None
+        except WorkerStartError as exc:   # the run is marked failed with this message
+            raise click.ClickException(f"run {run_id} failed: {exc}") from None
     if status == "stopped":
         console.print(f"run {run_id} stopped; continue it with:  nos resume {run_id}")
         # Not 0: `nos enqueue ... && nos report ...`, or a batch system, must not take it for a finished run.
@@ -193,7 +195,7 @@ def resume_command(run_id: int, detach: bool, db_url: str | None, broker_url: st
     _refused_to_usage(control.check_checkpoint, store, run_id, config)
     changed = control.changed_task(store, run_id, config)
     if changed:
-        console.print(f"[yellow]warning:[/] {escape(changed)}")
+        click.echo(f"warning: {printable(changed)}", err=True)
     _stop_if_asked("the resume")
     _refused_to_usage(control.take_over, store, run_id, detach=detach)
     console.print(f"resuming run {run_id} ({config.label})")

@@ -15,8 +15,9 @@ proposing until it has `update_every` counted evaluations (or what is left of
 the budget). A step that meets MAX_REJECTED_PER_STEP rejections first stops
 the run with SearchStuck. Evaluations that `failed` (a crashed worker, a bug:
 not the rule's fault) count toward the budget but are left out of learning;
-FAILING_START of them with none trained since the driver began stop the run
-with SearchStuck too (a broken task or fleet would fail the whole budget).
+FAILING_START of them (or all of a smaller budget) with none trained since the
+driver began stop the run with SearchStuck too (a broken task or fleet would
+fail the whole budget).
 
 Checkpoint k is written with batch k: the searcher's state after proposing it
 (its generator included) and the batch's sampled token sequences. A driver
@@ -227,6 +228,7 @@ class Driver:
     def _complete(self, step: int, state: dict) -> None:
         """The final checkpoint and the run's end, in one transaction."""
         with self.store.transaction() as session:
+            self._check_not_all_failing(session)   # the last failures may have come after the last poll
             self.lease.release(session)
             save_checkpoint(session, self.run_id, step, state, self._rng_state(),
                             state_to_bytes(self.searcher.state_dict()))
@@ -350,7 +352,8 @@ class Driver:
         self._dispatch(redo + sweep.requeued)
 
     def _check_not_all_failing(self, session) -> None:
-        """SearchStuck when FAILING_START evaluations failed and none trained since this driver began."""
+        """SearchStuck when FAILING_START evaluations failed and none trained since this driver began, or
+        fewer where the budget left when it began is smaller: a budget of 4 that all failed ended `completed`."""
         if self.trained_since_start:   # then it can never fire: no need to count at every poll
             return
         counts = dict(session.execute(
@@ -361,13 +364,16 @@ class Driver:
             self.outcomes_before = failed, trained
         failed, trained = failed - self.outcomes_before[0], trained - self.outcomes_before[1]
         self.trained_since_start = trained > 0
-        if failed >= FAILING_START and not self.trained_since_start:
+        left = self.config.budget - sum(self.outcomes_before)
+        if failed >= max(min(FAILING_START, left), 1) and not self.trained_since_start:
             error = session.execute(select(Evaluation.error).where(
                 Evaluation.run_id == self.run_id, Evaluation.status == "failed")
                 .order_by(Evaluation.finished_at.desc()).limit(1)).scalar()
             said = (error or "no error recorded").strip().splitlines()[-1][:300]   # a traceback's last line
+            then = (f"`nos resume {self.run_id}`" if failed < left else
+                    "start the search again with `nos enqueue` (this run's budget is spent)")
             raise SearchStuck(f"{failed} evaluations failed and none trained (the last: {said}); fix the cause, "
-                              f"then `nos resume {self.run_id}`")
+                              f"then {then}")
 
     def _release(self, rows: list[Evaluation]) -> None:
         """Send the held repeats whose first has finished (one not among `rows` has), and ids lost on

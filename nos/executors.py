@@ -79,7 +79,7 @@ def _worker_main(db_url: str, device: str | None, parent: int, pack: int, orders
     import torch
 
     from .store import open_store
-    from .work import Outcome, run_evaluation, worker_name
+    from .work import Outcome, refusal_reason, run_evaluation, worker_name
 
     torch.set_num_threads(1)   # one thread per process: processes, not threads, share the cores
     store = open_store(db_url)
@@ -97,7 +97,11 @@ def _worker_main(db_url: str, device: str | None, parent: int, pack: int, orders
         except Exception:   # the database, briefly: a claim it left is retaken when stale; this worker goes on
             traceback.print_exc()
             continue
-        if outcome is Outcome.REFUSED:   # its reason is logged: left queued, for no local worker would take it
+        if outcome is Outcome.REFUSED:   # left queued, for no local worker would take it; the driver fails the run
+            try:
+                orders.send(("refused", refusal_reason(store, evaluation_id, device)))   # for the run's error
+            except Exception:
+                pass
             sys.stderr.flush()
             os._exit(REFUSED_EXIT)
 
@@ -131,6 +135,7 @@ class LocalExecutor:
         self._lock = threading.Lock()          # guards what follows, shared with the handing-out thread
         self._pending: collections.deque[int] = collections.deque()
         self._ready: list[Connection] = []     # pipes of workers waiting for an id
+        self._refusals: dict[Connection, str] = {}   # why a worker refused its evaluation, as it said before exiting
         self._closed = False
         self._workers = [self._start() for _ in range(workers)]
         self._hands = threading.Thread(target=self._hand_out_forever, daemon=True, name="nos-local-dispatch")
@@ -179,9 +184,12 @@ class LocalExecutor:
                     if orders.closed:   # its worker was replaced meanwhile
                         continue
                     try:
-                        orders.recv()
+                        message = orders.recv()
                     except (EOFError, OSError):   # its worker died: `dead_workers` replaces it
                         orders.close()
+                        continue
+                    if message is not None:   # ("refused", why): it exits, and `dead_workers` says why
+                        self._refusals[orders] = str(message[1])
                         continue
                     self._ready.append(orders)
                     self._hand_out()
@@ -206,16 +214,28 @@ class LocalExecutor:
                         "is not under `if __name__ == \"__main__\":`: each worker process imports the script "
                         "again, and so starts a search of its own.")
                 if process.exitcode == REFUSED_EXIT:
+                    why = self._refusal_of(worker.orders) or ("the task does not build in a worker process, or "
+                                                              "its device is missing there (logged above)")
                     raise WorkerStartError(
-                        "a local worker refused the run's evaluations: the task does not build in a worker process, "
-                        "or its device is missing there (the reason is logged above); the workers import the "
-                        "task's module afresh, from the folder and PYTHONPATH the search started with")
+                        f"a local worker refused the run's evaluations: {why}; the workers import the task's "
+                        "module afresh, from the folder and PYTHONPATH the search started with")
                 dead.append(f"{host}:{process.pid}")
                 if worker.orders in self._ready:
                     self._ready.remove(worker.orders)
                 worker.orders.close()
                 self._workers[i] = self._start()
         return dead
+
+    def _refusal_of(self, orders: Connection) -> str | None:
+        """The reason a refusing worker sent before it exited (under the lock), if it reached us."""
+        try:
+            while orders.poll():
+                message = orders.recv()
+                if message is not None:
+                    self._refusals[orders] = str(message[1])
+        except (EOFError, OSError):
+            pass
+        return self._refusals.get(orders)
 
     def close(self, wait: bool = False) -> None:
         """Stop the workers: after their current evaluation (wait) or now."""

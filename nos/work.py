@@ -34,7 +34,7 @@ from .devices import device_problem
 from .records import EvaluationResult
 from .store import Store, claim, commit_result, database_now, fail, find_cached, get_evaluation, get_run, heartbeat
 from .store.engine import first_line
-from .store.evaluations import commit_cached, equivalence_reason, find_equivalent
+from .store.evaluations import commit_cached, equivalence_reason, find_equivalent, note_refusal
 from .store.models import Evaluation, Rule
 from .store.outages import retrying
 from .tasks import Task, get_task
@@ -109,6 +109,7 @@ def run_pack(store: Store, evaluation_id: int, *, worker: str | None = None, dev
     problem = _task_problem_of(store, evaluation_id, device)
     if problem:   # this worker's, not the rule's: another worker may have the data
         _LOG.warning("evaluation %s refused, left queued: %s", evaluation_id, problem)
+        _note_refusal(store, evaluation_id, worker, problem)
         return {evaluation_id: Outcome.REFUSED}
     with store.transaction() as session:
         now = database_now(session)   # one claim time marks a pack (`nos status`); after the slow task build
@@ -212,7 +213,9 @@ def _claim_or_answer(session: Session, evaluation_id: int, worker: str, device: 
     if evaluation is None:
         return Outcome.SKIPPED
     config = SearchConfig.from_dict(get_run(session, evaluation.run_id).config)
-    if device_problem(device or config.device):
+    problem = device_problem(device or config.device)
+    if problem:
+        note_refusal(session, evaluation_id, f"refused by {worker}: {problem}")
         return Outcome.REFUSED
     rule = session.get(Rule, evaluation.rule_id)
     attempt = claim(session, evaluation_id, worker, timedelta(seconds=config.stale_after),
@@ -227,6 +230,27 @@ def _claim_or_answer(session: Session, evaluation_id: int, worker: str, device: 
     if source is not None and commit_cached(session, evaluation_id, attempt, source, reason=reason):
         return Outcome.CACHED
     return Claim(evaluation_id, attempt, config, rule.text, evaluation.task_key, evaluation.run_id)
+
+
+def _note_refusal(store: Store, evaluation_id: int, worker: str, problem: str) -> None:
+    """Leave the refusal's reason on the queued evaluation, where `nos status` shows it; a database that
+    does not answer just now loses the note, not the evaluation."""
+    try:
+        with store.transaction() as session:
+            note_refusal(session, evaluation_id, f"refused by {worker}: {problem}")
+    except Exception:
+        _LOG.warning("could not note the refusal of evaluation %s", evaluation_id)
+
+
+def refusal_reason(store: Store, evaluation_id: int, device: str | None) -> str:
+    """Why this worker refused the evaluation, in one line: the run's device or its task is not here."""
+    with store.reading() as session:
+        evaluation = get_evaluation(session, evaluation_id)
+        config = None if evaluation is None else SearchConfig.from_dict(get_run(session, evaluation.run_id).config)
+    if config is None:
+        return "its evaluation is gone"
+    return (device_problem(device or config.device) or _task_problem_of(store, evaluation_id, device)
+            or "it could not take the evaluation")
 
 
 def _task_problem_of(store: Store, evaluation_id: int, device: str | None) -> str | None:

@@ -209,3 +209,15 @@ def test_status_says_who_drives_a_run_or_what_will(sqlite_store, sqlite_url):
     assert lines[1] == "  no live driver (the last, elsewhere:2, is gone): continue it with `nos resume 2`"
     assert lines[2] == ("  no live driver: waiting for a control worker, which sends its driver loop again if it "
                         "was lost; sent again 2 times")
+
+
+def test_status_says_why_a_run_failed(sqlite_store, sqlite_url):
+    from nos.store import create_run, set_run_status
+
+    with sqlite_store.transaction() as session:
+        run_id = create_run(session, "r", "digits", {"budget": 4})
+        set_run_status(session, run_id, "failed", error="Traceback (most recent call last):\n  ...\n"
+                                                        "SearchStuck: 4 evaluations failed and none trained")
+    lines = invoke("status", str(run_id), "--db", sqlite_url).output.splitlines()
+    assert lines[2] == ("  failed: SearchStuck: 4 evaluations failed and none trained; fix the cause, then "
+                        "`nos resume 1`")

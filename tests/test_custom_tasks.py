@@ -461,13 +461,38 @@ def test_a_search_whose_evaluations_all_fail_stops_instead_of_spending_its_budge
     assert "done" not in statuses
 
 
+def test_a_small_budget_that_all_fails_fails_the_run_instead_of_completing_it(tasks_module, tmp_path):
+    """Under FAILING_START evaluations in all: it ended `completed`, exit status 0, no word of a failure."""
+    db = f"sqlite:///{tmp_path / 'small.db'}"
+    done = _enqueue(tmp_path, f"{tasks_module}:fails_in_training", 3, db)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert ("run 1 failed: 3 evaluations failed and none trained (the last: RuntimeError: out of memory, say); fix "
+            "the cause, then start the search again with `nos enqueue` (this run's budget is spent)") in done.stderr
+    status = subprocess.run([sys.executable, "-m", "nos.cli.main", "status", "1", "--db", db], capture_output=True,
+                            text=True, timeout=60)
+    assert "failed, 3/3 evaluations finished" in status.stdout
+    assert "  failed: SearchStuck: 3 evaluations failed and none trained" in status.stdout
+
+
 def test_a_local_search_whose_workers_cannot_build_the_task_fails_at_once(tasks_module, tmp_path):
     """Left queued for another worker, as a Celery worker does, the evaluation would wait for ever: every
     local worker is alike."""
     done = _enqueue(tmp_path, f"{tasks_module}:only_in_the_driver", 4, f"sqlite:///{tmp_path / 'refused.db'}")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "cannot be built here" in done.stderr and "the data is not here" in done.stderr
-    assert "a local worker refused the run's evaluations" in done.stderr
+    # One line, the worker's reason in it (it was a traceback saying the reason was "logged above") ...
+    line = (f"Error: run 1 failed: a local worker refused the run's evaluations: its {tasks_module}:only_in_the_driver "
+            f"task cannot be built here: task '{tasks_module}:only_in_the_driver' raised RuntimeError: the data is "
+            "not here; the workers import")
+    assert line in done.stderr and "Traceback" not in done.stderr, done.stderr
+    # ... and stored as the run's error, which `nos status` shows.
+    from nos.store import open_store
+    from nos.store.models import Run
+
+    store = open_store(f"sqlite:///{tmp_path / 'refused.db'}")
+    with store.reading() as session:
+        assert "raised RuntimeError: the data is not here" in session.get(Run, 1).error
+    store.dispose()
 
 
 def test_what_a_factory_prints_stays_out_of_json_and_its_exit_is_an_error(tasks_module):

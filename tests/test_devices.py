@@ -83,10 +83,13 @@ def test_a_worker_without_the_runs_device_refuses_the_evaluation_and_leaves_it_q
         rule_id = get_or_create_rules(session, [RuleRecord.from_tree(parse("sign(g)"))])[0]
         evaluation_id = enqueue_batch(session, run_id, 0, [NewEvaluation(rule_id, config.task, key)])[0]
 
-    assert run_evaluation(store, evaluation_id) is Outcome.REFUSED
+    assert run_evaluation(store, evaluation_id, worker="w:1") is Outcome.REFUSED
     with store.reading() as session:
         row = session.get(Evaluation, evaluation_id)
-        assert (row.status, row.attempts, row.worker, row.error) == ("queued", 0, None, None)
+        assert (row.status, row.attempts, row.worker) == ("queued", 0, None)
+        assert row.error.startswith(f"refused by w:1: device {ABSENT!r} asked for, but")   # what `nos status` shows
+    status = CliRunner().invoke(cli, ["status", str(run_id), "--db", sqlite_url]).output
+    assert f"1 queued evaluation refused by a worker (the last: refused by w:1: device {ABSENT!r}" in status
 
     # A worker that has a device it is told to use (`nos worker --device cpu`) takes it as usual.
     assert run_evaluation(store, evaluation_id, device="cpu") in (Outcome.DONE, Outcome.DIVERGED)

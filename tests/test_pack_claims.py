@@ -327,7 +327,10 @@ def test_a_worker_without_the_tasks_data_refuses_and_leaves_the_evaluation_queue
                              "task_options": {"data_dir": str(tmp_path / "no-data-here")}})
     run_id, ids = _queue(store, config, RULES[:2], key="the-drivers-key")
     assert run_pack(store, ids[0], worker="w:1", pack=2) == {ids[0]: Outcome.REFUSED}
-    assert [(r.status, r.attempts, r.error) for r in run_rows(sqlite_url, run_id)] == [("queued", 0, None)] * 2
+    rows = run_rows(sqlite_url, run_id)
+    assert [(r.status, r.attempts) for r in rows] == [("queued", 0)] * 2
+    assert rows[0].error.startswith("refused by w:1: its fashion-mlp task cannot be built here: ")
+    assert rows[1].error is None   # not looked at
     store.dispose()
 
 

@@ -216,6 +216,50 @@ def test_a_parameter_without_a_gradient_stays_put_in_a_pack_as_alone():
         assert_same(a, b, **DIGITS)
 
 
+
+class _FrozenBody(nn.Module):
+    """A frozen first layer (an embedding, a pretrained backbone) under a head that trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 16).requires_grad_(False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_a_frozen_parameter_stays_frozen_stacked_and_in_a_pack_as_alone():
+    x = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    stacked, sequential = (from_tensors(x, y, _FrozenBody, val_size=100, test_size=100, batch_size=16,
+                                        lrs=[1e-2, 1e-1, 1.0], epochs=2, stacked=flag) for flag in (True, False))
+    rules = ["adam", "addsign-ld"]   # the second retrains its final run, which joins the first's pack
+    for in_pack, rule in zip(evaluate_rules(rules, stacked, seed=0), rules):
+        alone = evaluate_rule(rule, sequential, seed=0)
+        assert_same(evaluate_rule(rule, stacked, seed=0), alone, **DIGITS)
+        assert_same(in_pack, alone, **DIGITS)
+    with deterministic(stacked.device):
+        initial = initial_child(stacked, 0)
+        pack = PackedChildren(stacked, initial, [Member("adam", (1e-1, 1.0), 10), Member("sgd", (1.0,), 10)], 0)
+        pack.advance(stacked.steps_per_epoch)
+    for child in pack.running:
+        trained = pack.model(child)
+        assert all(torch.equal(a, b) for a, b in zip(trained.body.parameters(), initial.body.parameters()))
+        assert not torch.equal(trained.head.weight, initial.head.weight)
+
+
+def test_a_child_with_frozen_parameters_has_a_key_of_its_own_and_others_keep_theirs():
+    """Results stored when stacks trained frozen parameters must not answer for the child trained right."""
+    x = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+    frozen, trainable = (from_tensors(x, y, make, val_size=100, test_size=100, batch_size=16)
+                         for make in (_FrozenBody, lambda: nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 3))))
+    assert frozen.to_dict()["frozen"] == 2   # the body's weight and bias
+    assert "frozen" not in trainable.to_dict() and "frozen" not in get_task("digits").to_dict()
+    assert frozen.config_key() != trainable.config_key()
+
+
 def test_a_stacks_losses_sum_past_float32s_range_as_a_lone_childs_do():
     """Each loss finite (some 5e36), an epoch's sum past 3.4e38: a float32 sum would read inf, and diverge."""
     task = get_task("digits", lrs=[1.0], sweep_epochs=1, epochs=5, train_size=1200, explode=0)

@@ -206,6 +206,14 @@ def commit_cached(session: Session, evaluation_id: int, attempt: int, source: Ev
     return updated.rowcount == 1
 
 
+def note_refusal(session: Session, evaluation_id: int, note: str) -> bool:
+    """Say on a still-queued evaluation why a worker refused it (`nos status` shows it; its claim clears it)."""
+    noted = session.execute(update(evaluations).where(evaluations.c.id == evaluation_id,
+                                                      evaluations.c.status == "queued")
+                            .values(error=mask_credentials(note)[:2000]))
+    return noted.rowcount == 1
+
+
 def fail(session: Session, evaluation_id: int, attempt: int, error: str, *, now: datetime | None = None) -> bool:
     """Mark the evaluation failed with `error`, if `attempt` still holds the claim."""
     finished_at = now or database_now(session)
@@ -338,5 +346,5 @@ __all__ = [
     "NewEvaluation", "StaleSweep", "batch_evaluations", "claim",
     "commit_cached", "commit_result", "enqueue_batch", "equivalence_reason", "fail", "find_cached", "find_equivalent",
     "get_evaluation", "heartbeat",
-    "release_claims", "requeue_stale", "trials_of", "unfinished_ids",
+    "note_refusal", "release_claims", "requeue_stale", "trials_of", "unfinished_ids",
 ]

@@ -70,6 +70,7 @@ class Task:
     # it pays, which is on CUDA and for children without convolutions on the CPU.
     stacked: bool | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    _frozen: int | None = field(default=None, init=False, repr=False, compare=False)   # see frozen_tensors
 
     def __post_init__(self) -> None:
         if not self.lrs or any(not (0 < lr < math.inf) for lr in self.lrs):
@@ -122,7 +123,7 @@ class Task:
         The device and stacking are left out: like a GPU against a CPU, they
         change rounding, not the protocol.
         """
-        return {
+        identity = {
             "protocol": PROTOCOL,
             "name": self.name,
             "options": dict(sorted(self.options.items())),
@@ -135,6 +136,19 @@ class Task:
             "sweep": self.sweep,
             "sizes": self.splits.sizes,
         }
+        if self.frozen_tensors:
+            # Stacks and packs trained frozen parameters until they kept them frozen: a child with any has a key
+            # of its own from then on, so results stored before are not reused. Other keys are unchanged.
+            identity["frozen"] = self.frozen_tensors
+        return identity
+
+    @property
+    def frozen_tensors(self) -> int:
+        """How many of the child's parameter tensors are frozen (requires_grad False); built once to count."""
+        if self._frozen is None:
+            with torch.random.fork_rng(devices=[]):   # building a child draws its initial weights
+                self._frozen = sum(not p.requires_grad for p in self.make_child().parameters())
+        return self._frozen
 
     def config_key(self) -> str:
         """A stable short hash of `to_dict()`: equal keys, same protocol on the same data."""

@@ -178,6 +178,7 @@ def build_with(label: str, factory: Callable[..., Any], device: torch.device, op
         raise TaskFactoryError(f"task {label!r} raised {_described(exc)}{_strays(named, options)}") from None
     if not isinstance(task, Task):
         raise TaskFactoryError(f"task {label!r} returned a {type(task).__name__}, not a nos.tasks.Task")
+    _check_passed_on(label, task, passed)
     try:
         task = dataclasses.replace(task, name=label, **_moved(task, device), **applied)
     except (TypeError, ValueError) as exc:
@@ -187,6 +188,27 @@ def build_with(label: str, factory: Callable[..., Any], device: torch.device, op
         return check_task(task)
     except UnfitTask as exc:
         raise TaskFactoryError(f"task {label!r}: {exc}") from None
+
+
+def _check_passed_on(label: str, task: Task, passed: dict[str, Any]) -> None:
+    """Refuse a task that ignores a protocol knob it was given: the knob is in its key, so results would claim it."""
+    built = {knob: getattr(task, knob) for knob in PROTOCOL_OPTIONS}
+    built["train_size"] = task.splits.sizes["train"]
+    for knob, given in passed.items():
+        if knob in built and given is not None and not _same(given, built[knob]):
+            has = f"{built[knob]} training examples" if knob == "train_size" else f"{knob}={_plain(built[knob])}"
+            raise TaskFactoryError(f"task {label!r} was given {knob}={_plain(given)} but returned a Task with {has}: "
+                                   "pass the options it takes (its **protocol too) on to from_tensors or from_dataset")
+
+
+def _same(given: Any, built: Any) -> bool:
+    if isinstance(given, (list, tuple)):
+        return isinstance(built, (list, tuple)) and [float(v) for v in given] == [float(v) for v in built]
+    return given == built
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _moved(task: Task, device: torch.device) -> dict[str, Any]:

@@ -51,6 +51,10 @@ class Objective:
         """What is wrong with a child's output `out` for a batch of targets `y` (None: nothing), in one line."""
         return None
 
+    def baseline(self, splits) -> float | None:
+        """The score of predicting the training targets' mean for every validation example (None: no such thing)."""
+        return None
+
     @torch.inference_mode()
     def score(self, model: nn.Module, x: Tensor, y: Tensor) -> float:
         was_training = model.training
@@ -118,6 +122,12 @@ class MeanSquaredError(InverseLoss):
             return (f"the child outputs shape {tuple(out.shape)} for targets of shape {tuple(y.shape)}: give the "
                     f"targets the output's shape (y.unsqueeze(1) for one output per example)")
         return None
+
+    def baseline(self, splits) -> float | None:
+        if not (splits.train_y.is_floating_point() and splits.val_y.is_floating_point()):
+            return None   # the one-batch check has its say on such targets
+        y = splits.val_y.double()
+        return self.finish(float(self.score_sum(splits.train_y.double().mean(0).expand_as(y), y)), len(y))
 
 
 class ModelValue(InverseLoss):

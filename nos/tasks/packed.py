@@ -126,7 +126,7 @@ class PackedChildren(StackedChildren):
         self.first += [offset + first for first in other.first]
         for name in ("lrs", "steps", "epochs", "val_acc", "train_loss", "diverged", "wall_seconds"):
             getattr(self, name).extend(getattr(other, name))
-        self.params = {n: torch.cat([p.detach(), other.params[n].detach()]).requires_grad_()
+        self.params = {n: torch.cat([p.detach(), other.params[n].detach()]).requires_grad_(p.requires_grad)
                        for n, p in self.params.items()}
         self.buffers = {n: torch.cat([b, other.buffers[n]]) for n, b in self.buffers.items()}
         self._seen = torch.cat([self._seen, other._seen])

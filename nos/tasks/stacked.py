@@ -52,7 +52,8 @@ class StackedChildren:
         self.lrs = list(lrs)
         k = len(lrs)
         params, buffers = stack_module_state([initial] * k)
-        self.params = {name: p.detach().clone().requires_grad_() for name, p in params.items()}
+        # A frozen parameter (requires_grad=False) stays frozen: no gradient, so no rule steps it, as alone.
+        self.params = {name: p.detach().clone().requires_grad_(p.requires_grad) for name, p in params.items()}
         self.buffers = {name: b.clone() for name, b in buffers.items()}
         self.skeleton = copy.deepcopy(initial).to("meta")
         # vmap's host time per op outweighs a small child's kernels: common layers get a forward written out.
@@ -239,7 +240,8 @@ class StackedChildren:
         if len(positions) == len(self.running):
             return
         index = torch.tensor(positions, dtype=torch.long, device=self.task.device)
-        self.params = {n: p.detach().index_select(0, index).requires_grad_() for n, p in self.params.items()}
+        self.params = {n: p.detach().index_select(0, index).requires_grad_(p.requires_grad)
+                       for n, p in self.params.items()}
         self.buffers = {n: b.index_select(0, index) for n, b in self.buffers.items()}
         self._keep_optimizers(positions)
         if self._total is not None:
@@ -297,6 +299,7 @@ def carry_state(old: SymbolicOptimizer, new: SymbolicOptimizer, index: Tensor) -
 def _finite_children(tensors: list[Tensor]) -> list[bool]:
     """Per stack position: whether every floating value of that child is finite."""
     floats = [t for t in tensors if t.is_floating_point()]
-    per_tensor = torch.stack([t.flatten(1).isfinite().all(1) for t in floats])
+    # reshape, not flatten(1): a child's scalar (a 0-dim buffer) is 1-dim stacked.
+    per_tensor = torch.stack([t.reshape(len(t), -1).isfinite().all(1) for t in floats])
     return per_tensor.all(0).tolist()
 
