@@ -207,6 +207,9 @@ def test_protocol_knobs_a_factory_does_not_take_are_applied_to_its_task(tasks_mo
 @pytest.mark.parametrize("attribute, error, message", [
     ("nowhere_at_all:blobs", UnknownTask, "no module named 'nowhere_at_all'"),
     ("{m}:missing", UnknownTask, "has no 'missing'"),
+    ("{m}.py:blobs", UnknownTask, "name a module, not a file: run nos from the file's folder (or put that folder "
+                                  "on PYTHONPATH) and use {m}:blobs"),
+    ("./sub dir/{m}.py:blobs", UnknownTask, "name a module, not a file"),
     ("{m}_boom:blobs", TaskFactoryError, "raised ZeroDivisionError"),
     ("{m}:unmarked", TaskFactoryError, "not marked as a task factory"),
     ("shutil:rmtree", TaskFactoryError, "not marked as a task factory"),   # a stored name calls no arbitrary code
@@ -223,7 +226,7 @@ def test_a_factory_that_cannot_build_says_why(tasks_module, attribute, error, me
     options = {"hidden": 3} if attribute.endswith(":plain") else {"widht": 4} if "does not name" in message \
         else {"train_size": "many"} if attribute.endswith(":blobs") and "boom" not in attribute \
         and "nowhere" not in attribute else {}
-    with pytest.raises(error, match=message.replace("(", r"\(")):
+    with pytest.raises(error, match=re.escape(message.format(m=tasks_module))):
         get_task(attribute.format(m=tasks_module), **options)
 
 

@@ -35,6 +35,7 @@ import json
 import os
 import sys
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -96,6 +97,10 @@ def load_factory(name: str) -> Callable[..., Any]:
     module_name, _, attribute = name.strip().partition(":")
     if not module_name or not attribute:
         raise UnknownTask(f"task {name!r}: a factory is named package.module:function")
+    if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
+        module = Path(module_name).name.removesuffix(".py")
+        raise UnknownTask(f"task {name!r}: name a module, not a file: run nos from the file's folder (or put "
+                          f"that folder on PYTHONPATH) and use {module}:{attribute}")
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.append(cwd)
@@ -112,7 +117,9 @@ def load_factory(name: str) -> Callable[..., Any]:
     for part in attribute.split("."):
         factory = getattr(factory, part, None)
         if factory is None:
-            raise UnknownTask(f"task {name!r}: module {module_name} has no {attribute!r}")
+            where = getattr(module, "__file__", None)   # another module of that name may shadow the user's
+            raise UnknownTask(f"task {name!r}: module {module_name}{f' ({where})' if where else ''} has no "
+                              f"{attribute!r}")
     if not callable(factory):
         raise TaskFactoryError(f"task {name!r} is a {type(factory).__name__}, not a function that builds a task")
     if not getattr(factory, MARK, False):
