@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .parser import parse
-from .tree import Node
+from .tree import Binary, Const, Node, Operand, Unary
 from .vocabulary import SCHEDULES
 
 # TensorFlow's PowerSign / AddSign with a sign decay f(t) in {ld, cd, rd}:
@@ -34,7 +34,9 @@ PAPER_EXAMPLES: tuple[str, ...] = (
 
 
 def resolve_rule(rule: str | Node) -> Node:
-    """A rule tree from a tree, a built-in name, or rule text."""
+    """A rule tree from a tree, a built-in name, or rule text; TypeError for anything else."""
     if isinstance(rule, str):
         return parse(BUILTINS.get(rule.strip().lower(), rule))
-    return rule
+    if isinstance(rule, (Operand, Const, Unary, Binary)):
+        return rule
+    raise TypeError(f"a rule is text, a built-in rule's name or a parsed tree, not {type(rule).__name__} ({rule!r})")

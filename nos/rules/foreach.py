@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -108,29 +108,66 @@ class TreeFacts:
 
 
 class Scratch:
-    """Temporaries kept from one step to the next, handed out by shape."""
+    """Temporaries kept from one step to the next, handed out by shape.
+
+    A bucket's temporaries are kept as lists, by the shapes of all of its tensors: a step takes each with
+    one lookup. The tensors that step change as gradients come and go (layers dropped, experts not routed
+    to, a layer unfrozen), and each new set would keep lists of its own for good: `trim`, once a step, cuts
+    the lists no step took since the last trim into loose tensors, which the next lists are made of, and
+    lets the loose ones go that no list took meanwhile. What is kept is then at most two steps' worth.
+    """
 
     def __init__(self) -> None:
-        self._free: dict[tuple, list[list[Tensor]]] = defaultdict(list)
+        self._free: dict[tuple, list[list[Tensor]]] = {}
         self._lent: list[tuple[tuple, list[Tensor]]] = []
+        self._taken: Counter = Counter()   # lists taken since the last trim, by key
+        self._loose: dict[tuple, list[Tensor]] = {}   # by dtype, device, shape and strides
 
     def take(self, like: Sequence[Tensor]) -> list[Tensor]:
         """Tensors shaped like `like`; their contents are garbage."""
         key = (like[0].dtype, like[0].device, tuple(t.shape for t in like))
-        out = self._free[key].pop() if self._free[key] else [torch.empty_like(t) for t in like]
+        free = self._free.get(key)
+        out = free.pop() if free else [self._loose_or(t.dtype, t.device, t.shape, t.stride(), t) for t in like]
         self._lent.append((key, out))
         return out
 
     def take_flat(self, numel: int, like: Tensor) -> Tensor:
         key = (like.dtype, like.device, ((numel,),))
-        out = self._free[key].pop() if self._free[key] else [like.new_empty(numel)]
+        free = self._free.get(key)
+        out = free.pop() if free else [self._loose_or(like.dtype, like.device, (numel,), (1,), like, numel)]
         self._lent.append((key, out))
         return out[0]
 
+    def _loose_or(self, dtype: torch.dtype, device: torch.device, shape: Sequence[int], strides: Sequence[int],
+                  like: Tensor, numel: int | None = None) -> Tensor:
+        """A loose tensor of this layout, or else a new one: like `like`, or flat with `numel` elements."""
+        loose = self._loose.get((dtype, device, tuple(shape), tuple(strides)))
+        if loose:
+            return loose.pop()
+        return torch.empty_like(like) if numel is None else like.new_empty(numel)
+
     def release(self) -> None:
         for key, out in self._lent:
-            self._free[key].append(out)
+            self._free.setdefault(key, []).append(out)
+            self._taken[key] += 1
         self._lent.clear()
+
+    def trim(self) -> None:
+        """Keep as many lists of each key as were taken since the last trim; cut the rest loose, and drop
+        the loose tensors that were not taken since then."""
+        if all(self._taken[key] >= len(lists) for key, lists in self._free.items()) and not self._loose:
+            self._taken.clear()
+            return   # the same tensors stepped: nothing to cut
+        self._loose = {}
+        for key in list(self._free):
+            lists = self._free[key]
+            for out in lists[self._taken[key]:]:
+                for t in out:
+                    self._loose.setdefault((t.dtype, t.device, tuple(t.shape), t.stride()), []).append(t)
+            del lists[self._taken[key]:]
+            if not lists:
+                del self._free[key]
+        self._taken.clear()
 
 
 @dataclass

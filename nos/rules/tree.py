@@ -55,9 +55,15 @@ class Unary(_Printed):
     param: float | None = None   # clip's c, drop's p
 
     def __post_init__(self) -> None:
+        # Here, not only in unary(): a tree built from these classes directly is a rule too (SymbolicOptimizer
+        # takes one), and drop(x, 1) would divide by 0, clip(x, -1) give -1 everywhere.
         if self.op not in UNARY_OPS:
             raise ValueError(f"unknown unary op {self.op!r}")
-        if (self.op in ("clip", "drop")) != (self.param is not None):
+        if self.op == "clip" and not (self.param is not None and math.isfinite(self.param) and self.param > 0):
+            raise ValueError(f"clip's bound must be a positive number, got {self.param}")
+        if self.op == "drop" and not (self.param is not None and 0.0 <= self.param < 1.0):
+            raise ValueError(f"drop's probability must be in [0, 1), got {self.param}")
+        if self.op not in ("clip", "drop") and self.param is not None:
             raise ValueError(f"{self.op} takes a parameter iff it is clip or drop")
 
 
@@ -98,13 +104,7 @@ def unary(op: str, child: Node, param: float | None = None) -> Node:
         return child
     if op == "sign" and isinstance(child, Operand) and child.name in ("g", "m"):
         return Operand(f"sign({child.name})")
-    if op == "clip":
-        if param is None or not (math.isfinite(param) and param > 0):
-            raise ValueError(f"clip's bound must be a positive number, got {param}")
-    if op == "drop":
-        if param is None or not (0.0 <= param < 1.0):
-            raise ValueError(f"drop's probability must be in [0, 1), got {param}")
-    return Unary(op, child, None if param is None else float(param))
+    return Unary(op, child, None if param is None else float(param))   # which checks clip's and drop's param
 
 
 def binary(op: str, left: Node, right: Node) -> Node:
