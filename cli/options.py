@@ -7,6 +7,7 @@ differs by command are made by a function that takes the default.
 from __future__ import annotations
 
 import math
+import os
 
 import click
 
@@ -58,9 +59,16 @@ def epochs_option(default: int | None = None, *, unset: str = "") -> click.Optio
                         help=f"Epochs of the final run at the best learning rate{default_text}.")
 
 
+def _absolute(ctx, param, value: str | None) -> str | None:
+    # A run stores the folder and is resumed, and its workers started, from wherever: "data" would be read
+    # from the folder each of them happens to start in.
+    return None if value is None else os.path.abspath(os.path.expanduser(value))
+
+
 data_dir_option = click.option(
-    "--data-dir", type=click.Path(file_okay=False),
-    help="Folder with the data set's files [$NOS_DATA_DIR; Fashion-MNIST also /usr/share/datasets/fashion-mnist].")
+    "--data-dir", type=click.Path(file_okay=False), callback=_absolute,
+    help="Folder with the data set's files, stored as an absolute path "
+         "[$NOS_DATA_DIR; Fashion-MNIST also /usr/share/datasets/fashion-mnist].")
 train_size_option = click.option(
     "--train-size", type=click.IntRange(min=1),
     help="Subsample the training split to N examples (rosenbrock, which has no data: N steps an epoch).")

@@ -221,3 +221,18 @@ def test_status_says_why_a_run_failed(sqlite_store, sqlite_url):
     lines = invoke("status", str(run_id), "--db", sqlite_url).output.splitlines()
     assert lines[2] == ("  failed: SearchStuck: 4 evaluations failed and none trained; fix the cause, then "
                         "`nos resume 1`")
+
+
+def test_a_relative_data_dir_is_stored_absolute(tmp_path, monkeypatch):
+    """A resume, or a worker, started in another folder must read the same data, not that folder's `data`."""
+    from nos.store import get_run, open_store
+
+    monkeypatch.chdir(tmp_path)
+    db = f"sqlite:///{tmp_path / 'n.db'}"
+    done = invoke("enqueue", "--task", "digits", "--data-dir", "data", "--budget", "2", "--update-every", "2",
+                  "--workers", "1", "--train-size", "200", "--db", db)
+    assert done.exit_code == 0, done.output
+    store = open_store(db)
+    with store.reading() as session:
+        assert get_run(session, 1).config["task_options"]["data_dir"] == str(tmp_path / "data")
+    store.dispose()
