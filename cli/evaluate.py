@@ -33,7 +33,6 @@ from .options import (
     lrs_option,
     sweep_option,
     task_option,
-    threads_option,
     train_size_option,
     training_batch_option,
 )
@@ -56,7 +55,8 @@ from .rules import parse_or_exit
               help="Epochs of each sweep trial [the task's: 1, fashion-mlp 3].")
 @training_batch_option
 @sweep_option
-@threads_option
+@click.option("--threads", type=click.IntRange(min=1),
+              help="Torch CPU threads [1, as search workers train: the reward a search stored].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of tables.")
 def eval_command(rule: str, task_name: str, seed: int, device: str, data_dir: str | None, train_size: int | None,
                  lrs: tuple[float, ...] | None, epochs: int | None, sweep_epochs: int | None,
@@ -68,8 +68,9 @@ def eval_command(rule: str, task_name: str, seed: int, device: str, data_dir: st
     final validation accuracy; test accuracy is shown beside it, never used.
     """
     tree = parse_or_exit(rule)
-    if threads:
-        torch.set_num_threads(threads)
+    # One thread unless told: as workers train, so the reward is the one a search stored for the rule (another
+    # thread count sums in another order), and faster on a machine whose cores are busy.
+    torch.set_num_threads(threads or 1)
     try:
         # What a task's own code prints goes to stderr: with --json, stdout holds the JSON alone.
         with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():

@@ -152,6 +152,9 @@ def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_siz
         raise UsageProblem(str(exc)) from None
     _stop_on_signals()
     _check_executor(broker_url, detach)
+    if broker_url and flags.get("workers") is not None:
+        click.echo("warning: --workers sets local workers, and this run's evaluations go to Celery workers (its "
+                   "broker comes from --broker or $NOS_BROKER_URL): it is left unused", err=True)
     _refused_to_usage(control.check_task, config, broker_url)
     store = store_for_writing(db_url, console.print)
     _stop_if_asked("the run")

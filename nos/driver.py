@@ -28,6 +28,7 @@ would have; if not (the final checkpoint) there is nothing left to do.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -78,6 +79,9 @@ RESEND_AT_MOST = 600.0
 # Evaluations failed, none trained, since a driver began: the task or the workers are broken (a
 # rule's own trouble ends as `diverged`, not `failed`), and the rest of the budget would fail alike.
 FAILING_START = 5
+# The least wait, in seconds, with evaluations sent and none taken by a remote worker, before the driver says so
+# (the wait is the run's stale_after where that is longer; see _say_if_untaken).
+UNTAKEN_AFTER = 10.0
 
 
 @dataclass
@@ -147,6 +151,8 @@ class Driver:
         self.lease = DriverLease(store, run_id)   # one driver per run (nos/lease.py)
         self.outcomes_before: tuple[int, int] | None = None   # (failed, trained) when this driver began
         self.trained_since_start = False
+        # Claims of the run's evaluations when this driver began, and when it began; None once one was taken.
+        self.untaken: tuple[int | None, float] | None = (None, time.monotonic())
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> str:
@@ -349,7 +355,27 @@ class Driver:
             sweep = requeue_stale(session, self.run_id, timedelta(seconds=self.config.stale_after),
                                   self.config.max_attempts)
             self._check_not_all_failing(session)
+            self._say_if_untaken(session)
         self._dispatch(redo + sweep.requeued)
+
+    def _say_if_untaken(self, session) -> None:
+        """One line on stderr when no remote worker took any of the run's evaluations for stale_after seconds
+        (at least UNTAKEN_AFTER) since this driver began: none is running, or none takes this queue (a
+        broker given by $NOS_BROKER_URL alone sends a search to Celery workers nobody started)."""
+        hint = getattr(self.executor, "untaken_hint", None)
+        if self.untaken is None or hint is None:
+            return
+        claims = session.execute(select(func.coalesce(func.sum(Evaluation.claims), 0))
+                                 .where(Evaluation.run_id == self.run_id)).scalar()
+        before, since = self.untaken
+        if before is None:
+            self.untaken = claims, since
+        elif claims > before:
+            self.untaken = None
+        elif self.dispatched_at and time.monotonic() - since >= max(UNTAKEN_AFTER, self.config.stale_after):
+            print(f"nos: no worker has taken an evaluation of run {self.run_id} in {time.monotonic() - since:.0f} s "
+                  f"(none runs, or all are busy elsewhere); {hint()}", file=sys.stderr, flush=True)
+            self.untaken = None   # said once
 
     def _check_not_all_failing(self, session) -> None:
         """SearchStuck when FAILING_START evaluations failed and none trained since this driver began, or

@@ -276,6 +276,26 @@ def test_a_detached_run_meeting_a_dead_hosts_fresh_lease_is_driven_when_it_goes_
     assert_complete(db_url, 1, 10)
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_search_no_worker_takes_says_so_once_and_where_the_evaluations_wait(db_url, broker, slow_toml):
+    """A broker in $NOS_BROKER_URL alone sends a search to Celery workers: with none started it waited in
+    silence, and --workers (local ones) was taken without a word."""
+    env = {**os.environ, "NOS_BROKER_URL": broker}
+    driver = subprocess.Popen([sys.executable, "-m", "nos.cli.main", "enqueue", "--config", slow_toml, "--db", db_url,
+                               "--workers", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        time.sleep(20)   # the wait is stale_after (4 s here), at least 10 s
+    finally:
+        os.killpg(driver.pid, signal.SIGINT)
+    _, err = driver.communicate(timeout=60)
+    assert "warning: --workers sets local workers, and this run's evaluations go to Celery workers" in err
+    said = [line for line in err.splitlines() if line.startswith("nos: no worker has taken an evaluation of run 1")]
+    assert len(said) == 1, err
+    assert f"they wait in the cpu queue of {broker}: start a worker with `nos worker --broker {broker} --queues cpu`" \
+        in said[0]
+
+
 def run_state(db_url: str, run_id: int = 1) -> tuple[str, str | None]:
     store = open_store(db_url)
     with store.reading() as session:

@@ -40,6 +40,21 @@ def test_eval_json_is_the_evaluation_result():
     assert [t["lr"] for t in data["trials"]] == [1e-2, 1e-1]
 
 
+def test_eval_trains_on_one_thread_unless_told_as_search_workers_do():
+    """Another thread count sums in another order: the reward a search stored is the one-thread one."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert run("sgd", "--json", *FAST).exit_code == 0
+        assert torch.get_num_threads() == 1
+        assert run("sgd", "--json", "--threads", "2", *FAST).exit_code == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bad_rule_exits_2():
     result = run("g * (", *FAST)
     assert result.exit_code == 2

@@ -52,6 +52,12 @@ class CeleryExecutor:
     def dead_workers(self) -> list[str]:
         return []   # remote workers are reaped by their stale heartbeats instead
 
+    def untaken_hint(self) -> str:
+        """What to do when no worker takes the run's evaluations: where they wait, and what takes them."""
+        broker = mask_url(app.conf.broker_url or "")
+        return (f"they wait in the {self.queue} queue of {broker}: start a worker with `nos worker --broker "
+                f"{broker} --queues {self.queue}` (without --broker or $NOS_BROKER_URL, nos trains on local workers)")
+
     def close(self) -> None:
         pass
 
