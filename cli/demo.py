@@ -41,7 +41,7 @@ def _train(rule: str, lr: float, data, epochs: int = 3) -> float:
 
 @click.command("demo")
 def demo_command() -> None:
-    """Parse the paper's rules and train a small net on digits with each built-in."""
+    """Parse the paper's rules and train on digits with each built-in."""
     console = make_console()
     table = Table(title="Rules parse to canonical trees")
     for column in ("rule", "canonical", "depth", "state buffers"):

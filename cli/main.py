@@ -10,7 +10,7 @@ from importlib import import_module
 import click
 
 COMMANDS = {   # name -> (where it lives, its one-line help: `nos --help` lists them without importing any)
-    "demo": (".demo:demo_command", "Train a small net on digits with each of the paper's rules."),
+    "demo": (".demo:demo_command", "Parse the paper's rules and train on digits with each built-in."),
     "rule": (".rules:rule_group", "Parse and inspect update rules."),
     "eval": (".evaluate:eval_command", "Evaluate RULE: the learning-rate sweep, then the final run."),
     "tasks": (".tasks:tasks_command", "List the built-in and registered tasks: sizes, child and reward."),

@@ -44,7 +44,7 @@ def _save(plots, fig, output: str) -> None:
               help="Plot RULE's learning-rate sweeps (rule id, text or built-in name) instead of run curves.")
 @task_filter_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), required=True,
-              help="Image file to write (.png; .svg and .pdf work too).")
+              help="Image file to write (the suffix picks the format: .png, .svg, .pdf, .jpg, ...).")
 @window_option
 @db_option
 def plot_command(run_ids, sweep_rule, task, output, window, db_url) -> None:

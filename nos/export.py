@@ -56,7 +56,8 @@ def export_snippet(rule: str | Node, *, lr: float = 1e-3, total_steps: int | Non
         args.append("total_steps=TOTAL_STEPS" if total_steps is not None else "total_steps=None")
         call.append("total_steps=total_steps")
     if seed is not None or is_random(tree):
-        lines.append(f"SEED = {seed!r}   # seeds the rule's noise (eps, eps_t, drop); None: a new seed each time")
+        lines.append(f"SEED = {seed!r}   # seeds the rule's noise (eps, eps_t, drop); None: made from "
+                     "torch.initial_seed(), so torch.manual_seed repeats it")
         args.append("seed=SEED")
         call.append("seed=seed")
     lines += [
