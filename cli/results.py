@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from nos.store import LeaderboardRow, database_now, get_run, leaderboard, list_runs, run_progress, trials_of
 from nos.store.leases import DRIVABLE, Lease, read_lease
-from nos.store.models import Evaluation, Rule
+from nos.store.models import SCORED_STATUSES, Evaluation, Rule
 
 from .console import console
 from .db import db_option, find_rule_or_exit, open_store_or_exit
@@ -59,6 +59,18 @@ def print_leaderboard(session: Session, top: int, run_id: int | None = None, tas
             cells.insert(3, f"{r.equivalent_rules} rules" if r.equivalent_rules > 1 else "-")
         table.add_row(*cells)
     console.print(table)
+    if task is None:
+        _say_if_tasks_mix(session, run_id)
+
+
+def _say_if_tasks_mix(session: Session, run_id: int | None) -> None:
+    """A line under a leaderboard whose rewards come from several tasks: a quadratic's 0.99 above a classifier's
+    0.95 says nothing about either rule, and a rule's best reward is taken over all of them."""
+    query = select(Evaluation.task).distinct().where(Evaluation.status.in_(SCORED_STATUSES))
+    tasks = session.execute(query if run_id is None else query.where(Evaluation.run_id == run_id)).scalars().all()
+    if len(tasks) > 1:
+        console.print(f"rewards of {len(tasks)} tasks ({', '.join(sorted(tasks))}) are not comparable: add --task "
+                      "or --run")
 
 
 @click.command("leaderboard")

@@ -236,3 +236,33 @@ def test_a_relative_data_dir_is_stored_absolute(tmp_path, monkeypatch):
     with store.reading() as session:
         assert get_run(session, 1).config["task_options"]["data_dir"] == str(tmp_path / "data")
     store.dispose()
+
+
+def test_a_leaderboard_over_several_tasks_says_their_rewards_do_not_compare(sqlite_store, sqlite_url):
+    from datetime import timedelta
+
+    from nos.rules import parse
+    from nos.store import (
+        NewEvaluation,
+        RuleRecord,
+        claim,
+        commit_result,
+        create_run,
+        enqueue_batch,
+        get_or_create_rules,
+    )
+
+    from helpers.store import result
+
+    for task, reward in (("quadratic", 0.99), ("digits", 0.95)):
+        with sqlite_store.transaction() as session:
+            run_id = create_run(session, task, task, {"budget": 1})
+            rule_id, = get_or_create_rules(session, [RuleRecord.from_tree(parse("adam"))])
+            evaluation_id, = enqueue_batch(session, run_id, 0, [NewEvaluation(rule_id, task, f"key-{task}")])
+        with sqlite_store.transaction() as session:
+            attempt = claim(session, evaluation_id, "w:1", timedelta(minutes=5))
+            assert commit_result(session, evaluation_id, attempt, result(reward))
+    both = invoke("leaderboard", "--db", sqlite_url).output
+    assert both.rstrip().splitlines()[-1] == ("rewards of 2 tasks (digits, quadratic) are not comparable: add --task "
+                                              "or --run")
+    assert "not comparable" not in invoke("leaderboard", "--task", "digits", "--db", sqlite_url).output

@@ -80,7 +80,8 @@ def test_open_store_refuses_a_database_without_schema(db_url):
 
 def test_open_store_refuses_a_missing_sqlite_file_without_creating_it(tmp_path):
     path = tmp_path / "missing.db"
-    with pytest.raises(StoreError, match=r"no database at .*missing.db; create it with `nos db upgrade`"):
+    with pytest.raises(StoreError, match=r"no database at .*missing.db: run this where the database is .*"
+                                         r"creates an empty one"):
         open_store(f"sqlite:///{path}")
     assert not path.exists()
 

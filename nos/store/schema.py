@@ -106,7 +106,10 @@ def _read_revision(url: URL) -> tuple[str | None, set[str]]:
     """The database's revision and the names of its tables and views (in its default schema)."""
     path = sqlite_path(url)
     if path is not None and not path.exists():
-        raise DatabaseMissing(f"no database at {path}; create it with `nos db upgrade`")
+        where = "" if path.is_absolute() else f" in {Path.cwd()}"
+        raise DatabaseMissing(f"no database at {path}{where}: run this where the database is (`nos enqueue` makes "
+                              f"nos.db in the folder it runs in), or give --db or $NOS_DB_URL; `nos db upgrade` "
+                              f"creates an empty one")
     engine = _read_only_engine(url, path)
     try:
         with engine.connect() as connection:
