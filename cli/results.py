@@ -47,7 +47,8 @@ def print_leaderboard(session: Session, top: int, run_id: int | None = None, tas
             writer.writerow([asdict(r)[f] for f in fields])
         return
     table = Table(title="leaderboard" + (f" of run {run_id}" if run_id else "") + (f" on {task}" if task else ""))
-    columns = ["#", "rule id", "rule", "reward", "test acc", "best lr", "evals", "run", "task"]
+    # "test", not "test acc": a regression task scores 1 / (1 + MSE) there, as in its reward
+    columns = ["#", "rule id", "rule", "reward", "test", "best lr", "evals", "run", "task"]
     if group_equivalent:
         columns.insert(3, "same behaviour")
     for column in columns:
@@ -227,13 +228,13 @@ def show_command(rule, db_url) -> None:
             select(Evaluation).where(Evaluation.rule_id == found.id).order_by(Evaluation.id)).scalars().all()
         for e in evaluations:
             console.print(f"\nevaluation {e.id}: run {e.run_id}, seq {e.seq}, {e.task}, {e.status}, "
-                          f"reward {_fmt(e.reward)}, test acc {_fmt(e.test_acc)}, best lr {_fmt(e.best_lr)}"
+                          f"reward {_fmt(e.reward)}, test {_fmt(e.test_acc)}, best lr {_fmt(e.best_lr)}"
                           + (f", cached from {e.cached_from}" if e.cached_from else "")
                           + (f"\n  error: {e.error.strip().splitlines()[-1]}" if e.error else ""))
             trials = trials_of(session, e.id)
             if trials:
                 table = Table()
-                for column in ("lr", "val acc", "train loss", "diverged", "seconds"):
+                for column in ("lr", "val score", "train loss", "diverged", "seconds"):
                     table.add_column(column)
                 for t in trials:
                     table.add_row(_fmt(t.lr), _fmt(t.val_acc), _fmt(t.train_loss), "yes" if t.diverged else "",

@@ -251,7 +251,7 @@ def _top_rules(report: RunReport, images: bool) -> list[str]:
         return ['<h2 id="top">Top rules</h2>', f'<p class="note">{why}</p>']
     parts = [f'<h2 id="top">Top {len(report.top)} rules</h2>']
     parts.append(_table(
-        ["#", "rule", "reward", "test acc", "best lr", "evaluations"],
+        ["#", "rule", "reward", "test", "best lr", "evaluations"],
         [[str(t.row.place), f'<code class="rule">{escape(t.row.rule)}</code>', _num(t.row.reward),
           _num(t.row.test_acc), _lr(t.row.best_lr), str(t.row.evaluations)] for t in report.top],
         numeric={0, 2, 3, 4, 5}))
@@ -298,7 +298,7 @@ def _top_rule(top: TopRule, images: bool) -> str:
         return f'<div class="top"><div>{head}<p class="note">No learning-rate sweep stored.</p></div></div>'
     note = "" if sweep.evaluation_id == row.evaluation_id else \
         f'<p class="note">Sweep of evaluation {sweep.evaluation_id} (run {sweep.run_id}), which this one reused.</p>'
-    table = _table(["lr", "val acc (sweep)", ""], [
+    table = _table(["lr", "val score (sweep)", ""], [
         [_lr(p.lr), "-" if p.val_acc is None else _num(p.val_acc),
          '<span class="bad">diverged</span>' if p.diverged else ("best" if p.lr == sweep.best_lr else "")]
         for p in sweep.points], numeric={0, 1},

@@ -90,7 +90,7 @@ def test_runs_status_leaderboard_show(searched):
     by_id = invoke("show", str(best["rule_id"]), "--db", url)
     assert by_id.exit_code == 0
     assert best["rule"] in by_id.output
-    assert "val acc" in by_id.output
+    assert "val score" in by_id.output
     by_text = invoke("show", best["rule"], "--db", url)
     assert by_text.output == by_id.output
 
