@@ -10,6 +10,7 @@ import click
 
 from nos.store import (
     URL_ENV_VAR,
+    DatabaseMissing,
     Store,
     StoreError,
     check_writable,
@@ -94,8 +95,14 @@ def db_group() -> None:
 def upgrade_command(db_url: str | None) -> None:
     """Create the schema, or bring it up to this nos's version."""
     url = resolve_url(db_url)
+    try:
+        before = schema_state(url).current
+    except DatabaseMissing:
+        before = None
     state = upgrade(url)
-    click.echo(f"{shown(url)}: {state.describe()}")
+    done = ("created, " if before is None else
+            f"upgraded from revision {before}, " if before != state.current else "")
+    click.echo(f"{shown(url)}: {done}{state.describe()}")
 
 
 @db_group.command("current")

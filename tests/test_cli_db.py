@@ -35,7 +35,7 @@ def test_upgrade_from_any_directory_creates_the_default_database(tmp_path, monke
     env = {k: v for k, v in os.environ.items() if k != "NOS_DB_URL"}
     done = subprocess.run([NOS, "db", "upgrade"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"sqlite:///nos.db: at revision {HEAD} (up to date)\n"
+    assert done.stdout == f"sqlite:///nos.db: created, at revision {HEAD} (up to date)\n"
     assert (tmp_path / "nos.db").is_file()
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("NOS_DB_URL", raising=False)
@@ -46,10 +46,10 @@ def test_upgrade_from_any_directory_creates_the_default_database(tmp_path, monke
 def test_upgrade_then_current_via_the_environment(db_url):
     result = nos("db", "upgrade", env={"NOS_DB_URL": db_url})
     assert result.exit_code == 0, result.output
-    assert f"at revision {HEAD} (up to date)" in result.output
+    assert f"created, at revision {HEAD} (up to date)" in result.output
     again = nos("db", "upgrade", "--db", db_url)
     assert again.exit_code == 0
-    assert "up to date" in again.output
+    assert again.output.endswith(f": at revision {HEAD} (up to date)\n")   # nothing to do, and it says so
     current = nos("db", "current", "--db", db_url)
     assert current.exit_code == 0
     assert f"at revision {HEAD} (up to date)" in current.output
