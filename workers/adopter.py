@@ -25,6 +25,9 @@ class Adopter(bootsteps.StartStopStep):
     """The worker step that runs the watch, in workers that take the control queue only."""
 
     label = "nos adopter"
+    # After the pool's processes are forked: a child forked while the watch's thread was importing a
+    # module inherited that module's import lock, held for ever, and hung when it imported the module.
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, parent, **kwargs):
         self.watch: Watch | None = None
@@ -35,6 +38,9 @@ class Adopter(bootsteps.StartStopStep):
 
     def start(self, parent) -> None:
         self.watch = Watch(parent.app)
+        # The first look here, in the worker's main thread: every module a look needs (the database's driver
+        # among them) is imported now, so the thread never imports while the pool forks a new process.
+        self.watch.look_once()
         self.watch.start()
 
     def stop(self, parent) -> None:
@@ -54,12 +60,15 @@ class Watch(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                self.look()
-            except Exception as exc:
-                logger.warning("nos adopter: could not look for driverless runs: %s: %s", type(exc).__name__, exc)
-            self.stopped.wait(self.every)
+        while not self.stopped.wait(self.every):
+            self.look_once()
+
+    def look_once(self) -> None:
+        """A look; one that fails (the database or the broker away) is logged, and the next tries again."""
+        try:
+            self.look()
+        except Exception as exc:
+            logger.warning("nos adopter: could not look for driverless runs: %s: %s", type(exc).__name__, exc)
 
     def look(self) -> None:
         from nos.store import open_store
