@@ -6,6 +6,7 @@ same object from there, so a resumed run searches exactly as it began.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -122,7 +123,9 @@ class SearchConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ConfigError(f"unknown config keys {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+            guesses = [f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k) for k in sorted(unknown)
+                       for close in [difflib.get_close_matches(k, known, n=1)]]
+            raise ConfigError(f"unknown config keys {', '.join(guesses)}; known: {', '.join(sorted(known))}")
         try:
             return cls(**data)
         except TypeError as exc:

@@ -26,7 +26,7 @@ def a_factory_in_main(**options):
     ({"task": "nowhere_at_all:task"}, RunRefused, "no module named 'nowhere_at_all'"),
     ({"task": "digits", "budget": 0}, ConfigError, "budget must be a whole number"),
     ({"task": "digits", "searcher": "annealing"}, ConfigError, "searcher must be one of"),
-    ({"task": "digits", "momentum": 0.9}, ConfigError, "unknown config keys momentum"),
+    ({"task": "digits", "momentum": 0.9}, ConfigError, "unknown config keys 'momentum'"),
     ({"task": "digits", "device": "cuda:7"}, RunRefused, "cuda"),
     ({"task": "digits", "broker": "amqp://x"}, RunRefused, "must be redis://"),
     ({"task": lambda **options: None}, ValueError, "not importable by name"),

@@ -109,6 +109,7 @@ def test_runs_status_leaderboard_show(searched):
         (("show", "g * exp("), "bad rule"),
         (("enqueue", "--budget", "0"), "budget must be"),
         (("enqueue", "--task", "nope"), "unknown task 'nope'"),
+        (("enqueue", "--task", "digit"), "unknown task 'digit'; did you mean 'digits'?"),
         (("enqueue", "--depth", "4"), "4 is not in the range"),
         (("enqueue", "--searcher", "annealing"), "'annealing' is not one of"),
         (("enqueue", "--workers", "-1"), "workers must be"),
@@ -131,7 +132,7 @@ def test_bad_config_files(tmp_path):
     unknown_key.write_text("budgett = 3\n")
     bad_hyperparameters = tmp_path / "hyperparameters.toml"
     bad_hyperparameters.write_text("[hyperparameters]\nlearning_rate = 1\n")
-    for path, message in [(bad_toml, "not valid TOML"), (unknown_key, "unknown config keys budgett"),
+    for path, message in [(bad_toml, "not valid TOML"), (unknown_key, "unknown config keys 'budgett' (did you mean 'budget'?)"),
                           (tmp_path / "missing.toml", "No such file"),
                           (bad_hyperparameters, "unknown hyperparameters learning_rate")]:
         result = invoke("enqueue", "--config", str(path), "--db", f"sqlite:///{db}")

@@ -12,6 +12,7 @@ one command line serves every task. Data is read from disk once per process.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import math
@@ -242,8 +243,10 @@ def get_task(name: str, /, *, device: str | torch.device = "cpu", lrs=None, **op
         return _builtin(key, _device(device), options)
     task = custom_task(name, _device(device), options) if isinstance(name, str) else None
     if task is None:
-        known = ", ".join([*TASKS, *registered_tasks()])
-        raise UnknownTask(f"unknown task {name!r}; known tasks: {known}; or a factory of your own, "
+        names = [*TASKS, *registered_tasks()]
+        close = difflib.get_close_matches(str(key or name), names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UnknownTask(f"unknown task {name!r}{hint}; known tasks: {', '.join(names)}; or a factory of your own, "
                           "package.module:function")
     return task
 
