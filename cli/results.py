@@ -46,6 +46,10 @@ def print_leaderboard(session: Session, top: int, run_id: int | None = None, tas
         for r in rows:
             writer.writerow([asdict(r)[f] for f in fields])
         return
+    if not rows:
+        console.print("no scored evaluations yet" + (f" in run {run_id}" if run_id else "")
+                      + ("; start a search with `nos enqueue`" if run_id is None else ""))
+        return
     table = Table(title="leaderboard" + (f" of run {run_id}" if run_id else "") + (f" on {task}" if task else ""))
     # "test", not "test acc": a regression task scores 1 / (1 + MSE) there, as in its reward
     columns = ["#", "rule id", "rule", "reward", "test", "best lr", "evals", "run", "task"]
@@ -101,6 +105,10 @@ def leaderboard_command(run_id, task, top, fmt, group_equivalent, db_url) -> Non
 def runs_command(db_url) -> None:
     """List the runs with their progress."""
     store = open_store_or_exit(db_url)
+    with store.reading() as session:
+        if not list_runs(session):
+            console.print("no runs yet; start one with `nos enqueue`")
+            return
     table = Table(title="runs")
     for column in ("id", "name", "task", "searcher", "status", "evaluations", "trained", "rejected", "best reward",
                    "created"):

@@ -132,7 +132,8 @@ def test_bad_config_files(tmp_path):
     unknown_key.write_text("budgett = 3\n")
     bad_hyperparameters = tmp_path / "hyperparameters.toml"
     bad_hyperparameters.write_text("[hyperparameters]\nlearning_rate = 1\n")
-    for path, message in [(bad_toml, "not valid TOML"), (unknown_key, "unknown config keys 'budgett' (did you mean 'budget'?)"),
+    for path, message in [(bad_toml, "not valid TOML"),
+                          (unknown_key, "unknown config keys 'budgett' (did you mean 'budget'?)"),
                           (tmp_path / "missing.toml", "No such file"),
                           (bad_hyperparameters, "unknown hyperparameters learning_rate")]:
         result = invoke("enqueue", "--config", str(path), "--db", f"sqlite:///{db}")
@@ -267,3 +268,9 @@ def test_a_leaderboard_over_several_tasks_says_their_rewards_do_not_compare(sqli
     assert both.rstrip().splitlines()[-1] == ("rewards of 2 tasks (digits, quadratic) are not comparable: add --task "
                                               "or --run")
     assert "not comparable" not in invoke("leaderboard", "--task", "digits", "--db", sqlite_url).output
+
+
+def test_an_empty_database_says_so_instead_of_printing_empty_tables(sqlite_store, sqlite_url):
+    assert invoke("runs", "--db", sqlite_url).output == "no runs yet; start one with `nos enqueue`\n"
+    assert invoke("leaderboard", "--db", sqlite_url).output == ("no scored evaluations yet; start a search with "
+                                                                "`nos enqueue`\n")
