@@ -17,6 +17,7 @@ script, call `run_search` under `if __name__ == "__main__":`.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -140,7 +141,8 @@ def run_search(task: str | Callable[..., Any] | None = None, *, searcher: str | 
     store = control.store_for_writing(db, say)
     try:
         run = Run(control.start_run(store, chosen), store.url.render_as_string(hide_password=False), broker)
-        where = f"Celery at {mask_url(broker)}" if broker else f"{chosen.workers} local worker(s)"
+        plural = "s" if chosen.workers != 1 else ""
+        where = f"Celery at {mask_url(broker)}" if broker else f"{chosen.workers} local worker{plural}"
         say(f"RUN_ID {run.id}  ({chosen.label}: {chosen.searcher} on {chosen.task}, budget {chosen.budget}, "
             f"{where}, db {shown(store.url)})")
         _drive(store, run, chosen, progress)
@@ -176,14 +178,25 @@ def _drive(store: Store, run: Run, config: SearchConfig, progress: bool) -> None
     finally:
         torch.set_num_threads(threads)
     if progress:
-        print()
+        if sys.stdout.isatty():
+            print()   # ends the line rewritten in place
         print(f"run {run.id} completed" if status == "completed" else
               f"run {run.id} stopped; continue it with run.resume() or `nos resume {run.id}`")
 
 
+_shown: dict[int, tuple] = {}   # by run: what the last line said, where output is not a terminal
+
+
 def _progress_line(p: Any) -> None:
+    """One line rewritten in place on a terminal; elsewhere (a log file, a notebook's captured output) a line per
+    change of the count or the best reward, not one line joined by carriage returns."""
     best = "-" if p.best_reward is None else f"{p.best_reward:.4f}"
-    print(f"\rrun {p.run_id}: {p.finished}/{p.budget} evaluations, best reward {best}", end="", flush=True)
+    line = f"run {p.run_id}: {p.finished}/{p.budget} evaluations, best reward {best}"
+    if sys.stdout.isatty():
+        print(f"\r{line}", end="", flush=True)
+    elif _shown.get(p.run_id) != (p.finished, best):
+        _shown[p.run_id] = (p.finished, best)
+        print(line, flush=True)
 
 
 def _quiet(_: str) -> None:

@@ -88,3 +88,23 @@ def test_a_script_without_a_main_guard_fails_its_one_run_at_once(tmp_path):
     finally:
         store.dispose()
     assert statuses == ["failed"]   # the script's own run, marked failed; none started by its workers
+
+
+def test_progress_into_a_file_is_a_line_per_change_not_carriage_returns(tmp_path):
+    """A log file or a notebook's captured output got one line of updates joined by \\r."""
+    script = tmp_path / "logged.py"
+    script.write_text(textwrap.dedent(f"""
+        import nos
+        if __name__ == "__main__":
+            nos.run_search(task="quadratic", searcher="random", budget=4, update_every=2, workers=1,
+                           db="sqlite:///{tmp_path / 'logged.db'}")
+    """))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stdout
+    lines = done.stdout.splitlines()
+    assert "1 local worker," in lines[1]   # not "1 local worker(s)"
+    progress = [line for line in lines if line.startswith("run 1: ")]
+    assert progress[-1].startswith("run 1: 4/4 evaluations, best reward 0.")
+    assert len(progress) == len(set(progress))   # each said once
+    assert lines[-1] == "run 1 completed"
