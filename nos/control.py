@@ -105,7 +105,7 @@ def changed_task(store: Store, run_id: int, config: SearchConfig) -> str | None:
 
     Its factory's code or defaults, its data's sizes, or nos's protocol changed since the run began.
     A resume still goes on (an upgrade of nos must not strand a run), but the search's rewards are
-    then judged on two tasks, and evaluations queued under the old key fail.
+    then judged on two tasks; evaluations still queued are trained as the new task (the driver re-keys them).
     """
     from sqlalchemy import select
 

@@ -60,7 +60,7 @@ from .store import (
     save_checkpoint,
     set_run_status,
 )
-from .store.evaluations import release_claims, release_the_departed
+from .store.evaluations import rekey_queued, release_claims, release_the_departed
 from .store.models import COUNTED_STATUSES as COUNTED, FINISHED_STATUSES as FINISHED, Evaluation, Rule
 from .store.outages import retrying
 from .work import task_for, task_key
@@ -166,6 +166,7 @@ class Driver:
             # sent as the loop resumes (not left to the stale-claim sweep).
             with self.store.transaction() as session:
                 release_the_departed(session, self.run_id)
+                rekey_queued(session, self.run_id, self.task_key)
             if self.config.synchronous:
                 return self._guarded(self._drive)
             from .asynchronous import AsynchronousLoop

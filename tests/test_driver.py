@@ -158,6 +158,32 @@ def test_stopping_leaves_a_consistent_run_that_resumes(tmp_path, tiny_toml, how)
     assert_complete(url, 1, 100)
 
 
+@pytest.mark.slow
+def test_evaluations_queued_before_the_task_changed_are_trained_as_the_new_task_on_resume(tmp_path, tiny_toml):
+    """They were failed by every worker ("this worker's task differs from the driver's") and used up budget."""
+    from sqlalchemy import update
+
+    from nos.store.models import Evaluation
+
+    url = f"sqlite:///{tmp_path / 'changed.db'}"
+    driver = start_nos("enqueue", "--config", tiny_toml, "--db", url, "--budget", "60", "--train-size", "1200",
+                       "--no-probe")
+    wait_for(lambda: has_run(url) and finished_count(url, 1) >= 2)
+    assert nos("stop", "1", "--db", url).returncode == 0
+    driver.communicate(timeout=120)
+    store = open_store(url)
+    with store.transaction() as session:   # as if queued by a task that builds another key now
+        older = session.execute(update(Evaluation).where(Evaluation.status == "queued")
+                                .values(task_key="an-older-task")).rowcount
+    store.dispose()
+    assert older > 0
+    resumed = nos("resume", "1", "--db", url)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_complete(url, 1, 60)
+    rows = run_rows(url, 1)
+    assert not any(e.status == "failed" or e.task_key == "an-older-task" for e in rows)
+
+
 def test_a_rule_scored_before_is_not_trained_again(sqlite_url):
     from nos.rules import parse
     from nos.store import NewEvaluation, RuleRecord, enqueue_batch, get_or_create_rules

@@ -272,6 +272,19 @@ def release_claims(session: Session, run_id: int, workers: Sequence[str], *, ref
                                   .returning(evaluations.c.id)).scalars().all())
 
 
+def rekey_queued(session: Session, run_id: int, task_key: str) -> int:
+    """Give the run's still-queued evaluations `task_key`, the key its driver's task has now; how many changed.
+
+    A run resumed after its task changed (its code, data or nos's protocol) proposes new evaluations under
+    the new key; ones queued under the old key were failed by every worker ("this worker's task differs
+    from the driver's") and used up the budget. None of them was trained: they are trained as the new task.
+    """
+    changed = session.execute(update(evaluations).where(
+        evaluations.c.run_id == run_id, evaluations.c.status == "queued", evaluations.c.task_key != task_key)
+        .values(task_key=task_key))
+    return changed.rowcount
+
+
 def release_the_departed(session: Session, run_id: int) -> list[int]:
     """Put back in the queue, uncounted, the run's claims held by processes of this host that have exited.
 
@@ -346,5 +359,5 @@ __all__ = [
     "NewEvaluation", "StaleSweep", "batch_evaluations", "claim",
     "commit_cached", "commit_result", "enqueue_batch", "equivalence_reason", "fail", "find_cached", "find_equivalent",
     "get_evaluation", "heartbeat",
-    "note_refusal", "release_claims", "requeue_stale", "trials_of", "unfinished_ids",
+    "note_refusal", "rekey_queued", "release_claims", "requeue_stale", "trials_of", "unfinished_ids",
 ]
