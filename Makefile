@@ -19,7 +19,7 @@ OLDER_VENV  := build/venv-torch-$(OLDER_TORCH)
 OLDER_STAMP := $(OLDER_VENV)/.installed-stamp
 OLDER_TESTS ?= tests/test_rules_foreach.py tests/test_rules_text.py tests/test_rules_tokens.py \
                tests/test_optim.py tests/test_protocol.py tests/test_stacking.py tests/test_install.py \
-               tests/test_tensor_state.py
+               tests/test_tensor_state.py tests/test_optim_dropin.py
 
 .PHONY: install run test test-fast lint test-older-torch constraints bench clean
 
