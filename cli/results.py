@@ -33,6 +33,18 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def _measured_test(e: Evaluation) -> float | None:
+    # A rejected rule never trained and one that diverged at every rate had no final run: no test score.
+    return None if e.status in ("rejected", "diverged") else e.test_acc
+
+
+def _seconds(value: float | None) -> str:
+    # A child that diverges on its first steps takes milliseconds: "<0.01", not a measured-looking 0.00.
+    if value is None:
+        return "-"
+    return "<0.01" if value < 0.005 else f"{value:.2f}"
+
+
 def print_leaderboard(session: Session, top: int, run_id: int | None = None, task: str | None = None,
                       fmt: str = "table", group_equivalent: bool = False) -> None:
     rows = leaderboard(session, top, run_id=run_id, task=task, group_equivalent=group_equivalent)
@@ -58,7 +70,11 @@ def print_leaderboard(session: Session, top: int, run_id: int | None = None, tas
     for column in columns:
         table.add_column(column, overflow="fold")
     for r in rows:
-        cells = [str(r.place), str(r.rule_id), r.rule, _fmt(r.reward), _fmt(r.test_acc), _fmt(r.best_lr),
+        # A rejected rule was never trained, and one that diverged at every rate had no final run: say so
+        # where its rate would be, rather than print a measured-looking test score of 0.0000.
+        unmeasured = r.status in ("rejected", "diverged")
+        cells = [str(r.place), str(r.rule_id), r.rule, _fmt(r.reward), "-" if unmeasured else _fmt(r.test_acc),
+                 r.status if unmeasured else _fmt(r.best_lr),
                  str(r.evaluations), str(r.run_id), r.task]
         if group_equivalent:
             cells.insert(3, f"{r.equivalent_rules} rules" if r.equivalent_rules > 1 else "-")
@@ -236,15 +252,19 @@ def show_command(rule, db_url) -> None:
             select(Evaluation).where(Evaluation.rule_id == found.id).order_by(Evaluation.id)).scalars().all()
         for e in evaluations:
             console.print(f"\nevaluation {e.id}: run {e.run_id}, seq {e.seq}, {e.task}, {e.status}, "
-                          f"reward {_fmt(e.reward)}, test {_fmt(e.test_acc)}, best lr {_fmt(e.best_lr)}"
+                          f"reward {_fmt(e.reward)}, test {_fmt(_measured_test(e))}, best lr {_fmt(e.best_lr)}"
                           + (f", cached from {e.cached_from}" if e.cached_from else "")
                           + (f"\n  error: {e.error.strip().splitlines()[-1]}" if e.error else ""))
             trials = trials_of(session, e.id)
             if trials:
+                # The sweep's scores are not the reward when the final run trains on for more epochs: say where
+                # the reward comes from, under the sweep it was chosen by.
                 table = Table()
                 for column in ("lr", "val score", "train loss", "diverged", "seconds"):
                     table.add_column(column)
                 for t in trials:
                     table.add_row(_fmt(t.lr), _fmt(t.val_acc), _fmt(t.train_loss), "yes" if t.diverged else "",
-                                  _fmt(t.wall_seconds, 2))
+                                  _seconds(t.wall_seconds))
                 console.print(table)
+                if e.best_lr is not None:
+                    console.print(f"reward: the val score of the final run at lr {_fmt(e.best_lr)}")

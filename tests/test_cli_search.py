@@ -270,6 +270,43 @@ def test_a_leaderboard_over_several_tasks_says_their_rewards_do_not_compare(sqli
     assert "not comparable" not in invoke("leaderboard", "--task", "digits", "--db", sqlite_url).output
 
 
+def test_a_leaderboard_marks_rules_that_were_rejected_or_diverged_instead_of_printing_a_test_score(
+        sqlite_store, sqlite_url):
+    from datetime import timedelta
+
+    from nos.records import EvaluationResult, TrialRecord
+    from nos.rules import parse
+    from nos.store import NewEvaluation, RuleRecord, claim, commit_result, create_run, enqueue_batch, get_or_create_rules
+
+    from helpers.store import result
+
+    never_settles = EvaluationResult(
+        reward=0.0, test_acc=0.0, best_lr=None, wall_seconds=1.0, diverged=True,
+        trials=[TrialRecord(lr=lr, val_acc=0.0, train_loss=None, diverged=True, wall_seconds=0.001) for lr in (0.1, 1.0)])
+    with sqlite_store.transaction() as session:
+        run_id = create_run(session, "mixed", "digits", {"budget": 2})
+        trained, diverging, rejected = get_or_create_rules(
+            session, [RuleRecord.from_tree(parse(t)) for t in ("adam", "exp(g)", "log(exp(1e-4*w))")])
+        ids = enqueue_batch(session, run_id, 0, [NewEvaluation(trained, "digits", "k"),
+                                                 NewEvaluation(diverging, "digits", "k"),
+                                                 NewEvaluation(rejected, "digits", "k", rejected=True, reason="zero")])
+    for evaluation_id, outcome in zip(ids, (result(0.9), never_settles)):
+        with sqlite_store.transaction() as session:
+            attempt = claim(session, evaluation_id, "w:1", timedelta(minutes=5))
+            assert commit_result(session, evaluation_id, attempt, outcome)
+    rows = {line.split("│")[3].strip(): [cell.strip() for cell in line.split("│")[4:7]]
+            for line in invoke("leaderboard", "--db", sqlite_url).output.splitlines() if line.startswith("│")}
+    assert rows == {"adam": ["0.9000", "0.8800", "0.0010"], "exp(g)": ["0.0000", "-", "diverged"],
+                    "log(exp(1e-4*w))": ["0.0000", "-", "rejected"]}
+    csv_rows = invoke("leaderboard", "--format", "csv", "--db", sqlite_url).output.splitlines()
+    header = csv_rows[0].split(",")
+    assert sorted(dict(zip(header, r.split(",")))["status"] for r in csv_rows[1:]) == ["diverged", "done", "rejected"]
+    diverged = invoke("show", "exp(g)", "--db", sqlite_url).output
+    assert "diverged, reward 0.0000, test -, best lr -" in diverged
+    assert diverged.count("<0.01") == 2 and "reward: the val score" not in diverged
+    assert "reward: the val score of the final run at lr 0.0010" in invoke("show", "adam", "--db", sqlite_url).output
+
+
 def test_an_empty_database_says_so_instead_of_printing_empty_tables(sqlite_store, sqlite_url):
     assert invoke("runs", "--db", sqlite_url).output == "no runs yet; start one with `nos enqueue`\n"
     assert invoke("leaderboard", "--db", sqlite_url).output == ("no scored evaluations yet; start a search with "

@@ -485,7 +485,7 @@ def test_an_empty_csv_leaderboard_has_every_column(tmp_path):
     assert result.exit_code == 0
     header, = list(csv.reader(io.StringIO(result.output)))
     assert header == [f.name for f in fields(LeaderboardRow)]
-    assert len(header) == 12
+    assert len(header) == 13
 
 
 @pytest.mark.slow

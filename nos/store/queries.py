@@ -31,6 +31,7 @@ class LeaderboardRow:
     evaluation_id: int
     run_id: int
     task: str
+    status: str   # that evaluation's: "rejected" (never trained) and "diverged" (at every rate) score 0
     evaluations: int  # scored evaluations of this rule within the filter
     # With group_equivalent: how many rules, this one included, share its fingerprint within the filter.
     equivalent_rules: int = 1
@@ -65,7 +66,8 @@ def leaderboard(session: Session, top: int = 20, *, run_id: int | None = None, t
     # planner keeps walking the reward index (the same shape as the view).
     rows = session.execute(
         select(Evaluation.rule_id, _rule_column(Rule.text), _rule_column(Rule.depth), Evaluation.reward,
-               Evaluation.test_acc, Evaluation.best_lr, Evaluation.id, Evaluation.run_id, Evaluation.task)
+               Evaluation.test_acc, Evaluation.best_lr, Evaluation.id, Evaluation.run_id, Evaluation.task,
+               Evaluation.status)
         .where(*filters, Evaluation.id == best_id)
         .order_by(Evaluation.reward.desc(), Evaluation.id).limit(top)).all()
     counts = dict(session.execute(
