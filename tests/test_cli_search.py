@@ -276,13 +276,22 @@ def test_a_leaderboard_marks_rules_that_were_rejected_or_diverged_instead_of_pri
 
     from nos.records import EvaluationResult, TrialRecord
     from nos.rules import parse
-    from nos.store import NewEvaluation, RuleRecord, claim, commit_result, create_run, enqueue_batch, get_or_create_rules
+    from nos.store import (
+        NewEvaluation,
+        RuleRecord,
+        claim,
+        commit_result,
+        create_run,
+        enqueue_batch,
+        get_or_create_rules,
+    )
 
     from helpers.store import result
 
     never_settles = EvaluationResult(
         reward=0.0, test_acc=0.0, best_lr=None, wall_seconds=1.0, diverged=True,
-        trials=[TrialRecord(lr=lr, val_acc=0.0, train_loss=None, diverged=True, wall_seconds=0.001) for lr in (0.1, 1.0)])
+        trials=[TrialRecord(lr=lr, val_acc=0.0, train_loss=None, diverged=True, wall_seconds=0.001)
+                for lr in (0.1, 1.0)])
     with sqlite_store.transaction() as session:
         run_id = create_run(session, "mixed", "digits", {"budget": 2})
         trained, diverging, rejected = get_or_create_rules(
