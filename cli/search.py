@@ -107,7 +107,8 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
 @task_option("digits, ill-conditioned, fashion-mlp, fashion-mnist, cifar10, quadratic, rosenbrock, "
              "a registered one (`nos tasks`), or your own: package.module:function", unset="digits")
 @click.option("--searcher", type=click.Choice(list(SEARCHERS)), help="Search strategy [ppo].")
-@click.option("--budget", type=int, help="Evaluations trained or answered from the cache; rejections are free [200].")
+@click.option("--budget", type=int,
+              help="Evaluations trained, answered from the cache or failed; rejections are free [200].")
 @click.option("--update-every", type=int, help="Counted results per controller update [5].")
 @click.option("--synchronous/--asynchronous", default=None,
               help="Propose, wait for every result, learn (reproducible), or keep --in-flight evaluations going "

@@ -34,7 +34,7 @@ def default_workers(device: str = "cpu") -> int:
 class SearchConfig:
     task: str = "digits"                   # child task: `nos tasks` lists them
     searcher: str = "ppo"                  # ppo, reinforce, random or evolution
-    budget: int = 200                      # evaluations trained or answered from the cache (rejections are free)
+    budget: int = 200                      # evaluations trained, cached or failed (rejections are free)
     update_every: int = 5                  # counted results per controller update
     depth: int = 2                         # rule depth: 1, 2 or 3 (5, 13, 29 tokens)
     seed: int = 0                          # seeds the searcher (and the children, unless child_seed is set)

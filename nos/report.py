@@ -204,7 +204,7 @@ def _cards(report: RunReport, budget: int | None) -> str:
     """The run's figures at a glance."""
     timings = report.timings
     cards = [
-        ("evaluations (trained or cached)", f"{timings.counted}" + (f" / {budget}" if budget else "")),
+        ("evaluations (trained, cached or failed)", f"{timings.counted}" + (f" / {budget}" if budget else "")),
         ("trained / rejected before training", f"{timings.trained} / {timings.rejected}"),
         ("best reward", _num(report.progress.best_reward)),
         ("cache hit rate", "-" if timings.cache_rate is None else f"{timings.cache_rate:.1%}"),
