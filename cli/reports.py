@@ -121,8 +121,9 @@ def report_command(run_id, output, top, window, db_url) -> None:
 DEFAULT_EXPORT_LR = 1e-3
 
 
-def _stored_rule(rule_id: str, db_url: str | None) -> tuple[str, float | None]:
-    """The text of stored rule `rule_id` and the best rate of its best-scoring evaluation (None: none scored)."""
+def _stored_rule(rule_id: str, db_url: str | None) -> tuple[str, float | None, str | None]:
+    """The text of stored rule `rule_id`, the best rate of its best-scoring evaluation (None: none scored), and
+    where that rate comes from, for the snippet: a rate is the best on one task, not on any model."""
     from sqlalchemy import select
 
     from nos.store.models import SCORED_STATUSES, Evaluation
@@ -131,12 +132,15 @@ def _stored_rule(rule_id: str, db_url: str | None) -> tuple[str, float | None]:
     try:
         with store.reading() as session:
             found = find_rule_or_exit(session, rule_id)
-            best_lr = session.execute(
-                select(Evaluation.best_lr).where(Evaluation.rule_id == found.id, Evaluation.reward.is_not(None),
-                                                 Evaluation.best_lr.is_not(None),
-                                                 Evaluation.status.in_(SCORED_STATUSES))
-                .order_by(Evaluation.reward.desc(), Evaluation.id).limit(1)).scalar()
-            return found.text, best_lr
+            best = session.execute(
+                select(Evaluation.best_lr, Evaluation.id, Evaluation.task, Evaluation.reward)
+                .where(Evaluation.rule_id == found.id, Evaluation.reward.is_not(None),
+                       Evaluation.best_lr.is_not(None), Evaluation.status.in_(SCORED_STATUSES))
+                .order_by(Evaluation.reward.desc(), Evaluation.id).limit(1)).one_or_none()
+            if best is None:
+                return found.text, None, None
+            return (found.text, best.best_lr,
+                    f"the best rate of evaluation {best.id} (task {best.task}, reward {best.reward:.4f})")
     finally:
         store.dispose()
 
@@ -165,12 +169,14 @@ def export_command(rule, lr, total_steps, seed, demo, output, db_url) -> None:
     """
     from nos.export import export_snippet
 
+    lr_note = None
     if rule.strip().isascii() and rule.strip().isdigit():
-        rule, best_lr = _stored_rule(rule, db_url)
-        lr = best_lr if lr is None else lr
+        rule, best_lr, origin = _stored_rule(rule, db_url)
+        if lr is None:
+            lr, lr_note = best_lr, origin
     lr = DEFAULT_EXPORT_LR if lr is None else lr
     try:
-        source = export_snippet(rule, lr=lr, total_steps=total_steps, seed=seed, demo=demo)
+        source = export_snippet(rule, lr=lr, total_steps=total_steps, seed=seed, demo=demo, lr_note=lr_note)
     except RuleSyntaxError as exc:
         raise UsageProblem(f"bad rule\n{exc}") from None
     except ValueError as exc:

@@ -21,8 +21,10 @@ DEMO_STEPS = 200
 
 
 def export_snippet(rule: str | Node, *, lr: float = 1e-3, total_steps: int | None = None, seed: int | None = None,
-                   demo: bool = True) -> str:
+                   demo: bool = True, lr_note: str | None = None) -> str:
     """Python source that builds a `SymbolicOptimizer` for `rule` (text, built-in name or tree).
+
+    lr_note: where the rate comes from, written beside it as a comment (one line).
 
     Raises `RuleSyntaxError` (a ValueError) for bad rule text, ValueError for a
     bad learning rate or step count.
@@ -45,7 +47,7 @@ def export_snippet(rule: str | Node, *, lr: float = 1e-3, total_steps: int | Non
         "from nos.optim import SymbolicOptimizer",
         "",
         f"RULE = {json.dumps(text)}",
-        f"LR = {lr!r}",
+        f"LR = {lr!r}" + (f"   # {' '.join(lr_note.split())}" if lr_note else ""),
     ]
     args = ["params", "lr=LR"]
     call = ["params", "RULE", "lr=lr"]

@@ -125,8 +125,11 @@ def test_a_number_exports_the_stored_rule_with_its_best_rate(two_runs):
     exported = invoke("export", str(rule_id), "--db", url, "--no-demo")
     assert exported.exit_code == 0, exported.output
     assert f"delta = {text}\n" in exported.output
-    assert "LR = 0.0316\n" in exported.output
-    assert "LR = 0.25" in invoke("export", str(rule_id), "--lr", "0.25", "--db", url).output
+    with store.reading() as session:
+        task = session.get(Evaluation, best).task
+    # the rate is the best on one task: the snippet says which, and the note goes where the rate is not the stored one
+    assert f"LR = 0.0316   # the best rate of evaluation {best} (task {task}, reward 0.9500)\n" in exported.output
+    assert "LR = 0.25\n" in invoke("export", str(rule_id), "--lr", "0.25", "--db", url).output
     missing = invoke("export", "424242", "--db", url)
     assert (missing.exit_code, "rule '424242' has not been evaluated" in missing.output) == (2, True)
     assert "LR = 0.001" in invoke("export", "g * 3", "--db", url).output   # text: no database read
