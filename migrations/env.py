@@ -13,6 +13,7 @@ from alembic import context
 
 from nos.store.engine import create_engine, resolve_url
 from nos.store.models import Base, UTCDateTime
+from nos.store.schema import migrating
 
 config = context.config
 target_metadata = Base.metadata
@@ -46,7 +47,9 @@ def run_online() -> None:
     url = resolve_url(os.environ.get("NOS_DB_URL") or config.get_main_option("sqlalchemy.url"))
     engine = create_engine(url)
     try:
-        with engine.begin() as connection:
+        # The same transaction `nos db upgrade` runs them in: on SQLite with foreign keys off, or a
+        # table's batch copy would cascade-delete every row that refers to it.
+        with engine.connect() as connection, migrating(connection):
             run_migrations(connection)
     finally:
         engine.dispose()

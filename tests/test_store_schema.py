@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -218,11 +222,8 @@ def test_a_sqlite_file_in_a_missing_folder_is_a_one_line_error(tmp_path):
         upgrade(resolve_url(f"sqlite:///{tmp_path}/no/such/dir/nos.db"))
 
 
-@pytest.mark.parametrize("revision", ["0001", "0002", "0003", "0004", "0005"])
-def test_an_upgrade_keeps_every_stored_row(tmp_path, revision):
-    """A batch migration on SQLite copies a table and drops the old one: with foreign keys on, the drop
-    cascaded and deleted every learning-rate trial (schema 0001 -> 0002 rebuilds `evaluations`)."""
-    path = tmp_path / "old.db"
+def _old_database_with_rows(path: Path, revision: str):
+    """A SQLite file at `revision` holding a run, a rule, an evaluation, its three trials and a cached copy."""
     url = resolve_url(f"sqlite:///{path}")
     upgrade(url, revision)
     db = sqlite3.connect(path)
@@ -235,13 +236,46 @@ def test_an_upgrade_keeps_every_stored_row(tmp_path, revision):
                f"VALUES ({', '.join('?' for c in columns if c in rule)})", [rule[c] for c in columns if c in rule])
     db.execute("INSERT INTO evaluations (id, run_id, rule_id, batch, seq, task, task_key, status, attempts, "
                f"created_at, reward) VALUES (1, 1, 1, 0, 0, 'digits', 'k', 'done', 1, '{stamp}', 0.9)")
+    db.execute("INSERT INTO evaluations (id, run_id, rule_id, batch, seq, task, task_key, status, attempts, "
+               "created_at, reward, cached_from) "
+               f"VALUES (2, 1, 1, 0, 1, 'digits', 'k', 'cached', 0, '{stamp}', 0.9, 1)")
     db.executemany("INSERT INTO lr_trials (evaluation_id, lr, val_acc, diverged) VALUES (1, ?, 0.5, 0)",
                    [(1e-3,), (1e-2,), (1e-1,)])
     db.commit()
     db.close()
-    upgrade(url)
+    return url
+
+
+def _stored_rows(path: Path) -> list:
     db = sqlite3.connect(path)
-    counts = [db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-              for table in ("runs", "rules", "evaluations", "lr_trials")]
-    db.close()
-    assert counts == [1, 1, 1, 3]
+    try:
+        return [db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                for table in ("runs", "rules", "evaluations", "lr_trials")] + [
+                db.execute("SELECT cached_from FROM evaluations WHERE id = 2").fetchone()[0]]
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("revision", ["0001", "0002", "0003", "0004", "0005", "0006"])
+def test_an_upgrade_keeps_every_stored_row(tmp_path, revision):
+    """A batch migration on SQLite copies a table and drops the old one: with foreign keys on, the drop
+    cascaded and deleted every learning-rate trial (schema 0001 -> 0002 rebuilds `evaluations`)."""
+    path = tmp_path / "old.db"
+    url = _old_database_with_rows(path, revision)
+    upgrade(url)
+    assert _stored_rows(path) == [1, 1, 2, 3, 1]
+
+
+def test_alembic_run_by_hand_keeps_every_stored_row_both_ways(tmp_path):
+    """`alembic upgrade`/`downgrade` at the repository root (alembic.ini), as a developer runs them: their
+    engine has foreign keys on, and 0002's batch copy of `evaluations` deleted every trial and cleared
+    every cached_from, up and down."""
+    path = tmp_path / "old.db"
+    _old_database_with_rows(path, "0001")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "NOS_DB_URL": f"sqlite:///{path}"}
+    for step in (["upgrade", "head"], ["downgrade", "0001"]):
+        done = subprocess.run([sys.executable, "-m", "alembic", *step], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert _stored_rows(path) == [1, 1, 2, 3, 1], step

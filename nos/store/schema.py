@@ -8,8 +8,10 @@ behind or ahead leaves it byte for byte as it was.
 from __future__ import annotations
 
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import sqlalchemy as sa
 from alembic import command
@@ -161,23 +163,9 @@ def upgrade(url: URL, revision: str = "head") -> SchemaState:
     engine = create_engine(url)
     config = alembic_config(url)
     try:
-        with engine.connect() as connection:
-            sqlite = connection.dialect.name == "sqlite"
-            if sqlite:
-                # A batch migration copies a table and drops the old one: with foreign keys on, the drop
-                # cascades (ON DELETE CASCADE) and deletes every row that refers to the table, every
-                # learning-rate trial of `evaluations`. The pragma does nothing inside a transaction:
-                # it is set on the raw connection, before the migration's BEGIN.
-                connection.connection.dbapi_connection.execute("PRAGMA foreign_keys = OFF")
-            with connection.begin():
-                if connection.dialect.name == "postgresql":
-                    # Two `nos db upgrade` at once: the second waits, then finds nothing to do.
-                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK_KEY})")
-                config.attributes["connection"] = connection
-                command.upgrade(config, revision)
-                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
-                    raise StoreError(f"cannot upgrade {shown(url)}: the migration would leave rows whose "
-                                     "references are broken; nothing was changed")
+        with engine.connect() as connection, migrating(connection):
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
     except DBAPIError as exc:
         raise StoreError(f"cannot upgrade {shown(url)}: {first_line(exc.orig)}") from None
     except CommandError as exc:
@@ -185,6 +173,35 @@ def upgrade(url: URL, revision: str = "head") -> SchemaState:
     finally:
         engine.dispose()
     return schema_state(url)
+
+
+@contextmanager
+def migrating(connection: sa.Connection) -> Iterator[None]:
+    """One transaction for migrations on `connection`, for `nos db upgrade` and for Alembic run by hand.
+
+    On SQLite, foreign keys are off while it lasts, and it is rolled back if it would leave a broken
+    reference. On PostgreSQL it holds an advisory lock: of two upgrades at once, the second waits and
+    then finds nothing to do.
+    """
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        # A batch migration copies a table and drops the old one: with foreign keys on, the drop
+        # cascades (ON DELETE CASCADE) and deletes every row that refers to the table, every
+        # learning-rate trial of `evaluations`. The pragma does nothing inside a transaction:
+        # it is set on the raw connection, before the migration's BEGIN.
+        connection.connection.dbapi_connection.execute("PRAGMA foreign_keys = OFF")
+    try:
+        with connection.begin():
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK_KEY})")
+            yield
+            if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                url = connection.engine.url
+                raise StoreError(f"cannot migrate {shown(url)}: the migration would leave rows whose "
+                                 "references are broken; nothing was changed")
+    finally:
+        if sqlite and not connection.invalidated:   # the pooled connection goes back as create_engine made it
+            connection.connection.dbapi_connection.execute("PRAGMA foreign_keys = ON")
 
 
 def open_store(url: str | URL | None = None) -> Store:
