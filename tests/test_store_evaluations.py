@@ -343,3 +343,39 @@ def test_only_the_latest_checkpoint_keeps_its_searcher_bytes(store):
         (run_id, 1, {"updates": [[1]]}, None), (run_id, 2, {"updates": [[2]]}, None),
         (run_id, 3, {"updates": [[3]]}, b"state 3"), (run_id, 4, {"updates": []}, None),
         (other, 1, {"n": 0}, b"other run")]
+
+
+def test_a_claim_that_waited_for_sqlites_lock_is_stamped_when_it_got_it(sqlite_store, tmp_path):
+    """A writer's BEGIN IMMEDIATE waits for another's lock (up to the busy timeout, 30 s): the claim was
+    stamped with the time before the wait, so one that waited past stale_after was born stale and the
+    next worker took it over at once."""
+    import sqlite3
+    import threading
+
+    from nos.store import utcnow
+
+    _, ids = new_run_with_batch(sqlite_store)
+    stale_after = timedelta(seconds=1)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_lock():   # another process's long write: a big checkpoint, a slow disk
+        other = sqlite3.connect(tmp_path / "nos.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        locked.set()
+        release.wait(10)
+        other.execute("COMMIT")
+        other.close()
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    assert locked.wait(10)
+    threading.Timer(1.5, release.set).start()
+    with sqlite_store.transaction() as session:
+        ticket = claim(session, ids[0], "w:1", stale_after)
+    got_it = utcnow()
+    holder.join()
+    assert ticket == 1
+    with sqlite_store.reading() as session:
+        assert got_it - get_evaluation(session, ids[0]).heartbeat_at < timedelta(seconds=0.5)
+    with sqlite_store.transaction() as session:
+        assert claim(session, ids[0], "w:2", stale_after) is None   # still w:1's, a moment after it claimed

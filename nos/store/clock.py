@@ -28,8 +28,13 @@ def database_now(session: Session) -> datetime:
 
     PostgreSQL's `clock_timestamp()`, not `now()`: `now()` is the time the
     transaction began, and a transaction may have begun with a slow read.
+    On SQLite the session's transaction begins first: a writer's BEGIN
+    IMMEDIATE may wait up to the busy timeout for another's lock, and a
+    time read before that wait would stamp a claim or heartbeat that old,
+    born stale when the wait exceeds `stale_after`.
     """
-    if session.get_bind().dialect.name == "postgresql":
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
         return session.execute(select(func.clock_timestamp())).scalar_one().astimezone(timezone.utc)
     return utcnow()
 
