@@ -201,11 +201,13 @@ def fail_undriven(store: Store, run_id: int, error: str) -> bool:
 def request_stop(store: Store, run_id: int) -> bool:
     """Ask a running run to stop; True when it had no live driver and is marked stopped at once."""
     with store.transaction() as session:
-        run = get_run(session, run_id)
-        if run is None:
+        # Read under the row lock: a driver completing between an unlocked read and the lock would
+        # leave no holder, and its completed run would be marked stopped (PostgreSQL).
+        lease = read_lease(session, run_id, lock=True)
+        if lease is None:
             raise RunRefused(f"no run {run_id} in {shown(store.url)}; `nos runs` lists them")
-        if run.status not in DRIVABLE:
-            raise RunRefused(f"run {run_id} is {run.status}, not running")
+        if lease.status not in DRIVABLE:
+            raise RunRefused(f"run {run_id} is {lease.status}, not running")
         driverless = clear_dead_lease(session, run_id)
         set_run_status(session, run_id, "stopped" if driverless else "stopping")
     return driverless

@@ -169,3 +169,69 @@ def test_release_leaves_a_detached_run_driverless(store):
     with store.transaction() as session:
         release_lease(session, run_id, ELSEWHERE)
     assert driverless(store) == [run_id]
+
+
+def _meanwhile(store, act, monkeypatch, module, name="clear_dead_lease"):
+    """Run `act(other_store)` from another connection just before `module.name` runs, waiting a second
+    for it: a commit that races the caller's transaction between its first read and the row lock."""
+    from nos.store import open_store
+
+    other = open_store(store.url)
+    real = getattr(module, name)
+
+    def racing(session, run_id, **kwargs):
+        thread = threading.Thread(target=act, args=(other, run_id))
+        thread.start()
+        thread.join(1.0)   # blocks on the row lock where the caller holds it: then it goes after the commit
+        racing.threads.append(thread)
+        return real(session, run_id, **kwargs)
+
+    racing.threads = []
+    monkeypatch.setattr(module, name, racing)
+    return racing, other
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_stop_racing_the_drivers_completion_leaves_the_run_completed(store, monkeypatch):
+    """`nos stop` read the run unlocked; a driver completing before the lock left no holder, and the
+    completed run was marked stopped ("had no live driver")."""
+    import nos.control
+
+    def complete(other, run_id):
+        with other.transaction() as session:
+            release_lease(session, run_id, ELSEWHERE)
+            set_run_status(session, run_id, "completed")
+
+    run_id = new_run(store, detached=False)
+    with store.transaction() as session:
+        take_lease(session, run_id, ELSEWHERE)
+    racing, other = _meanwhile(store, complete, monkeypatch, nos.control)
+    try:
+        assert nos.control.request_stop(store, run_id) is False   # it had a live driver when asked
+        racing.threads[0].join(10)
+    finally:
+        other.dispose()
+    with store.reading() as session:
+        assert get_run(session, run_id).status == "completed"
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_resume_racing_the_stop_of_a_driverless_run_is_kept(store, monkeypatch):
+    """A control worker read a driverless run `stopping` unlocked; a `nos resume --detach` committing
+    before its lock was undone: the run went back to stopped, and its drive message was refused."""
+    import nos.control
+    import nos.store.detached
+
+    run_id = new_run(store, detached=True)
+    with store.transaction() as session:
+        set_run_status(session, run_id, "stopping")
+    racing, other = _meanwhile(store, lambda other, rid: nos.control.take_over(other, rid, detach=True),
+                               monkeypatch, nos.store.detached)
+    try:
+        with store.transaction() as session:
+            assert stop_driverless(session, run_id)
+        racing.threads[0].join(10)
+    finally:
+        other.dispose()
+    with store.reading() as session:
+        assert get_run(session, run_id).status == "running"

@@ -73,7 +73,10 @@ def claim_resend(session: Session, run_id: int, *, now: datetime | None = None) 
 
 def stop_driverless(session: Session, run_id: int) -> bool:
     """Mark a detached run `stopped` that was asked to stop and lost its driver before it could; whether it was."""
-    status = session.execute(select(Run.status, Run.drive_sent_at).where(Run.id == run_id)).one_or_none()
+    # Under the row lock: a `nos resume --detach` committed between an unlocked read and the lock
+    # would otherwise be undone (it takes no lease until a control worker starts its driver).
+    status = session.execute(
+        select(Run.status, Run.drive_sent_at).where(Run.id == run_id).with_for_update()).one_or_none()
     if status is None or status.drive_sent_at is None or status.status != "stopping":
         return False
     if not clear_dead_lease(session, run_id):
