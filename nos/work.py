@@ -201,9 +201,21 @@ def _commit(store: Store, claimed: Claim, result: EvaluationResult | None) -> Ou
             return commit_result(session, claimed.evaluation_id, claimed.attempt, result)
 
     committed = retrying(store, write, what=f"the result of evaluation {claimed.evaluation_id}")
-    if not committed:
+    if not committed and not _stored_by(store, claimed):
         return Outcome.LOST
     return Outcome.DIVERGED if result.diverged else Outcome.DONE
+
+
+def _stored_by(store: Store, claimed: Claim) -> bool:
+    """Whether this claim's own result is the one stored: a commit repeated because its answer was lost
+    finds the row settled, by itself, not by another worker."""
+    def read() -> bool:
+        with store.reading() as session:
+            row = session.execute(select(Evaluation.status, Evaluation.claims)
+                                  .where(Evaluation.id == claimed.evaluation_id)).one_or_none()
+            return row is not None and row.status in ("done", "diverged") and row.claims == claimed.attempt
+
+    return retrying(store, read, what=f"evaluation {claimed.evaluation_id}")
 
 
 def _claim_or_answer(session: Session, evaluation_id: int, worker: str, device: str | None,

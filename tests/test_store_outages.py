@@ -72,6 +72,26 @@ def test_a_worker_keeps_its_result_until_the_lock_is_free_and_then_commits_it(lo
     assert "database is locked" in said
 
 
+def test_a_commit_repeated_after_its_answer_was_lost_is_reported_done(store, monkeypatch):
+    """The connection went after the commit and before its answer: the repeat finds the row settled, by this
+    very claim, and the worker reported its stored result LOST."""
+    import nos.work
+
+    def answer_lost_then_repeated(store, work, **_):
+        work()
+        return work()
+
+    monkeypatch.setattr(nos.work, "retrying", answer_lost_then_repeated)
+    claimed = _claimed(store)
+    assert _commit(store, claimed, result(0.9)) is Outcome.DONE
+    with store.transaction() as session:   # superseded: another worker claimed it again meanwhile
+        session.execute(Evaluation.__table__.update().where(Evaluation.id == claimed.evaluation_id)
+                        .values(status="running", claims=Evaluation.claims + 1))
+    assert _commit(store, claimed, result(0.5)) is Outcome.LOST
+    with store.reading() as session:
+        assert get_evaluation(session, claimed.evaluation_id).reward == 0.9
+
+
 def test_a_database_away_past_patience_gives_the_last_error(locked_store):
     store, hold = locked_store
     claimed = _claimed(store)
