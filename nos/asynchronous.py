@@ -140,6 +140,7 @@ class AsynchronousLoop:
         self.step += 1
         driver = self.driver
         with driver.store.transaction() as session:
+            driver.lease.hold(session)
             save_checkpoint(session, driver.run_id, self.step, self._state(), driver._rng_state(),
                             state_to_bytes(driver.searcher.state_dict()))
         self.unrecorded = []

@@ -269,6 +269,7 @@ class Driver:
         """Store a batch's rules and evaluations, and a checkpoint (step, state) if given, in one
         transaction; returns each evaluation's id, its repeat key (same fingerprint or rule) and entry."""
         with self.store.transaction() as session:
+            self.lease.hold(session)
             rule_ids = get_or_create_rules(session, [
                 RuleRecord.from_tree(p.tree, v.fingerprint if v else None) for p, v in zip(proposals, verdicts)])
             entries = [self._entry(session, rule_id, verdict, proposal)

@@ -2,6 +2,7 @@
 
     with DriverLease(store, run_id) as lease:   # LeaseRefused: another driver is alive
         ...  lease.check()                      # in the loop: LeaseLost once another driver took over
+        ...  lease.hold(session)                # in a transaction that writes the run's batches or checkpoints
         ...  lease.release(session)             # in the transaction that stops, completes or fails the run
 
 The renewals come from a thread, so a long step of the loop (a large batch
@@ -26,15 +27,15 @@ class DriverLease:
                  every: float = LEASE_RENEW_SECONDS):
         self.store, self.run_id, self.every = store, run_id, every
         self.holder = holder or this_process()
-        self._released_lost = False   # another driver held it when this one came to release it
+        self._found_lost = False   # another driver held it when this one came to write or release it
         self._beat: Beat | None = None
 
     @property
     def _lost(self) -> bool:
-        return self._released_lost or (self._beat is not None and self._beat.lost)
+        return self._found_lost or (self._beat is not None and self._beat.lost)
 
     def __enter__(self) -> "DriverLease":
-        self._released_lost = False
+        self._found_lost = False
         with self.store.transaction() as session:
             take_lease(session, self.run_id, self.holder)
         self._beat = Beat(self.store, lambda session: renew_lease(session, self.run_id, self.holder), self.every,
@@ -60,10 +61,22 @@ class DriverLease:
         if self._lost:
             raise LeaseLost(self._lost_message())
 
+    def hold(self, session) -> None:
+        """Renew the lease in the caller's transaction; LeaseLost (roll it back) if another driver has it.
+
+        The renewal thread notices a takeover only at its next renewal: a driver cut off from the
+        database for longer than the lease lasts, then back, would write one more batch or checkpoint
+        beside the new driver's. Checked in the writing transaction, the lease fences those writes:
+        the row it updates stays locked (SQLite: the database) until the transaction ends.
+        """
+        if self._lost or not renew_lease(session, self.run_id, self.holder):
+            self._found_lost = True
+            raise LeaseLost(self._lost_message())
+
     def release(self, session) -> None:
         """Free the lease in the caller's transaction; LeaseLost (roll it back) if another driver has it."""
         if not release_lease(session, self.run_id, self.holder):
-            self._released_lost = True
+            self._found_lost = True
             raise LeaseLost(self._lost_message())
         if self._beat is not None:
             self._beat.stopped.set()

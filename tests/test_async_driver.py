@@ -143,3 +143,43 @@ def test_a_run_whose_end_was_committed_as_its_connection_dropped_completes(sqlit
     assert drive(sqlite_url, run_id, config) == "completed"
     assert dropped
     assert_complete(sqlite_url, run_id, 14)
+
+
+def test_a_driver_whose_lease_was_taken_over_writes_no_batch_or_checkpoint(sqlite_url):
+    """A driver cut off from the database past its lease, then back: its renewal thread had not yet seen
+    the takeover, and it stored one more batch and checkpoint beside the new driver's. The writing
+    transaction now checks the lease and is rolled back."""
+    from sqlalchemy import func, update
+
+    from nos.lease import LeaseLost
+    from nos.store import database_now
+    from nos.store.models import Evaluation, Run
+
+    class TakenOverMidRun(InlineExecutor):
+        def dispatch(self, evaluation_ids) -> None:
+            super().dispatch(evaluation_ids)
+            if self.evaluated >= 5 and self.counts is None:   # another driver takes the run over now
+                with self.store.transaction() as session:
+                    session.execute(update(Run).where(Run.id == run_id).values(
+                        driver="elsewhere:1", driver_heartbeat_at=database_now(session)))
+                    self.counts = rows(session)
+
+    def rows(session):
+        return [session.execute(select(func.count()).select_from(table).where(table.run_id == run_id)).scalar()
+                for table in (Evaluation, Checkpoint)]
+
+    config = SearchConfig(**QUICK)
+    run_id = new_run(sqlite_url, config.to_dict())
+    store = open_store(sqlite_url)
+    executor = TakenOverMidRun(sqlite_url)
+    executor.counts = None
+    try:
+        with pytest.raises(LeaseLost, match="taken over by another driver"):
+            Driver(store, run_id, config, executor).run()
+        with store.reading() as session:
+            assert rows(session) == executor.counts
+            run = get_run(session, run_id)
+            assert (run.status, run.driver) == ("running", "elsewhere:1")   # the new driver's, untouched
+    finally:
+        executor.close()
+        store.dispose()
