@@ -10,7 +10,8 @@
 #   then where a pack's time goes:
 #   7. benchmarks/gpu_pack.py --concurrent 32: packs in one process, then in two at once on the card;
 #   8. benchmarks/gpu_pack.py --profile 32: the host's and the device's time under torch.profiler;
-#   9. benchmarks/gpu_pack.py --cudnn-compare 32: a pack under cuDNN's other settings and NHWC (speed, rewards);
+#   9. benchmarks/gpu_pack.py --cudnn-compare 32: a pack under cuDNN's other settings, without TF32, and NHWC
+#      (speed, rewards);
 #   10. benchmarks/pack_host.py: a pack's host time per training step, its K optimizers' part;
 #   11. benchmarks/pack_host.py --whole: the host's time for whole packs (the device next to idle).
 # Prints a summary table at the end (and writes it, with every step's log, to $OUT if set).

@@ -247,10 +247,13 @@ def concurrent_pack(args: dict, k: int, ready, done) -> None:
     done.put(time.perf_counter() - start)
 
 
-# cuDNN's (deterministic, benchmark) flags, and whether the images are channels-last: nos evaluates
-# under the first (nos.tasks.training.deterministic), with the task's own memory format.
-CUDNN_MODES = {"deterministic": (True, False), "deterministic, timed pick": (True, True), "free": (False, True),
-               "deterministic, channels last": (True, False)}
+# cuDNN's (deterministic, benchmark, allow_tf32) flags, and whether the images are channels-last: nos
+# evaluates under the first (nos.tasks.training.deterministic), with the task's own memory format. TF32
+# (cuDNN's default) rounds convolutions to 10-bit mantissas, and a pack's grouped convolutions change shape
+# with its size, so a reward can depend on which rules shared the pack; "no TF32" prices full float32.
+CUDNN_MODES = {"deterministic": (True, False, True), "deterministic, timed pick": (True, True, True),
+               "free": (False, True, True), "deterministic, no TF32": (True, False, False),
+               "deterministic, channels last": (True, False, True)}
 
 
 def compare_cudnn(task: Task, nhwc: Task, k: int) -> None:
@@ -269,12 +272,12 @@ def compare_cudnn(task: Task, nhwc: Task, k: int) -> None:
         @contextlib.contextmanager
         def flags(device: torch.device):
             cudnn = torch.backends.cudnn
-            saved = cudnn.deterministic, cudnn.benchmark
-            cudnn.deterministic, cudnn.benchmark = CUDNN_MODES[mode]
+            saved = cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32
+            cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = CUDNN_MODES[mode]
             try:
                 yield
             finally:
-                cudnn.deterministic, cudnn.benchmark = saved
+                cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32 = saved
         return flags
 
     print(f"cuDNN settings and memory formats, a pack of K={k} on {task.splits.sizes['train']} training images, "
