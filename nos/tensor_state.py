@@ -216,7 +216,9 @@ def _decode_tensor(entry: Any, flat: torch.Tensor, path: str) -> torch.Tensor:
     if dtype is None:
         raise TensorStateError(f"{path} has dtype {entry['dtype']!r}; this nos reads {', '.join(DTYPES)}")
     shape, offset, length = entry["shape"], entry["offset"], entry["length"]
-    if not (isinstance(shape, list) and len(shape) <= MAX_DEPTH and all(_natural(n) for n in shape)):
+    # A size of 2**63 or more passes the byte count when another size is 0, then overflows torch's reshape.
+    if not (isinstance(shape, list) and len(shape) <= MAX_DEPTH
+            and all(_natural(n) and n < 2**62 for n in shape)):
         raise TensorStateError(f"{path} has shape {shape!r}, not a list of sizes")
     if not (_natural(offset) and _natural(length)) or offset + length > flat.numel():
         raise TensorStateError(f"{path}'s bytes {offset!r}+{length!r} are not within the {flat.numel()} "

@@ -143,6 +143,13 @@ def test_structural_hash_is_of_the_canonical_form():
         ("2*w", 0, "1e-4*w"),
         ("w", 0, "scaled"),
         ("1e999 * g", 0, "too large"),
+        ("g * 1e-400", 4, "too small: it would be read as 0"),
+        ("drop(g, -0.1)", 8, "positive, with no sign"),
+        ("clip(g, -1e-4)", 8, "positive, with no sign"),
+        # the language is ASCII: other scripts' digits were read as numbers
+        ("\u0661 * g", 0, "unexpected character"),
+        ("g * \uff13", 4, "unexpected character"),
+        ("g * 1\u0663", 5, "unexpected character"),
     ],
 )
 def test_syntax_errors_point_at_the_problem(text, position, words):
@@ -155,6 +162,12 @@ def test_syntax_errors_point_at_the_problem(text, position, words):
     lines = str(err).splitlines()
     assert lines[-1].index("^") - 2 == position   # the caret sits under the position
     assert lines[-2] == "  " + text
+
+
+def test_only_ascii_spaces_separate_tokens():
+    for space in ("\u00a0", "\u2003", "\x1f"):
+        with pytest.raises(RuleSyntaxError, match="unexpected character"):
+            parse(f"g{space}+ g")
 
 
 def test_unknown_name_lists_closest_known_names():

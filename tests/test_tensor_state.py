@@ -209,7 +209,10 @@ def test_torch_saves_zip_is_refused_without_being_unpickled(monkeypatch):
     (blob(tensor_node(offset=2 ** 70), bytes(8)), "not within"),
     (blob(tensor_node(offset=1.0), bytes(8)), "not within"),
     (blob(tensor_node(length=12), bytes(16)), "which is not 12 bytes"),
-    (blob(tensor_node(shape=(2 ** 62, 2 ** 62), length=8), bytes(8)), "which is not 8 bytes"),
+    (blob(tensor_node(shape=(2 ** 61, 2 ** 61), length=8), bytes(8)), "which is not 8 bytes"),
+    # an empty tensor with a size past 2**63: the byte count holds (0), then torch's reshape overflowed
+    (blob(tensor_node(shape=(0, 2 ** 70), length=0), bytes(8)), "not a list of sizes"),
+    (blob(tensor_node(shape=(0, 2 ** 63), length=0), bytes(8)), "not a list of sizes"),
     (blob(tensor_node(dtype="bool", shape=(2,), length=2), b"\x01\x07"), "bytes other than 0 and 1"),
     (blob({"list": [{"list": [{"tensor": 3}]}]}), r"state\[0\]\[0\]: a tensor is described"),
 ])

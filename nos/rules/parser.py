@@ -39,7 +39,7 @@ _TOKEN = re.compile(
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<op>\*\*|[-+*/^(),])
     """,
-    re.VERBOSE,
+    re.VERBOSE | re.ASCII,   # \d and \s would take Unicode digits and spaces: the language is ASCII
 )
 
 
@@ -198,6 +198,8 @@ class _Parser:
         value = float(tok.text)
         if not math.isfinite(value):
             self.fail(f"number {tok.text} is too large", tok.pos)
+        if value == 0 and any(c in "123456789" for c in tok.text.lower().partition("e")[0]):
+            self.fail(f"number {tok.text} is too small: it would be read as 0", tok.pos)
         return value
 
     def number_or_weight(self) -> Node:
@@ -235,7 +237,8 @@ class _Parser:
         if FUNCTIONS[fn] is not None:
             self.expect(",")
             if self.tok.kind != "number":
-                self.fail(f"{fn}'s second argument must be a number")
+                signed = self.tok.kind == "op" and self.tok.text in "+-"
+                self.fail(f"{fn}'s second argument must be " + ("positive, with no sign" if signed else "a number"))
             param_pos = self.tok.pos
             param = self.number()
         self.expect(")")

@@ -54,7 +54,7 @@ NUMBERS_READ: dict[str, tuple[str, ...]] = {
 BETA1, BETA2, BETA3 = 0.9, 0.999, 0.999
 DIV_EPS = 1e-8          # x / y is x / (y + DIV_EPS); adam and rmsprop use it too
 NOISE_STD = 0.1         # eps: Gaussian noise of variance 0.01
-NOISE_DECAY = 0.55      # eps_t: variance 0.01 / (1 + t) ** 0.55
+NOISE_DECAY = 0.55      # eps_t: variance 0.01 / t ** 0.55, t counting steps from 1
 CD_PERIODS = 1.0        # cd: cosine cycles over the horizon (1 -> 0 -> 1)
 RD_PERIODS = 2.0        # rd: cosine restarts over the horizon
 
