@@ -182,6 +182,34 @@ def test_packs_join_only_at_the_same_point_of_the_data_order():
     assert len(ahead.running) == len(behind.running) == 1   # a refused join changes neither
 
 
+@pytest.mark.parametrize("sweep", ["full", "halving"])
+def test_a_pack_that_joined_is_not_kept_through_the_final_run(monkeypatch, sweep):
+    """The retrained finals' own pack, once joined (its children copied in), is freed before the final run trains."""
+    import gc
+    import weakref
+
+    from nos.tasks import packed
+
+    joined, checked = [], []
+    join, finish = PackedChildren.join, packed._finish
+
+    def join_and_watch(self, other):
+        joined.append(weakref.ref(other))
+        return join(self, other)
+
+    def final_run(pack, finals, steps, report):
+        gc.collect()
+        assert len(joined) == 1 and joined[0]() is None
+        checked.append(steps)
+        return finish(pack, finals, steps, report)
+
+    monkeypatch.setattr(PackedChildren, "join", join_and_watch)
+    monkeypatch.setattr(packed, "_finish", final_run)
+    task = get_task("digits", **dict(SMALL, sweep=sweep))
+    adam, schedule = evaluate_rules(["adam", "addsign-ld"], task, seed=0)   # addsign-ld retrains, then joins
+    assert checked == [task.steps_per_epoch] and not adam.diverged and not schedule.diverged
+
+
 def test_retrained_finals_that_all_diverge_before_joining_keep_their_records():
     """A stack stops where its last child diverges, short of the continuing children's place: nothing joins."""
     # Plain SGD, but NaN at one step of the final run's horizon (ld = 1 - 1/64 at step 2 of 64), in its

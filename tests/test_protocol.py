@@ -329,3 +329,83 @@ def test_a_released_child_keeps_its_record_and_trains_no_more():
     assert group.record(1).steps == task.steps_per_epoch
     with pytest.raises(ValueError, match="released"):
         group.extract(0)
+
+
+HALVING = dict(sweep="halving", lrs=[1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0], epochs=2, train_size=400)
+
+
+def test_halving_frees_the_children_it_stops_mid_epoch():
+    """A stopped child's shuffled copy of the training set (553 MB on CIFAR-10), network and optimizer go at once."""
+    import gc
+    import weakref
+
+    from nos.rules import parse
+    from nos.tasks import protocol
+    from nos.tasks.training import SequentialChildren, deterministic, initial_child
+
+    task = get_task("digits", stacked=False, **HALVING)
+    seen = {}
+
+    def cut(group, *args):
+        # The early round ends mid-epoch: every running child holds its epoch's permuted copy of the data.
+        assert all(group.children[i]._data is not None for i in group.running)
+        seen.update({i: weakref.ref(group.children[i]) for i in group.running})
+        return protocol.halving_cut(group, *args)
+
+    with deterministic(task.device):
+        group = SequentialChildren(task, initial_child(task, 0), parse("adam"), list(task.lrs),
+                                   task.epochs * task.steps_per_epoch, 0)
+        stopped: dict[int, float] = {}
+        protocol.halve(group, len(task.lrs), task.steps_per_epoch, stopped, None, cut=cut)
+    gc.collect()
+    assert stopped and seen
+    for index in stopped:
+        assert group.children[index] is None and seen[index]() is None
+        record = protocol.trial_record(group, index, stopped)   # its record stays
+        assert (record.val_acc, record.steps, record.diverged) == (None, task.steps_per_epoch // 4, False)
+        assert group.record(index).val_acc is not None   # trial_record changed a copy, not the kept record
+    for index in group.running:   # those that went on finished their epoch: no copy left either
+        assert group.children[index]._data is None and seen[index]() is group.children[index]
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+@pytest.mark.parametrize("sweep, rule", [("halving", "adam"), ("full", "adam"), ("halving", "addsign-ld")])
+def test_the_final_run_holds_nothing_of_the_sweep(monkeypatch, stacked, sweep, rule):
+    """Every other child (network, optimizer, data copy), or the whole stack, is gone when the final run trains.
+
+    adam's final run continues its best sweep child; addsign-ld's (a schedule) trains afresh.
+    """
+    import gc
+    import weakref
+
+    from nos.tasks import protocol
+    from nos.tasks.training import Child, SequentialChildren
+
+    groups, children, checked = [], [], []
+    new_group, child, train = protocol.new_group, SequentialChildren.child, Child.train
+
+    def made_group(*args, **kwargs):
+        group = new_group(*args, **kwargs)
+        groups.append(weakref.ref(group))
+        return group
+
+    def made_child(self, index):
+        made = child(self, index)
+        children.append(weakref.ref(made))
+        return made
+
+    def final_run(self, epochs):   # only the final child trains by `train` (the sweep's by `advance`)
+        gc.collect()
+        assert [ref() for ref in groups] == [None]
+        assert all(ref() is None or ref() is self for ref in children)
+        checked.append(self)
+        return train(self, epochs)
+
+    monkeypatch.setattr(protocol, "new_group", made_group)
+    monkeypatch.setattr(SequentialChildren, "child", made_child)
+    monkeypatch.setattr(Child, "train", final_run)
+    result = evaluate_rule(rule, get_task("digits", **dict(HALVING, sweep=sweep, stacked=stacked)), seed=0)
+    assert len(checked) == 1 and not result.diverged
+    assert bool(children) != stacked
+    if sweep == "halving":
+        assert any(t.val_acc is None for t in result.trials)   # halving stopped some

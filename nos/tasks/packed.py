@@ -284,6 +284,8 @@ def _pack(trees: list[Node], task: Task, seed: int, reuse_sweep: bool, report: O
                 if fresh.running:
                     offset = pack.join(fresh)
                     continuing.update({m: offset + child for m, child in at.items()})
+                    # Its children train on in `pack`, from copies: its own tensors and moments are dead weight.
+                    del fresh
                 else:   # all diverged on the way (a stack stops where its last child does): their records stand
                     finals = _finish(fresh, at, 0, report)
             else:

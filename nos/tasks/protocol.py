@@ -167,22 +167,11 @@ def evaluate_rule(rule: str | Node, task: Task, seed: int = 0, *, on_trial: OnTr
     reuse = reuse_sweep and task.sweep_epochs <= task.epochs and not reads_schedule(tree)
     with deterministic(task.device):
         initial = initial_child(task, seed)
-        group = new_group(task, initial, tree, final_steps if reuse else sweep_steps, seed)
-        stopped: dict[int, float] = {}   # trials halving stopped early -> their last round's mean loss
-        scored = (lambda index: on_trial(trial_record(group, index, stopped), "sweep")) if on_trial else None
-        if task.sweep == "full":
-            group.advance(sweep_steps, scored)
-        else:
-            halve(group, len(task.lrs), sweep_steps, stopped, scored)
-        trials = [trial_record(group, index, stopped) for index in range(len(task.lrs))]
-        best = best_index(trials, stopped)
-
-        final, test_acc = None, 0.0
+        # The sweep's group is gone once `_sweep` returns: the final run holds its own child only.
+        trials, best, final = _sweep(tree, task, seed, initial, final_steps if reuse else sweep_steps, reuse, on_trial)
+        test_acc = 0.0
         if best is not None:
-            if reuse:   # the best sweep trial is the final child's first epochs
-                final = group.extract(best)
-                final.wall_seconds = 0.0
-            else:
+            if final is None:
                 final = Child.fresh(task, initial, tree, trials[best].lr, final_steps, seed)
             final.disable_explosion_stop()
             final.train(task.epochs - final.epochs)
@@ -193,6 +182,32 @@ def evaluate_rule(rule: str | Node, task: Task, seed: int = 0, *, on_trial: OnTr
 
     return evaluation_result(tree, task, seed, trials, best, final.record() if final else None, test_acc,
                              time.perf_counter() - start)
+
+
+def _sweep(tree: Node, task: Task, seed: int, initial: nn.Module, total_steps: int, reuse: bool,
+           on_trial: OnTrial | None) -> tuple[list[TrialRecord], int | None, Child | None]:
+    """The sweep (step 1): every rate's trial, the best one's index, and its child if the final run continues it.
+
+    total_steps: the horizon the children's schedules read. Only the returned
+    child outlives the call: every other child's network, optimizer and data,
+    or the whole stack with its moments, go with the group before the final
+    run trains.
+    """
+    sweep_steps = task.sweep_epochs * task.steps_per_epoch
+    group = new_group(task, initial, tree, total_steps, seed)
+    stopped: dict[int, float] = {}   # trials halving stopped early -> their last round's mean loss
+    scored = (lambda index: on_trial(trial_record(group, index, stopped), "sweep")) if on_trial else None
+    if task.sweep == "full":
+        group.advance(sweep_steps, scored)
+    else:
+        halve(group, len(task.lrs), sweep_steps, stopped, scored)
+    trials = [trial_record(group, index, stopped) for index in range(len(task.lrs))]
+    best = best_index(trials, stopped)
+    if best is None or not reuse:
+        return trials, best, None
+    final = group.extract(best)   # the best sweep trial is the final child's first epochs
+    final.wall_seconds = 0.0
+    return trials, best, final
 
 
 def evaluation_result(tree: Node, task: Task, seed: int, trials: list[TrialRecord], best: int | None,

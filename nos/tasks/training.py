@@ -26,7 +26,7 @@ import contextlib
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -258,7 +258,7 @@ class ChildGroup(Protocol):
         """
 
     def stop(self, children: list[int]) -> None:
-        """Take `children` out of training; their records stay."""
+        """Take `children` out of training for good, freeing what they hold; their records stay."""
 
     def extract(self, index: int) -> Child:
         """Child `index` as a `Child` that trains on alone (between epochs only)."""
@@ -300,16 +300,27 @@ class SequentialChildren:
                 on_scored(index)
 
     def stop(self, children: list[int]) -> None:
+        """Take `children` out of training and free them (`release`): a stopped child never trains again.
+
+        One that halving stops mid-epoch would otherwise keep its epoch's
+        shuffled copy of the training set, besides its network and optimizer,
+        for the rest of the sweep and the final run. Their records stay.
+        """
+        for index in children:
+            if self.children[index] is not None:
+                self.released[index] = self.children[index].record()
+                self.children[index] = None
         self.running = [index for index in self.running if index not in children]
 
     def extract(self, index: int) -> Child:
         return self.child(index)
 
     def record(self, index: int) -> TrialRecord:
-        return self.released[index] if index in self.released else self.child(index).record()
+        # A copy, as a live child's record is: a caller may change the one it gets (protocol.trial_record does).
+        return replace(self.released[index]) if index in self.released else self.child(index).record()
 
     def release(self, index: int) -> None:
-        """Free child `index`'s network and optimizer (a large network's memory).
+        """Free child `index`'s network, optimizer and data (a large network's memory).
 
         It trains no more; its record stays."""
         self.released[index] = self.child(index).record()
