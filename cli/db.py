@@ -73,8 +73,9 @@ def find_rule_or_exit(session: Any, rule: str) -> Any:
     return found
 
 
-def _store_errors_to_usage(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A StoreError (bad URL, server down, schema too old or too new) becomes exit 2 with its one line."""
+def store_errors_to_usage(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A StoreError (bad URL, server down, schema too old or too new, a damaged row) becomes exit 2 with its
+    one line."""
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -91,7 +92,7 @@ def db_group() -> None:
 
 @db_group.command("upgrade")
 @db_option
-@_store_errors_to_usage
+@store_errors_to_usage
 def upgrade_command(db_url: str | None) -> None:
     """Create the schema, or bring it up to this nos's version."""
     url = resolve_url(db_url)
@@ -107,7 +108,7 @@ def upgrade_command(db_url: str | None) -> None:
 
 @db_group.command("current")
 @db_option
-@_store_errors_to_usage
+@store_errors_to_usage
 def current_command(db_url: str | None) -> None:
     """Show the database's schema revision and whether it needs `nos db upgrade`.
 

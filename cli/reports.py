@@ -10,11 +10,11 @@ from pathlib import Path
 import click
 
 from nos.rules import RuleSyntaxError
-from nos.store import get_run
 from nos.store.history import rule_sweeps, run_evaluations
+from nos.store.queries import read_run
 
 from .console import console
-from .db import db_option, find_rule_or_exit, open_store_or_exit
+from .db import db_option, find_rule_or_exit, open_store_or_exit, store_errors_to_usage
 from .errors import UsageProblem
 from .options import MAX_TOP, task_filter_option, window_option
 from .params import ID, SEED
@@ -47,6 +47,7 @@ def _save(plots, fig, output: str) -> None:
               help="Image file to write (the suffix picks the format: .png, .svg, .pdf, .jpg, ...).")
 @window_option
 @db_option
+@store_errors_to_usage
 def plot_command(run_ids, sweep_rule, task, output, window, db_url) -> None:
     """Draw reward against evaluation for runs, or a rule's learning-rate sweeps.
 
@@ -77,7 +78,7 @@ def plot_command(run_ids, sweep_rule, task, output, window, db_url) -> None:
     curves, count = [], 0
     with store.reading() as session:
         for run_id in dict.fromkeys(run_ids):
-            run = get_run(session, run_id)
+            run = read_run(session, run_id)
             if run is None:
                 raise UsageProblem(f"no run {run_id}; `nos runs` lists them")
             rows = run_evaluations(session, run_id)
@@ -97,6 +98,7 @@ def plot_command(run_ids, sweep_rule, task, output, window, db_url) -> None:
               help="Rules shown with their sweeps (0: none; the best rule's line stays).")
 @window_option
 @db_option
+@store_errors_to_usage
 def report_command(run_id, output, top, window, db_url) -> None:
     """Write one self-contained HTML page about a run.
 

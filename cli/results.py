@@ -13,12 +13,13 @@ from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from nos.store import LeaderboardRow, database_now, get_run, leaderboard, list_runs, run_progress, trials_of
+from nos.store import LeaderboardRow, database_now, leaderboard, run_progress, trials_of
 from nos.store.leases import DRIVABLE, Lease, read_lease
 from nos.store.models import SCORED_STATUSES, Evaluation, Rule
+from nos.store.queries import DamagedRow, read_run, run_ids
 
 from .console import console
-from .db import db_option, find_rule_or_exit, open_store_or_exit
+from .db import db_option, find_rule_or_exit, open_store_or_exit, store_errors_to_usage
 from .errors import UsageProblem
 from .options import MAX_TOP, broker_option, task_filter_option
 from .params import ID
@@ -106,7 +107,7 @@ def leaderboard_command(run_id, task, top, fmt, group_equivalent, db_url) -> Non
     """The best rules by reward: over all runs, one run, or one task."""
     store = open_store_or_exit(db_url)
     with store.reading() as session:
-        if run_id is not None and get_run(session, run_id) is None:
+        if run_id is not None and run_id not in run_ids(session):   # the board reads no column of the run
             raise UsageProblem(f"no run {run_id}; `nos runs` lists them")
         if task is not None:
             tasks = session.execute(select(Evaluation.task).distinct().order_by(Evaluation.task)).scalars().all()
@@ -122,27 +123,41 @@ def runs_command(db_url) -> None:
     """List the runs with their progress."""
     store = open_store_or_exit(db_url)
     with store.reading() as session:
-        if not list_runs(session):
+        if not run_ids(session):
             console.print("no runs yet; start one with `nos enqueue`")
             return
     table = Table(title="runs")
     for column in ("id", "name", "task", "searcher", "status", "evaluations", "trained", "rejected", "best reward",
                    "created"):
         table.add_column(column)
+    damaged = []
     with store.reading() as session:
-        for run in list_runs(session):
-            progress = run_progress(session, run.id)
-            table.add_row(str(run.id), run.name, run.task, str(run.config.get("searcher", "-")), run.status,
-                          f"{progress.counted}/{run.config.get('budget', '?')}", str(progress.trained),
-                          str(progress.counts["rejected"]), _fmt(progress.best_reward),
-                          run.created_at.strftime("%Y-%m-%d %H:%M"))
+        for run_id in run_ids(session):
+            try:
+                table.add_row(*_run_cells(session, run_id))
+            except DamagedRow as exc:
+                # One damaged row leaves the other runs listed: its cells are "?", a line below says why.
+                table.add_row(str(run_id), *["?"] * (len(table.columns) - 1))
+                damaged.append(str(exc))
     console.print(table)
+    for line in damaged:
+        console.print(line)
+
+
+def _run_cells(session: Session, run_id: int) -> list[str]:
+    """A run's row of `nos runs`; DamagedRow if the run's row cannot be read."""
+    run = read_run(session, run_id)
+    progress = run_progress(session, run_id)
+    return [str(run.id), run.name, run.task, str(run.config.get("searcher", "-")), run.status,
+            f"{progress.counted}/{run.config.get('budget', '?')}", str(progress.trained),
+            str(progress.counts["rejected"]), _fmt(progress.best_reward), run.created_at.strftime("%Y-%m-%d %H:%M")]
 
 
 @click.command("status")
 @click.argument("run_id", type=ID, required=False)
 @db_option
 @broker_option
+@store_errors_to_usage
 def status_command(run_id, db_url, broker_url) -> None:
     """A run's counts by status and its evaluations in flight (default: the latest run).
 
@@ -157,14 +172,14 @@ def status_command(run_id, db_url, broker_url) -> None:
         console.print(f"{len(names)} live worker{'s' if len(names) != 1 else ''}: {', '.join(names) or '-'}")
     with store.reading() as session:
         if run_id is None:
-            runs = list_runs(session)
+            runs = run_ids(session)
             if not runs:
                 raise UsageProblem("no runs yet; start one with `nos enqueue`")
-            run_id = runs[-1].id
-        progress = run_progress(session, run_id)
-        if progress is None:
+            run_id = runs[-1]
+        run = read_run(session, run_id)   # first: a damaged row is named here, not met as a traceback below
+        if run is None:
             raise UsageProblem(f"no run {run_id}; `nos runs` lists them")
-        run = get_run(session, run_id)
+        progress = run_progress(session, run_id)
         console.print(f"run {run_id} ({progress.name}, {progress.task}): {progress.status}, "
                       f"{progress.counted}/{run.config.get('budget', '?')} evaluations finished "
                       f"({progress.trained} trained, {progress.counts['cached']} from the cache; "

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from nos.store import Store
 from nos.store.history import EvaluationRow, Sweep, Timings, run_evaluations, run_timings, sweep_of
 from nos.store.models import Run, utcnow
-from nos.store.queries import LeaderboardRow, RunProgress, leaderboard, run_progress
+from nos.store.queries import LeaderboardRow, RunProgress, leaderboard, read_run, run_progress
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,9 @@ class RunReport:
 
 
 def gather(session: Session, run_id: int, top: int = 5) -> RunReport | None:
-    """The report's data for run `run_id`, or None if there is no such run."""
-    run = session.get(Run, run_id)
+    """The report's data for run `run_id`, or None if there is no such run; DamagedRow if a value the page
+    shows is of a shape nos never writes."""
+    run = read_run(session, run_id)
     if run is None:
         return None
     rows = run_evaluations(session, run_id)
@@ -64,7 +65,8 @@ def gather(session: Session, run_id: int, top: int = 5) -> RunReport | None:
 
 def write_report(store: Store, run_id: int, path: str | Path, *, top: int = 5, window: int = 20,
                  images: bool = True) -> Path:
-    """Write run `run_id`'s report to `path`; LookupError if there is no such run."""
+    """Write run `run_id`'s report to `path`; LookupError if there is no such run, DamagedRow (nothing
+    written) if its stored values cannot be shown."""
     with store.reading() as session:
         report = gather(session, run_id, top)
     if report is None:

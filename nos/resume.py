@@ -3,15 +3,21 @@
 A checkpoint's blob is read by nos.tensor_state (JSON and raw tensor bytes;
 nothing is unpickled, see docs/security.md). A damaged blob, a state of
 another searcher, a `state` without its tokens (synchronous driver) or without
-its batch and updates (asynchronous driver) is a CheckpointUnreadable with one
-line, raised before anything about the run is changed. So is a blob written by
-an earlier nos with torch.save: reading it would mean unpickling it, so such a
-run cannot be resumed by this version (its stored results stay).
+its batch and updates (asynchronous driver), or an earlier checkpoint whose
+recorded updates the asynchronous driver cannot read back, is a
+CheckpointUnreadable with one line, raised before anything about the run is
+changed. So is a blob written by an earlier nos with torch.save: reading it
+would mean unpickling it, so such a run cannot be resumed by this version (its
+stored results stay).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from sqlalchemy import Text, cast, select
+from sqlalchemy.orm import Session
 
 from .config import SearchConfig
 from .search import Searcher, make_searcher, state_from_bytes
@@ -67,12 +73,49 @@ def restore_searcher(searcher: Searcher, checkpoint: Checkpoint, synchronous: bo
 
 
 def check_resumable(store: Store, run_id: int, config: SearchConfig) -> None:
-    """CheckpointUnreadable unless the run's latest checkpoint (if any) loads into a fresh searcher."""
+    """CheckpointUnreadable unless the run's checkpoints hold what its driver reads back: the latest (if any)
+    loads into a fresh searcher, and for the asynchronous driver every earlier one has its list of updates."""
     with store.reading() as session:
-        checkpoint = latest_checkpoint(session, run_id)
-        if checkpoint is not None:
-            restore_searcher(make_searcher(config.searcher, config.depth, config.seed, **config.hyperparameters),
-                             checkpoint, config.synchronous)
+        try:
+            checkpoint = latest_checkpoint(session, run_id)
+        except (TypeError, ValueError):   # its state or rng_state is not JSON (SQLite keeps any text)
+            raise CheckpointUnreadable(f"run {run_id}: its latest checkpoint cannot be read (its JSON is damaged); "
+                                       "the run cannot resume from it") from None
+        if checkpoint is None:
+            return
+        restore_searcher(make_searcher(config.searcher, config.depth, config.seed, **config.hyperparameters),
+                         checkpoint, config.synchronous)
+        if not config.synchronous:
+            _check_recorded_updates(session, run_id)
+
+
+def _check_recorded_updates(session: Session, run_id: int) -> None:
+    """CheckpointUnreadable unless every checkpoint's state is a table whose updates (if any) are rows of ids.
+
+    AsynchronousLoop._restore counts the updates recorded in every checkpoint, not only the latest: a damaged
+    earlier one would pass the latest's check and fail the run once resumed. The states are decoded here, from
+    their text, so that one that is not JSON is named by its step.
+    """
+    rows = session.execute(select(Checkpoint.step, cast(Checkpoint.state, Text))
+                           .where(Checkpoint.run_id == run_id).order_by(Checkpoint.step))
+    for step, text in rows:
+        why = _updates_problem(text)
+        if why:
+            raise CheckpointUnreadable(f"run {run_id}: its checkpoint of step {step} cannot be read ({why}); "
+                                       "the run cannot resume from it")
+
+
+def _updates_problem(text: str | None) -> str | None:
+    """What keeps a checkpoint's stored state (JSON text) from giving AsynchronousLoop._restore its updates."""
+    try:
+        state = json.loads(text)
+    except (TypeError, ValueError):
+        return "its state is not JSON"
+    if not isinstance(state, dict):
+        return "its state is not a table"
+    if not _rows_of_ints(state.get("updates", [])):   # none at all reads as none recorded, as _restore takes it
+        return "its updates are not rows of evaluation ids"
+    return None
 
 
 __all__ = ["CheckpointUnreadable", "check_resumable", "restore_searcher"]

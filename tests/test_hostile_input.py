@@ -35,13 +35,19 @@ def invoke(*args: str, env: dict | None = None):
 
 
 def snapshot(url: str) -> dict[str, list[dict]]:
-    """Every row of every table (alembic's too), in key order: equal snapshots, unchanged database."""
+    """Every row of every table (alembic's too), in key order: equal snapshots, unchanged database.
+
+    Values are compared as the driver returns them, not through nos's column types, so a value those cannot
+    convert (the damaged rows of section 10) is compared too instead of failing the snapshot.
+    """
+    tables = [sa.table(t.name, *(sa.column(c.name) for c in t.columns)) for t in Base.metadata.sorted_tables]
+    keys = {t.name: [c.name for c in t.primary_key.columns] for t in Base.metadata.sorted_tables}
     version = sa.table("alembic_version", sa.column("version_num"))
     engine = sa.create_engine(resolve_url(url))
     try:
         with engine.connect() as connection:
-            rows = {t.name: connection.execute(sa.select(t).order_by(*t.primary_key.columns)).mappings().all()
-                    for t in Base.metadata.sorted_tables}
+            rows = {t.name: connection.execute(sa.select(t).order_by(*(t.c[k] for k in keys[t.name]))).mappings().all()
+                    for t in tables}
             rows["alembic_version"] = connection.execute(sa.select(version)).mappings().all()
             return {name: [dict(row) for row in found] for name, found in rows.items()}
     finally:
@@ -541,3 +547,110 @@ def test_the_stacked_fashion_mnist_test_skips_without_the_data(tmp_path, require
                           env=env, capture_output=True, text=True, timeout=300)
     assert outcome in done.stdout, done.stdout + done.stderr
     assert not (tmp_path / ".cache").exists()   # nothing was downloaded
+
+
+# -- 10. stored values of a shape nos never writes ----------------------------------
+# A hand edit or another tool can leave any value in a SQLite column, and any JSON in a PostgreSQL one: the
+# commands that read a run name the run and the column (exit 2), `nos runs` lists the other runs, and nothing
+# stored changes.
+
+def _damaged_copy(url: str, folder: Path, statement: str) -> str:
+    """A copy of the searched database with a sound second run, then `statement` applied to it."""
+    copy = folder / "damaged.db"
+    with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as source, \
+            contextlib.closing(sqlite3.connect(copy)) as target:
+        source.backup(target)
+        target.execute("INSERT INTO runs (name, status, task, config, created_at, updated_at) "
+                       "SELECT 'sound', status, task, config, created_at, updated_at FROM runs WHERE id = 1")
+        target.execute(statement)
+        target.commit()
+    return f"sqlite:///{copy}"
+
+
+def _run_readers_refuse(url: str, folder: Path, message: str, commands=("status", "report", "plot")) -> None:
+    """Each of `commands` on run 1 stops with `message`, and writes no page or picture."""
+    page, picture = folder / "r.html", folder / "p.png"
+    arguments = {"status": ("status", "1"), "report": ("report", "1", "-o", str(page)),
+                 "plot": ("plot", "1", "-o", str(picture))}
+    for command in commands:
+        one_line_error(invoke(*arguments[command], "--db", url), message)
+    assert not page.exists() and not picture.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("config", "message"), [
+    ("'[1, 2]'", "run 1 is damaged in the database: runs.config holds [1, 2], not a JSON object"),
+    ("'not json'", "run 1 is damaged in the database: runs.config is not valid JSON"),
+], ids=["array", "not-json"])
+def test_a_run_config_of_another_shape(marked_up, tmp_path, config, message):
+    url, _ = marked_up
+    copy = _damaged_copy(url, tmp_path, f"UPDATE runs SET config = {config} WHERE id = 1")
+    before = snapshot(copy)
+    _run_readers_refuse(copy, tmp_path, message)
+    listed = invoke("runs", "--db", copy)
+    assert listed.exit_code == 0, listed.output
+    assert "sound" in listed.output          # the other run is listed as ever
+    assert message in listed.output.splitlines()   # and the damaged one is named under the table
+    board = invoke("leaderboard", "--run", "1", "--db", copy)   # the board reads no column of the run
+    assert board.exit_code == 0, board.output
+    assert snapshot(copy) == before
+
+
+def test_a_run_config_of_another_shape_on_postgresql(pg_with_a_run, tmp_path):
+    engine = sa.create_engine(resolve_url(pg_with_a_run))
+    try:
+        with engine.begin() as connection:   # PostgreSQL's JSON type takes any JSON
+            connection.execute(sa.text("UPDATE runs SET config = '[1, 2]'"))
+    finally:
+        engine.dispose()
+    before = snapshot(pg_with_a_run)
+    message = "run 1 is damaged in the database: runs.config holds [1, 2], not a JSON object"
+    _run_readers_refuse(pg_with_a_run, tmp_path, message)
+    listed = invoke("runs", "--db", pg_with_a_run)
+    assert listed.exit_code == 0, listed.output
+    assert message in listed.output.splitlines()
+    assert snapshot(pg_with_a_run) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("change", "problem"), [
+    ("created_at = 'garbage'", "evaluations.created_at of evaluation {} cannot be read "
+                               "(Invalid isoformat string: 'garbage')"),
+    ("reward = 'abc'", "evaluations.reward of evaluation {} holds 'abc', not a number"),
+], ids=["datetime", "text-in-real"])
+def test_an_evaluation_value_of_another_type(marked_up, tmp_path, change, problem):
+    url, _ = marked_up
+    # The run's last evaluation: the one damaged value is found among the others, not merely the first row.
+    copy = _damaged_copy(url, tmp_path, f"UPDATE evaluations SET {change} "
+                                        "WHERE id = (SELECT max(id) FROM evaluations WHERE run_id = 1)")
+    with contextlib.closing(sqlite3.connect(copy.removeprefix("sqlite:///"))) as db:
+        last, = db.execute("SELECT max(id) FROM evaluations WHERE run_id = 1").fetchone()
+    before = snapshot(copy)
+    _run_readers_refuse(copy, tmp_path, f"run 1 is damaged in the database: {problem.format(last)}",
+                        commands=("report", "plot"))
+    assert snapshot(copy) == before
+
+
+_EARLIER_CHECKPOINT = ("INSERT INTO checkpoints (run_id, step, state, rng_state, created_at) "
+                       "SELECT run_id, step - 1, {}, rng_state, created_at FROM checkpoints ORDER BY step LIMIT 1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("statement", "message"), [
+    (_EARLIER_CHECKPOINT.format("'[1, 2]'"), "its checkpoint of step -1 cannot be read (its state is not a table)"),
+    (_EARLIER_CHECKPOINT.format("'not json'"), "its checkpoint of step -1 cannot be read (its state is not JSON)"),
+    (_EARLIER_CHECKPOINT.format("'{\"updates\": 5}'"),
+     "its checkpoint of step -1 cannot be read (its updates are not rows of evaluation ids)"),
+    ("UPDATE checkpoints SET rng_state = 'not json'", "its latest checkpoint cannot be read (its JSON is damaged)"),
+], ids=["earlier-array", "earlier-not-json", "earlier-updates", "latest-not-json"])
+def test_a_checkpoint_of_another_shape_stops_resume_before_the_run_changes(marked_up, tmp_path, statement, message):
+    """The asynchronous driver reads every checkpoint's recorded updates back, not only the latest's: a damaged
+    earlier one passed `nos resume`'s check, then failed the run."""
+    url, _ = marked_up
+    copy = _stopped_copy(url, tmp_path, None)
+    with contextlib.closing(sqlite3.connect(copy.removeprefix("sqlite:///"))) as db:
+        db.execute(statement)
+        db.commit()
+    before = snapshot(copy)
+    one_line_error(invoke("resume", "1", "--db", copy), f"run 1: {message}; the run cannot resume from it")
+    assert snapshot(copy) == before   # still stopped, not failed

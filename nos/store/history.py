@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .models import FINISHED_STATUSES, TRAINED_STATUSES, Evaluation, LrTrial, Rule, Run
+from .queries import DamagedRow, unreadable_cell
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,48 @@ _EVALUATION_COLUMNS = (
 )
 
 
+# The REAL columns of an evaluation row: plots and reports do arithmetic on them.
+_NUMBERS = ("reward", "test_acc", "best_lr", "wall_seconds")
+
+
 def run_evaluations(session: Session, run_id: int | None = None) -> list[EvaluationRow]:
-    """A run's evaluations in seq order (every run's, by run then seq, when `run_id` is None)."""
-    query = select(*_EVALUATION_COLUMNS).join(Rule, Rule.id == Evaluation.rule_id)
-    if run_id is not None:
-        query = query.where(Evaluation.run_id == run_id)
-    return [EvaluationRow(*row) for row in session.execute(query.order_by(Evaluation.run_id, Evaluation.seq))]
+    """A run's evaluations in seq order (every run's, by run then seq, when `run_id` is None).
+
+    DamagedRow if one holds a value nos never writes: one its column's type cannot convert (SQLite keeps any
+    text in any column), or text where a number belongs.
+    """
+    where = [] if run_id is None else [Evaluation.run_id == run_id]
+    query = select(*_EVALUATION_COLUMNS).join(Rule, Rule.id == Evaluation.rule_id).where(*where)
+    try:
+        rows = [EvaluationRow(*row) for row in session.execute(query.order_by(Evaluation.run_id, Evaluation.seq))]
+    except (TypeError, ValueError):
+        damaged = _unreadable_evaluation(session, where)
+        if damaged is None:   # not a stored value after all
+            raise
+        raise damaged from None
+    for row in rows:
+        _check_numbers(row)
+    return rows
+
+
+def _unreadable_evaluation(session: Session, where: list) -> DamagedRow | None:
+    """The DamagedRow naming the stored value that failed run_evaluations' query; None if none reads badly."""
+    columns = [Evaluation.__table__.c[column.key] for column in _EVALUATION_COLUMNS if column.class_ is Evaluation]
+    found = unreadable_cell(session, columns, *where)
+    if found is None:
+        return None
+    column, evaluation_id, problem = found
+    run_id = session.execute(select(Evaluation.run_id).where(Evaluation.id == evaluation_id)).scalar_one()
+    return DamagedRow(run_id, f"evaluations.{column.name} of evaluation {evaluation_id}", problem)
+
+
+def _check_numbers(row: EvaluationRow) -> None:
+    # SQLite hands back text stored in a REAL column as text: refuse it here, not as a TypeError in a plot.
+    for name in _NUMBERS:
+        value = getattr(row, name)
+        if value is not None and not isinstance(value, (int, float)):
+            raise DamagedRow(row.run_id, f"evaluations.{name} of evaluation {row.id}",
+                             f"holds {value!r:.60}, not a number")
 
 
 def run_trials(session: Session, run_id: int | None = None) -> list[TrialRow]:

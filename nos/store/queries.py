@@ -7,11 +7,13 @@ large databases.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 
-from sqlalchemy import func, select
+from sqlalchemy import JSON, Column, func, select
 from sqlalchemy.orm import Session, aliased
 
+from .engine import StoreError, first_line
 from .models import EVALUATION_STATUSES, PENDING_STATUSES, TRAINED_STATUSES, Evaluation, Rule, Run
 
 _SQL_INT_MAX = 2**63 - 1
@@ -172,3 +174,68 @@ def run_progress(session: Session, run_id: int) -> RunProgress | None:
 
 def list_runs(session: Session) -> list[Run]:
     return list(session.execute(select(Run).order_by(Run.id)).scalars())
+
+
+def run_ids(session: Session) -> list[int]:
+    """Every run's id, in order; no other column is read, so a damaged row (see read_run) cannot fail it."""
+    return list(session.execute(select(Run.id).order_by(Run.id)).scalars())
+
+
+# --- rows nos never wrote ------------------------------------------------------------------------------------
+
+class DamagedRow(StoreError):
+    """A run's stored value has a shape nos never writes: edited by hand or by another tool, or a damaged file.
+
+    SQLite keeps any value in any column, and PostgreSQL's JSON takes any JSON; readers name the run and the
+    column instead of failing with a traceback or guessing a value.
+    """
+
+    def __init__(self, run_id: int, column: str, problem: str):
+        super().__init__(f"run {run_id} is damaged in the database: {column} {problem}")
+        self.run_id = run_id
+
+
+def read_run(session: Session, run_id: int) -> Run | None:
+    """Run `run_id`, None if there is none; DamagedRow if a column of its row cannot be read, or its config
+    is not a JSON object (what every reader of `run.config` takes it to be)."""
+    try:
+        run = session.get(Run, run_id)
+    except (TypeError, ValueError):   # a value the column's type cannot convert: find which
+        found = unreadable_cell(session, list(Run.__table__.columns), Run.id == run_id)
+        if found is None:
+            raise
+        column, _, problem = found
+        raise DamagedRow(run_id, f"runs.{column.name}", problem) from None
+    if run is not None and not isinstance(run.config, dict):
+        raise DamagedRow(run_id, "runs.config", f"holds {json.dumps(run.config)[:60]}, not a JSON object")
+    return run
+
+
+def unreadable_cell(session: Session, columns: list[Column], *where) -> tuple[Column, int, str] | None:
+    """The first of `columns` (of one table) that holds, in a row `where` selects, a value its type cannot
+    convert; the lowest such row's id; and what is wrong with its value. None if every value converts.
+
+    A query that meets such a value fails as a whole (a JSONDecodeError, "Invalid isoformat string") without
+    saying where, so each column is read alone, then its rows by halves of their id range.
+    """
+    for column in columns:
+        if _conversion_error(session, column, *where) is None:
+            continue
+        key = column.table.c.id
+        ids = session.execute(select(key).where(*where).order_by(key)).scalars().all()
+        while len(ids) > 1:
+            low = ids[:len(ids) // 2]
+            ids = low if _conversion_error(session, column, *where, key.between(low[0], low[-1])) else ids[len(low):]
+        if isinstance(column.type, JSON):
+            return column, ids[0], "is not valid JSON"
+        error = _conversion_error(session, column, key == ids[0])
+        return column, ids[0], f"cannot be read ({first_line(error)[:200]})"
+    return None
+
+
+def _conversion_error(session: Session, column: Column, *where) -> Exception | None:
+    try:
+        session.execute(select(column).where(*where)).all()
+    except (TypeError, ValueError) as exc:
+        return exc
+    return None
