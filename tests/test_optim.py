@@ -269,6 +269,22 @@ def test_compiled_adam_matches_eager_adam(layout):
         torch.testing.assert_close(c.detach(), e.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_a_compiled_step_takes_a_rule_as_deep_as_the_parser_allows():
+    """Dynamo traces the per-tensor step, which once evaluated the tree recursively: a rule 90 operations
+    deep took dynamo past Python's recursion limit at the first step."""
+    rule = "-" * 50 + "(" + "+".join(["g", "m"] * 25 + ["g"]) + ")"   # 100 operations deep
+    moved = []
+    for compile in (False, True):
+        w = torch.ones(4, requires_grad=True)
+        opt = SymbolicOptimizer([w], rule, lr=1e-3, foreach=False, compile=compile)
+        for step in range(2):
+            w.grad = torch.full((4,), 0.5 + step)
+            opt.step()
+        moved.append(w.detach())
+    torch.testing.assert_close(moved[1], moved[0], rtol=1e-6, atol=1e-7)
+
+
 @pytest.fixture(params=["per-tensor", "flat"])
 def layout(request, monkeypatch):
     """The compiled step as it runs on a CPU (a graph over every parameter) and as on a GPU (flat tensors)."""
@@ -489,6 +505,57 @@ def test_a_step_size_folded_from_the_root_gives_what_the_per_tensor_step_gives(r
         opt.step()
         moved.append(w.detach())
     torch.testing.assert_close(*moved, equal_nan=True)
+
+
+def _moved_by_both_paths(rule, dtype, lr, grad):
+    """Where one step of each path takes a weight of zeros: foreach, then per-tensor."""
+    moved = []
+    for foreach in (True, False):
+        w = torch.zeros(len(grad), dtype=dtype, requires_grad=True)
+        opt = SymbolicOptimizer([w], rule, lr=lr, foreach=foreach, seed=0, total_steps=10)
+        w.grad = torch.tensor(grad, dtype=dtype)
+        opt.step()
+        moved.append(w.detach())
+    return moved
+
+
+@pytest.mark.parametrize(("rule", "dtype", "lr"), [
+    ("g / clip(1, 1e-5)", torch.float16, 1e-2),                # 1 / 1e-5 is past float16's range, g / 1e-5 not
+    ("g * 1e5 * 0.5", torch.float16, 1e-3),                    # 1e5 is inf in float16
+    ("g * 1e30 * 1e30 * 1e-30 * 1e-30", torch.float32, 1e-3),  # g * 1e60 overflows float32
+    ("g / (0 - 1e-8)", torch.float32, 1e-3),                   # float32's -1e-8 + 1e-8 is 0, Python's is not
+    ("(g / (0 - 1e-8)) * sign(g)", torch.float32, 1e-3),       # so too below the root
+])
+def test_factors_whose_products_overflow_the_dtype_are_not_folded(rule, dtype, lr):
+    """The per-tensor step multiplies each element by the root's factors one by one, in the dtype: the foreach
+    step folds them into the step size only where no element can overflow on the way."""
+    torch.testing.assert_close(*_moved_by_both_paths(rule, dtype, lr, [0.0, 1e-3, -0.5, 1.0]), equal_nan=True)
+
+
+@pytest.mark.parametrize(("rule", "dtype", "grad"), [
+    ("g * 3e4", torch.float16, [0.0, 1e-3, -0.5, 4.0]),       # 4 * 3e4 is past float16's 65504
+    ("g / 0.5 * 0.5", torch.float16, [0.0, 1e-3, -0.5, 4e4]),  # 4e4 / 0.5 is past it: 4e4 * 1 is not
+    ("-(g * 1e30)", torch.float32, [0.0, 1e-3, -0.5, 1e10]),
+])
+def test_a_factor_above_1_is_not_folded_since_a_large_element_would_overflow(rule, dtype, grad):
+    torch.testing.assert_close(*_moved_by_both_paths(rule, dtype, 1e-3, grad), equal_nan=True)
+
+
+@pytest.mark.parametrize(("rule", "dtype", "same_as"), [
+    ("clip(g, 1e5)", torch.float16, "g"),                  # a bound past the dtype's range clips nothing
+    ("clip(g, 1e39)", torch.float32, "g"),
+    ("clip(g, 65519)", torch.float16, "clip(g, 65504)"),   # as torch.tensor(65519, dtype=float16) holds it
+    ("g^2 ^ 1e5", torch.float16, None),                    # an exponent as the dtype holds it: inf
+    ("drop(1e39, 0.5) * g", torch.float32, None),          # a dropped constant that is inf in float32
+    ("drop(1e5, 0.5) * g", torch.float16, None),
+])
+def test_a_number_past_the_dtypes_range_is_taken_as_the_dtype_holds_it(rule, dtype, same_as):
+    """torch refuses such a Python number in an op ("value cannot be converted ... without overflow")."""
+    grad = [0.0, 1e-3, -0.5, 2.0, 70000.0 if dtype == torch.float16 else 1e39]   # the last one is inf
+    fast, plain = _moved_by_both_paths(rule, dtype, 1e-3, grad)
+    torch.testing.assert_close(fast, plain, equal_nan=True)
+    if same_as is not None:
+        torch.testing.assert_close(fast, _moved_by_both_paths(same_as, dtype, 1e-3, grad)[1], equal_nan=True)
 
 
 def test_noise_state_hands_the_noise_over():

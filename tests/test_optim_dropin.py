@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import re
 import warnings
 
 import pytest
@@ -16,8 +17,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from nos.optim import UNSUPPORTED_GROUP_KEYS, SymbolicOptimizer
-from nos.rules import Operand, Unary
+from nos.rules import Binary, Const, Operand, Unary, parse, rule_hash
 from nos.rules.builtins import resolve_rule
+from nos.rules.parser import MAX_DEPTH
 
 NOISY = "g + eps"
 
@@ -65,7 +67,16 @@ def _rewind_one_step_count(opt, params):
     opt.state[params[1]]["step"] = opt.state[params[1]]["step"] * 0   # Adam's is a tensor, ours an int
 
 
-@pytest.mark.parametrize("edit", [_reset_momentum, _restart_one, _offload_and_back, _rewind_one_step_count])
+def _clear_one(opt, params):
+    opt.state[params[1]].clear()   # its dict emptied in place, not replaced
+
+
+def _step_count_as_a_tensor(opt, params):
+    opt.state[params[1]]["step"] = torch.tensor(1.0)   # torch's kind of step count, in either optimizer
+
+
+@pytest.mark.parametrize("edit", [_reset_momentum, _restart_one, _offload_and_back, _rewind_one_step_count,
+                                  _clear_one, _step_count_as_a_tensor])
 @pytest.mark.parametrize("foreach", [True, False])
 def test_state_put_in_place_of_the_old_is_what_steps_and_what_is_saved(edit, foreach):
     adam = torch.optim.Adam(weights(), lr=0.1)
@@ -318,6 +329,46 @@ def test_a_rule_that_is_neither_text_nor_a_tree_is_a_type_error(rule):
         resolve_rule(rule)
     with pytest.raises(TypeError, match="a rule is text"):
         SymbolicOptimizer(weights(), rule)
+
+
+@pytest.mark.parametrize("step", [torch.tensor(2.5), -1, "3", torch.ones(2)])
+def test_a_step_count_that_is_not_a_whole_number_is_refused(step):
+    params = weights()
+    opt = SymbolicOptimizer(params, "adam", lr=0.1)
+    run(opt, range(2))
+    opt.state[params[0]]["step"] = step
+    with pytest.raises((TypeError, ValueError), match="'step'"):
+        run(opt, range(2, 3))
+
+
+def test_a_tree_built_by_hand_is_the_tree_its_text_parses_to():
+    """Binary("pow", g, Const(3.0)) is the operand g^3: the same rule text, hash and state dict as parse("g^3")."""
+    params = weights()
+    built = SymbolicOptimizer(params, Binary("mul", Unary("sign", Operand("m")), Binary("pow", Operand("g"),
+                                                                                        Const(3.0))), lr=0.1)
+    assert built.rule == parse("sign(m) * g^3")
+    assert built.rule_text == "sign(m) * g^3"
+    assert rule_hash(built.rule) == rule_hash(parse("sign(m) * g^3"))
+    run(built, range(2))
+    SymbolicOptimizer(weights(), "sign(m) * g^3", lr=0.1).load_state_dict(built.state_dict())
+
+
+@pytest.mark.parametrize(("tree", "where"), [
+    (Binary("add", Operand("g"), "g"), "the right of a Binary('add') is str"),
+    (Unary("exp", Binary("mul", Operand("g"), 3.0)), "the right of a Binary('mul') is float"),
+    (Unary("neg", None), "the child of a Unary('neg') is NoneType"),
+])
+def test_a_tree_holding_something_other_than_a_node_is_a_type_error_saying_where(tree, where):
+    with pytest.raises(TypeError, match=re.escape(where)):
+        SymbolicOptimizer(weights(), tree)
+
+
+def test_a_tree_built_deeper_than_a_parsed_rule_may_be_is_refused():
+    tree = Operand("g")
+    for _ in range(MAX_DEPTH + 1):
+        tree = Unary("neg", tree)
+    with pytest.raises(ValueError, match=f"more than {MAX_DEPTH} operations deep"):
+        SymbolicOptimizer(weights(), tree)
 
 
 @pytest.mark.parametrize(("op", "param", "message"), [

@@ -12,8 +12,10 @@ from click.testing import CliRunner
 from nos.cli.main import cli
 from nos.export import export_snippet
 from nos.optim import SymbolicOptimizer
-from nos.rules import RuleSyntaxError, min_depth, parse, rule_hash, to_text
+from nos.rules import RuleSyntaxError, min_depth, operands_read, parse, rule_hash, state_buffers, to_text
+from nos.rules.elementwise import delta_one
 from nos.rules.fingerprint import probe
+from nos.rules.foreach import step_numbers
 from nos.rules.parser import MAX_DEPTH, MAX_LENGTH, MAX_NESTING
 from nos.rules.tree import Binary, Unary
 from nos.store import RuleRecord, get_or_create_rules, open_store, resolve_url, upgrade
@@ -90,6 +92,22 @@ def test_the_deepest_rules_work_within_a_bounded_stack(text, operation):
     sys.setrecursionlimit(len(inspect.stack()) + HEADROOM)
     try:
         OPERATIONS[operation](text)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+@pytest.mark.parametrize("text", DEEPEST, ids=["chain", "chain-then-negations", "nested-and-chained"])
+def test_the_per_tensor_delta_takes_no_stack_per_operation(text):
+    """torch.compile traces delta_one, and dynamo takes several frames of its own for each Python frame: a
+    recursive evaluation took it past the recursion limit at 90 operations (compile=True: test_optim.py)."""
+    tree = parse(text)
+    p, g = torch.ones(4), torch.full((4,), 0.5)
+    buffers = {buf: torch.zeros(4) for buf in state_buffers(tree)}
+    numbers = step_numbers(1, 10, operands_read(tree))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack()) + 40)
+    try:
+        delta_one(tree, p, g, buffers, numbers)
     finally:
         sys.setrecursionlimit(limit)
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from nos.rules import operands_read, parse
-from nos.rules.elementwise import delta_one, numbers_read
+from nos.rules.elementwise import delta_one, fit, numbers_read
 from nos.rules.foreach import StepContext, Tensors, _table, compute_update, step_numbers
 from nos.rules.tree import is_random
 from nos.rules.vocabulary import OPERANDS, SCHEDULES
@@ -252,6 +252,17 @@ def test_exp_of_a_large_multiple_of_a_sign_is_as_faithful_as_the_plain_op(text, 
     eps = torch.finfo(dtype).eps
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, rtol=4 * eps, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_a_number_past_the_dtypes_range_fits_as_a_tensor_of_the_dtype_holds_it(dtype):
+    """What torch.tensor(x, dtype=dtype) holds: the largest value up to half a step past it, then inf."""
+    info = torch.finfo(dtype)
+    step = info.max * info.eps / (2 - info.eps)   # from max to the next power of two
+    for x in (1.0, info.max, info.max + step * 0.49, info.max + step / 2, info.max * 2, 1e300, math.inf, math.nan):
+        for signed in (x, -x):
+            held = torch.tensor(signed, dtype=dtype).item()
+            assert fit(signed, dtype) == held or math.isnan(held) and math.isnan(fit(signed, dtype)), signed
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .parser import parse
-from .tree import Binary, Const, Node, Operand, Unary
+from .parser import MAX_DEPTH, parse
+from .tree import Binary, Const, Node, Operand, Unary, binary, unary
 from .vocabulary import SCHEDULES
 
 # TensorFlow's PowerSign / AddSign with a sign decay f(t) in {ld, cd, rd}:
@@ -38,5 +38,43 @@ def resolve_rule(rule: str | Node) -> Node:
     if isinstance(rule, str):
         return parse(BUILTINS.get(rule.strip().lower(), rule))
     if isinstance(rule, (Operand, Const, Unary, Binary)):
-        return rule
+        return _canonical(rule)
     raise TypeError(f"a rule is text, a built-in rule's name or a parsed tree, not {type(rule).__name__} ({rule!r})")
+
+
+def _canonical(tree: Node) -> Node:
+    """A tree built from the node classes directly, made again as the parser makes one.
+
+    That is, through the constructors that keep a tree canonical (Binary("pow", g, Const(3.0)) is the operand
+    g^3, whose text, hash and saved state a parsed rule has), and at most MAX_DEPTH operations deep. Children
+    before parents, from a stack: a tree built by hand may be deeper than Python's recursion limit.
+    """
+    made: dict[int, tuple[Node, int]] = {}   # by the node's id: it made again, and its depth in operations
+    todo: list[tuple[Node, bool]] = [(tree, False)]   # (node, whether its children are made)
+    while todo:
+        node, ready = todo.pop()
+        if isinstance(node, (Operand, Const)):
+            made[id(node)] = node, 0
+            continue
+        children = _children(node)
+        if not ready:
+            todo.append((node, True))
+            todo += [(child, False) for child in children]
+            continue
+        depth = 1 + max(made[id(child)][1] for child in children)
+        if depth > MAX_DEPTH:
+            raise ValueError(f"rule is more than {MAX_DEPTH} operations deep, as a parsed rule may not be")
+        kids = [made[id(child)][0] for child in children]
+        made[id(node)] = (unary(node.op, *kids, node.param) if isinstance(node, Unary)
+                          else binary(node.op, *kids)), depth
+    return made[id(tree)][0]
+
+
+def _children(node: Unary | Binary) -> tuple[Node, ...]:
+    """The node's children, each checked to be a node: a tree holding anything else is no rule."""
+    named = {"child": node.child} if isinstance(node, Unary) else {"left": node.left, "right": node.right}
+    for name, child in named.items():
+        if not isinstance(child, (Operand, Const, Unary, Binary)):
+            raise TypeError(f"a rule tree is made of Operand, Const, Unary and Binary nodes: the {name} of a "
+                            f"{type(node).__name__}({node.op!r}) is {type(child).__name__} {child!r:.60}")
+    return tuple(named.values())

@@ -10,6 +10,7 @@ them as tensors, so a new step does not recompile).
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -19,6 +20,23 @@ from .tree import Binary, Const, Node, Operand, Unary
 from .vocabulary import BETA1, BETA2, BETA3, DIV_EPS, MOMENTS, NOISE_STD, NUMBERS_READ, SCHEDULES, WEIGHT_SCALES
 
 Number = float | Tensor
+
+
+def fit(x: float, dtype: torch.dtype) -> float:
+    """A number past the dtype's range as a tensor of that dtype holds it: its largest value or inf, as
+    `torch.tensor(x, dtype=dtype)` rounds it (a number within the range is left to torch to round).
+
+    Every Python number a step hands to torch passes here: torch refuses one past the range of the tensors
+    it works on ("value cannot be converted ... without overflow"), where the rule means the number the
+    dtype holds: `clip(g, 1e5)` in float16 clips nothing, and a constant 1e39 in float32 is inf.
+    """
+    if not (dtype.is_floating_point and math.isfinite(x)):
+        return x
+    info = torch.finfo(dtype)
+    if abs(x) <= info.max:
+        return x
+    half_ulp = info.max * info.eps / (2 - info.eps) / 2   # half the gap between max and the next power of two
+    return math.copysign(info.max if abs(x) < info.max + half_ulp else math.inf, x)
 
 
 def unary_op(op: str, x: Tensor, param: float | None = None, generator: torch.Generator | None = None) -> Tensor:
@@ -33,7 +51,8 @@ def unary_op(op: str, x: Tensor, param: float | None = None, generator: torch.Ge
     if op == "sign":
         return torch.sign(x)
     if op == "clip":
-        return torch.clamp(x, -param, param)
+        bound = fit(param, x.dtype)
+        return torch.clamp(x, -bound, bound)
     if op == "drop":
         keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) >= param
         return x * keep / (1.0 - param)
@@ -79,24 +98,47 @@ def delta_one(
             cache[name] = _operand(name, p, g, buffers, numbers, generator)
         return cache[name]
 
-    def value(n: Node) -> Tensor:
+    # Children before parents, from a stack of its own rather than by recursion: torch.compile traces this,
+    # and dynamo's frames for each nested call took a rule 90 operations deep past Python's recursion limit.
+    # The ops (and so the noise draws) come in the recursive order: a child's subtree, left before right.
+    values: list[Tensor] = []   # the finished subtrees' values, in that order
+    todo: list[tuple[Node, bool]] = [(node, False)]   # (node, whether its children are in `values`)
+    while todo:
+        n, ready = todo.pop()
         if isinstance(n, Operand):
-            return operand(n.name)
-        if isinstance(n, Const):
-            return torch.tensor(n.value, dtype=p.dtype, device=p.device)
-        if isinstance(n, Unary):
-            x = value(n.child)
-            if n.op == "drop" and x.dim() == 0 and p.dim() > 0:
-                x = x.expand_as(p)   # a dropped number is dropped per element
-            return unary_op(n.op, x, n.param, generator)
-        assert isinstance(n, Binary)
-        if n.op == "pow" and isinstance(n.right, Const):
-            # A Python exponent, as the foreach path passes it: torch.pow with a 0-d tensor exponent
-            # rounds a huge non-integral one (x ^ 524288.97 of a negative x gives -0, not nan).
-            return torch.pow(value(n.left), n.right.value)
-        return binary_op(n.op, value(n.left), value(n.right))
+            values.append(operand(n.name))
+        elif isinstance(n, Const):
+            values.append(torch.tensor(n.value, dtype=p.dtype, device=p.device))
+        elif ready:
+            values.append(_apply(n, values, p, generator))
+        else:
+            todo.append((n, True))
+            todo += [(child, False) for child in reversed(_evaluated_children(n))]
+    return values[0]
 
-    return value(node)
+
+def _evaluated_children(n: Unary | Binary) -> tuple[Node, ...]:
+    if isinstance(n, Unary):
+        return (n.child,)
+    if n.op == "pow" and isinstance(n.right, Const):
+        return (n.left,)   # a Python exponent: see _apply
+    return (n.left, n.right)
+
+
+def _apply(n: Unary | Binary, values: list[Tensor], p: Tensor, generator: torch.Generator | None) -> Tensor:
+    """n's op on its children's values, taken off the end of `values`."""
+    if isinstance(n, Unary):
+        x = values.pop()
+        if n.op == "drop" and x.dim() == 0 and p.dim() > 0:
+            x = x.expand_as(p)   # a dropped number is dropped per element
+        return unary_op(n.op, x, n.param, generator)
+    if n.op == "pow" and isinstance(n.right, Const):
+        # A Python exponent, as the foreach path passes it: torch.pow with a 0-d tensor exponent
+        # rounds a huge non-integral one (x ^ 524288.97 of a negative x gives -0, not nan).
+        x = values.pop()
+        return torch.pow(x, fit(n.right.value, x.dtype))
+    y, x = values.pop(), values.pop()
+    return binary_op(n.op, x, y)
 
 
 def numbers_read(operands: frozenset[str]) -> tuple[str, ...]:

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from .elementwise import fit
 from .tree import Binary, Const, Node, Operand, Unary, is_scalar, walk
 from .vocabulary import (
     BETA1,
@@ -203,7 +205,7 @@ class StepContext:
 
     def apply(self, x: Tensors, name: str, *args) -> Tensors:
         """torch._foreach_<name>_(x, *args) on x, or on a copy when others hold x."""
-        args = tuple(_fit(a, x.items[0].dtype) if isinstance(a, float) else a for a in args)
+        args = tuple(fit(a, x.items[0].dtype) if isinstance(a, float) else a for a in args)
         in_place, out_of_place = _foreach_ops(name)
         if x.owned:
             in_place(x.items, *args)
@@ -296,20 +298,13 @@ def _foreach_ops(name: str) -> tuple:
     return getattr(torch, f"_foreach_{name}_"), getattr(torch, f"_foreach_{name}")
 
 
-def _fit(x: float, dtype: torch.dtype) -> float:
-    """A number as the tensors' dtype holds it: torch refuses a Python float it would overflow."""
-    if dtype.is_floating_point and math.isfinite(x) and abs(x) > torch.finfo(dtype).max:
-        return math.copysign(math.inf, x)
-    return x
-
-
 def _unary(op: str, x: Tensors, param: float | None, ctx: StepContext) -> Tensors:
     if op == "drop":
         mask = Tensors(ctx.random("keep", param), owned=True)
         return _binary_lists("mul", mask, x, ctx)
     if op == "clip":
         out = ctx.apply(x, "clamp_min", -param)
-        torch._foreach_clamp_max_(out.items, param)
+        torch._foreach_clamp_max_(out.items, fit(param, out.items[0].dtype))
         return out
     if op in ("log", "sqrt"):   # of |x|
         out = ctx.apply(x, "abs")
@@ -327,14 +322,14 @@ def _binary_lists(op: str, x: Tensors, y: Tensors, ctx: StepContext) -> Tensors:
 
 
 def _binary_list_scalar(op: str, x: Tensors, s: float, ctx: StepContext) -> Tensors:
-    return ctx.apply(x, op, s + DIV_EPS if op == "div" else s)
+    return ctx.apply(x, op, _divisor(s, x.items[0].dtype) if op == "div" else s)
 
 
 def _binary_scalar_list(op: str, s: float, y: Tensors, ctx: StepContext) -> Tensors:
     if op in ("add", "mul"):
         return _binary_list_scalar(op, y, s, ctx)
     if op == "pow":
-        return Tensors(torch._foreach_pow(s, y.items), owned=True)
+        return Tensors(torch._foreach_pow(fit(s, y.items[0].dtype), y.items), owned=True)
     if op == "sub":   # s - y = (-y) + s
         out = ctx.apply(y, "neg")
         return ctx.apply(out, "add", s)
@@ -396,7 +391,7 @@ def _three_terms(ctx: StepContext, s: Tensors, f_zero: float, c1: float, c2: flo
     """f0 + c1 * s + c2 * s * s: three cheap passes over s, which others may hold."""
     out = ctx.apply(Tensors(s.items, owned=False), "mul", c1)
     out = ctx.apply(out, "add", f_zero)
-    torch._foreach_addcmul_(out.items, s.items, s.items, _fit(c2, s.items[0].dtype))
+    torch._foreach_addcmul_(out.items, s.items, s.items, fit(c2, s.items[0].dtype))
     return out
 
 
@@ -456,7 +451,7 @@ class _Evaluator:
         return _binary_lists(node.op, x, y, self.ctx)
 
     def broadcast(self, s: float) -> Tensors:
-        return Tensors([torch.full_like(p, s) for p in self.ctx.params], owned=True)
+        return Tensors([torch.full_like(p, fit(s, p.dtype)) for p in self.ctx.params], owned=True)
 
 
 def operand_uses(tree: Node) -> Counter:
@@ -484,15 +479,129 @@ def update_moments(buffers: dict[str, list[Tensor]], grads: Sequence[Tensor]) ->
         torch._foreach_addcmul_(buffers["exp_avg_cube"], square, grads, 1.0 - BETA3)
 
 
+# A dtype whose largest value is below this (float16's 65504) overflows within a rule's ordinary values:
+# the root's scalar factors above 1 are computed per element there, as the per-tensor step does (and in
+# wider dtypes those above the square root of the range).
+NARROW_RANGE = 1e10
+
+
+class _Factor(NamedTuple):
+    """One of the root's scalar factors (see _root_factors)."""
+
+    op: str           # how the step size takes `number`: "mul" or "div"
+    number: float     # k, or for x / s the denominator s + DIV_EPS; the dtype's value where that is inf or nan
+    held: float       # what the per-tensor step multiplies each element by, in the dtype (1 / denominator for "div")
+    below: Node       # the node it applies to
+
+
+def _root_factors(tree: Node, evaluator: _Evaluator, dtype: torch.dtype) -> list[_Factor]:
+    """The root's scalar factors, outermost first: -x, k * x, x * k and x / k for k one number per step."""
+    scalar = evaluator.facts.scalar
+    factors: list[_Factor] = []
+    node = tree
+    while True:
+        if isinstance(node, Unary) and node.op == "neg":
+            factors.append(_Factor("mul", -1.0, -1.0, node.child))
+        elif isinstance(node, Binary) and node.op == "mul" and (scalar(node.left) or scalar(node.right)):
+            k, below = ((evaluator.value(node.left), node.right) if scalar(node.left)
+                        else (evaluator.value(node.right), node.left))
+            held = _held(k, dtype)
+            factors.append(_Factor("mul", k if math.isfinite(held) else held, held, below))
+        elif isinstance(node, Binary) and node.op == "div" and scalar(node.right):
+            s = evaluator.value(node.right)
+            denominator = _denominator(s, dtype)
+            if denominator == 0:
+                break   # x / 0 gives inf or nan per element, as the tree computed as it stands does
+            number = s + DIV_EPS if math.isfinite(denominator) else denominator
+            factors.append(_Factor("div", number, 1.0 / denominator, node.left))
+        else:
+            break
+        node = factors[-1].below
+    return factors
+
+
+def _folded(factors: list[_Factor], lr: float, dtype: torch.dtype) -> tuple[float, int]:
+    """The step size with the outermost n of `factors` folded in, and n: as many as give what the per-tensor
+    step gives (see _step_size)."""
+    for n in range(len(factors), 0, -1):
+        alpha = _step_size(factors[:n], lr, dtype)
+        if alpha is not None:
+            return alpha, n
+    return -lr, 0
+
+
+def _step_size(factors: list[_Factor], lr: float, dtype: torch.dtype) -> float | None:
+    """-lr with `factors` folded in, or None where the step would then differ from the per-tensor step.
+
+    That step multiplies each element by the factors one by one, innermost first, each product rounded to the
+    dtype: an element it takes past the dtype's range becomes inf, where folded factors would leave it finite
+    (g / clip(1, 1e-5) in float16, g * 1e30 * 1e30 * 1e-30 * 1e-30 in float32). No element can get there
+    while every partial product of the factors, from the innermost, is at most 1 in magnitude, or once one of
+    them is inf (every element is then inf or nan both ways). So in float16 a factor above 1 costs a pass
+    over the tensors, where it appears; the built-in rules have none. In wider dtypes an element would
+    have to come within that factor of 3e38 first: there factors fold up to the square root of the
+    dtype's range, which keeps the step as fast, and its results as they were, for rules such as
+    g * exp(ld) or 3 * g, and leaves only elements beyond 1e19 to round otherwise.
+    """
+    product, infinite = 1.0, False
+    largest = torch.finfo(dtype).max
+    bound = 1.0 if largest < NARROW_RANGE else math.sqrt(largest)
+    for factor in reversed(factors):
+        product *= factor.held
+        infinite = infinite or math.isinf(factor.held)
+        if abs(product) > bound and not infinite:
+            return None
+    alpha = -lr
+    for factor in factors:
+        alpha = alpha * factor.number if factor.op == "mul" else alpha / factor.number
+    # A step size the dtype holds as inf or 0 where no factor is: inf * 0 = nan for an element the
+    # per-tensor step takes to 0, and 0 * inf for one it takes to inf.
+    held = _held(alpha, dtype)
+    if (held == 0 or not math.isfinite(held)) and all(x != 0 and math.isfinite(x)
+                                                        for x in (lr, *(factor.held for factor in factors))):
+        return None
+    return alpha
+
+
+def _held(x: float, dtype: torch.dtype) -> float:
+    """x as a 0-dim tensor of `dtype` holds it: the number the per-tensor step computes with."""
+    if dtype == torch.float64:
+        return x
+    if dtype == torch.float32:   # struct rounds as torch does (a C cast), in a fraction of the time
+        try:
+            return struct.unpack("f", struct.pack("f", x))[0]
+        except OverflowError:
+            return math.copysign(math.inf, x)
+    return torch.tensor(x, dtype=dtype).item()
+
+
+def _divisor(s: float, dtype: torch.dtype) -> float:
+    """What x / s divides by: s + DIV_EPS, as the dtype sums it where that is 0 (the per-tensor step then
+    gives inf or nan) or where the dtype is narrow; elsewhere summed in double, as it always was, so that
+    a rule's results in float32 keep their last bits."""
+    denominator = _denominator(s, dtype)
+    if denominator == 0 or torch.finfo(dtype).max < NARROW_RANGE:
+        return denominator
+    return s + DIV_EPS
+
+
+def _denominator(s: float, dtype: torch.dtype) -> float:
+    """y + DIV_EPS for y = s held in `dtype`, as the per-tensor step computes x / (y + DIV_EPS): a number that
+    cancels the guard there divides by 0, though the sum in Python's double is not 0."""
+    if dtype in (torch.float64, torch.float32):   # a float32 sum computed in double rounds to the float32 sum
+        return _held(_held(s, dtype) + _held(DIV_EPS, dtype), dtype)
+    return (torch.tensor(s, dtype=dtype) + DIV_EPS).item()
+
+
 def apply_update(tree: Node, ctx: StepContext, lr: float) -> None:
     """params <- params - lr * delta, with the root's last op fused into the update.
 
     Scalar factors of the root fold into the step size, and a root product or
     quotient becomes one addcmul/addcdiv: one or two passes over the
     parameters saved, and for `adam` the exact ops of torch.optim.Adam. A
-    factor that would divide by 0 or take the step size past the dtype's
-    range stays in the tree, which then gives inf or nan where the
-    per-tensor step does, not 0 * inf = nan for every zero delta.
+    factor folds only where the step then gives what the per-tensor step
+    gives (see _folded); the others stay in the tree, which then gives inf or
+    nan where the per-tensor step does.
     """
     if not ctx.uses:
         ctx.uses = operand_uses(tree)
@@ -500,32 +609,17 @@ def apply_update(tree: Node, ctx: StepContext, lr: float) -> None:
     dtype = params[0].dtype
     evaluator = _Evaluator(ctx)
     scalar = ctx.facts.scalar
-    alpha, node = -lr, tree
-    while True:
-        if isinstance(node, Unary) and node.op == "neg":
-            folded, factor, rest = -alpha, -1.0, node.child
-        elif isinstance(node, Binary) and node.op == "mul" and scalar(node.left):
-            factor = evaluator.value(node.left)
-            folded, rest = alpha * factor, node.right
-        elif isinstance(node, Binary) and node.op in ("mul", "div") and scalar(node.right):
-            s = evaluator.value(node.right)
-            if node.op == "div" and s + DIV_EPS == 0:
-                break   # x / 0 gives inf or nan per element, as the tree computed as it stands does
-            factor = s if node.op == "mul" else 1.0 / (s + DIV_EPS)
-            folded, rest = (alpha * s if node.op == "mul" else alpha / (s + DIV_EPS)), node.left
-        else:
-            break
-        if math.isfinite(factor) and not math.isfinite(_fit(folded, dtype)):
-            break   # a step size the dtype cannot hold: the rest is computed as delta
-        alpha, node = folded, rest
-    alpha = _fit(alpha, dtype)
+    factors = _root_factors(tree, evaluator, dtype)
+    alpha, folded = _folded(factors, lr, dtype) if factors else (-lr, 0)
+    node = factors[folded - 1].below if folded else tree
+    alpha = fit(alpha, dtype)
     if ctx.rates is not None:   # stacked children: one rate per child, so no fused root
         delta = evaluator.value(node)
         if isinstance(delta, Tensors):
             torch._foreach_addcmul_(params, delta.items, list(ctx.rates), alpha)
         else:
-            torch._foreach_add_(params, [rate * _fit(alpha * delta, p.dtype) for p, rate in zip(params, ctx.rates)])
-    elif node in (_ADAM, _M) and math.isfinite(scaled := _fit(alpha / ctx.numbers["bc1"], dtype)):
+            torch._foreach_add_(params, [rate * fit(alpha * delta, p.dtype) for p, rate in zip(params, ctx.rates)])
+    elif node in (_ADAM, _M) and math.isfinite(scaled := fit(alpha / ctx.numbers["bc1"], dtype)):
         # m_hat = m / bc1 with 1 / bc1 in the step size; where that overflows, m_hat is computed as delta.
         if node == _ADAM:
             torch._foreach_addcdiv_(params, ctx.buffers["exp_avg"], ctx.adam_denominator().items, scaled)
@@ -540,7 +634,7 @@ def apply_update(tree: Node, ctx: StepContext, lr: float) -> None:
     else:
         delta = evaluator.value(node)
         if isinstance(delta, float):
-            torch._foreach_add_(params, _fit(alpha * delta, dtype))
+            torch._foreach_add_(params, fit(alpha * delta, dtype))
         else:
             torch._foreach_add_(params, delta.items, alpha=alpha)
     if ctx.scratch is not None:
