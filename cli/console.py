@@ -9,6 +9,7 @@ through `style=` or `rich.text.Text`.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -24,12 +25,39 @@ def printable(text: str) -> str:
 
 
 class PlainConsole(Console):
-    """A Console that renders every string as plain, printable text."""
+    """A Console that renders every string as plain, printable text, and goes quiet when its output is gone.
+
+    Output is a side channel of a search: a pipe whose reader exited (`nos enqueue | head -1`) or a
+    terminal that hung up (EIO) must not end the driver. rich's default exits at a broken pipe, which
+    left a run `running` with no driver; here the stream is pointed at /dev/null instead (so Python's
+    flush at exit succeeds too) and the command goes on. Signals, not output, decide whether it stops.
+    """
 
     def render_str(self, text: str, **kwargs: Any) -> Text:
         kwargs["markup"] = False
         kwargs["emoji"] = False
         return super().render_str(printable(text), **kwargs)
+
+    def on_broken_pipe(self) -> None:
+        self._output_gone()
+
+    def _check_buffer(self) -> None:
+        try:
+            super()._check_buffer()
+        except OSError:   # a hung-up terminal: EIO
+            self._output_gone()
+
+    def _output_gone(self) -> None:
+        self.quiet = True
+        try:
+            fd = self.file.fileno()
+        except (OSError, ValueError):   # a stream with no descriptor (captured output): quiet is enough
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
 
 
 def make_console(stderr: bool = False) -> Console:

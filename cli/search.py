@@ -42,6 +42,8 @@ def _refused_to_usage(check, *args, **kwargs):
 
 # The exit status of `nos enqueue` and `nos resume` when the run stopped before its budget (resumable).
 STOPPED = 3
+# Ctrl-C, `kill` (a service manager, a batch system) and a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _stop_on_signals() -> None:
@@ -56,8 +58,17 @@ def _stop_on_signals() -> None:
     def ask_to_stop(signum, frame) -> None:
         STOP_ASKED.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, ask_to_stop)
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:   # `nohup nos enqueue ...` asked that SIGHUP not stop it
+            signal.signal(signum, ask_to_stop)
+
+
+def _deaf_to_signals() -> None:
+    """Once the run has ended, a signal can change nothing: ignored, it cannot turn exit 0 or 3 into 130 during
+    the second Python takes to shut down (which resets the handlers first)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _stop_if_asked(what: str) -> None:
@@ -94,6 +105,7 @@ def _drive(store: Store, run_id: int, config: SearchConfig, broker_url: str | No
             raise click.ClickException(str(exc)) from None
         except WorkerStartError as exc:   # the run is marked failed with this message
             raise click.ClickException(f"run {run_id} failed: {exc}") from None
+    _deaf_to_signals()
     if status == "stopped":
         console.print(f"run {run_id} stopped; continue it with:  nos resume {run_id}")
         # Not 0: `nos enqueue ... && nos report ...`, or a batch system, must not take it for a finished run.

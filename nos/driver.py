@@ -37,6 +37,7 @@ from typing import Callable
 
 import torch
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 
 from .config import SearchConfig
 from .executors import Executor
@@ -60,9 +61,10 @@ from .store import (
     save_checkpoint,
     set_run_status,
 )
+from .store.engine import first_line
 from .store.evaluations import rekey_queued, release_claims, release_the_departed
 from .store.models import COUNTED_STATUSES as COUNTED, FINISHED_STATUSES as FINISHED, Evaluation, Rule
-from .store.outages import retrying
+from .store.outages import is_transient, retrying
 from .work import task_for, task_key
 
 POLL_SECONDS = 0.2
@@ -193,12 +195,27 @@ class Driver:
         try:
             retrying(self.store, attempt, what=f"the driver of run {self.run_id}", stop=STOP_ASKED.is_set)
         except (KeyboardInterrupt, StopRequested):
-            self._stop()
-            return "stopped"
-        except Exception as exc:   # mark the run failed (resumable), then let the caller see why
-            self._fail(exc)
+            return self._stop_as_asked()
+        except Exception as exc:
+            if STOP_ASKED.is_set() and is_transient(exc):   # asked to stop while waiting for the database
+                return self._stop_as_asked()
+            self._fail(exc)   # mark the run failed (resumable), then let the caller see why
             raise
         return "completed"
+
+    def _stop_as_asked(self) -> str:
+        """Stop: the run marked stopped, its workers' claims given back. Asked while the database is away
+        (locked, restarting), the run is stopped, not failed: if the database still does not answer, the
+        run stays as it was, its lease going stale, and `nos resume` takes it up."""
+        try:
+            self._stop()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self.executor.close()
+            print(f"nos: the database did not answer the stop ({first_line(exc)}); run {self.run_id} is left "
+                  f"without a driver: `nos resume {self.run_id}` continues it", file=sys.stderr)
+        return "stopped"
 
     def _completed(self) -> bool:
         with self.store.reading() as session:
@@ -455,11 +472,13 @@ class Driver:
             set_run_status(session, self.run_id, "stopped")
 
     def _fail(self, exc: Exception) -> None:
+        names = getattr(self.executor, "worker_names", [])
         self.executor.close()
         try:
             with self.store.transaction() as session:
                 self.lease.release(session)
-                set_run_status(session, self.run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+                release_claims(session, self.run_id, names, refund=True)   # its workers are gone with it
+                set_run_status(session, self.run_id, "failed", error=_error_line(exc)[:2000])
         except Exception:   # the database itself may be what failed; the run stays resumable
             pass
 
@@ -492,6 +511,14 @@ def make_executor(store: Store, config: SearchConfig, broker_url: str | None) ->
 
     return LocalExecutor(store.url.render_as_string(hide_password=False), config.workers, config.device,
                          config.pack_size)
+
+
+def _error_line(exc: Exception) -> str:
+    """What a failed run stores as its error: a database error's first line, not SQLAlchemy's statement and
+    link (`nos status` shows the line; the traceback went to the driver's terminal)."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return f"{type(exc.orig).__name__}: {first_line(exc.orig)}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def one_thread() -> None:

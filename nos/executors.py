@@ -67,6 +67,10 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
+# The signals a terminal sends the whole process group, which a local worker ignores (the driver decides).
+STARTUP_BLOCKED = {signal.SIGINT, signal.SIGHUP}
+
+
 def _worker_main(db_url: str, device: str | None, parent: int, pack: int, orders: Connection,
                  started: multiprocessing.Event | None = None) -> None:
     if started is not None:   # the process came up (its interpreter, the caller's main module re-imported)
@@ -76,6 +80,7 @@ def _worker_main(db_url: str, device: str | None, parent: int, pack: int, orders
     # stops, not each worker (it ends them with SIGTERM).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STARTUP_BLOCKED)   # blocked by the driver through start-up
     import torch
 
     from .store import open_store
@@ -146,7 +151,14 @@ class LocalExecutor:
         ours, theirs = self._context.Pipe(duplex=True)
         process = self._context.Process(target=_worker_main, args=(*self._args, theirs, started), daemon=True,
                                         name="nos-worker")
-        process.start()
+        # A Ctrl-C during the second a new worker takes to start (its interpreter, the re-imported main
+        # module) would print its traceback: the process inherits this thread's blocked signals, and
+        # _worker_main unblocks them once it ignores them.
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_BLOCKED)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
         theirs.close()   # the worker holds its end alone: when it dies, ours reads the end of the pipe
         return _Worker(process, ours, started)
 

@@ -198,3 +198,91 @@ def test_a_signal_as_the_run_completes_leaves_it_completed(url, tiny_toml):
             os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 0, out
     assert "run 1 completed" in out
+
+
+def test_a_driver_started_under_nohup_is_not_stopped_by_sighup(url, tiny_toml):
+    """`nohup nos enqueue ... &`: the driver put its stop handler over the SIGHUP nohup ignores, and a closed
+    terminal stopped the run nohup was asked to keep going."""
+    import subprocess
+    import sys
+
+    def as_nohup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    driver = subprocess.Popen([sys.executable, "-m", "nos.cli.main", "enqueue", "--config", tiny_toml, "--db", url],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              preexec_fn=as_nohup)
+    try:
+        wait_for(lambda: has_run(url) and finished_count(url, 1) >= 1, timeout=180, every=0.01)
+        os.killpg(driver.pid, signal.SIGHUP)   # what a closed terminal sends its session
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        if group(driver.pid):
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0, out
+    assert run_row(url)[0] == "completed"
+
+
+def test_a_reader_that_goes_away_leaves_the_search_going(url, tiny_toml):
+    """`nos enqueue ... | head -1` on a new database: the pipe broke at the RUN_ID line, after the run was made,
+    and rich's exit on a broken pipe left the run `running` with a dead driver (exit 1, no word)."""
+    driver = start_nos("enqueue", "--config", tiny_toml, "--db", url)
+    try:
+        assert driver.stdout.readline().startswith("created database")
+        driver.stdout.close()   # the reader is gone: every later write meets a broken pipe
+        assert driver.wait(timeout=300) == 0
+    finally:
+        if group(driver.pid):
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert run_row(url) == ("completed", None, None)
+
+
+def test_signals_after_the_run_ended_leave_its_exit_status(url, tiny_toml):
+    """Python resets signal handlers as it shuts down, then takes a second or so over torch's modules: a Ctrl-C
+    then turned a completed run's exit 0 into 130."""
+    import time
+
+    driver = start_nos("enqueue", "--config", tiny_toml, "--db", url)
+    try:
+        for line in driver.stdout:
+            if line.startswith("run 1 completed"):
+                break
+        while driver.poll() is None:   # Ctrl-C after Ctrl-C until it has exited
+            os.killpg(driver.pid, signal.SIGINT)
+            time.sleep(0.02)
+    finally:
+        if group(driver.pid):
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 0
+    assert run_row(url)[0] == "completed"
+
+
+STARTS_WORKERS_THEN_CTRL_C = """
+import os, signal, sys, time
+from nos.executors import LocalExecutor
+signal.signal(signal.SIGINT, lambda *_: None)   # the driver's own handler: it decides what stops
+executor = LocalExecutor(sys.argv[1], workers=2)
+os.killpg(0, signal.SIGINT)                     # Ctrl-C while the workers' interpreters start
+deadline = time.monotonic() + 120
+while not all(w.started.is_set() for w in executor._workers) and time.monotonic() < deadline:
+    time.sleep(0.05)
+time.sleep(1)
+print("alive", sum(w.process.is_alive() for w in executor._workers))
+executor.close()
+"""
+
+
+def test_a_ctrl_c_as_local_workers_start_reaches_none_of_them(url):
+    """Workers ignored Ctrl-C only once their main function ran, after their interpreter had started and
+    re-imported the caller's main module: a Ctrl-C in that second printed a traceback from each."""
+    import subprocess
+    import sys
+
+    from nos.store import resolve_url, upgrade
+
+    upgrade(resolve_url(url))
+    done = subprocess.run([sys.executable, "-c", STARTS_WORKERS_THEN_CTRL_C, url], capture_output=True, text=True,
+                          timeout=300, start_new_session=True)
+    assert done.returncode == 0, done.stderr
+    assert "KeyboardInterrupt" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.strip() == "alive 2"

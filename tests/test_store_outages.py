@@ -169,3 +169,43 @@ def test_a_search_rides_out_its_database_going_away(own_pg_database, tiny_toml):
     assert "answers again" in out
     assert "run 1 completed" in out
     assert_complete(url, 1, 16)
+
+
+@pytest.mark.parametrize("stop_after", [0.0, 1.0])
+def test_a_stop_asked_while_the_database_is_locked_stops_the_run_not_fails_it(locked_store, monkeypatch,
+                                                                            stop_after):
+    """Ctrl-C while another process held SQLite's lock: the wait for the database gave up (a stop was asked)
+    and its error marked the run `failed`, with SQLAlchemy's statement as its error; or the stop itself
+    could not be written, and its error came out of the driver. With stop_after, the stop comes while the
+    driver waits for the database."""
+    import nos.driver
+    from nos.config import SearchConfig
+    from nos.driver import Driver
+    from nos.store import create_run, get_run
+
+    from helpers.driver import TINY, InlineExecutor
+
+    store, hold = locked_store
+    config = SearchConfig(**{**TINY, "task": "rosenbrock", "budget": 8, "update_every": 2, "in_flight": 2,
+                             "task_options": {"train_size": 5, "lrs": [0.01, 0.1], "epochs": 1}})
+    with store.transaction() as session:
+        run_id = create_run(session, "locked", "rosenbrock", config.to_dict())
+
+    class LockedThenStopped(InlineExecutor):
+        def dispatch(self, evaluation_ids) -> None:
+            super().dispatch(evaluation_ids)
+            if self.evaluated >= 2 and not self.locked:
+                self.locked = True
+                hold(None)   # another process takes the write lock and keeps it, and the user presses Ctrl-C
+                threading.Timer(stop_after, nos.driver.STOP_ASKED.set).start()
+
+    executor = LockedThenStopped(str(store.url))
+    executor.locked = False
+    monkeypatch.setattr(nos.driver, "STOP_ASKED", type(nos.driver.STOP_ASKED)())
+    try:
+        assert Driver(store, run_id, config, executor).run() == "stopped"
+    finally:
+        executor.close()
+    with store.reading() as session:
+        run = get_run(session, run_id)
+        assert run.status != "failed", run.error
