@@ -59,7 +59,9 @@ def _stop_on_signals() -> None:
         STOP_ASKED.set()
 
     for signum in STOP_SIGNALS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:   # `nohup nos enqueue ...` asked that SIGHUP not stop it
+        # `nohup` ignores SIGHUP, and a script's background job SIGINT: they asked that it not stop the run.
+        # SIGTERM, the request to end cleanly, is always taken.
+        if signum == signal.SIGTERM or signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, ask_to_stop)
 
 

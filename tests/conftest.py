@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 
@@ -23,6 +24,19 @@ torch.set_num_threads(1)
 settings.register_profile("fixed", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("NOS_HYPOTHESIS", "fixed"))
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored() -> Iterator[None]:
+    """`nos enqueue` run in this process (click's CliRunner) sets the process's signal handlers: its stop
+    handlers, then SIG_IGN once the run has ended. An ignored signal is inherited by every process a later
+    test starts, so each test gets this process's handlers back as they were."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for signum, handler in saved.items():
+        if handler is not None:
+            signal.signal(signum, handler)
+
 
 # --- Storage (nos.store): one fresh database per test, on SQLite and on PostgreSQL ---
 

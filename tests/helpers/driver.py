@@ -43,8 +43,8 @@ def _as_from_a_terminal() -> None:
     # A shell without job control starts background jobs with SIGINT ignored, and nohup SIGHUP, and the
     # ignoring is inherited (nos keeps it): under such a CI runner neither would reach the driver. A
     # terminal's do.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def start_nos(*args: str) -> subprocess.Popen:
