@@ -34,9 +34,12 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+# A rule's evaluations with no final run, so no test score: never trained, or diverged at every rate.
+UNMEASURED = ("rejected", "diverged")
+
+
 def _measured_test(e: Evaluation) -> float | None:
-    # A rejected rule never trained and one that diverged at every rate had no final run: no test score.
-    return None if e.status in ("rejected", "diverged") else e.test_acc
+    return None if e.status in UNMEASURED else e.test_acc
 
 
 def _seconds(value: float | None) -> str:
@@ -71,9 +74,8 @@ def print_leaderboard(session: Session, top: int, run_id: int | None = None, tas
     for column in columns:
         table.add_column(column, overflow="fold")
     for r in rows:
-        # A rejected rule was never trained, and one that diverged at every rate had no final run: say so
-        # where its rate would be, rather than print a measured-looking test score of 0.0000.
-        unmeasured = r.status in ("rejected", "diverged")
+        # Say why where its rate would be, rather than print a measured-looking test score of 0.0000.
+        unmeasured = r.status in UNMEASURED
         cells = [str(r.place), str(r.rule_id), r.rule, _fmt(r.reward), "-" if unmeasured else _fmt(r.test_acc),
                  r.status if unmeasured else _fmt(r.best_lr),
                  str(r.evaluations), str(r.run_id), r.task]

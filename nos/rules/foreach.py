@@ -485,6 +485,10 @@ def update_moments(buffers: dict[str, list[Tensor]], grads: Sequence[Tensor]) ->
 NARROW_RANGE = 1e10
 
 
+def _narrow(dtype: torch.dtype) -> bool:
+    return torch.finfo(dtype).max < NARROW_RANGE
+
+
 class _Factor(NamedTuple):
     """One of the root's scalar factors (see _root_factors)."""
 
@@ -544,8 +548,7 @@ def _step_size(factors: list[_Factor], lr: float, dtype: torch.dtype) -> float |
     g * exp(ld) or 3 * g, and leaves only elements beyond 1e19 to round otherwise.
     """
     product, infinite = 1.0, False
-    largest = torch.finfo(dtype).max
-    bound = 1.0 if largest < NARROW_RANGE else math.sqrt(largest)
+    bound = 1.0 if _narrow(dtype) else math.sqrt(torch.finfo(dtype).max)
     for factor in reversed(factors):
         product *= factor.held
         infinite = infinite or math.isinf(factor.held)
@@ -580,7 +583,7 @@ def _divisor(s: float, dtype: torch.dtype) -> float:
     gives inf or nan) or where the dtype is narrow; elsewhere summed in double, as it always was, so that
     a rule's results in float32 keep their last bits."""
     denominator = _denominator(s, dtype)
-    if denominator == 0 or torch.finfo(dtype).max < NARROW_RANGE:
+    if denominator == 0 or _narrow(dtype):
         return denominator
     return s + DIV_EPS
 
