@@ -168,7 +168,9 @@ def test_evaluations_queued_before_the_task_changed_are_trained_as_the_new_task_
     url = f"sqlite:///{tmp_path / 'changed.db'}"
     driver = start_nos("enqueue", "--config", tiny_toml, "--db", url, "--budget", "60", "--train-size", "1200",
                        "--no-probe")
-    wait_for(lambda: has_run(url) and finished_count(url, 1) >= 2)
+    # Past the first results and with work in flight: between batches (the controller updating) none is queued.
+    wait_for(lambda: has_run(url) and finished_count(url, 1) >= 2
+             and any(e.status in ("queued", "running") for e in run_rows(url, 1)))
     os.killpg(driver.pid, signal.SIGKILL)   # mid-run: its evaluations in flight stay queued or claimed
     driver.wait()
     store = open_store(url)
