@@ -5,12 +5,18 @@ matplotlib is imported only by `nos plot` and `nos report`, torch by none of the
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from pathlib import Path
 
 import click
+from sqlalchemy import select
 
 from nos.rules import RuleSyntaxError
+from nos.store import StoreError, resolve_url
+from nos.store.engine import sqlite_path
 from nos.store.history import rule_sweeps, run_evaluations
+from nos.store.models import Evaluation
 from nos.store.queries import read_run
 
 from .console import console
@@ -27,6 +33,35 @@ def _plots():
     if not plots.available():
         raise UsageProblem(plots.MATPLOTLIB_MISSING)
     return plots
+
+
+# Files SQLite keeps beside the database: writing over one loses or corrupts the runs as surely as the file itself.
+SQLITE_COMPANIONS = ("", "-wal", "-journal", "-shm")
+
+
+def _check_output(output: str, db_url: str | None) -> None:
+    """Exit 2, before anything is written, if `-o output` names a folder or the database's own files."""
+    if output.endswith(os.sep) or (os.altsep and output.endswith(os.altsep)):
+        # Path() drops the trailing slash: `-o newdir/` wrote a file named newdir.
+        raise UsageProblem(f"cannot write {output}: it names a folder (ends in {output[-1]}); give a file name")
+    try:
+        database = sqlite_path(resolve_url(db_url))
+    except StoreError:   # a bad URL: the command that reads the database says so
+        return
+    if database is None:
+        return
+    for suffix in SQLITE_COMPANIONS:
+        if _same_file(output, f"{database}{suffix}"):
+            raise UsageProblem(f"cannot write {output}: it is the database's own file ({database}{suffix}); "
+                               "writing it would destroy every run in it")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two names are one file: by the file itself where both exist (links, hard links), else by name."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:   # one is not there (yet)
+        return Path(a).resolve() == Path(b).resolve()
 
 
 def _save(plots, fig, output: str) -> None:
@@ -61,16 +96,17 @@ def plot_command(run_ids, sweep_rule, task, output, window, db_url) -> None:
         raise UsageProblem("give RUN_IDs to plot reward curves, or --sweep RULE to plot a rule's sweeps (not both)")
     if task and not sweep_rule:
         raise UsageProblem("--task goes with --sweep")
+    _check_output(output, db_url)
     plots = _plots()
     store = open_store_or_exit(db_url)
     if sweep_rule:
         with store.reading() as session:
             rule = find_rule_or_exit(session, sweep_rule)
             sweeps = rule_sweeps(session, rule.id, task)
-        if not sweeps:
-            on = f" on task {task!r}" if task else ""
-            raise UsageProblem(f"rule {rule.id} ({rule.text}) has no stored learning-rate sweep{on}: "
-                               "its evaluations were cached, failed or not finished")
+            if not sweeps:
+                on = f" on task {task!r}" if task else ""
+                raise UsageProblem(f"rule {rule.id} ({rule.text}) has no stored learning-rate sweep{on}: "
+                                   + _why_no_sweep(session, rule.id, task))
         _save(plots, plots.sweep_figure(sweeps, title=f"learning-rate sweeps of {rule.text}"), output)
         console.print(f"wrote {output}: {len(sweeps)} sweep{'s' if len(sweeps) != 1 else ''} of rule {rule.id}",
                       markup=False, highlight=False)
@@ -82,12 +118,31 @@ def plot_command(run_ids, sweep_rule, task, output, window, db_url) -> None:
             if run is None:
                 raise UsageProblem(f"no run {run_id}; `nos runs` lists them")
             rows = run_evaluations(session, run_id)
-            count += sum(r.finished and r.status != "rejected" for r in rows)
+            count += sum(r.counted for r in rows)
             curves.append(plots.Curve(f"run {run.id} {run.name} ({run.config.get('searcher', '?')})", rows))
     title = "reward by evaluation" + (f" of run {run_ids[0]}" if len(curves) == 1 else "")
     _save(plots, plots.curve_figure(curves, window=window, title=title), output)
     console.print(f"wrote {output}: {len(curves)} run{'s' if len(curves) != 1 else ''}, {count} finished evaluations",
                   markup=False, highlight=False)
+
+
+# Why an evaluation left no sweep, by its status (a trained one without trials: its status says all we know).
+NO_SWEEP = {"cached": "answered from the cache", "failed": "failed", "rejected": "rejected before training",
+            "queued": "not finished", "running": "not finished"}
+
+
+def _why_no_sweep(session, rule_id: int, task: str | None) -> str:
+    """What became of a rule's evaluations (on `task`), none of which trained a sweep."""
+    query = select(Evaluation.status).where(Evaluation.rule_id == rule_id)
+    if task is not None:
+        query = query.where(Evaluation.task == task)
+    statuses = session.execute(query).scalars().all()
+    if not statuses:
+        return "it has no evaluation" + (" there" if task else "")
+    reasons = Counter(NO_SWEEP.get(status, status) for status in statuses)
+    if len(statuses) == 1:
+        return f"its only evaluation was {next(iter(reasons))}"
+    return "its evaluations were " + ", ".join(f"{reason} ({n})" for reason, n in reasons.most_common())
 
 
 @click.command("report")
@@ -108,9 +163,10 @@ def report_command(run_id, output, top, window, db_url) -> None:
     """
     from nos.report import write_report
 
+    output = output or f"nos-run-{run_id}.html"
+    _check_output(output, db_url)
     _plots()
     store = open_store_or_exit(db_url)
-    output = output or f"nos-run-{run_id}.html"
     try:
         path = write_report(store, run_id, output, top=top, window=window)
     except LookupError:
@@ -170,7 +226,10 @@ def export_command(rule, lr, total_steps, seed, demo, output, db_url) -> None:
     for the rule.
     """
     from nos.export import export_snippet
+    from nos.files import write_atomically
 
+    if output:
+        _check_output(output, db_url)
     lr_note = None
     if rule.strip().isascii() and rule.strip().isdigit():
         rule, best_lr, origin = _stored_rule(rule, db_url)
@@ -185,7 +244,7 @@ def export_command(rule, lr, total_steps, seed, demo, output, db_url) -> None:
         raise UsageProblem(str(exc)) from None
     if output:
         try:
-            Path(output).write_text(source)
+            write_atomically(output, source.encode("utf-8"))
         except OSError as exc:
             raise UsageProblem(f"cannot write {output}: {exc.strerror or exc}") from None
         click.echo(f"wrote {output}", err=True)

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from nos.store import LeaderboardRow, database_now, leaderboard, run_progress, trials_of
+from nos.store.history import UNMEASURED
 from nos.store.leases import DRIVABLE, Lease, read_lease
 from nos.store.models import SCORED_STATUSES, Evaluation, Rule
 from nos.store.queries import DamagedRow, read_run, run_ids
@@ -32,10 +33,6 @@ def _fmt(value, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
     return str(value)
-
-
-# A rule's evaluations with no final run, so no test score: never trained, or diverged at every rate.
-UNMEASURED = ("rejected", "diverged")
 
 
 def _measured_test(e: Evaluation) -> float | None:

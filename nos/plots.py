@@ -11,12 +11,16 @@ nothing needs a display.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
+from nos.files import write_atomically
 from nos.store.history import EvaluationRow, Sweep
 
 if TYPE_CHECKING:
@@ -41,6 +45,54 @@ def _as_written(text: str) -> str:
     """`text` for matplotlib to draw as it is: it reads what lies between two `$` as a formula,
     so a run named `lr $10^$` would stop the drawing (a mathtext error) and `$x^2$` would be typeset."""
     return text.replace("$", r"\$")
+
+
+def _fit(text: str, width: int, lines: int = 1) -> str:
+    """`text` on at most `lines` lines of about `width` characters, cut with "…" past them: a title with a
+    long rule's text ran off both edges of the figure."""
+    if len(text) <= width:
+        return text
+    return "\n".join(textwrap.wrap(text, width, max_lines=lines, placeholder=" …"))
+
+
+def _shortened(label: str, width: int) -> str:
+    """`label` cut in the middle to `width` characters: a run's label starts with its id and ends with its
+    searcher, and both stay readable."""
+    if len(label) <= width:
+        return label
+    head = (width - 1) // 2
+    return label[:head] + "…" + label[len(label) - (width - 1 - head):]
+
+
+def _fit_label(label: str, suffix: str, points: float, fontsize: str) -> str:
+    """`label`, cut in the middle as little as lets `label + suffix` be at most `points` wide: a 200-character run
+    name ran under the other legend and off the figure, and took the run's best reward with it. Measured in the
+    font, not counted: ten W's are as wide as thirty-five i's."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import text_to_path
+
+    font = FontProperties(size=fontsize)
+
+    def fits(text: str) -> bool:
+        with _quiet_glyphs():
+            return text_to_path.get_text_width_height_descent(text + suffix, font, ismath=False)[0] <= points
+
+    if fits(label):
+        return label
+    low, high = 1, len(label) - 1   # the longest cut that fits, by halves
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(_shortened(label, middle)) else (low, middle - 1)
+    return _shortened(label, low)
+
+
+@contextlib.contextmanager
+def _quiet_glyphs() -> Iterator[None]:
+    """No warning for a character the font lacks (训练, emoji): matplotlib warns once a glyph, with a source line,
+    on the user's terminal, and the picture shows a box there already."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
+        yield
 
 
 def available() -> bool:
@@ -78,7 +130,7 @@ def curve_data(rows: Sequence[EvaluationRow], window: int = 20) -> CurveData:
     Queued and running ones are left out, and so are rejected proposals: they cost no
     training and the budget does not count them (`nos status` does).
     """
-    finished = sorted((r for r in rows if r.finished and r.status != "rejected"), key=lambda r: r.seq)
+    finished = sorted((r for r in rows if r.counted), key=lambda r: r.seq)
     seq = [r.seq for r in finished]
     reward = [r.reward if r.reward is not None else 0.0 for r in finished]
     failed = [r.status == "failed" for r in finished]
@@ -98,10 +150,13 @@ def curve_figure(curves: Sequence[Curve], *, window: int = 20, title: str | None
     Below the axes, one legend names the runs by colour, the other the kinds of mark.
     """
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     fig = _figure(figsize=size, dpi=100, layout="constrained")
     ax = fig.add_subplot()
     runs, any_failed = [], False
+    # The run legend shares the bottom row with the legend of marks, which takes about a third of it.
+    label_points = size[0] * 72 * 0.6 - 30
     for i, curve in enumerate(curves):
         color = f"C{i % 10}"
         data = curve_data(curve.rows, window)
@@ -115,13 +170,15 @@ def curve_figure(curves: Sequence[Curve], *, window: int = 20, title: str | None
         ax.plot(data.counted, data.mean, color=color, linewidth=2)
         ax.step(data.counted, data.best, where="post", color=color, linewidth=1.3, linestyle="--")
         best = f", best {data.best[-1]:.4f}" if data.best else ", nothing finished"
-        runs.append(Line2D([], [], color=color, linewidth=3, label=f"{_as_written(curve.label)}{best}"))
-    ax.set_xlabel("evaluation (trained or from the cache; rejections not shown)")
+        label = _fit_label(curve.label, best, label_points, "small")
+        runs.append(Line2D([], [], color=color, linewidth=3, label=f"{_as_written(label)}{best}"))
+    ax.set_xlabel("evaluation (trained, from the cache or failed; rejections not shown)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))   # evaluation 1, 2: never 1.5
     ax.set_ylabel("reward (final validation score)")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(True, alpha=0.3)
     if title:
-        ax.set_title(_as_written(title))
+        ax.set_title(_as_written(_fit(title, int(size[0] * 10), lines=2)))
     if curves:
         gray = "0.35"
         kinds = [Line2D([], [], color=gray, marker="o", markersize=4, linestyle="none", label="an evaluation"),
@@ -177,36 +234,53 @@ def sweep_figure(sweeps: Sequence[Sweep], *, labels: Sequence[str] | None = None
     ax.set_ylabel("validation score (sweep)")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(True, which="major", alpha=0.3)
-    if title:
-        ax.set_title(_as_written(title), fontsize="medium")
+    if title:   # a rule's text can be long: on up to three lines, then cut
+        ax.set_title(_as_written(_fit(title, int(size[0] * 11), lines=3)), fontsize="medium")
     if legend and sweeps:
         ax.legend(fontsize="small", framealpha=0.85)
     return fig
 
 
-def png_bytes(fig: Figure) -> bytes:
+# Formats whose matplotlib backend runs an external program: pgf measures text with a TeX installation, and
+# fails without one (with a traceback); nos does not need TeX anywhere else.
+NEEDS_TEX = ("pgf",)
+
+
+def image_formats(fig: Figure) -> list[str]:
+    """The suffixes `save` writes, without the dot."""
+    return sorted(f for f in fig.canvas.get_supported_filetypes() if f not in NEEDS_TEX)
+
+
+def _render(fig: Figure, fmt: str) -> bytes:
+    """The figure as a file of format `fmt`, in memory."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    with _quiet_glyphs():
+        fig.savefig(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def png_bytes(fig: Figure) -> bytes:
+    return _render(fig, "png")
 
 
 def save(fig: Figure, path: str | Path) -> Path:
     """Write the figure in the format its suffix names (png, svg, pdf, jpg, ...), PNG without one.
 
     ValueError, before anything is written, for a suffix matplotlib cannot write: `out.jpg` was once
-    written as a PNG, which a viewer trusting the name then refused.
+    written as a PNG, which a viewer trusting the name then refused. The file is drawn in memory, then
+    written whole (`write_atomically`): a failed write leaves an earlier file as it was.
     """
     path = Path(path)
     suffix = path.suffix.lower().lstrip(".") or "png"
-    formats = fig.canvas.get_supported_filetypes()
+    formats = image_formats(fig)
     if suffix not in formats:
-        raise ValueError(f"cannot write {path.name}: .{suffix} is no image format matplotlib writes; "
-                         f"use one of {', '.join('.' + f for f in sorted(formats))}")
-    fig.savefig(path, format=suffix)
-    return path
+        why = "needs TeX, which nos does not use" if suffix in NEEDS_TEX else "is no image format matplotlib writes"
+        raise ValueError(f"cannot write {path.name}: .{suffix} {why}; "
+                         f"use one of {', '.join('.' + f for f in formats)}")
+    return write_atomically(path, _render(fig, suffix))
 
 
 __all__ = [
-    "MATPLOTLIB_MISSING", "Curve", "CurveData", "PlotUnavailable", "available", "curve_data", "curve_figure",
-    "png_bytes", "save", "sweep_figure",
+    "MATPLOTLIB_MISSING", "NEEDS_TEX", "Curve", "CurveData", "PlotUnavailable", "available", "curve_data",
+    "curve_figure", "image_formats", "png_bytes", "save", "sweep_figure",
 ]

@@ -22,7 +22,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from nos.store import Store
-from nos.store.history import EvaluationRow, Sweep, Timings, run_evaluations, run_timings, sweep_of
+from nos.store.history import UNMEASURED, EvaluationRow, Sweep, Timings, run_evaluations, run_timings, sweep_of
 from nos.store.models import Run, utcnow
 from nos.store.queries import LeaderboardRow, RunProgress, leaderboard, read_run, run_progress
 
@@ -66,14 +66,15 @@ def gather(session: Session, run_id: int, top: int = 5) -> RunReport | None:
 def write_report(store: Store, run_id: int, path: str | Path, *, top: int = 5, window: int = 20,
                  images: bool = True) -> Path:
     """Write run `run_id`'s report to `path`; LookupError if there is no such run, DamagedRow (nothing
-    written) if its stored values cannot be shown."""
+    written) if its stored values cannot be shown. The page is written whole or not at all: a failed
+    write leaves an earlier file at `path` as it was."""
+    from nos.files import write_atomically
+
     with store.reading() as session:
         report = gather(session, run_id, top)
     if report is None:
         raise LookupError(f"no run {run_id}")
-    path = Path(path)
-    path.write_text(render_html(report, window=window, images=images), encoding="utf-8")
-    return path
+    return write_atomically(path, render_html(report, window=window, images=images).encode("utf-8"))
 
 
 # --- rendering -------------------------------------------------------------------------------------------
@@ -122,6 +123,16 @@ def _num(value: float | None, digits: int = 4) -> str:
 
 def _lr(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
+
+
+def _test(row: LeaderboardRow) -> str:
+    # Rejected and diverged rules had no final run: the stored 0.0 is no measured test score (as `nos leaderboard`).
+    return "-" if row.status in UNMEASURED else _num(row.test_acc)
+
+
+def _best_lr(row: LeaderboardRow) -> str:
+    """The best rate, or for a rule that has none the reason, where the rate would be (as `nos leaderboard`)."""
+    return row.status if row.status in UNMEASURED else _lr(row.best_lr)
 
 
 def _seconds(value: float | None) -> str:
@@ -180,7 +191,8 @@ def render_html(report: RunReport, *, window: int = 20, images: bool = True) -> 
         f'<h2 id="failures">Failures ({len(report.failures)})</h2>', _failures(report.failures),
         *_rejected(report.rows),
         '<h2 id="config">Configuration</h2>',
-        f"<pre>{escape(json.dumps(config, indent=2, sort_keys=True, default=str))}</pre>",
+        # As written: a name or path in another script, not \u escapes, like the page's title.
+        f"<pre>{escape(json.dumps(config, indent=2, sort_keys=True, default=str, ensure_ascii=False))}</pre>",
     ]
     if run.error:
         parts.append(f'<p class="bad">Run error:</p><pre>{escape(run.error)}</pre>')
@@ -211,7 +223,7 @@ def _cards(report: RunReport, budget: int | None) -> str:
         ("best reward", _num(report.progress.best_reward)),
         ("cache hit rate", "-" if timings.cache_rate is None else f"{timings.cache_rate:.1%}"),
         ("failed", str(timings.failed)),
-        ("evaluations / hour", "-" if timings.per_hour is None else f"{timings.per_hour:,.0f}"),
+        ("evaluations / hour", "-" if timings.per_hour is None else f"{timings.per_hour:,.0f}"),   # of the count above
         ("elapsed", _seconds(timings.elapsed_seconds)),
     ]
     return '<div class="cards">' + "".join(
@@ -224,8 +236,8 @@ def _best_rule(report: RunReport) -> list[str]:
     if best is None:
         return []
     return [f'<p>Best rule: <code class="rule">{escape(best.rule)}</code> '
-            f"(reward {_num(best.reward)}, test accuracy {_num(best.test_acc)}, "
-            f"best learning rate {_lr(best.best_lr)})</p>"]
+            f"(reward {_num(best.reward)}, test accuracy {_test(best)}, "
+            f"best learning rate {_best_lr(best)})</p>"]
 
 
 def _curve(report: RunReport, window: int, images: bool, why: str) -> list[str]:
@@ -233,7 +245,7 @@ def _curve(report: RunReport, window: int, images: bool, why: str) -> list[str]:
     from nos import plots
 
     parts = ['<h2 id="curve">Reward by evaluation</h2>']
-    if not any(r.finished for r in report.rows):
+    if not any(r.counted for r in report.rows):   # what the curve draws: rejections are not on it
         parts.append('<p class="note">No finished evaluations yet.</p>')
     elif images:
         fig = plots.curve_figure([plots.Curve(_run_label(report.run), report.rows)], window=window)
@@ -255,14 +267,15 @@ def _top_rules(report: RunReport, images: bool) -> list[str]:
     parts.append(_table(
         ["#", "rule", "reward", "test", "best lr", "evaluations"],
         [[str(t.row.place), f'<code class="rule">{escape(t.row.rule)}</code>', _num(t.row.reward),
-          _num(t.row.test_acc), _lr(t.row.best_lr), str(t.row.evaluations)] for t in report.top],
+          _test(t.row), _best_lr(t.row), str(t.row.evaluations)] for t in report.top],
         numeric={0, 2, 3, 4, 5}))
     return parts + [_top_rule(t, images) for t in report.top]
 
 
 def _timings_table(timings: Timings) -> str:
     return _table(["", ""], [
-        ["evaluations finished", str(timings.finished)],
+        # The budget's count, as the cards and `nos status` give it: rejections have a line of their own.
+        ["evaluations finished (trained, cached or failed)", str(timings.counted)],
         ["trained by a worker (done or diverged)", str(timings.trained)],
         ["rejected before training", str(timings.rejected)],
         ["answered from the cache", f"{timings.cached}"
@@ -294,8 +307,9 @@ def _top_rule(top: TopRule, images: bool) -> str:
 
     row, sweep = top.row, top.sweep
     head = (f'<h3>#{row.place} <code class="rule">{escape(row.rule)}</code></h3>'
-            f'<p class="sub">reward {_num(row.reward)} at lr {_lr(row.best_lr)}, test accuracy {_num(row.test_acc)}, '
-            f"evaluation {row.evaluation_id}</p>")
+            f'<p class="sub">reward {_num(row.reward)} '
+            + (f"({row.status})" if row.status in UNMEASURED else f"at lr {_lr(row.best_lr)}")
+            + f", test accuracy {_test(row)}, evaluation {row.evaluation_id}</p>")
     if sweep is None:
         return f'<div class="top"><div>{head}<p class="note">No learning-rate sweep stored.</p></div></div>'
     note = "" if sweep.evaluation_id == row.evaluation_id else \

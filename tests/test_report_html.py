@@ -158,3 +158,112 @@ def test_report_renders_in_headless_chromium(two_runs, tmp_path):
     assert image.shape[:2] == (1400, 1100)
     assert image.std() > 0.05
     assert (image < 0.5).mean() > 0.005   # not blank: there is dark text and plots
+
+
+# --- what the page says: as `nos status`, `nos leaderboard` and `nos show` say it ---
+
+def _rejected_only_run(store) -> int:
+    """A run whose only evaluations were rejected before training (stored with reward 0 and test_acc 0)."""
+    from nos.rules import parse
+    from nos.store import RuleRecord, get_or_create_rules
+
+    with store.transaction() as session:
+        run_id = create_run(session, "only rejected", "digits", {"searcher": "evolution", "budget": 4})
+        rules = get_or_create_rules(session, [RuleRecord.from_tree(parse(t)) for t in ("g * 0", "m * 0")])
+        enqueue_batch(session, run_id, 0, [NewEvaluation(r, "digits", "k1", rejected=True, reason="update all zero")
+                                           for r in rules])
+    return run_id
+
+
+def test_report_shows_no_test_score_for_rejected_and_diverged_rules(sqlite_store, sqlite_url, tmp_path):
+    """The store holds test_acc 0.0 for them; the page printed it as a measured 0.0000, where `nos leaderboard`
+    and `nos show` print "-"."""
+    import sqlalchemy as sa
+
+    from nos.store import Evaluation
+
+    ids = build_run(sqlite_store, "r", "ppo", [0.9, 0.8, 0.0, 0.6, 0.5], extra=False)   # the third diverged
+    with sqlite_store.transaction() as session:   # as a worker stores a rule diverged at every rate
+        session.execute(sa.update(Evaluation).where(Evaluation.id == ids["trained"][2])
+                        .values(test_acc=0.0, best_lr=None))
+    out = tmp_path / "r.html"
+    assert invoke("report", str(ids["run_id"]), "--top", "5", "-o", str(out), "--db", sqlite_url).exit_code == 0
+    page = out.read_text()
+    row = re.search(r'<tr><td class="num">5</td><td><code class="rule">g \* exp\(sign\(g\) \* sign\(m\)\)</code>'
+                    r"</td>(.*?)</tr>", page)
+    assert row, page
+    assert row.group(1).startswith('<td class="num">0.0000</td><td class="num">-</td><td class="num">diverged</td>')
+    assert "reward 0.0000 (diverged), test accuracy -, evaluation" in page
+
+    rejected = _rejected_only_run(sqlite_store)
+    assert invoke("report", str(rejected), "-o", str(out), "--db", sqlite_url).exit_code == 0
+    page = out.read_text()
+    assert "(reward 0.0000, test accuracy -, best learning rate rejected)</p>" in page
+    assert "test accuracy 0.0000" not in page
+
+
+def test_report_of_a_run_of_only_rejections_draws_no_empty_curve(sqlite_store, sqlite_url, tmp_path):
+    """Rejections are not on the curve: the page drew empty axes where the note belongs."""
+    run_id = _rejected_only_run(sqlite_store)
+    out = tmp_path / "r.html"
+    assert invoke("report", str(run_id), "-o", str(out), "--db", sqlite_url).exit_code == 0
+    page = out.read_text()
+    curve = page.split('id="curve"')[1].split('id="top"')[0]
+    assert "No finished evaluations yet." in curve
+    assert "<img" not in curve
+
+
+def test_report_counts_as_nos_status_does(sqlite_store, sqlite_url, tmp_path):
+    """Finished evaluations and their rate per hour leave out the free rejections, as the budget and `nos status`
+    do: the page said 8 finished (and 8 an hour) beside a card saying 5."""
+    from datetime import timedelta
+
+    import sqlalchemy as sa
+
+    from nos.store import Evaluation, Run
+
+    ids = build_run(sqlite_store, "r", "ppo", [0.9, 0.8, 0.7, 0.6, 0.5], extra=False)
+    with sqlite_store.transaction() as session:
+        enqueue_batch(session, ids["run_id"], 1, [NewEvaluation(r, "digits", "k1", rejected=True, reason="zero")
+                                                  for r in ids["rule_ids"][:3]])
+        created = session.get(Run, ids["run_id"]).created_at   # every evaluation done an hour later: 5 an hour
+        session.execute(sa.update(Evaluation).where(Evaluation.run_id == ids["run_id"])
+                        .values(finished_at=created + timedelta(hours=1)))
+    status = invoke("status", str(ids["run_id"]), "--db", sqlite_url)
+    assert "5/8 evaluations finished" in status.output
+    out = tmp_path / "r.html"
+    assert invoke("report", str(ids["run_id"]), "-o", str(out), "--db", sqlite_url).exit_code == 0
+    page = out.read_text()
+    assert "<td>evaluations finished (trained, cached or failed)</td><td>5</td>" in page
+    assert "<td>rejected before training</td><td>3</td>" in page
+    assert "<td>evaluations per hour (finished / elapsed)</td><td>5.0</td>" in page
+    assert '<div class="k">evaluations / hour</div><div class="v">5</div>' in page
+
+
+def test_report_shows_the_configuration_as_written(sqlite_store, sqlite_url, tmp_path):
+    """Non-ASCII configuration values were \\u escapes in the page, though its title showed them as written."""
+    with sqlite_store.transaction() as session:
+        run_id = create_run(session, "ü", "digits", {"searcher": "ppo", "data_dir": "/données/训练"})
+    out = tmp_path / "r.html"
+    assert invoke("report", str(run_id), "-o", str(out), "--db", sqlite_url).exit_code == 0
+    page = out.read_text(encoding="utf-8")
+    assert "&quot;data_dir&quot;: &quot;/données/训练&quot;" in page
+    assert "\\u" not in page
+
+
+@pytest.mark.parametrize("column", ["val_acc", "lr"])
+def test_report_names_a_damaged_sweep_value(two_runs, tmp_path, column):
+    """Text in a sweep's number column was a TypeError traceback; the page's other readers name the run and column."""
+    import sqlalchemy as sa
+
+    store, url, first, _ = two_runs
+    best = first["trained"][1]   # adam's: a top rule's sweep
+    with store.transaction() as session:   # as sqlite3 would: SQLAlchemy's Float refuses to write text
+        session.execute(sa.text(f"UPDATE lr_trials SET {column} = 'abc' WHERE evaluation_id = :e AND lr = 0.001"),
+                        {"e": best})
+    out = tmp_path / "r.html"
+    result = invoke("report", str(first["run_id"]), "-o", str(out), "--db", url)
+    assert result.exit_code == 2, result.output
+    assert result.output == (f"Error: run {first['run_id']} is damaged in the database: lr_trials.{column} of "
+                             f"evaluation {best} holds 'abc', not a number\n")
+    assert not out.exists()

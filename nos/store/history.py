@@ -15,6 +15,10 @@ from sqlalchemy.orm import Session
 from .models import FINISHED_STATUSES, TRAINED_STATUSES, Evaluation, LrTrial, Rule, Run
 from .queries import DamagedRow, unreadable_cell
 
+# Statuses with no final run, so no test score: never trained, or diverged at every rate. The store holds a
+# test_acc of 0.0 for them; readers show "-" rather than a measured-looking 0.0000.
+UNMEASURED = ("rejected", "diverged")
+
 
 @dataclass(frozen=True)
 class EvaluationRow:
@@ -45,6 +49,11 @@ class EvaluationRow:
     @property
     def finished(self) -> bool:
         return self.status in FINISHED_STATUSES
+
+    @property
+    def counted(self) -> bool:
+        """Finished and counted toward the budget: a rejected proposal cost no training and is free."""
+        return self.finished and self.status != "rejected"
 
 
 @dataclass(frozen=True)
@@ -175,15 +184,26 @@ def sweep_of(session: Session, evaluation_id: int) -> Sweep | None:
 
 
 def _points_of(session: Session, evaluation_ids: list[int]) -> dict[int, list[SweepPoint]]:
+    """The sweeps of `evaluation_ids`, by evaluation; DamagedRow if a stored rate or score is not a number."""
     points: dict[int, list[SweepPoint]] = {}
     for start in range(0, len(evaluation_ids), 500):
         chunk = evaluation_ids[start:start + 500]
         rows = session.execute(
-            select(LrTrial.evaluation_id, LrTrial.lr, LrTrial.val_acc, LrTrial.diverged)
+            select(LrTrial.evaluation_id, Evaluation.run_id, LrTrial.lr, LrTrial.val_acc, LrTrial.diverged)
+            .join(Evaluation, Evaluation.id == LrTrial.evaluation_id)
             .where(LrTrial.evaluation_id.in_(chunk)).order_by(LrTrial.evaluation_id, LrTrial.lr))
-        for evaluation_id, lr, val_acc, diverged in rows:
+        for evaluation_id, run_id, lr, val_acc, diverged in rows:
+            _check_trial(run_id, evaluation_id, lr=lr, val_acc=val_acc)
             points.setdefault(evaluation_id, []).append(SweepPoint(lr, val_acc, bool(diverged)))
     return points
+
+
+def _check_trial(run_id: int, evaluation_id: int, **numbers) -> None:
+    # As _check_numbers: SQLite hands back text in a REAL column as text, which failed the page and the plot later.
+    for name, value in numbers.items():
+        if value is not None and not isinstance(value, (int, float)):
+            raise DamagedRow(run_id, f"lr_trials.{name} of evaluation {evaluation_id}",
+                             f"holds {value!r:.60}, not a number")
 
 
 def _sweep(evaluation: Evaluation, points: list[SweepPoint]) -> Sweep:
@@ -195,14 +215,14 @@ def _sweep(evaluation: Evaluation, points: list[SweepPoint]) -> Sweep:
 class Timings:
     """How long a run's evaluations took."""
 
-    finished: int                 # evaluations done, diverged, cached, rejected or failed
+    finished: int                 # evaluations done, diverged, cached, rejected or failed (`counted`: not rejected)
     trained: int                  # done or diverged: the ones a worker trained
     train_seconds: float          # their wall seconds, summed (worker time)
     mean_seconds: float | None    # per trained evaluation
     median_seconds: float | None
     max_seconds: float | None
     elapsed_seconds: float | None  # from the run's creation to its last finished evaluation
-    per_hour: float | None        # finished evaluations per hour of elapsed time
+    per_hour: float | None        # counted evaluations per hour of elapsed time, as the budget counts them
     cached: int
     failed: int
     rejected: int                 # refused before training (reward 0)
@@ -234,12 +254,13 @@ def run_timings(run: Run, rows: list[EvaluationRow]) -> Timings:
         finished=len(finished), trained=trained, train_seconds=sum(seconds),
         mean_seconds=sum(seconds) / len(seconds) if seconds else None, median_seconds=median,
         max_seconds=seconds[-1] if seconds else None, elapsed_seconds=elapsed,
-        per_hour=len(finished) / elapsed * 3600 if elapsed and elapsed > 0 else None,
+        # Rejections are free and near instant: counting them would inflate the rate, as `nos status` does not.
+        per_hour=sum(r.counted for r in finished) / elapsed * 3600 if elapsed and elapsed > 0 else None,
         cached=sum(r.status == "cached" for r in finished), failed=sum(r.status == "failed" for r in finished),
         rejected=sum(r.status == "rejected" for r in finished))
 
 
 __all__ = [
-    "EvaluationRow", "Sweep", "SweepPoint", "Timings", "TrialRow", "rule_sweeps",
+    "UNMEASURED", "EvaluationRow", "Sweep", "SweepPoint", "Timings", "TrialRow", "rule_sweeps",
     "run_evaluations", "run_timings", "run_trials", "sweep_of",
 ]
