@@ -157,12 +157,9 @@ def enqueue_command(config_file, db_url, broker_url, detach, data_dir, train_siz
     too, a worker on the `control` queue drives the run.
     """
     try:
-        config = SearchConfig.load(config_file, **flags)
         given = {k: v for k, v in (("data_dir", data_dir), ("train_size", train_size), ("sweep", sweep))
                  if v is not None}
-        if given:
-            options = {**config.task_options, **given}
-            config = SearchConfig.from_dict({**config.to_dict(), "task_options": options})
+        config = SearchConfig.load(config_file, task_options=given or None, **flags)
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None
     _stop_on_signals()

@@ -17,13 +17,14 @@ script, call `run_search` under `if __name__ == "__main__":`.
 
 from __future__ import annotations
 
+import operator
 import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import control
-from .config import SearchConfig
+from .config import ConfigError, SearchConfig
 from .redact import mask_url
 from .store import LeaderboardRow, Store, get_run, leaderboard, open_store, resolve_url, shown
 
@@ -31,11 +32,32 @@ if TYPE_CHECKING:
     import pandas
 
 
+# Run ids are 32-bit integers in the database; `top` is capped as `nos leaderboard --top` is.
+MAX_ID = 2**31 - 1
+MAX_TOP = 10**6
+
+
+def _whole(name: str, value: Any, least: int, most: int) -> int:
+    """`value` where it is a whole number from least to most; a ValueError (a TypeError for a non-number) naming it.
+
+    Any integer type is taken (a numpy or pandas id included); a float or a bool is not, lest 1.7 name run 1.
+    """
+    try:
+        whole = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        whole = None
+    if whole is None:
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
+    if not least <= whole <= most:
+        raise ValueError(f"{name} must be from {least:,} to {most:,}, got {whole:,}")
+    return whole
+
+
 class Run:
     """A stored run: its id and the database (and broker) it lives in."""
 
     def __init__(self, id: int, db: str | None = None, broker: str | None = None):
-        self.id = int(id)
+        self.id = _whole("a run id", id, 0, MAX_ID)
         self.db = resolve_url(db).render_as_string(hide_password=False)
         self.broker = broker
 
@@ -67,6 +89,7 @@ class Run:
 
     def leaderboard(self, top: int = 10) -> list[LeaderboardRow]:
         """The run's `top` rules by best reward, as `nos leaderboard --run ID` lists them."""
+        top = _whole("top", top, 1, MAX_TOP)
         return self._read(lambda session: leaderboard(session, top, run_id=self.id))
 
     def frame(self) -> pandas.DataFrame:
@@ -116,9 +139,9 @@ def run_search(task: str | Callable[..., Any] | None = None, *, searcher: str | 
     task: a built-in or registered task's name, "package.module:function", or the `@task_factory`
         function itself (it must live in a module the workers can import, not in a notebook);
         default: the config file's, else digits.
-    searcher, budget, workers and any other key of the config file (batch_size, depth, seed,
+    searcher, budget, workers and any other key of the config file (update_every, depth, seed,
         device, name, task_options, ...; docs/searching.md) as keywords; `config` reads them from
-        a TOML file first, and the keywords given here win.
+        a TOML file first, and the keywords given here win (a table such as task_options key by key).
     db: a database URL (default $NOS_DB_URL, else sqlite:///nos.db); created when it is a new SQLite file.
     broker: a Redis URL: Celery workers (`nos worker`) train the evaluations instead of local processes.
     progress: print the run's id and a line of progress as evaluations finish.
@@ -127,6 +150,8 @@ def run_search(task: str | Callable[..., Any] | None = None, *, searcher: str | 
     anything is written.
     """
     control.refuse_in_a_starting_worker("nos.run_search")
+    if not (task is None or isinstance(task, str) or callable(task)):
+        raise ConfigError(f"task must be a task's name or a task factory function, got {task!r}")
     name = task if task is None or isinstance(task, str) else factory_name(task)
     chosen = SearchConfig.load(config, task=name, searcher=searcher, budget=budget, workers=workers, **settings)
     if broker:

@@ -7,15 +7,16 @@ same object from there, so a resumed run searches exactly as it began.
 from __future__ import annotations
 
 import difflib
-import math
+import json
 import os
 import re
 import tomllib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from .search.settings import SEARCHER_SETTINGS, SEARCHERS, WARM_STARTS
+from .search.settings import REAL_RANGES, SEARCHER_SETTINGS, SEARCHERS, WARM_STARTS, Interval, is_finite_number
 
 
 class ConfigError(ValueError):
@@ -63,8 +64,13 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.workers is None:   # resolved here, so that a run's stored config names its workers
             object.__setattr__(self, "workers", default_workers(self.device))
+        options = self.task_options
+        if isinstance(options, dict) and isinstance(options.get("data_dir"), os.PathLike):   # a pathlib.Path
+            object.__setattr__(self, "task_options", {**options, "data_dir": os.fsdecode(options["data_dir"])})
         problems = [*_check_fields(self), *_check_hyperparameters(self.searcher, self.hyperparameters)]
-        if _is_seconds(self.heartbeat_every) and _is_seconds(self.stale_after) \
+        if not problems:
+            problems = _unstorable(self)
+        if _is_seconds("heartbeat_every", self.heartbeat_every) and _is_seconds("stale_after", self.stale_after) \
                 and self.heartbeat_every * 2 > self.stale_after:
             problems.append("heartbeat_every must be at most half of stale_after, or live workers look dead")
         if not problems and self._learns_nothing():
@@ -106,7 +112,7 @@ class SearchConfig:
         """
         if self.in_flight is not None:
             return self.in_flight
-        return default_in_flight(self.workers, self.pack_size)
+        return min(MAX_AT_ONCE, default_in_flight(self.workers, self.pack_size))
 
     @property
     def label(self) -> str:
@@ -119,40 +125,89 @@ class SearchConfig:
     def from_dict(cls, data: dict[str, Any]) -> "SearchConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"a config is a table of keys, got {type(data).__name__}")
-        data = _renamed_keys(data)
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            guesses = [f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k) for k in sorted(unknown)
-                       for close in [difflib.get_close_matches(k, known, n=1)]]
-            raise ConfigError(f"unknown config keys {', '.join(guesses)}; known: {', '.join(sorted(known))}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(str(exc)) from None
+        with _naming_old_keys(data):
+            data = _renamed_keys(data)
+            known = {f.name for f in fields(cls)}
+            unknown = set(data) - known
+            if unknown:
+                guesses = [f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k) for k in sorted(unknown)
+                           for close in [difflib.get_close_matches(k, known, n=1)]]
+                raise ConfigError(f"unknown config keys {', '.join(guesses)}; known: {', '.join(sorted(known))}")
+            try:
+                return cls(**data)
+            except TypeError as exc:
+                raise ConfigError(str(exc)) from None
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> "SearchConfig":
-        """Defaults, then the TOML file's keys, then the flags that were given (not None)."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            try:
-                data = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
-            except OSError as exc:
-                raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-            except UnicodeDecodeError as exc:
-                raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is not): "
-                                  "is it the right file?") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        if "batch_size" in data:   # the old name in a user's file: a new run, not a stored one, so today's default
-            data.setdefault("synchronous", False)
-        return cls.from_dict(data)
+        """Defaults, then the TOML file's keys, then the keywords that were given (not None).
+
+        A table given as a keyword (task_options, hyperparameters) adds to the file's table key by key,
+        as flags such as --train-size do. A relative `task_options.data_dir` is made absolute: from the
+        file's folder where the file gives it, else from the working directory, because a run is
+        resumed, and its workers started, from wherever.
+        """
+        raw = _read_toml(path) if path is not None else {}
+        keywords = {k: v for k, v in overrides.items() if v is not None}
+        with _naming_old_keys({**raw, **keywords}):
+            data, given = _user_keys(raw), _user_keys(keywords)
+            if path is not None:
+                _absolute_data_dir(data, Path(path).parent)
+            _absolute_data_dir(given, Path.cwd())
+            for table in TABLES:
+                if isinstance(data.get(table), dict) and isinstance(given.get(table), dict):
+                    given[table] = {**data[table], **given[table]}
+            return cls.from_dict({**data, **given})
 
 
 # Keys read under an earlier name (runs store their config, users keep their files): old -> new.
 RENAMED_KEYS = {"controller": "hyperparameters", "batch_size": "update_every"}
+# The keys whose values are tables of their own.
+TABLES = ("task_options", "hyperparameters")
+
+
+@contextmanager
+def _naming_old_keys(data: dict[str, Any]) -> Iterator[None]:
+    """A ConfigError raised within, with a word on each old key name in `data`, which its message calls by the new."""
+    old = [f"{key} is the old name of {RENAMED_KEYS[key]}" for key in RENAMED_KEYS if key in data]
+    try:
+        yield
+    except ConfigError as exc:
+        if not old or "old name" in str(exc):
+            raise
+        raise ConfigError(f"{exc} ({'; '.join(old)})") from None
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        # utf-8-sig: a byte-order mark, which some Windows editors write, is not part of the TOML.
+        return tomllib.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start} is not): "
+                          "is it the right file?") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _user_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A user's keys (a file's, or keywords) under their present names.
+
+    An old name there is a new run's, not a stored one's: it runs with today's default driver.
+    """
+    if "batch_size" in data:
+        data = {"synchronous": False, **data}
+    return _renamed_keys(data)
+
+
+def _absolute_data_dir(data: dict[str, Any], base: Path) -> None:
+    """`data`'s task_options.data_dir, where it is a relative path, made absolute from `base` (in place)."""
+    options = data.get("task_options")
+    folder = options.get("data_dir") if isinstance(options, dict) else None
+    if isinstance(folder, (str, os.PathLike)) and str(folder).strip():
+        path = os.path.join(base, os.path.expanduser(os.fsdecode(folder)))
+        data["task_options"] = {**options, "data_dir": os.path.abspath(path)}
 
 
 def _renamed_keys(data: dict[str, Any]) -> dict[str, Any]:
@@ -184,6 +239,8 @@ MAX_WORKERS = 1024
 MAX_PACK = 1024
 MAX_ATTEMPTS = 1000
 MAX_SECONDS = 10_000_000        # stale_after and heartbeat_every: about 115 days
+# Shorter than these, a busy worker's heartbeat cannot keep up and its live claims are taken from it.
+LEAST_SECONDS = {"stale_after": 0.5, "heartbeat_every": 0.1}
 MAX_NAME = 200                  # the runs.name column
 MAX_TASK_NAME = 100             # the runs.task column
 # Devices nos trains on; whether one is present is checked when the task is built.
@@ -191,21 +248,16 @@ DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?|mps")
 # The searchers' whole-number hyperparameters: (least, most). Larger networks than these do not fit.
 HYPERPARAMETER_INTS = {"hidden": (1, 4096), "embedding": (1, 4096), "epochs": (1, 1000)}
 HYPERPARAMETER_INT_DEFAULT = (1, 1_000_000)
-# The searchers' real-valued hyperparameters: (least, most), ends included.
-HYPERPARAMETER_REALS = {"baseline_decay": (0.0, 1.0), "clip": (0.0, 1.0)}
-HYPERPARAMETER_REAL_DEFAULT = (0.0, 1e6)
+# A real-valued hyperparameter of a searcher that search/settings.py gives no range of its own.
+HYPERPARAMETER_REAL_DEFAULT = Interval(0.0, 1e6)
 
 
 def _is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_seconds(value: Any) -> bool:
-    return _is_real(value) and 0 < value <= MAX_SECONDS
+def _is_seconds(key: str, value: Any) -> bool:
+    return is_finite_number(value) and LEAST_SECONDS[key] <= value <= MAX_SECONDS
 
 
 def _whole(key: str, value: Any, least: int, most: int) -> list[str]:
@@ -269,8 +321,8 @@ def _check_fields(config: "SearchConfig") -> list[str]:
     if not (isinstance(config.device, str) and DEVICE.fullmatch(config.device)):
         problems.append(f"unknown device {config.device!r}: expected cpu, cuda, cuda:N or mps")
     for key in ("stale_after", "heartbeat_every"):
-        if not _is_seconds(getattr(config, key)):
-            problems.append(f"{key} must be a number of seconds above 0 and at most {MAX_SECONDS:,}, "
+        if not _is_seconds(key, getattr(config, key)):
+            problems.append(f"{key} must be a number of seconds from {LEAST_SECONDS[key]:g} to {MAX_SECONDS:,}, "
                             f"got {getattr(config, key)!r}")
     for key in ("probe", "synchronous"):
         if not isinstance(getattr(config, key), bool):
@@ -282,6 +334,20 @@ def _check_fields(config: "SearchConfig") -> list[str]:
     elif "device" in config.task_options:
         problems.append("device is not a task option: set it at the top level (device = \"cuda\")")
     return problems
+
+
+def _unstorable(config: "SearchConfig") -> list[str]:
+    """A run stores its config as JSON: a value of another type (a set, a path object) cannot be stored.
+
+    Infinite and NaN numbers are left to the checks of the keys that take numbers, which say more.
+    """
+    for key, value in asdict(config).items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            return [f"{key} must hold only numbers, strings, true or false, lists and tables "
+                    f"(a run stores it as JSON): {exc}"]
+    return []
 
 
 def _check_hyperparameters(searcher: Any, hyperparameters: Any) -> list[str]:
@@ -308,9 +374,9 @@ def _check_hyperparameters(searcher: Any, hyperparameters: Any) -> list[str]:
             least, most = HYPERPARAMETER_INTS.get(key, HYPERPARAMETER_INT_DEFAULT)
             problems += _whole(f"hyperparameters.{key}", value, least, most)
         elif isinstance(default, float):
-            least, most = HYPERPARAMETER_REALS.get(key, HYPERPARAMETER_REAL_DEFAULT)
-            if not (_is_real(value) and least <= value <= most):
-                problems.append(f"hyperparameters.{key} must be a number from {least:g} to {most:g}, got {value!r}")
+            interval = REAL_RANGES.get(key, HYPERPARAMETER_REAL_DEFAULT)
+            if value not in interval:
+                problems.append(f"hyperparameters.{key} must be {interval}, got {value!r}")
         elif isinstance(default, str) and not isinstance(value, str):
             problems.append(f"hyperparameters.{key} must be a string, got {value!r}")
     if not problems:

@@ -217,13 +217,26 @@ BAD_CONFIGS = [
     (b"controller = {hidden = -1}\n", "hyperparameters.hidden must be a whole number"),   # the earlier name
     (b"controller = {}\n[hyperparameters]\n", "controller is the old name of hyperparameters: give one of them"),
     (b"seed = 99999999999999999999\n", "seed must be a whole number from 0 to 4,294,967,295"),
-    (b"stale_after = nan\n", "stale_after must be a number of seconds above 0"),
-    (b"stale_after = 1e308\n", "stale_after must be a number of seconds above 0"),
+    (b"stale_after = nan\n", "stale_after must be a number of seconds from 0.5 to 10,000,000"),
+    (b"stale_after = 1e308\n", "stale_after must be a number of seconds from 0.5"),
+    # TOML reads integers of any size: past a float's range they were an OverflowError's traceback.
+    (b"stale_after = 1" + b"0" * 400 + b"\n", "stale_after must be a number of seconds from 0.5"),
+    (b"[hyperparameters]\nlr = 1" + b"0" * 400 + b"\n", "hyperparameters.lr must be a positive number, at most"),
+    (b"[task_options]\nexplode = 1" + b"0" * 400 + b"\n", "task option explode must be a finite number"),
+    (b"[task_options]\nlrs = [1" + b"0" * 400 + b"]\n", "task option lrs must be a list"),
+    # Claims of live workers were retaken: a heartbeat every millisecond cannot keep up.
+    (b"stale_after = 0.002\nheartbeat_every = 0.001\n", "stale_after must be a number of seconds from 0.5"),
+    (b"heartbeat_every = 0.05\n", "heartbeat_every must be a number of seconds from 0.1"),
+    # The ranges said are the ranges taken (warm_mass was said to go to 1e+06, lr to start at 0).
+    (b"[hyperparameters]\nwarm_mass = 2.0\n", "hyperparameters.warm_mass must be a number in [0, 1), got 2.0"),
+    (b"[hyperparameters]\nlr = 0\n", "hyperparameters.lr must be a positive number, at most 1e+06, got 0"),
+    (b"\xef\xbb\xbfbudget = 0\n", "budget must be a whole number"),   # read past a byte-order mark
     (b"device = 'bogus'\n", "unknown device 'bogus': expected cpu, cuda, cuda:N or mps"),
     (b"name = \"a\\u0000b\"\n", "name must be printable text"),
     (b"[task_options]\ndevice = 'cpu'\n", "device is not a task option"),
     (b"update_every = 1000000000\n", "update_every must be a whole number from 1 to 10,000"),
-    (b"batch_size = 0\n", "update_every must be a whole number from 1 to 10,000"),   # its old name
+    (b"batch_size = 0\n", "update_every must be a whole number from 1 to 10,000, got 0 "
+                           "(batch_size is the old name of update_every)"),
     (b"batch_size = 4\nupdate_every = 4\n", "batch_size is the old name of update_every"),
     (b"in_flight = 0\n", "in_flight must be a whole number from 1 to 10,000"),
     (b"synchronous = 1\n", "synchronous must be true or false"),

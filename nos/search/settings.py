@@ -14,6 +14,41 @@ BASELINES = ("batch", "ema")
 
 
 @dataclass(frozen=True)
+class Interval:
+    """The values a real-valued setting takes: least to most, each end in or out."""
+
+    least: float
+    most: float
+    least_in: bool = True
+    most_in: bool = True
+
+    def __contains__(self, value: Any) -> bool:
+        if not is_finite_number(value):
+            return False
+        above = value >= self.least if self.least_in else value > self.least
+        below = value <= self.most if self.most_in else value < self.most
+        return above and below
+
+    def __str__(self) -> str:
+        if not self.least_in and self.least == 0:
+            return f"a positive number, at most {self.most:g}" if self.most_in else \
+                f"a positive number below {self.most:g}"
+        return f"a number in {'[' if self.least_in else '('}{self.least:g}, {self.most:g}{']' if self.most_in else ')'}"
+
+
+# The real-valued hyperparameters' ranges, checked by the config and by the searcher alike.
+REAL_RANGES = {
+    "lr": Interval(0.0, 1e6, least_in=False),
+    "entropy_weight": Interval(0.0, 1e6),
+    "baseline_decay": Interval(0.0, 1.0, most_in=False),
+    "advantage_floor": Interval(0.0, 1e6, least_in=False),
+    "clip": Interval(0.0, 1.0, least_in=False),
+    "max_grad_norm": Interval(0.0, 1e6, least_in=False),
+    "warm_mass": Interval(0.0, 1.0, most_in=False),
+}
+
+
+@dataclass(frozen=True)
 class PolicyGradientConfig:
     hidden: int = 64              # LSTM hidden units
     embedding: int = 32           # token and position embedding size
@@ -32,22 +67,20 @@ class PolicyGradientConfig:
         _check_whole(self, ("hidden", "embedding", "epochs", "warm_steps"))
         if self.baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
-        for key in ("lr", "clip", "max_grad_norm", "advantage_floor"):
+        for key, interval in REAL_RANGES.items():
             value = getattr(self, key)
-            if not _is_number(value) or not 0 < value < math.inf:
-                raise ValueError(f"{key} must be a positive number, got {value!r}")
-        for key in ("entropy_weight",):
-            value = getattr(self, key)
-            if not _is_number(value) or not 0 <= value < math.inf:
-                raise ValueError(f"{key} must be a number of at least 0, got {value!r}")
-        for key in ("baseline_decay", "warm_mass"):
-            value = getattr(self, key)
-            if not _is_number(value) or not 0 <= value < 1:
-                raise ValueError(f"{key} must be a number in [0, 1), got {value!r}")
+            if value not in interval:
+                raise ValueError(f"{key} must be {interval}, got {value!r}")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float (not a bool); TOML reads integers of any size, past a float's range too."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _check_whole(config: Any, keys: tuple[str, ...]) -> None:

@@ -31,10 +31,19 @@ def _whole(least: int, most: int) -> tuple[str, Callable[[Any], bool]]:
             lambda v: isinstance(v, int) and not isinstance(v, bool) and least <= v <= most)
 
 
+def _finite(v: Any) -> bool:
+    """A finite int or float, not a bool; TOML reads integers of any size, past a float's range too."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _real(least: float, strict: bool = False) -> tuple[str, Callable[[Any], bool]]:
     def ok(v: Any) -> bool:
-        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                and (v > least if strict else v >= least))
+        return _finite(v) and (v > least if strict else v >= least)
     return (f"a finite number {'above' if strict else 'of at least'} {least:g}", ok)
 
 
