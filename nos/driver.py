@@ -41,7 +41,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .config import SearchConfig
 from .executors import Executor
-from .lease import DriverLease
+from .lease import DriverLease, LeaseLost
 from .resume import restore_searcher
 from .rules.fingerprint import Verdict, probe
 from .search import Proposal, Searcher, make_searcher, state_to_bytes
@@ -209,6 +209,10 @@ class Driver:
         run stays as it was, its lease going stale, and `nos resume` takes it up."""
         try:
             self._stop()
+        except LeaseLost:
+            if not self._completed():
+                raise
+            return "completed"   # the stop came a moment after the run's end was committed, its lease given up
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -404,12 +408,14 @@ class Driver:
         counts = dict(session.execute(
             select(Evaluation.status, func.count()).where(Evaluation.run_id == self.run_id)
             .where(Evaluation.status.in_(("failed", "done", "diverged", "cached"))).group_by(Evaluation.status)).all())
-        failed, trained = counts.pop("failed", 0), sum(counts.values())
+        # A copy from the cache says nothing of whether the workers can train: a second run of a seed starts
+        # with cache hits, and counting them as trained switched the check off for good.
+        failed, trained = counts.get("failed", 0), counts.get("done", 0) + counts.get("diverged", 0)
         if self.outcomes_before is None:
-            self.outcomes_before = failed, trained
+            self.outcomes_before = failed, trained, sum(counts.values())
         failed, trained = failed - self.outcomes_before[0], trained - self.outcomes_before[1]
         self.trained_since_start = trained > 0
-        left = self.config.budget - sum(self.outcomes_before)
+        left = self.config.budget - self.outcomes_before[2]
         if failed >= max(min(FAILING_START, left), 1) and not self.trained_since_start:
             error = session.execute(select(Evaluation.error).where(
                 Evaluation.run_id == self.run_id, Evaluation.status == "failed")

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import String, case, cast, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from .beat import Beat
@@ -186,8 +186,26 @@ def _companions(session: Session, first: Claim, n: int) -> list[int]:
         if session.execute(select(Evaluation.attempts).where(Evaluation.id == first.evaluation_id)).scalar() >= last:
             return []
         alike.append(Evaluation.attempts < last - 1)   # its next claim would not be its last
-    return list(session.execute(select(Evaluation.id).where(*alike).order_by(Evaluation.id).limit(n)
-                                .with_for_update(skip_locked=True)).scalars())
+    # One of each rule (or behaviour), none that one training now repeats: the driver holds a repeat back
+    # until its first is scored, and then it is answered from the cache, not trained again.
+    key = _repeat_key(first.config.probe)
+    training = (select(key).select_from(Evaluation).join(Rule, Rule.id == Evaluation.rule_id)
+                .where(Evaluation.run_id == first.run_id,
+                       or_(Evaluation.status == "running", Evaluation.id == first.evaluation_id)))
+    picks = list(session.execute(
+        select(func.min(Evaluation.id)).join(Rule, Rule.id == Evaluation.rule_id)
+        .where(*alike, key.not_in(training)).group_by(key).order_by(func.min(Evaluation.id)).limit(n)).scalars())
+    if not picks:
+        return []
+    return list(session.execute(select(Evaluation.id).where(Evaluation.id.in_(picks), Evaluation.status == "queued")
+                                .order_by(Evaluation.id).with_for_update(skip_locked=True)).scalars())
+
+
+def _repeat_key(probe: bool):
+    """What makes two evaluations of a run repeats, as the driver tells them: the rule's fingerprint where the
+    probe took one, else the rule itself."""
+    rule = literal("rule ") + cast(Evaluation.rule_id, String)
+    return case((Rule.fingerprint.is_not(None), Rule.fingerprint), else_=rule) if probe else rule
 
 
 def _commit(store: Store, claimed: Claim, result: EvaluationResult | None) -> Outcome:

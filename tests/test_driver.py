@@ -20,6 +20,7 @@ from nos.store.models import Checkpoint, LrTrial, Rule, Run
 from helpers.driver import (
     TINY,
     TINY_TOML,
+    InlineExecutor,
     assert_complete,
     assert_learned_once,
     finished_count,
@@ -255,6 +256,83 @@ def test_without_the_probe_every_new_rule_is_trained(sqlite_url):
         assert not any(session.execute(select(Rule.fingerprint)).scalars())
         trials = session.execute(select(LrTrial).where(LrTrial.evaluation_id == rows[0].id)).scalars().all()
     assert len(trials) == 2   # halving over 2 rates is one round: both trained, both scored
+    store.dispose()
+
+
+class _BrokenFleet:
+    """Workers that fail every evaluation they take (a task they cannot build, a missing driver)."""
+
+    def __init__(self, url: str):
+        self.store = open_store(url)
+
+    def dispatch(self, evaluation_ids) -> None:
+        from datetime import timedelta
+
+        from nos.store.evaluations import claim, fail
+
+        for evaluation_id in evaluation_ids:
+            with self.store.transaction() as session:
+                attempt = claim(session, evaluation_id, "broken:1", timedelta(seconds=60))
+                if attempt is not None:
+                    fail(session, evaluation_id, attempt, "RuntimeError: no CUDA driver")
+
+    def dead_workers(self) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        self.store.dispose()
+
+
+@pytest.mark.parametrize("synchronous", [False, True])
+def test_a_broken_fleet_stops_a_run_that_began_with_cache_hits(sqlite_url, synchronous):
+    """The same seed again proposes rules the first run scored: their copies counted as trained, which
+    switched the check off, and the asynchronous run used its whole budget on failures."""
+    from nos.driver import SearchStuck
+
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    settings = {**TINY, "searcher": "random", "probe": False, "synchronous": synchronous, "update_every": 2,
+                "in_flight": 2, "budget": 2}
+    for budget, executor in ((2, InlineExecutor(sqlite_url)), (40, _BrokenFleet(sqlite_url))):
+        config = SearchConfig(**{**settings, "budget": budget})
+        with store.transaction() as session:
+            run_id = create_run(session, "again", config.task, config.to_dict())
+        try:
+            if budget == 2:
+                Driver(store, run_id, config, executor).run()
+            else:
+                with pytest.raises(SearchStuck, match=r"\d+ evaluations failed and none trained"):
+                    Driver(store, run_id, config, executor).run()
+        finally:
+            executor.close()
+    statuses = [e.status for e in run_rows(sqlite_url, run_id)]
+    assert statuses[:2] == ["cached", "cached"]
+    assert statuses.count("failed") <= 8   # stopped after a few, not the budget of 40
+    store.dispose()
+
+
+def test_a_ctrl_c_just_after_the_run_completed_is_no_takeover(sqlite_url, monkeypatch):
+    """From Python a Ctrl-C is a KeyboardInterrupt landing anywhere: just after the end was committed, the
+    stop's release of the lease (given up at the end) raised LeaseLost, "taken over by another driver"."""
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "budget": 4})
+    with store.transaction() as session:
+        run_id = create_run(session, "late", config.task, config.to_dict())
+    completes = Driver._complete
+
+    def complete_then_ctrl_c(self, *args):
+        completes(self, *args)
+        raise KeyboardInterrupt   # the user's Ctrl-C, a moment late
+
+    monkeypatch.setattr(Driver, "_complete", complete_then_ctrl_c)
+    executor = InlineExecutor(sqlite_url)
+    try:
+        assert Driver(store, run_id, config, executor).run() == "completed"
+    finally:
+        executor.close()
+    with store.reading() as session:
+        assert session.get(Run, run_id).status == "completed"
     store.dispose()
 
 

@@ -9,11 +9,13 @@ import time
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import update
 
 from nos.config import SearchConfig
 from nos.rules import parse
 from nos.store import open_store, resolve_url, upgrade
 from nos.store.evaluations import NewEvaluation, enqueue_batch, requeue_stale
+from nos.store.models import Evaluation
 from nos.store.rules import RuleRecord, get_or_create_rules
 from nos.store.runs import create_run, set_run_status
 from nos.tasks import evaluate_rule
@@ -90,6 +92,28 @@ def test_a_pack_takes_only_evaluations_of_the_same_run_and_task_key(sqlite_url):
     assert set(run_pack(store, ids[0], pack=8)) == {ids[0]}
     assert [r.status for r in run_rows(sqlite_url, run_id + 1)] == ["queued"]
     assert [r.status for r in run_rows(sqlite_url, run_id + 2)] == ["queued"]
+    store.dispose()
+
+
+def test_a_pack_leaves_out_repeats_of_what_it_trains_or_another_worker_trains(sqlite_url):
+    """The driver holds a repeat back until its first is scored (then a worker answers it from the cache);
+    a pack took held repeats as companions and trained the same rule twice at once."""
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "probe": False})
+    rules = ("g", "g", "sign(g)", "m", "sign(g)", "m * 2", "m * 3", "m * 3")
+    run_id, ids = _queue(store, config, rules)
+    assert set(run_pack(store, ids[3], pack=2, worker="other:1")) == {ids[3], ids[0]}   # m, and g's first
+    with store.transaction() as session:   # another worker trains m * 3's first
+        session.execute(update(Evaluation).where(Evaluation.id == ids[6]).values(status="running"))
+    outcomes = run_pack(store, ids[2], pack=8)   # sign(g): g and m are scored, their repeats answered
+    assert outcomes[ids[2]] in (Outcome.DONE, Outcome.DIVERGED)
+    assert ids[4] not in outcomes   # sign(g)'s own repeat waits for it, as the driver sends it later
+    assert ids[7] not in outcomes   # and m * 3's for the other worker's
+    assert outcomes[ids[1]] is Outcome.CACHED and outcomes[ids[5]] in (Outcome.DONE, Outcome.DIVERGED)
+    rows = run_rows(sqlite_url, run_id)
+    assert rows[4].status == rows[7].status == "queued"
+    assert run_pack(store, ids[4], pack=8) == {ids[4]: Outcome.CACHED}
     store.dispose()
 
 
