@@ -1,6 +1,6 @@
 """Pictures of searches: reward curves and learning-rate sweeps, drawn with matplotlib.
 
-matplotlib is an optional extra (`pip install 'nos[plot]'`), imported only
+matplotlib is an optional extra (`pip install matplotlib`), imported only
 when a figure is drawn. Figures are made with `matplotlib.figure.Figure`
 directly, not pyplot, so nothing here changes the caller's backend and
 nothing needs a display.
@@ -26,7 +26,7 @@ from nos.store.history import EvaluationRow, Sweep
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-MATPLOTLIB_MISSING = "nos's plots need matplotlib, which is not installed: pip install 'nos[plot]'"
+MATPLOTLIB_MISSING = "nos's plots need matplotlib, which is not installed: pip install matplotlib"
 
 
 class PlotUnavailable(ImportError):
@@ -118,7 +118,7 @@ class CurveData:
 
     seq: list[int]
     counted: list[int]        # 1, 2, ...: the evaluation's place among those the budget counts
-    reward: list[float]       # failed evaluations count 0, as the searcher sees them
+    reward: list[float]       # failed evaluations drawn at 0 (the searcher does not learn from them)
     failed: list[bool]
     mean: list[float]         # trailing moving mean over `window` evaluations
     best: list[float]         # best reward so far

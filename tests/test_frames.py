@@ -67,5 +67,5 @@ def test_frames_say_how_to_get_pandas(two_runs, monkeypatch):
     store, _, first, _ = two_runs
     monkeypatch.setitem(sys.modules, "pandas", None)
     for function in (evaluations_frame, trials_frame):
-        with pytest.raises(ImportError, match=re.escape("pip install 'nos[pandas]'")):
+        with pytest.raises(ImportError, match=re.escape("pip install pandas")):
             function(store, first["run_id"])

@@ -5,7 +5,7 @@
     df.groupby("batch").reward.mean()
     trials = nos.store.trials_frame("sqlite:///nos.db", run_id=1)
 
-pandas is an optional extra (`pip install 'nos[pandas]'`), imported only when
+pandas is an optional extra (`pip install pandas`), imported only when
 one of these functions is called.
 """
 
@@ -24,7 +24,7 @@ from .models import Run
 if TYPE_CHECKING:
     import pandas
 
-PANDAS_MISSING = "nos's data frames need pandas, which is not installed: pip install 'nos[pandas]'"
+PANDAS_MISSING = "nos's data frames need pandas, which is not installed: pip install pandas"
 
 EVALUATION_COLUMNS = [f.name for f in fields(EvaluationRow)]
 TRIAL_COLUMNS = [f.name for f in fields(TrialRow)]

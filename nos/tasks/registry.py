@@ -79,8 +79,9 @@ def digits(*, device: torch.device, data_dir=None, train_size: int | None = None
     """scikit-learn's 1,797 bundled 8x8 digits: 1,200 train, 300 validation, 297 test; an MLP child.
 
     Calibrated (batch 16, 64 hidden units: 75 steps an epoch) so a full
-    evaluation takes about a second on one CPU thread, while SGD, Adam,
-    PowerSign and random rules still end at different rewards.
+    evaluation takes about 0.1 s of CPU on one thread (docs/tasks.md; a process's
+    first also pays torch's one-time costs), while SGD, Adam, PowerSign and random
+    rules still end at different rewards.
     """
     x, y = _digits()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(split_seed))
