@@ -149,18 +149,43 @@ def test_a_checkpoint_resumes_with_the_settings_it_was_made_with():
     assert run(restored, reward, 2) == after
 
 
-def test_a_batch_of_equal_rewards_leaves_the_policy_unchanged():
-    # All rejected, say: nothing says which rules are better, so nothing moves.
+def test_a_batch_of_equal_rewards_moves_the_policy_by_the_entropy_bonus_alone():
+    # All rejected, say: nothing says which rules are better, so the policy term is 0; the bonus still applies.
+    still = make_searcher("ppo", depth=2, seed=0, entropy_weight=0.0)
+    proposals = still.propose(20)
+    before = [p.detach().clone() for p in still.controller.parameters()]
+    still.observe([p.tokens for p in proposals], [0.0] * 20)
+    assert all(torch.equal(a, b) for a, b in zip(before, still.controller.parameters()))
+
+    spread = make_searcher("ppo", depth=2, seed=0)
+    proposals = spread.propose(20)
+    seqs = torch.tensor([p.tokens for p in proposals])
+    entropy = spread.controller.log_prob_and_entropy(seqs)[1].mean().item()
+    spread.observe([p.tokens for p in proposals], [0.0] * 20)
+    assert spread.controller.log_prob_and_entropy(seqs)[1].mean().item() > entropy
+
+
+def test_a_policy_collapsed_onto_one_rule_explores_its_way_out():
+    """Its batches are that rule five times, tied: the whole update, entropy bonus included, was skipped, and
+    the search proposed the worse rule 99.6% of the time after 500 more samples."""
+    from nos.rules import parse, to_tokens
+
     searcher = make_searcher("ppo", depth=2, seed=0)
-    proposals = searcher.propose(20)
-    searcher.observe([p.tokens for p in proposals], [float(i % 3 == 0) for i in range(20)])
-    before = [p.detach().clone() for p in searcher.controller.parameters()]
-    proposals = searcher.propose(20)
-    searcher.observe([p.tokens for p in proposals], [0.0] * 20)
-    assert all(torch.equal(a, b) for a, b in zip(before, searcher.controller.parameters()))
-    proposals = searcher.propose(20)
-    searcher.observe([p.tokens for p in proposals], [float(i % 2) for i in range(20)])
-    assert not all(torch.equal(a, b) for a, b in zip(before, searcher.controller.parameters()))
+    target = torch.tensor([to_tokens(parse("sign(m) * g"), 2)])
+    sharpen = torch.optim.Adam(searcher.controller.parameters(), lr=3e-2)
+    for _ in range(60):   # as PPO leaves a policy once it has converged
+        sharpen.zero_grad()
+        (-searcher.controller.log_prob_and_entropy(target)[0].mean()).backward()
+        sharpen.step()
+    assert searcher.controller.log_prob_and_entropy(target)[0].exp().item() > 0.99
+    others = 0
+    for _ in range(20):
+        proposals = searcher.propose(5)
+        rewards = [0.5 if p.text == "sign(m) * g" else 1.0 for p in proposals]   # every other rule is better
+        others += sum(r == 1.0 for r in rewards)
+        searcher.observe([p.tokens for p in proposals], rewards)
+    assert others > 0
+    assert searcher.controller.log_prob_and_entropy(target)[0].exp().item() < 0.5
 
 
 @pytest.mark.parametrize("name", ["ppo", "reinforce"])

@@ -5,9 +5,11 @@ EMA of batch means) and divide by the batch's reward spread, floored so that
 rewards that barely differ (rules all at chance, say) give small advantages
 rather than noise blown up to unit size. With the batch baseline, a batch
 whose rewards are all equal says nothing about which rules are better: its
-advantages are all zero, and it leaves the policy as it is (the EMA still
-moves). With the EMA baseline every result teaches, a batch of one included.
-An entropy bonus keeps the policy exploring. PPO takes several epochs of
+advantages are all zero, and only the entropy bonus moves the policy. With the
+EMA baseline every result teaches, a batch of one included. The entropy bonus
+applies on every update, as in the paper, and keeps the policy exploring: a
+policy collapsed onto one rule samples batches of that rule alone, tied, and
+the bonus is what spreads it out again. PPO takes several epochs of
 clipped-surrogate steps on each batch; REINFORCE one plain policy-gradient
 step.
 
@@ -87,8 +89,10 @@ class PolicyGradientSearcher(Searcher):
         sampled = None if log_probs is None else torch.tensor([float(x) for x in log_probs])
         mean = reward.mean().item()
         advantage = advantages(reward, self._baseline(mean), self.config.advantage_floor)
-        if bool(advantage.any()):   # all zero (equal rewards on the batch's own mean): nothing to learn
-            self._step(seqs, advantage, sampled)
+        # Every batch takes its steps, even one of equal rewards (advantages all 0): the entropy bonus
+        # still applies, as in the paper, and is what lets a policy collapsed onto one rule (whose
+        # batches are that rule again and again, tied) explore its way out.
+        self._step(seqs, advantage, sampled)
         decay = self.config.baseline_decay
         self.baseline = mean if self.baseline is None else decay * self.baseline + (1 - decay) * mean
         self.observed += len(tokens)
