@@ -50,9 +50,9 @@ from .rules import parse_or_exit
 @data_dir_option
 @train_size_option
 @lrs_option
-@epochs_option(unset="the task's: 5, fashion-mlp 3")
+@epochs_option(unset="the task's: 5, fashion-mlp 3, ill-conditioned 10")
 @click.option("--sweep-epochs", type=click.IntRange(min=1),
-              help="Epochs of each sweep trial [the task's: 1, fashion-mlp 3].")
+              help="Epochs of each sweep trial [the task's: 1, fashion-mlp 3, ill-conditioned 10].")
 @training_batch_option
 @sweep_option
 @click.option("--threads", type=click.IntRange(min=1),

@@ -77,7 +77,7 @@ lrs_option = click.option("--lrs", callback=learning_rates,
 sweep_option = click.option(
     "--sweep", type=click.Choice(["full", "halving"]),
     help="Learning-rate sweep: every rate for the sweep's epochs (the paper), or successive halving over them "
-         "[the task's: full, fashion-mlp halving].")
+         "[the task's: full, fashion-mlp and ill-conditioned halving].")
 training_batch_option = click.option("--batch-size", type=click.IntRange(min=1),
                                      help="Training batch size [the task's].")
 threads_option = click.option("--threads", type=click.IntRange(min=1),
