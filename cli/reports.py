@@ -5,6 +5,7 @@ matplotlib is imported only by `nos plot` and `nos report`, torch by none of the
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -17,7 +18,7 @@ from nos.store import StoreError, resolve_url
 from nos.store.engine import sqlite_path
 from nos.store.history import rule_sweeps, run_evaluations
 from nos.store.models import Evaluation
-from nos.store.queries import read_run
+from nos.store.queries import DamagedRow, read_run
 
 from .console import console
 from .db import db_option, find_rule_or_exit, open_store_or_exit, store_errors_to_usage
@@ -191,16 +192,27 @@ def _stored_rule(rule_id: str, db_url: str | None) -> tuple[str, float | None, s
         with store.reading() as session:
             found = find_rule_or_exit(session, rule_id)
             best = session.execute(
-                select(Evaluation.best_lr, Evaluation.id, Evaluation.task, Evaluation.reward)
+                select(Evaluation.best_lr, Evaluation.id, Evaluation.run_id, Evaluation.task, Evaluation.reward)
                 .where(Evaluation.rule_id == found.id, Evaluation.reward.is_not(None),
                        Evaluation.best_lr.is_not(None), Evaluation.status.in_(SCORED_STATUSES))
                 .order_by(Evaluation.reward.desc(), Evaluation.id).limit(1)).one_or_none()
             if best is None:
                 return found.text, None, None
+            # SQLite hands back text stored in a REAL column as text: name the row, as other readers do.
+            if not _is_number(best.reward):
+                raise UsageProblem(str(DamagedRow(best.run_id, f"evaluations.reward of evaluation {best.id}",
+                                                  f"holds {best.reward!r:.60}, not a number")))
+            if not (_is_number(best.best_lr) and 0 < best.best_lr < math.inf):
+                raise UsageProblem(str(DamagedRow(best.run_id, f"evaluations.best_lr of evaluation {best.id}",
+                                                  f"holds {best.best_lr!r:.60}, not a positive finite number")))
             return (found.text, best.best_lr,
                     f"the best rate of evaluation {best.id} (task {best.task}, reward {best.reward:.4f})")
     finally:
         store.dispose()
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @click.command("export")

@@ -50,6 +50,8 @@ def _check_device(device: str | None, queues: list[str]) -> None:
 @broker_option
 def worker_command(queues, concurrency, pack, device, name, db_url, broker_url) -> None:
     """Start a Celery worker (runs until stopped with Ctrl-C or SIGTERM)."""
+    from celery.signals import worker_shutdown
+
     from nos.workers.app import DEVICE_ENV_VAR, PACK_ENV_VAR, QUEUES, app
 
     if not broker_url:
@@ -78,5 +80,15 @@ def worker_command(queues, concurrency, pack, device, name, db_url, broker_url) 
         os.environ[PACK_ENV_VAR] = str(pack)
     app.conf.broker_url = broker_url
     hostname = name or f"nos-{'-'.join(wanted)}@{socket.gethostname()}"
+    # app.worker_main drops the worker's exit status: a worker stopped by an unrecoverable error exited 0,
+    # and a supervisor restarting it on failure left it down. The worker says its status as it stops.
+    stopped: dict[str, int] = {}
+
+    def note_status(sender, **_) -> None:
+        stopped["status"] = getattr(sender, "exitcode", 0) or 0
+
+    worker_shutdown.connect(note_status, weak=False)
     app.worker_main(["worker", "--loglevel=INFO", "-Q", ",".join(wanted), "-c", str(concurrency),
                      "-n", hostname, "--without-gossip", "--without-mingle"])
+    if stopped.get("status"):
+        raise SystemExit(stopped["status"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 
 from nos.rules import Node, operands_read, to_text
 from nos.rules.builtins import BUILTINS, resolve_rule
@@ -29,8 +30,9 @@ def export_snippet(rule: str | Node, *, lr: float = 1e-3, total_steps: int | Non
     Raises `RuleSyntaxError` (a ValueError) for bad rule text, ValueError for a
     bad learning rate or step count.
     """
-    if not 0 < lr < math.inf:   # inf or nan would print as names the snippet cannot resolve
-        raise ValueError(f"the learning rate must be positive and finite, got {lr}")
+    # inf or nan would print as names the snippet cannot resolve; text (a damaged stored rate) as code
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
+        raise ValueError(f"the learning rate must be positive and finite, got {lr!r:.60}")
     if total_steps is not None and total_steps < 1:
         raise ValueError(f"total_steps must be at least 1, got {total_steps}")
     tree = resolve_rule(rule)

@@ -352,12 +352,21 @@ def test_a_malformed_message_is_refused_and_the_worker_trains_on(db_url, broker,
     import redis
     from kombu import Connection, Producer
 
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    bodies = [({"a": 1}, {}), ([[1], {}], {}), ([["1"], {}, {}], {}), ([[1], {"x": 2}, {}], {}),
+              # Headers Celery reads before any task runs: each stopped the worker, or made it reconnect forever.
+              ([[1], {}, embed], {"task": ["nos.evaluate"]}), ([[1], {}, embed], {"timelimit": "abc"}),
+              ([[1], {}, embed], {"expires": "garbage"}), ([[1], {}, embed], {"id": None}),
+              # Celery's own tasks, and callbacks run after ours: not what nos sends.
+              ([[[["nos.evaluate", [1]]]], {}, embed], {"task": "celery.starmap"}),
+              ([[1], {}, {**embed, "callbacks": [{"task": "nos.drive", "args": [1], "kwargs": {}, "options": {},
+                                                  "subtask_type": None, "immutable": False}]}], {})]
     with Connection(broker) as connection:
-        for body in ({"a": 1}, [[1], {}], [["1"], {}, {}], [[1], {"x": 2}, {}]):
+        for body, changed in bodies:
             tid = str(uuid.uuid4())
             headers = {"lang": "py", "task": "nos.evaluate", "id": tid, "root_id": tid, "parent_id": None,
                        "group": None, "argsrepr": "?", "kwargsrepr": "{}", "origin": "test", "retries": 0,
-                       "eta": None, "expires": None}
+                       "eta": None, "expires": None, **changed}
             Producer(connection.channel()).publish(json.dumps(body), routing_key="cpu", exchange="",
                                                    content_type="application/json", content_encoding="utf-8",
                                                    headers=headers, serializer=None)
@@ -369,6 +378,25 @@ def test_a_malformed_message_is_refused_and_the_worker_trains_on(db_url, broker,
     assert_complete(db_url, 1, 10)
     assert worker.poll() is None
     assert queue.llen("cpu") == 0 and not queue.hlen("unacked")   # refused for good, not put back
+    log = workers.log("w1")
+    assert log.count("message refused") >= 7, log
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_worker_that_celery_cannot_keep_running_exits_with_a_failure(db_url, broker, workers):
+    """An envelope whose headers are not a table fails in kombu, under Celery's consumer: the worker stops.
+    It exited 0 (app.worker_main drops the status), so a supervisor restarting failed workers left it down."""
+    import json
+
+    import redis
+
+    envelope = {"body": "W1sxXSwge30sIHt9XQ==", "content-encoding": "utf-8", "content-type": "application/json",
+                "headers": "x", "properties": {"delivery_mode": 2, "priority": 0, "body_encoding": "base64",
+                                               "delivery_info": {"exchange": "", "routing_key": "cpu"},
+                                               "delivery_tag": "d6b1b0a4-0000-4000-8000-000000000001"}}
+    worker = workers.start("w1")
+    redis.Redis.from_url(broker).lpush("cpu", json.dumps(envelope))
+    assert worker.wait(timeout=120) == 1
 
 
 def test_the_broker_away_as_the_driver_sends_is_one_line_and_the_evaluations_stay_queued(tmp_path):

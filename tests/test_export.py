@@ -133,3 +133,36 @@ def test_a_number_exports_the_stored_rule_with_its_best_rate(two_runs):
     missing = invoke("export", "424242", "--db", url)
     assert (missing.exit_code, "rule '424242' has not been evaluated" in missing.output) == (2, True)
     assert "LR = 0.001" in invoke("export", "g * 3", "--db", url).output   # text: no database read
+
+
+@pytest.mark.parametrize(("column", "value", "problem"), [
+    ("best_lr", "'abc'", "holds 'abc', not a positive finite number"),
+    ("best_lr", "-1.0", "holds -1.0, not a positive finite number"),
+    ("reward", "'abc'", "holds 'abc', not a number"),
+])
+def test_a_stored_rule_whose_best_evaluation_holds_text_in_a_number_column(two_runs, column, value, problem):
+    """SQLite keeps text in a REAL column: `nos export RULE_ID` failed with a TypeError's traceback (or a
+    format code's ValueError) where `show` and `report` name the row."""
+    from sqlalchemy import text
+
+    store, url, first, _ = two_runs
+    best = first["trained"][1]   # reward 0.95: its rule's best evaluation (text sorts above every number)
+    with store.transaction() as session:
+        session.execute(text(f"UPDATE evaluations SET {column} = {value} WHERE id = :id"), {"id": best})
+    with store.reading() as session:
+        rule_id, run_id = session.execute(text("SELECT rule_id, run_id FROM evaluations WHERE id = :id"),
+                                          {"id": best}).one()
+    result = invoke("export", str(rule_id), "--db", url)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: run {run_id} is damaged in the database: evaluations.{column} of evaluation {best} "
+                      f"{problem}"], result.output
+
+
+def test_export_snippet_refuses_a_rate_that_is_not_a_number():
+    from nos.export import export_snippet
+
+    for lr in ("abc", None, True, float("nan")):
+        with pytest.raises(ValueError, match="the learning rate must be positive and finite"):
+            export_snippet("g", lr=lr)

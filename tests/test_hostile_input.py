@@ -207,6 +207,25 @@ def test_mask_url_and_mask_credentials():
     assert mask_credentials("a amqp://u:S@h/ b rediss://:T@k:1") == "a amqp://u:***@h/ b rediss://:***@k:1"
 
 
+@pytest.mark.parametrize(("url", "masked"), [
+    ("postgresql//postgres:S3cretPW@127.0.0.1/test", "postgresql//postgres:***@127.0.0.1/test"),   # no ':'
+    ("postgresql:/u:S3cretPW@h/db", "postgresql:***@h/db"),
+    ("u:S3cretPW@h/db", "u:***@h/db"),
+    ("postgresql:u:S3cret@PW@h/db?password=S3cretPW", "postgresql:***@h/db?password=***"),
+])
+def test_a_url_without_its_scheme_slashes_keeps_its_password_out_of_sight(tmp_path, monkeypatch, url, masked):
+    """`_USERINFO` needs `scheme://`: a mistyped URL was quoted whole, password and all."""
+    from nos.redact import mask_url
+
+    assert mask_url(url) == masked
+    monkeypatch.chdir(tmp_path)
+    for command in (("runs",), ("enqueue", "--task", "rosenbrock")):
+        result = invoke(*command, "--db", url)
+        one_line_error(result, f"bad database URL {masked!r} (it is not a URL)")
+        assert "S3cret" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- 7. every bad value is refused before anything is written --------------------
 
 BAD_CONFIGS = [

@@ -161,3 +161,70 @@ def test_a_rule_at_both_limits_works_in_every_command(tmp_path):
     plotted = run("plot", "--sweep", text, "-o", str(tmp_path / "x.png"), "--db", url)
     assert plotted.exit_code == 2
     assert "has no stored learning-rate sweep" in plotted.output
+
+
+# -- trees built by hand: no bigger than a parsed rule, however they share subtrees -------------------------
+
+def _doubled(times: int):
+    """g added to itself `times` times over, each sum's two sides one shared node: `times` nodes, 2**times - 1
+    operations when printed, hashed or stepped."""
+    from nos.rules import Operand
+
+    node = Operand("g")
+    for _ in range(times):
+        node = Binary("add", node, node)
+    return node
+
+
+def test_a_shared_subtree_of_a_hand_built_tree_is_made_once(monkeypatch):
+    """_canonical made a shared node again each time it was met: 2**d times for a tree of d nodes (depth 20
+    took 15 s, depth 60 would never end)."""
+    from nos.rules import builtins
+
+    made = []
+    real = builtins.binary
+    monkeypatch.setattr(builtins, "binary", lambda *args: made.append(args) or real(*args))
+    tree = builtins.resolve_rule(_doubled(10))
+    assert len(made) == 10
+    assert parse(to_text(tree)) == tree   # the tree the parser makes of its text
+
+
+def test_a_hand_built_tree_past_what_text_can_hold_is_refused_at_once():
+    """Each operation of a parsed rule takes at least one of its MAX_LENGTH characters: a hand-built tree of
+    more operations (a shared subtree counted each time it is used) is refused before it is made."""
+    from nos.rules.builtins import resolve_rule
+
+    assert to_text(resolve_rule(_doubled(13))).count("+") == 2 ** 13 - 1   # 8,191 operations
+    message = f"rule has more than {MAX_LENGTH} operations"
+    with pytest.raises(ValueError, match=message):   # 16,383
+        resolve_rule(_doubled(14))
+    for times in (20, 60, MAX_DEPTH):   # 2**MAX_DEPTH operations: rebuilt node by node, this would never end
+        with pytest.raises(ValueError, match=message):
+            resolve_rule(_doubled(times))
+        with pytest.raises(ValueError, match=message):
+            SymbolicOptimizer([torch.nn.Parameter(torch.ones(2))], _doubled(times))
+
+
+def test_a_hand_built_tree_that_holds_itself_is_refused():
+    """A node that is its own descendant (frozen dataclasses, changed by object.__setattr__) looped for ever,
+    its stack growing; run in a process of its own with its memory and time bounded."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent("""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (300 << 20, 300 << 20))
+        from nos.rules.builtins import resolve_rule
+        from nos.rules.tree import Binary, Operand, Unary
+        loop = Unary("neg", Operand("g"))
+        object.__setattr__(loop, "child", Binary("mul", Operand("m"), loop))
+        try:
+            resolve_rule(loop)
+        except ValueError as exc:
+            print(exc)
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail("resolve_rule looped on a tree that holds itself")
+    assert done.stdout.strip() == "rule tree holds itself: it is not a tree", done.stderr[-500:]

@@ -252,3 +252,79 @@ def test_every_truncation_and_many_corruptions_are_a_tensor_state_error_or_a_sta
             from_bytes(bytes(damaged))
         except TensorStateError:
             pass
+
+
+# -- what a hostile blob cannot make reading do --------------------------------------------------------------
+
+def test_tensors_that_share_bytes_are_refused_before_they_add_up_past_the_blob():
+    """Entries pointing at the same bytes, each copied, made a 1 MB blob allocate 1 GB (and a 3 MB one fail
+    with torch's RuntimeError instead of a TensorStateError)."""
+    aliased = blob({"list": [tensor_node(), tensor_node()]}, bytes(8))   # two entries, one tensor's bytes
+    with pytest.raises(TensorStateError, match=r"state\[1\]'s bytes 0\+8 overlap another tensor's"):
+        from_bytes(aliased)
+    many = blob({"list": [tensor_node(shape=(256,), length=1024)] * 1000}, bytes(1024))   # 1 MB wanted of 1 kB
+    with pytest.raises(TensorStateError, match="overlap"):
+        from_bytes(many)
+
+
+def test_tensors_that_overlap_in_part_are_refused():
+    # within the payload in total (8 + 8 of 16 bytes), yet sharing 4 bytes
+    data = blob({"dict": [["a", tensor_node(offset=0)], ["b", tensor_node(offset=4)]]}, bytes(16))
+    with pytest.raises(TensorStateError, match=r"state\['b'\]'s bytes 4\+8 overlap those of state\['a'\] \(0\+8\)"):
+        from_bytes(data)
+
+
+def test_what_to_bytes_writes_reads_back_however_its_tensors_are_shared():
+    """to_bytes gives every entry bytes of its own (one tensor twice, views of one storage, empty tensors at
+    the offset of the next), and disjoint tensors in another order than the header's read as well."""
+    base = torch.arange(6.0)
+    state = {"a": base, "again": base, "view": base[2:4], "empty": torch.empty(0), "after": torch.ones(2),
+             "params": [base.view(2, 3), base.view(3, 2)], "zero_dim": torch.tensor(1.5)}
+    assert same(from_bytes(to_bytes(state)), state)
+    swapped = blob({"list": [tensor_node(offset=8), tensor_node(offset=0), tensor_node(shape=(0,), length=0,
+                                                                                         offset=8)]},
+                   struct.pack("<4f", 1, 2, 3, 4))
+    assert [t.tolist() for t in from_bytes(swapped)] == [[3.0, 4.0], [1.0, 2.0], []]
+
+
+def test_a_tensor_that_cannot_be_allocated_is_a_tensor_state_error(monkeypatch):
+    def out_of_memory(self, *args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    from nos.tasks.transfer import SnapshotUnreadable, read_snapshot
+
+    data = to_bytes({"w": torch.ones(2)})
+    monkeypatch.setattr(torch.Tensor, "clone", out_of_memory)
+    with pytest.raises(TensorStateError, match=r"state\['w'\]'s 8 bytes cannot be read into a tensor "
+                                               r"\(RuntimeError: .*can't allocate memory\)"):
+        from_bytes(data)
+    # a transfer snapshot that cannot be allocated is dropped, as a damaged one is, not a traceback
+    with pytest.raises(SnapshotUnreadable, match="the snapshot cannot be read: .*cannot be read into a tensor"):
+        read_snapshot(data)
+
+
+def test_a_key_past_the_limit_is_refused_both_ways():
+    """A key of megabytes made every value under it copy it (below); no state nos writes has a key of 1,000."""
+    with pytest.raises(TensorStateError, match=r"state\[0\] has a key of 1001 characters \('k{99}\.\.\. .*"
+                                               r"keys are at most 1000"):
+        from_bytes(blob({"list": [{"dict": [["k" * 1_001, 1]]}]}))
+    assert same(from_bytes(to_bytes({"k" * 1_000: 1})), {"k" * 1_000: 1})
+    with pytest.raises(TypeError, match="a key of 1001 characters; keys are at most 1000"):
+        to_bytes({"k" * 1_001: 1})
+
+
+def test_a_header_of_more_values_than_any_state_holds_is_refused(monkeypatch):
+    """A 10 MB header of small values: refused after reading a million of them, not decoded for minutes."""
+    with pytest.raises(TensorStateError, match="it holds more than 1000000 values"):
+        from_bytes(blob({"list": [0] * 5_000_000}))
+    monkeypatch.setattr("nos.tensor_state.MAX_NODES", 10)
+    assert from_bytes(to_bytes([0] * 9)) == [0] * 9   # ten values, the list's own included
+    with pytest.raises(TypeError, match="more than 10 values"):
+        to_bytes([0] * 10)   # one value too many: it could not be read back
+
+
+def test_an_error_names_its_path_with_each_key_clipped():
+    """Every value copied its path, so reading took time quadratic in the header (a key could be megabytes
+    long, refused now); the path is formatted only for an error, each key clipped to stay readable."""
+    with pytest.raises(TensorStateError, match=r"^state\['k{99}\.\.\. \(1002 characters\)\]\[0\]: a list must hold"):
+        from_bytes(blob({"dict": [["k" * 1_000, {"list": [{"list": 5}]}]]}))

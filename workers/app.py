@@ -47,6 +47,8 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
+    # Every message is checked before Celery reads it: a malformed one is refused for good, not requeued.
+    worker_consumer="nos.workers.messages:GuardedConsumer",
 )
 
 # Control workers send again the driver loop of detached runs left without a driver.
@@ -72,37 +74,7 @@ def _open_store():
     return _store
 
 
-def message_problem(payload: object) -> str | None:
-    """What is wrong with a task message's decoded body, or None: nos sends `[[id], {}, {...}]` only."""
-    if not isinstance(payload, (list, tuple)) or len(payload) != 3:
-        return "its body is not [args, kwargs, embed]"
-    args, kwargs, embed = payload
-    if not isinstance(args, list) or len(args) != 1 or type(args[0]) is not int or not 0 < args[0] < 2**63:
-        return "its arguments are not one id"
-    if kwargs != {} or not isinstance(embed, dict):
-        return "it carries keyword arguments or a malformed embed"
-    return None
-
-
-def checked_strategy(task, app, consumer, **options):
-    """Celery's default strategy behind a check of the message's shape. A JSON body of another shape made
-    the worker's main process raise (an unrecoverable error: the worker exited) and went back to the queue
-    for the next worker, so one message stopped a whole fleet; InvalidTaskError rejects it for good instead."""
-    from celery.exceptions import InvalidTaskError
-    from celery.worker.strategy import default
-
-    handle = default(task, app, consumer, **options)
-
-    def checked(message, body, *args, **kwargs):
-        problem = message_problem(message.payload)
-        if problem:
-            raise InvalidTaskError(f"{task.name} message refused: {problem}")
-        return handle(message, body, *args, **kwargs)
-
-    return checked
-
-
-STRATEGY = f"{__name__}:checked_strategy"
+STRATEGY = "nos.workers.messages:checked_strategy"
 
 
 @app.task(name="nos.evaluate", Strategy=STRATEGY)

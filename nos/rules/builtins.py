@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .parser import MAX_DEPTH, parse
+from .parser import MAX_DEPTH, MAX_LENGTH, parse
 from .tree import Binary, Const, Node, Operand, Unary, binary, unary
 from .vocabulary import SCHEDULES
 
@@ -46,27 +46,42 @@ def _canonical(tree: Node) -> Node:
     """A tree built from the node classes directly, made again as the parser makes one.
 
     That is, through the constructors that keep a tree canonical (Binary("pow", g, Const(3.0)) is the operand
-    g^3, whose text, hash and saved state a parsed rule has), and at most MAX_DEPTH operations deep. Children
-    before parents, from a stack: a tree built by hand may be deeper than Python's recursion limit.
+    g^3, whose text, hash and saved state a parsed rule has), at most MAX_DEPTH operations deep and of at most
+    MAX_LENGTH operations (each operation of parsed text takes at least one of its at most MAX_LENGTH
+    characters). Children before parents, from a stack: a tree built by hand may be deeper than Python's
+    recursion limit. A node met twice (a subtree shared, as in n = Binary("add", n, n)) is made once, but
+    counts as often as it is met: printing and hashing the tree visit it so often.
     """
-    made: dict[int, tuple[Node, int]] = {}   # by the node's id: it made again, and its depth in operations
+    # by the node's id: it made again, its depth in operations, and its operations counted with repeats
+    made: dict[int, tuple[Node, int, int]] = {}
+    pending: set[int] = set()   # nodes whose children are being made: meeting one again is a cycle
     todo: list[tuple[Node, bool]] = [(tree, False)]   # (node, whether its children are made)
     while todo:
         node, ready = todo.pop()
+        if id(node) in made:
+            continue
         if isinstance(node, (Operand, Const)):
-            made[id(node)] = node, 0
+            made[id(node)] = node, 0, 0
             continue
         children = _children(node)
         if not ready:
+            if id(node) in pending:
+                raise ValueError("rule tree holds itself: it is not a tree")
+            pending.add(id(node))
             todo.append((node, True))
-            todo += [(child, False) for child in children]
+            todo += [(child, False) for child in children if id(child) not in made]
             continue
+        pending.discard(id(node))
         depth = 1 + max(made[id(child)][1] for child in children)
         if depth > MAX_DEPTH:
             raise ValueError(f"rule is more than {MAX_DEPTH} operations deep, as a parsed rule may not be")
+        operations = 1 + sum(made[id(child)][2] for child in children)
+        if operations > MAX_LENGTH:
+            raise ValueError(f"rule has more than {MAX_LENGTH} operations (a shared subtree counts each time it "
+                             f"is used), as a parsed rule of at most {MAX_LENGTH} characters cannot")
         kids = [made[id(child)][0] for child in children]
         made[id(node)] = (unary(node.op, *kids, node.param) if isinstance(node, Unary)
-                          else binary(node.op, *kids)), depth
+                          else binary(node.op, *kids)), depth, operations
     return made[id(tree)][0]
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 
 class Workers:
@@ -16,14 +18,21 @@ class Workers:
 
     def __init__(self, db_url: str, broker_url: str, env: dict[str, str] | None = None):
         self.db_url, self.broker_url, self.env, self.processes = db_url, broker_url, env, {}
+        self.logs = tempfile.mkdtemp(prefix="nos-workers-")
 
     def start(self, name: str, queues: str = "cpu") -> subprocess.Popen:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "nos.cli.main", "worker", "--db", self.db_url, "--broker", self.broker_url,
-             "--queues", queues, "--concurrency", "1", "--name", f"{name}@test"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=self.env)
+        with open(os.path.join(self.logs, f"{name}.log"), "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "nos.cli.main", "worker", "--db", self.db_url, "--broker", self.broker_url,
+                 "--queues", queues, "--concurrency", "1", "--name", f"{name}@test"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
         self.processes[name] = process
         return process
+
+    def log(self, name: str) -> str:
+        """What the worker has printed so far (Celery's log)."""
+        with open(os.path.join(self.logs, f"{name}.log"), errors="replace") as log:
+            return log.read()
 
     def kill(self, name: str) -> None:
         os.killpg(self.processes[name].pid, signal.SIGKILL)
@@ -49,3 +58,4 @@ class Workers:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        shutil.rmtree(self.logs, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""What a nos worker takes from its broker: the two tasks' messages, of the one shape nos sends.
+
+A message of another shape could stop Celery's consumer: a body or a header it did not expect raised
+in the worker's main process (an unrecoverable error: the worker exited, with status 0) or broke its
+connection (and it reconnected and took the same message again, forever), and the message went back
+to the queue for the next worker, so one message stopped a whole fleet. Here each is refused for good.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.exceptions import InvalidTaskError
+from celery.utils.log import get_logger
+from celery.worker.consumer import Consumer
+from vine import promise
+
+TASKS = ("nos.evaluate", "nos.drive")   # Celery's own built-in tasks (celery.starmap, ...) are not taken
+logger = get_logger(__name__)
+
+
+def header_problem(headers: Any) -> str | None:
+    """What is wrong with a task message's headers, or None."""
+    if not isinstance(headers, dict):
+        return "its headers are not a table"
+    if headers.get("task") not in TASKS:
+        return f"it names task {headers.get('task')!r:.80}, not one of {', '.join(TASKS)}"
+    if not isinstance(headers.get("id"), str):
+        return "it has no task id"
+    # Read by the worker after it has reserved the task: a bad one there left the worker reserved for good,
+    # taking no other message.
+    limits = headers.get("timelimit")
+    if limits is not None and not (isinstance(limits, (list, tuple)) and len(limits) == 2
+                                   and all(_seconds_or_none(limit) for limit in limits)):
+        return f"its time limit {limits!r:.80} is not [soft, hard] seconds"
+    retries = headers.get("retries")
+    if retries is not None and (type(retries) is not int or retries < 0):
+        return f"its retry count {retries!r:.80} is not a whole number"
+    return None
+
+
+def _seconds_or_none(value: Any) -> bool:
+    return value is None or (type(value) in (int, float) and 0 <= value < float("inf"))
+
+
+def message_problem(payload: object) -> str | None:
+    """What is wrong with a task message's decoded body, or None: nos sends `[[id], {}, {...}]` only."""
+    if not isinstance(payload, (list, tuple)) or len(payload) != 3:
+        return "its body is not [args, kwargs, embed]"
+    args, kwargs, embed = payload
+    if not isinstance(args, list) or len(args) != 1 or type(args[0]) is not int or not 0 < args[0] < 2**63:
+        return "its arguments are not one id"
+    if kwargs != {} or not isinstance(embed, dict):
+        return "it carries keyword arguments or a malformed embed"
+    if any(embed.get(key) is not None for key in ("callbacks", "errbacks", "chain", "chord")):
+        return "it asks for callbacks, a chain or a chord"
+    return None
+
+
+def checked_strategy(task, app, consumer, **options):
+    """Celery's default strategy behind a check of the message's body; InvalidTaskError rejects it for good."""
+    from celery.worker.strategy import default
+
+    handle = default(task, app, consumer, **options)
+
+    def checked(message, body, *args, **kwargs):
+        problem = message_problem(message.payload)
+        if problem:
+            raise InvalidTaskError(f"{task.name} message refused: {problem}")
+        return handle(message, body, *args, **kwargs)
+
+    return checked
+
+
+class GuardedConsumer(Consumer):
+    """Celery's consumer, refusing (rejecting without requeueing) a message whose headers are not nos's, or
+    whose handling raises anything but a lost connection."""
+
+    def create_task_handler(self, promise=promise):
+        handle = super().create_task_handler(promise)
+
+        def guarded(message):
+            problem = header_problem(message.headers)
+            if problem is None:
+                try:
+                    return handle(message)
+                except self.connection_errors:
+                    raise
+                except Exception as exc:   # a header Celery could not read (a time limit of "abc", say)
+                    problem = f"{type(exc).__name__}: {str(exc)[:200]}"
+            self._refuse(message, problem)
+
+        return guarded
+
+    def _refuse(self, message, problem: str) -> None:
+        logger.error("message refused: %s", problem)
+        if not message.acknowledged:
+            message.reject_log_error(logger, self.connection_errors)
+
+
+__all__ = ["GuardedConsumer", "TASKS", "checked_strategy", "header_problem", "message_problem"]
