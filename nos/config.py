@@ -150,7 +150,8 @@ class SearchConfig:
         raw = _read_toml(path) if path is not None else {}
         keywords = {k: v for k, v in overrides.items() if v is not None}
         with _naming_old_keys({**raw, **keywords}):
-            data, given = _user_keys(raw), _user_keys(keywords)
+            # An old name in a user's file or keywords is a new run's: today's default driver, not the stored one's.
+            data, given = _renamed_keys(raw, stored=False), _renamed_keys(keywords, stored=False)
             if path is not None:
                 _absolute_data_dir(data, Path(path).parent)
             _absolute_data_dir(given, Path.cwd())
@@ -191,16 +192,6 @@ def _read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
-def _user_keys(data: dict[str, Any]) -> dict[str, Any]:
-    """A user's keys (a file's, or keywords) under their present names.
-
-    An old name there is a new run's, not a stored one's: it runs with today's default driver.
-    """
-    if "batch_size" in data:
-        data = {"synchronous": False, **data}
-    return _renamed_keys(data)
-
-
 def _absolute_data_dir(data: dict[str, Any], base: Path) -> None:
     """`data`'s task_options.data_dir, where it is a relative path, made absolute from `base` (in place)."""
     options = data.get("task_options")
@@ -210,10 +201,10 @@ def _absolute_data_dir(data: dict[str, Any], base: Path) -> None:
         data["task_options"] = {**options, "data_dir": os.path.abspath(path)}
 
 
-def _renamed_keys(data: dict[str, Any]) -> dict[str, Any]:
+def _renamed_keys(data: dict[str, Any], stored: bool = True) -> dict[str, Any]:
     """`data` with each earlier key under its present name; both names at once is an error.
 
-    A config that says `batch_size` was written before `update_every` replaced it, when the
+    A stored config that says `batch_size` was written before `update_every` replaced it, when the
     synchronous driver was the only one: its checkpoints are the synchronous driver's, so it
     resumes synchronously.
     """
@@ -222,7 +213,7 @@ def _renamed_keys(data: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("; ".join(f"{old} is the old name of {RENAMED_KEYS[old]}: give one of them"
                                     for old in both))
     renamed = {RENAMED_KEYS.get(key, key): value for key, value in data.items()}
-    if "batch_size" in data:
+    if stored and "batch_size" in data:
         renamed.setdefault("synchronous", True)
     return renamed
 

@@ -33,6 +33,8 @@ def test_a_flag_under_the_new_name_wins_over_the_old_name_in_the_file(tmp_path):
     assert config.update_every == 2
     assert config.hyperparameters == {"hidden": 16, "lr": 0.01}
     assert config.synchronous is False   # the old name in a user's file: a new run, today's driver
+    path.write_text("synchronous = true\n")   # and an old name among the keywords leaves the file's driver
+    assert SearchConfig.load(path, batch_size=4).synchronous is True
     result = CliRunner().invoke(cli, ["enqueue", "--config", str(path), "--update-every", "2", "--budget", "0"])
     assert result.exit_code == 2
     assert "budget must be a whole number" in result.output   # got past the names to the next check
