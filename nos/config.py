@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
-from .search.settings import REAL_RANGES, SEARCHER_SETTINGS, SEARCHERS, WARM_STARTS, Interval, is_finite_number
+from .finite import is_finite_number
+from .search.settings import REAL_RANGES, SEARCHER_SETTINGS, SEARCHERS, WARM_STARTS, Interval
 
 
 class ConfigError(ValueError):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
+
+from ..finite import is_finite_number
 
 SEARCHERS = ("ppo", "reinforce", "random", "evolution")
 WARM_STARTS = ("none", "builtins")   # what a searcher starts from: nothing, or the built-in rules
@@ -71,16 +72,6 @@ class PolicyGradientConfig:
             value = getattr(self, key)
             if value not in interval:
                 raise ValueError(f"{key} must be {interval}, got {value!r}")
-
-
-def is_finite_number(value: Any) -> bool:
-    """A finite int or float (not a bool); TOML reads integers of any size, past a float's range too."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 def _check_whole(config: Any, keys: tuple[str, ...]) -> None:

@@ -8,9 +8,10 @@ Python signature error or a failed float() halfway through.
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from typing import Any, Callable
+
+from ..finite import is_finite_number
 
 # The protocol's knobs every task takes (fields of Task), beside each builder's own keywords.
 PROTOCOL_OPTIONS = ("batch_size", "lrs", "sweep_epochs", "epochs", "explode", "sweep", "stacked")
@@ -31,19 +32,9 @@ def _whole(least: int, most: int) -> tuple[str, Callable[[Any], bool]]:
             lambda v: isinstance(v, int) and not isinstance(v, bool) and least <= v <= most)
 
 
-def _finite(v: Any) -> bool:
-    """A finite int or float, not a bool; TOML reads integers of any size, past a float's range too."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
-
-
 def _real(least: float, strict: bool = False) -> tuple[str, Callable[[Any], bool]]:
     def ok(v: Any) -> bool:
-        return _finite(v) and (v > least if strict else v >= least)
+        return is_finite_number(v) and (v > least if strict else v >= least)
     return (f"a finite number {'above' if strict else 'of at least'} {least:g}", ok)
 
 
