@@ -18,7 +18,7 @@ from nos.store import StoreError, resolve_url
 from nos.store.engine import sqlite_path
 from nos.store.history import rule_sweeps, run_evaluations
 from nos.store.models import Evaluation
-from nos.store.queries import DamagedRow, read_run
+from nos.store.queries import DamagedRow, check_numbers, read_run
 
 from .console import console
 from .db import db_option, find_rule_or_exit, open_store_or_exit, store_errors_to_usage
@@ -198,10 +198,10 @@ def _stored_rule(rule_id: str, db_url: str | None) -> tuple[str, float | None, s
                 .order_by(Evaluation.reward.desc(), Evaluation.id).limit(1)).one_or_none()
             if best is None:
                 return found.text, None, None
-            # SQLite hands back text stored in a REAL column as text: name the row, as other readers do.
-            if not _is_number(best.reward):
-                raise UsageProblem(str(DamagedRow(best.run_id, f"evaluations.reward of evaluation {best.id}",
-                                                  f"holds {best.reward!r:.60}, not a number")))
+            try:
+                check_numbers(best.run_id, "evaluations", best.id, reward=best.reward)
+            except DamagedRow as exc:
+                raise UsageProblem(str(exc)) from None
             if not (_is_number(best.best_lr) and 0 < best.best_lr < math.inf):
                 raise UsageProblem(str(DamagedRow(best.run_id, f"evaluations.best_lr of evaluation {best.id}",
                                                   f"holds {best.best_lr!r:.60}, not a positive finite number")))

@@ -6,9 +6,12 @@ user's `kill PID` does, and checks that no worker outlives it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import subprocess
+from typing import Iterator
 
 import pytest
 
@@ -41,6 +44,16 @@ def group(pgid: int) -> set[int]:
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             found.add(int(entry))
     return found
+
+
+@contextlib.contextmanager
+def _group_killed_after(driver: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """The block's driver; whatever of its process group (it and its local workers) still lives is killed after."""
+    try:
+        yield driver
+    finally:
+        if group(driver.pid):
+            os.killpg(driver.pid, signal.SIGKILL)
 
 
 def run_row(url: str) -> tuple:
@@ -154,15 +167,12 @@ def test_a_worker_killed_while_it_waits_for_work_is_replaced_and_the_run_finishe
     """Fed from one shared queue, a worker killed in its get() held the queue's lock for good: no worker got
     work again, and the run hung. Steps of 4 on 2 workers leave them idle while the driver learns."""
     driver = start_nos("enqueue", "--config", tiny_toml, "--db", url, "--synchronous")
-    try:
+    with _group_killed_after(driver):
         idle = wait_for(lambda: has_run(url) and finished_count(url, 1) >= 1
                         and next((pid for pid in _workers_of(driver.pid) if _waiting_for_work(pid)), None),
                         timeout=120, every=0.01)
         os.kill(idle, signal.SIGKILL)
         out, _ = driver.communicate(timeout=180)
-    finally:
-        if group(driver.pid):
-            os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 0, out
     assert run_row(url)[0] == "completed"
     assert finished_count(url, 1) == 12
@@ -173,13 +183,10 @@ def test_a_signal_as_the_run_is_created_stops_it_cleanly(url, tiny_toml, signum)
     """Raised as KeyboardInterrupt the moment the run row existed, before the driver's loop, a signal
     left the run `running` with a dead driver (exit 1, or killed by the signal)."""
     driver = start_nos(*long_run(url, tiny_toml))
-    try:
+    with _group_killed_after(driver):
         wait_for(lambda: has_run(url), timeout=120, every=0.001)
         driver.send_signal(signum)
         out, _ = driver.communicate(timeout=120)
-    finally:
-        if group(driver.pid):
-            os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 3, out
     assert "run 1 stopped; continue it with:  nos resume 1" in out
     assert run_row(url) == ("stopped", None, None)
@@ -189,13 +196,10 @@ def test_a_signal_as_the_run_is_created_stops_it_cleanly(url, tiny_toml, signum)
 def test_a_signal_as_the_run_completes_leaves_it_completed(url, tiny_toml):
     """It reported `stopped` (exit 3) for a completed run, whose `nos resume` then failed."""
     driver = start_nos("enqueue", "--config", tiny_toml, "--db", url)
-    try:
+    with _group_killed_after(driver):
         wait_for(lambda: has_run(url) and run_row(url)[0] == "completed", timeout=180, every=0.001)
         driver.send_signal(signal.SIGTERM)
         out, _ = driver.communicate(timeout=120)
-    finally:
-        if group(driver.pid):
-            os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 0, out
     assert "run 1 completed" in out
 
@@ -203,7 +207,6 @@ def test_a_signal_as_the_run_completes_leaves_it_completed(url, tiny_toml):
 def test_a_driver_started_under_nohup_is_not_stopped_by_sighup(url, tiny_toml):
     """`nohup nos enqueue ... &`: the driver put its stop handler over the SIGHUP nohup ignores, and a closed
     terminal stopped the run nohup was asked to keep going."""
-    import subprocess
     import sys
 
     def as_nohup() -> None:
@@ -212,13 +215,10 @@ def test_a_driver_started_under_nohup_is_not_stopped_by_sighup(url, tiny_toml):
     driver = subprocess.Popen([sys.executable, "-m", "nos.cli.main", "enqueue", "--config", tiny_toml, "--db", url],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                               preexec_fn=as_nohup)
-    try:
+    with _group_killed_after(driver):
         wait_for(lambda: has_run(url) and finished_count(url, 1) >= 1, timeout=180, every=0.01)
         os.killpg(driver.pid, signal.SIGHUP)   # what a closed terminal sends its session
         out, _ = driver.communicate(timeout=300)
-    finally:
-        if group(driver.pid):
-            os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 0, out
     assert run_row(url)[0] == "completed"
 
@@ -227,13 +227,10 @@ def test_a_reader_that_goes_away_leaves_the_search_going(url, tiny_toml):
     """`nos enqueue ... | head -1` on a new database: the pipe broke at the RUN_ID line, after the run was made,
     and rich's exit on a broken pipe left the run `running` with a dead driver (exit 1, no word)."""
     driver = start_nos("enqueue", "--config", tiny_toml, "--db", url)
-    try:
+    with _group_killed_after(driver):
         assert driver.stdout.readline().startswith("created database")
         driver.stdout.close()   # the reader is gone: every later write meets a broken pipe
         assert driver.wait(timeout=300) == 0
-    finally:
-        if group(driver.pid):
-            os.killpg(driver.pid, signal.SIGKILL)
     assert run_row(url) == ("completed", None, None)
 
 
@@ -243,16 +240,13 @@ def test_signals_after_the_run_ended_leave_its_exit_status(url, tiny_toml):
     import time
 
     driver = start_nos("enqueue", "--config", tiny_toml, "--db", url)
-    try:
+    with _group_killed_after(driver):
         for line in driver.stdout:
             if line.startswith("run 1 completed"):
                 break
         while driver.poll() is None:   # Ctrl-C after Ctrl-C until it has exited
             os.killpg(driver.pid, signal.SIGINT)
             time.sleep(0.02)
-    finally:
-        if group(driver.pid):
-            os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 0
     assert run_row(url)[0] == "completed"
 
@@ -275,7 +269,6 @@ executor.close()
 def test_a_ctrl_c_as_local_workers_start_reaches_none_of_them(url):
     """Workers ignored Ctrl-C only once their main function ran, after their interpreter had started and
     re-imported the caller's main module: a Ctrl-C in that second printed a traceback from each."""
-    import subprocess
     import sys
 
     from nos.store import resolve_url, upgrade

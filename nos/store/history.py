@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .models import FINISHED_STATUSES, TRAINED_STATUSES, Evaluation, LrTrial, Rule, Run
-from .queries import DamagedRow, unreadable_cell
+from .queries import DamagedRow, check_numbers, unreadable_cell
 
 # Statuses with no final run, so no test score: never trained, or diverged at every rate. The store holds a
 # test_acc of 0.0 for them; readers show "-" rather than a measured-looking 0.0000.
@@ -138,12 +138,8 @@ def _unreadable_evaluation(session: Session, where: list) -> DamagedRow | None:
 
 
 def _check_numbers(row: EvaluationRow) -> None:
-    # SQLite hands back text stored in a REAL column as text: refuse it here, not as a TypeError in a plot.
-    for name in _NUMBERS:
-        value = getattr(row, name)
-        if value is not None and not isinstance(value, (int, float)):
-            raise DamagedRow(row.run_id, f"evaluations.{name} of evaluation {row.id}",
-                             f"holds {value!r:.60}, not a number")
+    # Refused here, not as a TypeError in a plot.
+    check_numbers(row.run_id, "evaluations", row.id, **{name: getattr(row, name) for name in _NUMBERS})
 
 
 def run_trials(session: Session, run_id: int | None = None) -> list[TrialRow]:
@@ -193,17 +189,9 @@ def _points_of(session: Session, evaluation_ids: list[int]) -> dict[int, list[Sw
             .join(Evaluation, Evaluation.id == LrTrial.evaluation_id)
             .where(LrTrial.evaluation_id.in_(chunk)).order_by(LrTrial.evaluation_id, LrTrial.lr))
         for evaluation_id, run_id, lr, val_acc, diverged in rows:
-            _check_trial(run_id, evaluation_id, lr=lr, val_acc=val_acc)
+            check_numbers(run_id, "lr_trials", evaluation_id, lr=lr, val_acc=val_acc)
             points.setdefault(evaluation_id, []).append(SweepPoint(lr, val_acc, bool(diverged)))
     return points
-
-
-def _check_trial(run_id: int, evaluation_id: int, **numbers) -> None:
-    # As _check_numbers: SQLite hands back text in a REAL column as text, which failed the page and the plot later.
-    for name, value in numbers.items():
-        if value is not None and not isinstance(value, (int, float)):
-            raise DamagedRow(run_id, f"lr_trials.{name} of evaluation {evaluation_id}",
-                             f"holds {value!r:.60}, not a number")
 
 
 def _sweep(evaluation: Evaluation, points: list[SweepPoint]) -> Sweep:

@@ -195,6 +195,15 @@ class DamagedRow(StoreError):
         self.run_id = run_id
 
 
+def check_numbers(run_id: int, table: str, evaluation_id: int, **numbers: object) -> None:
+    """DamagedRow naming the first of `numbers` (a column's name and value, of `table`'s row of evaluation
+    `evaluation_id`) that is not a number: SQLite hands back text stored in a REAL column as text."""
+    for name, value in numbers.items():
+        if value is not None and not isinstance(value, (int, float)):
+            raise DamagedRow(run_id, f"{table}.{name} of evaluation {evaluation_id}",
+                             f"holds {value!r:.60}, not a number")
+
+
 def read_run(session: Session, run_id: int) -> Run | None:
     """Run `run_id`, None if there is none; DamagedRow if a column of its row cannot be read, or its config
     is not a JSON object (what every reader of `run.config` takes it to be)."""
