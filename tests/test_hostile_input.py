@@ -314,11 +314,16 @@ def test_ids_beyond_any_stored_one(marked_up, pg_with_a_run):
 @pytest.mark.parametrize(("db", "message"), [
     ("postgresql://u:p@h:notaport/db", "its port is not a number"),
     ("sqlite://nos.db", "bad SQLite URL 'sqlite://nos.db': write sqlite:///nos.db"),
+    # a slash too many: PostgreSQL would quote "u:SECRET@h/db" as a database that does not exist
+    ("postgresql:///u:SECRET@h/db", "bad PostgreSQL URL 'postgresql:///u:***@h/db': its database name holds"),
+    ("postgresql://h/u:SECRET@x", "bad PostgreSQL URL 'postgresql://h/u:***@x'"),
 ])
 def test_malformed_database_urls(tmp_path, monkeypatch, db, message):
     monkeypatch.chdir(tmp_path)
     for command in (("runs",), ("enqueue", "--task", "rosenbrock")):
-        one_line_error(invoke(*command, "--db", db), message)
+        result = invoke(*command, "--db", db)
+        one_line_error(result, message)
+        assert "SECRET" not in result.output
     assert list(tmp_path.iterdir()) == []   # no nos.db (or anything else) created
 
 

@@ -9,6 +9,7 @@ can cause (a bad URL, a server that is down, a missing file) becomes a
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ URL_ENV_VAR = "NOS_DB_URL"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Seconds to wait for a PostgreSQL server before calling it down.
 PG_CONNECT_TIMEOUT_S = 10
+# user:password@ at the start of what a URL gives as the database name (a slash too many before it)
+_CREDENTIALS_IN_PATH = re.compile(r"[^/@]*:[^@]*@")
 
 
 class StoreError(Exception):
@@ -52,6 +55,11 @@ def resolve_url(url: str | None = None) -> URL:
         raise StoreError(f"bad database URL {mask_url(text)!r} ({why}): "
                          "expected sqlite:///PATH or postgresql://HOST/DB") from None
     if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
+        if _CREDENTIALS_IN_PATH.match(parsed.database or ""):
+            # postgresql:///u:pw@h/db reads "u:pw@h/db" as the database's name, and PostgreSQL's
+            # "database ... does not exist" would quote it, password and all.
+            raise StoreError(f"bad PostgreSQL URL {mask_url(text)!r}: its database name holds a user and "
+                             "password; write postgresql://USER:PASSWORD@HOST/DB (two slashes before the user)")
         return parsed.set(drivername="postgresql+psycopg")
     if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
         if parsed.host or parsed.port or parsed.username or parsed.password:
