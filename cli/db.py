@@ -92,18 +92,42 @@ def db_group() -> None:
 
 @db_group.command("upgrade")
 @db_option
+@click.option("--force", is_flag=True,
+              help="Upgrade even while workers or drivers are working against the database.")
 @store_errors_to_usage
-def upgrade_command(db_url: str | None) -> None:
-    """Create the schema, or bring it up to this nos's version."""
+def upgrade_command(db_url: str | None, force: bool) -> None:
+    """Create the schema, or bring it up to this nos's version.
+
+    Stop every worker and driver first: each reads the schema when it starts. An upgrade that would
+    change the schema under live ones is refused unless --force.
+    """
     url = resolve_url(db_url)
     try:
-        before = schema_state(url).current
+        found = schema_state(url)
     except DatabaseMissing:
-        before = None
+        found = None
+    before = found.current if found is not None else None
+    if found is not None and before is not None and before != found.head and found.known and not force:
+        _refuse_while_live(url)
     state = upgrade(url)
     done = ("created, " if before is None else
             f"upgraded from revision {before}, " if before != state.current else "")
     click.echo(f"{shown(url)}: {done}{state.describe()}")
+
+
+def _refuse_while_live(url) -> None:
+    from nos.store import create_engine
+    from nos.store.liveness import live_work
+
+    engine = create_engine(url)
+    try:
+        live = live_work(engine)
+    finally:
+        engine.dispose()
+    if live:
+        raise UsageProblem(f"{live.describe()} against {shown(url)}: stop its workers and drivers "
+                           "(`nos stop RUN`, then the `nos worker` processes) before `nos db upgrade`, "
+                           "or pass --force")
 
 
 @db_group.command("current")
