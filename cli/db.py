@@ -107,7 +107,8 @@ def upgrade_command(db_url: str | None, force: bool) -> None:
     except DatabaseMissing:
         found = None
     before = found.current if found is not None else None
-    if found is not None and before is not None and before != found.head and found.known and not force:
+    # Only an upgrade that would change the schema asks; one upgrade() refuses touches nothing, not even here.
+    if found is not None and not found.refused and before is not None and before != found.head and not force:
         _refuse_while_live(url)
     state = upgrade(url)
     done = ("created, " if before is None else

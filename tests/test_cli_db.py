@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
 from nos.cli.main import cli
-from nos.store import create_engine, resolve_url
+from nos.store import Base, StoreError, create_engine, resolve_url, upgrade
 from nos.store.schema import migrations_dir
 
 NOS = str(Path(sys.executable).with_name("nos"))
@@ -98,3 +100,41 @@ def test_bad_urls_and_dead_servers_are_one_line_errors():
     assert "unsupported database 'mysql'" in one_line_error(nos("db", "current", "--db", "mysql://u@h/db"))
     line = one_line_error(nos("db", "upgrade", "--db", "postgresql://u@127.0.0.1:1/db"))
     assert "cannot open database postgresql+psycopg://u@127.0.0.1:1/db" in line
+
+
+UNVERSIONED = ("holds nos's tables but no schema revision: it was made without `nos db upgrade`, or its "
+               "alembic_version was dropped")
+
+
+def _written(url) -> object:
+    """What a write could change: the SQLite folder's bytes, or PostgreSQL's tables and their row counts."""
+    path = url.database if url.get_backend_name() == "sqlite" else None
+    if path is not None:
+        folder = Path(path).parent
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        names = sorted(sa.inspect(connection).get_table_names())
+        counts = {name: connection.exec_driver_sql(f'SELECT COUNT(*) FROM "{name}"').scalar_one() for name in names}
+    engine.dispose()
+    return counts
+
+
+def test_nos_tables_without_a_revision_are_described_and_refused_unchanged(db_url):
+    """Tables made by Base.metadata.create_all: nos said there was no schema and to run `nos db upgrade`,
+    which then failed on the first table it found already there."""
+    url = resolve_url(db_url)
+    # On SQLite, as a script of the user's leaves it: in its default journal mode, not nos's WAL.
+    engine = sa.create_engine(url) if url.get_backend_name() == "sqlite" else create_engine(url)
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    before = _written(url)
+
+    current = nos("db", "current", "--db", db_url)
+    assert current.exit_code == 1
+    assert current.output.strip().endswith(UNVERSIONED)
+    assert UNVERSIONED in one_line_error(nos("db", "upgrade", "--db", db_url))
+    assert UNVERSIONED in one_line_error(nos("status", "--db", db_url))
+    with pytest.raises(StoreError, match="no schema revision"):
+        upgrade(url)
+    assert _written(url) == before

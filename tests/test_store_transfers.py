@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import pytest
@@ -9,6 +10,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.util import CommandError
 
 from nos.rules import parse
 from nos.store import (
@@ -30,19 +32,23 @@ from nos.store import (
     upgrade,
 )
 from nos.store.models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial
-from nos.store.schema import alembic_config
+from nos.store.schema import alembic_config, migrating
 
 TRANSFER_TABLES = {"transfer_runs", "transfer_trials", "transfer_epochs", "transfer_checkpoints"}
 CONFIG = {"name": "fashion-mnist", "options": {"model": "wrn-16-4"}, "epochs": 10}
 
 
-def _migrate(url, direction: str, revision: str) -> None:
+def _migrate(url, direction: str, revision: str, x: tuple[str, ...] = ()) -> None:
+    """`alembic -x X <direction> <revision>`, in the transaction `nos db upgrade` migrates in."""
     engine = create_engine(url)
-    with engine.begin() as connection:
-        config = alembic_config(url)
-        config.attributes["connection"] = connection
-        getattr(command, direction)(config, revision)
-    engine.dispose()
+    try:
+        with engine.connect() as connection, migrating(connection):
+            config = alembic_config(url)
+            config.attributes["connection"] = connection
+            config.cmd_opts = argparse.Namespace(x=list(x))
+            getattr(command, direction)(config, revision)
+    finally:
+        engine.dispose()
 
 
 def _open(session, rule="g * exp(sign(g) * sign(m))", seed=0, key="k1"):
@@ -76,6 +82,37 @@ def test_0003_adds_the_transfer_tables_and_downgrade_to_0002_removes_only_them(m
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
+    engine.dispose()
+
+
+def _transfer_rows(url) -> int:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return sum(connection.exec_driver_sql(f"SELECT COUNT(*) FROM {table}").scalar_one()
+                       for table in sorted(TRANSFER_TABLES))
+    finally:
+        engine.dispose()
+
+
+def test_a_downgrade_that_would_delete_transfer_results_is_refused_unless_forced(store, migrated_url):
+    """Dropping the transfer tables deleted every `nos transfer` result without a word."""
+    with store.transaction() as session:
+        opened = _open(session)
+        record_trial(session, opened.id, opened.attempt, TrialRecord(0.1, 0.8, 0.5, False, 2.0, 1, 100))
+        record_epoch(session, opened.id, opened.attempt, EpochRecord(1, 1.0, 0.8, 0.8, False, 3.0), b"snap")
+    url = resolve_url(migrated_url)
+    with pytest.raises(CommandError, match=r"^a downgrade below revision 0003 would delete 4 row\(s\) of `nos "
+                                           r"transfer` results .*; nothing was changed; give `-x force=1` to "
+                                           r"delete them$"):
+        _migrate(url, "downgrade", "0002")
+    assert schema_state(url).up_to_date
+    assert _transfer_rows(url) == 4
+
+    _migrate(url, "downgrade", "0002", x=("force=1",))
+    assert schema_state(url).current == "0002"
+    engine = create_engine(url)
+    assert not set(sa.inspect(engine).get_table_names()) & TRANSFER_TABLES
     engine.dispose()
 
 

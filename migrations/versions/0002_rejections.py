@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
+from alembic.util import CommandError
 
 revision: str = '0002'
 down_revision: str | None = '0001'
@@ -68,6 +69,17 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    _refuse_to_lose_rejections()
     op.execute("DELETE FROM evaluations WHERE status = 'rejected'")
     _rebuild(OLD_STATUSES, add_reason=False)
     op.execute(_run_progress_view(('queued', 'running', 'done', 'diverged', 'failed', 'cached')))
+
+
+def _refuse_to_lose_rejections() -> None:
+    # 0001 has no `rejected` status: a downgrade deletes those evaluations, and only on purpose.
+    if context.get_x_argument(as_dictionary=True).get("force") == "1":
+        return
+    n = op.get_bind().exec_driver_sql("SELECT COUNT(*) FROM evaluations WHERE status = 'rejected'").scalar_one()
+    if n:
+        raise CommandError(f"a downgrade below revision 0002 would delete {n} rejected evaluation(s), which "
+                           "revision 0001 cannot hold; nothing was changed; give `-x force=1` to delete them")

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
+from alembic.util import CommandError
 
 revision: str = '0003'
 down_revision: str | None = '0002'
@@ -98,9 +99,24 @@ def upgrade() -> None:
     )
 
 
+TRANSFER_TABLES = ('transfer_runs', 'transfer_trials', 'transfer_epochs', 'transfer_checkpoints')
+
+
 def downgrade() -> None:
+    _refuse_to_lose_transfers()
     op.drop_table('transfer_checkpoints')
     op.drop_table('transfer_epochs')
     op.drop_table('transfer_trials')
     op.drop_index('ix_transfer_runs_task_key_rule_id', table_name='transfer_runs')
     op.drop_table('transfer_runs')
+
+
+def _refuse_to_lose_transfers() -> None:
+    # Every `nos transfer` result lives in these tables: a downgrade deletes them, and only on purpose.
+    if context.get_x_argument(as_dictionary=True).get("force") == "1":
+        return
+    bind = op.get_bind()
+    n = sum(bind.exec_driver_sql(f"SELECT COUNT(*) FROM {table}").scalar_one() for table in TRANSFER_TABLES)
+    if n:
+        raise CommandError(f"a downgrade below revision 0003 would delete {n} row(s) of `nos transfer` results "
+                           f"({', '.join(TRANSFER_TABLES)}); nothing was changed; give `-x force=1` to delete them")

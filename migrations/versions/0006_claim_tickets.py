@@ -10,6 +10,10 @@ can go down. `evaluations.claims` counts every claim and never goes down:
 it is the ticket a worker heartbeats and commits with, so a worker whose
 claim was given back can never write over the next holder's, even where it
 was wrongly thought gone. Existing rows start from their attempts.
+
+A downgrade keeps the column (an older nos never reads it and its inserts
+take the default), so that upgrading again never hands out a ticket twice:
+each row goes on from the larger of its kept claims and its attempts.
 """
 
 from __future__ import annotations
@@ -26,9 +30,15 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.add_column('evaluations', sa.Column('claims', sa.Integer(), nullable=False, server_default='0'))
-    op.execute("UPDATE evaluations SET claims = attempts")
+    columns = {c['name'] for c in sa.inspect(op.get_bind()).get_columns('evaluations')}
+    if 'claims' not in columns:
+        op.add_column('evaluations', sa.Column('claims', sa.Integer(), nullable=False, server_default='0'))
+    # A new column is all 0 and attempts >= 0: every row starts from its attempts, as it always has. A kept
+    # column only goes up: its tickets were handed out before the downgrade.
+    op.execute("UPDATE evaluations SET claims = attempts WHERE claims < attempts")
 
 
 def downgrade() -> None:
-    op.drop_column('evaluations', 'claims')
+    # Dropped, the tickets would start again from attempts, which can be lower, after the next upgrade:
+    # a worker from before could then write under another's ticket.
+    pass

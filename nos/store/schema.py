@@ -8,7 +8,7 @@ behind or ahead leaves it byte for byte as it was.
 from __future__ import annotations
 
 import sqlite3
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +31,17 @@ NOS_TABLES = frozenset({"runs", "rules", "evaluations"})
 SHOWN_FOREIGN = 5
 # PostgreSQL advisory lock held while upgrading (any constant; "nos" in ASCII).
 UPGRADE_LOCK_KEY = 0x6E6F73
+# How long an upgrade on PostgreSQL waits for a table another session holds: while it waits for its
+# ACCESS EXCLUSIVE lock, every worker's query of that table queues behind it.
+UPGRADE_LOCK_TIMEOUT_MS = 5_000
+# Upgrades tried, each waiting up to UPGRADE_LOCK_TIMEOUT_MS, before giving up on a held table.
+UPGRADE_TRIES = 3
+# PostgreSQL's SQLSTATE for a lock wait cut short by lock_timeout.
+LOCK_NOT_AVAILABLE = "55P03"
+# The views nos's migrations create: any other view in nos's database is the user's own.
+NOS_VIEWS = frozenset({"leaderboard", "run_progress"})
+HELD = ("another session holds nos's tables (a worker or a driver mid-transaction?): stop the workers and "
+        "drivers and run `nos db upgrade` again")
 
 
 def migrations_dir() -> Path:
@@ -57,18 +68,26 @@ class SchemaState:
     known: bool  # is `current` one of our revisions (False: written by a newer nos)
     # Tables and views of another application, in a database with none of nos's: never written to.
     foreign: tuple[str, ...] = ()
+    # nos's tables without a revision (Base.metadata.create_all, or alembic_version dropped): the
+    # migrations would start from nothing and stop at the first table that is already there.
+    unversioned: bool = False
 
     @property
     def up_to_date(self) -> bool:
         return self.current == self.head and not self.foreign
 
+    @property
+    def refused(self) -> bool:
+        """Whether `upgrade` leaves the database as it is rather than write to it."""
+        return bool(self.foreign) or not self.known or self.unversioned
+
     def describe(self) -> str:
         if self.foreign:
-            names = ", ".join(self.foreign[:SHOWN_FOREIGN])
-            more = len(self.foreign) - SHOWN_FOREIGN
-            names += f" and {more} more" if more > 0 else ""
-            return (f"holds another application's tables ({names}) and none of nos's: nos creates its schema "
-                    "only in an empty database or one it created; give nos a database of its own")
+            return (f"holds another application's tables ({_some(self.foreign)}) and none of nos's: nos creates "
+                    "its schema only in an empty database or one it created; give nos a database of its own")
+        if self.unversioned:
+            return ("holds nos's tables but no schema revision: it was made without `nos db upgrade`, "
+                    "or its alembic_version was dropped")
         if self.up_to_date:
             return f"at revision {self.current} (up to date)"
         if self.current is None:
@@ -86,7 +105,14 @@ def schema_state(url: URL, script_location: Path | None = None) -> SchemaState:
     assert head is not None, "the migrations have no head revision"
     current, names = _read_revision(url)
     known = current is None or _is_known(script, current)
-    return SchemaState(current=current, head=head, known=known, foreign=_foreign(names))
+    return SchemaState(current=current, head=head, known=known, foreign=_foreign(names),
+                       unversioned=current is None and NOS_TABLES <= names)
+
+
+def _some(names: tuple[str, ...]) -> str:
+    """Names for a one-line message: the first few, and how many more."""
+    more = len(names) - SHOWN_FOREIGN
+    return ", ".join(names[:SHOWN_FOREIGN]) + (f" and {more} more" if more > 0 else "")
 
 
 def _foreign(names: set[str]) -> tuple[str, ...]:
@@ -112,12 +138,24 @@ def _read_revision(url: URL) -> tuple[str | None, set[str]]:
         raise DatabaseMissing(f"no database at {path}{where}: run this where the database is (`nos enqueue` makes "
                               f"nos.db in the folder it runs in), or give --db or $NOS_DB_URL; `nos db upgrade` "
                               f"creates an empty one")
+    with _reading(url, path) as connection:
+        inspector = sa.inspect(connection)
+        names = set(inspector.get_table_names()) | set(inspector.get_view_names())
+        return MigrationContext.configure(connection).get_current_revision(), names
+
+
+def _user_views(url: URL) -> tuple[str, ...]:
+    """Views in nos's database that nos did not make (in its default schema)."""
+    with _reading(url, sqlite_path(url)) as connection:
+        return tuple(sorted(set(sa.inspect(connection).get_view_names()) - NOS_VIEWS))
+
+
+@contextmanager
+def _reading(url: URL, path: Path | None) -> Iterator[sa.Connection]:
     engine = _read_only_engine(url, path)
     try:
         with engine.connect() as connection:
-            inspector = sa.inspect(connection)
-            names = set(inspector.get_table_names()) | set(inspector.get_view_names())
-            return MigrationContext.configure(connection).get_current_revision(), names
+            yield connection
     except DBAPIError as exc:
         raise StoreError(f"cannot open database {shown(url)}: {first_line(exc.orig)}") from None
     finally:
@@ -146,20 +184,39 @@ def check_schema(url: URL, script_location: Path | None = None) -> SchemaState:
     return state
 
 
+class TablesHeld(StoreError):
+    """An upgrade on PostgreSQL gave up waiting for a table another session holds; nothing was changed."""
+
+
 def upgrade(url: URL, revision: str = "head") -> SchemaState:
     """Create or upgrade the schema (the only function here that writes).
 
     Only a new SQLite file, an empty database or one nos created is written
-    to; another application's database is refused as it is.
+    to; another application's database is refused as it is. On PostgreSQL,
+    an upgrade that finds nos's tables held by another session is tried
+    UPGRADE_TRIES times before it gives up.
     """
+    _refuse_before_writing(url)
+    for _ in range(UPGRADE_TRIES - 1):
+        with suppress(TablesHeld):   # held for a moment, perhaps: the whole upgrade again
+            return _upgrade_once(url, revision)
+    return _upgrade_once(url, revision)
+
+
+def _refuse_before_writing(url: URL) -> None:
+    """A StoreError for a database `upgrade` must not touch, before it writes anything: not even SQLite's
+    journal mode changes."""
     path = sqlite_path(url)
     if path is not None and not path.exists():
         if not path.parent.is_dir():
             raise StoreError(f"cannot create database {path}: folder {path.parent} does not exist")
-    else:   # refused before the first write: not even SQLite's journal mode changes
-        before = schema_state(url)
-        if before.foreign or not before.known:
-            raise StoreError(f"database {shown(url)} {before.describe()}")
+        return
+    before = schema_state(url)
+    if before.refused:
+        raise StoreError(f"database {shown(url)} {before.describe()}")
+
+
+def _upgrade_once(url: URL, revision: str) -> SchemaState:
     engine = create_engine(url)
     config = alembic_config(url)
     try:
@@ -167,12 +224,31 @@ def upgrade(url: URL, revision: str = "head") -> SchemaState:
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
     except DBAPIError as exc:
-        raise StoreError(f"cannot upgrade {shown(url)}: {first_line(exc.orig)}") from None
+        if _lock_timed_out(exc):
+            raise TablesHeld(f"cannot upgrade {shown(url)}: {HELD}") from None
+        raise StoreError(f"cannot upgrade {shown(url)}: {_why_not(url, exc)}") from None
     except CommandError as exc:
         raise StoreError(f"cannot upgrade {shown(url)}: {first_line(exc)}") from None
     finally:
         engine.dispose()
     return schema_state(url)
+
+
+def _lock_timed_out(exc: DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE
+
+
+def _why_not(url: URL, exc: DBAPIError) -> str:
+    """Why an upgrade failed and, where the user can help it, what to do."""
+    why = first_line(exc.orig)
+    try:
+        views = _user_views(url)
+    except StoreError:
+        return why
+    if views:
+        # A migration that drops or rebuilds a table or view fails on any view built on it.
+        why += f"; drop your own views ({_some(views)}) before `nos db upgrade` and create them again after"
+    return why
 
 
 @contextmanager
@@ -181,7 +257,8 @@ def migrating(connection: sa.Connection) -> Iterator[None]:
 
     On SQLite, foreign keys are off while it lasts, and it is rolled back if it would leave a broken
     reference. On PostgreSQL it holds an advisory lock: of two upgrades at once, the second waits and
-    then finds nothing to do.
+    then finds nothing to do. Past the advisory lock, a wait for any other lock ends after
+    UPGRADE_LOCK_TIMEOUT_MS with an error rather than stall every session queued behind it.
     """
     sqlite = connection.dialect.name == "sqlite"
     if sqlite:
@@ -194,6 +271,7 @@ def migrating(connection: sa.Connection) -> Iterator[None]:
         with connection.begin():
             if connection.dialect.name == "postgresql":
                 connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({UPGRADE_LOCK_KEY})")
+                connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(UPGRADE_LOCK_TIMEOUT_MS)}ms'")
             yield
             if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
                 url = connection.engine.url
