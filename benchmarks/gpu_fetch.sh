@@ -15,7 +15,7 @@ rm -rf "$OUT" && mkdir -p "$OUT/wheels" "$OUT/debs" "$OUT/redis"
 "$PIP" download --quiet --disable-pip-version-check --only-binary=:all: --python-version "$PY" \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform any -c constraints.txt -d "$OUT/wheels" \
-  sqlalchemy alembic 'celery[redis]' redis setuptools wheel
+  sqlalchemy alembic 'celery[redis]' redis 'setuptools>=68' wheel   # setuptools: pyproject.toml's build floor
 
 # Redis from Debian, unpacked: gpu_check.sh runs it from this folder with its libraries beside it,
 # all but the C library and libstdc++, which any machine that runs torch has.

@@ -1,6 +1,7 @@
 """Optimizer step time on ResNet-18's parameters: nos rules against torch.optim.Adam.
 
     python benchmarks/optimizer_step.py [--repeats 30] [--no-compile] [--device cuda] [--host]
+    python benchmarks/optimizer_step.py --compiled flat,adam-flat   # only those compiled rows
 
 Prints milliseconds per step and ratios against Adam(foreach=True) and
 Adam(fused=True), all measured in this process on the same parameters and
@@ -40,11 +41,8 @@ def sync() -> None:
         torch.cuda.synchronize()   # a CUDA step is timed to its end, not to its launch
 
 
-def time_interleaved(opts: list[torch.optim.Optimizer], repeats: int, warmup: int = 3) -> list[float]:
-    """Median ms per step of each optimizer, taking turns so drift hits all alike."""
-    for _ in range(warmup):
-        for opt in opts:
-            opt.step()
+def time_interleaved(opts: list[torch.optim.Optimizer], repeats: int) -> list[float]:
+    """Median ms per step of each optimizer (warmed up), taking turns so drift hits all alike."""
     samples: list[list[float]] = [[] for _ in opts]
     for _ in range(repeats):
         for opt, times in zip(opts, samples):
@@ -65,6 +63,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--compiled", default=",".join(COMPILED), help="which torch.compile rows, by key: "
+                        f"{', '.join(COMPILED)} (each compiles for tens of seconds)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fused Adam runs on either)")
     parser.add_argument("--host", action="store_true", help="one element per tensor: the host's cost alone")
     args = parser.parse_args()
@@ -81,26 +81,18 @@ def main() -> None:
         ("nos addsign", lambda ps: SymbolicOptimizer(ps, "addsign", lr=1e-3)),
         ("nos sgd", lambda ps: SymbolicOptimizer(ps, "sgd", lr=1e-3)),
     ]
-    graphs = {"mode": "reduce-overhead"}  # CUDA graphs: one launch for the whole step
-
-    def powersign(flat: bool):
-        return lambda ps: laid_out(SymbolicOptimizer(ps, "powersign", lr=1e-3, compile=True), flat)
-
-    # compile=True runs flat on a GPU and per tensor (inductor's combo kernels) on a CPU; both are timed
-    # on either. The CUDA-graph rows take the device's own layout.
-    compiled = [
-        ("nos powersign, compile flat", powersign(flat=True)),
-        ("nos powersign, compile per-tensor", powersign(flat=False)),
-        ("nos powersign, cudagraphs", lambda ps: SymbolicOptimizer(ps, "powersign", lr=1e-3, compile=graphs)),
-        ("nos adam, cudagraphs", lambda ps: SymbolicOptimizer(ps, "adam", lr=1e-3, compile=graphs)),
-    ]
+    keys = [key.strip() for key in args.compiled.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in COMPILED]
+    if unknown:
+        parser.error(f"--compiled: no row {', '.join(unknown)} (rows: {', '.join(COMPILED)})")
+    compiled = [COMPILED[key] for key in keys]
     print(f"{'optimizer':33} {'ms/step':>8} {'/Adam foreach':>14} {'/Adam fused':>12} "
           f"{'first step s':>13} {'state MB':>9}", flush=True)
     # The eager rows first and printed at once: compilation is slow, and a run cut short keeps them.
     rows = measure(eager, args.device, args.repeats, args.host)
     base_foreach, base_fused = rows[0][1], rows[1][1]
     show(rows, base_foreach, base_fused)
-    if not args.no_compile:
+    if compiled and not args.no_compile:
         # Timed again beside both Adams, so that their ratios are of the same moment.
         again = measure(eager[:2] + compiled, args.device, args.repeats, args.host)
         show(again[2:], again[0][1], again[1][1])
@@ -112,7 +104,24 @@ def laid_out(opt: SymbolicOptimizer, flat: bool) -> SymbolicOptimizer:
     return opt
 
 
-def measure(cases: list, device: str, repeats: int, host: bool) -> list[tuple[str, float, float, int]]:
+def compiled_row(rule: str, flat: bool):
+    return lambda ps: laid_out(SymbolicOptimizer(ps, rule, lr=1e-3, compile=True), flat)
+
+
+GRAPHS = {"mode": "reduce-overhead"}  # CUDA graphs: one launch for the whole step
+
+# compile=True runs flat on a GPU and per tensor (inductor's combo kernels) on a CPU; both are timed
+# on either. The CUDA-graph rows take the device's own layout.
+COMPILED = {
+    "flat": ("nos powersign, compile flat", compiled_row("powersign", flat=True)),
+    "adam-flat": ("nos adam, compile flat", compiled_row("adam", flat=True)),
+    "per-tensor": ("nos powersign, compile per-tensor", compiled_row("powersign", flat=False)),
+    "cudagraphs": ("nos powersign, cudagraphs", lambda ps: SymbolicOptimizer(ps, "powersign", lr=1e-3, compile=GRAPHS)),
+    "adam-cudagraphs": ("nos adam, cudagraphs", lambda ps: SymbolicOptimizer(ps, "adam", lr=1e-3, compile=GRAPHS)),
+}
+
+
+def measure(cases: list, device: str, repeats: int, host: bool, warmup: int = 3) -> list[tuple[str, float, float, int]]:
     """(name, median ms per step, first step's seconds, state bytes) of each case that builds and steps."""
     built = []
     for name, make in cases:
@@ -121,10 +130,16 @@ def measure(cases: list, device: str, repeats: int, host: bool) -> list[tuple[st
         try:
             opt.step()   # first step: state allocation, and compilation where asked
             sync()
-        except Exception as error:   # a compiler that fails here must not cost the other rows
+            first = time.perf_counter() - start
+            # The warm-up steps too: a recompile (a guard that fails on a later step) or a CUDA graph's
+            # recording comes in the next steps, and its failure must cost this row only.
+            for _ in range(warmup):
+                opt.step()
+            sync()
+        except Exception as error:   # a compiler that fails must not cost the other rows
             print(f"{name:33} failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}", flush=True)
             continue
-        built.append((name, opt, time.perf_counter() - start))
+        built.append((name, opt, first))
     times = time_interleaved([opt for _, opt, _ in built], repeats)
     return [(name, ms, first, state_bytes(opt)) for (name, opt, first), ms in zip(built, times)]
 
