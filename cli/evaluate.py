@@ -27,6 +27,7 @@ from nos.tasks import (
 from .console import make_console
 from .errors import UsageProblem
 from .options import (
+    MAX_THREADS,
     data_dir_option,
     device_option,
     epochs_option,
@@ -55,7 +56,7 @@ from .rules import parse_or_exit
               help="Epochs of each sweep trial [the task's: 1, fashion-mlp 3, ill-conditioned 10].")
 @training_batch_option
 @sweep_option
-@click.option("--threads", type=click.IntRange(min=1),
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS),
               help="Torch CPU threads [1, as search workers train: the reward a search stored].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of tables.")
 def eval_command(rule: str, task_name: str, seed: int, device: str, data_dir: str | None, train_size: int | None,

@@ -16,14 +16,19 @@ from .params import TEXT
 # The most rows --top asks for: far more than a page or a terminal shows, and small enough that
 # the query's LIMIT (and the grouped leaderboard's 4x of it) stays a 64-bit integer.
 MAX_TOP = 10**6
+# More threads than any machine has cores; torch takes a C int, which a larger number overflows with a traceback.
+MAX_THREADS = 1024
 
 
 def learning_rates(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
     """The --lrs callback: a comma-separated grid of different positive, finite rates."""
     if value is None:
         return None
+    if not all(v.strip() for v in value.split(",")):
+        # "1e-1,,1e-2" is more likely a rate lost in editing than two commas meant as one.
+        raise click.BadParameter(f"an empty entry in {value!r}: expected comma-separated numbers such as 1e-3,1e-2")
     try:
-        rates = tuple(float(v) for v in value.split(",") if v.strip())
+        rates = tuple(float(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers such as 1e-3,1e-2, got {value!r}") from None
     if not rates or any(not 0 < rate < math.inf for rate in rates):
@@ -80,7 +85,7 @@ sweep_option = click.option(
          "[the task's: full, fashion-mlp and ill-conditioned halving].")
 training_batch_option = click.option("--batch-size", type=click.IntRange(min=1),
                                      help="Training batch size [the task's].")
-threads_option = click.option("--threads", type=click.IntRange(min=1),
+threads_option = click.option("--threads", type=click.IntRange(1, MAX_THREADS),
                               help="Torch CPU threads (one is fastest per process when several train at once).")
 window_option = click.option("--window", type=click.IntRange(min=1), default=20, show_default=True,
                              help="Evaluations in the curve's moving mean.")

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from nos.rules import to_text
 from nos.rules.builtins import BUILTINS
-from nos.store import shown
+from nos.store import StoreError, shown
 from nos.tasks import DataUnavailable, UnknownTask
 from nos.tasks.transfer import DEFAULT_EPOCHS, DEFAULT_MODEL, TRANSFER_TASKS, transfer_task
 
@@ -30,9 +30,10 @@ from .options import (
 )
 from .rules import parse_or_exit
 
-# The paper's Table 1 baselines, each tuned by the same sweep as the rules under test.
+# The paper's Table 1 baselines, each tuned by the same sweep as the rules under test. They are the rule
+# language's operands (docs/transfer.md, "Baselines"), not torch's SGD-momentum and RMSprop.
 BASELINES = ("sgd", "momentum", "adam", "rmsprop")
-COLUMNS = ("final val", "final test", "best val", "best test")
+COLUMNS = ("final val", "final test", "best val", "best test", "test at best val")
 # Each seed trains every rule and baseline in full: more than this is no run anyone waits for.
 MAX_SEEDS = 1000
 
@@ -41,7 +42,7 @@ MAX_SEEDS = 1000
 @click.argument("rules", nargs=-1, metavar="RULE...")
 @task_option(f"{', '.join(TRANSFER_TASKS)}, or your own: package.module:function", "fashion-mnist",
              dest="task_name")
-@click.option("--model", help=f"Wide ResNet wrn-DEPTH-WIDTH (depth 6n+4: 10, 16, 22, 28, 40, ...) "
+@click.option("--model", help=f"Wide ResNet wrn-DEPTH-WIDTH (depth 6n+4: 10, 16, 22, 28, 40, ... to 1000; width 1-64) "
               f"[{DEFAULT_MODEL}; your own task: the child its factory builds].")
 @epochs_option(DEFAULT_EPOCHS)
 @click.option("--seeds", type=click.IntRange(1, MAX_SEEDS), default=3, show_default=True,
@@ -64,11 +65,16 @@ def transfer_command(rules: tuple[str, ...], task_name: str, model: str | None, 
                      db_url: str | None) -> None:
     """Train a Wide ResNet with each RULE and with SGD, Momentum, Adam and RMSProp.
 
+    The baselines are the search's operands, not torch's optimizers: momentum
+    is the bias-corrected mean of g (beta 0.9), rmsprop is Adam with beta1 = 0.
+
     Every optimizer gets the same learning-rate sweep (1 epoch per rate from
     the same initial weights), then trains EPOCHS at its best rate; validation
     and test accuracy are measured after every epoch. The table shows, per
     optimizer, the final and the best (over epochs) validation and test
-    accuracy, mean ± standard deviation over the seeds. Every trial and epoch
+    accuracy, and the test accuracy at the epoch of best validation, mean ±
+    standard deviation over the seeds. Final test is the figure no choice saw:
+    validation chose the rate, and test picks "best test". Every trial and epoch
     is stored in the database as it finishes: running the same command again
     reads finished results instead of training, and continues unfinished ones.
     RULE is rule text such as "g * exp(sign(g) * sign(m))" or a built-in name.
@@ -91,20 +97,21 @@ def transfer_command(rules: tuple[str, ...], task_name: str, model: str | None, 
     except KeyboardInterrupt:
         messages.print("interrupted: what finished is stored; the same command continues from there")
         raise SystemExit(130) from None
+    except StoreError as exc:   # a damaged stored value: read inside the transaction that would have taken the run
+        raise UsageProblem(str(exc)) from None
     finally:
         store.dispose()
 
     rows = summarize(results)
     if reused:
         messages.print(f"{reused} of {len(results)} results read from {shown(store.url)} (already trained)")
+    title = _title(task, seeds, results)
     if fmt == "json":
-        click.echo(json.dumps({"task": task.to_dict(), "task_key": task.config_key(), "seeds": list(range(seeds)),
-                               "results": [r.to_dict() for r in results],
-                               "summary": [_summary_dict(row, labels) for row in rows]}))
+        click.echo(_json(task, seeds, results, rows, labels))
     elif fmt == "markdown":
-        click.echo(_markdown(_title(task, seeds), rows, labels))
+        click.echo(_markdown(title, rows, labels))
     else:
-        console.print(_table(_title(task, seeds), rows, labels))
+        console.print(_table(title, rows, labels))
 
 
 def _rules_to_train(rules: tuple[str, ...], baselines: bool) -> tuple[list, dict[str, str]]:
@@ -153,11 +160,19 @@ def _train_all(store, trees: list, labels: dict[str, str], task, seeds: int, mes
     return results, reused
 
 
-def _title(task, seeds: int) -> str:
+def _title(task, seeds: int, results) -> str:
     sizes = task.splits.sizes
+    epochs = f"{task.epochs} epoch" + ("s" if task.epochs != 1 else "")
+    seed_range = "seed 0" if seeds == 1 else f"seeds 0-{seeds - 1}"
     return (f"{task.options['model']} on {task.name} ({sizes['train']:,} train / {sizes['val']:,} val / "
-            f"{sizes['test']:,} test), {task.epochs} epochs, batch {task.batch_size}, "
-            f"seeds 0-{seeds - 1}, {task.device}: mean ± std over seeds")
+            f"{sizes['test']:,} test), {epochs}, batch {task.batch_size}, "
+            f"{seed_range}, {_devices(str(task.device), results)}: mean ± std over seeds")
+
+
+def _devices(here: str, results) -> str:
+    """This invocation's device, and where the results shown were trained when that is somewhere else too."""
+    trained = sorted({part for r in results for part in (r.device or here).split("+")})
+    return here if trained in ([], [here]) else f"{here} (results from {', '.join(trained)})"
 
 
 def _table(title: str, rows, labels: dict[str, str]) -> Table:
@@ -172,10 +187,14 @@ def _table(title: str, rows, labels: dict[str, str]) -> Table:
     return table
 
 
-def _cells(row, labels: dict[str, str]) -> list[str]:
+def _cells(row, labels: dict[str, str], code: bool = False) -> list[str]:
+    """The row's cells; `code`: rule text (not a built-in's name) as a markdown code span."""
     lrs = ", ".join("-" if lr is None else f"{lr:g}" for lr in row.best_lrs)
-    figures = [s.format() for s in (row.final_val, row.final_test, row.best_val, row.best_test)]
+    figures = [s.format() for s in (row.final_val, row.final_test, row.best_val, row.best_test,
+                                    row.test_at_best_val)]
     label = labels.get(row.rule, row.rule)
+    if code and label.strip().lower() not in BUILTINS:
+        label = f"`{label}`"
     if row.diverged:
         label += f" ({row.diverged} diverged)"
     return [label, lrs, *figures, f"{row.wall_seconds:.0f}"]
@@ -185,11 +204,17 @@ def _markdown(title: str, rows, labels: dict[str, str]) -> str:
     head = ["optimizer", "best lr", *COLUMNS, "seconds (all seeds)"]
     lines = [f"{title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = _cells(row, labels)
-        if labels.get(row.rule, row.rule) not in BUILTINS:
-            cells[0] = f"`{cells[0]}`"
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cells(row, labels, code=True)) + " |")
     return "\n".join(lines)
+
+
+def _json(task, seeds: int, results, rows, labels: dict[str, str]) -> str:
+    """The results and the summary; a non-finite figure is refused rather than written as invalid JSON."""
+    from nos.transfer import at_best_val
+
+    return json.dumps({"task": task.to_dict(), "task_key": task.config_key(), "seeds": list(range(seeds)),
+                       "results": [{**r.to_dict(), "test_at_best_val": at_best_val(r.epochs)} for r in results],
+                       "summary": [_summary_dict(row, labels) for row in rows]}, allow_nan=False)
 
 
 def _summary_dict(row, labels: dict[str, str]) -> dict:
@@ -198,5 +223,6 @@ def _summary_dict(row, labels: dict[str, str]) -> dict:
 
     return {"optimizer": labels.get(row.rule, row.rule), "rule": row.rule, "seeds": row.seeds,
             "best_lrs": row.best_lrs, "final_val": stat(row.final_val), "final_test": stat(row.final_test),
-            "best_val": stat(row.best_val), "best_test": stat(row.best_test), "diverged": row.diverged,
+            "best_val": stat(row.best_val), "best_test": stat(row.best_test),
+            "test_at_best_val": stat(row.test_at_best_val), "diverged": row.diverged,
             "wall_seconds": row.wall_seconds}

@@ -17,6 +17,7 @@ later.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import traceback
 from dataclasses import dataclass
@@ -105,6 +106,8 @@ def run_transfer(store: Store, rule: str | Node, task: Task, seed: int = 0, *,
         with store.transaction() as session:
             fail_transfer(session, transfer_id, attempt, error)
         raise
+    # Where the stored numbers come from: `cpu+cuda` for a run swept on one and finished on the other.
+    result = dataclasses.replace(result, device=opened.device or device)
     _write(store, lambda s: finish_transfer(s, transfer_id, attempt, result))
     return TransferRunOutcome(transfer_id, result, False, resumed=bool(stored.trials))
 
@@ -157,12 +160,22 @@ class SummaryRow:
     final_test: Stat
     best_val: Stat
     best_test: Stat
+    test_at_best_val: Stat
     diverged: int
     wall_seconds: float
 
 
+def at_best_val(epochs: Sequence[EpochRecord]) -> float:
+    """Test accuracy after the epoch of best validation accuracy, the earliest of equals (0.0 without epochs).
+
+    Early stopping's figure: validation picks the epoch, unlike best test, which test picks.
+    """
+    best = max(epochs, key=lambda e: e.val_acc, default=None)   # max keeps the first of equals
+    return best.test_acc if best is not None else 0.0
+
+
 def summarize(results: Sequence[TransferResult]) -> list[SummaryRow]:
-    """Group by rule (in first-seen order): mean ± std over seeds of the four Table 1 columns."""
+    """Group by rule (in first-seen order): mean ± std over seeds of the Table 1 columns and test at best val."""
     by_rule: dict[str, list[TransferResult]] = {}
     for r in results:
         by_rule.setdefault(r.rule, []).append(r)
@@ -173,8 +186,10 @@ def summarize(results: Sequence[TransferResult]) -> list[SummaryRow]:
             rule=rule, seeds=[r.seed for r in group], best_lrs=[r.best_lr for r in group],
             final_val=Stat.of(r.final_val for r in group), final_test=Stat.of(r.final_test for r in group),
             best_val=Stat.of(r.best_val for r in group), best_test=Stat.of(r.best_test for r in group),
+            test_at_best_val=Stat.of(at_best_val(r.epochs) for r in group),
             diverged=sum(r.diverged for r in group), wall_seconds=sum(r.wall_seconds for r in group)))
     return rows
 
 
-__all__ = ["Stat", "SummaryRow", "TransferRunOutcome", "TransferSuperseded", "run_transfer", "summarize"]
+__all__ = ["Stat", "SummaryRow", "TransferRunOutcome", "TransferSuperseded", "at_best_val", "run_transfer",
+           "summarize"]

@@ -51,6 +51,10 @@ def test_eval_trains_on_one_thread_unless_told_as_search_workers_do():
         assert torch.get_num_threads() == 1
         assert run("sgd", "--json", "--threads", "2", *FAST).exit_code == 0
         assert torch.get_num_threads() == 2
+        # torch takes a C int: a larger count was a traceback, after the training
+        too_many = run("sgd", "--threads", "100000000000", *FAST)
+        assert too_many.exit_code == 2
+        assert "Traceback" not in too_many.output and "1<=x<=1024" in too_many.output
     finally:
         torch.set_num_threads(before)
 

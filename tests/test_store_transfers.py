@@ -208,3 +208,72 @@ def test_a_rule_with_transfer_runs_cannot_be_deleted(store):
         with store.transaction() as session:
             rule_id = session.get(TransferRun, opened.id).rule_id
             session.execute(sa.text("DELETE FROM rules WHERE id = :id"), {"id": rule_id})
+
+
+def _open_on(session, device: str):
+    rule_id = get_or_create_rule(session, parse("g"))
+    return open_transfer(session, rule_id, task="fashion-mnist", model="wrn-16-4", task_key="k1", config=CONFIG,
+                         seed=0, device=device)
+
+
+def test_a_run_records_every_device_its_stored_numbers_come_from(store):
+    with store.transaction() as session:
+        assert _open_on(session, "cpu").device == "cpu"
+    with store.transaction() as session:   # nothing stored on the CPU: the run is the GPU's alone
+        on_gpu = _open_on(session, "cuda")
+        assert on_gpu.device == "cuda"
+        record_trial(session, on_gpu.id, on_gpu.attempt, TrialRecord(0.1, 0.8, 0.5, False, 2.0, 1, 100))
+    with store.transaction() as session:
+        assert _open_on(session, "cpu").device == "cuda+cpu"
+    with store.transaction() as session:
+        assert _open_on(session, "cuda").device == "cuda+cpu"
+    with store.reading() as session:
+        assert session.get(TransferRun, on_gpu.id).device == "cuda+cpu"
+
+
+def _finished(store) -> int:
+    with store.transaction() as session:
+        opened = _open(session)
+        trial = TrialRecord(0.1, 0.8, 0.5, False, 2.0, 1, 100)
+        record_trial(session, opened.id, opened.attempt, trial)
+        epoch = EpochRecord(1, 1.0, 0.8, 0.79, False, 3.0)
+        result = TransferResult(rule="g", task="fashion-mnist", model="wrn-16-4", task_key="k1", seed=0,
+                                trials=[trial], best_lr=0.1, epochs=[epoch], final_val=0.8, final_test=0.79,
+                                best_val=0.8, best_test=0.79, diverged=False, wall_seconds=5.0)
+        finish_transfer(session, opened.id, opened.attempt, result)
+    return opened.id
+
+
+@pytest.mark.parametrize("model, column, value, said", [
+    (TransferEpoch, "test_acc", float("inf"), "transfer_epochs.test_acc of epoch 1 holds inf, not a finite number"),
+    (TransferTrial, "val_acc", float("-inf"), "transfer_trials.val_acc of lr 0.1 holds -inf, not a finite number"),
+    (TransferRun, "best_lr", float("inf"), "transfer_runs.best_lr holds inf, not a finite number"),
+])
+def test_a_stored_figure_that_is_not_finite_is_named_when_loaded(store, model, column, value, said):
+    from nos.store.queries import DamagedRow
+
+    transfer_id = _finished(store)
+    with store.transaction() as session:
+        session.execute(sa.update(model).values({column: value}))
+    with store.reading() as session:
+        with pytest.raises(DamagedRow) as raised:
+            load_transfer(session, transfer_id)
+    assert str(raised.value) == f"transfer run {transfer_id} is damaged in the database: {said}"
+
+
+def test_text_in_a_stored_figure_or_a_date_is_named_when_loaded(sqlite_store):
+    from nos.store.queries import DamagedRow
+
+    transfer_id = _finished(sqlite_store)   # SQLite keeps any value in any column
+    with sqlite_store.transaction() as session:
+        session.execute(sa.text("UPDATE transfer_epochs SET val_acc = 'high'"))
+    with sqlite_store.reading() as session, pytest.raises(DamagedRow, match=r"transfer_epochs.val_acc of epoch 1 "
+                                                                            r"holds 'high', not a finite number$"):
+        load_transfer(session, transfer_id)
+    with sqlite_store.transaction() as session:
+        session.execute(sa.text("UPDATE transfer_epochs SET val_acc = 0.8"))
+        session.execute(sa.text("UPDATE transfer_runs SET created_at = 'yesterday'"))
+    with sqlite_store.reading() as session, pytest.raises(DamagedRow, match=r"^transfer run \d+ is damaged in the "
+                                                                            r"database: transfer_runs.created_at "
+                                                                            r"cannot be read"):
+        load_transfer(session, transfer_id)

@@ -6,25 +6,40 @@ WRN-10-1, two learning rates and a few epochs: seconds, not minutes.
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
+import hashlib
 import io
 import json
+import sqlite3
 import uuid
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 import torch
 from click.testing import CliRunner
 
 from nos.cli.main import cli
+from nos.records import EpochRecord, TransferResult
 from nos.rules import parse
-from nos.store import TrialRecord, get_or_create_rule, load_transfer, open_transfer, record_trial
+from nos.store import (
+    TrialRecord,
+    finish_transfer,
+    get_or_create_rule,
+    load_transfer,
+    open_store,
+    open_transfer,
+    record_trial,
+)
 from nos.store.models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial
+from nos.tasks.base import PAPER_LRS
 from nos.tasks.transfer import SnapshotUnreadable, read_snapshot, train_transfer, transfer_task
-from nos.tasks.wrn import WideResNet, parse_model, wide_resnet
+from nos.tasks.wrn import WideResNet, parameter_count, parse_model, wide_resnet
 from nos.tensor_state import MAGIC, to_bytes
 from nos.transfer import Stat, TransferSuperseded, run_transfer, summarize
 
-from helpers.fake_fashion import write_fashion
+from helpers.fake_fashion import write_fashion, write_idx
 
 LRS = [1e-2, 1e-1]
 EPOCHS = 3
@@ -77,6 +92,24 @@ def test_bad_model_names_say_what_is_expected(bad):
         parse_model(bad)
 
 
+@pytest.mark.parametrize("bad, message", [
+    ("wrn-1006-1", "the depth must be at most 1000, got 1006"),
+    ("wrn-10-65", "the width factor must be between 1 and 64, got 65"),
+    ("wrn-994-64", "has 65,311,298,010 parameters; nos trains at most 250,000,000"),
+    ("wrn-6000000004-1", "expected wrn-DEPTH-WIDTH"),
+    ("wrn-" + "1" * 5000 + "-1", "expected wrn-DEPTH-WIDTH"),
+])
+def test_a_network_too_large_to_build_is_refused_by_its_name(bad, message):
+    with pytest.raises(ValueError, match=message):
+        parse_model(bad)
+
+
+@pytest.mark.parametrize("depth, width, channels", [(10, 1, 1), (16, 4, 3), (22, 2, 1), (28, 10, 3)])
+def test_the_parameter_count_is_the_built_networks(depth, width, channels):
+    built = wide_resnet(depth, width, channels)
+    assert parameter_count(depth, width, channels) == sum(p.numel() for p in built.parameters())
+
+
 @pytest.mark.slow
 def test_the_task_trains_the_model_and_keys_on_it(task, fashion_dir):
     assert isinstance(task.new_child(), WideResNet)
@@ -106,6 +139,53 @@ def test_final_and_best_figures_come_from_the_final_runs_epochs(task):
     assert result.best_test == max(e.test_acc for e in result.epochs)
     assert not result.diverged
     assert result.model == "wrn-10-1"
+
+
+def _key_without_the_data(task) -> str:
+    identity = task.to_dict()
+    identity["options"].pop("data", None)
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def test_the_grid_is_keyed_sorted_and_the_paper_grids_key_is_unchanged(fashion_dir):
+    options = dict(data_dir=fashion_dir, val_size=32, batch_size=16, epochs=EPOCHS)
+    paper = transfer_task("fashion-mnist", "wrn-10-1", **options)
+    # What nos gave this configuration before the grid was sorted (the data's fingerprint came with it).
+    assert _key_without_the_data(paper) == "12cbd0ccc61c7786"
+    given = [transfer_task("fashion-mnist", "wrn-10-1", lrs=lrs, **options) for lrs in (PAPER_LRS, PAPER_LRS[::-1])]
+    assert given[0].config_key() == given[1].config_key()
+    assert transfer_task("fashion-mnist", "wrn-10-1", lrs=LRS[::-1], **options).lrs == tuple(LRS)
+
+
+@pytest.mark.slow
+def test_a_tie_in_an_unsorted_grid_keeps_the_network_of_the_rate_it_picks(task):
+    # g - g never moves the weights: every rate scores the same, and the smaller one wins.
+    unsorted = dataclasses.replace(task, lrs=(1e-1, 1e-2))
+    result = train_transfer("g - g", unsorted, seed=0)
+    assert len({t.val_acc for t in result.trials}) == 1
+    assert result.best_lr == 1e-2
+    assert len(result.epochs) == EPOCHS
+
+
+def _relabelled(root):
+    """A copy of `fashion_dir`'s files with every training label moved to the next class."""
+    write_fashion(root / "FashionMNIST" / "raw", train=128, test=32)
+    path = root / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte.gz"
+    labels = np.frombuffer(gzip.decompress(path.read_bytes())[8:], dtype=np.uint8)
+    write_idx(path, (labels + 1) % 10)
+    return root
+
+
+def test_other_data_of_the_same_sizes_has_another_key_and_the_same_data_elsewhere_the_same(fashion_dir, tmp_path):
+    options = dict(val_size=32, batch_size=16, lrs=LRS, epochs=EPOCHS)
+    here = transfer_task("fashion-mnist", "wrn-10-1", data_dir=fashion_dir, **options)
+    copy = tmp_path / "copy"
+    write_fashion(copy / "FashionMNIST" / "raw", train=128, test=32)
+    relabelled = _relabelled(tmp_path / "relabelled")
+    assert transfer_task("fashion-mnist", "wrn-10-1", data_dir=copy, **options).config_key() == here.config_key()
+    other = transfer_task("fashion-mnist", "wrn-10-1", data_dir=relabelled, **options)
+    assert other.splits.sizes == here.splits.sizes
+    assert other.config_key() != here.config_key()
 
 
 @pytest.mark.slow
@@ -166,6 +246,19 @@ def test_a_run_that_diverges_at_every_rate_scores_zero(task):
     assert result.best_lr is None
     assert result.epochs == []
     assert (result.final_val, result.final_test, result.best_val, result.best_test) == (0, 0, 0, 0)
+
+
+def test_test_at_best_val_is_the_test_accuracy_of_the_earliest_best_validation_epoch(task):
+    def result(seed, epochs):
+        epochs = [EpochRecord(i, 1.0, val, test, False, 1.0) for i, (val, test) in enumerate(epochs, start=1)]
+        return TransferResult.build("g", task, seed, [], 0.1, epochs, "cpu")
+
+    (row,) = summarize([result(0, [(0.5, 0.3), (0.5, 0.6), (0.4, 0.9)]), result(1, [(0.4, 0.7), (0.6, 0.2)])])
+    assert row.test_at_best_val.mean == pytest.approx(0.25)
+    assert row.test_at_best_val.std == pytest.approx(0.1 / 2 ** 0.5)
+    assert row.best_test.mean == pytest.approx(0.8)
+    (none,) = summarize([TransferResult.build("g", task, 0, [], None, [], "cpu")])
+    assert none.test_at_best_val == Stat(0.0, None)
 
 
 @pytest.mark.slow
@@ -383,6 +476,23 @@ def test_each_seed_and_configuration_is_its_own_run(store, task, fashion_dir):
     assert _counts(store)["transfer_runs"] == 3
 
 
+@pytest.mark.slow
+def test_a_run_continued_on_another_device_records_both(sqlite_store, task):
+    def crash_after_first(record):
+        raise Crash
+
+    with pytest.raises(Crash):
+        run_transfer(sqlite_store, "adam", task, seed=0, on_trial=crash_after_first)
+    with sqlite_store.transaction() as session:   # as if the first trial had been trained on a GPU
+        session.execute(sa.update(TransferRun).values(device="cuda"))
+    rerun = run_transfer(sqlite_store, "adam", task, seed=0)
+    assert rerun.resumed
+    assert rerun.result.device == "cuda+cpu"
+    assert run_transfer(sqlite_store, "adam", task, seed=0).result.device == "cuda+cpu"
+    with sqlite_store.reading() as session:
+        assert session.get(TransferRun, rerun.transfer_id).device == "cuda+cpu"
+
+
 # --- the command -------------------------------------------------------------------------------------------
 
 def transfer(*args: str):
@@ -421,6 +531,130 @@ def test_transfer_creates_a_new_sqlite_database(fashion_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "created database" in result.stderr
     assert "g * exp(sign(m))" in result.stdout
+
+
+def one_line_error(result, message: str) -> None:
+    """Exit 2 with one error line saying `message` (click's usage lines above it aside), no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    assert message in errors[0], result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", ""], "unknown model '': expected wrn-DEPTH-WIDTH"),
+    (["--model", "   "], "unknown model '   ': expected wrn-DEPTH-WIDTH"),
+    (["--model", "wrn-1006-1"], "the depth must be at most 1000"),
+    (["--model", "wrn-10-100000000"], "expected wrn-DEPTH-WIDTH"),
+    (["--threads", "100000000000"], "Invalid value for '--threads'"),
+    (["--lrs", "1e-1,,"], "an empty entry in '1e-1,,'"),
+])
+def test_a_bad_model_threads_or_grid_exits_2_with_one_line_and_creates_nothing(args, message, fashion_dir,
+                                                                                tmp_path):
+    # Everything else is a run of seconds: what gets through would train (and pass) rather than hang.
+    db = tmp_path / "x.db"
+    result = transfer("sgd", "--no-baselines", "--seeds", "1", *fast(fashion_dir, f"sqlite:///{db}"), *args)
+    one_line_error(result, message)
+    assert not db.exists()
+
+
+@pytest.mark.slow
+def test_a_reordered_grid_reuses_the_results_and_a_tie_in_a_descending_one_trains(fashion_dir, tmp_path):
+    args = ["g - g", "--no-baselines", "--seeds", "1", *fast(fashion_dir, f"sqlite:///{tmp_path / 'x.db'}")]
+    first = transfer(*args, "--lrs", "1e-1,1e-2")
+    assert first.exit_code == 0, first.output
+    again = transfer(*args, "--lrs", "1e-2,1e-1", "--format", "json")
+    assert again.exit_code == 0, again.output
+    assert "1 of 1 results read from" in again.stderr
+    assert json.loads(again.stdout)["summary"][0]["best_lrs"] == [1e-2]
+
+
+@pytest.mark.slow
+def test_other_data_of_the_same_sizes_is_trained_anew(fashion_dir, tmp_path):
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    args = ["sgd", "--no-baselines", "--seeds", "1", "--format", "json"]
+    assert transfer(*args, *fast(fashion_dir, db)).exit_code == 0
+    relabelled = _relabelled(tmp_path / "relabelled")
+    other = transfer(*args, *fast(relabelled, db))
+    assert other.exit_code == 0, other.output
+    assert "results read from" not in other.stderr
+    store = open_store(db)
+    assert _counts(store)["transfer_runs"] == 2
+    store.dispose()
+
+
+@pytest.mark.slow
+def test_the_title_names_where_the_results_were_trained_and_counts_in_words(fashion_dir, tmp_path):
+    db = tmp_path / "x.db"
+    args = ["sgd", "--no-baselines", "--seeds", "1", *fast(fashion_dir, f"sqlite:///{db}"), "--epochs", "1",
+            "--format", "markdown"]
+    first = transfer(*args)
+    assert first.exit_code == 0, first.output
+    assert ", 1 epoch, batch 16, seed 0, cpu: mean ± std over seeds" in first.stdout
+    with sqlite3.connect(db) as connection:
+        connection.execute("UPDATE transfer_runs SET device = 'cuda'")
+    connection.close()
+    again = transfer(*args)
+    assert ", seed 0, cpu (results from cuda): mean ± std over seeds" in again.stdout
+
+
+@pytest.mark.slow
+def test_markdown_keeps_the_diverged_count_outside_the_code_span(fashion_dir, tmp_path):
+    result = transfer("exp(g) * 1e4", "sgd", "--no-baselines", "--seeds", "1",
+                      *fast(fashion_dir, f"sqlite:///{tmp_path / 'x.db'}"), "--lrs", "1e300", "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    assert "| `exp(g) * 10000` (1 diverged) | - |" in result.stdout
+    assert "| sgd (1 diverged) | - |" in result.stdout
+    assert ", 2 epochs, " in result.stdout
+
+
+def _store_finished(store, task, rule: str, seed: int, epochs: list[tuple[float, float]]) -> None:
+    """A finished run of `rule` under `task`'s key whose final run had these (val, test) epochs."""
+    records = [EpochRecord(i, 1.0, val, test, False, 1.0) for i, (val, test) in enumerate(epochs, start=1)]
+    trials = [TrialRecord(lr, 0.1, 1.0, False, 1.0, 1, 6) for lr in task.lrs]
+    result = TransferResult.build(rule, task, seed, trials, task.lrs[0], records, "cpu")
+    with store.transaction() as session:
+        opened = open_transfer(session, get_or_create_rule(session, parse(rule)), task=task.name, model="wrn-10-1",
+                               task_key=task.config_key(), config=task.to_dict(), seed=seed, device="cpu")
+        for trial in trials:
+            record_trial(session, opened.id, opened.attempt, trial)
+        finish_transfer(session, opened.id, opened.attempt, result)
+
+
+def test_test_at_best_val_is_computed_from_the_stored_epochs(fashion_dir, sqlite_store, sqlite_url):
+    task = transfer_task("fashion-mnist", "wrn-10-1", data_dir=fashion_dir, val_size=32, batch_size=16, lrs=LRS,
+                         epochs=2)
+    _store_finished(sqlite_store, task, "g", 0, [(0.5, 0.3), (0.5, 0.6)])   # a tie: the earlier epoch
+    _store_finished(sqlite_store, task, "g", 1, [(0.4, 0.7), (0.6, 0.2)])
+    args = ["sgd", "--no-baselines", "--seeds", "2", *fast(fashion_dir, sqlite_url)]
+    result = transfer(*args, "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert "2 of 2 results read from" in result.stderr
+    data = json.loads(result.stdout)
+    assert [r["test_at_best_val"] for r in data["results"]] == [0.3, 0.2]
+    summary = data["summary"][0]["test_at_best_val"]
+    assert summary["mean"] == pytest.approx(0.25)
+    assert summary["std"] == pytest.approx(0.1 / 2 ** 0.5)
+    table = transfer(*args, "--format", "markdown")
+    assert "| sgd | 0.01, 0.01 | 0.5500 ± 0.0707 | 0.4000 ± 0.2828 | 0.5500 ± 0.0707 | 0.6500 ± 0.0707 | " \
+           "0.2500 ± 0.0707 |" in table.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["json", "table"])
+def test_a_stored_figure_that_is_not_finite_exits_2_and_changes_nothing(fashion_dir, tmp_path, fmt):
+    db = tmp_path / "x.db"
+    args = ["sgd", "--no-baselines", "--seeds", "1", *fast(fashion_dir, f"sqlite:///{db}"), "--format", fmt]
+    assert transfer(*args).exit_code == 0
+    with sqlite3.connect(db) as connection:
+        connection.execute("UPDATE transfer_epochs SET test_acc = 9e999 WHERE epoch = 1")
+    connection.close()
+    before = db.read_bytes()
+    result = transfer(*args)
+    one_line_error(result, "transfer run 1 is damaged in the database: transfer_epochs.test_acc of epoch 1 holds "
+                           "inf, not a finite number")
+    assert db.read_bytes() == before
 
 
 @pytest.mark.parametrize("args, message", [

@@ -25,10 +25,12 @@ from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from ..finite import is_finite_number
 from ..records import EpochRecord, TransferResult, TrialRecord
 from ..redact import mask_credentials
 from .clock import database_now
 from .models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial
+from .queries import DamagedRow, unreadable_cell
 
 transfer_runs = TransferRun.__table__
 transfer_trials = TransferTrial.__table__
@@ -36,14 +38,31 @@ transfer_epochs = TransferEpoch.__table__
 transfer_checkpoints = TransferCheckpoint.__table__
 # The columns of a finished run that hold its TransferResult's figures.
 _FIGURES = ("best_lr", "final_val", "final_test", "best_val", "best_test", "diverged", "wall_seconds")
+# The numbers a result is built from when read back; each is a finite number wherever nos wrote it.
+_TRIAL_NUMBERS = ("lr", "val_acc", "train_loss", "wall_seconds", "epochs", "steps")
+_EPOCH_NUMBERS = ("epoch", "train_loss", "val_acc", "test_acc", "wall_seconds")
+# The column `device` is; a run continued on ever more devices keeps the ones it named first.
+_DEVICE_CHARS = 100
+
+
+class DamagedTransfer(DamagedRow):
+    """A transfer run's stored value has a shape nos never writes (edited by hand or by another tool, or a damaged
+    file): named, rather than shown as a figure or failing the summary with a traceback."""
+
+    def __init__(self, transfer_id: int, column: str, problem: str):
+        super().__init__(transfer_id, column, problem)
+        # Not `run N`: that names a search run, whose ids are another table's.
+        self.args = (f"transfer run {transfer_id} is damaged in the database: {column} {problem}",)
 
 
 @dataclass(frozen=True)
 class OpenedTransfer:
-    """What `open_transfer` found: the run's id, and the ticket to train it (None: it is done)."""
+    """What `open_transfer` found: the run's id, the ticket to train it (None: it is done), and the device(s) its
+    stored numbers come from once this process trains it (`a+b`: continued on b after work stored on a)."""
 
     id: int
     attempt: int | None
+    device: str | None = None
 
     @property
     def done(self) -> bool:
@@ -79,26 +98,50 @@ def open_transfer(session: Session, rule_id: int, *, task: str, model: str, task
                transfer_runs.c.seed == seed)
     taken = session.execute(
         update(transfer_runs).where(key, transfer_runs.c.status != "done")
-        .values(status="running", attempts=transfer_runs.c.attempts + 1, device=device, updated_at=now,
-                error=None)
-        .returning(transfer_runs.c.id, transfer_runs.c.attempts)
+        .values(status="running", attempts=transfer_runs.c.attempts + 1, updated_at=now, error=None)
+        .returning(transfer_runs.c.id, transfer_runs.c.attempts, transfer_runs.c.device)
     ).one_or_none()
-    if taken is not None:
-        return OpenedTransfer(taken.id, taken.attempts)
-    return OpenedTransfer(session.execute(select(transfer_runs.c.id).where(key)).scalar_one(), None)
+    if taken is None:
+        return OpenedTransfer(session.execute(select(transfer_runs.c.id).where(key)).scalar_one(), None)
+    trained_on = _trained_on(session, taken.id, taken.device, device)
+    session.execute(update(transfer_runs).where(transfer_runs.c.id == taken.id).values(device=trained_on))
+    return OpenedTransfer(taken.id, taken.attempts, trained_on)
+
+
+def _trained_on(session: Session, transfer_id: int, stored: str | None, device: str) -> str:
+    """The devices the run's numbers will come from: `device`, after those its stored trials and epochs came from.
+
+    A run swept on one device and continued on another is neither's alone: its row says both, in order.
+    """
+    work = session.execute(select(
+        select(transfer_trials.c.id).where(transfer_trials.c.transfer_id == transfer_id).exists()
+        | select(transfer_epochs.c.id).where(transfer_epochs.c.transfer_id == transfer_id).exists())).scalar_one()
+    devices = stored.split("+") if stored and work else []
+    if device not in devices:
+        devices.append(device)
+    joined = "+".join(devices)
+    return joined if len(joined) <= _DEVICE_CHARS else str(stored)
 
 
 def load_transfer(session: Session, transfer_id: int, *, with_checkpoint: bool = True) -> StoredTransfer:
-    """The run, its trials (by lr), its epochs (in order) and, unless asked not to, its snapshot."""
-    run = session.get(TransferRun, transfer_id)
-    if run is None:
+    """The run, its trials (by lr), its epochs (in order) and, unless asked not to, its snapshot.
+
+    DamagedTransfer (a DamagedRow) if a stored value is one nos never writes: one its column's type cannot
+    convert, or a figure that is not a finite number.
+    """
+    runs = _read(session, transfer_id, TransferRun, TransferRun.id == transfer_id, TransferRun.id)
+    if not runs:
         raise LookupError(f"no transfer run {transfer_id}")
-    trials = [TrialRecord(t.lr, t.val_acc, t.train_loss, t.diverged, t.wall_seconds, t.epochs, t.steps)
-              for t in session.execute(select(TransferTrial).where(TransferTrial.transfer_id == transfer_id)
-                                       .order_by(TransferTrial.lr)).scalars()]
-    epochs = [EpochRecord(e.epoch, e.train_loss, e.val_acc, e.test_acc, e.diverged, e.wall_seconds)
-              for e in session.execute(select(TransferEpoch).where(TransferEpoch.transfer_id == transfer_id)
-                                       .order_by(TransferEpoch.epoch)).scalars()]
+    run = runs[0]
+    _check_numbers(transfer_id, "transfer_runs.best_lr", best_lr=run.best_lr)
+    trials, epochs = [], []
+    for t in _read(session, transfer_id, TransferTrial, TransferTrial.transfer_id == transfer_id, TransferTrial.lr):
+        _check_numbers(transfer_id, f"transfer_trials.{{}} of lr {t.lr!r:.30}", **_values(t, _TRIAL_NUMBERS))
+        trials.append(TrialRecord(t.lr, t.val_acc, t.train_loss, t.diverged, t.wall_seconds, t.epochs, t.steps))
+    for e in _read(session, transfer_id, TransferEpoch, TransferEpoch.transfer_id == transfer_id,
+                   TransferEpoch.epoch):
+        _check_numbers(transfer_id, f"transfer_epochs.{{}} of epoch {e.epoch!r:.30}", **_values(e, _EPOCH_NUMBERS))
+        epochs.append(EpochRecord(e.epoch, e.train_loss, e.val_acc, e.test_acc, e.diverged, e.wall_seconds))
     stored = StoredTransfer(run, trials, epochs)
     if with_checkpoint:
         row = session.execute(select(transfer_checkpoints.c.epoch, transfer_checkpoints.c.blob)
@@ -106,6 +149,32 @@ def load_transfer(session: Session, transfer_id: int, *, with_checkpoint: bool =
         if row is not None:
             stored.checkpoint_epoch, stored.checkpoint = row.epoch, bytes(row.blob)
     return stored
+
+
+def _read(session: Session, transfer_id: int, model: type, where: Any, order: Any) -> list:
+    """The rows of `model` that `where` selects; DamagedTransfer names a value its column's type cannot convert."""
+    try:
+        return list(session.execute(select(model).where(where).order_by(order)).scalars())
+    except (TypeError, ValueError):
+        found = unreadable_cell(session, list(model.__table__.columns), where)
+        if found is None:   # not a stored value after all
+            raise
+        column, _, problem = found
+        raise DamagedTransfer(transfer_id, f"{model.__tablename__}.{column.name}", problem) from None
+
+
+def _values(row: Any, names: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in names}
+
+
+def _check_numbers(transfer_id: int, column: str, **numbers: Any) -> None:
+    """DamagedTransfer naming the first of `numbers` that is neither None nor a finite number: an infinity
+    would print as a figure, break the JSON and the spread over seeds, and text would fail the arithmetic.
+
+    `column` names where they are stored, with {} for the number's name if it holds one."""
+    for name, value in numbers.items():
+        if value is not None and not is_finite_number(value):
+            raise DamagedTransfer(transfer_id, column.format(name), f"holds {value!r:.60}, not a finite number")
 
 
 def _hold(session: Session, transfer_id: int, attempt: int, now: datetime, **values: Any) -> bool:
@@ -190,7 +259,7 @@ def transfer_runs_of(session: Session, task_key: str, rule_ids: Sequence[int] | 
 
 
 __all__ = [
-    "OpenedTransfer", "StoredTransfer",
+    "DamagedTransfer", "OpenedTransfer", "StoredTransfer",
     "fail_transfer", "finish_transfer", "load_transfer", "open_transfer", "record_epoch", "record_trial",
     "restart_final", "transfer_runs_of",
 ]

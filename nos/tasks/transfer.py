@@ -23,6 +23,7 @@ tensor bytes (nos.tensor_state), never a pickle.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from typing import Any, Callable, Sequence
@@ -33,7 +34,7 @@ from ..optim import resolve_rule
 from ..records import EpochRecord, TransferResult, TrialRecord
 from ..rules import Node, to_text
 from ..tensor_state import TensorStateError, from_bytes, to_bytes
-from .base import Task
+from .base import Splits, Task
 from .custom import normalized
 from .registry import TASKS, get_task
 from .training import Child, SequentialChildren, best_index, deterministic, initial_child, reads_schedule
@@ -60,21 +61,47 @@ def transfer_task(name: str, model: str | None = None, *, device: str | torch.de
     if not own and key not in TRANSFER_TASKS:
         raise ValueError(f"transfer needs an image task ({', '.join(TRANSFER_TASKS)}) or a task of your own, "
                          f"got {name!r}")
-    depth_width = parse_model(model or DEFAULT_MODEL) if model or not own else None
+    # An empty name is a mistake, not a request for the default model.
+    depth_width = parse_model(DEFAULT_MODEL if model is None else model) if model is not None or not own else None
     if options.get("epochs") is None:
         options["epochs"] = DEFAULT_EPOCHS
-    task = get_task(name if own else key, device=device, lrs=lrs, **options)
+    # Each rate's trial starts from the same weights and seed, so the grid's order changes no number:
+    # sorted (as given, among the options, and as trained), a reordered --lrs has the same key, and the
+    # paper's grid, sorted already, keeps its key.
+    task = get_task(name if own else key, device=device, lrs=None if lrs is None else sorted(lrs), **options)
+    task = dataclasses.replace(task, lrs=tuple(sorted(task.lrs)))
     if depth_width is None:
-        task.options = {**task.options, "model": OWN_CHILD}
-        return task
+        return _identified(task, OWN_CHILD)
     depth, width = depth_width
     if task.splits.train_x.dim() != 4:
         raise ValueError(f"a Wide ResNet reads images (N, C, H, W), but task {task.name}'s inputs are shaped "
                          f"{tuple(task.splits.train_x.shape)}; leave out the model to train the task's own child")
     channels = task.splits.train_x.shape[1]
     task = dataclasses.replace(task, make_child=lambda: wide_resnet(depth, width, channels))
-    task.options = {**task.options, "model": model_name(depth, width)}
+    return _identified(task, model_name(depth, width))
+
+
+def _identified(task: Task, model: str) -> Task:
+    """`task` with the model and a fingerprint of its data among its options, and so in `config_key()`."""
+    task.options = {**task.options, "model": model, "data": data_fingerprint(task.splits)}
     return task
+
+
+def data_fingerprint(splits: Splits, chunk: int = 4096) -> str:
+    """A short sha256 of every split's inputs and targets, their shapes and types.
+
+    The files' folder is not part of a task's key: without this, other data of the same sizes (another
+    version of the data set, a corrected label file) would be answered with results trained on the first.
+    The tensors are hashed where they already are, in memory, a chunk of examples at a time.
+    """
+    digest = hashlib.sha256()
+    for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+        tensor = getattr(splits, name)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        for part in torch.split(tensor, chunk):
+            # Logical order, whatever the memory format or device: the same data gives the same bytes.
+            digest.update(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 OnTrial = Callable[[TrialRecord], None]
@@ -202,11 +229,15 @@ def _sweep(task: Task, sweep: SequentialChildren, stored: dict[float, TrialRecor
     """
     leader: list[int] = []
 
+    def rank(record: TrialRecord) -> tuple[float, float]:
+        # best_index's order (ties to the smaller rate): the network kept is the one it picks, in any grid order.
+        return record.val_acc, -record.lr
+
     def scored(index: int) -> None:
         record = sweep.record(index)
         if on_trial:
             on_trial(record)
-        if record.diverged or (leader and record.val_acc <= sweep.record(leader[0]).val_acc):
+        if record.diverged or (leader and rank(record) <= rank(sweep.record(leader[0]))):
             sweep.release(index)
             return
         if leader:

@@ -20,21 +20,45 @@ import re
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MODEL_PATTERN = re.compile(r"^wrn-(\d+)-(\d+)$")
+# At most 4 digits each: int() of a name of thousands of digits is slow, and no such network is built.
+MODEL_PATTERN = re.compile(r"^wrn-(\d{1,4})-(\d{1,4})$")
+# Bounds checked before anything is built: a deeper network only hangs while its blocks are made,
+# a wider one fails to allocate, and beyond MAX_PARAMETERS a snapshot (stored every epoch) passes a gigabyte.
+MAX_DEPTH = 1000
+MAX_WIDTH = 64
+MAX_PARAMETERS = 250_000_000
 
 
 def parse_model(name: str) -> tuple[int, int]:
-    """(depth, width) of a model named `wrn-D-K`; ValueError explains a bad name."""
+    """(depth, width) of a model named `wrn-D-K`; ValueError explains a bad name or a network too large."""
     match = MODEL_PATTERN.match(name.strip().lower())
     if match is None:
-        raise ValueError(f"unknown model {name!r}: expected wrn-DEPTH-WIDTH such as wrn-16-4 or wrn-28-10")
+        raise ValueError(f"unknown model {name[:40]!r}: expected wrn-DEPTH-WIDTH such as wrn-16-4 or wrn-28-10")
     depth, width = int(match.group(1)), int(match.group(2))
     if depth < 10 or (depth - 4) % 6 != 0:
         raise ValueError(f"model {name!r}: a Wide ResNet's depth is 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), "
                          f"got {depth}")
-    if width < 1:
-        raise ValueError(f"model {name!r}: the width factor must be at least 1")
+    if not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"model {name!r}: the width factor must be between 1 and {MAX_WIDTH}, got {width}")
+    if depth > MAX_DEPTH:
+        raise ValueError(f"model {name!r}: the depth must be at most {MAX_DEPTH}, got {depth}")
+    size = parameter_count(depth, width)
+    if size > MAX_PARAMETERS:
+        raise ValueError(f"model {name!r} has {size:,} parameters; nos trains at most {MAX_PARAMETERS:,}")
     return depth, width
+
+
+def parameter_count(depth: int, width: int, in_channels: int = 3, classes: int = 10) -> int:
+    """The parameters of WRN-depth-width, counted without building it."""
+    n = (depth - 4) // 6
+    cin, total = 16, in_channels * 16 * 9
+    for cout in (16 * width, 32 * width, 64 * width):
+        first = 2 * cin + 9 * cin * cout + 2 * cout + 9 * cout * cout + (cin * cout if cin != cout else 0)
+        # A block has a 1x1 shortcut where it changes the stride or the width; only a group's first
+        # block does, and the stride-2 groups change the width there too.
+        total += first + (n - 1) * (4 * cout + 18 * cout * cout)
+        cin = cout
+    return total + 2 * cin + cin * classes + classes
 
 
 def model_name(depth: int, width: int) -> str:
