@@ -14,11 +14,9 @@ from .console import make_console
 
 
 def _digits() -> tuple[torch.Tensor, ...]:
-    from sklearn.datasets import load_digits
+    from nos.tasks.data import load_digits_arrays
 
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target)
+    x, y = load_digits_arrays()
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
     return x[:1400], y[:1400], x[1400:], y[1400:]

@@ -58,6 +58,26 @@ def test_digits_splits_partition_the_data_and_subsample():
     assert torch.equal(small.splits.val_x, task.splits.val_x)
 
 
+def test_digits_are_read_as_scikit_learn_reads_them_without_importing_its_datasets():
+    """The bundled file, read directly: the same arrays as load_digits, bit for bit, in a process that
+    never imports sklearn.datasets (over a second of every worker's start-up)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from nos.tasks.data import load_digits_arrays
+
+    x, y = load_digits_arrays()
+    bunch = load_digits()
+    assert torch.equal(x, torch.from_numpy(bunch.data.astype("float32")) / 16.0)
+    assert torch.equal(y, torch.from_numpy(bunch.target.astype("int64")))
+    probe = ("import sys; from nos.tasks.data import load_digits_arrays; x, _ = load_digits_arrays(); "
+             "print(len(x), 'sklearn.datasets' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1797", "False"]
+
+
 def test_ill_conditioned_features_span_three_decades_and_splits_stay_put():
     task = get_task("ill-conditioned")
     s = task.splits
