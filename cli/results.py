@@ -102,6 +102,7 @@ def _say_if_tasks_mix(session: Session, run_id: int | None) -> None:
 @click.option("--group-equivalent", is_flag=True,
               help="One row per behaviour: rules with the same fingerprint count once.")
 @db_option
+@store_errors_to_usage
 def leaderboard_command(run_id, task, top, fmt, group_equivalent, db_url) -> None:
     """The best rules by reward: over all runs, one run, or one task."""
     store = open_store_or_exit(db_url)

@@ -654,7 +654,9 @@ def test_a_run_config_of_another_shape_on_postgresql(pg_with_a_run, tmp_path):
     ("created_at = 'garbage'", "evaluations.created_at of evaluation {} cannot be read "
                                "(Invalid isoformat string: 'garbage')"),
     ("reward = 'abc'", "evaluations.reward of evaluation {} holds 'abc', not a number"),
-], ids=["datetime", "text-in-real"])
+    # SQLite reads 9e999 as an infinity, which nos never stores: JSON would have carried it as `Infinity`
+    ("reward = 9e999", "evaluations.reward of evaluation {} holds inf, not a finite number"),
+], ids=["datetime", "text-in-real", "infinite"])
 def test_an_evaluation_value_of_another_type(marked_up, tmp_path, change, problem):
     url, _ = marked_up
     # The run's last evaluation: the one damaged value is found among the others, not merely the first row.
@@ -663,8 +665,11 @@ def test_an_evaluation_value_of_another_type(marked_up, tmp_path, change, proble
     with contextlib.closing(sqlite3.connect(copy.removeprefix("sqlite:///"))) as db:
         last, = db.execute("SELECT max(id) FROM evaluations WHERE run_id = 1").fetchone()
     before = snapshot(copy)
-    _run_readers_refuse(copy, tmp_path, f"run 1 is damaged in the database: {problem.format(last)}",
-                        commands=("report", "plot"))
+    message = f"run 1 is damaged in the database: {problem.format(last)}"
+    _run_readers_refuse(copy, tmp_path, message, commands=("report", "plot"))
+    if "reward" in change:   # the board reads the reward too, whatever the format
+        for fmt in ("table", "json"):
+            one_line_error(invoke("leaderboard", "--format", fmt, "--db", copy), message)
     assert snapshot(copy) == before
 
 

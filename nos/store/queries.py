@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy import JSON, Column, func, select
 from sqlalchemy.orm import Session, aliased
 
+from ..finite import is_finite_number
 from .engine import StoreError, first_line
 from .models import EVALUATION_STATUSES, PENDING_STATUSES, TRAINED_STATUSES, Evaluation, Rule, Run
 
@@ -75,7 +76,11 @@ def leaderboard(session: Session, top: int = 20, *, run_id: int | None = None, t
     counts = dict(session.execute(
         select(Evaluation.rule_id, func.count()).where(Evaluation.rule_id.in_([r[0] for r in rows]), *filters)
         .group_by(Evaluation.rule_id)).all()) if rows else {}
-    return [LeaderboardRow(place, *row, evaluations=counts[row[0]]) for place, row in enumerate(rows, start=1)]
+    board = [LeaderboardRow(place, *row, evaluations=counts[row[0]]) for place, row in enumerate(rows, start=1)]
+    for row in board:
+        check_numbers(row.run_id, "evaluations", row.evaluation_id, reward=row.reward, test_acc=row.test_acc,
+                      best_lr=row.best_lr)
+    return board
 
 
 def _grouped_leaderboard(session: Session, top: int, run_id: int | None, task: str | None) -> list[LeaderboardRow]:
@@ -197,11 +202,13 @@ class DamagedRow(StoreError):
 
 def check_numbers(run_id: int, table: str, evaluation_id: int, **numbers: object) -> None:
     """DamagedRow naming the first of `numbers` (a column's name and value, of `table`'s row of evaluation
-    `evaluation_id`) that is not a number: SQLite hands back text stored in a REAL column as text."""
+    `evaluation_id`) that is not a finite number: SQLite hands back text stored in a REAL column as text, and
+    an infinity (nos never stores one) would be shown as a figure and written as JSON no parser reads."""
     for name, value in numbers.items():
-        if value is not None and not isinstance(value, (int, float)):
-            raise DamagedRow(run_id, f"{table}.{name} of evaluation {evaluation_id}",
-                             f"holds {value!r:.60}, not a number")
+        if value is None or is_finite_number(value):
+            continue
+        kind = "a finite number" if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+        raise DamagedRow(run_id, f"{table}.{name} of evaluation {evaluation_id}", f"holds {value!r:.60}, not {kind}")
 
 
 def read_run(session: Session, run_id: int) -> Run | None:
