@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from click.testing import CliRunner
 from nos.cli.main import cli
 from nos.store import Base, StoreError, create_engine, resolve_url, upgrade
 from nos.store.schema import migrations_dir
+
+from helpers.cli import written
 
 NOS = str(Path(sys.executable).with_name("nos"))
 
@@ -106,20 +107,6 @@ UNVERSIONED = ("holds nos's tables but no schema revision: it was made without `
                "alembic_version was dropped")
 
 
-def _written(url) -> object:
-    """What a write could change: the SQLite folder's bytes, or PostgreSQL's tables and their row counts."""
-    path = url.database if url.get_backend_name() == "sqlite" else None
-    if path is not None:
-        folder = Path(path).parent
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-    engine = create_engine(url)
-    with engine.connect() as connection:
-        names = sorted(sa.inspect(connection).get_table_names())
-        counts = {name: connection.exec_driver_sql(f'SELECT COUNT(*) FROM "{name}"').scalar_one() for name in names}
-    engine.dispose()
-    return counts
-
-
 def test_nos_tables_without_a_revision_are_described_and_refused_unchanged(db_url):
     """Tables made by Base.metadata.create_all: nos said there was no schema and to run `nos db upgrade`,
     which then failed on the first table it found already there."""
@@ -128,7 +115,7 @@ def test_nos_tables_without_a_revision_are_described_and_refused_unchanged(db_ur
     engine = sa.create_engine(url) if url.get_backend_name() == "sqlite" else create_engine(url)
     Base.metadata.create_all(engine)
     engine.dispose()
-    before = _written(url)
+    before = written(url)
 
     current = nos("db", "current", "--db", db_url)
     assert current.exit_code == 1
@@ -137,4 +124,4 @@ def test_nos_tables_without_a_revision_are_described_and_refused_unchanged(db_ur
     assert UNVERSIONED in one_line_error(nos("status", "--db", db_url))
     with pytest.raises(StoreError, match="no schema revision"):
         upgrade(url)
-    assert _written(url) == before
+    assert written(url) == before

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
@@ -12,6 +9,7 @@ from click.testing import CliRunner
 from nos.cli.main import cli
 from nos.store import create_engine, resolve_url
 
+from helpers.cli import written
 from helpers.driver import TINY_TOML
 
 # An application of its own, with a `runs` table of its own (a name nos uses) and alembic at a revision
@@ -38,27 +36,13 @@ def _execute(url: str, statements: list[str]) -> None:
     engine.dispose()
 
 
-def _snapshot(url: str) -> object:
-    """Everything a write could change: the SQLite folder's bytes, or every PostgreSQL table's rows."""
-    parsed = resolve_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        folder = Path(parsed.database).parent
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-    engine = create_engine(parsed)
-    with engine.connect() as connection:
-        names = sorted(sa.inspect(connection).get_table_names())
-        rows = {name: connection.exec_driver_sql(f'SELECT * FROM "{name}" ORDER BY 1').all() for name in names}
-    engine.dispose()
-    return rows
-
-
 @pytest.mark.parametrize("alembic", [False, True], ids=["plain", "own-alembic"])
 @pytest.mark.parametrize("command", ["enqueue", "db upgrade"])
 def test_another_applications_database_is_refused_unchanged(db_url, tmp_path, command, alembic):
     _execute(db_url, FOREIGN + (FOREIGN_ALEMBIC if alembic else []))
     config = tmp_path / "tiny.toml"
     config.write_text(TINY_TOML)
-    before = _snapshot(db_url)
+    before = written(db_url)
     args = ["enqueue", "--config", str(config)] if command == "enqueue" else ["db", "upgrade"]
     result = CliRunner().invoke(cli, [*args, "--db", db_url])
     assert result.exit_code == 2, result.output
@@ -67,7 +51,7 @@ def test_another_applications_database_is_refused_unchanged(db_url, tmp_path, co
     assert "holds another application's tables" in lines[0], result.output
     assert "customers" in lines[0]
     assert "a database of its own" in lines[0]
-    assert _snapshot(db_url) == before   # not a table, a row, or SQLite's journal mode changed
+    assert written(db_url) == before   # not a table, a row, or SQLite's journal mode changed
 
 
 def test_nos_db_current_says_whose_database_it_is(db_url):

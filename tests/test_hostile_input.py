@@ -23,6 +23,7 @@ from nos.config import SearchConfig
 from nos.store import create_run, open_store, resolve_url, save_checkpoint, set_run_status, upgrade
 from nos.store.models import Base
 
+from helpers.cli import one_line_error
 from helpers.services import unavailable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,14 +53,6 @@ def snapshot(url: str) -> dict[str, list[dict]]:
             return {name: [dict(row) for row in found] for name, found in rows.items()}
     finally:
         engine.dispose()
-
-
-def one_line_error(result, message: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    assert message in errors[0], result.output
 
 
 def small_config(**changes) -> dict:

@@ -39,6 +39,7 @@ from nos.tasks.wrn import WideResNet, parameter_count, parse_model, wide_resnet
 from nos.tensor_state import MAGIC, to_bytes
 from nos.transfer import Stat, TransferSuperseded, run_transfer, summarize
 
+from helpers.cli import one_line_error
 from helpers.fake_fashion import write_fashion, write_idx
 
 LRS = [1e-2, 1e-1]
@@ -531,15 +532,6 @@ def test_transfer_creates_a_new_sqlite_database(fashion_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "created database" in result.stderr
     assert "g * exp(sign(m))" in result.stdout
-
-
-def one_line_error(result, message: str) -> None:
-    """Exit 2 with one error line saying `message` (click's usage lines above it aside), no traceback."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    assert message in errors[0], result.output
 
 
 @pytest.mark.parametrize("args, message", [
