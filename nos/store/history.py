@@ -6,6 +6,7 @@ them into pandas DataFrames, `nos.plots` and `nos.report` draw them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -13,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .models import FINISHED_STATUSES, TRAINED_STATUSES, Evaluation, LrTrial, Rule, Run
-from .queries import DamagedRow, check_numbers, unreadable_cell
+from .queries import DamagedRow, check_numbers, read_naming_damage
 
 # Statuses with no final run, so no test score: never trained, or diverged at every rate. The store holds a
 # test_acc of 0.0 for them; readers show "-" rather than a measured-looking 0.0000.
@@ -114,25 +115,19 @@ def run_evaluations(session: Session, run_id: int | None = None) -> list[Evaluat
     """
     where = [] if run_id is None else [Evaluation.run_id == run_id]
     query = select(*_EVALUATION_COLUMNS).join(Rule, Rule.id == Evaluation.rule_id).where(*where)
-    try:
-        rows = [EvaluationRow(*row) for row in session.execute(query.order_by(Evaluation.run_id, Evaluation.seq))]
-    except (TypeError, ValueError):
-        damaged = _unreadable_evaluation(session, where)
-        if damaged is None:   # not a stored value after all
-            raise
-        raise damaged from None
+    columns = [Evaluation.__table__.c[column.key] for column in _EVALUATION_COLUMNS if column.class_ is Evaluation]
+
+    def read() -> list[EvaluationRow]:
+        return [EvaluationRow(*row) for row in session.execute(query.order_by(Evaluation.run_id, Evaluation.seq))]
+
+    rows = read_naming_damage(session, read, columns, where, functools.partial(_damaged_evaluation, session))
     for row in rows:
         _check_numbers(row)
     return rows
 
 
-def _unreadable_evaluation(session: Session, where: list) -> DamagedRow | None:
-    """The DamagedRow naming the stored value that failed run_evaluations' query; None if none reads badly."""
-    columns = [Evaluation.__table__.c[column.key] for column in _EVALUATION_COLUMNS if column.class_ is Evaluation]
-    found = unreadable_cell(session, columns, *where)
-    if found is None:
-        return None
-    column, evaluation_id, problem = found
+def _damaged_evaluation(session: Session, column, evaluation_id: int, problem: str) -> DamagedRow:
+    """The DamagedRow naming a stored value of evaluation `evaluation_id` that its column cannot convert."""
     run_id = session.execute(select(Evaluation.run_id).where(Evaluation.id == evaluation_id)).scalar_one()
     return DamagedRow(run_id, f"evaluations.{column.name} of evaluation {evaluation_id}", problem)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from typing import Callable, TypeVar
 
 from sqlalchemy import JSON, Column, func, select
 from sqlalchemy.orm import Session, aliased
@@ -16,6 +17,8 @@ from sqlalchemy.orm import Session, aliased
 from ..finite import is_finite_number
 from .engine import StoreError, first_line
 from .models import EVALUATION_STATUSES, PENDING_STATUSES, TRAINED_STATUSES, Evaluation, Rule, Run
+
+T = TypeVar("T")
 
 _SQL_INT_MAX = 2**63 - 1
 
@@ -214,17 +217,26 @@ def check_numbers(run_id: int, table: str, evaluation_id: int, **numbers: object
 def read_run(session: Session, run_id: int) -> Run | None:
     """Run `run_id`, None if there is none; DamagedRow if a column of its row cannot be read, or its config
     is not a JSON object (what every reader of `run.config` takes it to be)."""
-    try:
-        run = session.get(Run, run_id)
-    except (TypeError, ValueError):   # a value the column's type cannot convert: find which
-        found = unreadable_cell(session, list(Run.__table__.columns), Run.id == run_id)
-        if found is None:
-            raise
-        column, _, problem = found
-        raise DamagedRow(run_id, f"runs.{column.name}", problem) from None
+    run = read_naming_damage(session, lambda: session.get(Run, run_id), list(Run.__table__.columns),
+                             [Run.id == run_id],
+                             lambda column, _, problem: DamagedRow(run_id, f"runs.{column.name}", problem))
     if run is not None and not isinstance(run.config, dict):
         raise DamagedRow(run_id, "runs.config", f"holds {json.dumps(run.config)[:60]}, not a JSON object")
     return run
+
+
+def read_naming_damage(session: Session, read: Callable[[], T], columns: list[Column], where: list,
+                       damaged: Callable[[Column, int, str], StoreError]) -> T:
+    """`read()`; where it meets a value its column's type cannot convert, the error `damaged` makes of the
+    cell `unreadable_cell` finds among `columns` in the rows `where` selects (the column, the row's id, what
+    is wrong), raised in its place. A conversion error no stored value explains is raised as it was."""
+    try:
+        return read()
+    except (TypeError, ValueError):
+        found = unreadable_cell(session, columns, *where)
+        if found is None:
+            raise
+        raise damaged(*found) from None
 
 
 def unreadable_cell(session: Session, columns: list[Column], *where) -> tuple[Column, int, str] | None:

@@ -30,7 +30,7 @@ from ..records import EpochRecord, TransferResult, TrialRecord
 from ..redact import mask_credentials
 from .clock import database_now
 from .models import TransferCheckpoint, TransferEpoch, TransferRun, TransferTrial
-from .queries import DamagedRow, unreadable_cell
+from .queries import DamagedRow, read_naming_damage
 
 transfer_runs = TransferRun.__table__
 transfer_trials = TransferTrial.__table__
@@ -153,14 +153,10 @@ def load_transfer(session: Session, transfer_id: int, *, with_checkpoint: bool =
 
 def _read(session: Session, transfer_id: int, model: type, where: Any, order: Any) -> list:
     """The rows of `model` that `where` selects; DamagedTransfer names a value its column's type cannot convert."""
-    try:
-        return list(session.execute(select(model).where(where).order_by(order)).scalars())
-    except (TypeError, ValueError):
-        found = unreadable_cell(session, list(model.__table__.columns), where)
-        if found is None:   # not a stored value after all
-            raise
-        column, _, problem = found
-        raise DamagedTransfer(transfer_id, f"{model.__tablename__}.{column.name}", problem) from None
+    return read_naming_damage(
+        session, lambda: list(session.execute(select(model).where(where).order_by(order)).scalars()),
+        list(model.__table__.columns), [where],
+        lambda column, _, problem: DamagedTransfer(transfer_id, f"{model.__tablename__}.{column.name}", problem))
 
 
 def _values(row: Any, names: Sequence[str]) -> dict[str, Any]:
