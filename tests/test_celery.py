@@ -370,33 +370,54 @@ def test_a_malformed_message_is_refused_and_the_worker_trains_on(db_url, broker,
             Producer(connection.channel()).publish(json.dumps(body), routing_key="cpu", exchange="",
                                                    content_type="application/json", content_encoding="utf-8",
                                                    headers=headers, serializer=None)
-    worker = workers.start("w1")
     queue = redis.Redis.from_url(broker)
+    # Items that are no kombu envelope at all failed inside kombu as it took them off the list: the worker
+    # stopped (exit status 1).
+    envelope = json.loads(kombu_envelope())
+    garbled = [b"not json", b"\xff\xfe", b"[1, 2]", json.dumps({"properties": 3}),
+               json.dumps({**envelope, "headers": "x"}), json.dumps({**envelope, "properties": {}}),
+               json.dumps({**envelope, "body": "!!"})]
+    for item in garbled:
+        queue.lpush("cpu", item)
+    worker = workers.start("w1")
     wait_for(lambda: queue.llen("cpu") == 0 and not queue.hlen("unacked"), timeout=120, every=0.2)
+    # The same on the fanout channel every worker listens to for Celery's remote control (`nos status` pings).
+    database = broker.rsplit("/", 1)[1]
+    assert queue.publish(f"/{database}.celery.pidbox", json.dumps({"properties": 3})) == 1
     result = nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker)
     assert result.returncode == 0, result.stdout + result.stderr
     assert_complete(db_url, 1, 10)
     assert worker.poll() is None
     assert queue.llen("cpu") == 0 and not queue.hlen("unacked")   # refused for good, not put back
     log = workers.log("w1")
-    assert log.count("message refused") >= 7, log
+    assert log.count("message refused") >= 7 + len(garbled), log
+    assert log.count("an item that is not a message") >= len(garbled) - 1, log   # one is refused by its headers
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_worker_that_celery_cannot_keep_running_exits_with_a_failure(db_url, broker, workers):
-    """An envelope whose headers are not a table fails in kombu, under Celery's consumer: the worker stops.
-    It exited 0 (app.worker_main drops the status), so a supervisor restarting failed workers left it down."""
-    import json
-
+    """A broker whose `unacked` key is not a hash answers kombu's first delivery with an error, and Celery
+    cannot keep the worker running. It exited 0 (app.worker_main drops the status), so a supervisor
+    restarting failed workers left it down."""
     import redis
 
-    envelope = {"body": "W1sxXSwge30sIHt9XQ==", "content-encoding": "utf-8", "content-type": "application/json",
-                "headers": "x", "properties": {"delivery_mode": 2, "priority": 0, "body_encoding": "base64",
-                                               "delivery_info": {"exchange": "", "routing_key": "cpu"},
-                                               "delivery_tag": "d6b1b0a4-0000-4000-8000-000000000001"}}
+    queue = redis.Redis.from_url(broker)
+    queue.set("unacked", "not a hash")
     worker = workers.start("w1")
-    redis.Redis.from_url(broker).lpush("cpu", json.dumps(envelope))
+    queue.lpush("cpu", kombu_envelope())
     assert worker.wait(timeout=120) == 1
+    assert "WRONGTYPE" in workers.log("w1")
+
+
+def kombu_envelope() -> str:
+    """A kombu envelope as Redis holds it, of an evaluate message for evaluation 1 (its headers empty)."""
+    import json
+
+    return json.dumps({"body": "W1sxXSwge30sIHt9XQ==", "content-encoding": "utf-8",
+                       "content-type": "application/json", "headers": {},
+                       "properties": {"delivery_mode": 2, "priority": 0, "body_encoding": "base64",
+                                      "delivery_info": {"exchange": "", "routing_key": "cpu"},
+                                      "delivery_tag": "d6b1b0a4-0000-4000-8000-000000000001"}})
 
 
 def test_the_broker_away_as_the_driver_sends_is_one_line_and_the_evaluations_stay_queued(tmp_path):

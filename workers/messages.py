@@ -4,10 +4,14 @@ A message of another shape could stop Celery's consumer: a body or a header it d
 in the worker's main process (an unrecoverable error: the worker exited, with status 0) or broke its
 connection (and it reconnected and took the same message again, forever), and the message went back
 to the queue for the next worker, so one message stopped a whole fleet. Here each is refused for good.
+Below those, an item on a queue's list that is no kombu envelope at all (not JSON, headers that are not a
+table, no delivery tag) failed inside kombu as it was taken off the list: the worker stopped. Such an item
+is dropped with a log line (it is off the list already, and was never a message).
 """
 
 from __future__ import annotations
 
+from queue import Empty
 from typing import Any
 
 from celery.exceptions import InvalidTaskError
@@ -72,9 +76,35 @@ def checked_strategy(task, app, consumer, **options):
     return checked
 
 
+def guard_deliveries(transport) -> None:
+    """Make `transport` drop, with a log line, an item it takes off a queue but cannot read as a message.
+
+    Lost connections and the broker's own errors still propagate: Celery reconnects after the first and
+    stops the worker (exit status 1) after the second, as it would without this guard.
+    """
+    read = transport.on_readable   # what the event loop calls when the broker's socket has something
+    passed = (Empty, *transport.connection_errors, *transport.channel_errors)
+
+    def on_readable(fileno):
+        try:
+            return read(fileno)
+        except passed:
+            raise
+        except Exception as exc:
+            logger.error("message refused: the broker handed over an item that is not a message (%s: %.200s)",
+                         type(exc).__name__, exc)
+
+    transport.on_readable = on_readable
+
+
 class GuardedConsumer(Consumer):
     """Celery's consumer, refusing (rejecting without requeueing) a message whose headers are not nos's, or
-    whose handling raises anything but a lost connection."""
+    whose handling raises anything but a lost connection, and dropping an item that is not a message."""
+
+    def connection_for_read(self, heartbeat=None):
+        connection = self.app.connection_for_read(heartbeat=heartbeat)
+        guard_deliveries(connection.transport)   # before the connection registers with the event loop
+        return self.ensure_connected(connection)
 
     def create_task_handler(self, promise=promise):
         handle = super().create_task_handler(promise)
@@ -98,4 +128,4 @@ class GuardedConsumer(Consumer):
             message.reject_log_error(logger, self.connection_errors)
 
 
-__all__ = ["GuardedConsumer", "TASKS", "checked_strategy", "header_problem", "message_problem"]
+__all__ = ["GuardedConsumer", "TASKS", "checked_strategy", "guard_deliveries", "header_problem", "message_problem"]
