@@ -659,10 +659,15 @@ def test_an_evaluation_value_of_another_type(marked_up, tmp_path, change, proble
         last, = db.execute("SELECT max(id) FROM evaluations WHERE run_id = 1").fetchone()
     before = snapshot(copy)
     message = f"run 1 is damaged in the database: {problem.format(last)}"
-    _run_readers_refuse(copy, tmp_path, message, commands=("report", "plot"))
+    # `nos status` and `nos runs` read the run's best reward (SQL's max, which an infinity or text wins).
+    _run_readers_refuse(copy, tmp_path, message,
+                        commands=("status", "report", "plot") if "reward" in change else ("report", "plot"))
     if "reward" in change:   # the board reads the reward too, whatever the format
         for fmt in ("table", "json"):
             one_line_error(invoke("leaderboard", "--format", fmt, "--db", copy), message)
+        listed = invoke("runs", "--db", copy)
+        assert listed.exit_code == 0, listed.output
+        assert message in listed.output.splitlines() and "sound" in listed.output   # the other run listed
     assert snapshot(copy) == before
 
 

@@ -163,7 +163,8 @@ class RunProgress:
 
 
 def run_progress(session: Session, run_id: int) -> RunProgress | None:
-    """Counts by status of one run (None if there is no such run), from the (run_id, status) index."""
+    """Counts by status of one run (None if there is no such run), from the (run_id, status) index;
+    DamagedRow if its best reward is not a finite number."""
     run = session.get(Run, run_id)
     if run is None:
         return None
@@ -173,6 +174,11 @@ def run_progress(session: Session, run_id: int) -> RunProgress | None:
     ).all())
     best_reward = session.execute(
         select(func.max(Evaluation.reward)).where(Evaluation.run_id == run_id)).scalar_one()
+    if best_reward is not None and not is_finite_number(best_reward):
+        # SQL's max takes an infinity, PostgreSQL's NaN or SQLite's text over every figure: name its row.
+        holder = session.execute(select(func.min(Evaluation.id)).where(
+            Evaluation.run_id == run_id, Evaluation.reward == best_reward)).scalar_one()
+        check_numbers(run_id, "evaluations", holder, reward=best_reward)
     equivalent = session.execute(
         select(func.count()).where(Evaluation.run_id == run_id, Evaluation.status == "cached",
                                    Evaluation.reason.is_not(None))).scalar_one() if counts["cached"] else 0
