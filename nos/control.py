@@ -103,23 +103,25 @@ def resumable_config(store: Store, run_id: int) -> SearchConfig:
 def changed_task(store: Store, run_id: int, config: SearchConfig) -> str | None:
     """One line of warning when the run's task now builds another task (key) than its evaluations had.
 
-    Its factory's code or defaults, its data's sizes, or nos's protocol changed since the run began.
+    Its factory's code or defaults, its data (sizes, or the files of a task read from files), or nos's
+    protocol changed since the run began.
     A resume still goes on (an upgrade of nos must not strand a run), but the search's rewards are
     then judged on two tasks; evaluations still queued are trained as the new task (the driver re-keys them).
     """
     from sqlalchemy import select
 
     from .store.models import Evaluation
-    from .work import task_for, task_key
+    from .work import task_for, task_key, unfingerprinted_key
 
-    now = task_key(task_for(config, "cpu"), config.children_seed)
+    task = task_for(config, "cpu")
+    now = task_key(task, config.children_seed)
     with store.reading() as session:
         before = session.execute(select(Evaluation.task_key).where(Evaluation.run_id == run_id)
                                  .order_by(Evaluation.id.desc()).limit(1)).scalar()
-    if before is None or before == now:
-        return None
+    if before is None or before in (now, unfingerprinted_key(task, config.children_seed)):
+        return None   # the same task; or one keyed before nos fingerprinted its files, which it cannot check
     return (f"run {run_id}'s task {config.task} no longer builds the task its evaluations were trained on (its "
-            f"code, defaults or data sizes, or nos's protocol, changed): rewards from here on are judged on "
+            f"code, defaults or data, or nos's protocol, changed): rewards from here on are judged on "
             f"another task than the earlier ones; to keep one task, restore it, or start a new run")
 
 

@@ -16,6 +16,7 @@ Tasks (their data) are built once per process and reused across evaluations.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -60,6 +61,14 @@ def task_for(config: SearchConfig, device: str | None = None) -> Task:
 def task_key(task: Task, seed: int) -> str:
     """What makes two evaluations of one rule interchangeable: the task's configuration and the seed."""
     return f"{task.config_key()}-s{seed}"
+
+
+def unfingerprinted_key(task: Task, seed: int) -> str:
+    """The key a nos before the fingerprint of data read from files (option `data`) gave `task`."""
+    if "data" not in task.options:
+        return task_key(task, seed)
+    bare = dataclasses.replace(task, options={k: v for k, v in task.options.items() if k != "data"})
+    return task_key(bare, seed)
 
 
 class ClaimLost(Exception):

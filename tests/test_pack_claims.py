@@ -369,3 +369,57 @@ def test_a_worker_whose_task_differs_from_the_drivers_fails_the_evaluation(sqlit
     [row] = run_rows(sqlite_url, run_id)
     assert row.status == "failed" and "differs from the driver's" in row.error
     store.dispose()
+
+
+def test_a_worker_whose_copy_of_the_data_differs_fails_the_evaluation(sqlite_url, tmp_path):
+    """Another machine's files at the run's data_dir, of the same sizes but one label changed: its worker trained
+    them as the driver's task, and their rewards were mixed with the others under one key."""
+    import gzip
+
+    from nos import work
+    from nos.tasks import registry
+
+    from helpers.fake_fashion import write_fashion
+
+    raw = write_fashion(tmp_path / "FashionMNIST" / "raw", train=60, test=20)
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    config = SearchConfig(**{**TINY, "task": "fashion-mlp", "probe": False,
+                             "task_options": {"data_dir": str(tmp_path), "val_size": 10, "batch_size": 8}})
+    run_id, ids = _queue(store, config, RULES[:1])   # keyed by the driver, on the files as they were
+    labels = raw / "train-labels-idx1-ubyte.gz"
+    content = bytearray(gzip.decompress(labels.read_bytes()))
+    content[-1] = (content[-1] + 1) % 10
+    labels.write_bytes(gzip.compress(bytes(content)))
+    # What a worker process on that machine starts from: nothing read or built yet.
+    work._TASKS.clear()
+    for cached in (registry._fashion_mnist, registry._fashion_mnist_14, registry._read_fingerprint):
+        cached.cache_clear()
+    assert run_pack(store, ids[0], worker="w:1") == {ids[0]: Outcome.FAILED}
+    [row] = run_rows(sqlite_url, run_id)
+    assert row.status == "failed" and "differs from the driver's" in row.error
+    store.dispose()
+
+
+def test_a_run_keyed_before_data_fingerprints_resumes_without_a_warning_and_one_on_other_data_warns(
+        sqlite_url, tmp_path):
+    """Runs on files began before nos put a fingerprint of them in the key: the same task under the earlier key
+    is not "a task of another key" (nothing can check which files those were), other data of other sizes is."""
+    from nos import control
+    from nos.work import unfingerprinted_key
+
+    from helpers.fake_fashion import write_fashion
+
+    write_fashion(tmp_path / "FashionMNIST" / "raw", train=60, test=20)
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    options = {"data_dir": str(tmp_path), "val_size": 10, "batch_size": 8}
+    config = SearchConfig(**{**TINY, "task": "fashion-mlp", "probe": False, "task_options": options})
+    task = task_for(config, "cpu")
+    assert unfingerprinted_key(task, config.children_seed) != task_key(task, config.children_seed)
+    earlier, _ = _queue(store, config, RULES[:1], key=unfingerprinted_key(task, config.children_seed))
+    assert control.changed_task(store, earlier, config) is None
+    smaller = SearchConfig(**{**TINY, "task": "fashion-mlp", "probe": False,
+                              "task_options": {**options, "val_size": 20}})
+    assert control.changed_task(store, earlier, smaller).startswith(f"run {earlier}'s task fashion-mlp no longer")
+    store.dispose()

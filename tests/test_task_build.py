@@ -91,6 +91,9 @@ def test_from_dataset_reads_a_dataset_whole_and_classifies():
     ({"test": data(5), "test_size": 5}, "give test_size or test, not both"),
     ({"train_size": 500}, "train_size must be between 1 and 60"),
     ({"momentum": 0.9}, "unknown task setting momentum"),
+    # An internal field of Task (a cache) was listed among the settings, and passing it raised a TypeError.
+    ({"_frozen": 1}, "unknown task setting _frozen; it takes: lrs, sweep_epochs, epochs, channels_last, explode, "
+                     "sweep, stacked$"),
 ])
 def test_bad_settings_say_which_and_why(change, message):
     x, y = data()

@@ -116,6 +116,35 @@ def test_config_key_is_stable_and_tracks_options():
     assert get_task("digits").to_dict()["options"]["hidden"] == 64   # defaults are part of the identity
 
 
+def test_a_task_read_from_files_is_keyed_by_what_it_read(tiny_fashion, tmp_path):
+    """The folder is not in the key: other files of the same sizes (a corrected label, one worker's damaged copy)
+    were answered with results trained on the first, and a worker reading them trained as the driver's task."""
+    import gzip
+    import shutil
+
+    def key(folder):
+        return get_task("fashion-mnist", data_dir=folder, val_size=10, batch_size=8, download=False).config_key()
+
+    raw = tiny_fashion / "FashionMNIST" / "raw"
+    unzipped = tmp_path / "unzipped"
+    unzipped.mkdir()
+    for path in raw.iterdir():   # the same images and labels, stored without gzip
+        (unzipped / path.name.removesuffix(".gz")).write_bytes(gzip.decompress(path.read_bytes()))
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(unzipped, relabelled)
+    labels = relabelled / "t10k-labels-idx1-ubyte"
+    content = bytearray(labels.read_bytes())
+    content[-1] = (content[-1] + 1) % 10   # one test label of twenty
+    labels.write_bytes(bytes(content))
+
+    assert key(unzipped) == key(tiny_fashion)
+    assert key(relabelled) != key(tiny_fashion)
+    mlp = {folder: get_task("fashion-mlp", data_dir=folder, val_size=10, batch_size=8, download=False).config_key()
+           for folder in (tiny_fashion, unzipped, relabelled)}
+    assert mlp[unzipped] == mlp[tiny_fashion] != mlp[relabelled]
+    assert "data" not in get_task("digits").options   # bundled with scikit-learn: its key is unchanged
+
+
 def test_bad_options_are_value_errors():
     with pytest.raises(ValueError):
         get_task("digits", train_size=5000)
@@ -166,6 +195,15 @@ def test_cifar10_from_a_folder_of_python_batches(tmp_path):
     task = get_task("cifar10", data_dir=tmp_path, val_size=4, batch_size=4, download=False)
     assert task.splits.sizes == {"train": 16, "val": 4, "test": 4}
     assert task.new_child()(task.splits.train_x[:4]).shape == (4, 10)
+    # One pixel of one image changed elsewhere: another task key (the folder itself is not in the key).
+    other = tmp_path / "other" / "cifar-10-batches-py"
+    other.parent.mkdir()
+    folder.rename(other)
+    batch = pickle.loads((other / "test_batch").read_bytes())
+    batch["data"][0, 0] ^= 1
+    (other / "test_batch").write_bytes(pickle.dumps(batch))
+    changed = get_task("cifar10", data_dir=other.parent, val_size=4, batch_size=4, download=False)
+    assert changed.config_key() != task.config_key()
 
 
 def test_cifar10_missing_says_where_to_put_the_files(tmp_path):

@@ -42,6 +42,23 @@ class Splits:
         return {"train": len(self.train_x), "val": len(self.val_x), "test": len(self.test_x)}
 
 
+def tensors_fingerprint(named: dict[str, Tensor], chunk: int = 4096) -> str:
+    """A short sha256 of tensors' names, shapes, types and values, in `named`'s order.
+
+    A task's key holds this of its data where the data comes from files nos does not control: the files'
+    folder is not part of the key, and without it other data of the same sizes (another version of the
+    data set, a corrected label file, a damaged copy on one worker's disk) would be answered with results
+    trained on the first. The tensors are hashed where they already are, a chunk of rows at a time.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in named.items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        for part in torch.split(tensor, chunk):
+            # Logical order, whatever the memory format or device: the same data gives the same bytes.
+            digest.update(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class Task:
     """Everything `evaluate_rule` needs to turn a rule into a reward.

@@ -35,8 +35,8 @@ OBJECTIVES: dict[str, Callable[[], Objective]] = {"accuracy": Accuracy, "mse": M
 # The validation and test splits when neither size is given: a fifth of the examples each.
 DEFAULT_FRACTION = 0.2
 # What a task file may set beside the data: the protocol's knobs (fields of Task).
-KNOBS = tuple(f.name for f in dataclasses.fields(Task)
-              if f.name not in ("name", "splits", "make_child", "objective", "batch_size", "device", "options"))
+KNOBS = tuple(f.name for f in dataclasses.fields(Task) if f.init
+              and f.name not in ("name", "splits", "make_child", "objective", "batch_size", "device", "options"))
 
 
 def from_tensors(x: Tensor, y: Tensor, make_child: Callable[[], nn.Module], *, objective: str | Objective = "accuracy",

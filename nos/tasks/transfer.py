@@ -23,7 +23,6 @@ tensor bytes (nos.tensor_state), never a pickle.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import time
 from typing import Any, Callable, Sequence
@@ -34,7 +33,7 @@ from ..optim import resolve_rule
 from ..records import EpochRecord, TransferResult, TrialRecord
 from ..rules import Node, to_text
 from ..tensor_state import TensorStateError, from_bytes, to_bytes
-from .base import Splits, Task
+from .base import Splits, Task, tensors_fingerprint
 from .custom import normalized
 from .registry import TASKS, get_task
 from .training import Child, SequentialChildren, best_index, deterministic, initial_child, reads_schedule
@@ -87,21 +86,10 @@ def _identified(task: Task, model: str) -> Task:
     return task
 
 
-def data_fingerprint(splits: Splits, chunk: int = 4096) -> str:
-    """A short sha256 of every split's inputs and targets, their shapes and types.
-
-    The files' folder is not part of a task's key: without this, other data of the same sizes (another
-    version of the data set, a corrected label file) would be answered with results trained on the first.
-    The tensors are hashed where they already are, in memory, a chunk of examples at a time.
-    """
-    digest = hashlib.sha256()
-    for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
-        tensor = getattr(splits, name)
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        for part in torch.split(tensor, chunk):
-            # Logical order, whatever the memory format or device: the same data gives the same bytes.
-            digest.update(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()[:16]
+def data_fingerprint(splits: Splits) -> str:
+    """`tensors_fingerprint` of every split's inputs and targets: a transfer's key holds it, whatever its task."""
+    return tensors_fingerprint({name: getattr(splits, name)
+                                for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")})
 
 
 OnTrial = Callable[[TrialRecord], None]
