@@ -65,7 +65,9 @@ def task_key(task: Task, seed: int) -> str:
 
 def unfingerprinted_key(task: Task, seed: int) -> str:
     """The key a nos before the fingerprint of data read from files (option `data`) gave `task`."""
-    if "data" not in task.options:
+    from .tasks.registry import FILE_TASKS
+
+    if task.name not in FILE_TASKS or "data" not in task.options:   # a task of your own may take a `data` option
         return task_key(task, seed)
     bare = dataclasses.replace(task, options={k: v for k, v in task.options.items() if k != "data"})
     return task_key(bare, seed)

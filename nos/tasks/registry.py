@@ -84,6 +84,10 @@ def _fashion_mnist_14(data_dir: str | None, download: bool) -> tuple[Tensor, ...
     return shrink(train_x), train_y, shrink(test_x), test_y
 
 
+# The tasks whose key holds a fingerprint of the files they read (option `data`).
+FILE_TASKS = ("fashion-mnist", "fashion-mlp", "cifar10")
+
+
 # -- the tasks -----------------------------------------------------------------
 def digits(*, device: torch.device, data_dir=None, train_size: int | None = None, val_size: int = 300,
            test_size: int = 297, hidden: int = 64, split_seed: int = 0, **protocol: Any) -> Task:
