@@ -76,13 +76,37 @@ def checked_strategy(task, app, consumer, **options):
     return checked
 
 
+def envelope_problem(raw: Any) -> str | None:
+    """What is wrong with a decoded kombu envelope (as the Redis transport stores a message), or None.
+
+    Checked before kombu reads it: kombu's Redis transport counts a KeyError as a lost connection (a missing
+    delivery tag made the worker reconnect) and redis-py refuses a tag that is not text (the worker stopped).
+    """
+    if not isinstance(raw, dict):
+        return "it is not a table"
+    properties = raw.get("properties")
+    if not isinstance(properties, dict):
+        return "its properties are not a table"
+    if not isinstance(properties.get("delivery_tag"), str) or not properties["delivery_tag"]:
+        return "it has no delivery tag"
+    info = properties.get("delivery_info")
+    if not (isinstance(info, dict) and isinstance(info.get("exchange"), str)
+            and isinstance(info.get("routing_key"), str)):
+        return "its delivery info names no exchange and routing key"
+    if raw.get("headers") is not None and not isinstance(raw["headers"], dict):
+        return "its headers are not a table"
+    if raw.get("body") is not None and not isinstance(raw["body"], str):
+        return "its body is not text"
+    return None
+
+
 def guard_deliveries(transport) -> None:
     """Make `transport` drop, with a log line, an item it takes off a queue but cannot read as a message.
 
     Lost connections and the broker's own errors still propagate: Celery reconnects after the first and
     stops the worker (exit status 1) after the second, as it would without this guard.
     """
-    read = transport.on_readable   # what the event loop calls when the broker's socket has something
+    read, deliver = transport.on_readable, transport._deliver   # the event loop's callback; kombu's hand-over
     passed = (Empty, *transport.connection_errors, *transport.channel_errors)
 
     def on_readable(fileno):
@@ -90,11 +114,21 @@ def guard_deliveries(transport) -> None:
             return read(fileno)
         except passed:
             raise
-        except Exception as exc:
-            logger.error("message refused: the broker handed over an item that is not a message (%s: %.200s)",
-                         type(exc).__name__, exc)
+        except Exception as exc:   # not JSON, or a body kombu cannot decode
+            _drop(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    def checked_deliver(raw, queue):
+        problem = envelope_problem(raw)
+        if problem:
+            return _drop(problem)
+        return deliver(raw, queue)
 
     transport.on_readable = on_readable
+    transport._deliver = checked_deliver   # looked up on the transport at each delivery, queue and fanout alike
+
+
+def _drop(problem: str) -> None:
+    logger.error("message refused: the broker handed over an item that is not a message (%s)", problem)
 
 
 class GuardedConsumer(Consumer):
@@ -128,4 +162,5 @@ class GuardedConsumer(Consumer):
             message.reject_log_error(logger, self.connection_errors)
 
 
-__all__ = ["GuardedConsumer", "TASKS", "checked_strategy", "guard_deliveries", "header_problem", "message_problem"]
+__all__ = ["GuardedConsumer", "TASKS", "checked_strategy", "envelope_problem", "guard_deliveries", "header_problem",
+           "message_problem"]
