@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from nos.store import LeaderboardRow, database_now, leaderboard, run_progress, trials_of
-from nos.store.history import UNMEASURED
+from nos.store.history import UNMEASURED, scored_as
 from nos.store.leases import DRIVABLE, Lease, read_lease
 from nos.store.models import SCORED_STATUSES, Evaluation, Rule
 from nos.store.queries import DamagedRow, read_run, run_ids
@@ -36,7 +36,7 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def _measured_test(e: Evaluation) -> float | None:
-    return None if e.status in UNMEASURED else e.test_acc
+    return None if scored_as(e.status, e.best_lr) in UNMEASURED else e.test_acc
 
 
 def _seconds(value: float | None) -> str:
@@ -72,9 +72,10 @@ def print_leaderboard(session: Session, top: int, run_id: int | None = None, tas
         table.add_column(column, overflow="fold")
     for r in rows:
         # Say why where its rate would be, rather than print a measured-looking test score of 0.0000.
-        unmeasured = r.status in UNMEASURED
+        scored = scored_as(r.status, r.best_lr)   # a cached copy of a diverged rule diverged
+        unmeasured = scored in UNMEASURED
         cells = [str(r.place), str(r.rule_id), r.rule, _fmt(r.reward), "-" if unmeasured else _fmt(r.test_acc),
-                 r.status if unmeasured else _fmt(r.best_lr),
+                 scored if unmeasured else _fmt(r.best_lr),
                  str(r.evaluations), str(r.run_id), r.task]
         if group_equivalent:
             cells.insert(3, f"{r.equivalent_rules} rules" if r.equivalent_rules > 1 else "-")

@@ -22,7 +22,16 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from nos.store import Store
-from nos.store.history import UNMEASURED, EvaluationRow, Sweep, Timings, run_evaluations, run_timings, sweep_of
+from nos.store.history import (
+    UNMEASURED,
+    EvaluationRow,
+    Sweep,
+    Timings,
+    run_evaluations,
+    run_timings,
+    scored_as,
+    sweep_of,
+)
 from nos.store.models import Run, utcnow
 from nos.store.queries import LeaderboardRow, RunProgress, leaderboard, read_run, run_progress
 
@@ -125,14 +134,20 @@ def _lr(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
+def _unmeasured(row: LeaderboardRow) -> str | None:
+    """Why a rule has no final run ("rejected", "diverged"; a cached copy's as its source's), or None."""
+    status = scored_as(row.status, row.best_lr)
+    return status if status in UNMEASURED else None
+
+
 def _test(row: LeaderboardRow) -> str:
     # Rejected and diverged rules had no final run: the stored 0.0 is no measured test score (as `nos leaderboard`).
-    return "-" if row.status in UNMEASURED else _num(row.test_acc)
+    return "-" if _unmeasured(row) else _num(row.test_acc)
 
 
 def _best_lr(row: LeaderboardRow) -> str:
     """The best rate, or for a rule that has none the reason, where the rate would be (as `nos leaderboard`)."""
-    return row.status if row.status in UNMEASURED else _lr(row.best_lr)
+    return _unmeasured(row) or _lr(row.best_lr)
 
 
 def _seconds(value: float | None) -> str:
@@ -308,7 +323,7 @@ def _top_rule(top: TopRule, images: bool) -> str:
     row, sweep = top.row, top.sweep
     head = (f'<h3>#{row.place} <code class="rule">{escape(row.rule)}</code></h3>'
             f'<p class="sub">reward {_num(row.reward)} '
-            + (f"({row.status})" if row.status in UNMEASURED else f"at lr {_lr(row.best_lr)}")
+            + (f"({_unmeasured(row)})" if _unmeasured(row) else f"at lr {_lr(row.best_lr)}")
             + f", test accuracy {_test(row)}, evaluation {row.evaluation_id}</p>")
     if sweep is None:
         return f'<div class="top"><div>{head}<p class="note">No learning-rate sweep stored.</p></div></div>'

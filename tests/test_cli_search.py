@@ -315,6 +315,18 @@ def test_a_leaderboard_marks_rules_that_were_rejected_or_diverged_instead_of_pri
     assert diverged.count("<0.01") == 2 and "reward: the val score" not in diverged
     assert "reward: the val score of the final run at lr 0.0010" in invoke("show", "adam", "--db", sqlite_url).output
 
+    # Another run proposes the diverged rule again: its cached copy carries the figures, and was shown as a
+    # measured test score of 0.0000 and a best rate of "-".
+    with sqlite_store.transaction() as session:
+        again = create_run(session, "again", "digits", {"budget": 1})
+        enqueue_batch(session, again, 0, [NewEvaluation(diverging, "digits", "k", cached_from=ids[1])])
+    rows = {line.split("│")[3].strip(): [cell.strip() for cell in line.split("│")[4:7]]
+            for line in invoke("leaderboard", "--run", str(again), "--db", sqlite_url).output.splitlines()
+            if line.startswith("│")}
+    assert rows == {"exp(g)": ["0.0000", "-", "diverged"]}
+    assert f"cached, reward 0.0000, test -, best lr -, cached from {ids[1]}" in \
+        invoke("show", "exp(g)", "--db", sqlite_url).output
+
 
 def test_an_empty_database_says_so_instead_of_printing_empty_tables(sqlite_store, sqlite_url):
     assert invoke("runs", "--db", sqlite_url).output == "no runs yet; start one with `nos enqueue`\n"

@@ -195,6 +195,15 @@ def test_report_shows_no_test_score_for_rejected_and_diverged_rules(sqlite_store
     assert row.group(1).startswith('<td class="num">0.0000</td><td class="num">-</td><td class="num">diverged</td>')
     assert "reward 0.0000 (diverged), test accuracy -, evaluation" in page
 
+    # A cached copy of the diverged rule, in a run of its own: it carries the figures, and diverged as well.
+    with sqlite_store.transaction() as session:
+        again = create_run(session, "again", "digits", {"budget": 1})
+        enqueue_batch(session, again, 0, [NewEvaluation(ids["rule_ids"][2], "digits", "k1",
+                                                        cached_from=ids["trained"][2])])
+    assert invoke("report", str(again), "-o", str(out), "--db", sqlite_url).exit_code == 0
+    page = out.read_text()
+    assert "reward 0.0000 (diverged), test accuracy -, evaluation" in page and "test accuracy 0.0000" not in page
+
     rejected = _rejected_only_run(sqlite_store)
     assert invoke("report", str(rejected), "-o", str(out), "--db", sqlite_url).exit_code == 0
     page = out.read_text()

@@ -21,6 +21,12 @@ from .queries import DamagedRow, check_numbers, read_naming_damage
 UNMEASURED = ("rejected", "diverged")
 
 
+def scored_as(status: str, best_lr: float | None) -> str:
+    """How an evaluation got its figures: its status, or "diverged" for a cached copy of a rule that diverged at
+    every rate (a copy carries its source's figures, and of the trained statuses only diverged has no best rate)."""
+    return "diverged" if status == "cached" and best_lr is None else status
+
+
 @dataclass(frozen=True)
 class EvaluationRow:
     """One evaluation with its rule's text: a row of `nos.store.evaluations_frame`."""
@@ -245,5 +251,5 @@ def run_timings(run: Run, rows: list[EvaluationRow]) -> Timings:
 
 __all__ = [
     "UNMEASURED", "EvaluationRow", "Sweep", "SweepPoint", "Timings", "TrialRow", "rule_sweeps",
-    "run_evaluations", "run_timings", "run_trials", "sweep_of",
+    "run_evaluations", "run_timings", "run_trials", "scored_as", "sweep_of",
 ]
