@@ -218,12 +218,12 @@ def test_protocol_knobs_a_factory_does_not_take_are_applied_to_its_task(tasks_mo
     ("{m}:not_a_task", TaskFactoryError, "returned a list, not a nos.tasks.Task"),
     ("{m}:odd_default", TaskFactoryError, "option dtype's value torch.float64 is not plain data"),
     ("{m}:plain", ValueError, "unknown option 'hidden' for task"),
-    ("{m}:blobs", TaskFactoryError, "given 'widht', which it does not name; its own options: train_size, width, "
-                                    "split_seed; the protocol's: batch_size, lrs"),
+    ("{m}:blobs", TaskFactoryError, "task '{m}:blobs': option 'widht' (did you mean 'width'?) is neither its own "
+                                    "(train_size, width, split_seed) nor the protocol's (batch_size, lrs"),
     ("{m}:blobs", ValueError, "task option train_size must be a whole number"),
 ])
 def test_a_factory_that_cannot_build_says_why(tasks_module, attribute, error, message):
-    options = {"hidden": 3} if attribute.endswith(":plain") else {"widht": 4} if "does not name" in message \
+    options = {"hidden": 3} if attribute.endswith(":plain") else {"widht": 4} if "neither its own" in message \
         else {"train_size": "many"} if attribute.endswith(":blobs") and "boom" not in attribute \
         and "nowhere" not in attribute else {}
     with pytest.raises(error, match=re.escape(message.format(m=tasks_module))):

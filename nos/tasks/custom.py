@@ -28,6 +28,7 @@ as the package's metadata declares them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import importlib
 import inspect
@@ -182,7 +183,7 @@ def build_with(label: str, factory: Callable[..., Any], device: torch.device, op
     try:
         task = factory(**passed)
     except (Exception, SystemExit) as exc:   # sys.exit() in a factory would end the command, or a worker, silently
-        raise TaskFactoryError(f"task {label!r} raised {_described(exc)}{_strays(named, options)}") from None
+        raise TaskFactoryError(_failed(label, named, options, exc)) from None
     if not isinstance(task, Task):
         raise TaskFactoryError(f"task {label!r} returned a {type(task).__name__}, not a nos.tasks.Task")
     _check_passed_on(label, task, passed)
@@ -248,13 +249,17 @@ def recorded_options(label: str, signature: inspect.Signature, passed: dict[str,
     return recorded
 
 
-def _strays(named: tuple[str, ...], options: dict[str, Any]) -> str:
-    """For a factory that failed: the options given that are neither its own nor the protocol's (a typo?)."""
+def _failed(label: str, named: tuple[str, ...], options: dict[str, Any], exc: BaseException) -> str:
+    """Why a factory failed; first, where given, the options that are neither its own nor the protocol's: a typo
+    passed on through `**protocol` fails in `from_tensors`, and reads as a crash of the factory."""
     strays = sorted(k for k in options if k not in named and k not in PROTOCOL_OPTIONS)
     if not strays:
-        return ""
-    return (f" (given {', '.join(map(repr, strays))}, which it does not name; its own options: "
-            f"{', '.join(named) or 'none'}; the protocol's: {', '.join(PROTOCOL_OPTIONS)})")
+        return f"task {label!r} raised {_described(exc)}"
+    names = [*named, *PROTOCOL_OPTIONS]
+    given = ", ".join(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, names, 1))
+                                  else "") for k in strays)
+    return (f"task {label!r}: option {given} is neither its own ({', '.join(named) or 'none'}) nor the "
+            f"protocol's ({', '.join(PROTOCOL_OPTIONS)}); building it raised {_described(exc)}")
 
 
 def _described(exc: BaseException) -> str:
