@@ -30,7 +30,20 @@ COMMANDS = {   # name -> (where it lives, its one-line help: `nos --help` lists 
 }
 
 
+# The exit status of a command interrupted by Ctrl-C (where it does not stop cleanly with 3, as a search does).
+INTERRUPTED = 130
+
+
 class LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        # Ctrl-C in a command that does not stop on it itself (`nos eval`, a long report): click said
+        # "Aborted!" with exit status 1, which nos gives a failure; 130 is a shell's status for SIGINT.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(INTERRUPTED)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 

@@ -133,3 +133,28 @@ def test_help_lists_every_command_without_importing_torch():
         assert f"  {name} " in out
         assert summary.split()[0] in out
         assert cli.get_command(None, name).name == name   # the table points at the real command
+
+
+def test_ctrl_c_in_eval_exits_130_with_one_line():
+    """click answered a Ctrl-C with "Aborted!" and exit status 1, the status nos gives a failure."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    evaluating = subprocess.Popen([sys.executable, "-m", "nos.cli.main", "eval", "adam", "--epochs", "10000"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        # torch is imported by the command itself: once it is mapped, click has handed over to `nos eval`.
+        while "libtorch_cpu" not in open(f"/proc/{evaluating.pid}/maps").read() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        os.kill(evaluating.pid, signal.SIGINT)
+        _, stderr = evaluating.communicate(timeout=120)
+    finally:
+        if evaluating.poll() is None:
+            evaluating.kill()
+    assert evaluating.returncode == 130, stderr
+    assert stderr.strip() == "interrupted"
