@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -169,11 +170,11 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         for key in given:
             if key in UNSUPPORTED_GROUP_KEYS:
                 raise ValueError(f"a param group sets {key!r}, a torch.optim hyperparameter SymbolicOptimizer does "
-                                 "not implement: write it into the rule instead (weight decay 1e-2: "
-                                 "'<rule> + 1e-2*w')")
+                                 "not implement: write it into the rule instead (decoupled weight decay 1e-2, "
+                                 "as AdamW's or plain SGD's: '<rule> + 1e-2*w')")
         _check_lr(group["lr"])
         total_steps = group["total_steps"]
-        if total_steps is not None and not (isinstance(total_steps, (int, float)) and total_steps >= 1):
+        if total_steps is not None and not (_is_real(total_steps) and total_steps >= 1):
             raise ValueError(f"total_steps must be at least 1, got {total_steps}")
         step_numbers(1, total_steps, self._reads)   # a rule that reads a schedule needs a horizon
         if group["foreach"] not in (True, False, None):
@@ -280,7 +281,13 @@ class SymbolicOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step_groups()
+        if _compiling():
+            # Inside a torch.compile of a whole training step: traced, the step's per-step numbers (a tensor
+            # lr read as a float, bias corrections) made a new graph at every step until dynamo gave up after
+            # its recompile limit. Run eagerly instead, as one break in the graph (`compile=True` compiles it).
+            _eager(self._step_groups)()
+        else:
+            self._step_groups()
         return loss
 
     def _step_groups(self) -> None:
@@ -289,7 +296,7 @@ class SymbolicOptimizer(torch.optim.Optimizer):
             self._track()
         for index, group in enumerate(self.param_groups):
             lr = group["lr"]
-            if isinstance(lr, Tensor):   # held as torch's optimizers take it, and as a scheduler fills it
+            if type(lr) is not float:   # a tensor (as torch's optimizers take it, a scheduler fills it), a NumPy number
                 lr = float(lr)
             grads = [p.grad for p in group["params"]]   # read once: a tensor's .grad costs more than a dict lookup
             for bucket in self._buckets(index, group["params"], grads):
@@ -572,12 +579,27 @@ def _default_seed() -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 2   # below 2**62
 
 
+def _is_real(value: Any) -> bool:
+    """A real number (a NumPy one too, as torch's optimizers take them), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing the caller (False on a torch without torch.compiler.is_compiling)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return is_compiling is not None and is_compiling()
+
+
+def _eager(step: Callable[[], None]) -> Callable[[], None]:
+    return torch.compiler.disable(step)
+
+
 def _check_lr(lr: Any) -> float:
     """lr as a float: a number, or a tensor of one number (as torch's optimizers take it, and schedulers fill it)."""
     if isinstance(lr, Tensor) and lr.numel() == 1 and not lr.is_complex():
         value = float(lr)
-    elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
-        value = lr
+    elif _is_real(lr):   # a NumPy number too, as a LambdaLR computing with NumPy leaves in the groups
+        value = float(lr)
     else:
         raise ValueError(f"Invalid learning rate: lr must be a number or a one-element tensor, got {lr!r}")
     if not value >= 0:
@@ -590,8 +612,8 @@ def _step_count(step: Any) -> int:
     and take one put in a state (opt.state[p]["step"] = torch.tensor(3.)): so does this one."""
     if isinstance(step, Tensor) and step.numel() == 1 and not step.is_complex():
         value = step.item()
-    elif isinstance(step, (int, float)) and not isinstance(step, bool):
-        value = step
+    elif _is_real(step):
+        value = float(step)
     else:
         raise TypeError(f"a state's 'step' is a whole number or a one-element tensor of one, got {step!r}")
     if not (math.isfinite(value) and value >= 0 and float(value).is_integer()):

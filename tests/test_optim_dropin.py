@@ -400,3 +400,57 @@ def test_repr_lists_the_groups_as_they_are_now():
     text = repr(opt)
     assert text.startswith("SymbolicOptimizer('g * exp(sign(g) * sign(m))') (")
     assert "Parameter Group 1" in text and "lr: 0.05" in text
+
+
+def test_a_numpy_learning_rate_is_taken_as_torch_takes_it():
+    """A LambdaLR computing with NumPy leaves np.float32 in the groups: the steps went on, but the optimizer's own
+    state dict was then refused on load, where torch.optim.Adam's loads."""
+    import numpy as np
+    from torch.optim.lr_scheduler import LambdaLR
+
+    stepped = []
+    for optimizer in (SymbolicOptimizer(weights(), "adam", lr=0.1), torch.optim.Adam(weights(), lr=0.1)):
+        schedule = LambdaLR(optimizer, lambda epoch: np.float32(0.5) ** epoch)
+        params = optimizer.param_groups[0]["params"]
+        for step in range(3):
+            grads_for(params, step)
+            optimizer.step()
+            schedule.step()
+            optimizer.load_state_dict(optimizer.state_dict())
+        stepped.append([p.detach().clone() for p in params])
+    for ours, torchs in zip(*stepped):
+        torch.testing.assert_close(ours, torchs)
+    SymbolicOptimizer(weights(), "adam", lr=np.float64(0.01), total_steps=np.int64(10))   # taken, as by torch
+
+
+def test_a_compiled_training_step_runs_the_optimizer_step_once_outside_the_graph():
+    """torch.compile of a whole training step traced the step's per-step numbers (the bias corrections, a tensor
+    lr read as a float) into every graph: a new compile at every step until dynamo's recompile limit, then eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def trained(compiled: bool) -> tuple[list[torch.Tensor], list[int]]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        optimizer = SymbolicOptimizer(model.parameters(), "adam", lr=torch.tensor(0.01))
+        x, y = torch.randn(32, 8), torch.randn(32, 1)
+
+        def train_step():
+            optimizer.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            optimizer.step()
+
+        step = torch.compile(train_step, backend="eager") if compiled else train_step
+        frames = []
+        for _ in range(10):
+            step()
+            frames.append(counters["frames"]["total"])
+        return [p.detach().clone() for p in model.parameters()], frames
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, frames = trained(compiled=True)
+    eager, _ = trained(compiled=False)
+    assert frames[2:] == [frames[2]] * 8, frames   # nothing compiled again after the first steps
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
