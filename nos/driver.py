@@ -61,7 +61,7 @@ from .store import (
     save_checkpoint,
     set_run_status,
 )
-from .store.engine import first_line
+from .store.engine import first_line, shown
 from .store.evaluations import rekey_queued, release_claims, release_the_departed
 from .store.models import COUNTED_STATUSES as COUNTED, FINISHED_STATUSES as FINISHED, Evaluation, Rule
 from .store.outages import is_transient, retrying
@@ -396,8 +396,14 @@ class Driver:
         elif claims > before:
             self.untaken = None
         elif self.dispatched_at and time.monotonic() - since >= max(UNTAKEN_AFTER, self.config.stale_after):
+            refused = session.execute(
+                select(Evaluation.error).where(Evaluation.run_id == self.run_id, Evaluation.status == "queued",
+                                               Evaluation.error.is_not(None))
+                .order_by(Evaluation.id.desc()).limit(1)).scalar()
+            why = (f"workers refuse them (the last: {refused.strip().splitlines()[-1][:300]})" if refused else
+                   "none runs, all are busy elsewhere, or they use another database, which their logs say")
             print(f"nos: no worker has taken an evaluation of run {self.run_id} in {time.monotonic() - since:.0f} s "
-                  f"(none runs, or all are busy elsewhere); {hint()}", file=sys.stderr, flush=True)
+                  f"({why}); {hint()}", file=sys.stderr, flush=True)
             self.untaken = None   # said once
 
     def _check_not_all_failing(self, session) -> None:
@@ -533,6 +539,10 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
+class RunNotHere(LookupError):
+    """The run to drive is not in this database: the worker was started with another `--db`."""
+
+
 def drive_run(store: Store, run_id: int, broker_url: str | None = None,
               on_progress: Callable[[Progress], None] | None = None) -> str:
     """Drive run `run_id` with the config it was created with; returns its final status.
@@ -542,7 +552,11 @@ def drive_run(store: Store, run_id: int, broker_url: str | None = None,
     busy is faster than contending with them.
     """
     with store.reading() as session:
-        config = SearchConfig.from_dict(get_run(session, run_id).config)
+        run = get_run(session, run_id)
+        if run is None:   # a control worker on another database than the run's driver (`nos worker --db`)
+            raise RunNotHere(f"run {run_id} is not in this worker's database {shown(store.url)}: a control worker "
+                             "must use the database of the command that started the run")
+        config = SearchConfig.from_dict(run.config)
     executor = make_executor(store, config, broker_url)
     try:
         return Driver(store, run_id, config, executor, on_progress).run()

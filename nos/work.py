@@ -34,7 +34,7 @@ from .config import SearchConfig
 from .devices import device_problem
 from .records import EvaluationResult
 from .store import Store, claim, commit_result, database_now, fail, find_cached, get_evaluation, get_run, heartbeat
-from .store.engine import first_line
+from .store.engine import first_line, shown
 from .store.evaluations import commit_cached, equivalence_reason, find_equivalent, note_refusal
 from .store.models import Evaluation, Rule
 from .store.outages import retrying
@@ -252,6 +252,9 @@ def _claim_or_answer(session: Session, evaluation_id: int, worker: str, device: 
     """Claim the evaluation, or say why not; one already answered by a stored result is committed as cached."""
     evaluation = get_evaluation(session, evaluation_id)
     if evaluation is None:
+        # Sent by a driver on another database (or its run deleted): said, or the worker skips all it is sent.
+        _LOG.warning("evaluation %s is not in this worker's database %s: skipped (a worker must use the database "
+                     "of the run's driver)", evaluation_id, shown(session.get_bind().url))
         return Outcome.SKIPPED
     config = SearchConfig.from_dict(get_run(session, evaluation.run_id).config)
     problem = device_problem(device or config.device)

@@ -294,6 +294,42 @@ def test_a_search_no_worker_takes_says_so_once_and_where_the_evaluations_wait(db
     assert len(said) == 1, err
     assert f"they wait in the cpu queue of {broker}: start a worker with `nos worker --broker {broker} --queues cpu`" \
         in said[0]
+    assert "(none runs, all are busy elsewhere, or they use another database, which their logs say)" in said[0]
+
+
+ONLY_IN_THE_DRIVER = """
+import torch
+from torch import nn
+from nos.tasks import from_tensors, task_factory
+
+@task_factory
+def points(*, device="cpu", **protocol):
+    x = torch.randn(300, 4, generator=torch.Generator().manual_seed(0))
+    return from_tensors(x, (x[:, 0] > 0).long(), lambda: nn.Linear(4, 2), device=device, **protocol)
+"""
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_search_every_worker_refuses_says_why_in_the_drivers_line(db_url, broker, workers, tmp_path):
+    """The driver said "none runs, or all are busy elsewhere" while a worker ran and refused every evaluation,
+    its reason stored on them (here: the task's module is importable by the driver only)."""
+    (tmp_path / "driver_only_tasks.py").write_text(ONLY_IN_THE_DRIVER)
+    config = tmp_path / "refused.toml"
+    config.write_text('task = "driver_only_tasks:points"\nbudget = 4\nstale_after = 4.0\nheartbeat_every = 1.0\n')
+    workers.start("w1")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    driver = subprocess.Popen([sys.executable, "-m", "nos.cli.main", "enqueue", "--config", str(config), "--db",
+                               db_url, "--broker", broker], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        time.sleep(25)   # the worker's first refusal, then stale_after (4 s here, at least 10 s) without a claim
+    finally:
+        os.killpg(driver.pid, signal.SIGINT)
+    _, err = driver.communicate(timeout=60)
+    said = [line for line in err.splitlines() if line.startswith("nos: no worker has taken an evaluation of run 1")]
+    assert len(said) == 1, err
+    assert "(workers refuse them (the last: refused by " in said[0]
+    assert "its driver_only_tasks:points task cannot be built here" in said[0]
 
 
 def run_state(db_url: str, run_id: int = 1) -> tuple[str, str | None]:

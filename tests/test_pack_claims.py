@@ -423,3 +423,21 @@ def test_a_run_keyed_before_data_fingerprints_resumes_without_a_warning_and_one_
                               "task_options": {**options, "val_size": 20}})
     assert control.changed_task(store, earlier, smaller).startswith(f"run {earlier}'s task fashion-mlp no longer")
     store.dispose()
+
+
+def test_an_evaluation_not_in_the_workers_database_is_skipped_and_said(sqlite_url, caplog):
+    """A worker started with another --db than the driver's skipped everything it was sent without a word: the
+    run crawled on the other workers, or waited with "no worker has taken" while this one ran."""
+    import logging
+
+    from nos.driver import RunNotHere, drive_run
+
+    upgrade(resolve_url(sqlite_url))
+    store = open_store(sqlite_url)
+    with caplog.at_level(logging.WARNING, logger="nos.work"):
+        assert run_pack(store, 4242, worker="w:1") == {4242: Outcome.SKIPPED}
+    assert "evaluation 4242 is not in this worker's database sqlite:///" in caplog.text
+    # A control worker on another database: one line, not an AttributeError from a run it cannot read.
+    with pytest.raises(RunNotHere, match="run 7 is not in this worker's database sqlite:///"):
+        drive_run(store, 7)
+    store.dispose()

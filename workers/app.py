@@ -99,11 +99,14 @@ def drive(self, run_id: int) -> str:
     has its message redelivered at once, possibly to another host, while the dead driver's lease
     still looks live there; refused for good, the run would wait undriven for a `nos resume`.
     """
-    from nos.driver import drive_run
+    from nos.driver import RunNotHere, drive_run
     from nos.store.leases import LeaseRefused
 
     try:
         return drive_run(_open_store(), int(run_id), broker_url=app.conf.broker_url)
+    except RunNotHere as exc:
+        logger.error("not driving run %s: %s", run_id, exc)
+        return "refused"
     except LeaseRefused as exc:
         wait = _lease_wait(int(run_id))
         if wait is not None and self.request.retries < self.max_retries:
