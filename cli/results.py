@@ -190,8 +190,9 @@ def status_command(run_id, db_url, broker_url) -> None:
         if run.status in DRIVABLE:
             console.print("  " + _driver_line(read_lease(session, run_id), run))
         elif run.status == "failed" and run.error:
+            # A detached run (its driver loop sent to a control worker) is resumed detached too.
             console.print(f"  failed: {run.error.strip().splitlines()[-1][:500]}; fix the cause, then "
-                          f"`nos resume {run_id}`")
+                          f"`nos resume {run_id}{' --detach' if run.drive_sent_at is not None else ''}`")
         refused = session.execute(
             select(func.count(), func.max(Evaluation.id)).where(
                 Evaluation.run_id == run_id, Evaluation.status == "queued", Evaluation.error.is_not(None))).one()

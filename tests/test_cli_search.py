@@ -223,6 +223,16 @@ def test_status_says_why_a_run_failed(sqlite_store, sqlite_url):
     lines = invoke("status", str(run_id), "--db", sqlite_url).output.splitlines()
     assert lines[2] == ("  failed: SearchStuck: 4 evaluations failed and none trained; fix the cause, then "
                         "`nos resume 1`")
+    # A detached run whose control worker could not drive it: resumed in the foreground, it took over the shell.
+    from nos.store.detached import hand_to_control
+
+    with sqlite_store.transaction() as session:
+        detached = create_run(session, "d", "digits", {"budget": 4})
+        hand_to_control(session, detached)
+        set_run_status(session, detached, "failed", error="its control worker could not drive it: ...")
+    lines = invoke("status", str(detached), "--db", sqlite_url).output.splitlines()
+    assert lines[2] == (f"  failed: its control worker could not drive it: ...; fix the cause, then "
+                        f"`nos resume {detached} --detach`")
 
 
 def test_a_relative_data_dir_is_stored_absolute(tmp_path, monkeypatch):

@@ -524,3 +524,18 @@ def test_an_upgrade_tries_again_while_another_session_holds_a_table(pg_url, monk
         assert upgrade(url).up_to_date
     finally:
         holder.close()
+
+
+def test_opening_a_store_says_nothing_of_migrations(sqlite_url, caplog):
+    """Reading the revision made Alembic log "Context impl SQLiteImpl." at INFO: a control worker's watch, which
+    opens a store every 10 s, filled its log with it."""
+    import logging
+
+    from nos.store import open_store, resolve_url, upgrade
+
+    upgrade(resolve_url(sqlite_url))
+    level = logging.getLogger("alembic.runtime.migration").level
+    with caplog.at_level(logging.INFO):
+        open_store(sqlite_url).dispose()
+    assert not [r for r in caplog.records if r.name == "alembic.runtime.migration"], caplog.text
+    assert logging.getLogger("alembic.runtime.migration").level == level   # left as it was

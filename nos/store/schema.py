@@ -7,6 +7,7 @@ behind or ahead leaves it byte for byte as it was.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from sqlalchemy.exc import DBAPIError
 from .engine import DatabaseMissing, Store, StoreError, create_engine, first_line, resolve_url, shown, sqlite_path
 
 UPGRADE_HINT = "run `nos db upgrade`"
+# Alembic's logger of what a migration context does: INFO lines meant for migrations, not for reading a revision.
+MIGRATION_LOG = logging.getLogger("alembic.runtime.migration")
 # Tables every revision of nos's schema has: a database holding them is one nos created.
 NOS_TABLES = frozenset({"runs", "rules", "evaluations"})
 # Named in a refusal: enough to recognise the database, short enough for one line.
@@ -141,13 +144,25 @@ def _read_revision(url: URL) -> tuple[str | None, set[str]]:
     with _reading(url, path) as connection:
         inspector = sa.inspect(connection)
         names = set(inspector.get_table_names()) | set(inspector.get_view_names())
-        return MigrationContext.configure(connection).get_current_revision(), names
+        with _quiet(MIGRATION_LOG):   # "Context impl PostgresqlImpl.": at every store opened, every 10 s in a watch
+            return MigrationContext.configure(connection).get_current_revision(), names
 
 
 def _user_views(url: URL) -> tuple[str, ...]:
     """Views in nos's database that nos did not make (in its default schema)."""
     with _reading(url, sqlite_path(url)) as connection:
         return tuple(sorted(set(sa.inspect(connection).get_view_names()) - NOS_VIEWS))
+
+
+@contextmanager
+def _quiet(log: logging.Logger) -> Iterator[None]:
+    """`log` at WARNING and above only, for the block."""
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 @contextmanager
