@@ -162,15 +162,17 @@ def _run_cells(session: Session, run_id: int) -> list[str]:
 def status_command(run_id, db_url, broker_url) -> None:
     """A run's counts by status and its evaluations in flight (default: the latest run).
 
-    With --broker, also the Celery workers that answer a ping.
+    With --broker, also the Celery workers that answer, and the queues they take.
     """
     store = open_store_or_exit(db_url)
+    live = None
     if broker_url:
         from nos.workers.executor import live_workers
 
         check_broker_or_exit(broker_url)
-        names = live_workers(broker_url)
-        console.print(f"{len(names)} live worker{'s' if len(names) != 1 else ''}: {', '.join(names) or '-'}")
+        live = live_workers(broker_url)
+        shown_workers = ", ".join(f"{name} ({', '.join(queues) or 'no queue'})" for name, queues in live.items())
+        console.print(f"{len(live)} live worker{'s' if len(live) != 1 else ''}: {shown_workers or '-'}")
     with store.reading() as session:
         if run_id is None:
             runs = run_ids(session)
@@ -188,7 +190,7 @@ def status_command(run_id, db_url, broker_url) -> None:
                       f"best reward {_fmt(progress.best_reward)}")
         console.print("  " + ", ".join(f"{status} {n}" for status, n in progress.counts.items()))
         if run.status in DRIVABLE:
-            console.print("  " + _driver_line(read_lease(session, run_id), run))
+            console.print("  " + _driver_line(read_lease(session, run_id), run, live))
         elif run.status == "failed" and run.error:
             # A detached run (its driver loop sent to a control worker) is resumed detached too.
             console.print(f"  failed: {run.error.strip().splitlines()[-1][:500]}; fix the cause, then "
@@ -224,8 +226,8 @@ def status_command(run_id, db_url, broker_url) -> None:
                     f"{n} of {size}" for size, n in sorted(Counter(sizes.values()).items(), reverse=True)))
 
 
-def _driver_line(lease: Lease, run) -> str:
-    """Who drives the run, or what will drive it again."""
+def _driver_line(lease: Lease, run, live: dict[str, tuple[str, ...]] | None = None) -> str:
+    """Who drives the run, or what will drive it again; `live`: the workers that answered, with their queues."""
     detached = run.drive_sent_at is not None
     if lease.live():
         age = max((lease.read_at - lease.heartbeat_at).total_seconds(), 0)
@@ -233,6 +235,9 @@ def _driver_line(lease: Lease, run) -> str:
                 f"{', a control worker of a detached run' if detached else ''}")
     last = f" (the last, {lease.holder}, is gone)" if lease.holder else ""
     if detached:
+        if live is not None and not any("control" in queues for queues in live.values()):
+            return (f"no live driver{last}: no live worker takes the control queue; start one with "
+                    f"`nos worker --queues control` (it drives the run on from its latest checkpoint)")
         again = f"; sent again {run.drive_sends} times" if run.drive_sends else ""
         return (f"no live driver{last}: waiting for a control worker, which sends its driver loop again if it "
                 f"was lost{again}")

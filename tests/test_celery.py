@@ -237,8 +237,22 @@ def test_detached_runs_are_driven_by_a_control_worker(db_url, broker, workers, s
     assert driver() is None   # released with the run's end
     status = nos("status", "1", "--db", db_url, "--broker", broker)
     assert "live workers" in status.stdout
-    assert "w1@test" in status.stdout
-    assert "driver@test" in status.stdout
+    assert "w1@test (cpu)" in status.stdout
+    assert "driver@test (control)" in status.stdout
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_status_of_a_detached_run_with_no_control_worker_says_to_start_one(db_url, broker, workers, slow_toml):
+    """It said "waiting for a control worker" beside a list of live workers none of which takes the control
+    queue (a ping names workers, not their queues)."""
+    workers.start("w1")
+    sent = nos("enqueue", "--config", slow_toml, "--db", db_url, "--broker", broker, "--detach")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    wait_for(lambda: "w1@test (cpu)" in nos("status", "1", "--db", db_url, "--broker", broker).stdout,
+             timeout=60, every=1)
+    status = nos("status", "1", "--db", db_url, "--broker", broker).stdout
+    assert ("no live driver: no live worker takes the control queue; start one with `nos worker --queues control`"
+            in status), status
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)

@@ -69,8 +69,9 @@ def send_drive(broker_url: str, run_id: int) -> None:
     app.send_task("nos.drive", args=[int(run_id)], queue="control")
 
 
-def live_workers(broker_url: str, timeout: float = 1.0) -> list[str]:
-    """Names of the workers that answer a ping."""
+def live_workers(broker_url: str, timeout: float = 1.0) -> dict[str, tuple[str, ...]]:
+    """The workers that answer, by name, with the queues each takes (a ping says who, not what it takes)."""
     app.conf.broker_url = broker_url
-    replies = app.control.ping(timeout=timeout) or []
-    return sorted(name for reply in replies for name in reply)
+    replies = app.control.inspect(timeout=timeout).active_queues() or {}
+    return {name: tuple(sorted(q.get("name", "?") for q in queues if isinstance(q, dict)))
+            for name, queues in sorted(replies.items()) if isinstance(queues, list)}
