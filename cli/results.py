@@ -10,10 +10,11 @@ from dataclasses import asdict, fields as dataclass_fields
 
 import click
 from rich.table import Table
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from nos.store import LeaderboardRow, database_now, leaderboard, run_progress, trials_of
+from nos.store.evaluations import refusals
 from nos.store.history import UNMEASURED, scored_as
 from nos.store.leases import DRIVABLE, Lease, read_lease
 from nos.store.models import SCORED_STATUSES, Evaluation, Rule
@@ -195,13 +196,10 @@ def status_command(run_id, db_url, broker_url) -> None:
             # A detached run (its driver loop sent to a control worker) is resumed detached too.
             console.print(f"  failed: {run.error.strip().splitlines()[-1][:500]}; fix the cause, then "
                           f"`nos resume {run_id}{' --detach' if run.drive_sent_at is not None else ''}`")
-        refused = session.execute(
-            select(func.count(), func.max(Evaluation.id)).where(
-                Evaluation.run_id == run_id, Evaluation.status == "queued", Evaluation.error.is_not(None))).one()
-        if refused[0]:
-            last = session.get(Evaluation, refused[1]).error
-            console.print(f"  {refused[0]} queued evaluation{'s' if refused[0] != 1 else ''} refused by a worker "
-                          f"(the last: {last.strip().splitlines()[-1][:300]})")
+        refused, last = refusals(session, run_id)
+        if refused:
+            console.print(f"  {refused} queued evaluation{'s' if refused != 1 else ''} refused by a worker "
+                          f"(the last: {last})")
         if progress.finished:
             console.print(f"  cache hit rate {progress.cache_hit_rate:.1%} "
                           f"({progress.counts['cached'] - progress.equivalent} same rule, "

@@ -62,7 +62,7 @@ from .store import (
     set_run_status,
 )
 from .store.engine import first_line, shown
-from .store.evaluations import rekey_queued, release_claims, release_the_departed
+from .store.evaluations import refusals, rekey_queued, release_claims, release_the_departed
 from .store.models import COUNTED_STATUSES as COUNTED, FINISHED_STATUSES as FINISHED, Evaluation, Rule
 from .store.outages import is_transient, retrying
 from .work import task_for, task_key
@@ -396,11 +396,8 @@ class Driver:
         elif claims > before:
             self.untaken = None
         elif self.dispatched_at and time.monotonic() - since >= max(UNTAKEN_AFTER, self.config.stale_after):
-            refused = session.execute(
-                select(Evaluation.error).where(Evaluation.run_id == self.run_id, Evaluation.status == "queued",
-                                               Evaluation.error.is_not(None))
-                .order_by(Evaluation.id.desc()).limit(1)).scalar()
-            why = (f"workers refuse them (the last: {refused.strip().splitlines()[-1][:300]})" if refused else
+            _, refused = refusals(session, self.run_id)
+            why = (f"workers refuse them (the last: {refused})" if refused else
                    "none runs, all are busy elsewhere, or they use another database, which their logs say")
             print(f"nos: no worker has taken an evaluation of run {self.run_id} in {time.monotonic() - since:.0f} s "
                   f"({why}); {hint()}", file=sys.stderr, flush=True)

@@ -285,7 +285,7 @@ class SymbolicOptimizer(torch.optim.Optimizer):
             # Inside a torch.compile of a whole training step: traced, the step's per-step numbers (a tensor
             # lr read as a float, bias corrections) made a new graph at every step until dynamo gave up after
             # its recompile limit. Run eagerly instead, as one break in the graph (`compile=True` compiles it).
-            _eager(self._step_groups)()
+            torch.compiler.disable(self._step_groups)()
         else:
             self._step_groups()
         return loss
@@ -588,10 +588,6 @@ def _compiling() -> bool:
     """Whether torch.compile is tracing the caller (False on a torch without torch.compiler.is_compiling)."""
     is_compiling = getattr(torch.compiler, "is_compiling", None)
     return is_compiling is not None and is_compiling()
-
-
-def _eager(step: Callable[[], None]) -> Callable[[], None]:
-    return torch.compiler.disable(step)
 
 
 def _check_lr(lr: Any) -> float:

@@ -321,9 +321,10 @@ def _top_rule(top: TopRule, images: bool) -> str:
     from nos import plots
 
     row, sweep = top.row, top.sweep
+    unmeasured = _unmeasured(row)
     head = (f'<h3>#{row.place} <code class="rule">{escape(row.rule)}</code></h3>'
             f'<p class="sub">reward {_num(row.reward)} '
-            + (f"({_unmeasured(row)})" if _unmeasured(row) else f"at lr {_lr(row.best_lr)}")
+            + (f"({unmeasured})" if unmeasured else f"at lr {_lr(row.best_lr)}")
             + f", test accuracy {_test(row)}, evaluation {row.evaluation_id}</p>")
     if sweep is None:
         return f'<div class="top"><div>{head}<p class="note">No learning-rate sweep stored.</p></div></div>'

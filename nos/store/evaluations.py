@@ -313,6 +313,16 @@ def batch_evaluations(session: Session, run_id: int, batch: int) -> list[Evaluat
     ).scalars())
 
 
+def refusals(session: Session, run_id: int) -> tuple[int, str | None]:
+    """How many of the run's queued evaluations a worker refused (`note_refusal`), and the last note's last line."""
+    count, last = session.execute(
+        select(func.count(), func.max(Evaluation.id)).where(
+            Evaluation.run_id == run_id, Evaluation.status == "queued", Evaluation.error.is_not(None))).one()
+    if not count:
+        return 0, None
+    return count, session.get(Evaluation, last).error.strip().splitlines()[-1][:300]
+
+
 def unfinished_ids(session: Session, run_id: int) -> list[int]:
     """Ids of a run's evaluations still queued or running: what a resume re-dispatches."""
     return list(session.execute(
@@ -359,5 +369,5 @@ __all__ = [
     "NewEvaluation", "StaleSweep", "batch_evaluations", "claim",
     "commit_cached", "commit_result", "enqueue_batch", "equivalence_reason", "fail", "find_cached", "find_equivalent",
     "get_evaluation", "heartbeat",
-    "note_refusal", "rekey_queued", "release_claims", "requeue_stale", "trials_of", "unfinished_ids",
+    "note_refusal", "refusals", "rekey_queued", "release_claims", "requeue_stale", "trials_of", "unfinished_ids",
 ]
